@@ -1,0 +1,79 @@
+"""kite's error hierarchy.
+
+Two sides, as in h11: a *remote* error means the peer sent bytes that break the protocol
+(close that connection, log the reason, keep serving the others); a *local* error means kite
+itself tried something illegal (a bug, or API misuse).  Messages quote the offending value
+with ``!r`` and never contain secrets.
+
+The fast path imports this module and nothing else of kite.
+"""
+
+__all__ = [
+    "KiteError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "FramingError",
+    "CompressionError",
+    "HandshakeError",
+    "SniffError",
+    "LocalProtocolError",
+    "ConfigError",
+    "KiteRefused",
+]
+
+
+class KiteError(Exception):
+    """Base class of every error kite raises on purpose."""
+
+
+class ProtocolError(KiteError):
+    """A rule of the PageKite wire protocol was broken (by the peer or by us)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something that breaks the protocol: close that connection."""
+
+
+class FramingError(RemoteProtocolError):
+    """A malformed chunk: bad size line, size out of bounds, header block without end."""
+
+
+class CompressionError(RemoteProtocolError):
+    """A ZChunk could not be inflated, or inflated to the wrong length (answer with ZRST)."""
+
+
+class HandshakeError(RemoteProtocolError):
+    """A malformed tunnel request or response (CONNECT PageKite / 200 reply / kite lines)."""
+
+
+class SniffError(RemoteProtocolError):
+    """A visitor's first bytes are neither HTTP, TLS, a CONNECT, nor a tunnel."""
+
+
+class LocalProtocolError(ProtocolError):
+    """kite itself tried something illegal: a bug or a misuse of an API."""
+
+
+class ConfigError(KiteError):
+    """A bad configuration value; ``key`` names it and ``fix`` says what would be valid.
+
+    The CLI prints ``str(err)`` as its one-line message and exits 2.
+    """
+
+    def __init__(self, key: str, problem: str, fix: str = "") -> None:
+        self.key = key
+        self.problem = problem
+        self.fix = fix
+        msg = f"{key}: {problem}"
+        if fix:
+            msg += f" ({fix})"
+        super().__init__(msg)
+
+
+class KiteRefused(KiteError):
+    """A relay refused one of our kites (``reason`` as in X-PageKite-Invalid-Why)."""
+
+    def __init__(self, kite: str, reason: str) -> None:
+        self.kite = kite
+        self.reason = reason
+        super().__init__(f"relay refused kite {kite!r}: {reason}")

@@ -1,0 +1,49 @@
+"""Selects the fast path: the compiled ``kite._fastpath`` or its pure-Python twin.
+
+``KITE_NO_EXTENSIONS=1`` selects the twin (``kite._fastpath_py``);
+``KITE_REQUIRE_EXTENSIONS=1`` turns a missing or broken extension into an ImportError
+instead of a silent fallback (CI and wheel builds set it).  ``IMPLEMENTATION`` says which one
+is in use: ``"c"`` or ``"py"``.
+"""
+
+import os
+
+from . import _fastpath_py
+
+_NO_EXT = os.environ.get("KITE_NO_EXTENSIONS", "") not in ("", "0")
+_REQUIRE_EXT = os.environ.get("KITE_REQUIRE_EXTENSIONS", "") not in ("", "0")
+
+if _NO_EXT and _REQUIRE_EXT:
+    raise ImportError("KITE_NO_EXTENSIONS and KITE_REQUIRE_EXTENSIONS are both set; unset one")
+
+_impl = _fastpath_py
+IMPLEMENTATION = "py"
+if not _NO_EXT:
+    try:
+        from . import _fastpath as _impl  # type: ignore[no-redef]
+
+        IMPLEMENTATION = "c"
+    except ImportError as exc:
+        if _REQUIRE_EXT:
+            raise ImportError(
+                f"KITE_REQUIRE_EXTENSIONS=1 but kite._fastpath did not load ({exc}); "
+                "reinstall with `pip install .` so the extension compiles"
+            ) from exc
+        _impl = _fastpath_py
+
+Demux = _impl.Demux
+ChunkWriter = _impl.ChunkWriter
+StreamSlot = _impl.StreamSlot
+MAX_CHUNK_SIZE = _impl.MAX_CHUNK_SIZE
+MAX_DATA_PAYLOAD = _impl.MAX_DATA_PAYLOAD
+MAX_SIZE_DIGITS = _impl.MAX_SIZE_DIGITS
+
+__all__ = [
+    "IMPLEMENTATION",
+    "Demux",
+    "ChunkWriter",
+    "StreamSlot",
+    "MAX_CHUNK_SIZE",
+    "MAX_DATA_PAYLOAD",
+    "MAX_SIZE_DIGITS",
+]

@@ -1,0 +1,50 @@
+"""Shared fixtures: both fast-path implementations, and the real pagekite.py module."""
+
+import importlib
+import os
+import sys
+
+import pytest
+
+NO_EXT = os.environ.get("KITE_NO_EXTENSIONS", "") not in ("", "0")
+REQUIRE_EXT = os.environ.get("KITE_REQUIRE_EXTENSIONS", "") not in ("", "0")
+
+# Debian's pagekite package installs the pagekite module for the system Python; its code
+# is pure Python, so the test interpreter can import it.  Appended, so that the packages
+# of the test environment win over Debian's copies.
+PAGEKITE_DIST = "/usr/lib/python3/dist-packages"
+
+
+def _load_impl(name):
+    if name == "py":
+        return importlib.import_module("kite._fastpath_py")
+    try:
+        return importlib.import_module("kite._fastpath")
+    except ImportError as exc:
+        if REQUIRE_EXT:
+            pytest.fail(f"KITE_REQUIRE_EXTENSIONS=1 but kite._fastpath did not load: {exc}")
+        pytest.skip(f"compiled fast path not built: {exc}")
+
+
+FASTPATH_IMPLS = ["py"] if NO_EXT else ["c", "py"]
+
+
+@pytest.fixture(params=FASTPATH_IMPLS)
+def fastpath(request):
+    """Each fast-path test runs on the compiled module and on its pure-Python twin."""
+    return _load_impl(request.param)
+
+
+@pytest.fixture(scope="session")
+def pagekite_mod():
+    """The real pagekite.py 1.5.2 package (Debian `pagekite`), for golden vectors."""
+    if PAGEKITE_DIST not in sys.path:
+        sys.path.append(PAGEKITE_DIST)
+    try:
+        from pagekite.proto import proto  # noqa: F401
+        import pagekite
+    except ImportError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"pagekite.py must be installed in CI (apt-get install pagekite): {exc}")
+        pytest.skip(f"Debian package pagekite not installed: {exc}")
+    return pagekite
