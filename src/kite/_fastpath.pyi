@@ -14,18 +14,25 @@ Wire format (pagekite-protocol.md §4)::
 Plain size line: SIZE = body length.  Compressed: ``ULENZCLEN`` = inflated body length, then
 the CLEN compressed bytes that follow.  ``R`` = the sender reset its compressor: start a new
 inflater before this chunk.  A size of 0, a size above ``max_chunk_size``, a non-hex digit, a
-size line longer than 8+1+8+1 characters before CRLF, or a body without CRLF CRLF is a
-:class:`~kite.errors.FramingError` whose message quotes the offending bytes with ``!r``.
+size line longer than 8+1+8+1 characters before CRLF, a body without CRLF CRLF, or a header
+line without ``:`` (an empty header block counts as one) is a
+:class:`~kite.errors.FramingError` whose message quotes the offending bytes with ``!r``
+(bodies and header lines abbreviated to 64 bytes).  Errors are decided on a complete size
+line (or on 20 bytes without CRLF) and on a complete body, so neither the events nor the
+message depend on how the stream was cut into reads.
 
 Buffer ownership (enforced, see each method):
 
 * ``Demux.get_buffer`` lends a writable view; the loan ends at ``buffer_updated`` (or at the
   next ``get_buffer``/``feed_data``, which cancel an unfinished loan).  The view is released
-  when the loan ends: using it afterwards raises ``ValueError``.
+  when the loan ends: using it afterwards raises ``ValueError``.  (A view cannot be released
+  while someone holds a buffer export of it -- uvloop holds one on the ``get_buffer`` view
+  until ``buffer_updated`` returns -- so such a view is released at the next call instead.)
 * A sink is called with a *borrowed* read-only memoryview of the payload that is valid only
   for the duration of the call and released afterwards; a sink that keeps data copies it
   (``bytes(view)``).  Transports keep references to what they are given, so never hand them
-  the view itself.
+  the view itself.  (A view or slice kept against this rule never points into freed
+  memory, but its contents are unspecified.)
 * ``ChunkWriter.flush()`` returns an object the writer never touches again (owned by the
   caller, safe to pass to ``transport.write``).  ``ChunkWriter.get_data_buffer`` lends a view
   into the pending buffer; the writer refuses every other operation while the loan is out,
@@ -57,7 +64,7 @@ class StreamSlot:
     ``sent``); flow control reads both.  Counters are payload bytes only.
     """
 
-    sid: int  # read-only, 0 <= sid < 2**31
+    sid: int  # read-only, 0 <= sid < 2**31 (ValueError otherwise)
     sink: Optional[Callable[[memoryview], object]]  # called with each data payload
     received: int  # payload bytes the demux has handed to ``sink``
     sent: int  # payload bytes the writer has framed for this stream
@@ -72,18 +79,27 @@ class Demux:
       ``slot.received += len(payload)``;
     * every other chunk (control/NOOP, stream open, EOF, data for an unattached sid or a
       slot without sink): ``on_chunk(headers, payload)`` with ``headers`` a new list of
-      ``(name, value)`` str pairs (latin-1 decoded, name as sent, value with surrounding
-      spaces and tabs stripped) in wire order, and ``payload`` a new ``bytes``.
+      ``(name, value)`` str pairs (latin-1 decoded, lines split at CRLF, name as sent, value
+      with surrounding spaces and tabs stripped) in wire order, and ``payload`` a new ``bytes``.
+
+    A data chunk's sid is 1..10 ASCII digits with a value below 2**31; anything else (``+5``,
+    ``2147483648``, a second header) makes it an ``on_chunk`` chunk.
 
     Events are produced in wire order.  An exception raised by a sink or ``on_chunk``
-    propagates out of ``feed_data``/``buffer_updated``; that chunk counts as consumed and
-    the unparsed rest stays buffered for the next call.  A FramingError puts the demux in a
-    failed state: every later ``feed_data``/``buffer_updated`` raises the same error again.
+    propagates out of ``feed_data``/``buffer_updated``; that chunk counts as consumed (and
+    ``slot.received`` includes it) and the unparsed rest stays buffered for the next call
+    (``feed_data(b"")`` resumes).  A FramingError puts the demux in a failed state: every
+    later ``feed_data``/``buffer_updated`` raises the same error object again.  Callbacks may
+    use ``attach``/``detach``/``get_slot`` (a stream opened by ``on_chunk`` gets the very
+    next chunk), but ``feed_data``, ``get_buffer`` and ``buffer_updated`` called from a
+    callback raise LocalProtocolError.
 
     ZChunks: a chunk with ``R`` calls ``inflater.reset()`` first (ignored without an
     inflater).  A ``Z`` chunk without an inflater is a FramingError.  When ``inflate`` raises
-    CompressionError, the chunk is dropped and ``on_corrupt_chunk(exc)`` is called (the
-    tunnel answers with ZRST); without ``on_corrupt_chunk`` the error propagates.
+    CompressionError (or returns other than ``ulen`` bytes, which the demux checks too), the
+    chunk is dropped and ``on_corrupt_chunk(exc)`` is called (the tunnel answers with ZRST);
+    without ``on_corrupt_chunk`` the error propagates (the demux does not fail).  The
+    inflated body is then framed like a plain one.
     """
 
     on_chunk: Callable[[Headers, bytes], object]
@@ -107,12 +123,15 @@ class Demux:
     def get_buffer(self, sizehint: int) -> memoryview:
         """Lend a writable view of free buffer space (asyncio.BufferedProtocol.get_buffer).
 
-        At least 1 byte; ``sizehint`` <= 0 means "as much as is free" (at least 16 KiB).
+        The view covers all free space: at least ``sizehint`` bytes (clamped to 256 KiB),
+        at least 16 KiB if ``sizehint`` <= 0.  Its length depends only on the calls made
+        so far (both implementations lend the same sizes).
         """
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` of the lent view were filled: end the loan and parse.
 
-        LocalProtocolError if no loan is out or ``nbytes`` is outside 0..len(view).
+        LocalProtocolError if no loan is out or ``nbytes`` is outside 0..len(view) (the loan
+        ends and nothing is accepted).
         """
     def feed_data(self, data: Buffer) -> None:
         """Copy ``data`` in and parse (for tests, and for leftovers after the handshake)."""
@@ -129,8 +148,8 @@ class ChunkWriter:
     sizes; payloads longer than ``max_payload`` are split into several chunks.
     """
 
-    pending: int  # read-only: bytes waiting for flush()
-    chunks_written: int  # read-only: chunks encoded so far
+    pending: int  # read-only: bytes waiting for flush() (a loan's reservation not included)
+    chunks_written: int  # read-only: chunks encoded so far (write_raw is not counted)
     bytes_written: int  # read-only: bytes returned by flush() so far
     def __init__(self, *, max_payload: int = ...) -> None: ...  # MAX_DATA_PAYLOAD; 1..2**20
     def write_data(self, slot: StreamSlot, data: Buffer) -> None:
@@ -156,11 +175,19 @@ class ChunkWriter:
         Because the header is sized before the payload is known, its hex size is written
         zero-padded to the width of the largest body the loan allows (``00a3`` for a loan of
         up to 0xffff body bytes); pagekite.py reads sizes with ``int(x, 16)``, which accepts
-        that.  ``slot.sent`` grows at ``data_buffer_updated``.
+        that.  ``slot.sent`` grows at ``data_buffer_updated``.  The contents of a fresh loan
+        are unspecified.
         """
     def data_buffer_updated(self, nbytes: int) -> None:
-        """``nbytes`` of the lent view were filled: frame them (0 frames nothing)."""
+        """``nbytes`` of the lent view were filled: frame them (0 frames nothing).
+
+        LocalProtocolError if no loan is out, or (ending the loan) if ``nbytes`` is outside
+        0..len(view).
+        """
     def cancel_data_buffer(self) -> None:
         """End an unfinished loan without framing anything (no-op without a loan)."""
-    def flush(self) -> Optional[Buffer]:
-        """Return everything pending as one object owned by the caller, or None if empty."""
+    def flush(self) -> Optional[bytes]:
+        """Return everything pending as one ``bytes`` owned by the caller, or None if empty.
+
+        ``bytes``, not any Buffer: immutable, so a transport may keep it as long as it likes.
+        """

@@ -1,0 +1,951 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, embedsignature=True
+"""The fast path in C: PageKite chunk framing for one tunnel.
+
+Same API, behaviour, exceptions and messages as ``kite._fastpath_py`` (the executable
+specification; read its module docstring for the theory of operation) and as documented
+in ``_fastpath.pyi``.  The C layout and the invariant of every field are in
+``_fastpath.pxd``.
+
+What is different here is only *how*:
+
+* The receive buffer is a malloc'd block owned by a ``_Memory`` object; the size line is
+  parsed by a hand loop over a hex table, and the data chunk ``SID: <digits>\\r\\n\\r\\n``
+  is recognised with memcmp and a digit loop.  Everything else (control chunks, unusual
+  spellings, ZChunks, every error) goes through the same Python-level helpers as the
+  twin, so the cold paths cannot drift apart.
+* Slot lookups for data chunks go through a small direct-mapped cache (sid & 63) holding
+  borrowed references; it is cleared whenever the slot table changes.
+* A sink gets a read-only memoryview made by ``PyMemoryView_FromObject`` over the
+  ``_Memory`` exporter (not ``PyMemoryView_FromMemory``: such a view has no owner, so a
+  slice a sink kept, e.g. ``view[2:]`` or ``memoryview(view)``, would point into freed
+  memory once the buffer grows; ours keeps the block alive).  After the call, if
+  ``Py_REFCNT(view) == 1`` nobody kept the view and dropping our reference releases it;
+  only otherwise is ``view.release()`` called (so a view kept against the rules raises
+  ValueError when used, as in the twin).  That saves a Python-level method call per chunk.
+* ChunkWriter frames straight into a ``bytes`` object under construction and ``flush()``
+  shrinks it with ``_PyBytes_Resize`` and hands it over (measured: 1.7x faster than
+  copying into an exact-size bytes at 16 KiB payloads, equal at 64 B; a bytearray hand-off
+  is as fast but mutable).  Small flushes (< 4 KiB) are copied instead, keeping the big
+  buffer for the next tick.
+"""
+
+import re
+
+from cpython.buffer cimport (
+    PyBUF_SIMPLE,
+    PyBuffer_FillInfo,
+    PyBuffer_Release,
+    PyObject_GetBuffer,
+)
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.dict cimport PyDict_GetItem
+from cpython.long cimport PyLong_FromLongLong
+from cpython.memoryview cimport PyMemoryView_FromObject
+from cpython.number cimport PyNumber_Index
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_REFCNT, Py_XDECREF
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memmove
+
+from .errors import CompressionError, FramingError, LocalProtocolError
+
+cdef extern from "Python.h":
+    Py_ssize_t _Py_REFCNT "Py_REFCNT"(PyObject* ob)
+    # Declared here without Cython's ``except -1`` so that the callers can clean up:
+    # on failure it frees the object, sets *pv to NULL and leaves MemoryError set.
+    int _PyBytes_Resize(PyObject** pv, Py_ssize_t newsize)
+
+
+__all__ = [
+    "MAX_SIZE_DIGITS",
+    "MAX_CHUNK_SIZE",
+    "MAX_DATA_PAYLOAD",
+    "StreamSlot",
+    "Demux",
+    "ChunkWriter",
+]
+
+MAX_SIZE_DIGITS = SIZE_DIGITS
+MAX_CHUNK_SIZE = DEFAULT_MAX_CHUNK_SIZE
+MAX_DATA_PAYLOAD = DEFAULT_MAX_PAYLOAD
+
+# -- tables --------------------------------------------------------------------------------
+
+cdef signed char _HEXVAL[256]  # value of a hex digit (either case), -1 for anything else
+cdef char* _HEXDIGITS = b"0123456789abcdef"
+
+
+cdef void _init_tables() noexcept:
+    cdef int c
+    for c in range(256):
+        _HEXVAL[c] = -1
+    for c in range(10):
+        _HEXVAL[48 + c] = c
+    for c in range(6):
+        _HEXVAL[65 + c] = 10 + c
+        _HEXVAL[97 + c] = 10 + c
+
+
+_init_tables()
+
+
+cdef inline int _put_hex(char* p, size_t value, int width) noexcept:
+    """Lower-case hex of ``value`` at ``p``, zero-padded to ``width``; returns the length."""
+    cdef int n = 1
+    cdef size_t rest = value >> 4
+    while rest:
+        n += 1
+        rest >>= 4
+    if n < width:
+        n = width
+    cdef int i = n
+    while i > 0:
+        i -= 1
+        p[i] = _HEXDIGITS[value & 15]
+        value >>= 4
+    return n
+
+
+# -- cold paths: the twin's helpers, verbatim (same messages by construction) -------------
+
+_SIZE_LINE_RE = re.compile(rb"([0-9A-Fa-f]+)(?:Z([0-9A-Fa-f]+))?(R?)")
+_ABBREV = 64
+
+
+def _abbrev(data):
+    """``repr`` of (the start of) a bytes object, for error messages."""
+    if len(data) <= _ABBREV:
+        return repr(data)
+    return f"{data[:_ABBREV]!r}... ({len(data)} bytes)"
+
+
+def _parse_size_line(line, max_chunk_size):
+    """``(body_len, ulen, reset)`` of a size line (CRLF excluded); ulen is -1 if plain."""
+    m = _SIZE_LINE_RE.fullmatch(line)
+    if m is None:
+        raise FramingError(f"invalid chunk size line: {line!r}")
+    first, second, reset = m.groups()
+    if len(first) > SIZE_DIGITS or (second is not None and len(second) > SIZE_DIGITS):
+        raise FramingError(f"too many hex digits in chunk size line: {line!r}")
+    a = int(first, 16)
+    b = -1 if second is None else int(second, 16)
+    if a == 0 or b == 0:
+        raise FramingError(f"chunk size 0 in size line: {line!r}")
+    if a > max_chunk_size or b > max_chunk_size:
+        raise FramingError(f"chunk size over max_chunk_size={max_chunk_size}: {line!r}")
+    if b < 0:
+        return a, -1, bool(reset)
+    return b, a, bool(reset)
+
+
+def _is_sid(value):
+    """True if the str ``value`` is a stream id: 1..10 ASCII digits, at most 2**31-1."""
+    return (
+        0 < len(value) <= SID_DIGITS
+        and value.isascii()
+        and value.isdigit()
+        and int(value) <= MAX_SID
+    )
+
+
+def _parse_header_block(block):
+    """``[(name, value), ...]`` of a header block (bytes, without its final CRLF)."""
+    headers = []
+    for line in block.split(b"\r\n"):
+        colon = line.find(b":")
+        if colon < 0:
+            raise FramingError(f"chunk header line without ':': {_abbrev(line)}")
+        headers.append(
+            (line[:colon].decode("latin-1"), line[colon + 1 :].strip(b" \t").decode("latin-1"))
+        )
+    return headers
+
+
+def _analyse_body(body):
+    """Split a whole chunk body (bytes): ``(sid, headers, payload_offset)``; sid -1 if not data."""
+    sep = body.find(b"\r\n\r\n")
+    if sep < 0:
+        raise FramingError(f"chunk body without CRLF CRLF: {_abbrev(body)}")
+    headers = _parse_header_block(body[:sep])
+    sid = -1
+    if len(headers) == 1:
+        name, value = headers[0]
+        if name.lower() == "sid" and _is_sid(value):
+            sid = int(value)
+    return sid, headers, sep + 4
+
+
+cdef inline bint _release(view):
+    """Release ``view``; False if a buffer export of it is still held (BufferError)."""
+    try:
+        view.release()
+    except BufferError:
+        return False
+    return True
+
+
+cdef inline int _check_slot(slot) except -1:
+    if not isinstance(slot, StreamSlot):
+        raise TypeError(f"slot must be a StreamSlot, not {type(slot).__name__}")
+    return 0
+
+
+# -- the exporter ----------------------------------------------------------------------------
+
+cdef class _Memory:
+    """Owner of a buffer and exporter of windows into it (see _fastpath.pxd)."""
+
+    def __cinit__(self):
+        self.mem = NULL
+        self.size = 0
+        self.owner = None
+        self.armed = False
+
+    def __dealloc__(self):
+        if self.mem is not NULL:
+            free(self.mem)
+            self.mem = NULL
+
+    def __getbuffer__(self, Py_buffer* buffer, int flags):
+        if not self.armed:
+            raise BufferError("kite._fastpath internal buffer: not exportable")
+        PyBuffer_FillInfo(buffer, self, self.win_ptr, self.win_len, self.win_readonly, flags)
+
+
+
+cdef inline _Memory _new_memory(Py_ssize_t size):
+    cdef _Memory m = _Memory.__new__(_Memory)
+    m.mem = <char*>malloc(size if size > 0 else 1)
+    if m.mem is NULL:
+        raise MemoryError()
+    m.size = size
+    return m
+
+
+cdef inline object _export(_Memory m, char* ptr, Py_ssize_t length, bint readonly):
+    """A memoryview of ``ptr[:length]`` owned by ``m``."""
+    m.win_ptr = ptr
+    m.win_len = length
+    m.win_readonly = readonly
+    m.armed = True
+    try:
+        return PyMemoryView_FromObject(m)
+    finally:
+        m.armed = False
+
+
+# -- StreamSlot ------------------------------------------------------------------------------
+
+cdef class StreamSlot:
+    """One stream's record in the fast path: its sink and its byte counters."""
+
+    def __cinit__(self, *args, **kwargs):
+        self.sid = 0
+        self.sink = None
+        self.received = 0
+        self.sent = 0
+        memcpy(self.header, b"SID: 0\r\n\r\n", 11)
+        self.header_len = 11
+
+    def __init__(self, sid, sink=None):
+        sid = PyNumber_Index(sid)
+        if not 0 <= sid <= MAX_SID:
+            raise ValueError(f"sid {sid!r} out of range 0..{MAX_SID}")
+        self.sid = sid
+        self.sink = sink
+        self.received = 0
+        self.sent = 0
+        cdef long long v = self.sid
+        cdef char digits[SID_DIGITS]
+        cdef int n = 0
+        while True:
+            digits[n] = <char>(48 + v % 10)
+            n += 1
+            v //= 10
+            if v == 0:
+                break
+        memcpy(self.header, b"SID: ", 5)
+        cdef int i
+        for i in range(n):
+            self.header[5 + i] = digits[n - 1 - i]
+        memcpy(self.header + 5 + n, b"\r\n\r\n", 4)
+        self.header_len = 9 + n
+
+    def __repr__(self):
+        return f"<StreamSlot sid={self.sid} received={self.received} sent={self.sent}>"
+
+
+# -- Demux -----------------------------------------------------------------------------------
+
+cdef class Demux:
+    """Splits the chunk stream of one tunnel into sink calls and ``on_chunk`` events."""
+
+    def __cinit__(self, *args, **kwargs):
+        self._mem = None
+        self._data = NULL
+        self._cap = self._start = self._end = 0
+        self._slots = {}
+        self._parsing = False
+        self._clear_cache()
+
+    def __init__(self, on_chunk, *, on_corrupt_chunk=None, inflater=None,
+                 max_chunk_size=MAX_CHUNK_SIZE):
+        max_chunk_size = PyNumber_Index(max_chunk_size)
+        if not 1 <= max_chunk_size <= MAX_CHUNK_SIZE_LIMIT:
+            raise ValueError(
+                f"max_chunk_size must be 1..{MAX_CHUNK_SIZE_LIMIT}, got {max_chunk_size!r}"
+            )
+        self.on_chunk = on_chunk
+        self.on_corrupt_chunk = on_corrupt_chunk
+        self.inflater = inflater
+        self.chunks_received = 0
+        self.bytes_received = 0
+        self._max_chunk_size = max_chunk_size
+        self._loan = self._stale = self._error = None
+
+    @property
+    def buffered(self):
+        return self._end - self._start
+
+    def __repr__(self):
+        state = "failed" if self._error is not None else "ok"
+        return (
+            f"<Demux {state} chunks_received={self.chunks_received} "
+            f"bytes_received={self.bytes_received} buffered={self._end - self._start}>"
+        )
+
+    # -- streams -----------------------------------------------------------------------
+
+    cdef int _clear_cache(self) noexcept:
+        cdef int i
+        for i in range(SLOT_CACHE_SIZE):
+            self._cache_sid[i] = -1
+            self._cache_slot[i] = NULL
+        return 0
+
+    def attach(self, slot):
+        _check_slot(slot)
+        self._slots[(<StreamSlot>slot).sid] = slot
+        self._clear_cache()
+
+    def detach(self, sid):
+        slot = self._slots.pop(sid, None)
+        self._clear_cache()
+        return slot
+
+    def get_slot(self, sid):
+        return self._slots.get(sid)
+
+    # -- input -------------------------------------------------------------------------
+
+    def get_buffer(self, sizehint):
+        if self._parsing:
+            raise LocalProtocolError("Demux.get_buffer() called from inside a Demux callback")
+        sizehint = PyNumber_Index(sizehint)
+        self._end_loan()
+        cdef Py_ssize_t want
+        if sizehint <= 0:
+            want = MIN_LOAN
+        elif sizehint >= MAX_LOAN:
+            want = MAX_LOAN
+        else:
+            want = sizehint
+        self._reserve(want)
+        loan = _export(self._mem, self._data + self._end, self._cap - self._end, False)
+        self._loan = loan
+        return loan
+
+    def buffer_updated(self, nbytes):
+        if self._parsing:
+            raise LocalProtocolError("Demux.buffer_updated() called from inside a Demux callback")
+        nbytes = PyNumber_Index(nbytes)
+        loan = self._loan
+        if loan is None:
+            raise LocalProtocolError("Demux.buffer_updated() without a get_buffer() loan")
+        cdef Py_ssize_t lent = len(loan)
+        self._end_loan()
+        if not 0 <= nbytes <= lent:
+            raise LocalProtocolError(
+                f"Demux.buffer_updated({nbytes!r}): outside the lent 0..{lent} bytes"
+            )
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        cdef Py_ssize_t n = nbytes
+        self._end += n
+        self.bytes_received += n
+        self._parse()
+
+    def feed_data(self, data):
+        if self._parsing:
+            raise LocalProtocolError("Demux.feed_data() called from inside a Demux callback")
+        cdef Py_buffer pybuf
+        PyObject_GetBuffer(data, &pybuf, PyBUF_SIMPLE)
+        try:
+            self._end_loan()
+            if self._error is not None:
+                raise self._error.with_traceback(None)
+            self._reserve(pybuf.len)
+            if pybuf.len:
+                # memmove: ``data`` may (absurdly) be a view of this very buffer.
+                memmove(self._data + self._end, pybuf.buf, pybuf.len)
+            self._end += pybuf.len
+            self.bytes_received += pybuf.len
+        finally:
+            PyBuffer_Release(&pybuf)
+        self._parse()
+
+    # -- buffer management -------------------------------------------------------------
+
+    cdef int _end_loan(self) except -1:
+        """End the loan (if any) and release its view; retry an earlier failed release."""
+        stale = self._stale
+        if stale is not None:
+            self._stale = None
+            _release(stale)
+        loan = self._loan
+        if loan is not None:
+            self._loan = None
+            if not _release(loan):
+                self._stale = loan
+        return 0
+
+    cdef int _reserve(self, Py_ssize_t n) except -1:
+        """Make ``_cap - _end >= n`` (no loan is out, no callback is running)."""
+        cdef Py_ssize_t start = self._start, end = self._end, cap = self._cap
+        cdef Py_ssize_t live = end - start, newcap
+        if live == 0 and cap > SHRINK_ABOVE:
+            cap = 0  # drop the large buffer below
+        elif cap - end >= n:
+            return 0
+        elif live + n <= cap:
+            # Compact: move the partial chunk to the front.
+            memmove(self._data, self._data + start, live)
+            self._start = 0
+            self._end = live
+            return 0
+        newcap = 2 * cap
+        if newcap < INITIAL_CAP:
+            newcap = INITIAL_CAP
+        if newcap < live + n:
+            newcap = live + n
+        return self._new_buffer(newcap, live)
+
+    cdef int _new_buffer(self, Py_ssize_t newcap, Py_ssize_t live) except -1:
+        cdef _Memory mem
+        cdef char* grown
+        if self._mem is not None and _Py_REFCNT(<PyObject*>self._mem) == 1:
+            # No view holds the block: move the live bytes to the front and grow or
+            # shrink it in place.
+            mem = self._mem
+            if self._start and live:
+                memmove(self._data, self._data + self._start, live)
+            grown = <char*>realloc(mem.mem, newcap)
+            if grown is NULL:
+                raise MemoryError()
+            mem.mem = grown
+            mem.size = newcap
+            self._data = grown
+            self._cap = newcap
+            self._start = 0
+            self._end = live
+            return 0
+        mem = _new_memory(newcap)
+        if live:
+            memcpy(mem.mem, self._data + self._start, live)
+        self._mem = mem
+        self._data = mem.mem
+        self._cap = newcap
+        self._start = 0
+        self._end = live
+        return 0
+
+    # -- parsing -----------------------------------------------------------------------
+
+    cdef int _fail(self, exc) except -1:
+        self._error = exc
+        raise exc
+
+    cdef int _parse(self) except -1:
+        self._parsing = True
+        try:
+            self._parse_chunks()
+        finally:
+            self._parsing = False
+            if self._start == self._end:
+                self._start = self._end = 0
+        return 0
+
+    cdef object _size_line_slow(self, Py_ssize_t pos):
+        """The twin's size-line logic on the raw bytes: ``None`` (wait for more bytes),
+        ``(body_len, ulen, reset, line_end)``, or a FramingError (the demux fails)."""
+        cdef Py_ssize_t end = self._end
+        cdef Py_ssize_t lim = pos + SIZE_LINE_WINDOW
+        if lim > end:
+            lim = end
+        window = PyBytes_FromStringAndSize(self._data + pos, lim - pos)
+        nl = window.find(b"\r\n")
+        if nl < 0:
+            if end - pos >= SIZE_LINE_WINDOW:
+                self._fail(FramingError(
+                    f"chunk size line too long (no CRLF within {SIZE_LINE_MAX} bytes): "
+                    f"{window!r}"
+                ))
+            return None
+        try:
+            body_len, ulen, reset = _parse_size_line(window[:nl], self._max_chunk_size)
+        except FramingError as exc:
+            self._fail(exc)
+        return body_len, ulen, reset, pos + nl
+
+    cdef int _parse_chunks(self) except -1:
+        cdef const unsigned char* data = <const unsigned char*>self._data  # fixed while parsing
+        cdef const unsigned char* p
+        cdef Py_ssize_t end = self._end
+        cdef Py_ssize_t pos, avail, lim, i, j, line_end, body, chunk_end, plen
+        cdef long long a, b, sid
+        cdef int v, cache_index
+        cdef bint reset
+        cdef PyObject* found
+        cdef StreamSlot slot
+        cdef _Memory mem = self._mem
+        cdef object inflater, sink, view
+        while True:
+            pos = self._start
+            avail = end - pos
+            if avail <= 0:
+                return 0
+            p = data + pos
+            # 1+2. The size line, by hand: HEX{1,8} [Z HEX{1,8}] [R] CRLF.  Anything else
+            # (including an error) is decided by _size_line_slow, exactly as in the twin.
+            # (Each digit loop stops after SIZE_DIGITS + 1 digits: enough to see "too
+            # many", and a and b stay far from overflowing.)
+            lim = avail if avail < SIZE_LINE_WINDOW else SIZE_LINE_WINDOW
+            i = 0
+            a = 0
+            while i < lim and i <= SIZE_DIGITS:
+                v = _HEXVAL[p[i]]
+                if v < 0:
+                    break
+                a = (a << 4) | v
+                i += 1
+            b = -1
+            reset = False
+            line_end = -1
+            if 0 < i <= SIZE_DIGITS:
+                if i < lim and p[i] == 90:  # 'Z'
+                    i += 1
+                    j = i
+                    b = 0
+                    while i < lim and i - j <= SIZE_DIGITS:
+                        v = _HEXVAL[p[i]]
+                        if v < 0:
+                            break
+                        b = (b << 4) | v
+                        i += 1
+                    if i == j or i - j > SIZE_DIGITS:
+                        i = -1
+                if i >= 0:
+                    if i < lim and p[i] == 82:  # 'R'
+                        reset = True
+                        i += 1
+                    if i + 1 < avail and p[i] == 13 and p[i + 1] == 10:  # CRLF
+                        line_end = pos + i
+                    elif i == avail or (i + 1 == avail and p[i] == 13):
+                        return 0  # a valid prefix of a size line: wait for the rest
+            if line_end >= 0 and (
+                a == 0 or b == 0 or a > self._max_chunk_size or b > self._max_chunk_size
+            ):
+                line_end = -1  # zero or too large: let the slow path raise
+            if line_end < 0:
+                parsed = self._size_line_slow(pos)
+                if parsed is None:
+                    return 0
+                a, b, reset, line_end = parsed  # (body_len, ulen, reset, line_end)
+            elif b >= 0:
+                a, b = b, a  # body_len = CLEN, ulen = ULEN
+            # a = body length (CLEN for a ZChunk), b = ULEN or -1.
+            inflater = self.inflater
+            if b >= 0 and inflater is None:
+                line = PyBytes_FromStringAndSize(<char*>p, line_end - pos)
+                self._fail(FramingError(f"compressed chunk but no inflater: {line!r}"))
+            # 3. Wait for the whole body.
+            body = line_end + 2
+            chunk_end = body + a
+            if chunk_end > end:
+                return 0
+            if b >= 0:
+                self._compressed_chunk(body, chunk_end, b, reset, inflater)
+                continue
+            # 4. A plain chunk: the hot case "SID: <digits>\r\n\r\n" first.
+            p = data + body
+            sid = -1
+            if a >= 11 and memcmp(p, b"SID: ", 5) == 0:
+                j = 5
+                sid = 0
+                lim = a if a < 5 + SID_DIGITS + 1 else 5 + SID_DIGITS + 1
+                while j < lim and 48 <= p[j] <= 57:  # '0'..'9'
+                    sid = sid * 10 + (p[j] - 48)
+                    j += 1
+                if (j == 5 or j > 5 + SID_DIGITS or sid > MAX_SID or j + 4 > a
+                        or memcmp(p + j, b"\r\n\r\n", 4) != 0):
+                    sid = -1
+            if sid < 0:
+                # The general case: a copy of the body, parsed line by line.
+                data_copy = PyBytes_FromStringAndSize(<char*>p, a)
+                try:
+                    sid, headers, offset = _analyse_body(data_copy)
+                except FramingError as exc:
+                    self._fail(exc)
+                self._start = chunk_end
+                self.chunks_received += 1
+                if reset and inflater is not None:
+                    inflater.reset()
+                self._dispatch(sid, headers, data_copy, offset)
+                continue
+            # 5. Consume and dispatch a data chunk.
+            self._start = chunk_end
+            self.chunks_received += 1
+            if reset and inflater is not None:
+                inflater.reset()
+            cache_index = <int>(sid & SLOT_CACHE_MASK)
+            if self._cache_sid[cache_index] == sid:
+                slot = <StreamSlot><object>self._cache_slot[cache_index]
+            else:
+                found = PyDict_GetItem(self._slots, PyLong_FromLongLong(sid))
+                if found is NULL:
+                    slot = None
+                else:
+                    slot = <StreamSlot><object>found
+                    self._cache_sid[cache_index] = sid
+                    self._cache_slot[cache_index] = found
+            plen = chunk_end - body - j - 4
+            if slot is None or slot.sink is None:
+                self.on_chunk(
+                    [("SID", (<char*>p)[5:j].decode("latin-1"))],
+                    PyBytes_FromStringAndSize(<char*>p + j + 4, plen),
+                )
+                continue
+            sink = slot.sink
+            view = _export(mem, <char*>p + j + 4, plen, True)
+            try:
+                sink(view)
+            finally:
+                slot.received += plen
+                if Py_REFCNT(view) > 1:
+                    _release(view)  # the sink kept it: make it unusable
+                view = None
+
+    cdef int _compressed_chunk(self, Py_ssize_t body, Py_ssize_t chunk_end, Py_ssize_t ulen,
+                               bint reset, object inflater) except -1:
+        """5. A ZChunk: consume, reset, inflate, then analyse the inflated body."""
+        self._start = chunk_end
+        self.chunks_received += 1
+        if reset:
+            inflater.reset()
+        data = PyBytes_FromStringAndSize(self._data + body, chunk_end - body)
+        try:
+            inflated = inflater.inflate(data, ulen)
+            if type(inflated) is not bytes:
+                inflated = bytes(inflated)
+            if len(inflated) != ulen:
+                raise CompressionError(
+                    f"inflated chunk has {len(inflated)} bytes, its size line said {ulen}"
+                )
+        except CompressionError as exc:
+            on_corrupt_chunk = self.on_corrupt_chunk
+            if on_corrupt_chunk is None:
+                raise
+            on_corrupt_chunk(exc)
+            return 0
+        try:
+            sid, headers, offset = _analyse_body(inflated)
+        except FramingError as exc:
+            self._fail(exc)
+        return self._dispatch(sid, headers, inflated, offset)
+
+    cdef int _dispatch(self, long long sid, list headers, bytes body, Py_ssize_t offset) except -1:
+        """Hand a consumed chunk (``body`` is bytes) to its sink or to ``on_chunk``."""
+        cdef StreamSlot slot
+        if sid >= 0:
+            slot = self._slots.get(sid)
+            if slot is not None:
+                sink = slot.sink
+                if sink is not None:
+                    view = memoryview(body)[offset:]
+                    try:
+                        sink(view)
+                    finally:
+                        slot.received += len(body) - offset
+                        _release(view)
+                    return 0
+        self.on_chunk(headers, body[offset:])
+        return 0
+
+
+# -- ChunkWriter -----------------------------------------------------------------------------
+
+cdef class ChunkWriter:
+    """Encodes outgoing chunks into one coalesced buffer per flush."""
+
+    def __cinit__(self, *args, **kwargs):
+        self._out = NULL
+        self._data = NULL
+        self._len = self._cap = 0
+        self._loan_mem = None
+
+    def __dealloc__(self):
+        Py_XDECREF(self._out)
+        self._out = NULL
+
+    def __init__(self, *, max_payload=MAX_DATA_PAYLOAD):
+        max_payload = PyNumber_Index(max_payload)
+        if not 1 <= max_payload <= MAX_PAYLOAD_LIMIT:
+            raise ValueError(f"max_payload must be 1..{MAX_PAYLOAD_LIMIT}, got {max_payload!r}")
+        self._max_payload = max_payload
+        self.chunks_written = 0
+        self.bytes_written = 0
+        self._loan = self._stale = None
+        self._loan_slot = None
+
+    @property
+    def pending(self):
+        return self._len
+
+    def __repr__(self):
+        return (
+            f"<ChunkWriter pending={self._len} chunks_written={self.chunks_written} "
+            f"bytes_written={self.bytes_written}>"
+        )
+
+    cdef int _reserve(self, Py_ssize_t n) except -1:
+        """Make ``_cap - _len >= n``, growing the pending bytes object."""
+        if self._cap - self._len >= n:
+            return 0
+        cdef Py_ssize_t need = self._len + n
+        cdef Py_ssize_t newcap
+        if self._out is NULL:
+            newcap = need if need > WRITER_INITIAL_CAP else WRITER_INITIAL_CAP
+            fresh_obj = PyBytes_FromStringAndSize(NULL, newcap)
+            Py_INCREF(fresh_obj)  # the reference self._out holds
+            self._out = <PyObject*>fresh_obj
+        else:
+            newcap = 2 * self._cap
+            if newcap < need:
+                newcap = need
+            if _Py_REFCNT(self._out) == 1:
+                if _PyBytes_Resize(&self._out, newcap) < 0:  # freed it, MemoryError set
+                    self._data = NULL
+                    self._len = self._cap = 0
+                    return -1
+            else:
+                # A loan view still pins it: copy, and let the view keep the old one.
+                fresh_obj = PyBytes_FromStringAndSize(NULL, newcap)
+                memcpy(PyBytes_AS_STRING(fresh_obj), self._data, self._len)
+                Py_INCREF(fresh_obj)
+                Py_DECREF(<object>self._out)
+                self._out = <PyObject*>fresh_obj
+        self._data = PyBytes_AS_STRING(<object>self._out)
+        self._cap = newcap
+        return 0
+
+    cdef int _retry_stale(self) except -1:
+        stale = self._stale
+        if stale is not None:
+            self._stale = None
+            _release(stale)
+        return 0
+
+    cdef int _refuse_during_loan(self, str method) except -1:
+        if self._loan is not None:
+            raise LocalProtocolError(
+                f"ChunkWriter.{method}() while a get_data_buffer() loan is out"
+            )
+        if self._stale is not None:
+            self._retry_stale()
+        return 0
+
+    cdef int _append(self, const char* src, Py_ssize_t n) except -1:
+        self._reserve(n)
+        memcpy(self._data + self._len, src, n)
+        self._len += n
+        return 0
+
+    def write_data(self, slot, data):
+        if self._loan is not None or self._stale is not None:
+            self._refuse_during_loan("write_data")
+        _check_slot(slot)
+        cdef StreamSlot s = <StreamSlot>slot
+        cdef Py_buffer pybuf
+        cdef const char* src
+        cdef Py_ssize_t n, piece, step = self._max_payload, hlen = s.header_len
+        cdef char* out
+        PyObject_GetBuffer(data, &pybuf, PyBUF_SIMPLE)
+        try:
+            n = pybuf.len
+            src = <const char*>pybuf.buf
+            if n <= step:
+                self._reserve(8 + hlen + n)
+                out = self._data + self._len
+                out += _put_hex(out, hlen + n, 0)
+                out[0] = b'\r'
+                out[1] = b'\n'
+                memcpy(out + 2, s.header, hlen)
+                out += 2 + hlen
+                memcpy(out, src, n)
+                self._len = (out + n) - self._data
+                self.chunks_written += 1
+            else:
+                self._reserve(n + ((n + step - 1) // step) * (8 + hlen))
+                out = self._data + self._len
+                while n > 0:
+                    piece = n if n < step else step
+                    out += _put_hex(out, hlen + piece, 0)
+                    out[0] = b'\r'
+                    out[1] = b'\n'
+                    memcpy(out + 2, s.header, hlen)
+                    out += 2 + hlen
+                    memcpy(out, src, piece)
+                    out += piece
+                    src += piece
+                    n -= piece
+                    self.chunks_written += 1
+                self._len = out - self._data
+            s.sent += pybuf.len
+        finally:
+            PyBuffer_Release(&pybuf)
+
+    def write_chunk(self, header_block, payload=b""):
+        self._refuse_during_loan("write_chunk")
+        cdef Py_buffer pybuf
+        PyObject_GetBuffer(header_block, &pybuf, PyBUF_SIMPLE)
+        try:
+            block = PyBytes_FromStringAndSize(<char*>pybuf.buf, pybuf.len)
+        finally:
+            PyBuffer_Release(&pybuf)
+        PyObject_GetBuffer(payload, &pybuf, PyBUF_SIMPLE)
+        try:
+            if not block:
+                raise LocalProtocolError("ChunkWriter.write_chunk(): empty header block")
+            if not block.endswith(b"\r\n"):
+                raise LocalProtocolError(
+                    f"ChunkWriter.write_chunk(): header block does not end in CRLF: "
+                    f"{_abbrev(block)}"
+                )
+            if block.startswith(b"\r\n") or b"\r\n\r\n" in block:
+                raise LocalProtocolError(
+                    f"ChunkWriter.write_chunk(): blank line in header block: {_abbrev(block)}"
+                )
+            self._reserve(10 + len(block) + 2 + pybuf.len)
+            self._len += _put_hex(self._data + self._len, len(block) + 2 + pybuf.len, 0)
+            self._append(b"\r\n", 2)
+            self._append(PyBytes_AS_STRING(block), len(block))
+            self._append(b"\r\n", 2)
+            self._append(<char*>pybuf.buf, pybuf.len)
+            self.chunks_written += 1
+        finally:
+            PyBuffer_Release(&pybuf)
+
+    def write_raw(self, data):
+        self._refuse_during_loan("write_raw")
+        cdef Py_buffer pybuf
+        PyObject_GetBuffer(data, &pybuf, PyBUF_SIMPLE)
+        try:
+            self._append(<char*>pybuf.buf, pybuf.len)
+        finally:
+            PyBuffer_Release(&pybuf)
+
+    def get_data_buffer(self, slot, sizehint):
+        _check_slot(slot)
+        sizehint = PyNumber_Index(sizehint)
+        self.cancel_data_buffer()
+        cdef StreamSlot s = <StreamSlot>slot
+        cdef Py_ssize_t step = self._max_payload, limit
+        if 0 < sizehint < step:
+            limit = sizehint
+        else:
+            limit = step
+        cdef char scratch[16]
+        cdef int width = _put_hex(scratch, s.header_len + limit, 0)
+        self._reserve(width + 2 + s.header_len + limit)
+        # One exporter per loan: the view keeps it, and through it the bytes object,
+        # alive; when the loan ends we drop ours, so an idle writer does not pin _out.
+        cdef _Memory mem = _Memory.__new__(_Memory)
+        mem.owner = <object>self._out
+        self._loan_mem = mem
+        self._loan_slot = s
+        self._loan_limit = limit
+        self._loan_width = width
+        loan = _export(mem, self._data + self._len + width + 2 + s.header_len, limit, False)
+        self._loan = loan
+        return loan
+
+    def data_buffer_updated(self, nbytes):
+        nbytes = PyNumber_Index(nbytes)
+        loan = self._loan
+        if loan is None:
+            raise LocalProtocolError(
+                "ChunkWriter.data_buffer_updated() without a get_data_buffer() loan"
+            )
+        cdef Py_ssize_t lent = self._loan_limit
+        if not 0 <= nbytes <= lent:
+            self.cancel_data_buffer()
+            raise LocalProtocolError(
+                f"ChunkWriter.data_buffer_updated({nbytes!r}): outside the lent 0..{lent} bytes"
+            )
+        cdef Py_ssize_t n = nbytes
+        cdef StreamSlot s = self._loan_slot
+        cdef char* out
+        if n:
+            out = self._data + self._len
+            out += _put_hex(out, s.header_len + n, self._loan_width)
+            out[0] = b'\r'
+            out[1] = b'\n'
+            memcpy(out + 2, s.header, s.header_len)
+            self._len += self._loan_width + 2 + s.header_len + n
+            self.chunks_written += 1
+            s.sent += n
+        self.cancel_data_buffer()
+
+    def cancel_data_buffer(self):
+        stale = self._stale
+        if stale is not None:
+            self._stale = None
+            _release(stale)
+        loan = self._loan
+        if loan is not None:
+            self._loan = None
+            self._loan_slot = None
+            self._loan_mem = None
+            if not _release(loan):
+                self._stale = loan
+
+    def flush(self):
+        self._refuse_during_loan("flush")
+        cdef Py_ssize_t n = self._len
+        if n == 0:
+            return None
+        cdef PyObject* out
+        if n < WRITER_COPY_BELOW or _Py_REFCNT(self._out) != 1:
+            # Small: copy, and keep the buffer for the next tick unless it grew large.
+            # Pinned by a loan view: copy, and leave the old buffer to the view.
+            result = PyBytes_FromStringAndSize(self._data, n)
+            if _Py_REFCNT(self._out) != 1 or self._cap > 4 * WRITER_INITIAL_CAP:
+                Py_DECREF(<object>self._out)
+                self._out = NULL
+                self._data = NULL
+                self._cap = 0
+        else:
+            # Hand the bytes object over, shrunk to size: no copy.
+            out = self._out
+            self._out = NULL
+            self._data = NULL
+            self._cap = 0
+            self._len = 0
+            if _PyBytes_Resize(&out, n) < 0:  # freed it, MemoryError set
+                raise MemoryError()
+            result = <object>out  # a new reference...
+            Py_DECREF(result)  # ...so drop the one self._out held
+        self._len = 0
+        self.bytes_written += n
+        return result

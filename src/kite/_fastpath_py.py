@@ -1,0 +1,662 @@
+"""The fast path in pure Python: the executable specification of ``kite._fastpath``.
+
+``kite/_fastpath.pyi`` is the API of record; this module implements it in plain Python and
+the Cython module ``kite._fastpath`` implements the same behaviour in C, with the same
+exceptions, the same messages and the same buffer sizes (the differential tests feed both
+the same bytes and compare every event).  Change this file first, then the ``.pyx``.
+
+Theory of operation
+===================
+
+Demux: one receive buffer per tunnel, ``_buf[_start:_end]`` holding bytes received but not
+yet parsed.  ``get_buffer`` lends ``_buf[_end:]`` (asyncio's BufferedProtocol: the kernel or
+the TLS layer writes straight into it); ``buffer_updated(n)`` ends the loan, moves ``_end``
+and parses.  Parsing consumes whole chunks only:
+
+1. find CRLF within the first ``_SIZE_LINE_WINDOW`` (20) bytes; no CRLF there and 20 bytes
+   buffered is a FramingError, fewer than 20 means "wait".  Errors are decided on complete
+   lines (or on a full window), never on a prefix, so the message does not depend on how
+   the stream was cut into reads;
+2. validate the size line (grammar, at most 8 hex digits per number, not 0, not above
+   ``max_chunk_size``; a ``Z`` line needs an inflater);
+3. wait until the whole body is buffered (the buffer grows to fit it; lengths are bounded
+   by step 2 before anything is allocated);
+4. for a plain chunk, find the first CRLF CRLF in the body and parse the header block
+   (FramingError before the chunk is consumed);
+5. consume the chunk (``_start`` and ``chunks_received`` move *before* any callback, so an
+   exception from a callback leaves the rest buffered), call ``inflater.reset()`` for an
+   ``R`` chunk, inflate a ``Z`` chunk (then step 4 on the inflated body), and dispatch.
+
+The hot case, ``SID: <digits>\\r\\n\\r\\n`` exactly, is recognised by a prefix test and a
+digit check, without splitting header lines.
+
+Buffer sizes are part of the specified behaviour (both implementations lend views of the
+same length): the buffer starts at ``_INITIAL_CAP``, grows to ``max(_INITIAL_CAP, 2 * cap,
+live + n)`` when compacting is not enough, and an empty buffer larger than
+``_SHRINK_ABOVE`` is dropped for a fresh small one (a peer that sent one huge chunk does
+not pin a huge buffer for the life of the tunnel).  A buffer is never resized in place:
+growing makes a new one, so a view a callback kept (against the rules) keeps the old
+memory alive instead of pointing into freed memory.
+
+Views lent or handed to sinks are released when the loan or call ends.  A release fails
+with BufferError while someone holds a buffer export of the view: uvloop keeps one on the
+``get_buffer`` view until ``buffer_updated`` returns.  Such a view is remembered and
+released at the next call into the object (one retry).
+
+ChunkWriter: appends framed chunks to one pending buffer; ``flush`` returns it as ``bytes``
+(immutable, owned by the caller) and starts again.
+"""
+
+import operator
+import re
+
+from .errors import CompressionError, FramingError, LocalProtocolError
+
+__all__ = [
+    "MAX_SIZE_DIGITS",
+    "MAX_CHUNK_SIZE",
+    "MAX_DATA_PAYLOAD",
+    "StreamSlot",
+    "Demux",
+    "ChunkWriter",
+]
+
+MAX_SIZE_DIGITS = 8  # hex digits per number in a size line (h11-style grammar bound)
+MAX_CHUNK_SIZE = 1 << 20  # default bound on a chunk body: plain size, ULEN and CLEN
+MAX_DATA_PAYLOAD = 65536 - 32  # default largest payload of one data chunk we write
+
+_MAX_SIZE_LINE = 2 * MAX_SIZE_DIGITS + 2  # "ULENZCLENR": 18 characters before CRLF
+_SIZE_LINE_WINDOW = _MAX_SIZE_LINE + 2  # CRLF must start within this many bytes
+_MAX_CHUNK_SIZE_LIMIT = 1 << 24  # upper bound of the max_chunk_size argument
+_MAX_PAYLOAD_LIMIT = 1 << 20  # upper bound of the max_payload argument
+_MAX_SID = (1 << 31) - 1  # stream ids are 0..2**31-1
+_MAX_SID_DIGITS = 10  # len(str(_MAX_SID))
+
+_INITIAL_CAP = 1 << 16  # first receive buffer
+_SHRINK_ABOVE = 1 << 18  # an empty buffer larger than this is replaced by a small one
+_MIN_LOAN = 1 << 14  # get_buffer(sizehint <= 0) lends at least this much
+_MAX_LOAN = 1 << 18  # a larger sizehint is clamped to this
+
+_SIZE_LINE_RE = re.compile(rb"([0-9A-Fa-f]+)(?:Z([0-9A-Fa-f]+))?(R?)")
+_ABBREV = 64  # bytes quoted in an error message about a body or a header line
+
+_index = operator.index
+
+
+def _abbrev(data):
+    """``repr`` of (the start of) a bytes object, for error messages."""
+    if len(data) <= _ABBREV:
+        return repr(data)
+    return f"{data[:_ABBREV]!r}... ({len(data)} bytes)"
+
+
+def _bytes_view(data):
+    """A 1-D unsigned-byte memoryview of ``data``, with the C module's TypeError message."""
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(f"a bytes-like object is required, not {type(data).__name__!r}") from None
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def _release(view):
+    """Release ``view``; False if a buffer export of it is still held (BufferError)."""
+    try:
+        view.release()
+    except BufferError:
+        return False
+    return True
+
+
+def _parse_size_line(line, max_chunk_size):
+    """``(body_len, ulen, reset)`` of a size line (CRLF excluded); ulen is -1 if plain.
+
+    ``body_len`` is the number of bytes that follow the size line (CLEN for a ZChunk).
+    """
+    m = _SIZE_LINE_RE.fullmatch(line)
+    if m is None:
+        raise FramingError(f"invalid chunk size line: {line!r}")
+    first, second, reset = m.groups()
+    if len(first) > MAX_SIZE_DIGITS or (second is not None and len(second) > MAX_SIZE_DIGITS):
+        raise FramingError(f"too many hex digits in chunk size line: {line!r}")
+    a = int(first, 16)
+    b = -1 if second is None else int(second, 16)
+    if a == 0 or b == 0:
+        raise FramingError(f"chunk size 0 in size line: {line!r}")
+    if a > max_chunk_size or b > max_chunk_size:
+        raise FramingError(f"chunk size over max_chunk_size={max_chunk_size}: {line!r}")
+    if b < 0:
+        return a, -1, bool(reset)
+    return b, a, bool(reset)
+
+
+def _is_sid(value):
+    """True if the str ``value`` is a stream id: 1..10 ASCII digits, at most 2**31-1."""
+    return (
+        0 < len(value) <= _MAX_SID_DIGITS
+        and value.isascii()
+        and value.isdigit()
+        and int(value) <= _MAX_SID
+    )
+
+
+def _parse_header_block(block):
+    """``[(name, value), ...]`` of a header block (bytes, without its final CRLF).
+
+    Lines are split at CRLF; the name is everything before the first ``:`` (as sent), the
+    value everything after it with spaces and tabs stripped; both latin-1 decoded.
+    """
+    headers = []
+    for line in block.split(b"\r\n"):
+        colon = line.find(b":")
+        if colon < 0:
+            raise FramingError(f"chunk header line without ':': {_abbrev(line)}")
+        headers.append(
+            (line[:colon].decode("latin-1"), line[colon + 1 :].strip(b" \t").decode("latin-1"))
+        )
+    return headers
+
+
+def _analyse_body(body):
+    """Split a whole chunk body (bytes): ``(sid, headers, payload_offset)``.
+
+    ``sid`` is the stream id of a data chunk (exactly one header, named ``sid`` in any
+    case, with a decimal value), else -1.  FramingError if there is no CRLF CRLF or a
+    header line has no ``:``.
+    """
+    sep = body.find(b"\r\n\r\n")
+    if sep < 0:
+        raise FramingError(f"chunk body without CRLF CRLF: {_abbrev(body)}")
+    headers = _parse_header_block(body[:sep])
+    sid = -1
+    if len(headers) == 1:
+        name, value = headers[0]
+        if name.lower() == "sid" and _is_sid(value):
+            sid = int(value)
+    return sid, headers, sep + 4
+
+
+class StreamSlot:
+    """One stream's record in the fast path: its sink and its byte counters."""
+
+    __slots__ = ("_sid", "sink", "received", "sent")
+
+    def __init__(self, sid, sink=None):
+        sid = _index(sid)
+        if not 0 <= sid <= _MAX_SID:
+            raise ValueError(f"sid {sid!r} out of range 0..{_MAX_SID}")
+        self._sid = sid
+        self.sink = sink
+        self.received = 0
+        self.sent = 0
+
+    @property
+    def sid(self):
+        return self._sid
+
+    def __repr__(self):
+        return f"<StreamSlot sid={self._sid} received={self.received} sent={self.sent}>"
+
+
+def _check_slot(slot):
+    if not isinstance(slot, StreamSlot):
+        raise TypeError(f"slot must be a StreamSlot, not {type(slot).__name__}")
+
+
+class Demux:
+    """Splits the chunk stream of one tunnel into sink calls and ``on_chunk`` events."""
+
+    __slots__ = (
+        "on_chunk",
+        "on_corrupt_chunk",
+        "inflater",
+        "_chunks_received",
+        "_bytes_received",
+        "_max_chunk_size",
+        "_buf",  # bytearray; never resized in place (see the module docstring)
+        "_mv",  # writable memoryview of _buf: loans are slices of it
+        "_ro",  # read-only memoryview of _buf: payload views are slices of it
+        "_cap",  # len(_buf)
+        "_start",  # parse position: _buf[_start:_end] is received but not parsed
+        "_end",  # fill position: _buf[_end:] is free
+        "_loan",  # the view lent by get_buffer, until buffer_updated; else None
+        "_stale",  # a view whose release failed (BufferError), retried once
+        "_slots",  # sid -> StreamSlot
+        "_error",  # the FramingError that failed the demux, else None
+        "_parsing",  # True while callbacks run: re-entering the demux is refused
+    )
+
+    def __init__(self, on_chunk, *, on_corrupt_chunk=None, inflater=None,
+                 max_chunk_size=MAX_CHUNK_SIZE):
+        max_chunk_size = _index(max_chunk_size)
+        if not 1 <= max_chunk_size <= _MAX_CHUNK_SIZE_LIMIT:
+            raise ValueError(
+                f"max_chunk_size must be 1..{_MAX_CHUNK_SIZE_LIMIT}, got {max_chunk_size!r}"
+            )
+        self.on_chunk = on_chunk
+        self.on_corrupt_chunk = on_corrupt_chunk
+        self.inflater = inflater
+        self._chunks_received = 0
+        self._bytes_received = 0
+        self._max_chunk_size = max_chunk_size
+        self._buf = bytearray()
+        self._mv = self._ro = memoryview(self._buf)
+        self._cap = self._start = self._end = 0
+        self._loan = self._stale = self._error = None
+        self._slots = {}
+        self._parsing = False
+
+    @property
+    def chunks_received(self):
+        return self._chunks_received
+
+    @property
+    def bytes_received(self):
+        return self._bytes_received
+
+    @property
+    def buffered(self):
+        return self._end - self._start
+
+    def __repr__(self):
+        state = "failed" if self._error is not None else "ok"
+        return (
+            f"<Demux {state} chunks_received={self._chunks_received} "
+            f"bytes_received={self._bytes_received} buffered={self._end - self._start}>"
+        )
+
+    # -- streams -----------------------------------------------------------------------
+
+    def attach(self, slot):
+        _check_slot(slot)
+        self._slots[slot._sid] = slot
+
+    def detach(self, sid):
+        return self._slots.pop(sid, None)
+
+    def get_slot(self, sid):
+        return self._slots.get(sid)
+
+    # -- input -------------------------------------------------------------------------
+
+    def get_buffer(self, sizehint):
+        if self._parsing:
+            raise LocalProtocolError("Demux.get_buffer() called from inside a Demux callback")
+        sizehint = _index(sizehint)
+        self._end_loan()
+        want = sizehint if sizehint > 0 else _MIN_LOAN
+        if want > _MAX_LOAN:
+            want = _MAX_LOAN
+        self._reserve(want)
+        loan = self._loan = self._mv[self._end :]
+        return loan
+
+    def buffer_updated(self, nbytes):
+        if self._parsing:
+            raise LocalProtocolError("Demux.buffer_updated() called from inside a Demux callback")
+        nbytes = _index(nbytes)
+        loan = self._loan
+        if loan is None:
+            raise LocalProtocolError("Demux.buffer_updated() without a get_buffer() loan")
+        lent = len(loan)
+        self._end_loan()
+        if not 0 <= nbytes <= lent:
+            raise LocalProtocolError(
+                f"Demux.buffer_updated({nbytes!r}): outside the lent 0..{lent} bytes"
+            )
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        self._end += nbytes
+        self._bytes_received += nbytes
+        self._parse()
+
+    def feed_data(self, data):
+        if self._parsing:
+            raise LocalProtocolError("Demux.feed_data() called from inside a Demux callback")
+        view = _bytes_view(data)
+        self._end_loan()
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        n = len(view)
+        self._reserve(n)
+        end = self._end
+        self._mv[end : end + n] = view
+        self._end = end + n
+        self._bytes_received += n
+        self._parse()
+
+    # -- buffer management -------------------------------------------------------------
+
+    def _retry_stale(self):
+        stale = self._stale
+        if stale is not None:
+            self._stale = None
+            _release(stale)
+
+    def _end_loan(self):
+        """End the loan (if any) and release its view; retry an earlier failed release."""
+        self._retry_stale()
+        loan = self._loan
+        if loan is not None:
+            self._loan = None
+            if not _release(loan):
+                self._stale = loan
+
+    def _reserve(self, n):
+        """Make ``_cap - _end >= n`` (no loan is out, no callback is running)."""
+        start, end, cap = self._start, self._end, self._cap
+        live = end - start
+        if live == 0 and cap > _SHRINK_ABOVE:
+            cap = 0  # drop the large buffer below
+        elif cap - end >= n:
+            return
+        elif live + n <= cap:
+            # Compact: move the partial chunk to the front.
+            self._buf[0:live] = self._buf[start:end]
+            self._start, self._end = 0, live
+            return
+        newcap = max(_INITIAL_CAP, 2 * cap, live + n)
+        buf = bytearray(newcap)
+        buf[0:live] = self._buf[start:end]
+        self._buf = buf
+        self._mv = memoryview(buf)
+        self._ro = self._mv.toreadonly()
+        self._cap = newcap
+        self._start, self._end = 0, live
+
+    # -- parsing -----------------------------------------------------------------------
+
+    def _fail(self, exc):
+        self._error = exc
+        raise exc
+
+    def _parse(self):
+        self._parsing = True
+        try:
+            self._parse_chunks()
+        finally:
+            self._parsing = False
+            if self._start == self._end:
+                self._start = self._end = 0
+
+    def _parse_chunks(self):
+        buf = self._buf
+        find = buf.find
+        max_chunk_size = self._max_chunk_size
+        end = self._end
+        while True:
+            pos = self._start
+            if pos == end:
+                return
+            # 1. The size line: CRLF within the first _SIZE_LINE_WINDOW bytes.
+            lim = pos + _SIZE_LINE_WINDOW
+            nl = find(b"\r\n", pos, lim if lim < end else end)
+            if nl < 0:
+                if end - pos >= _SIZE_LINE_WINDOW:
+                    window = bytes(buf[pos:lim])
+                    self._fail(FramingError(
+                        f"chunk size line too long (no CRLF within {_MAX_SIZE_LINE} bytes): "
+                        f"{window!r}"
+                    ))
+                return
+            # 2. Validate it.
+            try:
+                body_len, ulen, reset = _parse_size_line(bytes(buf[pos:nl]), max_chunk_size)
+            except FramingError as exc:
+                self._fail(exc)
+            inflater = self.inflater
+            if ulen >= 0 and inflater is None:
+                line = bytes(buf[pos:nl])
+                self._fail(FramingError(f"compressed chunk but no inflater: {line!r}"))
+            # 3. Wait for the whole body.
+            body = nl + 2
+            chunk_end = body + body_len
+            if chunk_end > end:
+                return
+            if ulen >= 0:
+                # 5. A ZChunk: consume, reset, inflate, then analyse the inflated body.
+                self._start = chunk_end
+                self._chunks_received += 1
+                if reset:
+                    inflater.reset()
+                data = bytes(buf[body:chunk_end])
+                try:
+                    inflated = inflater.inflate(data, ulen)
+                    if type(inflated) is not bytes:
+                        inflated = bytes(inflated)
+                    if len(inflated) != ulen:
+                        raise CompressionError(
+                            f"inflated chunk has {len(inflated)} bytes, its size line said {ulen}"
+                        )
+                except CompressionError as exc:
+                    on_corrupt_chunk = self.on_corrupt_chunk
+                    if on_corrupt_chunk is None:
+                        raise
+                    on_corrupt_chunk(exc)
+                    continue
+                try:
+                    sid, headers, offset = _analyse_body(inflated)
+                except FramingError as exc:
+                    self._fail(exc)
+                self._dispatch(sid, headers, inflated, offset)
+                continue
+            # 4. A plain chunk: the hot case "SID: <digits>\r\n\r\n" first.
+            sep = find(b"\r\n\r\n", body, chunk_end)
+            sid = -1
+            if sep >= 0 and buf.startswith(b"SID: ", body):
+                digits = buf[body + 5 : sep]
+                if 0 < len(digits) <= _MAX_SID_DIGITS and digits.isdigit():
+                    sid = int(digits)
+                    if sid > _MAX_SID:
+                        sid = -1
+            if sid >= 0:
+                # 5. Consume and dispatch a data chunk.
+                self._start = chunk_end
+                self._chunks_received += 1
+                if reset and inflater is not None:
+                    inflater.reset()
+                slot = self._slots.get(sid)
+                sink = None if slot is None else slot.sink
+                if sink is None:
+                    self.on_chunk(
+                        [("SID", digits.decode("latin-1"))], bytes(buf[sep + 4 : chunk_end])
+                    )
+                    continue
+                view = self._ro[sep + 4 : chunk_end]
+                try:
+                    sink(view)
+                finally:
+                    slot.received += chunk_end - sep - 4
+                    _release(view)
+                continue
+            # The general case: a copy of the body, parsed line by line.
+            data = bytes(buf[body:chunk_end])
+            try:
+                sid, headers, offset = _analyse_body(data)
+            except FramingError as exc:
+                self._fail(exc)
+            self._start = chunk_end
+            self._chunks_received += 1
+            if reset and inflater is not None:
+                inflater.reset()
+            self._dispatch(sid, headers, data, offset)
+
+    def _dispatch(self, sid, headers, body, offset):
+        """Hand a consumed chunk (``body`` is bytes) to its sink or to ``on_chunk``."""
+        if sid >= 0:
+            slot = self._slots.get(sid)
+            if slot is not None:
+                sink = slot.sink
+                if sink is not None:
+                    view = memoryview(body)[offset:]
+                    try:
+                        sink(view)
+                    finally:
+                        slot.received += len(body) - offset
+                        _release(view)
+                    return
+        self.on_chunk(headers, body[offset:])
+
+
+class ChunkWriter:
+    """Encodes outgoing chunks into one coalesced buffer per flush."""
+
+    __slots__ = (
+        "_buf",  # bytearray of framed chunks waiting for flush()
+        "_max_payload",
+        "_chunks_written",
+        "_bytes_written",
+        "_loan",  # the view lent by get_data_buffer, else None
+        "_loan_slot",  # the StreamSlot of the loan
+        "_loan_header",  # b"SID: n\r\n\r\n" of the loan
+        "_loan_width",  # hex digits of the loan's zero-padded size
+        "_stale",  # a view whose release failed (BufferError), retried once
+    )
+
+    def __init__(self, *, max_payload=MAX_DATA_PAYLOAD):
+        max_payload = _index(max_payload)
+        if not 1 <= max_payload <= _MAX_PAYLOAD_LIMIT:
+            raise ValueError(f"max_payload must be 1..{_MAX_PAYLOAD_LIMIT}, got {max_payload!r}")
+        self._buf = bytearray()
+        self._max_payload = max_payload
+        self._chunks_written = 0
+        self._bytes_written = 0
+        self._loan = self._loan_slot = self._loan_header = self._stale = None
+        self._loan_width = 0
+
+    @property
+    def pending(self):
+        return len(self._buf)
+
+    @property
+    def chunks_written(self):
+        return self._chunks_written
+
+    @property
+    def bytes_written(self):
+        return self._bytes_written
+
+    def __repr__(self):
+        return (
+            f"<ChunkWriter pending={len(self._buf)} chunks_written={self._chunks_written} "
+            f"bytes_written={self._bytes_written}>"
+        )
+
+    def _refuse_during_loan(self, method):
+        if self._loan is not None:
+            raise LocalProtocolError(
+                f"ChunkWriter.{method}() while a get_data_buffer() loan is out"
+            )
+        stale = self._stale
+        if stale is not None:
+            self._stale = None
+            _release(stale)
+
+    def write_data(self, slot, data):
+        self._refuse_during_loan("write_data")
+        _check_slot(slot)
+        view = _bytes_view(data)
+        n = len(view)
+        header = b"SID: %d\r\n\r\n" % slot._sid
+        buf = self._buf
+        step = self._max_payload
+        if n <= step:
+            buf += b"%x\r\n" % (len(header) + n)
+            buf += header
+            buf += view
+            self._chunks_written += 1
+        else:
+            for offset in range(0, n, step):
+                piece = view[offset : offset + step]
+                buf += b"%x\r\n" % (len(header) + len(piece))
+                buf += header
+                buf += piece
+                self._chunks_written += 1
+        slot.sent += n
+
+    def write_chunk(self, header_block, payload=b""):
+        self._refuse_during_loan("write_chunk")
+        block = _bytes_view(header_block).tobytes()
+        payload = _bytes_view(payload)
+        if not block:
+            raise LocalProtocolError("ChunkWriter.write_chunk(): empty header block")
+        if not block.endswith(b"\r\n"):
+            raise LocalProtocolError(
+                f"ChunkWriter.write_chunk(): header block does not end in CRLF: {_abbrev(block)}"
+            )
+        if block.startswith(b"\r\n") or b"\r\n\r\n" in block:
+            raise LocalProtocolError(
+                f"ChunkWriter.write_chunk(): blank line in header block: {_abbrev(block)}"
+            )
+        buf = self._buf
+        buf += b"%x\r\n" % (len(block) + 2 + len(payload))
+        buf += block
+        buf += b"\r\n"
+        buf += payload
+        self._chunks_written += 1
+
+    def write_raw(self, data):
+        self._refuse_during_loan("write_raw")
+        self._buf += _bytes_view(data)
+
+    def get_data_buffer(self, slot, sizehint):
+        _check_slot(slot)
+        sizehint = _index(sizehint)
+        self.cancel_data_buffer()
+        step = self._max_payload
+        limit = sizehint if 0 < sizehint < step else step
+        header = b"SID: %d\r\n\r\n" % slot._sid
+        self._loan_slot = slot
+        self._loan_header = header
+        self._loan_width = len(b"%x" % (len(header) + limit))
+        # The twin lends a separate bytearray and copies it in at data_buffer_updated;
+        # the compiled module lends the pending buffer itself.  The contents of a fresh
+        # loan are unspecified.
+        loan = self._loan = memoryview(bytearray(limit))
+        return loan
+
+    def data_buffer_updated(self, nbytes):
+        nbytes = _index(nbytes)
+        loan = self._loan
+        if loan is None:
+            raise LocalProtocolError(
+                "ChunkWriter.data_buffer_updated() without a get_data_buffer() loan"
+            )
+        lent = len(loan)
+        if not 0 <= nbytes <= lent:
+            self.cancel_data_buffer()
+            raise LocalProtocolError(
+                f"ChunkWriter.data_buffer_updated({nbytes!r}): outside the lent 0..{lent} bytes"
+            )
+        if nbytes:
+            header = self._loan_header
+            buf = self._buf
+            buf += b"%0*x\r\n" % (self._loan_width, len(header) + nbytes)
+            buf += header
+            buf += loan[:nbytes]
+            self._chunks_written += 1
+            self._loan_slot.sent += nbytes
+        self.cancel_data_buffer()
+
+    def cancel_data_buffer(self):
+        stale = self._stale
+        if stale is not None:
+            self._stale = None
+            _release(stale)
+        loan = self._loan
+        if loan is not None:
+            self._loan = self._loan_slot = self._loan_header = None
+            if not _release(loan):
+                self._stale = loan
+
+    def flush(self):
+        self._refuse_during_loan("flush")
+        buf = self._buf
+        if not buf:
+            return None
+        out = bytes(buf)
+        buf.clear()
+        self._bytes_written += len(out)
+        return out

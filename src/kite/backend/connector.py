@@ -1,0 +1,387 @@
+"""``kite expose``: dial out to relays, fly kites, relay streams to local servers.
+
+Theory of operation
+-------------------
+One :class:`RelayConnector` per relay keeps one tunnel up, with all of that relay's kites on
+it, and reconnects by itself (exponential backoff with jitter, reset once a tunnel flew).
+
+Registration (pagekite-protocol.md §2): the first request carries every kite with an empty
+challenge; the relay answers ``SignThis`` per kite.  Towards a kite relay (it announces the
+``KiteFlow`` feature) the signed kites go *in-band*, in a NOOP chunk on the same connection.
+Towards anything else (pagekite.py 1.5.2) kite uses the *re-connect* variant: close, and
+connect again with the signed lines — because that FE kills in-band-registered tunnels on the
+first PING (§13.2), while re-connect-registered tunnels keep answering PONG.
+
+Streams: the relay opens them; :class:`BackendTunnel` connects to the kite's local server on
+the first chunk, even with an empty payload (servers that speak first: sshd), and relays
+bytes with the shared machinery of :mod:`kite.tunnel`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import ssl
+import time
+from typing import Optional
+
+from .. import __version__
+from ..config import BackendConfig, KiteSpec, RelaySpec
+from ..errors import KiteError
+from ..proto import control, handshake, signing
+from ..proto.flow import KITE_FLOW_FEATURE
+from ..tls import ClientTLS
+from ..tunnel import Stream, StreamProtocol, TunnelProtocol
+
+log = logging.getLogger("kite.backend")
+
+__all__ = ["Backend", "RelayConnector", "BackendTunnel"]
+
+#: Backoff between reconnects: first retry after BACKOFF_MIN, doubling up to BACKOFF_MAX.
+BACKOFF_MIN = 0.25
+BACKOFF_MAX = 30.0
+HANDSHAKE_TIMEOUT = 20.0
+VERSION = f"kite-{__version__}"
+
+
+def _kite_matches(spec: KiteSpec, proto: str, host: str, port: int) -> int:
+    """0 = no match; higher = better (exact port-specific > bare proto; exact > wildcard)."""
+    dom = spec.domain
+    if dom == host:
+        dscore = 2
+    elif dom.startswith("*.") and host.endswith(dom[1:]):
+        dscore = 1
+    else:
+        return 0
+    kp = spec.proto
+    if kp == f"{proto}-{port}":
+        return dscore * 10 + 3
+    base = kp.split("-", 1)[0]
+    if kp == proto or (base == proto and "-" in kp and proto != "raw"):
+        return dscore * 10 + 2
+    if proto == "raw" and base == "raw":
+        return dscore * 10 + 1
+    if proto == "websocket" and kp == "http":
+        return dscore * 10 + 1
+    return 0
+
+
+class BackendTunnel(TunnelProtocol):
+    """The backend end of one tunnel: registration, then local connections per stream."""
+
+    def __init__(self, connector: "RelayConnector", signed: Optional[list]) -> None:
+        super().__init__()
+        self.connector = connector
+        self.name = f"tunnel to {connector.spec.address}"
+        self.keepalive = connector.config.keepalive
+        self.ping_timeout = connector.config.ping_timeout
+        self.signed = signed  # re-connect round: the signed kite lines to send
+        self.handshake_done: asyncio.Future = self.loop.create_future()
+        self.flying: list = []
+        self._inband_pending = False
+
+    # -- handshake ----------------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        c = self.connector
+        lines = self.signed if self.signed is not None else c.round1_lines()
+        req = handshake.build_tunnel_request(
+            lines, zchunks=c.config.zchunks, replace=c.session_id, version=VERSION,
+            extra_features=[KITE_FLOW_FEATURE])
+        transport.write(req)
+
+    def handshake_data(self, buf: bytearray) -> None:
+        end = handshake.find_head_end(buf)
+        if end is None:
+            return
+        head = bytes(buf[:end])
+        leftover = bytes(buf[end:])
+        resp = handshake.parse_tunnel_response(head)
+        self.connector.handle_response(self, resp, leftover)
+
+    def on_kite_message(self, event) -> None:
+        if isinstance(event, control.KiteReply):
+            self.connector.handle_inband_reply(self, event.reply)
+
+    # -- streams ------------------------------------------------------------------------------
+    def on_stream_open(self, event) -> None:
+        spec = self.connector.find_kite(event.proto, event.host, event.port)
+        stream = Stream(self, event.sid, proto=event.proto, host=event.host, port=event.port,
+                        peer=f"{event.rip}:{event.rport}")
+        self.add_stream(stream)
+        if spec is None:
+            log.info("%s: stream %d for unknown kite %s:%s:%s refused", self.name, event.sid,
+                     event.proto, event.host, event.port)
+            self._refuse_stream(stream, 503)
+            return
+        if event.payload:
+            stream.pending.append(event.payload)
+            stream.slot.received += len(event.payload)
+        task = self.loop.create_task(self._connect_local(stream, spec, event))
+        self.connector.tasks.add(task)
+        task.add_done_callback(self.connector.tasks.discard)
+
+    async def _connect_local(self, stream: Stream, spec: KiteSpec, event) -> None:
+        from ..proto import forwarded, proxyproto
+
+        target = spec.target
+        if spec.proto in ("http", "websocket") and spec.forwarded and event.proto in ("http", "websocket"):
+            rewriter = forwarded.ForwardedRewriter(
+                client_ip=event.rip, proto="https" if event.rtls else "http", host=event.host)
+            stream.enable_rewriter(rewriter)
+        elif spec.proxy_protocol:
+            maker = proxyproto.proxy_v1 if spec.proxy_protocol == 1 else proxyproto.proxy_v2
+            try:
+                header = maker(event.rip or "0.0.0.0", event.rport or 0, "127.0.0.1", event.port or 0)
+            except (ValueError, KiteError):
+                header = b""
+            if header:
+                stream.pending.insert(0, header)
+                stream.inflated += len(header)
+        try:
+            await self.loop.create_connection(
+                lambda: StreamProtocol(self, stream), target.host, target.port)
+        except OSError as exc:
+            log.info("%s: kite %s: local server %s:%d: %s", self.name, spec.name, target.host,
+                     target.port, exc.strerror or exc)
+            if not stream.closed:
+                self._refuse_stream(stream, 502)
+
+    def _refuse_stream(self, stream: Stream, status: int) -> None:
+        """Tell the visitor, in its protocol, that the local side is not there."""
+        from ..relay import pages
+
+        if stream.proto in ("http", "websocket"):
+            self.writer.cancel_data_buffer()
+            self.writer.write_data(stream.slot, pages.http_error(status, stream.host))
+        elif stream.proto == "https":
+            self.writer.cancel_data_buffer()
+            self.writer.write_data(stream.slot, pages.TLS_ALERT_INTERNAL_ERROR)
+        self.discard(stream, close_local=False)
+
+    def on_closed(self, reason: str) -> None:
+        self.connector.tunnel_closed(self, reason)
+
+
+class RelayConnector:
+    """Keeps one tunnel to one relay flying, with all of that relay's kites."""
+
+    def __init__(self, config: BackendConfig, spec: RelaySpec) -> None:
+        self.config = config
+        self.spec = spec
+        self.loop = asyncio.get_running_loop()
+        self.session_id: Optional[str] = None
+        self.tunnel: Optional[BackendTunnel] = None
+        self.tasks: set = set()
+        self.global_secret = os.urandom(16).hex()
+        self.flying = asyncio.Event()
+        self._stop = False
+        self._attempt_result: Optional[asyncio.Future] = None
+        self.tls = None
+        if not spec.plain:
+            self.tls = ClientTLS(ca=spec.ca, fingerprint=spec.fingerprint, insecure=spec.insecure,
+                                 server_name=spec.server_name)
+        self._ssl_ctx = self.tls.context() if self.tls else None
+
+    # -- kites ----------------------------------------------------------------------------------
+    def bsalt(self, spec: KiteSpec) -> str:
+        return signing.make_bsalt(self.global_secret, self.spec.address, spec.secret)
+
+    def round1_lines(self) -> list:
+        return [handshake.KiteLine.signed(k.proto, k.domain, self.bsalt(k), k.secret, "")
+                for k in self.spec.kites]
+
+    def find_kite(self, proto: str, host: str, port: int) -> Optional[KiteSpec]:
+        best, best_score = None, 0
+        for k in self.spec.kites:
+            s = _kite_matches(k, proto, host, port)
+            if s > best_score:
+                best, best_score = k, s
+        return best
+
+    def _kite_by_what(self, what: str) -> Optional[KiteSpec]:
+        parts = what.split(":")
+        if len(parts) < 2:
+            return None
+        for k in self.spec.kites:
+            if k.proto == parts[0].lower() and k.domain == parts[1].lower():
+                return k
+        return None
+
+    def _signed_lines(self, challenges) -> list:
+        lines = []
+        for ch in challenges:
+            k = self._kite_by_what(ch.what)
+            if k is not None:
+                lines.append(handshake.KiteLine.signed(k.proto, k.domain, self.bsalt(k), k.secret,
+                                                       ch.fsalt))
+        return lines
+
+    # -- handshake results ----------------------------------------------------------------------
+    def handle_response(self, tunnel: BackendTunnel, resp, leftover: bytes) -> None:
+        if resp.session_id:
+            self.session_id = resp.session_id
+        self._log_refusals(resp)
+        kite_relay = KITE_FLOW_FEATURE in resp.features
+        if resp.ok:
+            tunnel.start_chunks(leftover, kite_peer=kite_relay, inflate=self.config.zchunks)
+            self._flying(tunnel, resp.ok)
+            if resp.sign_this and "AddKites" in resp.features:
+                self._send_inband(tunnel, resp.sign_this)
+            return
+        if resp.sign_this:
+            if kite_relay and "AddKites" in resp.features:
+                tunnel.start_chunks(leftover, kite_peer=True, inflate=self.config.zchunks)
+                self._send_inband(tunnel, resp.sign_this)
+            else:
+                # Re-connect variant (§2.4): safe with pagekite.py 1.5.2 (bug §13.2).
+                self._resolve(("reconnect", self._signed_lines(resp.sign_this)))
+                tunnel.close("re-connecting with signed kites")
+            return
+        self._resolve(("refused", None))
+        tunnel.close("relay accepted none of our kites")
+
+    def _send_inband(self, tunnel: BackendTunnel, challenges) -> None:
+        lines = self._signed_lines(challenges)
+        tunnel.write_chunk(*handshake.build_inband_request(lines, version=VERSION))
+
+    def handle_inband_reply(self, tunnel: BackendTunnel, reply) -> None:
+        if reply.session_id:
+            self.session_id = reply.session_id
+        self._log_refusals(reply)
+        if reply.ok:
+            self._flying(tunnel, reply.ok)
+        elif not tunnel.flying:
+            self._resolve(("refused", None))
+            tunnel.close("relay accepted none of our kites")
+
+    def _log_refusals(self, reply) -> None:
+        for ref, reason in reply.invalid:
+            log.error("relay %s refused kite %s: %s", self.spec.address, ref.kite, reason)
+        for ref in reply.duplicate:
+            log.error("relay %s: kite %s is already flown by another backend",
+                      self.spec.address, ref.kite)
+
+    def _flying(self, tunnel: BackendTunnel, refs) -> None:
+        for ref in refs:
+            k = self._kite_by_what(ref.what)
+            name = k.name if k else ref.kite
+            if name not in tunnel.flying:
+                tunnel.flying.append(name)
+                log.info("kite flying: %s on relay %s", name, self.spec.address)
+        self.flying.set()
+        self._resolve(("flying", None))
+
+    def _resolve(self, value) -> None:
+        fut = self._attempt_result
+        if fut is not None and not fut.done():
+            fut.set_result(value)
+
+    def tunnel_closed(self, tunnel: BackendTunnel, reason: str) -> None:
+        if tunnel.flying:
+            log.warning("tunnel to %s closed: %s", self.spec.address, reason)
+        self._resolve(("closed", reason))
+        if self.tunnel is tunnel:
+            self.tunnel = None
+            self.flying.clear()
+
+    # -- the connect loop -----------------------------------------------------------------------
+    async def _open(self, signed) -> BackendTunnel:
+        spec = self.spec
+        kwargs = {}
+        if self._ssl_ctx is not None and not spec.connect_name:
+            kwargs["ssl"] = self._ssl_ctx
+            # An IP address is checked against the certificate's IP SANs and sent as no SNI.
+            kwargs["server_hostname"] = spec.server_name or spec.host
+            kwargs["ssl_handshake_timeout"] = 10.0
+        transport, proto = await self.loop.create_connection(
+            lambda: BackendTunnel(self, signed), spec.host, spec.port, **kwargs)
+        if self.tls is not None and self.tls.fingerprint:
+            sslobj = transport.get_extra_info("ssl_object")
+            try:
+                self.tls.check_peer(sslobj)
+            except ssl.SSLError:
+                transport.abort()
+                raise
+        return proto
+
+    async def run_once(self) -> str:
+        """One connect + register attempt; returns "flying" after the tunnel closes again,
+        or why it failed."""
+        signed = None
+        for _round in range(2):
+            self._attempt_result = self.loop.create_future()
+            tunnel = await self._open(signed)
+            self.tunnel = tunnel
+            try:
+                kind, value = await asyncio.wait_for(
+                    asyncio.shield(self._attempt_result), HANDSHAKE_TIMEOUT)
+            except asyncio.TimeoutError:
+                tunnel.abort("no answer to the tunnel request")
+                return "timeout"
+            if kind == "reconnect":
+                signed = value
+                await tunnel.closed_future
+                continue
+            if kind == "flying":
+                reason = await tunnel.closed_future
+                return f"closed: {reason}"
+            return kind
+        return "refused"
+
+    async def run(self) -> None:
+        delay = BACKOFF_MIN
+        while not self._stop:
+            started = time.monotonic()
+            try:
+                outcome = await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except ssl.SSLCertVerificationError as exc:
+                outcome = f"TLS verification failed: {exc.verify_message or exc}"
+                log.error("relay %s: %s (check --ca/--fingerprint, or --insecure)",
+                          self.spec.address, outcome)
+            except (OSError, asyncio.TimeoutError, ssl.SSLError, KiteError) as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+                log.warning("relay %s: cannot connect: %s", self.spec.address, exc)
+            if self._stop:
+                break
+            if time.monotonic() - started > 10.0:
+                delay = BACKOFF_MIN  # it flew for a while: start the backoff afresh
+            # Full jitter keeps a fleet of backends from reconnecting in lock-step.
+            wait = random.uniform(delay / 2, delay)
+            log.info("relay %s: %s; reconnecting in %.2f s", self.spec.address, outcome, wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def close(self) -> None:
+        self._stop = True
+        if self.tunnel is not None:
+            self.tunnel.close("backend shutting down")
+        for t in list(self.tasks):
+            t.cancel()
+
+
+class Backend:
+    """All connectors of one ``kite expose``."""
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+        self.connectors = [RelayConnector(config, r) for r in config.relays if r.kites]
+        self._tasks: list = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(c.run()) for c in self.connectors]
+
+    async def wait_flying(self, timeout: Optional[float] = None) -> None:
+        await asyncio.wait_for(asyncio.gather(*(c.flying.wait() for c in self.connectors)), timeout)
+
+    async def close(self) -> None:
+        for c in self.connectors:
+            await c.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,69 @@
+"""``kite expose`` entry point: options or a TOML file -> BackendConfig -> running tunnels."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional, Sequence
+
+from ..config import (BackendConfig, KiteSpec, RelaySpec, _check_secret, kite_proto_for,
+                      load_backend_config, parse_hostport, parse_target)
+from ..errors import ConfigError
+from .connector import Backend
+
+log = logging.getLogger("kite.backend")
+
+__all__ = ["build_backend_config", "serve_backend"]
+
+
+def build_backend_config(*, target: Optional[str], name: Optional[str], relays: Sequence[str],
+                         secret: Optional[str], ca: Optional[str] = None,
+                         fingerprint: Optional[str] = None, insecure: bool = False,
+                         plain: bool = False, server_name: Optional[str] = None,
+                         public_port: Optional[int] = None, proxy_protocol: int = 0,
+                         forwarded: bool = True, keepalive: float = 30.0,
+                         config_file: Optional[str] = None) -> BackendConfig:
+    if config_file:
+        if target or name:
+            raise ConfigError("--config", "TARGET/NAME given together with --config",
+                              "put every kite in the config file, or use TARGET NAME alone")
+        cfg = load_backend_config(config_file)
+        cfg.keepalive = keepalive if keepalive != 30.0 else cfg.keepalive
+        return cfg
+    if not target or not name:
+        raise ConfigError("TARGET NAME", "missing", "e.g. kite expose 8080 app.example.com --relay HOST:PORT")
+    if not relays:
+        raise ConfigError("--relay", "no relay given", "add --relay HOST:PORT")
+    modes = [m for m, on in (("--ca", ca), ("--fingerprint", fingerprint),
+                             ("--insecure", insecure), ("--plain", plain)) if on]
+    if len(modes) > 1:
+        raise ConfigError(modes[1], f"cannot be combined with {modes[0]}", "choose one way to check the relay")
+    if fingerprint:
+        from ..tls import normalize_fingerprint
+
+        fingerprint = normalize_fingerprint(fingerprint)
+    t = parse_target(target)
+    if proxy_protocol and t.proto == "http":
+        raise ConfigError("--proxy-protocol", "only for tcp:// and https:// targets",
+                          "http kites get X-Forwarded-For instead")
+    domain = name.lower().rstrip(".")
+    if ":" in domain or not domain:
+        raise ConfigError("NAME", f"bad kite name {name!r}", "give a DNS name like app.example.com")
+    kite = KiteSpec(domain=domain, proto=kite_proto_for(t, public_port),
+                    secret=_check_secret(secret, "--secret"), target=t,
+                    proxy_protocol=proxy_protocol, forwarded=forwarded)
+    specs = []
+    for r in relays:
+        host, port = parse_hostport(r, key="--relay", default_port=443)
+        specs.append(RelaySpec(host=host, port=port, plain=plain, ca=ca, fingerprint=fingerprint,
+                               insecure=insecure, server_name=server_name, kites=[kite]))
+    return BackendConfig(relays=specs, keepalive=keepalive)
+
+
+async def serve_backend(cfg: BackendConfig, stop: asyncio.Event) -> int:
+    backend = Backend(cfg)
+    await backend.start()
+    await stop.wait()
+    log.info("backend stopping")
+    await backend.close()
+    return 0

@@ -1,0 +1,1 @@
+"""Client helpers: ``kite connect`` and ``kite forward``."""

@@ -1,0 +1,272 @@
+"""Configuration: command-line values and TOML files, validated into plain dataclasses.
+
+Every problem raises :class:`~kite.errors.ConfigError` naming the key and the fix; the CLI
+prints it on one line and exits 2.
+
+Backend file (``kite expose --config FILE``)::
+
+    [defaults]              # optional, applies to every relay/kite below
+    secret = "..."          # or per kite; or env KITE_SECRET
+    ca = "relay.pem"        # or fingerprint = "ab12...", or insecure = true, or plain = true
+
+    [[relay]]
+    address = "relay.example.com:443"
+    # ca / fingerprint / insecure / plain / server_name as in [defaults]
+
+    [[kite]]
+    name = "app.example.com"
+    target = "http://127.0.0.1:8080"   # http:// https:// tcp:// or host:port or a port
+    public_port = 22        # tcp kites: the port visitors CONNECT to (default: the target's)
+    proxy_protocol = 1      # raw/https kites: prepend a PROXY v1/v2 header
+    relays = ["relay.example.com:443"]  # default: every relay
+
+Relay file (``kite relay --config FILE``)::
+
+    listen = ["0.0.0.0:443"]
+    tls_cert = "relay.crt"
+    tls_key = "relay.key"
+    tls_names = ["relay.example.com"]
+    [[kite]]
+    domain = "*.example.com"
+    protos = ["http", "https", "raw-22"]   # or "*"
+    secret = "..."
+    single = false          # true: one backend at a time (pagekite.py's Duplicate)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib  # type: ignore
+
+__all__ = [
+    "parse_hostport",
+    "parse_target",
+    "Target",
+    "KiteSpec",
+    "RelaySpec",
+    "BackendConfig",
+    "load_toml",
+    "load_backend_config",
+    "load_relay_config",
+]
+
+
+def parse_hostport(value: str, *, key: str, default_host: Optional[str] = None,
+                   default_port: Optional[int] = None) -> tuple:
+    """``host:port``, ``[v6]:port``, ``port`` (with default_host) or ``host`` (default_port)."""
+    v = value.strip()
+    host, port_s = None, None
+    if v.startswith("["):
+        end = v.find("]")
+        if end < 0:
+            raise ConfigError(key, f"bad address {value!r}", "use [v6addr]:port")
+        host = v[1:end]
+        rest = v[end + 1:]
+        if rest.startswith(":"):
+            port_s = rest[1:]
+        elif rest:
+            raise ConfigError(key, f"bad address {value!r}", "use [v6addr]:port")
+    elif v.isdigit():
+        port_s = v
+    elif v.count(":") == 1:
+        host, port_s = v.split(":")
+    elif ":" in v:
+        raise ConfigError(key, f"bad address {value!r}", "write IPv6 addresses as [addr]:port")
+    else:
+        host = v
+    host = host or default_host
+    if host is None:
+        raise ConfigError(key, f"no host in {value!r}", "use HOST:PORT")
+    if port_s is None or port_s == "":
+        if default_port is None:
+            raise ConfigError(key, f"no port in {value!r}", "use HOST:PORT")
+        port = default_port
+    else:
+        if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+            raise ConfigError(key, f"bad port {port_s!r}", "use a number 1-65535")
+        port = int(port_s)
+    return host, port
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the backend sends a kite's streams, and which kite protocol that makes."""
+
+    proto: str  # http | https | raw
+    host: str
+    port: int
+
+
+def parse_target(value: str, *, key: str = "TARGET") -> Target:
+    """``8080`` / ``host:port`` (http) or ``http://``, ``https://``, ``tcp://`` URLs."""
+    v = str(value).strip()
+    if "://" in v:
+        u = urlsplit(v)
+        scheme = u.scheme.lower()
+        proto = {"http": "http", "https": "https", "tcp": "raw", "raw": "raw",
+                 "ws": "http", "ssh": "raw"}.get(scheme)
+        if proto is None:
+            raise ConfigError(key, f"unknown scheme {scheme!r} in {value!r}",
+                              "use http://, https:// or tcp://")
+        default_port = {"http": 80, "https": 443, "ssh": 22}.get(scheme)
+        try:
+            port = u.port
+        except ValueError:
+            raise ConfigError(key, f"bad port in {value!r}", "use a number 1-65535") from None
+        if port is None:
+            port = default_port
+        if port is None:
+            raise ConfigError(key, f"no port in {value!r}", "e.g. tcp://127.0.0.1:22")
+        return Target(proto, u.hostname or "127.0.0.1", port)
+    host, port = parse_hostport(v, key=key, default_host="127.0.0.1")
+    return Target("http", host, port)
+
+
+@dataclass
+class KiteSpec:
+    """One kite a backend flies."""
+
+    domain: str
+    proto: str  # kite protocol as registered: http, https, raw-22, websocket
+    secret: str = field(repr=False)
+    target: Target = None  # type: ignore[assignment]
+    proxy_protocol: int = 0  # 0 off, 1 or 2: PROXY header to the local server
+    forwarded: bool = True  # http: add X-Forwarded-For/-Proto/-Host
+    relays: Optional[list] = None  # addresses this kite flies on (None: all)
+
+    @property
+    def name(self) -> str:
+        return f"{self.proto}:{self.domain}"
+
+
+@dataclass
+class RelaySpec:
+    host: str
+    port: int
+    plain: bool = False  # no TLS at all (tests, or behind a TLS terminator)
+    ca: Optional[str] = None
+    fingerprint: Optional[str] = None
+    insecure: bool = False
+    server_name: Optional[str] = None  # SNI + name checked; default host unless an IP
+    connect_name: Optional[str] = None  # pagekite-style: plain CONNECT name:443, then TLS
+    kites: list = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass
+class BackendConfig:
+    relays: list = field(default_factory=list)
+    keepalive: float = 30.0
+    ping_timeout: float = 10.0
+    zchunks: bool = False
+
+
+def kite_proto_for(target: Target, public_port: Optional[int]) -> str:
+    if target.proto == "raw":
+        return f"raw-{public_port or target.port}"
+    return target.proto
+
+
+def _check_secret(secret: Optional[str], key: str) -> str:
+    if not secret:
+        raise ConfigError(key, "no secret given",
+                          "pass --secret, set KITE_SECRET, or put secret = \"...\" in the config")
+    if ":" in secret or any(c.isspace() for c in secret):
+        raise ConfigError(key, "the secret contains ':' or whitespace",
+                          "use letters, digits and punctuation other than ':'")
+    return secret
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("config", f"no such file {path!r}", "check the path") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path}: not valid TOML: {exc}", "fix the syntax") from None
+
+
+def _tls_opts(d: dict, where: str) -> dict:
+    out = {}
+    for k in ("ca", "fingerprint", "server_name", "connect_name"):
+        if k in d:
+            if not isinstance(d[k], str):
+                raise ConfigError(f"{where}.{k}", f"expected a string, got {d[k]!r}", "quote it")
+            out[k] = d[k]
+    for k in ("insecure", "plain"):
+        if k in d:
+            if not isinstance(d[k], bool):
+                raise ConfigError(f"{where}.{k}", f"expected true/false, got {d[k]!r}",
+                                  "write true or false")
+            out[k] = d[k]
+    return out
+
+
+def load_backend_config(path: str) -> BackendConfig:
+    from .tls import normalize_fingerprint
+
+    data = load_toml(path)
+    known = {"defaults", "relay", "kite", "keepalive"}
+    for k in data:
+        if k not in known:
+            raise ConfigError(k, "unknown key", f"known keys: {', '.join(sorted(known))}")
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise ConfigError("defaults", "must be a table", "write [defaults]")
+    d_tls = _tls_opts(defaults, "defaults")
+    d_secret = defaults.get("secret") or os.environ.get("KITE_SECRET")
+    relays: dict = {}
+    for i, r in enumerate(data.get("relay", [])):
+        where = f"relay[{i}]"
+        if "address" not in r:
+            raise ConfigError(f"{where}.address", "missing", "e.g. address = \"relay.example.com:443\"")
+        host, port = parse_hostport(r["address"], key=f"{where}.address", default_port=443)
+        opts = dict(d_tls)
+        opts.update(_tls_opts(r, where))
+        if opts.get("fingerprint"):
+            opts["fingerprint"] = normalize_fingerprint(opts["fingerprint"])
+        spec = RelaySpec(host=host, port=port, **opts)
+        relays[spec.address] = spec
+    if not relays:
+        raise ConfigError("relay", "no relay configured", "add a [[relay]] table with address = ...")
+    kites = data.get("kite", [])
+    if not kites:
+        raise ConfigError("kite", "no kite configured", "add a [[kite]] table with name and target")
+    for i, k in enumerate(kites):
+        where = f"kite[{i}]"
+        for req in ("name", "target"):
+            if req not in k:
+                raise ConfigError(f"{where}.{req}", "missing", "every [[kite]] needs name and target")
+        target = parse_target(str(k["target"]), key=f"{where}.target")
+        pp = k.get("proxy_protocol", 0)
+        if pp not in (0, 1, 2):
+            raise ConfigError(f"{where}.proxy_protocol", f"{pp!r} is not 0, 1 or 2", "use 1 or 2")
+        public_port = k.get("public_port")
+        spec = KiteSpec(
+            domain=str(k["name"]).lower(),
+            proto=kite_proto_for(target, public_port),
+            secret=_check_secret(k.get("secret") or d_secret, f"{where}.secret"),
+            target=target,
+            proxy_protocol=pp,
+            forwarded=bool(k.get("forwarded", True)),
+        )
+        names = k.get("relays")
+        for addr, relay in relays.items():
+            if names is None or addr in names or f"{relay.host}:{relay.port}" in names:
+                relay.kites.append(spec)
+    keepalive = float(data.get("keepalive", 30.0))
+    return BackendConfig(relays=list(relays.values()), keepalive=keepalive)

@@ -1,0 +1,66 @@
+"""``kite init relay|backend``: a certificate, a secret and a config to start from."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import click
+
+from .errors import ConfigError
+from .tls import generate_self_signed
+
+__all__ = ["init_relay", "init_backend"]
+
+
+def _write(path: str, text: str, force: bool, mode: int = 0o644) -> None:
+    if os.path.exists(path) and not force:
+        raise ConfigError(path, "already exists", "pass --force to overwrite, or use another --dir")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def init_relay(directory: str, *, names: list, domain: str, force: bool) -> None:
+    os.makedirs(directory, exist_ok=True)
+    names = names or ["localhost", "127.0.0.1"]
+    cert = os.path.join(directory, "relay.crt")
+    key = os.path.join(directory, "relay.key")
+    conf = os.path.join(directory, "relay.toml")
+    for p in (cert, key, conf):
+        if os.path.exists(p) and not force:
+            raise ConfigError(p, "already exists", "pass --force to overwrite, or use another --dir")
+    pin = generate_self_signed(cert, key, names)
+    secret = secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")
+    _write(conf, f'''# kite relay configuration (kite relay --config {conf})
+listen = ["0.0.0.0:443"]
+tls_cert = "{os.path.abspath(cert)}"
+tls_key = "{os.path.abspath(key)}"
+
+[[kite]]
+domain = "{domain}"
+protos = "*"
+secret = "{secret}"
+''', force, 0o600)
+    click.echo(f"wrote {cert}, {key} and {conf} (it holds the secret; mode 0600)")
+    click.echo(f"relay certificate SHA-256 fingerprint: {pin}")
+    click.echo("backends verify it with:  --ca relay.crt   or   --fingerprint " + pin)
+
+
+def init_backend(directory: str, *, force: bool) -> None:
+    os.makedirs(directory, exist_ok=True)
+    conf = os.path.join(directory, "backend.toml")
+    secret = secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")
+    _write(conf, f'''# kite backend configuration (kite expose --config {conf})
+[defaults]
+secret = "{secret}"      # the relay must allow it: --kite '*:app.example.com:<secret>'
+# ca = "relay.crt"       # verify the relay; or fingerprint = "..."; or insecure = true
+
+[[relay]]
+address = "relay.example.com:443"
+
+[[kite]]
+name = "app.example.com"
+target = "http://127.0.0.1:8080"
+''', force, 0o600)
+    click.echo(f"wrote {conf} (it holds a new secret; mode 0600): edit the relay address and kites")

@@ -1,0 +1,164 @@
+"""TLS material and contexts: self-signed certificates, server and client contexts, pinning.
+
+The relay terminates TLS for *tunnels* only (visitors' TLS passes through untouched, routed by
+SNI).  The backend verifies the relay's certificate against a CA file, or pins its SHA-256
+fingerprint, unless the user explicitly says ``--insecure``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import os
+import ssl
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from .errors import ConfigError
+
+__all__ = [
+    "generate_self_signed",
+    "server_context",
+    "client_context",
+    "cert_fingerprint",
+    "normalize_fingerprint",
+    "ClientTLS",
+]
+
+
+def generate_self_signed(
+    cert_path: str,
+    key_path: str,
+    names: Sequence[str],
+    *,
+    days: int = 825,
+) -> str:
+    """Write a self-signed certificate (its own CA) for ``names``; return its SHA-256 pin.
+
+    Uses an EC P-256 key: fast handshakes, small certificates.  The key file is created
+    with mode 0600.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    alt = []
+    for name in names:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt.append(x509.DNSName(name))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=True,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem)
+    with open(cert_path, "wb") as f:
+        f.write(pem)
+    return hashlib.sha256(der).hexdigest()
+
+
+def cert_fingerprint(der: bytes) -> str:
+    """SHA-256 of a DER certificate, lower-case hex without separators."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def normalize_fingerprint(value: str) -> str:
+    """Accept ``AB:CD:...``, ``sha256:abcd...`` or plain hex; return 64 lower-case hex chars."""
+    v = value.strip().lower()
+    if v.startswith("sha256:"):
+        v = v[7:]
+    v = v.replace(":", "")
+    if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+        raise ConfigError(
+            "fingerprint", f"{value!r} is not a SHA-256 fingerprint",
+            "give 64 hex digits, e.g. the value `kite init relay` printed",
+        )
+    return v
+
+
+def server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
+    """The relay's context for tunnels (TLS 1.2+; pagekite.py 1.5.2 negotiates TLS 1.3)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert_path, key_path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            "tls-cert", f"cannot load {cert_path!r} / {key_path!r}: {exc}",
+            "give a PEM certificate and its key; `kite init relay` writes a pair",
+        ) from None
+    return ctx
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """How a backend or helper checks the relay: CA file, pinned fingerprint, or nothing."""
+
+    ca: Optional[str] = None
+    fingerprint: Optional[str] = None
+    insecure: bool = False
+    server_name: Optional[str] = None  # SNI and the name checked against the certificate
+
+    def context(self) -> ssl.SSLContext:
+        return client_context(self.ca, insecure=self.insecure or bool(self.fingerprint))
+
+    def check_peer(self, ssl_object) -> None:
+        """Enforce the fingerprint pin after the handshake (raises ssl.SSLError)."""
+        if not self.fingerprint:
+            return
+        der = ssl_object.getpeercert(binary_form=True)
+        got = cert_fingerprint(der or b"")
+        if got != self.fingerprint:
+            raise ssl.SSLCertVerificationError(
+                f"relay certificate fingerprint {got} does not match the pinned {self.fingerprint}"
+            )
+
+
+def client_context(ca: Optional[str] = None, *, insecure: bool = False) -> ssl.SSLContext:
+    """A client context that verifies against ``ca`` (or the system store) unless insecure."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif ca:
+        try:
+            ctx.load_verify_locations(ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                "ca", f"cannot load CA file {ca!r}: {exc}", "give the relay's certificate PEM"
+            ) from None
+    else:
+        ctx.load_default_certs()
+    return ctx

@@ -1,0 +1,579 @@
+"""One tunnel in chunk mode, and the streams it carries: the part relay and backend share.
+
+Theory of operation
+-------------------
+A :class:`TunnelProtocol` owns one transport (TLS or plain) in chunk mode.  Bytes from the
+transport land directly in the fast-path :class:`~kite.fastpath.Demux` (its ``get_buffer`` is
+this protocol's).  Data chunks go straight to the sink of their :class:`Stream` (a borrowed
+view, copied once into the local transport); every other chunk is turned into events by
+:mod:`kite.proto.control` and handled here (PING/PONG, SKB, EOF) or by the side-specific
+subclass (stream open on the backend, kite registration).
+
+Writes are corked: every chunk goes into one :class:`~kite.fastpath.ChunkWriter`, and the
+first chunk of a loop tick schedules a single flush, so a busy tunnel hands the TLS layer one
+buffer (one TLS record train, one syscall) per tick instead of one per chunk.  Local sockets
+read straight into the writer's pending buffer (``ChunkWriter.get_data_buffer``): the payload
+is copied once, by the kernel, and leaves with its header as one piece.
+
+Flow control (:mod:`kite.proto.flow`): each stream stops reading its local socket while it is
+a window ahead of the peer's SKB acknowledgements, and acknowledges what it wrote to its
+local socket.  When the tunnel transport itself pushes back (``pause_writing``), every
+stream stops reading until it drains.
+
+Stream end (pagekite-protocol.md §5.3): local EOF sends ``EOF: 1R`` and keeps writing; a
+peer's ``R`` half-closes the local socket after the pending bytes; a peer's ``W`` stops
+reading; once both directions are done, or either side loses its socket, the stream is
+discarded with exactly one ``EOF: 1WR`` from this side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Optional
+
+from .errors import KiteError, RemoteProtocolError
+from .fastpath import ChunkWriter, Demux, StreamSlot
+from .proto import control
+from .proto.flow import (
+    KITE_WINDOW,
+    PAGEKITE_ACK_STEP,
+    PAGEKITE_WINDOW,
+    AckPolicy,
+    SendWindow,
+)
+from .proto.zchunks import ZInflater
+
+log = logging.getLogger("kite.tunnel")
+
+__all__ = ["TunnelProtocol", "Stream", "StreamProtocol", "set_nodelay"]
+
+#: Bytes a local socket reads per chunk when the peer is pagekite.py (its own read size).
+PAGEKITE_MAX_PAYLOAD = 16256
+_SCRATCH = 65536
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY: Nagle + delayed ACK cost pagekite.py 92 ms per keep-alive request."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+class Stream:
+    """One stream of a tunnel: its slot in the fast path, its local transport, its state."""
+
+    __slots__ = (
+        "tunnel", "sid", "slot", "transport", "proto", "host", "port", "peer",
+        "send_window", "ack", "pending", "delivered", "next_ack",
+        "sent_read_eof", "got_read_eof", "got_write_eof", "local_read_eof",
+        "reading_paused", "window_paused", "write_paused", "closed", "inflated", "rewriter",
+        "__weakref__",
+    )
+
+    def __init__(self, tunnel: "TunnelProtocol", sid: int, *, proto: str = "", host: str = "",
+                 port: int = 0, peer: str = "") -> None:
+        self.tunnel = tunnel
+        self.sid = sid
+        self.slot = StreamSlot(sid, self.sink)
+        self.transport: Optional[asyncio.Transport] = None
+        self.proto = proto
+        self.host = host
+        self.port = port
+        self.peer = peer  # "ip:port" of the visitor, for logs
+        self.send_window = SendWindow(tunnel.window)
+        self.ack = AckPolicy(tunnel.ack_step)
+        self.pending: Optional[list] = []  # payloads that arrived before the local socket
+        self.delivered = 0  # bytes handed to the local transport
+        self.inflated = 0  # bytes of those that kite added (X-Forwarded-*, PROXY header)
+        self.rewriter = None  # ForwardedRewriter for HTTP kites on the backend
+        self.next_ack = tunnel.ack_step  # check for an ack once delivered reaches this
+        self.sent_read_eof = False  # we sent EOF R: our local socket will send no more
+        self.got_read_eof = False  # peer sent EOF R: no more data will come for us
+        self.got_write_eof = False  # peer sent EOF W: it cannot deliver what we send
+        self.local_read_eof = False
+        self.reading_paused = False
+        self.window_paused = False
+        self.write_paused = False
+        self.closed = False
+
+    # -- tunnel -> local ------------------------------------------------------------------
+    def sink(self, view: memoryview) -> None:
+        """Demux sink: one data payload for this stream (a borrowed view: copy it)."""
+        transport = self.transport
+        if transport is None:
+            if self.pending is not None:
+                self.pending.append(bytes(view))
+            return
+        n = len(view)
+        if n:
+            transport.write(bytes(view))
+            self.delivered += n
+            if self.delivered >= self.next_ack:
+                self.check_ack()
+
+    def enable_rewriter(self, rewriter) -> None:
+        """Pass tunnel->local bytes through an HTTP head rewriter (X-Forwarded-*)."""
+        self.rewriter = rewriter
+        self.slot.sink = self._rewrite_sink
+        if self.pending:
+            raw = b"".join(self.pending)
+            out = rewriter.feed(raw)
+            self.inflated += len(out) - len(raw)
+            self.pending = [out]
+
+    def _rewrite_sink(self, view: memoryview) -> None:
+        data = bytes(view)
+        try:
+            out = self.rewriter.feed(data)
+        except KiteError as exc:
+            log.info("%s: stream %d: bad HTTP from visitor %s: %s", self.tunnel.name, self.sid,
+                     self.peer, exc)
+            self.tunnel.discard(self, close_local=True)
+            return
+        self.inflated += len(out) - len(data)
+        transport = self.transport
+        if transport is None:
+            if self.pending is not None:
+                self.pending.append(out)
+            return
+        if out:
+            transport.write(out)
+            self.delivered += len(out)
+            if self.delivered >= self.next_ack:
+                self.check_ack()
+
+    def check_ack(self, force: bool = False) -> None:
+        """Send SKB for the bytes that actually left the local transport's buffer."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        written = self.delivered - transport.get_write_buffer_size() - self.inflated
+        kib = self.ack.due(written, force=force)
+        if kib is not None:
+            self.tunnel.send_skb(self.sid, kib)
+        self.next_ack = self.delivered + self.tunnel.ack_step
+
+    def attach_transport(self, transport: asyncio.Transport) -> None:
+        """The local connection is up: deliver what waited for it."""
+        self.transport = transport
+        set_nodelay(transport)
+        # H + S < W (see kite.proto.flow): while the buffer stays below the high-water mark
+        # the sender is never blocked, and above it resume_writing forces an ack.
+        high = max(4096, self.tunnel.window // 4)
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+        pending, self.pending = self.pending, None
+        for data in pending or ():
+            transport.write(data)
+            self.delivered += len(data)
+        if self.tunnel.write_paused:
+            self.pause_reading()
+        if pending:
+            self.check_ack(force=True)
+        if self.got_read_eof:
+            self._write_eof()
+
+    # -- flow control ---------------------------------------------------------------------
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
+    def maybe_resume_reading(self) -> None:
+        if (self.reading_paused and not self.window_paused and not self.tunnel.write_paused
+                and not self.got_write_eof and not self.closed):
+            self.reading_paused = False
+            try:
+                self.transport.resume_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
+    def on_skb(self, kib: int) -> None:
+        if self.send_window.on_ack(kib, self.slot.sent) and self.window_paused:
+            self.window_paused = False
+            self.maybe_resume_reading()
+
+    # -- ends -----------------------------------------------------------------------------
+    def _write_eof(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if self.local_read_eof or self.sent_read_eof:
+            # Both directions are done: close after the buffered bytes are written.
+            self.tunnel.discard(self, close_local=True)
+            return
+        if t.can_write_eof():
+            t.write_eof()
+
+    def on_peer_eof(self, read_closed: bool, write_closed: bool) -> None:
+        if read_closed and write_closed:
+            # The peer forgot the stream: finish writing what we have, close, forget it too.
+            self.got_read_eof = self.got_write_eof = True
+            self.tunnel.discard(self, close_local=True)
+            return
+        if write_closed and not self.got_write_eof:
+            self.got_write_eof = True  # the peer cannot deliver: stop reading
+            self.pause_reading()
+        if read_closed and not self.got_read_eof:
+            self.got_read_eof = True  # no more data will come: half-close after the rest
+            if self.transport is not None:
+                self._write_eof()
+
+
+class StreamProtocol(asyncio.BufferedProtocol):
+    """The local side of a stream: a visitor (relay) or a local server connection (backend).
+
+    Reads land in the tunnel writer's pending buffer (zero copy); the first ``skip`` bytes
+    are read into a scratch buffer and dropped (the relay already sent them, peeked, in the
+    stream-open chunk; or they are a CONNECT head).
+    """
+
+    __slots__ = ("tunnel", "stream", "skip", "_writer", "_slot", "_scratch")
+
+    def __init__(self, tunnel: "TunnelProtocol", stream: Stream, skip: int = 0) -> None:
+        self.tunnel = tunnel
+        self.stream = stream
+        self.skip = skip
+        self._writer = tunnel.writer
+        self._slot = stream.slot
+        self._scratch: Optional[bytearray] = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.stream.closed:
+            transport.close()
+            return
+        self.stream.attach_transport(transport)  # type: ignore[arg-type]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.skip:
+            if self._scratch is None:
+                self._scratch = bytearray(min(self.skip, _SCRATCH))
+            return memoryview(self._scratch)[: self.skip]
+        return self._writer.get_data_buffer(self._slot, sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.skip:
+            self.skip -= nbytes
+            if not self.skip:
+                self._scratch = None
+            return
+        tunnel = self.tunnel
+        tunnel.writer.data_buffer_updated(nbytes)
+        if not tunnel.flush_scheduled:
+            tunnel.schedule_flush()
+        stream = self.stream
+        if stream.send_window.blocked(self._slot.sent):
+            stream.window_paused = True
+            stream.pause_reading()
+        elif tunnel.write_paused:
+            stream.pause_reading()
+
+    def eof_received(self) -> bool:
+        stream = self.stream
+        stream.local_read_eof = True
+        self.tunnel.writer.cancel_data_buffer()
+        if not stream.closed and not stream.sent_read_eof:
+            stream.sent_read_eof = True
+            self.tunnel.send_eof(stream.sid, "R")
+            if stream.got_read_eof:
+                self.tunnel.discard(stream, close_local=True)
+                return False
+        return True  # keep the write side open: the peer may still send
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.tunnel.writer.cancel_data_buffer()
+        stream = self.stream
+        if not stream.closed:
+            self.tunnel.discard(stream, close_local=False)
+
+    def pause_writing(self) -> None:
+        self.stream.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.stream.write_paused = False
+        self.stream.check_ack(force=True)
+
+
+class TunnelProtocol(asyncio.BufferedProtocol):
+    """A tunnel in chunk mode; subclasses do the handshake and handle side-specific events.
+
+    Subclasses call :meth:`start_chunks` once the handshake is done, and override
+    :meth:`on_stream_open`, :meth:`on_kite_message`, :meth:`on_closed`.
+    """
+
+    #: seconds of silence before we send PING; None disables keepalive
+    keepalive: Optional[float] = 30.0
+    #: seconds to wait for any byte after a PING before declaring the tunnel dead
+    ping_timeout: float = 10.0
+
+    def __init__(self, *, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.transport: Optional[asyncio.Transport] = None
+        self.demux: Optional[Demux] = None
+        self.writer = ChunkWriter()
+        self.streams: dict[int, Stream] = {}
+        self.flush_scheduled = False
+        self.write_paused = False
+        self.closed = False
+        self.kite_peer = False  # the peer is kite (KiteFlow): big windows, sparse acks
+        self.window = PAGEKITE_WINDOW
+        self.ack_step = PAGEKITE_ACK_STEP
+        self.last_rx = time.monotonic()
+        self._ping_sent: Optional[float] = None
+        self._keepalive_handle: Optional[asyncio.TimerHandle] = None
+        self.name = "tunnel"
+        self.close_reason = ""
+        self._hs_buf = bytearray()
+        self._hs_scratch: Optional[memoryview] = None
+        self.closed_future: asyncio.Future = self.loop.create_future()
+
+    # -- transport callbacks ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        set_nodelay(transport)
+        # Bigger than asyncio's 64 KiB default: the tunnel carries many streams at once.
+        transport.set_write_buffer_limits(high=4 * 1024 * 1024, low=1024 * 1024)  # type: ignore[attr-defined]
+
+    # During the handshake, bytes go to a small buffer; in chunk mode, to the demux.
+    def get_buffer(self, sizehint: int) -> memoryview:
+        demux = self.demux
+        if demux is not None:
+            return demux.get_buffer(sizehint)
+        if self._hs_scratch is None:
+            self._hs_scratch = memoryview(bytearray(16384))
+        return self._hs_scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.last_rx = time.monotonic()
+        demux = self.demux
+        if demux is not None:
+            try:
+                demux.buffer_updated(nbytes)
+            except RemoteProtocolError as exc:
+                self.abort(f"protocol error from peer: {exc}")
+            except KiteError as exc:
+                self.abort(f"internal error: {exc}")
+            return
+        # Handshake: a few hundred bytes, once per tunnel; copying them is fine.
+        self._hs_buf += self._hs_scratch[:nbytes]
+        try:
+            self.handshake_data(self._hs_buf)
+        except KiteError as exc:
+            self.abort(str(exc))
+
+    def handshake_data(self, buf: bytearray) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def eof_received(self) -> bool:
+        self.close(f"{self.name}: peer closed the tunnel")
+        return False
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        reason = self.close_reason or (f"connection lost: {exc}" if exc else "connection closed")
+        self._teardown(reason)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in list(self.streams.values()):
+            stream.maybe_resume_reading()
+
+    # -- chunk mode -------------------------------------------------------------------------
+    def start_chunks(self, leftover: bytes = b"", *, kite_peer: bool = False,
+                     inflate: bool = True) -> None:
+        """Switch to chunk mode; ``leftover`` are bytes that followed the handshake."""
+        self.kite_peer = kite_peer
+        if kite_peer:
+            self.window = KITE_WINDOW
+            self.ack_step = KITE_WINDOW // 4
+        else:
+            # pagekite.py reads 16256 bytes per chunk and chokes on bursts of tiny frames.
+            self.writer = ChunkWriter(max_payload=PAGEKITE_MAX_PAYLOAD)
+        self.demux = Demux(
+            self._on_chunk,
+            on_corrupt_chunk=self._on_corrupt_chunk,
+            inflater=ZInflater() if inflate else None,
+        )
+        self._hs_buf = bytearray()
+        self._hs_scratch = None
+        if self.keepalive:
+            self._keepalive_handle = self.loop.call_later(
+                min(self.keepalive, self.ping_timeout) / 2, self._keepalive_tick)
+        if leftover:
+            try:
+                self.demux.feed_data(leftover)
+            except RemoteProtocolError as exc:
+                self.abort(f"protocol error from peer: {exc}")
+
+    def schedule_flush(self) -> None:
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        writer = self.writer
+        writer.cancel_data_buffer()
+        data = writer.flush()
+        if data is not None and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def write_chunk(self, header_block: bytes, payload: bytes = b"") -> None:
+        w = self.writer
+        w.cancel_data_buffer()
+        w.write_chunk(header_block, payload)
+        if not self.flush_scheduled:
+            self.schedule_flush()
+
+    def send_skb(self, sid: int, kib: int) -> None:
+        self.write_chunk(*control.build_skb(sid, kib))
+
+    def send_eof(self, sid: int, flags: str) -> None:
+        self.write_chunk(*control.build_eof(
+            sid, read_closed="R" in flags, write_closed="W" in flags))
+
+    def _on_corrupt_chunk(self, exc: Exception) -> None:
+        log.warning("%s: dropped a ZChunk that did not inflate (%s); sent ZRST", self.name, exc)
+        self.write_chunk(*control.build_zrst())
+
+    def _on_chunk(self, headers, payload: bytes) -> None:
+        for event in control.parse_chunk(headers, payload):
+            self.handle_event(event)
+
+    def handle_event(self, event) -> None:
+        kind = type(event)
+        if kind is control.Skb:
+            stream = self.streams.get(event.sid)
+            if stream is not None:
+                stream.on_skb(event.kib)
+        elif kind is control.Eof:
+            stream = self.streams.get(event.sid)
+            if stream is not None:
+                stream.on_peer_eof(event.read_closed, event.write_closed)
+        elif kind is control.Ping:
+            self.write_chunk(*control.build_pong(event.value))
+        elif kind is control.Pong:
+            self._ping_sent = None
+        elif kind is control.Data:
+            # Data for a stream we do not know: tell the peer to forget it (§5.2).
+            if event.sid not in self.streams:
+                self.send_eof(event.sid, "WR")
+        elif kind is control.StreamOpen:
+            stream = self.streams.get(event.sid)
+            if stream is None:
+                self.on_stream_open(event)
+            elif event.payload:  # pagekite.py treats it as data for a known stream
+                stream.slot.sink(memoryview(event.payload))
+        elif kind is control.ZReset:
+            self.on_zreset()
+        elif kind in (control.KiteRequest, control.KiteReply):
+            self.on_kite_message(event)
+        # Noop and Quota need nothing here.
+
+    def on_stream_open(self, event) -> None:
+        """A peer tried to open a stream; only the relay opens streams (backend overrides)."""
+        self.send_eof(event.sid, "WR")
+
+    def on_kite_message(self, event) -> None:
+        log.debug("%s: ignoring in-band kite message", self.name)
+
+    def on_zreset(self) -> None:
+        """The peer could not inflate our data: we never compress, so nothing to reset."""
+
+    # -- streams ------------------------------------------------------------------------------
+    def add_stream(self, stream: Stream) -> None:
+        self.streams[stream.sid] = stream
+        self.demux.attach(stream.slot)  # type: ignore[union-attr]
+
+    def discard(self, stream: Stream, *, close_local: bool, send_eof: bool = True) -> None:
+        """Forget ``stream``: one EOF WR to the peer, and close the local socket if asked."""
+        if stream.closed:
+            return
+        stream.closed = True
+        self.streams.pop(stream.sid, None)
+        if self.demux is not None:
+            self.demux.detach(stream.sid)
+        if send_eof and not self.closed:
+            self.send_eof(stream.sid, "WR")
+        t = stream.transport
+        if close_local and t is not None and not t.is_closing():
+            t.close()  # writes what is buffered, then closes
+        self.on_stream_closed(stream)
+
+    def on_stream_closed(self, stream: Stream) -> None:
+        pass
+
+    # -- keepalive ----------------------------------------------------------------------------
+    def request_ping(self) -> None:
+        """PING now; if nothing comes back within ping_timeout the tunnel is closed."""
+        if self.closed or self.demux is None or self._ping_sent is not None:
+            return
+        self._ping_sent = time.monotonic()
+        self.write_chunk(*control.build_ping(time.time()))
+
+    def _keepalive_tick(self) -> None:
+        if self.closed or not self.keepalive:
+            return
+        now = time.monotonic()
+        if self._ping_sent is not None and self.last_rx < self._ping_sent:
+            if now - self._ping_sent >= self.ping_timeout:
+                self.abort(f"no answer to PING within {self.ping_timeout:g} s: tunnel is dead")
+                return
+        elif now - self.last_rx >= self.keepalive:
+            self._ping_sent = now
+            self.write_chunk(*control.build_ping(time.time()))
+        else:
+            self._ping_sent = None
+        self._keepalive_handle = self.loop.call_later(
+            min(self.keepalive, self.ping_timeout) / 2, self._keepalive_tick)
+
+    # -- closing ------------------------------------------------------------------------------
+    def close(self, reason: str = "") -> None:
+        if self.closed:
+            return
+        self.close_reason = self.close_reason or reason
+        if self.transport is not None:
+            self._flush()
+            self.transport.close()
+        self._teardown(self.close_reason)
+
+    def abort(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.close_reason = self.close_reason or reason
+        log.warning("%s: closing: %s", self.name, reason)
+        if self.transport is not None:
+            self.transport.abort()
+        self._teardown(reason)
+
+    def _teardown(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+        for stream in list(self.streams.values()):
+            stream.closed = True
+            t = stream.transport
+            if t is not None and not t.is_closing():
+                # The far side is gone: abort (RST), so that a cut-off transfer is seen as
+                # an error by the visitor, never as a clean end (no silent truncation).
+                t.abort()
+            self.on_stream_closed(stream)
+        self.streams.clear()
+        self.on_closed(reason)
+        if not self.closed_future.done():
+            self.closed_future.set_result(reason)
+
+    def on_closed(self, reason: str) -> None:
+        pass
