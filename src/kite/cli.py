@@ -213,3 +213,13 @@ def demo(once, verbose, quiet, loop_kind):
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def _register_client_commands() -> None:
+    from .client.commands import COMMANDS
+
+    for cmd in COMMANDS:
+        main.add_command(cmd)
+
+
+_register_client_commands()

@@ -333,6 +333,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.close_reason = ""
         self._hs_buf = bytearray()
         self._hs_scratch: Optional[memoryview] = None
+        self._in_demux = False
         self.closed_future: asyncio.Future = self.loop.create_future()
 
     # -- transport callbacks ----------------------------------------------------------------
@@ -355,12 +356,17 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.last_rx = time.monotonic()
         demux = self.demux
         if demux is not None:
+            self._in_demux = True
             try:
                 demux.buffer_updated(nbytes)
             except RemoteProtocolError as exc:
+                self._in_demux = False
                 self.abort(f"protocol error from peer: {exc}")
             except KiteError as exc:
+                self._in_demux = False
                 self.abort(f"internal error: {exc}")
+            finally:
+                self._in_demux = False
             return
         # Handshake: a few hundred bytes, once per tunnel; copying them is fine.
         self._hs_buf += self._hs_scratch[:nbytes]
@@ -541,6 +547,12 @@ class TunnelProtocol(asyncio.BufferedProtocol):
     def close(self, reason: str = "") -> None:
         if self.closed:
             return
+        if self._in_demux:
+            # Closing a TLS transport may read (and so call get_buffer) re-entrantly: close
+            # once the demux has returned.
+            self.close_reason = self.close_reason or reason
+            self.loop.call_soon(self.close, reason)
+            return
         self.close_reason = self.close_reason or reason
         if self.transport is not None:
             self._flush()
@@ -549,6 +561,10 @@ class TunnelProtocol(asyncio.BufferedProtocol):
 
     def abort(self, reason: str) -> None:
         if self.closed:
+            return
+        if self._in_demux:
+            self.close_reason = self.close_reason or reason
+            self.loop.call_soon(self.abort, reason)
             return
         self.close_reason = self.close_reason or reason
         log.warning("%s: closing: %s", self.name, reason)
