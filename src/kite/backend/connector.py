@@ -40,8 +40,12 @@ log = logging.getLogger("kite.backend")
 __all__ = ["Backend", "RelayConnector", "BackendTunnel"]
 
 #: Backoff between reconnects: first retry after BACKOFF_MIN, doubling up to BACKOFF_MAX.
-BACKOFF_MIN = 0.25
-BACKOFF_MAX = 30.0
+#: The cap is low on purpose: a relay that restarts must see its kites fly again within ~2 s,
+#: and a connection attempt to a relay that is down costs one SYN.  A relay that *refuses*
+#: our kites (wrong secret, not allowed) is retried at most every BACKOFF_REFUSED seconds.
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 1.5
+BACKOFF_REFUSED = 30.0
 HANDSHAKE_TIMEOUT = 20.0
 VERSION = f"kite-{__version__}"
 
@@ -350,11 +354,12 @@ class RelayConnector:
                 break
             if time.monotonic() - started > 10.0:
                 delay = BACKOFF_MIN  # it flew for a while: start the backoff afresh
-            # Full jitter keeps a fleet of backends from reconnecting in lock-step.
+            cap = BACKOFF_REFUSED if outcome == "refused" else BACKOFF_MAX
+            # Jitter keeps a fleet of backends from reconnecting in lock-step.
             wait = random.uniform(delay / 2, delay)
             log.info("relay %s: %s; reconnecting in %.2f s", self.spec.address, outcome, wait)
             await asyncio.sleep(wait)
-            delay = min(delay * 2, BACKOFF_MAX)
+            delay = min(delay * 2, cap)
 
     async def close(self) -> None:
         self._stop = True
