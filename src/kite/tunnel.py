@@ -334,6 +334,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self._hs_buf = bytearray()
         self._hs_scratch: Optional[memoryview] = None
         self._in_demux = False
+        self.pings_sent = self.pings_received = self.pongs_received = 0
         self.closed_future: asyncio.Future = self.loop.create_future()
 
     # -- transport callbacks ----------------------------------------------------------------
@@ -413,8 +414,8 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self._hs_buf = bytearray()
         self._hs_scratch = None
         if self.keepalive:
-            self._keepalive_handle = self.loop.call_later(
-                min(self.keepalive, self.ping_timeout) / 2, self._keepalive_tick)
+            self._keepalive_handle = self.loop.call_later(self.keepalive / 8,
+                                                          self._keepalive_tick)
         if leftover:
             try:
                 self.demux.feed_data(leftover)
@@ -467,8 +468,10 @@ class TunnelProtocol(asyncio.BufferedProtocol):
             if stream is not None:
                 stream.on_peer_eof(event.read_closed, event.write_closed)
         elif kind is control.Ping:
+            self.pings_received += 1
             self.write_chunk(*control.build_pong(event.value))
         elif kind is control.Pong:
+            self.pongs_received += 1
             self._ping_sent = None
         elif kind is control.Data:
             # Data for a stream we do not know: tell the peer to forget it (§5.2).
@@ -525,23 +528,32 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         if self.closed or self.demux is None or self._ping_sent is not None:
             return
         self._ping_sent = time.monotonic()
+        self.pings_sent += 1
         self.write_chunk(*control.build_ping(time.time()))
 
     def _keepalive_tick(self) -> None:
+        """Detect a dead tunnel within ``keepalive`` seconds.
+
+        After ``keepalive / 2`` s without a received byte we PING; if nothing at all arrives
+        within ``min(ping_timeout, keepalive / 2)`` s after that, the tunnel is dead: it is
+        aborted and its streams are closed (the backend then reconnects).
+        """
         if self.closed or not self.keepalive:
             return
         now = time.monotonic()
+        half = self.keepalive / 2
         if self._ping_sent is not None and self.last_rx < self._ping_sent:
-            if now - self._ping_sent >= self.ping_timeout:
-                self.abort(f"no answer to PING within {self.ping_timeout:g} s: tunnel is dead")
+            if now - self._ping_sent >= min(self.ping_timeout, half):
+                self.abort(f"no answer to PING within {min(self.ping_timeout, half):g} s: "
+                           "tunnel is dead")
                 return
-        elif now - self.last_rx >= self.keepalive:
+        elif now - self.last_rx >= half:
             self._ping_sent = now
+            self.pings_sent += 1
             self.write_chunk(*control.build_ping(time.time()))
         else:
             self._ping_sent = None
-        self._keepalive_handle = self.loop.call_later(
-            min(self.keepalive, self.ping_timeout) / 2, self._keepalive_tick)
+        self._keepalive_handle = self.loop.call_later(self.keepalive / 8, self._keepalive_tick)
 
     # -- closing ------------------------------------------------------------------------------
     def close(self, reason: str = "") -> None:
