@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import socket
 import sys
 
 import pytest
@@ -40,11 +41,28 @@ def pagekite_mod():
     """The real pagekite.py 1.5.2 package (Debian `pagekite`), for golden vectors."""
     if PAGEKITE_DIST not in sys.path:
         sys.path.append(PAGEKITE_DIST)
+    # pagekite.pk runs sockschain.wrapmodule() at import, which replaces socket.socket for
+    # the whole process with a blocking SOCKS-aware class: every later test's asyncio
+    # connect would go through it.  Keep the real one.
+    real_socket = socket.socket
     try:
         from pagekite.proto import proto  # noqa: F401
+        from pagekite import pk  # noqa: F401  (the import that patches socket.socket)
         import pagekite
     except ImportError as exc:
         if os.environ.get("CI"):
             pytest.fail(f"pagekite.py must be installed in CI (apt-get install pagekite): {exc}")
         pytest.skip(f"Debian package pagekite not installed: {exc}")
+    finally:
+        socket.socket = real_socket
     return pagekite
+
+
+_REAL_SOCKET = socket.socket
+
+
+@pytest.fixture(autouse=True)
+def _keep_real_socket():
+    """Undo any process-wide socket.socket replacement a test's import made (sockschain)."""
+    yield
+    socket.socket = _REAL_SOCKET

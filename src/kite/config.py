@@ -12,6 +12,11 @@ Backend file (``kite expose --config FILE``)::
     [[relay]]
     address = "relay.example.com:443"
     # ca / fingerprint / insecure / plain / server_name as in [defaults]
+    connect_name = "fe.example.com"  # TLS the pagekite.py way: plain CONNECT fe.example.com:443,
+                                     # then TLS checked against that name (pagekite's --fe_certname)
+
+    keepalive = 30.0        # seconds of tunnel silence before a PING
+    zchunks = false         # true: ask the relay to compress what it sends (ZChunks)
 
     [[kite]]
     name = "app.example.com"
@@ -158,7 +163,9 @@ class RelaySpec:
     fingerprint: Optional[str] = None
     insecure: bool = False
     server_name: Optional[str] = None  # SNI + name checked; default host unless an IP
-    connect_name: Optional[str] = None  # pagekite-style: plain CONNECT name:443, then TLS
+    # pagekite-style TLS (pagekite.py's --fe_certname): plain ``CONNECT name:443``, then TLS
+    # with SNI and certificate check for ``name`` (unless server_name says otherwise).
+    connect_name: Optional[str] = None
     kites: list = field(default_factory=list)
 
     @property
@@ -188,6 +195,20 @@ def _check_secret(secret: Optional[str], key: str) -> str:
         raise ConfigError(key, "the secret contains ':' or whitespace",
                           "use letters, digits and punctuation other than ':'")
     return secret
+
+
+def check_connect_name(name: Optional[str], key: str, *, plain: bool = False) -> Optional[str]:
+    """A relay name for ``CONNECT name:443`` + TLS: a DNS name, and TLS must be on."""
+    if name is None:
+        return None
+    n = name.strip().lower().rstrip(".")
+    if not n or any(c in n for c in ": /\r\n\t"):
+        raise ConfigError(key, f"bad relay name {name!r}",
+                          "give the DNS name in the relay's certificate, e.g. relay.example.com")
+    if plain:
+        raise ConfigError(key, "cannot be combined with plain (it means: TLS after CONNECT)",
+                          "drop plain, or drop the relay name")
+    return n
 
 
 def load_toml(path: str) -> dict:
@@ -220,7 +241,7 @@ def load_backend_config(path: str) -> BackendConfig:
     from .tls import normalize_fingerprint
 
     data = load_toml(path)
-    known = {"defaults", "relay", "kite", "keepalive"}
+    known = {"defaults", "relay", "kite", "keepalive", "zchunks"}
     for k in data:
         if k not in known:
             raise ConfigError(k, "unknown key", f"known keys: {', '.join(sorted(known))}")
@@ -239,6 +260,9 @@ def load_backend_config(path: str) -> BackendConfig:
         opts.update(_tls_opts(r, where))
         if opts.get("fingerprint"):
             opts["fingerprint"] = normalize_fingerprint(opts["fingerprint"])
+        if "connect_name" in opts:
+            opts["connect_name"] = check_connect_name(opts["connect_name"], f"{where}.connect_name",
+                                                      plain=bool(opts.get("plain")))
         spec = RelaySpec(host=host, port=port, **opts)
         relays[spec.address] = spec
     if not relays:
@@ -269,4 +293,7 @@ def load_backend_config(path: str) -> BackendConfig:
             if names is None or addr in names or f"{relay.host}:{relay.port}" in names:
                 relay.kites.append(spec)
     keepalive = float(data.get("keepalive", 30.0))
-    return BackendConfig(relays=list(relays.values()), keepalive=keepalive)
+    zchunks = data.get("zchunks", False)
+    if not isinstance(zchunks, bool):
+        raise ConfigError("zchunks", f"expected true/false, got {zchunks!r}", "write true or false")
+    return BackendConfig(relays=list(relays.values()), keepalive=keepalive, zchunks=zchunks)

@@ -140,9 +140,11 @@ class ClientTLS:
         der = ssl_object.getpeercert(binary_form=True)
         got = cert_fingerprint(der or b"")
         if got != self.fingerprint:
-            raise ssl.SSLCertVerificationError(
-                f"relay certificate fingerprint {got} does not match the pinned {self.fingerprint}"
-            )
+            msg = f"relay certificate fingerprint {got} does not match the pinned {self.fingerprint}"
+            err = ssl.SSLCertVerificationError(msg)
+            err.verify_message = msg  # as the ssl module's own verification errors carry
+            err.verify_code = 0
+            raise err
 
 
 def client_context(ca: Optional[str] = None, *, insecure: bool = False) -> ssl.SSLContext:

@@ -44,6 +44,7 @@ from .proto.flow import (
     AckPolicy,
     SendWindow,
 )
+from .proto.framebudget import FrameBudget
 from .proto.zchunks import ZInflater
 
 log = logging.getLogger("kite.tunnel")
@@ -212,6 +213,10 @@ class Stream:
             return
         if t.can_write_eof():
             t.write_eof()
+        else:
+            # TLS cannot half-close: the peer is done sending, so close after the buffered
+            # bytes (a visitor of `kite connect --tls` sees the end of the stream).
+            self.tunnel.discard(self, close_local=True)
 
     def on_peer_eof(self, read_closed: bool, write_closed: bool) -> None:
         if read_closed and write_closed:
@@ -326,6 +331,9 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.kite_peer = False  # the peer is kite (KiteFlow): big windows, sparse acks
         self.window = PAGEKITE_WINDOW
         self.ack_step = PAGEKITE_ACK_STEP
+        self.frame_budget: Optional[FrameBudget] = None  # set for pagekite.py peers
+        self._chunks_flushed = 0
+        self._budget_timer: Optional[asyncio.TimerHandle] = None
         self.last_rx = time.monotonic()
         self._ping_sent: Optional[float] = None
         self._keepalive_handle: Optional[asyncio.TimerHandle] = None
@@ -406,6 +414,10 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         else:
             # pagekite.py reads 16256 bytes per chunk and chokes on bursts of tiny frames.
             self.writer = ChunkWriter(max_payload=PAGEKITE_MAX_PAYLOAD)
+            self._chunks_flushed = 0
+            self.frame_budget = FrameBudget(
+                tls=self.transport is not None
+                and self.transport.get_extra_info("ssl_object") is not None)
         self.demux = Demux(
             self._on_chunk,
             on_corrupt_chunk=self._on_corrupt_chunk,
@@ -431,9 +443,36 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.flush_scheduled = False
         writer = self.writer
         writer.cancel_data_buffer()
+        chunks = writer.chunks_written - self._chunks_flushed
+        self._chunks_flushed = writer.chunks_written
         data = writer.flush()
         if data is not None and self.transport is not None and not self.closed:
-            self.transport.write(data)
+            budget = self.frame_budget
+            if budget is None:
+                self.transport.write(data)
+            else:  # pagekite.py: at most 150 chunks per read (kite.proto.framebudget)
+                self._write_pieces(budget.split(data, chunks, self.loop.time(),
+                                                not self.transport.get_write_buffer_size()))
+
+    def _write_pieces(self, pieces: list) -> None:
+        """Write what the frame budget lets go; arm its deadline if it holds chunks back."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        for piece in pieces:
+            transport.write(piece)
+        deadline = self.frame_budget.deadline
+        if deadline is not None and self._budget_timer is None:
+            self._budget_timer = self.loop.call_at(deadline, self._budget_deadline)
+
+    def _budget_deadline(self) -> None:
+        self._budget_timer = None
+        deadline = self.frame_budget.deadline
+        if deadline is not None and not self.closed:
+            if self.loop.time() < deadline:  # a newer hold: wait for its deadline
+                self._budget_timer = self.loop.call_at(deadline, self._budget_deadline)
+            else:
+                self._write_pieces(self.frame_budget.expire(self.loop.time()))
 
     def write_chunk(self, header_block: bytes, payload: bytes = b"") -> None:
         w = self.writer
@@ -473,6 +512,8 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         elif kind is control.Pong:
             self.pongs_received += 1
             self._ping_sent = None
+            if self.frame_budget is not None:  # maybe a read barrier: release held chunks
+                self._write_pieces(self.frame_budget.on_pong(event.value, self.loop.time()))
         elif kind is control.Data:
             # Data for a stream we do not know: tell the peer to forget it (§5.2).
             if event.sid not in self.streams:
@@ -568,6 +609,8 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.close_reason = self.close_reason or reason
         if self.transport is not None:
             self._flush()
+            if self.frame_budget is not None:
+                self._write_pieces(self.frame_budget.expire(self.loop.time()))
             self.transport.close()
         self._teardown(self.close_reason)
 
@@ -590,6 +633,8 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.closed = True
         if self._keepalive_handle is not None:
             self._keepalive_handle.cancel()
+        if self._budget_timer is not None:
+            self._budget_timer.cancel()
         for stream in list(self.streams.values()):
             stream.closed = True
             t = stream.transport

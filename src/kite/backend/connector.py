@@ -12,6 +12,17 @@ Towards anything else (pagekite.py 1.5.2) kite uses the *re-connect* variant: cl
 connect again with the signed lines — because that FE kills in-band-registered tunnels on the
 first PING (§13.2), while re-connect-registered tunnels keep answering PONG.
 
+TLS: the ClientHello (with SNI) is normally the first byte on the wire.  With
+``RelaySpec.connect_name`` (``--connect-name NAME``, TOML ``connect_name``) the backend first
+sends a plain ``CONNECT NAME:443``, waits for ``200``, and then does TLS checked against NAME
+— pagekite.py's ``--fe_certname`` mode, and the only encrypted tunnel a pagekite.py 1.5.2
+frontend survives (a ClientHello reaching its port directly crashes it, §13.1).  A kite relay
+accepts it too for the names in its ``--tls-name``.
+
+ZChunks: advertised only with ``BackendConfig.zchunks``; only then may the relay compress,
+and a compressed chunk without it is a protocol error that closes the tunnel.  kite never
+compresses what it sends.
+
 Streams: the relay opens them; :class:`BackendTunnel` connects to the kite's local server on
 the first chunk, even with an empty payload (servers that speak first: sshd), and relays
 bytes with the shared machinery of :mod:`kite.tunnel`.
@@ -23,6 +34,7 @@ import asyncio
 import logging
 import os
 import random
+import socket
 import ssl
 import time
 from typing import Optional
@@ -181,6 +193,9 @@ class RelayConnector:
         self.tasks: set = set()
         self.global_secret = os.urandom(16).hex()
         self.flying = asyncio.Event()
+        #: "auto": in-band towards kite relays, re-connect towards pagekite.py (bug §13.2);
+        #: "inband" / "reconnect" force one variant (tests use it to show why).
+        self.registration = "auto"
         self._stop = False
         self._attempt_result: Optional[asyncio.Future] = None
         self.tls = None
@@ -236,8 +251,9 @@ class RelayConnector:
                 self._send_inband(tunnel, resp.sign_this)
             return
         if resp.sign_this:
-            if kite_relay and "AddKites" in resp.features:
-                tunnel.start_chunks(leftover, kite_peer=True, inflate=self.config.zchunks)
+            inband = kite_relay if self.registration == "auto" else self.registration == "inband"
+            if inband and "AddKites" in resp.features:
+                tunnel.start_chunks(leftover, kite_peer=kite_relay, inflate=self.config.zchunks)
                 self._send_inband(tunnel, resp.sign_this)
             else:
                 # Re-connect variant (§2.4): safe with pagekite.py 1.5.2 (bug §13.2).
@@ -295,13 +311,26 @@ class RelayConnector:
     async def _open(self, signed) -> BackendTunnel:
         spec = self.spec
         kwargs = {}
-        if self._ssl_ctx is not None and not spec.connect_name:
+        if self._ssl_ctx is not None:
             kwargs["ssl"] = self._ssl_ctx
             # An IP address is checked against the certificate's IP SANs and sent as no SNI.
-            kwargs["server_hostname"] = spec.server_name or spec.host
+            kwargs["server_hostname"] = spec.server_name or spec.connect_name or spec.host
             kwargs["ssl_handshake_timeout"] = 10.0
-        transport, proto = await self.loop.create_connection(
-            lambda: BackendTunnel(self, signed), spec.host, spec.port, **kwargs)
+
+        def factory():
+            return BackendTunnel(self, signed)
+
+        if spec.connect_name and self._ssl_ctx is not None:
+            sock = await asyncio.wait_for(self._connect_through(spec.connect_name),
+                                          HANDSHAKE_TIMEOUT)
+            try:
+                transport, proto = await self.loop.create_connection(factory, sock=sock, **kwargs)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            transport, proto = await self.loop.create_connection(
+                factory, spec.host, spec.port, **kwargs)
         if self.tls is not None and self.tls.fingerprint:
             sslobj = transport.get_extra_info("ssl_object")
             try:
@@ -310,6 +339,63 @@ class RelayConnector:
                 transport.abort()
                 raise
         return proto
+
+    async def _connect_through(self, name: str) -> socket.socket:
+        """pagekite.py's ``--fe_certname`` way in: a plain ``CONNECT NAME:443``, and after the
+        relay's ``200`` the TLS handshake on the same connection (pagekite-protocol.md §1.2).
+
+        pagekite.py 1.5.2 frontends crash on a ClientHello that reaches their port directly
+        (§13.1), so this is the only TLS tunnel they can take; a kite relay accepts it too
+        when NAME is one of its ``--tls-name``s.  Returns the connected socket, positioned
+        right after the ``200`` reply.
+        """
+        spec = self.spec
+        infos = await self.loop.getaddrinfo(spec.host, spec.port, type=socket.SOCK_STREAM)
+        if not infos:  # pragma: no cover - getaddrinfo raises instead
+            raise OSError(f"cannot resolve {spec.host!r}")
+        last_exc: Optional[BaseException] = None
+        for family, type_, proto, _canon, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            try:
+                await self.loop.sock_connect(sock, addr)
+                break
+            except OSError as exc:
+                sock.close()
+                last_exc = exc
+        else:
+            raise last_exc  # type: ignore[misc]
+        try:
+            if family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await self.loop.sock_sendall(
+                sock, b"CONNECT %s:443 HTTP/1.1\r\nHost: %s\r\n\r\n"
+                % (name.encode("ascii"), name.encode("ascii")))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = await self.loop.sock_recv(sock, 4096)
+                if not data:
+                    raise KiteError(f"relay {spec.address} closed the connection after "
+                                    f"CONNECT {name}:443")
+                head += data
+                if len(head) > handshake.MAX_HEAD:
+                    raise KiteError(f"relay {spec.address}: answer to CONNECT {name}:443 "
+                                    "too long")
+            status, _, rest = head.partition(b"\r\n\r\n")
+            status_line = status.split(b"\r\n", 1)[0]
+            parts = status_line.split(None, 2)
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or parts[1] != b"200":
+                raise KiteError(
+                    f"relay {spec.address} answered {status_line.decode('latin-1')!r} to "
+                    f"CONNECT {name}:443 (it has no TLS certificate for {name!r}: "
+                    f"pagekite.py needs --tls_endpoint={name}:PEM, kite relay --tls-name {name})")
+            if rest:
+                raise KiteError(f"relay {spec.address} sent data before the TLS handshake "
+                                f"after CONNECT {name}:443")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def run_once(self) -> str:
         """One connect + register attempt; returns "flying" after the tunnel closes again,

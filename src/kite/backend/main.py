@@ -6,8 +6,8 @@ import asyncio
 import logging
 from typing import Optional, Sequence
 
-from ..config import (BackendConfig, KiteSpec, RelaySpec, _check_secret, kite_proto_for,
-                      load_backend_config, parse_hostport, parse_target)
+from ..config import (BackendConfig, KiteSpec, RelaySpec, _check_secret, check_connect_name,
+                      kite_proto_for, load_backend_config, parse_hostport, parse_target)
 from ..errors import ConfigError
 from .connector import Backend
 
@@ -22,6 +22,7 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
                          plain: bool = False, server_name: Optional[str] = None,
                          public_port: Optional[int] = None, proxy_protocol: int = 0,
                          forwarded: bool = True, keepalive: float = 30.0,
+                         connect_name: Optional[str] = None, zchunks: bool = False,
                          config_file: Optional[str] = None) -> BackendConfig:
     if config_file:
         if target or name:
@@ -29,6 +30,10 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
                               "put every kite in the config file, or use TARGET NAME alone")
         cfg = load_backend_config(config_file)
         cfg.keepalive = keepalive if keepalive != 30.0 else cfg.keepalive
+        cfg.zchunks = cfg.zchunks or zchunks
+        if connect_name:
+            for r in cfg.relays:
+                r.connect_name = check_connect_name(connect_name, "--connect-name", plain=r.plain)
         return cfg
     if not target or not name:
         raise ConfigError("TARGET NAME", "missing", "e.g. kite expose 8080 app.example.com --relay HOST:PORT")
@@ -38,6 +43,7 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
                              ("--insecure", insecure), ("--plain", plain)) if on]
     if len(modes) > 1:
         raise ConfigError(modes[1], f"cannot be combined with {modes[0]}", "choose one way to check the relay")
+    connect_name = check_connect_name(connect_name, "--connect-name", plain=plain)
     if fingerprint:
         from ..tls import normalize_fingerprint
 
@@ -56,8 +62,9 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
     for r in relays:
         host, port = parse_hostport(r, key="--relay", default_port=443)
         specs.append(RelaySpec(host=host, port=port, plain=plain, ca=ca, fingerprint=fingerprint,
-                               insecure=insecure, server_name=server_name, kites=[kite]))
-    return BackendConfig(relays=specs, keepalive=keepalive)
+                               insecure=insecure, server_name=server_name,
+                               connect_name=connect_name, kites=[kite]))
+    return BackendConfig(relays=specs, keepalive=keepalive, zchunks=zchunks)
 
 
 async def serve_backend(cfg: BackendConfig, stop: asyncio.Event) -> int:

@@ -326,21 +326,10 @@ class RelayServer:
                 return
             self._start_tunnel(sock, pv.addr, tls=True)
             return
-        if port == 443:
-            protos = ("https-443", "https")
-        elif port in (80, 8080):
-            protos = (f"http-{port}", "http")
-        else:
-            protos = ()
-        protos = protos + (f"raw-{port}", "raw")
-        tunnel, proto = self.routes.lookup(protos, host)
+        tunnel, proto, refusal = self.route_connect(host, port)
         if tunnel is None:
-            if self.routes.known_domain(host) or self.config.grants.find(f"raw-{port}", host):
-                answer = pages.connect_refused(503, f"kite {host}:{port} is offline")
-                self.refuse(pv, f"CONNECT {host}:{port}: kite offline", answer)
-            else:
-                answer = pages.connect_refused(403, f"{host}:{port} is not a kite on this relay")
-                self.refuse(pv, f"CONNECT {host}:{port}: not a kite (no open proxy)", answer)
+            answer, reason = refusal
+            self.refuse(pv, reason, answer)
             return
         sock = pv.detach()
         try:
@@ -353,6 +342,52 @@ class RelayServer:
         pv.sock = sock
         self._open_stream(pv, tunnel, proto.split("-", 1)[0], host, port, payload=rest,
                           skip=len(rest), detached=True)
+
+    def route_connect(self, host: str, port: int):
+        """Which tunnel carries ``CONNECT host:port``: ``(tunnel, proto, None)``, or
+        ``(None, None, (answer, reason))``.  Only kites are reachable: never an open proxy."""
+        if port == 443:
+            protos = ("https-443", "https")
+        elif port in (80, 8080):
+            protos = (f"http-{port}", "http")
+        else:
+            protos = ()
+        protos = protos + (f"raw-{port}", "raw")
+        tunnel, proto = self.routes.lookup(protos, host)
+        if tunnel is not None:
+            return tunnel, proto.split("-", 1)[0], None
+        grants = self.config.grants
+        if any(grants.find(p, host) is not None for p in protos if "-" in p or p == "raw"):
+            return None, None, (pages.connect_refused(503, f"kite {host}:{port} is offline"),
+                                f"CONNECT {host}:{port}: kite offline")
+        if self.routes.known_domain(host):
+            msg = f"{host} is a kite, but not on port {port}"
+            return None, None, (pages.connect_refused(403, msg), f"CONNECT {host}:{port}: {msg}")
+        msg = f"{host}:{port} is not a kite on this relay"
+        return None, None, (pages.connect_refused(403, msg),
+                            f"CONNECT {host}:{port}: not a kite (no open proxy)")
+
+    def connect_inside_tls(self, carrier, host: str, port: int, leftover: bytes) -> None:
+        """``CONNECT host:port`` arrived inside a TLS connection the relay terminated (``kite
+        connect --tls`` through strict firewalls): the TLS transport becomes the visitor."""
+        transport = carrier.transport
+        tunnel, proto, refusal = self.route_connect(host, port)
+        if tunnel is None:
+            answer, reason = refusal
+            log.info("visitor %s refused: %s", carrier.peer, reason)
+            transport.write(answer)
+            transport.close()
+            return
+        transport.write(pages.CONNECT_OK)
+        sid = tunnel.new_sid()
+        stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=carrier.peer)
+        tunnel.add_stream(stream)
+        rip, _, rport = carrier.peer.rpartition(":")
+        tunnel.write_chunk(*control.build_stream_open(
+            sid, proto, host, port, rip, int(rport or 0), payload=leftover))
+        protocol = StreamProtocol(tunnel, stream, 0)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
 
     # -- streams ------------------------------------------------------------------------------
     def _open_stream(self, pv: _PendingVisitor, tunnel, proto: str, host: str, port: int,

@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from ..errors import HandshakeError
+from ..errors import HandshakeError, SniffError
 from ..proto import control, handshake
 from ..proto.flow import KITE_FLOW_FEATURE
+from ..proto.sniff import sniff as sniff_first_bytes
 from ..tunnel import TunnelProtocol
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,6 +60,17 @@ class RelayTunnel(TunnelProtocol):
             return
         head, leftover = bytes(buf[:end]), bytes(buf[end:])
         del buf[:]
+        if self.tls and not head[:18].lower().startswith(b"connect pagekite:"):
+            # Not a tunnel: a visitor's CONNECT inside TLS (kite connect --tls).
+            try:
+                result = sniff_first_bytes(head)
+            except SniffError as exc:
+                result = None
+                log.info("TLS visitor %s refused: %s", self.peer, exc)
+            if result is not None and result.kind == "connect":
+                self.detach_transport()
+                self.server.connect_inside_tls(self, result.host, result.port, leftover)
+                return
         try:
             req = handshake.parse_tunnel_request(head)
         except HandshakeError as exc:
@@ -123,6 +135,14 @@ class RelayTunnel(TunnelProtocol):
         if self.kites and self._reg_handle is not None:
             self._reg_handle.cancel()
             self._reg_handle = None
+
+    def detach_transport(self) -> None:
+        """Give the transport to another protocol: forget it without closing it."""
+        self.closed = True
+        if self._reg_handle is not None:
+            self._reg_handle.cancel()
+            self._reg_handle = None
+        self.server.tunnels.discard(self)
 
     # -- streams ------------------------------------------------------------------------------
     def new_sid(self) -> int:

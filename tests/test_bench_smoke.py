@@ -1,0 +1,159 @@
+"""Smoke test of the relay benchmark harness (bench/relay_bench.py) with tiny sizes.
+
+It checks that the harness starts the systems, runs its correctness check and every workload,
+writes well-formed JSON lines and stops what it started.  It never asserts on a speed:
+benchmarks are not tests (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HARNESS = REPO / "bench" / "relay_bench.py"
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="the harness reads /proc and uses Linux sendfile")
+
+
+def _load_harness():
+    spec = importlib.util.spec_from_file_location("relay_bench", HARNESS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _kite_system() -> str:
+    """`kite` needs the compiled fast path; without it the twin (`kite-py`) stands in."""
+    try:
+        import kite._fastpath  # noqa: F401
+    except ImportError:
+        return "kite-py"
+    return "kite"
+
+
+def _harness_processes(work_dir: str) -> list:
+    """PIDs of live processes whose command line mentions the harness's work directory."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if work_dir.encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def test_help_lists_systems_and_workloads():
+    out = subprocess.run([sys.executable, str(HARNESS), "--help"], stdout=subprocess.PIPE,
+                         timeout=30, check=True).stdout.decode()
+    for word in ("--systems", "--workloads", "--quick", "stunnel", "pagekite-tuned", "kite-asyncio",
+                 "newconn", "idle"):
+        assert word in out
+
+
+def test_parse_wrk_output():
+    rb = _load_harness()
+    out = """Running 3s test @ http://127.0.0.1:1234/1k.bin
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.20ms  300.00us   9.10ms   80.00%
+    Req/Sec    41.00k     2.00k   44.00k    70.00%
+  Latency Distribution
+     50%  850.00us
+     75%    1.30ms
+     90%    1.60ms
+     99%    2.25ms
+  122700 requests in 3.00s, 137.45MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  40897.12
+Transfer/sec:     45.81MB
+"""
+    r = rb.parse_wrk(out)
+    assert r["rps"] == pytest.approx(40897.12)
+    assert r["p50_ms"] == pytest.approx(0.85)
+    assert r["p99_ms"] == pytest.approx(2.25)
+    assert r["requests"] == 122700
+    assert r["errors"] == 7
+    assert rb.parse_size("64M") == 64 << 20 and rb.parse_size("1G") == 1 << 30
+
+
+def test_harness_runs_direct_and_kite(tmp_path):
+    kite_sys = _kite_system()
+    jsonl = tmp_path / "relay.jsonl"
+    png = tmp_path / "relay.png"
+    argv = [sys.executable, str(HARNESS), "--systems", f"direct,{kite_sys}", "--rounds", "1",
+            "--bulk-size", "4M", "--check-size", "256K", "--bulk-cap", "20",
+            "--wrk-duration", "1", "--seq-duration", "1", "--newconn-duration", "1",
+            "--idle-conns", "20", "--idle-probe", "1", "--idle-timeout", "20",
+            "--json", str(jsonl), "--png", str(png), "--no-progress"]
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+                          cwd=str(tmp_path))
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
+
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    by_type = {}
+    for rec in records:
+        by_type.setdefault(rec["type"], []).append(rec)
+    assert not by_type.get("error"), by_type.get("error")
+    meta = by_type["meta"][0]
+    assert meta["systems"] == ["direct", kite_sys]
+
+    # The check ran first on each system: content intact both ways, and for kite the bytes
+    # crossed the tunnel (unless ss is missing, which the check notes).
+    checks = {c["system"]: c for c in by_type["check"]}
+    assert set(checks) == {"direct", kite_sys}
+    for c in checks.values():
+        assert c["ok"] and c["down_intact"] and c["up_intact"]
+    kc = checks[kite_sys]
+    if "tunnel_bytes_down" in kc:
+        assert kc["tunnel_bytes_down"] >= 256 * 1024 and kc["tunnel_bytes_up"] >= 256 * 1024
+    else:
+        assert any("ss not installed" in n for n in kc["notes"])
+
+    samples = {(s["system"], s["workload"]): s["metrics"] for s in by_type["sample"]}
+    for system in ("direct", kite_sys):
+        bulk = samples[(system, "bulk")]
+        for key in ("down_MBps", "up_MBps", "down_bytes", "up_bytes"):
+            assert isinstance(bulk[key], (int, float)) and bulk[key] > 0
+        seq = samples[(system, "seq")]
+        assert seq["requests"] > 0 and seq["p50_ms"] is not None
+        idle = samples[(system, "idle-20")]
+        assert idle["ok"] + idle["failed"] == 20
+    kb = samples[(kite_sys, "bulk")]
+    for key in ("relay_cpu_s_per_GB_down", "backend_cpu_s_per_GB_up"):
+        assert key in kb
+    assert "KiB_per_conn" in samples[(kite_sys, "idle-20")]
+    if meta["wrk"]:
+        assert samples[(kite_sys, "c50")]["rps"] > 0
+        assert samples[(kite_sys, "newconn")]["cps"] > 0
+
+    summaries = {(s["system"], s["workload"], s["metric"]) for s in by_type["summary"]}
+    assert ("direct", "bulk", "down_MBps") in summaries
+    assert (kite_sys, "bulk", "up_MBps") in summaries
+
+    # The table, and the chart or the note that says why not.
+    assert "bulk: 4 MiB down and up" in out and kite_sys in out
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "chart skipped" in out
+    else:
+        assert png.stat().st_size > 0
+
+    # Everything the harness started is gone, and so is its work directory.
+    assert _harness_processes(meta["work_dir"]) == []
+    assert not os.path.exists(meta["work_dir"])
