@@ -110,13 +110,31 @@ class Stream:
         if transport is None:
             if self.pending is not None:
                 self.pending.append(bytes(view))
+                if len(self.pending) > 8 and self._pending_size() > self.tunnel.buffer_limit:
+                    self.flow_violation()
             return
         n = len(view)
         if n:
             transport.write(bytes(view))
             self.delivered += n
+            if self.write_paused and transport.get_write_buffer_size() > self.tunnel.buffer_limit:
+                self.flow_violation()
+                return
             if self.delivered >= self.next_ack:
                 self.check_ack()
+
+    def _pending_size(self) -> int:
+        return sum(len(p) for p in self.pending or ())
+
+    def flow_violation(self) -> None:
+        """The peer sent far more than the window allows: memory per stream stays bounded,
+        so this stream goes (aborted: the local side sees an error, not a clean end)."""
+        log.warning("%s: stream %d: peer ignored flow control (more than %d bytes buffered); "
+                    "stream closed", self.tunnel.name, self.sid, self.tunnel.buffer_limit)
+        t = self.transport
+        self.tunnel.discard(self, close_local=False)
+        if t is not None:
+            t.abort()
 
     def enable_rewriter(self, rewriter) -> None:
         """Pass tunnel->local bytes through an HTTP head rewriter (X-Forwarded-*)."""
@@ -331,6 +349,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.kite_peer = False  # the peer is kite (KiteFlow): big windows, sparse acks
         self.window = PAGEKITE_WINDOW
         self.ack_step = PAGEKITE_ACK_STEP
+        self.buffer_limit = 2 * PAGEKITE_WINDOW + 256 * 1024
         self.frame_budget: Optional[FrameBudget] = None  # set for pagekite.py peers
         self._chunks_flushed = 0
         self._budget_timer: Optional[asyncio.TimerHandle] = None
@@ -411,6 +430,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         if kite_peer:
             self.window = KITE_WINDOW
             self.ack_step = KITE_WINDOW // 4
+            self.buffer_limit = 2 * KITE_WINDOW + 256 * 1024
         else:
             # pagekite.py reads 16256 bytes per chunk and chokes on bursts of tiny frames.
             self.writer = ChunkWriter(max_payload=PAGEKITE_MAX_PAYLOAD)
@@ -541,9 +561,19 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         """The peer could not inflate our data: we never compress, so nothing to reset."""
 
     # -- streams ------------------------------------------------------------------------------
-    def add_stream(self, stream: Stream) -> None:
+    def add_stream(self, stream: Stream, *, announce: bool = True) -> None:
+        """Track ``stream``; ``announce=False`` when the peer does not know it yet (the relay
+        sends the stream-open chunk first, then calls :meth:`announce_window`)."""
         self.streams[stream.sid] = stream
         self.demux.attach(stream.slot)  # type: ignore[union-attr]
+        if announce:
+            self.announce_window(stream)
+
+    def announce_window(self, stream: Stream) -> None:
+        if not self.kite_peer:
+            # pagekite.py applies its window only once a first SKB arrived: without this
+            # a visitor that never reads would let it send without limit.
+            self.send_skb(stream.sid, 0)
 
     def discard(self, stream: Stream, *, close_local: bool, send_eof: bool = True) -> None:
         """Forget ``stream``: one EOF WR to the peer, and close the local socket if asked."""

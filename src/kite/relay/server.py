@@ -381,10 +381,11 @@ class RelayServer:
         transport.write(pages.CONNECT_OK)
         sid = tunnel.new_sid()
         stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=carrier.peer)
-        tunnel.add_stream(stream)
+        tunnel.add_stream(stream, announce=False)
         rip, _, rport = carrier.peer.rpartition(":")
         tunnel.write_chunk(*control.build_stream_open(
             sid, proto, host, port, rip, int(rport or 0), payload=leftover))
+        tunnel.announce_window(stream)
         protocol = StreamProtocol(tunnel, stream, 0)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
@@ -395,10 +396,11 @@ class RelayServer:
         sock = pv.sock if detached else pv.detach()
         sid = tunnel.new_sid()
         stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=pv.peer())
-        tunnel.add_stream(stream)
+        tunnel.add_stream(stream, announce=False)
         rip = pv.addr[0]
         tunnel.write_chunk(*control.build_stream_open(
             sid, proto, host, port, rip, pv.addr[1], payload=payload))
+        tunnel.announce_window(stream)
         task = self.loop.create_task(self._connect_visitor(sock, tunnel, stream, skip))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
