@@ -241,3 +241,59 @@ def test_ping_probe_answered_like_pagekite(tmp_path, loop_kind):
             writer.close()
 
     run(main, loop_kind)
+
+
+def test_peer_ignoring_flow_control_loses_the_stream_not_the_relay(tmp_path, loop_kind, caplog):
+    """A backend that keeps sending to a stalled visitor, whatever the acks say: the relay
+    holds at most its buffer limit for that stream, then drops the stream (the visitor sees
+    an error), and the tunnel stays up."""
+    from kite.fastpath import ChunkWriter, Demux, StreamSlot
+    from kite.proto import control
+
+    async def main():
+        async with kite_env(tmp_path, tls=False) as env:
+            events = []
+            demux = Demux(lambda h, p: events.extend(control.parse_chunk(h, p)))
+            reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+            line = handshake.KiteLine.signed("http", "greedy.test.kite", "b" * 36, SECRET, "")
+            writer.write(handshake.build_tunnel_request([line], zchunks=False,
+                                                        extra_features=["KiteFlow"]))
+            head = await reader.readuntil(b"\r\n\r\n")
+            ch = handshake.parse_tunnel_response(head).sign_this[0]
+            w = ChunkWriter()
+            w.write_chunk(*handshake.build_inband_request([ch.answer(SECRET)]))
+            writer.write(w.flush())
+
+            async def pump_until(pred):
+                while not pred():
+                    data = await reader.read(65536)
+                    assert data, "relay closed the tunnel"
+                    demux.feed_data(data)
+
+            await pump_until(lambda: any(isinstance(e, control.KiteReply) for e in events))
+            vr, vw = await asyncio.open_connection("127.0.0.1", env.port)
+            vw.transport.pause_reading()  # this visitor never reads
+            vw.write(b"GET / HTTP/1.1\r\nHost: greedy.test.kite\r\n\r\n")
+            await pump_until(lambda: any(isinstance(e, control.StreamOpen) for e in events))
+            sid = next(e.sid for e in events if isinstance(e, control.StreamOpen))
+            slot = StreamSlot(sid)
+            blob = b"x" * 65536
+            sent = 0
+            while not any(isinstance(e, control.Eof) and e.sid == sid for e in events):
+                w.write_data(slot, blob)
+                writer.write(w.flush())
+                sent += len(blob)
+                assert sent < 64 * 1024 * 1024, "relay never dropped the greedy stream"
+                await writer.drain()
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), 0.001)
+                    demux.feed_data(data)
+                except asyncio.TimeoutError:
+                    pass
+            assert "peer ignored flow control" in caplog.text
+            assert env.relay.routes.kites() == [("http", "greedy.test.kite")]
+            writer.close()
+            vw.close()
+
+    with caplog.at_level(logging.INFO):
+        run(main, loop_kind)
