@@ -7,27 +7,12 @@ import sys
 
 import pytest
 
-NO_EXT = os.environ.get("KITE_NO_EXTENSIONS", "") not in ("", "0")
-REQUIRE_EXT = os.environ.get("KITE_REQUIRE_EXTENSIONS", "") not in ("", "0")
+from fastpath_impls import FASTPATH_IMPLS, NO_EXT, REQUIRE_EXT, _load_impl  # noqa: E402,F401
 
 # Debian's pagekite package installs the pagekite module for the system Python; its code
 # is pure Python, so the test interpreter can import it.  Appended, so that the packages
 # of the test environment win over Debian's copies.
 PAGEKITE_DIST = "/usr/lib/python3/dist-packages"
-
-
-def _load_impl(name):
-    if name == "py":
-        return importlib.import_module("kite._fastpath_py")
-    try:
-        return importlib.import_module("kite._fastpath")
-    except ImportError as exc:
-        if REQUIRE_EXT:
-            pytest.fail(f"KITE_REQUIRE_EXTENSIONS=1 but kite._fastpath did not load: {exc}")
-        pytest.skip(f"compiled fast path not built: {exc}")
-
-
-FASTPATH_IMPLS = ["py"] if NO_EXT else ["c", "py"]
 
 
 @pytest.fixture(params=FASTPATH_IMPLS)

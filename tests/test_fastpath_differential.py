@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import NO_EXT, _load_impl
+from fastpath_impls import NO_EXT, _load_impl
 from test_fastpath_demux import ZInflater
 
 SETTINGS = settings(

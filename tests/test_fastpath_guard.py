@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import kite.fastpath
-from conftest import NO_EXT, REQUIRE_EXT, _load_impl
+from fastpath_impls import NO_EXT, REQUIRE_EXT, _load_impl
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
