@@ -38,7 +38,11 @@ from kite.client.connect import (
 from kite.tls import ClientTLS
 from support import KITE, kite_env, raw_kite, run, start_banner_server
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+# Subprocesses import the same kite package as this test process (site-packages in CI,
+# src/ in an editable checkout).
+import kite as _kite_pkg  # noqa: E402
+
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(_kite_pkg.__file__)))
 CLI_ENV = {**os.environ, "PYTHONPATH": SRC}
 
 HAS_SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")

@@ -23,7 +23,11 @@ import pytest
 
 from support import KITE, Proc
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+# Subprocesses import the same kite package as this test process (site-packages in CI,
+# src/ in an editable checkout).
+import kite as _kite_pkg  # noqa: E402
+
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(_kite_pkg.__file__)))
 SSHD = "/usr/sbin/sshd"
 SECRET = "ssh-test-secret"
 KITE_NAME = "box.test.kite"

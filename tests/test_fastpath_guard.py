@@ -11,7 +11,11 @@ import pytest
 import kite.fastpath
 from fastpath_impls import NO_EXT, REQUIRE_EXT, _load_impl
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+# Subprocesses import the same kite package as this test process (site-packages in CI,
+# src/ in an editable checkout).
+import kite as _kite_pkg  # noqa: E402
+
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(_kite_pkg.__file__)))
 
 
 def run_python(code, **env):

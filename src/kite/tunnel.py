@@ -56,9 +56,11 @@ PAGEKITE_MAX_PAYLOAD = 16256
 _SCRATCH = 65536
 
 
-def set_nodelay(transport: asyncio.BaseTransport) -> None:
+def set_nodelay(transport_or_sock) -> None:
     """TCP_NODELAY: Nagle + delayed ACK cost pagekite.py 92 ms per keep-alive request."""
-    sock = transport.get_extra_info("socket")
+    sock = transport_or_sock
+    if not isinstance(sock, socket.socket):
+        sock = transport_or_sock.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -352,7 +354,6 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.buffer_limit = 2 * PAGEKITE_WINDOW + 256 * 1024
         self.frame_budget: Optional[FrameBudget] = None  # set for pagekite.py peers
         self._chunks_flushed = 0
-        self._budget_timer: Optional[asyncio.TimerHandle] = None
         self.last_rx = time.monotonic()
         self._ping_sent: Optional[float] = None
         self._keepalive_handle: Optional[asyncio.TimerHandle] = None
@@ -471,28 +472,9 @@ class TunnelProtocol(asyncio.BufferedProtocol):
             if budget is None:
                 self.transport.write(data)
             else:  # pagekite.py: at most 150 chunks per read (kite.proto.framebudget)
-                self._write_pieces(budget.split(data, chunks, self.loop.time(),
-                                                not self.transport.get_write_buffer_size()))
-
-    def _write_pieces(self, pieces: list) -> None:
-        """Write what the frame budget lets go; arm its deadline if it holds chunks back."""
-        transport = self.transport
-        if transport is None or self.closed:
-            return
-        for piece in pieces:
-            transport.write(piece)
-        deadline = self.frame_budget.deadline
-        if deadline is not None and self._budget_timer is None:
-            self._budget_timer = self.loop.call_at(deadline, self._budget_deadline)
-
-    def _budget_deadline(self) -> None:
-        self._budget_timer = None
-        deadline = self.frame_budget.deadline
-        if deadline is not None and not self.closed:
-            if self.loop.time() < deadline:  # a newer hold: wait for its deadline
-                self._budget_timer = self.loop.call_at(deadline, self._budget_deadline)
-            else:
-                self._write_pieces(self.frame_budget.expire(self.loop.time()))
+                for piece in budget.split(data, chunks, self.loop.time(),
+                                          not self.transport.get_write_buffer_size()):
+                    self.transport.write(piece)
 
     def write_chunk(self, header_block: bytes, payload: bytes = b"") -> None:
         w = self.writer
@@ -532,8 +514,6 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         elif kind is control.Pong:
             self.pongs_received += 1
             self._ping_sent = None
-            if self.frame_budget is not None:  # maybe a read barrier: release held chunks
-                self._write_pieces(self.frame_budget.on_pong(event.value, self.loop.time()))
         elif kind is control.Data:
             # Data for a stream we do not know: tell the peer to forget it (§5.2).
             if event.sid not in self.streams:
@@ -639,8 +619,6 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.close_reason = self.close_reason or reason
         if self.transport is not None:
             self._flush()
-            if self.frame_budget is not None:
-                self._write_pieces(self.frame_budget.expire(self.loop.time()))
             self.transport.close()
         self._teardown(self.close_reason)
 
@@ -663,8 +641,6 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.closed = True
         if self._keepalive_handle is not None:
             self._keepalive_handle.cancel()
-        if self._budget_timer is not None:
-            self._budget_timer.cancel()
         for stream in list(self.streams.values()):
             stream.closed = True
             t = stream.transport

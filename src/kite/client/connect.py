@@ -44,6 +44,7 @@ from typing import Optional, Union
 
 from ..errors import KiteError, RemoteProtocolError
 from ..tls import ClientTLS
+from ..tunnel import set_nodelay
 
 log = logging.getLogger("kite.client")
 
@@ -268,17 +269,6 @@ class RelayTarget:
     @property
     def kite(self) -> str:
         return _authority(self.host, self.port)
-
-
-def set_nodelay(transport_or_sock) -> None:
-    sock = transport_or_sock
-    if not isinstance(sock, socket.socket):
-        sock = transport_or_sock.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 class PipeEnd(asyncio.Protocol):
