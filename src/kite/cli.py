@@ -224,9 +224,11 @@ if __name__ == "__main__":  # pragma: no cover
 
 def _register_client_commands() -> None:
     from .client.commands import COMMANDS
+    from .pagekiterc import import_pagekiterc
 
     for cmd in COMMANDS:
         main.add_command(cmd)
+    main.add_command(import_pagekiterc)
 
 
 _register_client_commands()

@@ -424,7 +424,8 @@ def _convert_backend(lines: list, report: Report, source: str) -> str:
             report.notes.append((k.line, "disabled (service_off): written commented out"))
         scheme = {"http": "http", "https": "https", "raw": "tcp"}[k.proto]
         host = f"[{k.host}]" if ":" in k.host else k.host
-        block = ["[[kite]]", f"name = {_q(k.name)}", f"target = {_q(f'{scheme}://{host}:{k.port}')}"]
+        target = f"{scheme}://{host}:{k.port}"
+        block = ["[[kite]]", f"name = {_q(k.name)}", f"target = {_q(target)}"]
         if k.proto == "raw":
             block.append(f"public_port = {k.public_port}")
         if common_secret is None or k.secret != common_secret:

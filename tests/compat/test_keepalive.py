@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from conftest import be_flying_marker, fe_live_marker, http_get, http_kite, kite_backend, \
+from compat_env import be_flying_marker, fe_live_marker, http_get, http_kite, kite_backend, \
     kite_name, kite_relay, relay_spec, report
 from support import run, start_http_server
 

@@ -359,10 +359,14 @@ class RelayConnector:
             sock.setblocking(False)
             try:
                 await self.loop.sock_connect(sock, addr)
-                break
             except OSError as exc:
                 sock.close()
                 last_exc = exc
+                continue
+            except BaseException:  # cancelled (timeout): do not leak the socket
+                sock.close()
+                raise
+            break
         else:
             raise last_exc  # type: ignore[misc]
         try:
