@@ -169,6 +169,43 @@ def cpu_times(pid: int) -> Optional[tuple]:
         return None
 
 
+def machine_cpu() -> Dict[str, float]:
+    """Machine-wide CPU seconds from /proc/stat: busy (user, nice, system, irq, softirq) and
+    steal.  Interrupt time is included because the kernel charges part of the loopback TCP
+    work done in a process's context to softirq here and to the process's stime there."""
+    with open("/proc/stat") as f:
+        v = [int(x) / CLK_TCK for x in f.readline().split()[1:9]]
+    return {"busy": v[0] + v[1] + v[2] + v[5] + v[6], "steal": v[7] if len(v) > 7 else 0.0}
+
+
+def own_cpu() -> float:
+    """CPU seconds of this script and of its children that have been waited for (wrk, ...)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        total += r.ru_utime + r.ru_stime
+    return total
+
+
+class Interference:
+    """CPU used during a workload by processes this script did not start (other users of a
+    shared machine), and the hypervisor's steal time: so that a noisy round can be seen."""
+
+    def __init__(self, pids):
+        self.pids = [p for p in pids if p]
+        self.t0 = time.monotonic()
+        self.m0 = machine_cpu()
+        self.p0 = sum(cpu_seconds(p) or 0.0 for p in self.pids)
+        self.o0 = own_cpu()
+
+    def result(self) -> dict:
+        m1 = machine_cpu()
+        ours = sum(cpu_seconds(p) or 0.0 for p in self.pids) - self.p0 + own_cpu() - self.o0
+        return {"wall_s": time.monotonic() - self.t0,
+                "foreign_cpu_s": max(0.0, m1["busy"] - self.m0["busy"] - ours),
+                "steal_s": m1["steal"] - self.m0["steal"]}
+
+
 def rss_kib(pid: int) -> Optional[int]:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -563,6 +600,7 @@ class Ctx:
         self.origin_proc = None
         self.kite_env = None
         self.kite_where = None
+        self.kite_from = None
 
     def logfile(self, name: str) -> str:
         return os.path.join(self.logs, name + ".log")
@@ -664,30 +702,59 @@ http {{
 
     # kite ----------------------------------------------------------------------------------
     def locate_kite(self) -> Optional[str]:
-        """Which kite the kite systems run: the checkout's src/ or the installed package."""
+        """Which kite the kite systems run: this checkout's src/ or the installed package.
+
+        auto: the checkout when its compiled fast path is built in place (the code being
+        worked on), else the installed kite if there is one (a fresh clone: CI, a wheel
+        install), else the checkout's pure-Python code.  Returns why kite cannot run, or None.
+        """
+        import glob
         env = dict(os.environ)
         for k in ("KITE_NO_EXTENSIONS", "KITE_REQUIRE_EXTENSIONS", "KITE_LOOP"):
             env.pop(k, None)
-        where = self.args.kite_from
-        probe = [sys.executable, "-c", "import kite, sys; sys.stdout.write(kite.__file__)"]
-        if where in ("auto", "installed"):
-            env_i = dict(env)
-            env_i.pop("PYTHONPATH", None)
-            r = subprocess.run(probe, env=env_i, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               cwd="/")
-            if r.returncode == 0:
-                self.kite_env, self.kite_where = env_i, r.stdout.decode()
-                return None
-            if where == "installed":
-                return "kite is not installed for " + sys.executable
+        env.pop("PYTHONPATH", None)
         src = os.path.join(REPO, "src")
-        env_s = dict(env)
-        env_s["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        r = subprocess.run(probe, env=env_s, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
-        if r.returncode == 0:
-            self.kite_env, self.kite_where = env_s, r.stdout.decode()
+        env_src = dict(env, PYTHONPATH=src)
+        probe = [sys.executable, "-c", "import kite, sys; sys.stdout.write(kite.__file__)"]
+
+        def try_env(e):
+            r = subprocess.run(probe, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+            return (r.stdout.decode(), None) if r.returncode == 0 else (None, r.stderr.decode()[-300:])
+
+        where = self.args.kite_from
+        built = glob.glob(os.path.join(src, "kite", "_fastpath*.so"))
+        auto = where == "auto"
+        if auto:
+            where = "checkout" if built else "installed"
+            if where == "installed" and try_env(env)[0] is None:
+                where = "checkout"
+        chosen = env_src if where == "checkout" else env
+        path, err = try_env(chosen)
+        if path is None:
+            return f"cannot import kite ({where}): {err}"
+        self.kite_env, self.kite_where = chosen, path
+        self.kite_from = where
+        if where == "installed" and auto and os.path.isdir(os.path.join(src, "kite")):
+            self.progress.note(f"benchmarking the installed kite ({os.path.dirname(path)}), not this "
+                               f"checkout's src/, which has no compiled fast path built in place "
+                               f"(pip install -e . builds it; or --kite-from checkout)")
+        if where == "checkout" and built:
+            pyx = os.path.join(src, "kite", "_fastpath.pyx")
+            if os.path.exists(pyx) and os.path.getmtime(pyx) > min(os.path.getmtime(b) for b in built):
+                self.progress.note("src/kite/_fastpath.pyx is newer than the compiled module: the "
+                                   "kite systems run a stale build (pip install -e . rebuilds it)")
+        return None
+
+    def kite_git(self) -> Optional[str]:
+        """The checkout's commit, with '+dirty' when src/ has uncommitted changes."""
+        try:
+            head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout.decode().strip()
+            dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "src"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout.decode().strip()
+        except OSError:
             return None
-        return "cannot import kite: " + r.stderr.decode()[-200:]
+        return (head + ("+dirty" if dirty else "")) or None
 
     def probe_kite(self, extra_env: dict, code: str) -> Optional[str]:
         env = dict(self.kite_env)
@@ -1002,6 +1069,8 @@ def check_system(ctx: Ctx, run: Running) -> dict:
             if (needle in maps) != present:
                 raise BenchError(f"{role}: {needle!r} is {'not ' if present else ''}mapped "
                                  f"but this system should {'' if present else 'not '}use it")
+        so = re.search(r"(\S*_fastpath\.cpython\S*)", maps)
+        res.setdefault("fastpath_so", {})[role] = so.group(1) if so else None
         res.setdefault("variant", []).append(
             f"{role}: " + ", ".join(f"{'+' if p else '-'}{n}" for n, p in expectations))
     res["ok"] = True
@@ -1448,9 +1517,9 @@ def draw_png(res: Results, systems: List[str], args, path: str, meta: dict) -> O
                 hi.append(sm["max"] - sm["median"])
             bars = ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=label,
                           color=colors[i % len(colors)], error_kw={"elinewidth": 1})
-            for b, m in zip(bars, meds):
-                ax.annotate(fmt(m), (b.get_x() + b.get_width() / 2, m), ha="center", va="bottom",
-                            fontsize=7, xytext=(0, 2), textcoords="offset points")
+            for b, m, h in zip(bars, meds, hi):
+                ax.annotate(fmt(m), (b.get_x() + b.get_width() / 2, m + h), ha="center",
+                            va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
         ax.set_xticks(range(len(shown)))
         ax.set_xticklabels(shown, rotation=30, ha="right", fontsize=8)
         ax.set_yscale("log")
@@ -1504,26 +1573,54 @@ def top_frames(raw_path: str, n: int = 15) -> dict:
                       if c < 0.98 * samples][:n]}
 
 
+def profile_load(ctx: Ctx, run: Running, workload: str, seconds: float, label: str) -> str:
+    """Drive ``workload`` for ``seconds`` while the profilers record; return the rate seen."""
+    if workload == "c50":
+        r = run_wrk(ctx, run, ctx.args.wrk_conns, int(seconds), label=label)
+        return f"wrk {fmt(r['rps'])} req/s"
+    t_end = time.monotonic() + seconds
+    moved = 0
+    t0 = time.monotonic()
+    while time.monotonic() < t_end:
+        ctx.progress.tick(f"{label}: {time.monotonic() - t0:.0f}/{seconds:g} s")
+        with connect(run.port, timeout=30) as sock:
+            if workload == "bulk-down":
+                moved += http_get(sock, run.host, "/bulk.bin", deadline=t_end)["bytes"]
+            else:
+                name = f"/up/profile-{run.system.name}.bin"
+                r = http_put_file(sock, run.host, name, ctx.bulk_path, ctx.args.bulk_size, deadline=t_end)
+                if r["complete"]:
+                    moved += ctx.args.bulk_size
+                    os.unlink(os.path.join(ctx.www, name.lstrip("/")))
+                else:
+                    moved += ctx.upload_arrived()
+    if workload == "bulk-up":
+        time.sleep(0.3)  # the cut upload's temp file goes away with the connection
+    return f"{moved / 1e6 / (time.monotonic() - t0):.0f} MB/s"
+
+
 def profile_kite(ctx: Ctx, res: Results, systems: List[str]) -> None:
+    """py-spy on relay and backend of each --profile-systems system under --profile-workload."""
+    a = ctx.args
     pyspy = shutil.which("py-spy")
     if not pyspy:
         ctx.progress.note("--profile: py-spy not installed (pip install py-spy): skipped")
         return
-    if not ctx.wrk:
+    if a.profile_workload == "c50" and not ctx.wrk:
         ctx.progress.note("--profile: wrk not installed: skipped")
         return
-    out_dir = ctx.args.profile_dir
-    os.makedirs(out_dir, exist_ok=True)
-    for name in [s for s in ("kite", "kite-py", "kite-asyncio") if s in systems][:1]:
+    os.makedirs(a.profile_dir, exist_ok=True)
+    wl = a.profile_workload
+    for name in [s for s in a.profile_systems.split(",") if s in systems and s.startswith("kite")]:
         ctx.progress.prefix = f"profile {name} · "
         ctx.progress.step("starting")
         run = ALL_SYSTEMS[name]().start(ctx, "profile")
         try:
-            d = ctx.args.profile_seconds
+            d = a.profile_seconds
             for fmt_name, ext in (("raw", "txt"), ("flamegraph", "svg")):
                 spies = {}
                 for role, pid in run.pids.items():
-                    path = os.path.join(out_dir, f"{name}-{role}-c{ctx.args.wrk_conns}.{ext}")
+                    path = os.path.join(a.profile_dir, f"{name}-{role}-{wl}.{ext}")
                     argv = [pyspy, "record", "--pid", str(pid), "--duration", str(d), "--rate", "250",
                             "--format", fmt_name, "-o", path]
                     if fmt_name == "raw":
@@ -1532,7 +1629,7 @@ def profile_kite(ctx: Ctx, res: Results, systems: List[str]) -> None:
                                                    log=ctx.logfile(f"py-spy-{role}"),
                                                    cpus=ctx.client_cpus), path)
                 time.sleep(0.5)
-                wrk = run_wrk(ctx, run, ctx.args.wrk_conns, d, label=f"c{ctx.args.wrk_conns} wrk + py-spy {fmt_name}")
+                rate = profile_load(ctx, run, wl, d, f"{wl} + py-spy {fmt_name}")
                 for role, (p, path) in spies.items():
                     try:
                         p.wait(30)
@@ -1540,7 +1637,7 @@ def profile_kite(ctx: Ctx, res: Results, systems: List[str]) -> None:
                         pass
                     ctx.procs.stop(p)
                     rec = {"type": "profile", "system": name, "role": role, "format": fmt_name,
-                           "path": path, "wrk_rps_under_profiler": wrk["rps"]}
+                           "workload": wl, "path": path, "rate_under_profiler": rate}
                     if fmt_name == "raw" and os.path.exists(path):
                         rec.update(top_frames(path))
                     elif not os.path.exists(path):
@@ -1554,9 +1651,9 @@ def profile_kite(ctx: Ctx, res: Results, systems: List[str]) -> None:
 
 def print_profile(rec: dict, out=sys.stdout) -> None:
     busy, idle = rec.get("busy_samples", 0), rec.get("idle_samples", 0)
-    print(f"\npy-spy: {rec['system']} {rec['role']} during c-wrk, {rec['path']}: {busy} busy samples, "
-          f"{idle} waiting in epoll ({100 * idle / max(1, busy + idle):.0f} %); wrk "
-          f"{fmt(rec['wrk_rps_under_profiler'])} req/s under the profiler", file=out)
+    print(f"\npy-spy: {rec['system']} {rec['role']} during {rec['workload']}, {rec['path']}: {busy} busy "
+          f"samples, {idle} waiting in epoll ({100 * idle / max(1, busy + idle):.0f} %); "
+          f"{rec['rate_under_profiler']} under the profiler", file=out)
     if "error" in rec:
         print("  " + rec["error"], file=out)
         return
@@ -1592,15 +1689,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--origin", choices=["auto", "nginx", "python"], default="auto",
                    help="origin server (auto: nginx if installed, else bench/origin.py)")
     p.add_argument("--kite-from", choices=["auto", "installed", "checkout"], default="auto",
-                   help="which kite to run: the installed package or this checkout's src/ "
-                        "(auto: installed if importable)")
+                   help="which kite to run: this checkout's src/ or the installed package (auto: "
+                        "the checkout if its fast path is compiled in place, else the installed one)")
     p.add_argument("--pin", action="store_true",
                    help="pin the clients (wrk, this script) to the last CPU and the systems + origin "
                         "to the others (default: no pinning; all share all CPUs)")
     p.add_argument("--json", help="JSON lines output (default bench/results/relay.jsonl; '' = none)")
     p.add_argument("--png", help="chart (default bench/results/relay.png; '' = none)")
     p.add_argument("--profile", action="store_true",
-                   help="after the rounds, py-spy profiles of kite relay and expose during c50")
+                   help="after the rounds, py-spy profiles (--native raw stacks + flame graph SVG) of "
+                        "relay and backend under --profile-workload")
+    p.add_argument("--profile-workload", choices=["c50", "bulk-down", "bulk-up"], default="c50")
+    p.add_argument("--profile-systems", default="kite", help="kite systems to profile (comma-separated)")
     p.add_argument("--profile-dir", default=os.path.join(RESULTS, "profile"))
     p.add_argument("--profile-seconds", type=int, default=8)
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
@@ -1653,8 +1753,10 @@ def run_rounds(ctx: Ctx, res: Results, systems: List[str]) -> None:
                     if w in ("c50", "newconn") and not ctx.wrk:
                         continue
                     prog.step(w)
+                    watch = Interference(list(run.pids.values()) + [ctx.origin_proc.pid])
                     try:
                         m = funcs[w](ctx, run)
+                        m.update(watch.result())
                     except BenchError as exc:
                         prog.note(f"{name} round {rnd} {w}: {exc}")
                         res.emit({"type": "error", "round": rnd, "system": name, "workload": w,
@@ -1697,7 +1799,9 @@ def run_rounds(ctx: Ctx, res: Results, systems: List[str]) -> None:
                     run = None
                     try:
                         run = system.start(ctx, f"r{rnd}-idle{n}")
+                        watch = Interference(list(run.pids.values()) + [ctx.origin_proc.pid])
                         m = w_idle(ctx, run, n_eff)
+                        m.update(watch.result())
                         if m.get("ok") and m.get("open_s"):
                             open_rate = m["ok"] / m["open_s"]
                         if n_eff < n:
@@ -1775,10 +1879,12 @@ def main(argv=None) -> int:
             "command": " ".join([os.path.relpath(sys.argv[0]) if sys.argv[0] else "relay_bench.py"] + argv),
             "cpus": os.cpu_count(), "cpu_model": cpu_model(), "kernel": platform.release(),
             "python": platform.python_version(), "origin": ctx.origin_kind,
-            "kite": ctx.kite_where, "wrk": tool_version(["wrk", "-v"]) if ctx.wrk else None,
+            "kite": ctx.kite_where, "kite_from": ctx.kite_from,
+            "kite_git": ctx.kite_git() if ctx.kite_from == "checkout" else None, "wrk": tool_version(["wrk", "-v"]) if ctx.wrk else None,
             "pinning": (f"clients on CPU {sorted(ctx.client_cpus)}, systems on {sorted(ctx.system_cpus)}"
                         if ctx.client_cpus else "none: clients, systems and origin share all CPUs"),
-            "rlimit_nofile": ctx.nofile, "work_dir": ctx.work, "systems": systems, "skipped": skipped,
+            "rlimit_nofile": ctx.nofile, "work_dir": ctx.work,
+            "loadavg_at_start": open("/proc/loadavg").read().split()[:3], "systems": systems, "skipped": skipped,
             "titles": {s: ALL_SYSTEMS[s].title for s in systems},
             "versions": {s: ALL_SYSTEMS[s]().version(ctx) for s in systems},
             "workloads": args.workloads,
@@ -1796,7 +1902,8 @@ def main(argv=None) -> int:
         progress.clear()
         print(f"kite relay benchmark: {meta['time']}, {meta['cpus']} CPUs ({meta['cpu_model']}), "
               f"Python {meta['python']}, origin {meta['origin']}")
-        print(f"kite: {meta['kite']}; pinning: {meta['pinning']}")
+        print(f"kite: {meta['kite']} ({meta['kite_from']}"
+              + (f", git {meta['kite_git']}" if meta["kite_git"] else "") + f"); pinning: {meta['pinning']}")
         for s in systems:
             print(f"  {s:<15} {ALL_SYSTEMS[s].title}" + (f" [{meta['versions'][s]}]" if meta['versions'][s] else ""))
         for s, why in skipped.items():
@@ -1809,6 +1916,12 @@ def main(argv=None) -> int:
                     if s["metrics"].get(f"{d}_complete") is False:
                         print(f"  note: {s['system']} round {s['round']}: bulk {d} cut at "
                               f"{args.bulk_cap:g} s after {s['metrics'][f'{d}_bytes'] / MiB:.1f} MiB")
+            busy = s["metrics"].get("foreign_cpu_s", 0.0) + s["metrics"].get("steal_s", 0.0)
+            if busy > 0.25 * s["metrics"].get("wall_s", 1e9):
+                print(f"  note: {s['system']} round {s['round']} {s['workload']}: the machine was "
+                      f"shared: other processes used {s['metrics']['foreign_cpu_s']:.1f} CPU-s and "
+                      f"the hypervisor stole {s['metrics']['steal_s']:.1f} s in "
+                      f"{s['metrics']['wall_s']:.1f} s")
             if "note" in s["metrics"]:
                 print(f"  note: {s['system']} round {s['round']} {s['workload']}: {s['metrics']['note']}")
             if s["metrics"].get("failed"):

@@ -434,12 +434,15 @@ class RelayConnector:
             except asyncio.CancelledError:
                 raise
             except ssl.SSLCertVerificationError as exc:
-                outcome = f"TLS verification failed: {exc.verify_message or exc}"
+                outcome = f"TLS verification failed: {getattr(exc, 'verify_message', None) or exc}"
                 log.error("relay %s: %s (check --ca/--fingerprint, or --insecure)",
                           self.spec.address, outcome)
             except (OSError, asyncio.TimeoutError, ssl.SSLError, KiteError) as exc:
                 outcome = f"{type(exc).__name__}: {exc}"
                 log.warning("relay %s: cannot connect: %s", self.spec.address, exc)
+            except Exception as exc:  # a bug must not silently end this relay's connector
+                outcome = f"internal error: {type(exc).__name__}: {exc}"
+                log.exception("relay %s: internal error; reconnecting", self.spec.address)
             if self._stop:
                 break
             if time.monotonic() - started > 10.0:
