@@ -229,6 +229,9 @@ def _register_client_commands() -> None:
     for cmd in COMMANDS:
         main.add_command(cmd)
     main.add_command(import_pagekiterc)
+    from .bench_command import bench
+
+    main.add_command(bench)
 
 
 _register_client_commands()
