@@ -84,3 +84,49 @@ public_port = 22
 async def _all_flying(connector):
     while not connector.tunnel or len(connector.tunnel.flying) < len(connector.spec.kites):
         await asyncio.sleep(0.01)
+
+
+def test_backend_drains_open_streams_on_stop(tmp_path, loop_kind):
+    """SIGTERM (the stop event) lets an open download finish before the tunnel closes."""
+    from kite.backend.main import serve_backend
+    from kite.config import BackendConfig, RelaySpec
+    from support import http_kite
+
+    async def main():
+        release = asyncio.Event()
+
+        async def slow(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\nConnection: close\r\n\r\n")
+            writer.write(b"a" * 100000)
+            await writer.drain()
+            await release.wait()
+            writer.write(b"b" * 100000)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(slow, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with kite_env(tmp_path) as env:
+            cfg = BackendConfig(relays=[RelaySpec(host="127.0.0.1", port=env.port,
+                                                  ca=env.certs.cert,
+                                                  kites=[http_kite("drain.test.kite", port)])])
+            stop = asyncio.Event()
+            task = asyncio.ensure_future(serve_backend(cfg, stop))
+            while not env.relay.routes.kites():
+                await asyncio.sleep(0.01)
+            reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: drain.test.kite\r\n\r\n")
+            await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readexactly(100000) == b"a" * 100000
+            stop.set()  # what SIGTERM does
+            await asyncio.sleep(0)
+            assert not task.done()
+            release.set()
+            assert await reader.readexactly(100000) == b"b" * 100000
+            assert await reader.read() == b""  # the server closed: so does the visitor
+            writer.close()
+            assert await asyncio.wait_for(task, 10) == 0
+        server.close()
+
+    run(main, loop_kind)

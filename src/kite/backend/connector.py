@@ -477,6 +477,18 @@ class Backend:
     async def wait_flying(self, timeout: Optional[float] = None) -> None:
         await asyncio.wait_for(asyncio.gather(*(c.flying.wait() for c in self.connectors)), timeout)
 
+    def open_streams(self) -> int:
+        return sum(len(c.tunnel.streams) for c in self.connectors
+                   if c.tunnel is not None and not c.tunnel.closed)
+
+    async def drain(self, timeout: float) -> None:
+        """Let open streams finish (up to ``timeout`` s); the relay keeps routing new
+        visitors to us meanwhile only if no other backend flies the kite."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.open_streams() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
     async def close(self) -> None:
         for c in self.connectors:
             await c.close()

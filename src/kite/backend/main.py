@@ -15,6 +15,9 @@ log = logging.getLogger("kite.backend")
 
 __all__ = ["build_backend_config", "serve_backend"]
 
+#: On SIGTERM, how long open streams may take to finish before the tunnels close.
+DRAIN_TIMEOUT = 10.0
+
 
 def build_backend_config(*, target: Optional[str], name: Optional[str], relays: Sequence[str],
                          secret: Optional[str], ca: Optional[str] = None,
@@ -71,6 +74,10 @@ async def serve_backend(cfg: BackendConfig, stop: asyncio.Event) -> int:
     backend = Backend(cfg)
     await backend.start()
     await stop.wait()
+    if backend.open_streams():
+        log.info("backend stopping: draining %d open streams (up to %g s)",
+                 backend.open_streams(), DRAIN_TIMEOUT)
+        await backend.drain(DRAIN_TIMEOUT)
     log.info("backend stopping")
     await backend.close()
     return 0
