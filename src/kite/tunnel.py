@@ -286,7 +286,16 @@ class StreamProtocol(asyncio.BufferedProtocol):
             if self._scratch is None:
                 self._scratch = bytearray(min(self.skip, _SCRATCH))
             return memoryview(self._scratch)[: self.skip]
-        return self._writer.get_data_buffer(self._slot, sizehint)
+        writer = self._writer
+        if writer.pending >= FLUSH_NOW:
+            # libuv reads a busy socket up to 32 times per loop iteration: without this the
+            # corked buffer grows to megabytes before the tick's flush (large reallocations,
+            # mremap/munmap in the profile, one huge TLS write).  Flushing here, before the
+            # next loan, and not in buffer_updated (where uvloop still holds the previous
+            # view) lets the writer hand its buffer over without a copy.  Small reads from
+            # many streams are still coalesced into one flush per tick.
+            self.tunnel.flush_now()
+        return writer.get_data_buffer(self._slot, sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.skip:
@@ -295,15 +304,8 @@ class StreamProtocol(asyncio.BufferedProtocol):
                 self._scratch = None
             return
         tunnel = self.tunnel
-        writer = tunnel.writer
-        writer.data_buffer_updated(nbytes)
-        if writer.pending >= FLUSH_NOW:
-            # libuv reads a busy socket up to 32 times per loop iteration: without this the
-            # corked buffer grows to megabytes before the tick's flush (large reallocations,
-            # mremap/munmap in the profile, one huge TLS write).  Small reads from many
-            # streams are still coalesced into one flush per tick.
-            tunnel.flush_now()
-        elif not tunnel.flush_scheduled:
+        tunnel.writer.data_buffer_updated(nbytes)
+        if not tunnel.flush_scheduled:
             tunnel.schedule_flush()
         stream = self.stream
         if stream.send_window.blocked(self._slot.sent):
