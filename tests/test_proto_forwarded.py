@@ -266,6 +266,38 @@ def test_output_does_not_depend_on_cuts(name, points):
     assert run(cuts(data, points)) == expected
 
 
+def run_verbatim(pieces, **kw):
+    """What the backend's sink does: verbatim() bytes leave as they are, feed() the rest."""
+    rw = make(**kw)
+    out = []
+    for p in pieces:
+        mv = memoryview(p)
+        take = rw.verbatim(len(mv))
+        out.append(bytes(mv[:take]))
+        if take < len(mv):
+            out.append(rw.feed(mv[take:]))
+    out.append(rw.eof())
+    return b"".join(out)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(CASES)), points=st.lists(st.integers(0, 2000), max_size=12))
+def test_verbatim_fast_path_gives_the_same_stream(name, points):
+    data, expected = layout(CASES[name])
+    assert run_verbatim(cuts(data, points)) == expected
+
+
+def test_verbatim_covers_a_content_length_body_and_nothing_else():
+    rw = make()
+    assert rw.verbatim(10) == 0  # a head: must be looked at
+    rw.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+    assert rw.verbatim(4) == 4
+    assert rw.verbatim(100) == 6  # only the rest of the body
+    assert rw.verbatim(100) == 0  # the next request's head
+    out = rw.feed(CURL_GET)
+    assert b"X-Forwarded-For" in out
+
+
 def test_exact_bytes_of_one_rewrite():
     # Spelled out once, so the oracle itself is pinned down.
     out = run([SPOOFED_GET])

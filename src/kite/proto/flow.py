@@ -16,9 +16,23 @@ stream.
 
 pagekite.py stops reading at ~47.6 KiB unacknowledged and acknowledges after every socket
 write.  kite peers (they announce ``X-PageKite-Features: KiteFlow``) use larger windows and
-acknowledge in steps of a quarter window, so a bulk transfer costs one tiny control chunk per
-``window / 4`` bytes instead of one per chunk.  Towards pagekite.py, kite acknowledges every
+acknowledge every ``KITE_ACK_STEP`` bytes, so a bulk transfer costs one tiny control chunk
+per 256 KiB instead of one per chunk.  Towards pagekite.py, kite acknowledges every
 ``PAGEKITE_ACK_STEP`` bytes so that pagekite's fixed 47.6 KiB window never runs dry.
+
+Window sizing between kite peers
+--------------------------------
+A window must cover the bytes in flight during one acknowledgement round trip, and that
+round trip crosses two event loops and the scheduler: on a loaded two-core machine a 1 MiB
+window left a bulk upload stalled, waiting for acks, for almost half of its time.  TCP
+meets the same problem with receive buffers that grow to several MiB.  So each tunnel
+shares a *budget* among its streams (:class:`WindowPolicy`): one busy stream may run
+``KITE_TUNNEL_BUDGET`` (16 MiB) ahead, n streams get ``budget / n`` each, never less than
+``KITE_MIN_WINDOW`` (1 MiB).  What one tunnel can make its peer hold is therefore at most
+``max(16 MiB, n * 1 MiB)`` - never more than a fixed 1 MiB window allowed for 16 streams or
+more, and a stalled visitor holds at most its stream's share.  Both ends count their own
+streams; the receiver's safety limit (``KITE_MAX_WINDOW``, twice over) does not depend on
+the two counts agreeing.
 
 Sans-IO: these classes only count; the tunnel pauses and resumes transports.
 """
@@ -28,38 +42,84 @@ from __future__ import annotations
 from typing import Optional
 
 __all__ = [
-    "KITE_WINDOW",
+    "KITE_MIN_WINDOW",
+    "KITE_MAX_WINDOW",
+    "KITE_TUNNEL_BUDGET",
+    "KITE_ACK_STEP",
     "PAGEKITE_WINDOW",
     "PAGEKITE_ACK_STEP",
     "KITE_FLOW_FEATURE",
+    "WindowPolicy",
     "SendWindow",
     "AckPolicy",
 ]
 
 #: The feature a kite peer announces: it honours large windows and acks in big steps.
 KITE_FLOW_FEATURE = "KiteFlow"
-#: Window towards a kite peer (bytes unacknowledged per stream).
-KITE_WINDOW = 1024 * 1024
+#: Smallest window a stream gets towards a kite peer (bytes unacknowledged per stream).
+KITE_MIN_WINDOW = 1024 * 1024
+#: Largest window a stream gets towards a kite peer (it is the tunnel's only busy stream).
+KITE_MAX_WINDOW = 16 * 1024 * 1024
+#: What all streams of one tunnel to a kite peer share (see "Window sizing" above).
+KITE_TUNNEL_BUDGET = 16 * 1024 * 1024
+#: How often kite acks towards a kite peer: four acks per smallest window.
+KITE_ACK_STEP = KITE_MIN_WINDOW // 4
 #: pagekite.py's own limit: it pauses at 3 * 16256 bytes (~47.6 KiB) unacknowledged.
 PAGEKITE_WINDOW = 3 * 16256
 #: How often kite acks towards pagekite.py: well inside its 47.6 KiB window.
 PAGEKITE_ACK_STEP = 8 * 1024
 
 
+class WindowPolicy:
+    """The window of every stream of one tunnel: a share of the tunnel's budget.
+
+    ``window`` is recomputed when the number of streams changes (O(1)); the streams read it
+    at each check, so a new stream narrows the others at once and a finished one widens
+    them.  A fixed policy (``min_window == max_window``) is what pagekite.py peers get.
+    """
+
+    __slots__ = ("window", "min_window", "max_window", "budget", "streams")
+
+    def __init__(self, min_window: int, max_window: Optional[int] = None,
+                 budget: Optional[int] = None) -> None:
+        if min_window < 1024:
+            raise ValueError(f"flow-control window {min_window!r} is below 1 KiB")
+        max_window = min_window if max_window is None else max_window
+        if max_window < min_window:
+            raise ValueError(f"max_window {max_window!r} is below min_window {min_window!r}")
+        self.min_window = min_window
+        self.max_window = max_window
+        self.budget = max_window if budget is None else budget
+        self.streams = 0
+        self.window = max(min_window, min(max_window, self.budget))
+
+    @classmethod
+    def fixed(cls, window: int) -> "WindowPolicy":
+        return cls(window, window, window)
+
+    def set_streams(self, n: int) -> None:
+        """The tunnel now carries ``n`` streams."""
+        self.streams = n
+        share = self.budget // n if n > 1 else self.budget
+        self.window = max(self.min_window, min(self.max_window, share))
+
+
 class SendWindow:
-    """The sending half: how far we may run ahead of the peer's acknowledgements."""
+    """The sending half: how far one stream may run ahead of the peer's acknowledgements."""
 
-    __slots__ = ("window", "acked")
+    __slots__ = ("policy", "acked")
 
-    def __init__(self, window: int) -> None:
-        if window < 1024:
-            raise ValueError(f"flow-control window {window!r} is below 1 KiB")
-        self.window = window
+    def __init__(self, policy: WindowPolicy) -> None:
+        self.policy = policy
         self.acked = 0  # bytes the peer has acknowledged (1024 * its latest SKB)
+
+    @property
+    def window(self) -> int:
+        return self.policy.window
 
     def blocked(self, sent: int) -> bool:
         """True while ``sent`` bytes run a full window ahead of the acknowledgements."""
-        return sent - self.acked >= self.window
+        return sent - self.acked >= self.policy.window
 
     def on_ack(self, kib: int, sent: int) -> bool:
         """Record ``SKB: kib``; returns True if the stream may read again.
@@ -73,7 +133,7 @@ class SendWindow:
             acked = sent
         if acked > self.acked:
             self.acked = acked
-        return sent - self.acked < self.window
+        return sent - self.acked < self.policy.window
 
 
 class AckPolicy:

@@ -287,6 +287,23 @@ class ForwardedRewriter:
         """Where the stream is: head, body, chunk-size, ..., opaque, discard, closed."""
         return _STATE_NAMES[self._state]
 
+    def verbatim(self, n: int) -> int:
+        """How many of the next ``n`` bytes pass unchanged and unseen (a Content-Length body,
+        or opaque bytes after an Upgrade): they are consumed here, so the caller sends that
+        many leading bytes as they are and :meth:`feed` only the rest.  0 when the next byte
+        needs looking at.  Lets a bulk upload skip the copy and the parser entirely.
+        """
+        state = self._state
+        if state == _BODY:
+            take = self._remaining if self._remaining < n else n
+            self._remaining -= take
+            if not self._remaining:
+                self._end_message()
+            return take
+        if state == _OPAQUE:
+            return n
+        return 0
+
     def feed(self, data: BytesLike) -> bytes:
         """Take the visitor's next bytes; return the bytes for the local server.
 
