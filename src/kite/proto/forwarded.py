@@ -320,6 +320,18 @@ class ForwardedRewriter:
             return b""
         buf = data if type(data) is bytes else bytes(data)
         n = len(buf)
+        if (state == _HEAD and not self._held and 4 < n <= self._max_head
+                and buf[0] not in b"\r\n" and buf.find(b"\r\n\r\n") == n - 4):
+            # Exactly one whole head (the usual GET on a keep-alive connection): the same
+            # parser, checks and result as below, without holding and slicing.
+            try:
+                events = self._events = _MessageEvents()
+                self._parser = events.parser = httptools.HttpRequestParser(events)
+                self._validate(buf)
+                return self._finish_head(buf)
+            except RemoteProtocolError:
+                self._fail()
+                raise
         mv = memoryview(buf)
         out: list[BytesLike] = []
         pos = 0
