@@ -47,18 +47,78 @@ def test_fixed_policy_for_pagekite_peers_never_changes():
         assert p.window == PAGEKITE_WINDOW
 
 
-def test_send_window_follows_its_policy():
+def fast_stream(p):
+    """A stream whose acks showed 400 MB/s (loopback): it may use its whole share."""
+    w = SendWindow(p)
+    w.on_ack(1, 1024, now=0.0)  # the first ack starts a throughput sample
+    w.on_ack(8 * 1024, 8 * MiB, now=0.021)  # 8 MiB in 21 ms
+    return w
+
+
+def test_a_new_stream_starts_at_the_floor():
     p = kite_policy()
     p.set_streams(1)
     w = SendWindow(p)
-    assert not w.blocked(15 * MiB)
-    assert w.blocked(16 * MiB)
+    assert w.window == KITE_MIN_WINDOW
+    assert w.blocked(KITE_MIN_WINDOW)
+    assert not w.blocked(KITE_MIN_WINDOW - 1)
+
+
+def test_send_window_follows_its_policy():
+    p = kite_policy()
+    p.set_streams(1)
+    w = fast_stream(p)
+    sent = 8 * MiB
+    assert w.window == 16 * MiB
+    assert not w.blocked(sent + 15 * MiB)
+    assert w.blocked(sent + 16 * MiB)
     p.set_streams(4)  # three more streams: this one narrows at once
-    assert w.blocked(4 * MiB)
-    assert not w.on_ack(0, 4 * MiB)
-    assert w.on_ack(1, 4 * MiB)  # 1 KiB acked: 4 MiB - 1 KiB in flight < 4 MiB
+    assert w.window == 4 * MiB
+    assert w.blocked(sent + 4 * MiB)
+    assert not w.on_ack(8 * 1024, sent + 4 * MiB)
+    assert w.on_ack(8 * 1024 + 1, sent + 4 * MiB)  # 1 KiB acked: back under 4 MiB
     p.set_streams(1)  # the others finished: it widens again
-    assert not w.blocked(8 * MiB)
+    assert not w.blocked(sent + 8 * MiB)
+
+
+def test_throughput_earns_the_window_and_losing_it_shrinks_it_again():
+    p = kite_policy()
+    p.set_streams(1)
+    w = SendWindow(p)
+    now, acked = 0.0, 1024
+    w.on_ack(1, acked, now=now)
+    # A long fat link (RTT 100 ms): each round trip acks one window; it grows per RTT
+    # (x3 here: twice the throughput over 0.15 s) up to the share.
+    windows = []
+    for _ in range(6):
+        acked += w.window
+        now += 0.1
+        w.on_ack(acked // 1024, acked, now=now)
+        windows.append(w.window)
+    assert KITE_MIN_WINDOW < windows[0] < windows[1] < windows[2]
+    assert windows[-1] == 16 * MiB
+    # The far end slows to 1 MB/s (a 10 Mbit/s uplink, a slow visitor): back to the floor.
+    for _ in range(3):
+        acked += 100_000
+        now += 0.1
+        w.on_ack(acked // 1024, acked + 16 * MiB, now=now)
+    assert w.window == KITE_MIN_WINDOW
+
+
+def test_samples_shorter_than_the_interval_do_not_count():
+    p = kite_policy()
+    p.set_streams(1)
+    w = SendWindow(p)
+    w.on_ack(1, 1024, now=0.0)
+    w.on_ack(4096, 4 * MiB, now=0.001)  # 4 MiB in 1 ms, but one sample of 1 ms
+    assert w.window == KITE_MIN_WINDOW
+
+
+def test_fixed_windows_ignore_throughput():
+    w = SendWindow(WindowPolicy.fixed(PAGEKITE_WINDOW))
+    w.on_ack(1, 1024, now=0.0)
+    w.on_ack(40, 40 * 1024, now=0.5)
+    assert w.window == PAGEKITE_WINDOW
 
 
 def test_acks_are_monotonic_and_clamped_to_what_was_sent():

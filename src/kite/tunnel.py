@@ -277,7 +277,8 @@ class Stream:
                 pass
 
     def on_skb(self, kib: int) -> None:
-        if self.send_window.on_ack(kib, self.slot.sent) and self.window_paused:
+        if (self.send_window.on_ack(kib, self.slot.sent, self.tunnel.loop.time())
+                and self.window_paused):
             self.window_paused = False
             self.maybe_resume_reading()
 

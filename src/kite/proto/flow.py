@@ -34,6 +34,13 @@ more, and a stalled visitor holds at most its stream's share.  Both ends count t
 streams; the receiver's safety limit (``KITE_MAX_WINDOW``, twice over) does not depend on
 the two counts agreeing.
 
+A big window has a price on a slow link: the data in flight queues in the tunnel ahead of
+other visitors' small requests (head-of-line blocking), and 16 MiB on a 10 Mbit/s uplink
+is 13 s.  So a stream earns its share by measured throughput (:class:`SendWindow`): its
+limit is twice what its acknowledgements show it moves in 0.15 s, at least the 1 MiB floor.
+The stream with the fast far end gets the whole share within milliseconds; one behind a
+slow uplink or a slow visitor keeps the floor, as with a fixed 1 MiB window.
+
 Sans-IO: these classes only count; the tunnel pauses and resumes transports.
 """
 
@@ -105,24 +112,49 @@ class WindowPolicy:
 
 
 class SendWindow:
-    """The sending half: how far one stream may run ahead of the peer's acknowledgements."""
+    """The sending half: how far one stream may run ahead of the peer's acknowledgements.
 
-    __slots__ = ("policy", "acked")
+    A stream starts at the policy's floor and may use its share of the tunnel's budget only
+    while its acknowledgements show the far end drains fast enough: the limit is twice the
+    bytes acknowledged per ``RATE_HORIZON`` seconds (throughput measured over at least
+    ``RATE_INTERVAL``), so a stream keeps at most ~0.3 s of its own data queued ahead of the
+    other streams.  On loopback or a fast link that is the whole share at once; on a
+    10 Mbit/s uplink it stays at the floor.  A window-limited stream doubles its limit per
+    round trip while the round trip is under 2 * RATE_HORIZON (0.3 s: every terrestrial
+    link), up to the share.
+    """
+
+    __slots__ = ("policy", "acked", "want", "_t0", "_acked0")
+
+    #: seconds of measured throughput a stream may keep in flight (twice, see above)
+    RATE_HORIZON = 0.15
+    #: shortest interval a throughput sample is measured over
+    RATE_INTERVAL = 0.02
 
     def __init__(self, policy: WindowPolicy) -> None:
         self.policy = policy
         self.acked = 0  # bytes the peer has acknowledged (1024 * its latest SKB)
+        self.want = policy.min_window  # what the measured throughput justifies
+        self._t0: Optional[float] = None  # start of the current throughput sample
+        self._acked0 = 0
 
     @property
     def window(self) -> int:
-        return self.policy.window
+        """The limit now: the floor <= limit <= this stream's share of the budget."""
+        p = self.policy
+        w = p.window
+        want = self.want
+        if want < w:
+            w = want if want > p.min_window else p.min_window
+        return w
 
     def blocked(self, sent: int) -> bool:
         """True while ``sent`` bytes run a full window ahead of the acknowledgements."""
-        return sent - self.acked >= self.policy.window
+        return sent - self.acked >= self.window
 
-    def on_ack(self, kib: int, sent: int) -> bool:
-        """Record ``SKB: kib``; returns True if the stream may read again.
+    def on_ack(self, kib: int, sent: int, now: Optional[float] = None) -> bool:
+        """Record ``SKB: kib`` (received at ``now``, seconds on any monotonic clock); returns
+        True if the stream may read again.
 
         Acks are absolute and monotonic: an old (smaller) one is ignored, and an ack beyond
         what was sent is clamped (a confused or hostile peer cannot open the window wider
@@ -133,7 +165,15 @@ class SendWindow:
             acked = sent
         if acked > self.acked:
             self.acked = acked
-        return sent - self.acked < self.policy.window
+            if now is not None:
+                t0 = self._t0
+                if t0 is None:
+                    self._t0, self._acked0 = now, acked
+                elif now - t0 >= self.RATE_INTERVAL:
+                    rate = (acked - self._acked0) / (now - t0)
+                    self.want = int(2 * rate * self.RATE_HORIZON)
+                    self._t0, self._acked0 = now, acked
+        return sent - self.acked < self.window
 
 
 class AckPolicy:
