@@ -59,11 +59,11 @@ __all__ = ["TunnelProtocol", "Stream", "StreamProtocol", "set_nodelay"]
 #: Bytes a local socket reads per chunk when the peer is pagekite.py (its own read size).
 PAGEKITE_MAX_PAYLOAD = 16256
 _SCRATCH = 65536
-#: Pending tunnel bytes that trigger a flush before the end of the loop tick.
-#: One full local read (64 KiB): measured best for bulk on uvloop (900 vs 510 MB/s down with
-#: the flush left to the end of the tick) and neutral for many small streams (c50).
-#: Flush the corked writer before lending the next read buffer once this much is pending
-#: (see StreamProtocol.get_buffer); a tunnel to a kite peer uses KITE_FLUSH_NOW.
+#: Pending tunnel bytes that flush the corked writer before the next read buffer is lent
+#: (StreamProtocol.get_buffer) instead of at the end of the loop tick.  One full local read:
+#: measured best for bulk on uvloop (900 vs 510 MB/s down with the flush left to the end of
+#: the tick) and neutral for many small streams (c50).  A tunnel to a kite peer, whose reads
+#: are bigger, uses KITE_FLUSH_NOW.
 FLUSH_NOW = 64 * 1024
 #: Largest data chunk payload towards a kite peer: every local read fills one chunk, so
 #: bigger reads mean fewer syscalls, TLS writes and Python calls per byte.  Bulk transfers
@@ -204,7 +204,7 @@ class Stream:
             view = view[take:]
         data = bytes(view)
         try:
-            out = self.rewriter.feed(data)
+            out = rewriter.feed(data)
         except KiteError as exc:
             log.info("%s: stream %d: bad HTTP from visitor %s: %s", self.tunnel.name, self.sid,
                      self.peer, exc)
