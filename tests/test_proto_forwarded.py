@@ -479,6 +479,11 @@ MALFORMED = {
     "chunk-overflow": CHUNKED_HEAD + b"10000000000000000\r\n",
     "bad-trailer": CHUNKED_HEAD + b"0\r\nX: a\r\n b\r\n\r\n",
     "second-request-bad": CURL_GET + b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n",
+    # The parser of a bodyless request is reused for the next head: it must judge it afresh.
+    "second-request-two-hosts": CURL_GET + b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+    "second-request-cl-and-te": CURL_GET
+    + b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+    "second-request-http2": CURL_GET + b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
 }
 
 
@@ -743,3 +748,18 @@ def test_real_server_sees_forwarded_headers_once_per_keepalive_request(echo_rela
     assert ["X-Old-X-Forwarded-For", "6.6.6.6"] in results[0]["headers"]
     assert results[1]["body"] == FAKE_REQUEST.decode()  # the body's fake head untouched
     assert results[2]["body"] == (FAKE_REQUEST + b"tail").decode()
+
+
+def test_fields_are_found_by_whole_name_in_any_case():
+    # Lookalike names are not Host / Content-Length / forwarding fields; real ones are
+    # found in any case, also after a reused parser (second and third request).
+    head = (b"POST /x HTTP/1.1\r\nHostname: evil\r\nX-Host: evil\r\nHOST: a.example\r\n"
+            b"Content-Lengthy: 99\r\ncOnTeNt-LeNgTh: 3\r\nX-Forwarded: keep\r\n"
+            b"X_Forwarded_Port: 1\r\n\r\n")
+    get = b"GET / HTTP/1.1\r\nHost: a.example\r\nXForwarded-For: keep\r\n\r\n"
+    data = get + head + b"abc" + get
+    expected = rewrite_head(get) + rewrite_head(head) + b"abc" + rewrite_head(get)
+    assert b"X-Old-X_Forwarded_Port: 1" in expected and b"X-Old-X-Forwarded: keep" not in expected
+    assert_all_modes(data, expected)
+    out = run([data], host=None)
+    assert out.count(b"X-Forwarded-Host: a.example\r\n") == 3

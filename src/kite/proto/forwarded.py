@@ -92,9 +92,16 @@ _UNTRUSTED_FIELD = re.compile(
     rb"|x[-_]real[-_]ip):)",
     re.IGNORECASE | re.MULTILINE,
 )
-_UNTRUSTED_NAMES = frozenset(
-    (b"forwarded", b"x-real-ip", b"x-pagekite-for", b"x-pagekite-proto", b"x-pagekite-port")
+# The fields the rewriter reads, in a lowered head that llhttp validated (see
+# _MessageEvents.scan_fields): name and raw value of each.
+_FIELD_SCAN = re.compile(
+    rb"\n(host|content-length|transfer-encoding"
+    rb"|x[-_]forwarded[-_][!#$%&'*+.^_`|~0-9a-z-]+"
+    rb"|x[-_]pagekite[-_](?:for|proto|port)"
+    rb"|forwarded"
+    rb"|x[-_]real[-_]ip):([^\r]*)"
 )
+_HOST_VALUE = re.compile(rb"\nhost:([^\r]*)", re.IGNORECASE)
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 # A value we put in a header ourselves: visible ASCII, no spaces, no CR/LF.
 _SAFE_VALUE = re.compile(rb"[!-~]+")
@@ -125,17 +132,15 @@ _STATE_NAMES = {
 }
 
 
-def _is_untrusted(name: bytes) -> bool:
-    n = name.lower().replace(b"_", b"-")
-    return (n.startswith(b"x-forwarded-") and len(n) > 12) or n in _UNTRUSTED_NAMES
-
-
 class _MessageEvents:
-    """The llhttp callbacks for one request: what the rewriter needs from its head.
+    """The llhttp callbacks for one request, and what the rewriter needs from its head.
 
-    One instance per message, owned by the rewriter together with its parser.  Only the
-    callbacks defined here are registered by httptools (it looks them up once at parser
-    construction), so body bytes fed for validation cost no Python calls.
+    Owned by the rewriter together with its parser; reused (with the parser) for the next
+    request of a keep-alive connection when a request ends with its head, as GETs do.
+    httptools registers only the callbacks defined here, once, at parser construction:
+    there is deliberately no ``on_header``, which would cost a Python call and two
+    ``bytes`` per field line.  llhttp validates the head; the few fields the rewriter needs
+    are then read off the validated bytes by :meth:`scan_fields`.
     """
 
     __slots__ = (
@@ -155,6 +160,9 @@ class _MessageEvents:
 
     def __init__(self) -> None:
         self.parser: httptools.HttpRequestParser | None = None
+        self.reset()
+
+    def reset(self) -> None:
         self.begun = 0  # messages llhttp has started; a second one means it saw an end first
         self.headers_complete = False
         self.message_complete = False
@@ -165,22 +173,31 @@ class _MessageEvents:
         self.content_length: bytes | None = None  # llhttp rejects duplicates
         self.transfer_encoding = False
         self.hosts: list[bytes] = []
-        self.untrusted = 0  # number of client forwarding headers seen
+        self.untrusted = False  # the head holds client forwarding headers
+
+    def scan_fields(self, head: bytes, start: int, copy_host: bool) -> None:
+        """Read Host, Content-Length, Transfer-Encoding and forwarding fields off a head
+        that llhttp accepted; ``start`` is the index of the LF that ends the request line.
+
+        llhttp (strict, as httptools builds it) has rejected bare CR or LF, whitespace
+        before a colon and line folding, so in an accepted head every LF ends a line and
+        every field line is ``name ":" value``, the name right after the LF and the value
+        up to the next CR: one search of the lowered head finds exactly these fields.
+        """
+        for name, value in _FIELD_SCAN.findall(head.lower(), start):
+            if name == b"host":
+                self.hosts.append(value.strip(b" \t"))
+            elif name == b"content-length":
+                self.content_length = value
+            elif name == b"transfer-encoding":
+                self.transfer_encoding = True
+            else:
+                self.untrusted = True
+        if copy_host and self.hosts:  # the Host values as sent, not lowered
+            self.hosts = [v.strip(b" \t") for v in _HOST_VALUE.findall(head, start)]
 
     def on_message_begin(self) -> None:
         self.begun += 1
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # Called once per field line (httptools joins names/values split across feeds).
-        n = len(name)
-        if n == 4 and name.lower() == b"host":
-            self.hosts.append(value.strip(b" \t"))
-        elif n == 14 and name.lower() == b"content-length":
-            self.content_length = value
-        elif n == 17 and name.lower() == b"transfer-encoding":
-            self.transfer_encoding = True
-        elif _is_untrusted(name):
-            self.untrusted += 1
 
     def on_headers_complete(self) -> None:
         # llhttp resets its flags once the message is complete, so keep-alive and upgrade
@@ -225,6 +242,7 @@ class ForwardedRewriter:
         "_remaining",  # bytes left in a Content-Length body or in the current chunk
         "_events",  # _MessageEvents of the message being parsed, or None
         "_parser",  # its HttpRequestParser while a head or a chunked body is fed to it
+        "_idle",  # events + parser of a finished bodyless request, reused for the next head
         "_fixed_lines",  # b"X-Forwarded-For: ..\r\nX-Forwarded-Proto: ..\r\n[X-Forwarded-Host..]"
         "_copy_host",  # True when host=None: X-Forwarded-Host copies each request's Host
         "_max_head",
@@ -260,6 +278,7 @@ class ForwardedRewriter:
         self._remaining = 0
         self._events: _MessageEvents | None = None
         self._parser: httptools.HttpRequestParser | None = None
+        self._idle: _MessageEvents | None = None
         self._requests = 0
 
     # -- public API ---------------------------------------------------------------------
@@ -325,8 +344,7 @@ class ForwardedRewriter:
             # Exactly one whole head (the usual GET on a keep-alive connection): the same
             # parser, checks and result as below, without holding and slicing.
             try:
-                events = self._events = _MessageEvents()
-                self._parser = events.parser = httptools.HttpRequestParser(events)
+                self._start_message()
                 self._validate(buf)
                 return self._finish_head(buf)
             except RemoteProtocolError:
@@ -421,8 +439,7 @@ class ForwardedRewriter:
                 out.append(mv[start:pos])
                 if pos == n:
                     return pos
-            events = self._events = _MessageEvents()
-            self._parser = events.parser = httptools.HttpRequestParser(events)
+            self._start_message()
         new_pos, done = self._hold_until(mv, pos, b"\r\n\r\n", self._max_head, "request head")
         self._validate(mv[pos:new_pos])
         if done:
@@ -438,11 +455,13 @@ class ForwardedRewriter:
             raise RemoteProtocolError(f"llhttp did not complete the request head {head[:64]!r}")
         if ev.version not in ("1.1", "1.0"):
             raise RemoteProtocolError(f"unsupported HTTP version {ev.version!r} in {head[:64]!r}")
+        line_end = head.index(b"\r\n") + 2
+        ev.scan_fields(head, line_end - 1, self._copy_host)
         if len(ev.hosts) > 1:
             # RFC 9112 §3.2: a request with two Host fields is a 400.  The relay routed on
             # one of them; the local server might pick the other.
             raise RemoteProtocolError(f"request has {len(ev.hosts)} Host fields: {ev.hosts!r}")
-        rewritten = self._rewrite_head(head, ev)
+        rewritten = self._rewrite_head(head, line_end, ev)
         self._requests += 1
 
         # Upgrade (RFC 9110 §7.8) and CONNECT (§9.3.6): llhttp sets `upgrade` for CONNECT, and
@@ -492,26 +511,23 @@ class ForwardedRewriter:
             raise RemoteProtocolError(
                 f"framing disagreement with llhttp for Content-Length {ev.content_length!r}"
             )
-        self._drop_parser()  # a Content-Length body is sliced, never parsed
         if length:
+            self._drop_parser()  # a Content-Length body is sliced, never parsed
             self._state = _BODY
             self._remaining = length
         else:
             self._end_message()
         return rewritten
 
-    def _rewrite_head(self, head: bytes, ev: _MessageEvents) -> bytes:
+    def _rewrite_head(self, head: bytes, line_end: int, ev: _MessageEvents) -> bytes:
         # The new fields go right after the request line, as pagekite.py puts them, rather
         # than before the blank line: a server that silently ignores fields beyond a count
         # or size limit, or stops reading at a field it dislikes, still sees ours.  It is
         # safe against line folding: llhttp has rejected whitespace at the start of any
         # field line (obs-fold, RFC 9112 §5.2), so no client line can continue ours.
-        line_end = head.index(b"\r\n") + 2
         fields = head[line_end:]
         if ev.untrusted:
-            fields, count = _UNTRUSTED_FIELD.subn(UNTRUSTED_PREFIX, fields)
-            if count != ev.untrusted:
-                raise RemoteProtocolError(f"could not rename forwarding headers in {head!r}")
+            fields = _UNTRUSTED_FIELD.sub(UNTRUSTED_PREFIX, fields)
         extra = self._fixed_lines
         if self._copy_host and ev.hosts:
             extra += b"X-Forwarded-Host: " + ev.hosts[0] + b"\r\n"
@@ -612,9 +628,26 @@ class ForwardedRewriter:
         if ev.begun > 1:
             raise RemoteProtocolError("llhttp ended the message before kite's framer did")
 
+    def _start_message(self) -> None:
+        """A new request head begins: take the idle parser, or make one."""
+        events = self._idle
+        if events is None:
+            events = _MessageEvents()
+            events.parser = httptools.HttpRequestParser(events)
+        else:
+            self._idle = None
+            events.reset()
+        self._events = events
+        self._parser = events.parser
+
     def _end_message(self) -> None:
         ev = self._events
         keep_alive = ev is None or ev.keep_alive
+        if (keep_alive and ev is not None and self._parser is not None
+                and ev.message_complete and not ev.upgrade):
+            # llhttp ended this message itself and waits for the next one on the same
+            # connection: its parser can take the next head (a GET costs no new parser).
+            self._idle = ev
         self._events = None
         self._parser = None
         self._state = _HEAD if keep_alive else _DISCARD
@@ -626,6 +659,9 @@ class ForwardedRewriter:
 
     def _fail(self) -> None:
         self._drop_parser()
+        if self._idle is not None:
+            self._idle.parser = None
+            self._idle = None
         self._events = None
         self._held.clear()
         self._state = _CLOSED
