@@ -484,6 +484,8 @@ MALFORMED = {
     "second-request-cl-and-te": CURL_GET
     + b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
     "second-request-http2": CURL_GET + b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+    "rtsp": b"GET / RTSP/1.0\r\nHost: a\r\n\r\n",  # llhttp takes it; it is not HTTP
+    "ice": b"GET / ICE/1.0\r\nHost: a\r\n\r\n",
 }
 
 

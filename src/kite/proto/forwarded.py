@@ -206,7 +206,6 @@ class _MessageEvents:
         assert p is not None
         self.headers_complete = True
         self.method = p.get_method()
-        self.version = p.get_http_version()
         self.keep_alive = p.should_keep_alive()
         self.upgrade = p.should_upgrade()
 
@@ -453,9 +452,16 @@ class ForwardedRewriter:
         assert ev is not None
         if not ev.headers_complete:  # llhttp and the CRLFCRLF search disagree
             raise RemoteProtocolError(f"llhttp did not complete the request head {head[:64]!r}")
-        if ev.version not in ("1.1", "1.0"):
-            raise RemoteProtocolError(f"unsupported HTTP version {ev.version!r} in {head[:64]!r}")
         line_end = head.index(b"\r\n") + 2
+        # llhttp accepted the request line, so it ends in "<proto>/<digit>.<digit>"; it also
+        # takes RTSP/ and ICE/, which are not HTTP (and would not get X-Forwarded-* sense).
+        protocol = head[line_end - 10 : line_end - 2]
+        if protocol == b"HTTP/1.1":
+            ev.version = "1.1"
+        elif protocol == b"HTTP/1.0":
+            ev.version = "1.0"
+        else:
+            raise RemoteProtocolError(f"unsupported protocol {protocol!r} in {head[:64]!r}")
         ev.scan_fields(head, line_end - 1, self._copy_host)
         if len(ev.hosts) > 1:
             # RFC 9112 §3.2: a request with two Host fields is a 400.  The relay routed on
