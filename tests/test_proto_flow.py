@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kite.proto.flow import (KITE_ACK_STEP, KITE_MAX_WINDOW, KITE_MIN_WINDOW,
                              KITE_TUNNEL_BUDGET, PAGEKITE_WINDOW, AckPolicy, SendWindow,
@@ -149,3 +151,22 @@ def test_ack_policy_steps_and_forced_acks():
     assert a.due(KITE_ACK_STEP + 5000, force=True) is None  # nothing new
     with pytest.raises(ValueError):
         AckPolicy(100)
+
+
+@given(steps=st.lists(st.tuples(st.integers(0, 40 * MiB), st.integers(0, 40_000),
+                                st.integers(1, 3000), st.floats(0, 0.5)), max_size=40))
+def test_clear_below_never_hides_a_blocked_stream(steps):
+    # The per-read fast path skips blocked() while sent < clear_below: that must be exact
+    # for every sequence of sends, acks, stream counts and ack timings.
+    p = kite_policy()
+    w = SendWindow(p)
+    sent, now = 0, 0.0
+    for more, kib, streams, dt in steps:
+        sent += more
+        now += dt
+        p.set_streams(streams)
+        w.on_ack(kib, sent, now)
+        for probe in (sent, w.clear_below - 1, w.clear_below):
+            if probe < w.clear_below:
+                assert not w.blocked(probe)
+        assert w.clear_below == w.acked + p.min_window

@@ -364,7 +364,8 @@ class StreamProtocol(asyncio.BufferedProtocol):
         if not tunnel.flush_scheduled:
             tunnel.schedule_flush()
         stream = self.stream
-        if stream.send_window.blocked(self._slot.sent):
+        sent = self._slot.sent
+        if sent >= stream.send_window.clear_below and stream.send_window.blocked(sent):
             stream.window_paused = True
             stream.pause_reading()
         elif tunnel.write_paused:

@@ -124,7 +124,7 @@ class SendWindow:
     link), up to the share.
     """
 
-    __slots__ = ("policy", "acked", "want", "_t0", "_acked0")
+    __slots__ = ("policy", "acked", "want", "clear_below", "_t0", "_acked0")
 
     #: seconds of measured throughput a stream may keep in flight (twice, see above)
     RATE_HORIZON = 0.15
@@ -135,6 +135,9 @@ class SendWindow:
         self.policy = policy
         self.acked = 0  # bytes the peer has acknowledged (1024 * its latest SKB)
         self.want = policy.min_window  # what the measured throughput justifies
+        # Below this many bytes sent the stream cannot be blocked (the window is never under
+        # the floor): the per-read check is one comparison until a stream sends a lot.
+        self.clear_below = policy.min_window
         self._t0: Optional[float] = None  # start of the current throughput sample
         self._acked0 = 0
 
@@ -165,6 +168,7 @@ class SendWindow:
             acked = sent
         if acked > self.acked:
             self.acked = acked
+            self.clear_below = acked + self.policy.min_window
             if now is not None:
                 t0 = self._t0
                 if t0 is None:
