@@ -17,12 +17,13 @@ framing (RFC 9112) instead, so it knows at every byte whether it is in a head, i
 past an Upgrade, and it only ever edits heads:
 
 1. HEAD: bytes are held back (at most ``max_head``) until the blank line that ends the head.
-   Every byte is also fed, as it arrives, to a fresh strict ``httptools.HttpRequestParser``
-   (llhttp), which validates the head and rejects garbage at the first bad byte rather than
-   after ``max_head`` bytes.  CR/LF bytes between two messages are passed through
+   Every byte is also fed, as it arrives, to a strict ``httptools.HttpRequestParser``
+   (llhttp; a new one per request, or the previous request's when that one ended with its
+   head, as a GET does), which validates the head and rejects garbage at the first bad byte
+   rather than after ``max_head`` bytes.  CR/LF bytes between two messages are passed through
    (RFC 9112 §2.2 lets servers skip them; llhttp does).
 2. The complete head is rewritten (see :meth:`ForwardedRewriter._rewrite_head`) and sent.
-   The body framing is read from the headers llhttp reported: ``Content-Length`` -> BODY,
+   The body framing is read off the head llhttp accepted: ``Content-Length`` -> BODY,
    ``Transfer-Encoding`` (chunked last; llhttp enforces it) -> CHUNKED, neither -> no body.
 3. BODY: the next *n* bytes are sliced off and sent; no parser sees them.
 4. CHUNKED: kite's own framer finds the message end (size line -> data -> CRLF -> ... ->
