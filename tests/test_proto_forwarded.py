@@ -765,3 +765,24 @@ def test_fields_are_found_by_whole_name_in_any_case():
     assert_all_modes(data, expected)
     out = run([data], host=None)
     assert out.count(b"X-Forwarded-Host: a.example\r\n") == 3
+
+
+def test_parsers_are_shared_between_streams_and_idle_streams_hold_none():
+    # A parser whose request ended with its head goes back to a shared pool: an idle
+    # keep-alive stream holds no parser (memory per idle visitor), and the next head of any
+    # stream is judged by a pooled parser exactly as by a fresh one.
+    from kite.proto import forwarded
+
+    get = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    one, two = make(), make()
+    assert one.feed(get) == rewrite_head(get)
+    assert one._parser is None and one._events is None
+    assert 0 < len(forwarded._IDLE_PARSERS) <= forwarded._IDLE_PARSERS_MAX
+    with pytest.raises(RemoteProtocolError):
+        two.feed(b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n")
+    post = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n"
+    assert one.feed(post + b"ok" + get) == rewrite_head(post) + b"ok" + rewrite_head(get)
+    three = make()
+    for _ in range(3 * forwarded._IDLE_PARSERS_MAX):
+        assert three.feed(get) == rewrite_head(get)
+    assert len(forwarded._IDLE_PARSERS) <= forwarded._IDLE_PARSERS_MAX

@@ -62,6 +62,7 @@ renames the hyphenated spelling.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import re
 from typing import Union
@@ -104,6 +105,12 @@ _FIELD_SCAN = re.compile(
 )
 _HOST_VALUE = re.compile(rb"\nhost:([^\r]*)", re.IGNORECASE)
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+# Parsers (with their _MessageEvents) of requests that ended with their head, shared by all
+# rewriters for their next heads.  A deque: append and pop are atomic, so rewriters on event
+# loops in other threads may share it too (a popped pair belongs to one rewriter alone).
+_IDLE_PARSERS: collections.deque = collections.deque()
+_IDLE_PARSERS_MAX = 64
 # A value we put in a header ourselves: visible ASCII, no spaces, no CR/LF.
 _SAFE_VALUE = re.compile(rb"[!-~]+")
 
@@ -242,7 +249,6 @@ class ForwardedRewriter:
         "_remaining",  # bytes left in a Content-Length body or in the current chunk
         "_events",  # _MessageEvents of the message being parsed, or None
         "_parser",  # its HttpRequestParser while a head or a chunked body is fed to it
-        "_idle",  # events + parser of a finished bodyless request, reused for the next head
         "_fixed_lines",  # b"X-Forwarded-For: ..\r\nX-Forwarded-Proto: ..\r\n[X-Forwarded-Host..]"
         "_copy_host",  # True when host=None: X-Forwarded-Host copies each request's Host
         "_max_head",
@@ -278,7 +284,6 @@ class ForwardedRewriter:
         self._remaining = 0
         self._events: _MessageEvents | None = None
         self._parser: httptools.HttpRequestParser | None = None
-        self._idle: _MessageEvents | None = None
         self._requests = 0
 
     # -- public API ---------------------------------------------------------------------
@@ -636,13 +641,13 @@ class ForwardedRewriter:
             raise RemoteProtocolError("llhttp ended the message before kite's framer did")
 
     def _start_message(self) -> None:
-        """A new request head begins: take the idle parser, or make one."""
-        events = self._idle
-        if events is None:
+        """A new request head begins: take an idle parser, or make one."""
+        try:
+            events = _IDLE_PARSERS.pop()
+        except IndexError:
             events = _MessageEvents()
             events.parser = httptools.HttpRequestParser(events)
         else:
-            self._idle = None
             events.reset()
         self._events = events
         self._parser = events.parser
@@ -651,10 +656,14 @@ class ForwardedRewriter:
         ev = self._events
         keep_alive = ev is None or ev.keep_alive
         if (keep_alive and ev is not None and self._parser is not None
-                and ev.message_complete and not ev.upgrade):
-            # llhttp ended this message itself and waits for the next one on the same
-            # connection: its parser can take the next head (a GET costs no new parser).
-            self._idle = ev
+                and ev.message_complete and not ev.upgrade
+                and len(_IDLE_PARSERS) < _IDLE_PARSERS_MAX):
+            # llhttp ended this message itself and waits for the next one, as a fresh
+            # parser would: it can take the next head of any stream (a GET costs no new
+            # parser, and an idle keep-alive stream holds none).
+            _IDLE_PARSERS.append(ev)
+        elif ev is not None:
+            ev.parser = None  # break the parser <-> callbacks cycle
         self._events = None
         self._parser = None
         self._state = _HEAD if keep_alive else _DISCARD
@@ -666,9 +675,6 @@ class ForwardedRewriter:
 
     def _fail(self) -> None:
         self._drop_parser()
-        if self._idle is not None:
-            self._idle.parser = None
-            self._idle = None
         self._events = None
         self._held.clear()
         self._state = _CLOSED
