@@ -662,8 +662,8 @@ class ForwardedRewriter:
             # parser would: it can take the next head of any stream (a GET costs no new
             # parser, and an idle keep-alive stream holds none).
             _IDLE_PARSERS.append(ev)
-        elif ev is not None:
-            ev.parser = None  # break the parser <-> callbacks cycle
+        else:
+            self._drop_parser()
         self._events = None
         self._parser = None
         self._state = _HEAD if keep_alive else _DISCARD
