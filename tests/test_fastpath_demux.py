@@ -870,6 +870,38 @@ def test_sink_keeping_a_slice_is_memory_safe(fastpath):
         assert len(bytes(part)) == 299999
 
 
+def test_kept_slices_are_never_overwritten_and_are_accounted(fastpath):
+    # What a transport does with a queued payload slice (kite.tunnel.Stream._write_local).
+    kept = []
+    demux = fastpath.Demux(print)
+    demux.attach(fastpath.StreamSlot(1, lambda view: kept.append(view[:])))
+    first = frame(b"SID: 1\r\n\r\n" + b"a" * 30000)
+    demux.feed_data(first + frame(b"SID: 1\r\n\r\n" + b"b" * 20000)[:50])
+    assert demux.capacity == 65536 and demux.buffered == 50 and demux.pinned == 0
+    # Room for 60000 needs compaction; a kept slice covers the front, so the partial chunk
+    # moves to a new buffer of the same size and the old one counts as pinned.
+    view = demux.get_buffer(60000)
+    view[:10] = b"x" * 10
+    demux.buffer_updated(0)
+    assert demux.capacity == 65536 and demux.buffered == 50
+    assert demux.pinned == 65536
+    assert bytes(kept[0]) == b"a" * 30000
+    # Once the transport lets go, nothing is pinned; the old buffer is reused.
+    kept.clear()
+    gc.collect()
+    assert demux.pinned == 0
+    demux.feed_data(frame(b"SID: 1\r\n\r\n" + b"b" * 20000)[50:])
+    assert [bytes(k) for k in kept] == [b"b" * 20000]
+    # A fully parsed buffer is not rewound under a live slice either.
+    demux.feed_data(frame(b"SID: 1\r\n\r\n" + b"c" * 100))
+    assert bytes(kept[0]) == b"b" * 20000 and bytes(kept[1]) == b"c" * 100
+    # Without kept slices the buffer is compacted in place as before.
+    kept.clear()
+    demux.get_buffer(60000)
+    demux.buffer_updated(0)
+    assert demux.pinned == 0 and demux.capacity == 65536
+
+
 def test_sink_holding_an_export_is_tolerated(fastpath):
     # A PickleBuffer holds a buffer export of the view: view.release() raises BufferError,
     # which the demux tolerates (the view stays usable; its memory stays alive).

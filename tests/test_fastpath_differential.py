@@ -130,7 +130,7 @@ def demux_cases(draw):
         del stream[draw(st.integers(0, len(stream) - 1)) :]
     plan = draw(st.lists(
         st.tuples(st.sampled_from(["feed", "buffer"]), st.integers(1, 300),
-                  st.sampled_from([-1, 0, 1, 7, 100, 70000])),
+                  st.sampled_from([-1, 0, 1, 7, 100, 65200, 70000])),
         min_size=1, max_size=12))
     return {
         "stream": bytes(stream),
@@ -139,6 +139,10 @@ def demux_cases(draw):
         "corrupt_handler": draw(st.booleans()),
         "inflater": draw(st.sampled_from([True] * 7 + [False])),
         "max_chunk_size": draw(st.sampled_from([1 << 20] * 14 + [64, 300])),
+        # Sinks of these sids keep a slice of their view (as a transport queues one) for
+        # this many steps: the demux must never overwrite it and must account for it.
+        "keep": draw(st.sampled_from([(), (), (1,), (1, 2)])),
+        "keep_steps": draw(st.integers(0, 6)),
     }
 
 
@@ -156,11 +160,23 @@ def run_demux(impl, case):
         if calls[0] in case["raise_at"]:
             raise Boom(f"callback {calls[0]}")
 
+    kept = []  # [step when it goes, slice, its bytes when it was handed over]
+    step = 0
+
     def sink_for(sid):
         def sink(view):
             events.append(("data", sid, bytes(view), view.readonly))
+            if sid in case.get("keep", ()):
+                piece = view[1:]
+                kept.append([step + case["keep_steps"], piece, bytes(piece)])
             maybe_raise()
         return sink
+
+    def check_kept(final=False):
+        for entry in kept:
+            assert bytes(entry[1]) == entry[2], "a kept slice was overwritten"
+        if not final:
+            kept[:] = [e for e in kept if e[0] > step]
 
     def on_chunk(headers, payload):
         events.append(("chunk", headers, payload))
@@ -188,7 +204,7 @@ def run_demux(impl, case):
             events.append(("raise", type(exc).__name__, str(exc)))
             return None
 
-    stream, pos, step = case["stream"], 0, 0
+    stream, pos = case["stream"], 0
     while pos < len(stream):
         mode, size, hint = case["plan"][step % len(case["plan"])]
         step += 1
@@ -204,8 +220,11 @@ def run_demux(impl, case):
             view[:n] = piece[:n]
             call(demux.buffer_updated, n)
             pos += n
-        events.append(("state", demux.buffered, demux.chunks_received, demux.bytes_received))
+        check_kept()
+        events.append(("state", demux.buffered, demux.chunks_received, demux.bytes_received,
+                       demux.capacity, demux.pinned))
     call(demux.feed_data, b"")  # whatever an exception left buffered
+    check_kept(final=True)
     events.append(("end", demux.buffered, demux.chunks_received, demux.bytes_received,
                    [s.received for s in slots]))
     return events

@@ -74,11 +74,17 @@ cdef class Demux:
     cdef long long _cache_sid[SLOT_CACHE_SIZE]  # sid cached at [sid & MASK], or -1
     cdef PyObject* _cache_slot[SLOT_CACHE_SIZE]  # borrowed from _slots; the whole cache is
                                                  # cleared whenever _slots changes
+    cdef list _retired                   # blocks replaced while a view still held them (a
+                                         # payload slice a transport queued): the view keeps
+                                         # the block alive; pruned when no view holds it
+    cdef _Memory _spare                  # one such block no view holds any more, of the size
+                                         # the next replacement takes, else None
     cdef object _error                   # the FramingError that failed the demux, else None
     cdef bint _parsing                   # callbacks are running: re-entry is refused
 
     cdef int _reserve(self, Py_ssize_t n) except -1
     cdef int _new_buffer(self, Py_ssize_t newcap, Py_ssize_t live) except -1
+    cdef Py_ssize_t _prune(self) except -1
     cdef int _end_loan(self) except -1
     cdef int _clear_cache(self) noexcept
     cdef int _fail(self, exc) except -1

@@ -82,6 +82,11 @@ class Demux:
       ``(name, value)`` str pairs (latin-1 decoded, lines split at CRLF, name as sent, value
       with surrounding spaces and tabs stripped) in wire order, and ``payload`` a new ``bytes``.
 
+    The view is borrowed: it is released when the sink returns.  A sink may keep a *slice*
+    of it (``view[k:]``, e.g. queued by a transport's ``write``) instead of a copy: the
+    bytes a live slice covers are never overwritten, but the slice keeps the whole receive
+    buffer (``capacity`` bytes) allocated until it goes.
+
     A data chunk's sid is 1..10 ASCII digits with a value below 2**31; anything else (``+5``,
     ``2147483648``, a second header) makes it an ``on_chunk`` chunk.
 
@@ -138,6 +143,9 @@ class Demux:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet parsed (a partial chunk)."""
+    @property
+    def capacity(self) -> int:
+        """Size of the current receive buffer (what a kept payload slice keeps allocated)."""
 
 class ChunkWriter:
     """Encodes outgoing chunks into one coalesced buffer per flush.

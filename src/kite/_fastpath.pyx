@@ -19,7 +19,9 @@ What is different here is only *how*:
 * A sink gets a read-only memoryview made by ``PyMemoryView_FromObject`` over the
   ``_Memory`` exporter (not ``PyMemoryView_FromMemory``: such a view has no owner, so a
   slice a sink kept, e.g. ``view[2:]`` or ``memoryview(view)``, would point into freed
-  memory once the buffer grows; ours keeps the block alive).  After the call, if
+  memory once the buffer grows; ours keeps the block alive, and while any view of the
+  block lives the block is never compacted over: the bytes move to a new block).  After
+  the call, if
   ``Py_REFCNT(view) == 1`` nobody kept the view and dropping our reference releases it;
   only otherwise is ``view.release()`` called (so a view kept against the rules raises
   ValueError when used, as in the twin).  That saves a Python-level method call per chunk.
@@ -40,6 +42,7 @@ from cpython.buffer cimport (
 )
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_GetItem
+from cpython.list cimport PyList_GET_ITEM
 from cpython.long cimport PyLong_FromLongLong
 from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.number cimport PyNumber_Index
@@ -299,6 +302,8 @@ cdef class Demux:
         self._data = NULL
         self._cap = self._start = self._end = 0
         self._slots = {}
+        self._retired = []
+        self._spare = None
         self._parsing = False
         self._clear_cache()
 
@@ -320,6 +325,10 @@ cdef class Demux:
     @property
     def buffered(self):
         return self._end - self._start
+
+    @property
+    def capacity(self):
+        return self._cap
 
     def __repr__(self):
         state = "failed" if self._error is not None else "ok"
@@ -427,16 +436,25 @@ cdef class Demux:
         """Make ``_cap - _end >= n`` (no loan is out, no callback is running)."""
         cdef Py_ssize_t start = self._start, end = self._end, cap = self._cap
         cdef Py_ssize_t live = end - start, newcap
+        if live == 0 and start and _Py_REFCNT(<PyObject*>self._mem) == 1:
+            # All parsed: the next bytes go to the front again - unless a view still covers
+            # it (a payload slice a transport queued).
+            self._start = self._end = start = end = 0
         if live == 0 and cap > SHRINK_ABOVE:
             cap = 0  # drop the large buffer below
         elif cap - end >= n:
             return 0
         elif live + n <= cap:
-            # Compact: move the partial chunk to the front.
-            memmove(self._data, self._data + start, live)
-            self._start = 0
-            self._end = live
-            return 0
+            if _Py_REFCNT(<PyObject*>self._mem) == 1:
+                # Compact: move the partial chunk to the front.
+                memmove(self._data, self._data + start, live)
+                self._start = 0
+                self._end = live
+                return 0
+            # A slice of a payload view is still alive (a transport queued it): its bytes
+            # must not be overwritten, so the partial chunk moves to a new block of the
+            # same size and the old one goes with its last view.
+            return self._new_buffer(cap, live)
         newcap = 2 * cap
         if newcap < INITIAL_CAP:
             newcap = INITIAL_CAP
@@ -463,15 +481,48 @@ cdef class Demux:
             self._start = 0
             self._end = live
             return 0
-        mem = _new_memory(newcap)
+        # A view holds the block (a payload slice a transport queued, or a stale loan):
+        # it is retired, and freed (or reused) once the last view has gone.
+        self._prune()
+        mem = self._spare
+        if mem is not None and mem.size == newcap:
+            self._spare = None
+        else:
+            mem = _new_memory(newcap)
         if live:
             memcpy(mem.mem, self._data + self._start, live)
+        if self._mem is not None:
+            self._retired.append(self._mem)
         self._mem = mem
         self._data = mem.mem
         self._cap = newcap
         self._start = 0
         self._end = live
         return 0
+
+    cdef Py_ssize_t _prune(self) except -1:
+        """Forget retired blocks no view holds any more, but keep one of the current size
+        as ``_spare``; return the bytes of those still held."""
+        cdef list retired = self._retired
+        cdef list held
+        cdef PyObject* o
+        cdef Py_ssize_t i, n = len(retired), total = 0
+        if not n:
+            return 0
+        held = []
+        for i in range(n):
+            o = PyList_GET_ITEM(retired, i)  # borrowed: the list's is the only reference
+            if _Py_REFCNT(o) > 1:
+                held.append(<object>o)
+                total += (<_Memory>o).size
+            elif self._spare is None and (<_Memory>o).size == self._cap:
+                self._spare = <_Memory>o
+        self._retired = held
+        return total
+
+    @property
+    def pinned(self):
+        return self._prune()
 
     # -- parsing -----------------------------------------------------------------------
 
@@ -485,8 +536,6 @@ cdef class Demux:
             self._parse_chunks()
         finally:
             self._parsing = False
-            if self._start == self._end:
-                self._start = self._end = 0
         return 0
 
     cdef object _size_line_slow(self, Py_ssize_t pos):
@@ -593,7 +642,7 @@ cdef class Demux:
             # 4. A plain chunk: the hot case "SID: <digits>\r\n\r\n" first.
             p = data + body
             sid = -1
-            if a >= 11 and memcmp(p, b"SID: ", 5) == 0:
+            if a >= 10 and memcmp(p, b"SID: ", 5) == 0:
                 j = 5
                 sid = 0
                 lim = a if a < 5 + SID_DIGITS + 1 else 5 + SID_DIGITS + 1

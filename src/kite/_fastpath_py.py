@@ -36,7 +36,9 @@ live + n)`` when compacting is not enough, and an empty buffer larger than
 ``_SHRINK_ABOVE`` is dropped for a fresh small one (a peer that sent one huge chunk does
 not pin a huge buffer for the life of the tunnel).  A buffer is never resized in place:
 growing makes a new one, so a view a callback kept (against the rules) keeps the old
-memory alive instead of pointing into freed memory.
+memory alive instead of pointing into freed memory.  Nor is it compacted while a slice of
+a payload view lives (a sink may hand ``view[k:]`` to a transport instead of copying it):
+the partial chunk then moves to a new buffer of the same size.
 
 Views lent or handed to sinks are released when the loan or call ends.  A release fails
 with BufferError while someone holds a buffer export of the view: uvloop keeps one on the
@@ -49,6 +51,7 @@ ChunkWriter: appends framed chunks to one pending buffer; ``flush`` returns it a
 
 import operator
 import re
+import sys
 
 from .errors import CompressionError, FramingError, LocalProtocolError
 
@@ -225,6 +228,8 @@ class Demux:
         "_stale",  # a view whose release failed (BufferError), retried once
         "_slots",  # sid -> StreamSlot
         "_error",  # the FramingError that failed the demux, else None
+        "_retired",  # buffers replaced while a view held them; pruned when none does
+        "_spare",  # one retired buffer no view holds any more, for reuse; else None
         "_parsing",  # True while callbacks run: re-entering the demux is refused
     )
 
@@ -246,6 +251,8 @@ class Demux:
         self._cap = self._start = self._end = 0
         self._loan = self._stale = self._error = None
         self._slots = {}
+        self._retired = []  # buffers replaced while a view held them (see _reserve)
+        self._spare = None  # one such buffer no view holds any more, for reuse
         self._parsing = False
 
     @property
@@ -259,6 +266,19 @@ class Demux:
     @property
     def buffered(self):
         return self._end - self._start
+
+    @property
+    def capacity(self):
+        return self._cap
+
+    def _shared(self):
+        """True while a view of the buffer is alive: a payload view, a slice of one, a loan.
+
+        Every payload view and loan is made by its own ``memoryview(buf)``, which holds a
+        reference to the bytearray; the baseline is ``self._buf``, ``self._mv`` and the
+        argument of ``sys.getrefcount``.
+        """
+        return sys.getrefcount(self._buf) > 3
 
     def __repr__(self):
         state = "failed" if self._error is not None else "ok"
@@ -290,7 +310,8 @@ class Demux:
         if want > _MAX_LOAN:
             want = _MAX_LOAN
         self._reserve(want)
-        loan = self._loan = self._mv[self._end :]
+        # A view of its own, like payload views, so that _shared() counts a stale loan.
+        loan = self._loan = memoryview(self._buf)[self._end :]
         return loan
 
     def buffer_updated(self, nbytes):
@@ -348,23 +369,69 @@ class Demux:
         """Make ``_cap - _end >= n`` (no loan is out, no callback is running)."""
         start, end, cap = self._start, self._end, self._cap
         live = end - start
+        if live == 0 and start and not self._shared():
+            # All parsed: the next bytes go to the front again - unless a view still covers
+            # it (a payload slice a transport queued).
+            self._start = self._end = start = end = 0
         if live == 0 and cap > _SHRINK_ABOVE:
-            cap = 0  # drop the large buffer below
+            newcap = max(_INITIAL_CAP, n)  # drop the large buffer for a small one
         elif cap - end >= n:
             return
         elif live + n <= cap:
-            # Compact: move the partial chunk to the front.
-            self._buf[0:live] = self._buf[start:end]
-            self._start, self._end = 0, live
-            return
-        newcap = max(_INITIAL_CAP, 2 * cap, live + n)
-        buf = bytearray(newcap)
+            if not self._shared():
+                # Compact: move the partial chunk to the front.
+                self._buf[0:live] = self._buf[start:end]
+                self._start, self._end = 0, live
+                return
+            # A slice of a payload view is still alive (a transport queued it): its bytes
+            # must not be overwritten, so the partial chunk moves to a new buffer of the
+            # same size and the old one goes with its last view.
+            newcap = cap
+        else:
+            newcap = max(_INITIAL_CAP, 2 * cap, live + n)
+        held = self._shared()
+        if held:
+            # A view holds the buffer (a payload slice a transport queued, or a stale
+            # loan): it is retired, and freed (or reused) once the last view has gone.
+            self._prune()
+        spare = self._spare
+        if held and spare is not None and len(spare) == newcap:
+            buf, self._spare = spare, None
+        else:
+            buf = bytearray(newcap)
         buf[0:live] = self._buf[start:end]
+        if held:
+            self._retired.append(self._buf)
         self._buf = buf
         self._mv = memoryview(buf)
         self._ro = self._mv.toreadonly()
         self._cap = newcap
         self._start, self._end = 0, live
+
+    def _prune(self):
+        """Forget retired buffers no view holds any more, but keep one of the current size
+        as ``_spare``; return the bytes of those still held."""
+        retired = self._retired
+        if not retired:
+            return 0
+        held = []
+        total = 0
+        while retired:
+            buf = retired.pop()
+            # References: ``buf`` and the argument of getrefcount; any more are views.
+            if sys.getrefcount(buf) > 2:
+                held.append(buf)
+                total += len(buf)
+            elif self._spare is None and len(buf) == self._cap:
+                self._spare = buf
+            del buf
+        held.reverse()
+        self._retired = held
+        return total
+
+    @property
+    def pinned(self):
+        return self._prune()
 
     # -- parsing -----------------------------------------------------------------------
 
@@ -378,8 +445,6 @@ class Demux:
             self._parse_chunks()
         finally:
             self._parsing = False
-            if self._start == self._end:
-                self._start = self._end = 0
 
     def _parse_chunks(self):
         buf = self._buf
@@ -464,7 +529,9 @@ class Demux:
                         [("SID", digits.decode("latin-1"))], bytes(buf[sep + 4 : chunk_end])
                     )
                     continue
-                view = self._ro[sep + 4 : chunk_end]
+                # A view of its own (not a slice of self._ro) so that _shared() sees it
+                # and any slice a sink keeps.
+                view = memoryview(buf)[sep + 4 : chunk_end].toreadonly()
                 try:
                     sink(view)
                 finally:

@@ -71,6 +71,11 @@ FLUSH_NOW = 64 * 1024
 #: accepts chunks up to 1 MiB.  pagekite.py peers keep PAGEKITE_MAX_PAYLOAD.
 KITE_MAX_PAYLOAD = 128 * 1024 - 32
 KITE_FLUSH_NOW = 128 * 1024
+#: A queued tunnel->local payload this long or longer is kept as a slice of the demux's
+#: receive buffer instead of copied (Stream._write_local) ...
+KEEP_MIN = 16 * 1024
+#: ... while the receive buffers kept alive that way take less than this, per tunnel.
+KEEP_LIMIT = 16 * 1024 * 1024
 
 
 def set_nodelay(transport_or_sock) -> None:
@@ -148,12 +153,19 @@ class Stream:
         """Write a borrowed view to the local socket.
 
         When the transport has nothing queued, the bytes go straight to the socket with
-        write(2): the kernel's copy is the only one, where ``transport.write`` would need
-        its own ``bytes`` (the view dies with this call).  Order is kept - the transport's
-        queue is empty - and whatever the socket does not take now is queued as usual.
-        TLS transports (a visitor of ``kite connect --tls``) never take this path.
+        write(2): the kernel's copy is the only one.  Order is kept - the transport's queue
+        is empty - and whatever the socket does not take now is queued.  TLS transports
+        (a visitor of ``kite connect --tls``) never take the direct path.
+
+        What is queued is a slice of the demux's receive buffer, not a copy: the demux
+        never overwrites bytes a live slice covers (it moves on to another buffer), so a
+        local socket that takes bytes slower than the tunnel delivers them - the steady
+        state of an upload to a local server - costs no copy and no allocation per chunk.
+        A slice keeps its whole buffer allocated, so small rests are copied, and once the
+        buffers kept this way reach ``KEEP_LIMIT`` everything is copied until they drain.
         """
         fd = self.fd
+        k = 0
         if fd >= 0 and not transport.get_write_buffer_size() and not transport.is_closing():
             try:
                 k = os.write(fd, view)
@@ -163,9 +175,10 @@ class Stream:
                 k = 0  # a dead socket: the transport's own write below meets the error
             if k == len(view):
                 return
-            if k:
-                view = view[k:]
-        transport.write(bytes(view))
+        rest = view[k:]
+        if len(rest) < KEEP_MIN or self.tunnel.demux.pinned >= KEEP_LIMIT:
+            rest = bytes(rest)
+        transport.write(rest)
 
     def _pending_size(self) -> int:
         return sum(len(p) for p in self.pending or ())
