@@ -501,6 +501,10 @@ def http_put_file(sock: socket.socket, host: str, path: str, file_path: str, siz
                     n = os.sendfile(sock.fileno(), f.fileno(), sent, min(piece, size - sent))
                 except BlockingIOError:
                     continue
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    # The system under test closed the upload: a result, not a crash.
+                    return {"status": None, "bytes_sent": sent, "complete": False,
+                            "error": f"{type(exc).__name__} after {sent} bytes sent"}
                 if not n:
                     raise BenchError(f"PUT {path}: sendfile sent nothing at {sent} of {size}")
                 sent += n
@@ -1106,6 +1110,8 @@ def w_bulk(ctx: Ctx, run: Running) -> dict:
                 r = http_put_file(sock, run.host, name, ctx.bulk_path, size, deadline=deadline, tick=tick)
                 elapsed = time.monotonic() - t0
                 complete = r["complete"]
+                if r.get("error"):
+                    out["note"] = f"bulk up: the connection was closed ({r['error']})"
                 if complete:
                     nbytes = size
                     os.unlink(os.path.join(ctx.www, name.lstrip("/")))
@@ -1523,10 +1529,12 @@ def draw_png(res: Results, systems: List[str], args, path: str, meta: dict) -> O
         ax.set_xticks(range(len(shown)))
         ax.set_xticklabels(shown, rotation=30, ha="right", fontsize=8)
         ax.set_yscale("log")
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(bottom, top * 4)  # headroom: value labels and the legend stay apart
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", which="both", alpha=0.3)
         if len(series) > 1:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper right", ncol=len(series))
     fig.suptitle(f"kite relay benchmark, loopback, {meta['cpus']} CPUs, origin {meta['origin']}: "
                  f"median of {args.rounds} rounds, bars min..max (log scale)", fontsize=9)
     fig.tight_layout()
@@ -1757,7 +1765,8 @@ def run_rounds(ctx: Ctx, res: Results, systems: List[str]) -> None:
                     try:
                         m = funcs[w](ctx, run)
                         m.update(watch.result())
-                    except BenchError as exc:
+                    except (BenchError, OSError) as exc:
+                        # OSError: the system reset or refused a connection mid-workload.
                         prog.note(f"{name} round {rnd} {w}: {exc}")
                         res.emit({"type": "error", "round": rnd, "system": name, "workload": w,
                                   "error": str(exc)})
