@@ -285,25 +285,31 @@ def test_200_concurrent_streams_on_one_tunnel(tmp_path, loop_kind):
     run(main, loop_kind)
 
 
+async def start_download_server(size, piece):
+    """A local server that answers a request with ``size`` bytes, written 1 MiB at a time:
+    ``piece(offset)`` gives the MiB at ``offset``.  Returns (server, port)."""
+
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        try:
+            for offset in range(0, size, 1 << 20):
+                writer.write(piece(offset))
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
 def test_stalled_visitor_does_not_stall_other_streams(tmp_path, loop_kind):
     size = 64 * 1024 * 1024
 
     async def main():
         chunk = os.urandom(1 << 20)
-
-        async def handle(reader, writer):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-            try:
-                for _ in range(size >> 20):
-                    writer.write(chunk)
-                    await writer.drain()
-            except ConnectionError:
-                pass
-            writer.close()
-
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await start_download_server(size, lambda offset: chunk)
         async with kite_env(tmp_path, [http_kite("big.test.kite", port)]) as env:
             # The stalled visitor: asks for 64 MiB and never reads.
             r1, w1 = await asyncio.open_connection("127.0.0.1", env.port)
@@ -345,19 +351,7 @@ def test_queued_payload_slices_arrive_intact(tmp_path, loop_kind):
     body = os.urandom(size)
 
     async def main():
-        async def handle(reader, writer):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-            try:
-                for i in range(0, size, 1 << 20):
-                    writer.write(body[i : i + (1 << 20)])
-                    await writer.drain()
-            except ConnectionError:
-                pass
-            writer.close()
-
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await start_download_server(size, lambda i: body[i : i + (1 << 20)])
         async with kite_env(tmp_path, [http_kite("big.test.kite", port)]) as env:
             reader, writer = await asyncio.open_connection("127.0.0.1", env.port, limit=1 << 22)
             writer.write(b"GET / HTTP/1.1\r\nHost: big.test.kite\r\n\r\n")
