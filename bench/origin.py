@@ -3,8 +3,8 @@
 It does what the benchmark's nginx configuration does, and nothing more:
 
 * ``GET``/``HEAD /NAME``: a file from ``--root`` with ``Content-Length`` (sent with
-  ``loop.sendfile``, which is ``os.sendfile`` on plain asyncio and a read/write fallback on
-  uvloop);
+  ``loop.sendfile``, which is ``os.sendfile`` on plain asyncio; uvloop has none, so there
+  the file is read and written 1 MiB at a time);
 * ``PUT /up/NAME``: the body is written to ``ROOT/.tmp/`` as it arrives (so the benchmark can
   see how far a time-capped upload got), renamed to ``ROOT/up/NAME`` when complete, and
   answered ``201 Created``;
@@ -112,7 +112,12 @@ class Origin:
                     writer.write(f.read())
                 else:
                     await writer.drain()
-                    await asyncio.get_running_loop().sendfile(writer.transport, f)
+                    try:
+                        await asyncio.get_running_loop().sendfile(writer.transport, f)
+                    except NotImplementedError:  # uvloop has no loop.sendfile
+                        while piece := f.read(READ_PIECE):
+                            writer.write(piece)
+                            await writer.drain()
         await writer.drain()
         return not close
 

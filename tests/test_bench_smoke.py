@@ -157,3 +157,44 @@ def test_harness_runs_direct_and_kite(tmp_path):
     # Everything the harness started is gone, and so is its work directory.
     assert _harness_processes(meta["work_dir"]) == []
     assert not os.path.exists(meta["work_dir"])
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_builtin_origin_serves_and_stores_files(tmp_path, loop):
+    """bench/origin.py, the origin when nginx is missing: a file larger than one write
+    (loop.sendfile, which uvloop lacks) arrives intact, and a PUT lands in up/."""
+    import socket
+
+    root = tmp_path / "www"
+    (root / "up").mkdir(parents=True)
+    body = os.urandom(3 << 20)
+    (root / "big.bin").write_bytes(body)
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "origin.py"), "--port", "0",
+                             "--root", str(root), "--loop", loop], stderr=subprocess.PIPE)
+    try:
+        line = proc.stderr.readline().decode()
+        assert "origin listening on" in line, line
+        port = int(line.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"GET /big.bin HTTP/1.1\r\nHost: o\r\n\r\n")
+            data = b""
+            while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < len(body):
+                piece = sock.recv(1 << 20)
+                assert piece, f"closed after {len(data)} bytes"
+                data += piece
+            head, _, got = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and got == body
+            up = body[: 1 << 20]
+            sock.sendall(b"PUT /up/x.bin HTTP/1.1\r\nHost: o\r\nContent-Length: %d\r\n\r\n"
+                         % len(up) + up)
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                piece = sock.recv(65536)
+                assert piece
+                reply += piece
+            assert reply.startswith(b"HTTP/1.1 201")
+        assert (root / "up" / "x.bin").read_bytes() == up
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stderr.close()
