@@ -1,0 +1,352 @@
+#!/usr/bin/env python3
+"""Latency under load on a slow uplink: kite against pagekite.py, in one run.
+
+The case a home server meets every day: the backend's uplink is slow (10 Mbit/s here), one
+visitor downloads a big file, and another visitor asks for a small page meanwhile.  Both
+share the one tunnel, so the page's response queues behind whatever the download has in
+flight: the flow-control window decides how long the page waits.
+
+The uplink is emulated in user space (this kernel has no netem): the backend dials a
+shaper that forwards to the relay, passing backend->relay bytes at ``--rate`` with
+``--delay`` each way (relay->backend bytes are only delayed).  One shared FIFO per
+connection, like a modem's buffer.  Per system and round: a probe does sequential 1 KiB
+GETs on one keep-alive connection for ``--seconds`` with the link idle, then again while a
+second visitor downloads; medians over ``--rounds`` interleaved rounds.
+
+    python bench/uplink_bench.py                      # kite, pagekite, pagekite-tuned
+    python bench/uplink_bench.py --rate 20 --delay 20 --systems kite
+
+It measures, it does not assert (bench/README.md).  Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+HOST = "127.0.0.1"
+KITE = "app.uplink.kite"
+SECRET = "uplink-s3cr3t"
+PK_FE = "fe.uplink.kite"
+PK_TUNING = ["--select_loop_min_ms=0", "--max_read_bytes=262144"]
+
+
+# -- the shaper (run as a subprocess: python uplink_bench.py --shaper PORT TARGET RATE DELAY) --
+async def _shape(reader, writer, rate, delay):
+    """Copy reader -> writer, at ``rate`` bytes/s if rate, each piece ``delay`` s late."""
+    queue: asyncio.Queue = asyncio.Queue(maxsize=64)
+
+    async def sender():
+        while True:
+            due, data = await queue.get()
+            if data is None:
+                break
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    task = asyncio.ensure_future(sender())
+    next_free = time.monotonic()
+    try:
+        while True:
+            data = await reader.read(16384 if rate else 65536)
+            if not data:
+                break
+            if rate:
+                next_free = max(next_free, time.monotonic()) + len(data) / rate
+                wait = next_free - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            await queue.put((time.monotonic() + delay, data))
+    except ConnectionError:
+        pass
+    await queue.put((0.0, None))
+    await task
+
+
+def shaper_main(port, target, rate, delay):
+    async def handle(r1, w1):
+        try:
+            r2, w2 = await asyncio.open_connection(HOST, target)
+        except OSError:
+            w1.close()
+            return
+        await asyncio.gather(_shape(r1, w2, rate, delay), _shape(r2, w1, 0.0, delay),
+                             return_exceptions=True)
+
+    async def main():
+        server = await asyncio.start_server(handle, HOST, port)
+        print("shaper listening", file=sys.stderr, flush=True)
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+# -- processes ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class Procs:
+    """Every process this script starts, killed by PID at the end."""
+
+    def __init__(self, work):
+        self.work = work
+        self.live = []
+
+    def start(self, name, argv, env=None):
+        log = os.path.join(self.work, name + ".log")
+        p = subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env,
+                             cwd=self.work, start_new_session=True)
+        p.log = log
+        self.live.append(p)
+        return p
+
+    def wait_log(self, p, pattern, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(p.log, "rb") as f:
+                if re.search(pattern.encode(), f.read()):
+                    return
+            if p.poll() is not None:
+                break
+            time.sleep(0.05)
+        with open(p.log, "rb") as f:
+            tail = f.read()[-2000:].decode(errors="replace")
+        raise RuntimeError(f"{os.path.basename(p.log)}: no {pattern!r}:\n{tail}")
+
+    def stop(self, *procs):
+        for p in procs or list(self.live):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            p.wait()
+            if p in self.live:
+                self.live.remove(p)
+
+
+def start_system(name, procs, ctx):
+    """Start relay + shaper + backend of ``name``; returns (processes, relay port)."""
+    relay_port, shaper_port = free_port(), free_port()
+    if name == "kite":
+        env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
+        relay = procs.start("kite-relay", [
+            sys.executable, "-m", "kite", "relay", "--listen", f"{HOST}:{relay_port}",
+            "--tls-cert", ctx["cert"], "--tls-key", ctx["key"], "--kite", f"*:*.uplink.kite:{SECRET}"],
+            env=env)
+        procs.wait_log(relay, "relay listening on ")
+    else:
+        tuning = PK_TUNING if name == "pagekite-tuned" else []
+        relay = procs.start("pagekite-fe", [
+            ctx["pagekite"], "--clean", "--noproxy", "--isfrontend", f"--host={HOST}",
+            f"--ports={relay_port}", "--protos=http", f"--tls_endpoint={PK_FE}:{ctx['pk_pem']}",
+            f"--domain=*:{KITE}:{SECRET}", "--logfile=stdio"] + tuning)
+        procs.wait_log(relay, "listen=")
+    shaper = procs.start("shaper", [sys.executable, os.path.abspath(__file__), "--shaper",
+                                    str(shaper_port), str(relay_port), str(ctx["rate"]),
+                                    str(ctx["delay"])])
+    procs.wait_log(shaper, "shaper listening")
+    if name == "kite":
+        backend = procs.start("kite-expose", [
+            sys.executable, "-m", "kite", "expose", f"http://{HOST}:{ctx['origin_port']}", KITE,
+            "--relay", f"{HOST}:{shaper_port}", "--ca", ctx["cert"], "--secret", SECRET], env=env)
+        procs.wait_log(backend, "kite flying")
+    else:
+        backend = procs.start("pagekite-be", [
+            ctx["pagekite"], "--clean", "--noproxy", f"--frontend={HOST}:{shaper_port}",
+            f"--fe_certname={PK_FE}", f"--ca_certs={ctx['pk_pem']}",
+            f"--service_on=http:{KITE}:{HOST}:{ctx['origin_port']}:{SECRET}",
+            "--logfile=stdio"] + tuning)
+        procs.wait_log(backend, re.escape(f"domain={KITE}"))
+    deadline = time.monotonic() + 60
+    while True:  # served end to end?
+        try:
+            with socket.create_connection((HOST, relay_port), timeout=5) as s:
+                if get(s, "/s.bin")[0] == 200:
+                    break
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: the kite is not served")
+        time.sleep(0.2)
+    return [relay, shaper, backend], relay_port
+
+
+# -- clients -----------------------------------------------------------------------------------
+def get(sock, path):
+    """One keep-alive GET; returns (status, body bytes)."""
+    sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path.encode(), KITE.encode()))
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise ValueError("connection closed")
+        buf += data
+    head, _, body = buf.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    n = int(m.group(1)) if m else 0
+    while len(body) < n:
+        data = sock.recv(65536)
+        if not data:
+            raise ValueError("connection closed")
+        body += data
+    return status, len(body)
+
+
+def probe(port, seconds, gap=0.05):
+    """Sequential small GETs on one connection for ``seconds``; latencies in ms."""
+    lat = []
+    with socket.create_connection((HOST, port), timeout=30) as s:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            status, n = get(s, "/s.bin")
+            lat.append((time.perf_counter() - t0) * 1000.0)
+            if status != 200 or n != 1024:
+                raise RuntimeError(f"probe: status {status}, {n} bytes")
+            time.sleep(gap)
+    return lat
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+
+def measure(port, seconds):
+    idle = probe(port, min(seconds, 2.0))
+    moved, stop = [0], threading.Event()
+
+    def download():
+        try:
+            with socket.create_connection((HOST, port), timeout=30) as s:
+                s.sendall(b"GET /big.bin HTTP/1.1\r\nHost: %s\r\n\r\n" % KITE.encode())
+                while not stop.is_set():
+                    data = s.recv(1 << 20)
+                    if not data:
+                        break
+                    moved[0] += len(data)
+        except OSError:
+            pass
+
+    th = threading.Thread(target=download, daemon=True)
+    th.start()
+    time.sleep(1.5)  # past the download's start-up: its window has grown
+    m0, t0 = moved[0], time.monotonic()
+    busy = probe(port, seconds)
+    rate = (moved[0] - m0) / (time.monotonic() - t0)
+    stop.set()
+    return {"idle_p50_ms": pct(idle, 0.5), "p50_ms": pct(busy, 0.5), "p90_ms": pct(busy, 0.9),
+            "max_ms": max(busy), "probes": len(busy), "download_MBps": rate / 1e6}
+
+
+# -- main --------------------------------------------------------------------------------------
+def main(argv=None):
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--shaper":
+        port, target, rate, delay = sys.argv[2:6]
+        return shaper_main(int(port), int(target), float(rate), float(delay))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--systems", default="kite,pagekite,pagekite-tuned")
+    ap.add_argument("--rate", type=float, default=10.0, help="uplink, Mbit/s (default 10)")
+    ap.add_argument("--delay", type=float, default=10.0, help="one-way delay, ms (default 10)")
+    ap.add_argument("--seconds", type=float, default=6.0, help="probing time under load")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", default="", help="JSON lines to this file")
+    args = ap.parse_args(argv)
+    systems = [s for s in args.systems.split(",") if s]
+    work = tempfile.mkdtemp(prefix="kite-uplink-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    procs = Procs(work)
+    out = open(args.json, "w") if args.json else None
+    ctx = {"rate": args.rate * 1e6 / 8, "delay": args.delay / 1000.0, "pagekite": shutil.which("pagekite")}
+    try:
+        www = os.path.join(work, "www")
+        os.makedirs(os.path.join(www, "up"))
+        with open(os.path.join(www, "big.bin"), "wb") as f:
+            f.write(os.urandom(64 << 20))  # random: pagekite.py compresses what it can
+        with open(os.path.join(www, "s.bin"), "wb") as f:
+            f.write(os.urandom(1024))
+        ctx["cert"], ctx["key"] = os.path.join(work, "relay.crt"), os.path.join(work, "relay.key")
+        pk_crt, pk_key = os.path.join(work, "pk.crt"), os.path.join(work, "pk.key")
+        for crt, key, cn, san in ((ctx["cert"], ctx["key"], "localhost", "DNS:localhost,IP:127.0.0.1"),
+                                  (pk_crt, pk_key, PK_FE, f"DNS:{PK_FE}")):
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                            "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", f"/CN={cn}",
+                            "-addext", f"subjectAltName={san}", "-keyout", key, "-out", crt],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ctx["pk_pem"] = os.path.join(work, "pk.pem")
+        with open(ctx["pk_pem"], "w") as f:
+            f.write(open(pk_key).read() + open(pk_crt).read())
+        origin = procs.start("origin", [sys.executable, os.path.join(HERE, "origin.py"), "--port",
+                                        "0", "--root", www])
+        procs.wait_log(origin, r"origin listening on [\d.]+:\d+")
+        with open(origin.log) as f:
+            ctx["origin_port"] = int(re.search(r"origin listening on [\d.]+:(\d+)", f.read()).group(1))
+        if not ctx["pagekite"]:
+            systems = [s for s in systems if not s.startswith("pagekite")]
+            print("pagekite.py not installed (apt-get install pagekite): skipped")
+        results = {s: [] for s in systems}
+        print(f"uplink {args.rate:g} Mbit/s, {args.delay:g} ms each way; {args.rounds} interleaved "
+              f"rounds of {args.seconds:g} s; 1 KiB GETs on one connection, 50 ms apart, while "
+              f"another visitor downloads 64 MiB", flush=True)
+        for rnd in range(1, args.rounds + 1):
+            for name in systems[rnd - 1:] + systems[:rnd - 1]:
+                try:
+                    started, port = start_system(name, procs, ctx)
+                except RuntimeError as exc:
+                    print(f"  round {rnd} {name}: did not start: {str(exc).splitlines()[0]}")
+                    procs.stop(*[p for p in procs.live if p is not origin])
+                    continue
+                try:
+                    r = measure(port, args.seconds)
+                finally:
+                    procs.stop(*started)
+                results[name].append(r)
+                if out:
+                    out.write(json.dumps({"system": name, "round": rnd, "rate_mbit": args.rate,
+                                          "delay_ms": args.delay, **r}) + "\n")
+                    out.flush()
+                print(f"  round {rnd} {name}: p50 {r['p50_ms']:.0f} ms while downloading "
+                      f"{r['download_MBps']:.2f} MB/s", flush=True)
+        cols = ("idle_p50_ms", "p50_ms", "p90_ms", "max_ms", "download_MBps")
+        print(f"\n{'system':<16}" + "".join(f"{c:>16}" for c in cols))
+        for name in systems:
+            if not results[name]:
+                continue
+            row = [statistics.median(r[c] for r in results[name]) for c in cols]
+            print(f"{name:<16}" + "".join(f"{v:>16.2f}" if c == "download_MBps" else f"{v:>16.1f}"
+                                          for c, v in zip(cols, row)))
+        print("(ms: a 1 KiB GET's time; idle = with the link idle; the rest during the download)")
+    finally:
+        procs.stop()
+        if out:
+            out.close()
+        if os.environ.get("UPLINK_KEEP"):
+            print("kept", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
