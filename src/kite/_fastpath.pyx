@@ -436,12 +436,15 @@ cdef class Demux:
         """Make ``_cap - _end >= n`` (no loan is out, no callback is running)."""
         cdef Py_ssize_t start = self._start, end = self._end, cap = self._cap
         cdef Py_ssize_t live = end - start, newcap
+        if live == 0 and self._retired:
+            self._prune()  # free the retired blocks whose slices have gone since
         if live == 0 and start and _Py_REFCNT(<PyObject*>self._mem) == 1:
             # All parsed: the next bytes go to the front again - unless a view still covers
             # it (a payload slice a transport queued).
             self._start = self._end = start = end = 0
         if live == 0 and cap > SHRINK_ABOVE:
-            cap = 0  # drop the large buffer below
+            cap = 0  # drop the large buffer below, and the spare of its size
+            self._spare = None
         elif cap - end >= n:
             return 0
         elif live + n <= cap:

@@ -369,12 +369,15 @@ class Demux:
         """Make ``_cap - _end >= n`` (no loan is out, no callback is running)."""
         start, end, cap = self._start, self._end, self._cap
         live = end - start
+        if live == 0 and self._retired:
+            self._prune()  # free the retired buffers whose slices have gone since
         if live == 0 and start and not self._shared():
             # All parsed: the next bytes go to the front again - unless a view still covers
             # it (a payload slice a transport queued).
             self._start = self._end = start = end = 0
         if live == 0 and cap > _SHRINK_ABOVE:
-            newcap = max(_INITIAL_CAP, n)  # drop the large buffer for a small one
+            newcap = max(_INITIAL_CAP, n)  # drop the large buffer for a small one, and the
+            self._spare = None  # spare of its size
         elif cap - end >= n:
             return
         elif live + n <= cap:
