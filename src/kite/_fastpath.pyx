@@ -21,10 +21,10 @@ What is different here is only *how*:
   slice a sink kept, e.g. ``view[2:]`` or ``memoryview(view)``, would point into freed
   memory once the buffer grows; ours keeps the block alive, and while any view of the
   block lives the block is never compacted over: the bytes move to a new block).  After
-  the call, if
-  ``Py_REFCNT(view) == 1`` nobody kept the view and dropping our reference releases it;
-  only otherwise is ``view.release()`` called (so a view kept against the rules raises
-  ValueError when used, as in the twin).  That saves a Python-level method call per chunk.
+  the call, if ``Py_REFCNT(view) == 1`` nobody kept the view and dropping our reference
+  releases it; only otherwise is ``view.release()`` called (so a view kept against the
+  rules raises ValueError when used, as in the twin).  That saves a Python-level method
+  call per chunk.
 * ChunkWriter frames straight into a ``bytes`` object under construction and ``flush()``
   shrinks it with ``_PyBytes_Resize`` and hands it over (measured: 1.7x faster than
   copying into an exact-size bytes at 16 KiB payloads, equal at 64 B; a bytearray hand-off
