@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kite.proto.flow import (KITE_ACK_STEP, KITE_MAX_WINDOW, KITE_MIN_WINDOW,
+from kite.proto.flow import (KITE_ACK_STEP, KITE_MAX_WINDOW, KITE_MIN_WINDOW, KITE_RATE_FLOOR,
                              KITE_TUNNEL_BUDGET, PAGEKITE_WINDOW, AckPolicy, SendWindow,
                              WindowPolicy)
 
@@ -14,7 +14,8 @@ MiB = 1024 * 1024
 
 
 def kite_policy():
-    return WindowPolicy(KITE_MIN_WINDOW, KITE_MAX_WINDOW, KITE_TUNNEL_BUDGET)
+    return WindowPolicy(KITE_MIN_WINDOW, KITE_MAX_WINDOW, KITE_TUNNEL_BUDGET,
+                        rate_floor=KITE_RATE_FLOOR)
 
 
 def test_one_stream_gets_the_whole_budget_and_many_share_it_down_to_the_floor():
@@ -99,12 +100,20 @@ def test_throughput_earns_the_window_and_losing_it_shrinks_it_again():
         windows.append(w.window)
     assert KITE_MIN_WINDOW < windows[0] < windows[1] < windows[2]
     assert windows[-1] == 16 * MiB
-    # The far end slows to 1 MB/s (a 10 Mbit/s uplink, a slow visitor): back to the floor.
+    # The far end slows to 1.25 MB/s (a 10 Mbit/s uplink): twice 0.15 s of that, below the
+    # 1 MiB a stream starts with.
     for _ in range(3):
-        acked += 100_000
+        acked += 125_000
         now += 0.1
         w.on_ack(acked // 1024, acked + 16 * MiB, now=now)
-    assert w.window == KITE_MIN_WINDOW
+    assert KITE_RATE_FLOOR < w.window < KITE_MIN_WINDOW
+    assert abs(w.window - 375_000) < 20_000
+    # A stalled far end: down to the rate floor, which is more than one ack step.
+    for _ in range(3):
+        now += 0.1
+        w.on_ack(acked // 1024, acked + 16 * MiB, now=now)
+        acked += 1024
+    assert w.window == KITE_RATE_FLOOR > KITE_ACK_STEP
 
 
 def test_samples_shorter_than_the_interval_do_not_count():
@@ -140,6 +149,8 @@ def test_policy_rejects_nonsense():
         WindowPolicy(512)
     with pytest.raises(ValueError, match="below min_window"):
         WindowPolicy(2 * MiB, 1 * MiB)
+    with pytest.raises(ValueError, match="rate_floor"):
+        WindowPolicy(1 * MiB, 2 * MiB, rate_floor=2 * MiB)
 
 
 def test_ack_policy_steps_and_forced_acks():
@@ -169,4 +180,4 @@ def test_clear_below_never_hides_a_blocked_stream(steps):
         for probe in (sent, w.clear_below - 1, w.clear_below):
             if probe < w.clear_below:
                 assert not w.blocked(probe)
-        assert w.clear_below == w.acked + p.min_window
+        assert w.clear_below == w.acked + p.rate_floor

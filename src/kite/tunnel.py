@@ -42,6 +42,7 @@ from .proto.flow import (
     KITE_ACK_STEP,
     KITE_MAX_WINDOW,
     KITE_MIN_WINDOW,
+    KITE_RATE_FLOOR,
     KITE_TUNNEL_BUDGET,
     PAGEKITE_ACK_STEP,
     PAGEKITE_WINDOW,
@@ -520,7 +521,8 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         if kite_peer:
             self.writer = ChunkWriter(max_payload=KITE_MAX_PAYLOAD)
             self.flush_at = KITE_FLUSH_NOW
-            self.policy = WindowPolicy(KITE_MIN_WINDOW, KITE_MAX_WINDOW, KITE_TUNNEL_BUDGET)
+            self.policy = WindowPolicy(KITE_MIN_WINDOW, KITE_MAX_WINDOW, KITE_TUNNEL_BUDGET,
+                                       rate_floor=KITE_RATE_FLOOR)
             self.policy.set_streams(len(self.streams))
             self.ack_step = KITE_ACK_STEP
             self.buffer_limit = 2 * KITE_MAX_WINDOW + 256 * 1024

@@ -36,10 +36,13 @@ the two counts agreeing.
 
 A big window has a price on a slow link: the data in flight queues in the tunnel ahead of
 other visitors' small requests (head-of-line blocking), and 16 MiB on a 10 Mbit/s uplink
-is 13 s.  So a stream earns its share by measured throughput (:class:`SendWindow`): its
-limit is twice what its acknowledgements show it moves in 0.15 s, at least the 1 MiB floor.
-The stream with the fast far end gets the whole share within milliseconds; one behind a
-slow uplink or a slow visitor keeps the floor, as with a fixed 1 MiB window.
+is 13 s.  So a stream earns its share by measured throughput (:class:`SendWindow`): it
+starts at the 1 MiB floor, and its limit is twice what its acknowledgements show it moves
+in 0.15 s.  The stream with the fast far end gets the whole share within milliseconds; one
+behind a slow uplink or a slow visitor shrinks below the floor, to ``KITE_RATE_FLOOR``
+(320 KiB: one ack step and a bit, so the peer's next ack always comes).  On a 10 Mbit/s
+uplink that is ~375 KB, 0.3 s of the link, where the 1 MiB floor was 0.84 s
+(``bench/uplink_bench.py``).
 
 Sans-IO: these classes only count; the tunnel pauses and resumes transports.
 """
@@ -53,6 +56,7 @@ __all__ = [
     "KITE_MAX_WINDOW",
     "KITE_TUNNEL_BUDGET",
     "KITE_ACK_STEP",
+    "KITE_RATE_FLOOR",
     "PAGEKITE_WINDOW",
     "PAGEKITE_ACK_STEP",
     "KITE_FLOW_FEATURE",
@@ -71,6 +75,10 @@ KITE_MAX_WINDOW = 16 * 1024 * 1024
 KITE_TUNNEL_BUDGET = 16 * 1024 * 1024
 #: How often kite acks towards a kite peer: four acks per smallest window.
 KITE_ACK_STEP = KITE_MIN_WINDOW // 4
+#: Smallest window of a stream whose throughput has been measured low (a slow uplink, a slow
+#: visitor): it starts at KITE_MIN_WINDOW and may shrink to this.  One ack step and a bit,
+#: so that the peer's next ack (every KITE_ACK_STEP written) always comes.
+KITE_RATE_FLOOR = KITE_ACK_STEP + 64 * 1024
 #: pagekite.py's own limit: it pauses at 3 * 16256 bytes (~47.6 KiB) unacknowledged.
 PAGEKITE_WINDOW = 3 * 16256
 #: How often kite acks towards pagekite.py: well inside its 47.6 KiB window.
@@ -85,16 +93,20 @@ class WindowPolicy:
     them.  A fixed policy (``min_window == max_window``) is what pagekite.py peers get.
     """
 
-    __slots__ = ("window", "min_window", "max_window", "budget", "streams")
+    __slots__ = ("window", "min_window", "max_window", "budget", "streams", "rate_floor")
 
     def __init__(self, min_window: int, max_window: Optional[int] = None,
-                 budget: Optional[int] = None) -> None:
+                 budget: Optional[int] = None, rate_floor: Optional[int] = None) -> None:
         if min_window < 1024:
             raise ValueError(f"flow-control window {min_window!r} is below 1 KiB")
         max_window = min_window if max_window is None else max_window
         if max_window < min_window:
             raise ValueError(f"max_window {max_window!r} is below min_window {min_window!r}")
+        rate_floor = min_window if rate_floor is None else rate_floor
+        if not 1024 <= rate_floor <= min_window:
+            raise ValueError(f"rate_floor {rate_floor!r} is outside 1 KiB..min_window")
         self.min_window = min_window
+        self.rate_floor = rate_floor  # what a stream measured slow may shrink to
         self.max_window = max_window
         self.budget = max_window if budget is None else budget
         self.streams = 0
@@ -119,7 +131,8 @@ class SendWindow:
     bytes acknowledged per ``RATE_HORIZON`` seconds (throughput measured over at least
     ``RATE_INTERVAL``), so a stream keeps at most ~0.3 s of its own data queued ahead of the
     other streams.  On loopback or a fast link that is the whole share at once; on a
-    10 Mbit/s uplink it stays at the floor.  A window-limited stream doubles its limit per
+    10 Mbit/s uplink ~375 KB (never below the policy's ``rate_floor``).  A window-limited
+    stream doubles its limit per
     round trip while the round trip is under 2 * RATE_HORIZON (0.3 s: every terrestrial
     link), up to the share.
     """
@@ -136,19 +149,19 @@ class SendWindow:
         self.acked = 0  # bytes the peer has acknowledged (1024 * its latest SKB)
         self.want = policy.min_window  # what the measured throughput justifies
         # Below this many bytes sent the stream cannot be blocked (the window is never under
-        # the floor): the per-read check is one comparison until a stream sends a lot.
-        self.clear_below = policy.min_window
+        # the rate floor): the per-read check is one comparison until a stream sends a lot.
+        self.clear_below = policy.rate_floor
         self._t0: Optional[float] = None  # start of the current throughput sample
         self._acked0 = 0
 
     @property
     def window(self) -> int:
-        """The limit now: the floor <= limit <= this stream's share of the budget."""
+        """The limit now: the rate floor <= limit <= this stream's share of the budget."""
         p = self.policy
         w = p.window
         want = self.want
         if want < w:
-            w = want if want > p.min_window else p.min_window
+            w = want if want > p.rate_floor else p.rate_floor
         return w
 
     def blocked(self, sent: int) -> bool:
@@ -168,7 +181,7 @@ class SendWindow:
             acked = sent
         if acked > self.acked:
             self.acked = acked
-            self.clear_below = acked + self.policy.min_window
+            self.clear_below = acked + self.policy.rate_floor
             if now is not None:
                 t0 = self._t0
                 if t0 is None:
