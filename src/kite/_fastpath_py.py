@@ -220,7 +220,6 @@ class Demux:
         "_max_chunk_size",
         "_buf",  # bytearray; never resized in place (see the module docstring)
         "_mv",  # writable memoryview of _buf: loans are slices of it
-        "_ro",  # read-only memoryview of _buf: payload views are slices of it
         "_cap",  # len(_buf)
         "_start",  # parse position: _buf[_start:_end] is received but not parsed
         "_end",  # fill position: _buf[_end:] is free
@@ -247,7 +246,7 @@ class Demux:
         self._bytes_received = 0
         self._max_chunk_size = max_chunk_size
         self._buf = bytearray()
-        self._mv = self._ro = memoryview(self._buf)
+        self._mv = memoryview(self._buf)
         self._cap = self._start = self._end = 0
         self._loan = self._stale = self._error = None
         self._slots = {}
@@ -407,7 +406,6 @@ class Demux:
             self._retired.append(self._buf)
         self._buf = buf
         self._mv = memoryview(buf)
-        self._ro = self._mv.toreadonly()
         self._cap = newcap
         self._start, self._end = 0, live
 
@@ -532,7 +530,7 @@ class Demux:
                         [("SID", digits.decode("latin-1"))], bytes(buf[sep + 4 : chunk_end])
                     )
                     continue
-                # A view of its own (not a slice of self._ro) so that _shared() sees it
+                # A view of its own (not a slice of self._mv) so that _shared() sees it
                 # and any slice a sink keeps.
                 view = memoryview(buf)[sep + 4 : chunk_end].toreadonly()
                 try:

@@ -132,9 +132,8 @@ class SendWindow:
     ``RATE_INTERVAL``), so a stream keeps at most ~0.3 s of its own data queued ahead of the
     other streams.  On loopback or a fast link that is the whole share at once; on a
     10 Mbit/s uplink ~375 KB (never below the policy's ``rate_floor``).  A window-limited
-    stream doubles its limit per
-    round trip while the round trip is under 2 * RATE_HORIZON (0.3 s: every terrestrial
-    link), up to the share.
+    stream doubles its limit per round trip while the round trip is under 2 * RATE_HORIZON
+    (0.3 s: every terrestrial link), up to the share.
     """
 
     __slots__ = ("policy", "acked", "want", "clear_below", "_t0", "_acked0")
