@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from kite.aio import new_event_loop
+from kite.net.aio import new_event_loop
 from kite.backend.connector import Backend
 from kite.config import BackendConfig, KiteSpec, RelaySpec, Target
-from kite.relay.registry import GrantTable, parse_grant
+from kite.relay.grants import GrantTable, parse_grant
 from kite.relay.server import RelayConfig, RelayServer
 from kite.tls import generate_self_signed
 

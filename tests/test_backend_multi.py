@@ -60,10 +60,10 @@ public_port = 22
                 await backend.wait_flying(20)
                 for c in backend.connectors:
                     await asyncio.wait_for(_all_flying(c), 10)
-                assert len(env1.relay.tunnels) == 1 and len(env2.relay.tunnels) == 1
-                assert env1.relay.routes.kites() == [("http", "web.test.kite"),
+                assert len(env1.relay.state.tunnels) == 1 and len(env2.relay.state.tunnels) == 1
+                assert env1.relay.state.routes.kites() == [("http", "web.test.kite"),
                                                      ("raw-22", "box.test.kite")]
-                assert env2.relay.routes.kites() == [("http", "api.test.kite"),
+                assert env2.relay.state.routes.kites() == [("http", "api.test.kite"),
                                                      ("http", "web.test.kite"),
                                                      ("raw-22", "box.test.kite")]
                 for env in (env1, env2):
@@ -113,7 +113,7 @@ def test_backend_drains_open_streams_on_stop(tmp_path, loop_kind):
                                                   kites=[http_kite("drain.test.kite", port)])])
             stop = asyncio.Event()
             task = asyncio.ensure_future(serve_backend(cfg, stop))
-            while not env.relay.routes.kites():
+            while not env.relay.state.routes.kites():
                 await asyncio.sleep(0.01)
             reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
             writer.write(b"GET / HTTP/1.1\r\nHost: drain.test.kite\r\n\r\n")

@@ -871,7 +871,7 @@ def test_sink_keeping_a_slice_is_memory_safe(fastpath):
 
 
 def test_kept_slices_are_never_overwritten_and_are_accounted(fastpath):
-    # What a transport does with a queued payload slice (kite.tunnel.Stream._write_local).
+    # What a transport does with a queued payload slice (kite.net.tunnel.Stream._write_local).
     kept = []
     demux = fastpath.Demux(print)
     demux.attach(fastpath.StreamSlot(1, lambda view: kept.append(view[:])))

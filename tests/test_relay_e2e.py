@@ -279,7 +279,7 @@ def test_200_concurrent_streams_on_one_tunnel(tmp_path, loop_kind):
 
             results = await asyncio.gather(*(one(i) for i in range(200)))
             assert all(results)
-            assert len(env.relay.tunnels) == 1
+            assert len(env.relay.state.tunnels) == 1
         server.close()
 
     run(main, loop_kind)
@@ -329,7 +329,7 @@ def test_stalled_visitor_does_not_stall_other_streams(tmp_path, loop_kind):
             # Memory held for the stalled stream stays bounded by its window (at most the
             # tunnel's 16 MiB budget) plus the kernel's socket buffers: far below the 64 MiB
             # the server wanted to send.
-            tunnel = next(iter(env.relay.tunnels))
+            tunnel = next(iter(env.relay.state.tunnels))
             stalled = [s for s in tunnel.streams.values() if s.transport is not None
                        and s.transport.get_write_buffer_size() > 0]
             for s in stalled:
@@ -345,7 +345,7 @@ def test_queued_payload_slices_arrive_intact(tmp_path, loop_kind):
     """A visitor that stops reading: the relay queues what the tunnel still brings as slices
     of its receive buffer, not copies (Stream._write_local).  The demux must never write
     over them - every byte arrives, in order - and the buffers they keep stay bounded."""
-    from kite.tunnel import KEEP_LIMIT
+    from kite.net.tunnel import KEEP_LIMIT
 
     size = 48 * 1024 * 1024
     body = os.urandom(size)
@@ -363,7 +363,7 @@ def test_queued_payload_slices_arrive_intact(tmp_path, loop_kind):
             # ... then stop: the window's worth beyond the kernel's buffers queues in the
             # relay, as long slices kept by the transport.
             writer.transport.pause_reading()
-            tunnel = next(iter(env.relay.tunnels))
+            tunnel = next(iter(env.relay.state.tunnels))
             stream = next(iter(tunnel.streams.values()))
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 30
@@ -427,11 +427,11 @@ def test_backend_killed_mid_transfer(tmp_path, loop_kind):
                         raise asyncio.IncompleteReadError(b"", None)
             # ... and the relay has freed the tunnel and its streams.
             for _ in range(100):
-                if not env.relay.tunnels:
+                if not env.relay.state.tunnels:
                     break
                 await asyncio.sleep(0.01)
-            assert not env.relay.tunnels
-            assert not env.relay.routes.kites()
+            assert not env.relay.state.tunnels
+            assert not env.relay.state.routes.kites()
             writer.close()
         server.close()
 
@@ -439,7 +439,7 @@ def test_backend_killed_mid_transfer(tmp_path, loop_kind):
 
 
 def test_backend_flies_again_after_relay_restart(tmp_path, loop_kind):
-    from kite.relay.registry import GrantTable, parse_grant
+    from kite.relay.grants import GrantTable, parse_grant
     from kite.relay.server import RelayConfig, RelayServer
 
     async def main():
@@ -484,7 +484,7 @@ def test_wrong_secret_is_refused(tmp_path, loop_kind, caplog):
                 await asyncio.sleep(0.01)
             assert "refused kite http:app.test.kite: signature" in caplog.text
             assert not connector.flying.is_set()
-            assert not env.relay.routes.kites()
+            assert not env.relay.state.routes.kites()
             assert "wrong-secret" not in caplog.text and SECRET not in caplog.text
         server.close()
 
@@ -558,7 +558,7 @@ def test_fuzzing_visitors_get_closed_relay_keeps_serving(tmp_path, loop_kind):
                 writer.close()
                 head, body = await http_get(env.port, "alive.test.kite")
                 assert body == b"alive\n", junk
-            assert len(env.relay.tunnels) == 1
+            assert len(env.relay.state.tunnels) == 1
         server.close()
 
     run(main, loop_kind)

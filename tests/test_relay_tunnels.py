@@ -35,7 +35,7 @@ def test_plain_tunnel(tmp_path, loop_kind):
         async with kite_env(tmp_path, [http_kite("p.test.kite", port)], tls=False) as env:
             head, body = await http_get(env.port, "p.test.kite")
             assert body == b"plain ok\n"
-            assert not next(iter(env.relay.tunnels)).tls
+            assert not next(iter(env.relay.state.tunnels)).tls
         server.close()
 
     run(main, loop_kind)
@@ -60,8 +60,8 @@ def test_reconnect_registration_variant(tmp_path, loop_kind):
                                                         replace=reply.session_id))
             reply2 = handshake.parse_tunnel_response(await reader.readuntil(b"\r\n\r\n"))
             assert [r.kite for r in reply2.ok] == ["http:rc.test.kite"]
-            await _wait(lambda: env.relay.routes.kites())
-            assert env.relay.routes.kites() == [("http", "rc.test.kite")]
+            await _wait(lambda: env.relay.state.routes.kites())
+            assert env.relay.state.routes.kites() == [("http", "rc.test.kite")]
             writer.close()
         server.close()
 
@@ -75,7 +75,7 @@ def test_two_backends_share_a_kite_with_failover(tmp_path, loop_kind):
         async with kite_env(tmp_path, [http_kite("lb.test.kite", p1)]) as env:
             b2 = await env.add_backend([http_kite("lb.test.kite", p2)])
             await b2.wait_flying(10)
-            assert len(env.relay.routes.tunnels("http", "lb.test.kite")) == 2
+            assert len(env.relay.state.routes.tunnels("http", "lb.test.kite")) == 2
             # Hold one stream open on whichever backend gets it: the next goes to the other.
             r, w = await asyncio.open_connection("127.0.0.1", env.port)
             w.write(b"GET / HTTP/1.1\r\nHost: lb.test.kite\r\n\r\n")
@@ -86,7 +86,7 @@ def test_two_backends_share_a_kite_with_failover(tmp_path, loop_kind):
             w.close()
             # Failover: the first backend goes away; every request reaches the second.
             await env.backends[0].close()
-            await _wait(lambda: len(env.relay.routes.tunnels("http", "lb.test.kite")) == 1)
+            await _wait(lambda: len(env.relay.state.routes.tunnels("http", "lb.test.kite")) == 1)
             for _ in range(5):
                 head, body = await http_get(env.port, "lb.test.kite")
                 assert body == b"two\n"
@@ -130,7 +130,7 @@ def test_keepalive_pings_both_ways(tmp_path, loop_kind):
                             relay_keepalive=0.4) as env:
             c = env.backends[0].connectors[0]
             bt = c.tunnel
-            rt = next(iter(env.relay.tunnels))
+            rt = next(iter(env.relay.state.tunnels))
             await _wait(lambda: bt.pongs_received >= 2 and rt.pongs_received >= 2)
             assert not bt.closed and not rt.closed
         server.close()
@@ -144,7 +144,7 @@ def test_dead_tunnel_detected_within_keepalive(tmp_path, loop_kind, caplog):
         async with kite_env(tmp_path, [http_kite("dead.test.kite", port)], keepalive=1.0) as env:
             c = env.backends[0].connectors[0]
             old = c.tunnel
-            rt = next(iter(env.relay.tunnels))
+            rt = next(iter(env.relay.state.tunnels))
             rt.transport.pause_reading()  # the relay goes silent: no PONG, no bytes
             t0 = asyncio.get_running_loop().time()
             await _wait(lambda: old.closed, timeout=5)
@@ -237,7 +237,7 @@ def test_ping_probe_answered_like_pagekite(tmp_path, loop_kind):
             writer.write(handshake.PING_REQUEST)
             data = await reader.read()
             assert data.startswith(b"HTTP/1.1 503 Unavailable\r\n")
-            assert handshake.parse_ping_reply(data).uuid == env.relay.uuid
+            assert handshake.parse_ping_reply(data).uuid == env.relay.state.uuid
             writer.close()
 
     run(main, loop_kind)
@@ -291,7 +291,7 @@ def test_peer_ignoring_flow_control_loses_the_stream_not_the_relay(tmp_path, loo
                 except asyncio.TimeoutError:
                     pass
             assert "peer ignored flow control" in caplog.text
-            assert env.relay.routes.kites() == [("http", "greedy.test.kite")]
+            assert env.relay.state.routes.kites() == [("http", "greedy.test.kite")]
             writer.close()
             vw.close()
 

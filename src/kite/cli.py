@@ -44,7 +44,7 @@ def _fail_config(err: ConfigError) -> None:
 
 def _run_until_signal(main, loop_kind: Optional[str]) -> int:
     """Run ``main(stop_event)`` on uvloop (or asyncio); SIGTERM/SIGINT set the event."""
-    from .aio import run
+    from .net.aio import run
 
     async def wrapper():
         stop = asyncio.Event()

@@ -14,7 +14,7 @@ import click
 
 from .backend.connector import Backend
 from .config import BackendConfig, KiteSpec, RelaySpec, Target
-from .relay.registry import GrantTable, parse_grant
+from .relay.grants import GrantTable, parse_grant
 from .relay.server import RelayConfig, RelayServer
 from .tls import generate_self_signed
 

@@ -23,7 +23,7 @@ from typing import Optional
 
 from kite.backend.connector import Backend
 from kite.config import BackendConfig, KiteSpec, RelaySpec, Target
-from kite.relay.registry import GrantTable, parse_grant
+from kite.relay.grants import GrantTable, parse_grant
 from kite.relay.server import RelayConfig, RelayServer
 
 #: Every kite of this suite lives under this domain; one shared secret.
@@ -408,10 +408,10 @@ async def check_kites(port: int, certs: CompatCerts, *, web: str, raw: Optional[
 
 
 class ZCounter:
-    """Counts ZChunks kite inflates (patches kite.tunnel.ZInflater for one test)."""
+    """Counts ZChunks kite inflates (patches kite.net.tunnel.ZInflater for one test)."""
 
     def __init__(self, monkeypatch):
-        import kite.tunnel
+        import kite.net.tunnel
         from kite.proto.zchunks import ZInflater
 
         self.count = 0
@@ -424,7 +424,7 @@ class ZCounter:
                 counter.count += 1
                 return super().inflate(data, ulen)
 
-        monkeypatch.setattr(kite.tunnel, "ZInflater", CountingInflater)
+        monkeypatch.setattr(kite.net.tunnel, "ZInflater", CountingInflater)
 
 
 # -- bulk ---------------------------------------------------------------------------------------

@@ -61,8 +61,8 @@ def test_tunnels_survive_idleness_on_keepalives(pagekite, certs):
                 await fe.await_log(fe_live_marker("http", KA2))
                 t_expose = pinger.connectors[0].tunnel
                 t_fe_pings = quiet.connectors[0].tunnel
-                t_relay = next(iter(relay_pinging.tunnels))
-                t_be_pings = next(iter(relay_quiet.tunnels))
+                t_relay = next(iter(relay_pinging.state.tunnels))
+                t_be_pings = next(iter(relay_quiet.state.tunnels))
                 tunnels = {"kite expose pings pagekite FE": t_expose,
                            "pagekite FE pings kite expose": t_fe_pings,
                            "kite relay pings pagekite BE": t_relay,
@@ -88,8 +88,8 @@ def test_tunnels_survive_idleness_on_keepalives(pagekite, certs):
                 # The very same connections, no reconnect on either side.
                 assert pinger.connectors[0].tunnel is t_expose
                 assert quiet.connectors[0].tunnel is t_fe_pings
-                assert relay_pinging.tunnels == {t_relay}
-                assert relay_quiet.tunnels == {t_be_pings}
+                assert relay_pinging.state.tunnels == {t_relay}
+                assert relay_quiet.state.tunnels == {t_be_pings}
                 for name, t in tunnels.items():
                     assert not t.closed, name
                 assert t_expose.pings_sent - t_expose.pongs_received <= 1

@@ -64,8 +64,8 @@ def test_pagekite_backend_flies_every_kite_protocol(pagekite, certs, monkeypatch
         async with kite_relay(certs, zchunks=relay_z, keepalive=keepalive) as relay:
             be = await fly(pagekite, relay, services_of(svc), tls=tunnel == "tls", zchunks=be_z)
             # One tunnel carries all four kites.
-            assert len(relay.tunnels) == 1
-            t = next(iter(relay.tunnels))
+            assert len(relay.state.tunnels) == 1
+            t = next(iter(relay.state.tunnels))
             assert sorted(t.kites) == sorted([("http", WEB), ("http", WEB2), ("https", SECURE),
                                               ("raw-22", BOX)])
             assert t.tls == (tunnel == "tls")
@@ -99,7 +99,7 @@ def test_refusal_reason_reaches_pagekite_backend(pagekite, certs, caplog, secret
             # What pagekite.py logs when a frontend refuses a kite (X-PageKite-Invalid-Why).
             await be.await_log(f"FE=127.0.0.1:{relay.port}; err=Rejected; proto=http; "
                                f"reason={reason}; domain={WEB}")
-            assert not relay.routes.kites()
+            assert not relay.state.routes.kites()
             head, _ = await http_get(relay.port, WEB)
             assert head.split(b" ")[1] in (b"503", b"404")
             be.assert_healthy()
@@ -123,7 +123,7 @@ def test_burst_of_visitors_never_overruns_pagekite_reader(pagekite, certs, tunne
             results = await asyncio.gather(*(http_get(relay.port, WEB, f"/{i}", timeout=60)
                                              for i in range(n)))
             assert all(body == b"burst\n" for _, body in results)
-            t = next(iter(relay.tunnels))
+            t = next(iter(relay.state.tunnels))
             budget = t.frame_budget
             be.assert_healthy()
             report(f"burst of {n} visitors, kite relay -> pagekite.py BE ({tunnel}): "
@@ -170,7 +170,7 @@ def test_slow_visitor_does_not_stall_the_tunnel(pagekite, certs):
             got, digest, t_fast = await download(relay.port, BULK, fast_size)
             assert got == fast_size and digest == sha(blob(fast_size))
             assert not slow.done()  # the stalled one is still waiting...
-            t = next(iter(relay.tunnels))
+            t = next(iter(relay.state.tunnels))
             for s in t.streams.values():  # ... and kite holds at most a window for it
                 if s.transport is not None:
                     assert s.transport.get_write_buffer_size() <= 2 * t.window
@@ -209,9 +209,9 @@ def test_backend_restart_in_the_middle(pagekite, certs):
             assert got < size
             writer.close()
             deadline = time.monotonic() + 10
-            while relay.routes.kites() and time.monotonic() < deadline:
+            while relay.state.routes.kites() and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            assert not relay.routes.kites()
+            assert not relay.state.routes.kites()
             head, _ = await http_get(relay.port, BULK)
             assert head.startswith(b"HTTP/1.1 503")  # offline, not unknown
             be2 = await fly(pagekite, relay, [("http", BULK, svc.bulk)])

@@ -25,7 +25,7 @@ compresses what it sends.
 
 Streams: the relay opens them; :class:`BackendTunnel` connects to the kite's local server on
 the first chunk, even with an empty payload (servers that speak first: sshd), and relays
-bytes with the shared machinery of :mod:`kite.tunnel`.
+bytes with the shared machinery of :mod:`kite.net.tunnel`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from ..errors import KiteError
 from ..proto import control, handshake, signing
 from ..proto.flow import KITE_FLOW_FEATURE
 from ..tls import ClientTLS
-from ..tunnel import Stream, StreamProtocol, TunnelProtocol
+from ..net.tunnel import Stream, StreamProtocol, TunnelProtocol
 
 log = logging.getLogger("kite.backend")
 

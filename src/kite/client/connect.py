@@ -44,7 +44,7 @@ from typing import Optional, Union
 
 from ..errors import KiteError, RemoteProtocolError
 from ..tls import ClientTLS
-from ..tunnel import set_nodelay
+from ..net.tunnel import set_nodelay
 
 log = logging.getLogger("kite.client")
 

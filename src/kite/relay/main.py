@@ -1,95 +1,16 @@
-"""``kite relay`` entry point: options and config file -> RelayConfig -> a running relay."""
+"""``kite relay``: run a relay from a :class:`~kite.relay.config.RelayConfig` until told to stop."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from typing import Optional, Sequence
 
-from ..config import load_toml, parse_hostport
-from ..errors import ConfigError
-from .registry import Grant, GrantTable, parse_grant
-from .server import RelayConfig, RelayServer
+from .config import RelayConfig, build_relay_config
+from .server import RelayServer
 
 log = logging.getLogger("kite.relay")
 
 __all__ = ["build_relay_config", "serve_relay"]
-
-
-def _cert_names(path: str) -> list:
-    """DNS names and IPs in a certificate's SAN (the names that mean "this relay")."""
-    from cryptography import x509
-
-    try:
-        with open(path, "rb") as f:
-            cert = x509.load_pem_x509_certificate(f.read())
-    except (OSError, ValueError) as exc:
-        raise ConfigError("tls-cert", f"cannot read certificate {path!r}: {exc}",
-                          "give a PEM certificate; `kite init relay` writes one") from None
-    names = []
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names += [n.lower() for n in san.get_values_for_type(x509.DNSName)]
-    except x509.ExtensionNotFound:
-        pass
-    return names
-
-
-def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[str] = (),
-                       tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
-                       tls_names: Sequence[str] = (), kites: Sequence[str] = (),
-                       single: Sequence[str] = (), keepalive: float = 30.0,
-                       zchunks: bool = False, drain_timeout: float = 10.0) -> RelayConfig:
-    grants = GrantTable()
-    listen = list(listen)
-    names = list(tls_names)
-    single_set = {s.lower() for s in single}
-    if config_file:
-        data = load_toml(config_file)
-        known = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive", "zchunks"}
-        for k in data:
-            if k not in known:
-                raise ConfigError(k, "unknown key", f"known keys: {', '.join(sorted(known))}")
-        if not listen:
-            listen = list(data.get("listen", []))
-        tls_cert = tls_cert or data.get("tls_cert")
-        tls_key = tls_key or data.get("tls_key")
-        names += list(data.get("tls_names", []))
-        keepalive = float(data.get("keepalive", keepalive))
-        zchunks = zchunks or bool(data.get("zchunks", False))
-        for i, k in enumerate(data.get("kite", [])):
-            where = f"kite[{i}]"
-            if "domain" not in k or "secret" not in k:
-                raise ConfigError(where, "needs domain and secret",
-                                  "e.g. domain = \"*.example.com\", secret = \"...\"")
-            protos = k.get("protos", "*")
-            if isinstance(protos, list):
-                protos = ",".join(protos)
-            g = parse_grant(f"{protos}:{k['domain']}:{k['secret']}", key=where)
-            if k.get("single"):
-                single_set.add(g.domain)
-            grants.add(g)
-    for value in kites:
-        grants.add(parse_grant(value, key="--kite"))
-    if not len(grants):
-        raise ConfigError("--kite", "no kites are allowed on this relay",
-                          "add --kite 'PROTO:DOMAIN:SECRET' (or [[kite]] in the config)")
-    if not listen:
-        listen = ["0.0.0.0:443"]
-    addrs = [parse_hostport(v, key="--listen", default_host="0.0.0.0") for v in listen]
-    if bool(tls_cert) != bool(tls_key):
-        raise ConfigError("--tls-cert/--tls-key", "give both or neither",
-                          "`kite init relay` writes relay.crt and relay.key")
-    if tls_cert:
-        for p in (tls_cert, tls_key):
-            if not os.path.exists(p):
-                raise ConfigError("--tls-cert/--tls-key", f"no such file {p!r}", "check the path")
-        if not names:
-            names = _cert_names(tls_cert)
-    return RelayConfig(listen=addrs, grants=grants, tls_cert=tls_cert, tls_key=tls_key,
-                       tls_names=names, keepalive=keepalive or None, zchunks=zchunks,
-                       drain_timeout=drain_timeout, single_backend=single_set)
 
 
 async def serve_relay(cfg: RelayConfig, stop: asyncio.Event) -> int:

@@ -1,19 +1,21 @@
 """The relay end of a tunnel: the backend's CONNECT PageKite request, kite authorisation
-(pagekite-protocol.md §2: challenge, in-band and re-connect rounds), then chunk mode."""
+(docs/protocol.md §2: challenge, in-band and re-connect rounds), then chunk mode.
+
+A tunnel is given the relay's :class:`~kite.relay.state.RelayState` and reports to it
+(opened, kites registered, closed); it never sees the accept loop or the dispatcher.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Optional
 
-from ..errors import HandshakeError, SniffError
+from ..errors import HandshakeError
+from ..net.tunnel import TunnelProtocol
 from ..proto import control, handshake
 from ..proto.flow import KITE_FLOW_FEATURE
-from ..proto.sniff import sniff as sniff_first_bytes
-from ..tunnel import TunnelProtocol
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .server import RelayServer
+from ..proto.names import KITE_PROTOS
+from .state import RelayState
 
 log = logging.getLogger("kite.relay")
 
@@ -22,30 +24,28 @@ __all__ = ["RelayTunnel"]
 #: A tunnel must fly a kite within this many seconds (pagekite.py waits 60 s for in-band
 #: requests after a challenge-only reply).
 REGISTRATION_TIMEOUT = 60.0
-#: The relay protocols it announces in X-PageKite-Protos.
-RELAY_PROTOS = ("http", "https", "raw", "websocket")
 #: SIDs wrap like pagekite.py's (process-wide there, per tunnel here).
 SID_LIMIT = 0x20000
 
 
 class RelayTunnel(TunnelProtocol):
-    def __init__(self, server: "RelayServer", peer: str, tls: bool) -> None:
+    def __init__(self, state: RelayState, peer: str, tls: bool) -> None:
         super().__init__()
-        self.server = server
+        self.state = state
         self.peer = peer
         self.tls = tls
         self.name = f"tunnel from {peer}"
-        self.keepalive = server.config.keepalive
-        self.ping_timeout = server.config.ping_timeout
+        self.keepalive = state.config.keepalive
+        self.ping_timeout = state.config.ping_timeout
         self.kites: list = []  # (proto, domain) this tunnel flies
         self.inband_ok = False  # an in-band round succeeded: later rounds skip the FSALT check
-        self.session_id = None
+        self.session_id: Optional[str] = None
         self._next_sid = 0
         self._reg_handle = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self.server.tunnels.add(self)
+        self.state.tunnel_opened(self)
         self._reg_handle = self.loop.call_later(REGISTRATION_TIMEOUT, self._registration_timeout)
 
     def _registration_timeout(self) -> None:
@@ -60,17 +60,6 @@ class RelayTunnel(TunnelProtocol):
             return
         head, leftover = bytes(buf[:end]), bytes(buf[end:])
         del buf[:]
-        if self.tls and not head[:18].lower().startswith(b"connect pagekite:"):
-            # Not a tunnel: a visitor's CONNECT inside TLS (kite connect --tls).
-            try:
-                result = sniff_first_bytes(head)
-            except SniffError as exc:
-                result = None
-                log.info("TLS visitor %s refused: %s", self.peer, exc)
-            if result is not None and result.kind == "connect":
-                self.detach_transport()
-                self.server.connect_inside_tls(self, result.host, result.port, leftover)
-                return
         try:
             req = handshake.parse_tunnel_request(head)
         except HandshakeError as exc:
@@ -82,18 +71,14 @@ class RelayTunnel(TunnelProtocol):
             self.transport.write(handshake.TUNNEL_UNAVAILABLE)
             self.close("tunnel request without kites")
             return
-        for old_id in req.replace:
-            old = self.server.sessions.get(old_id)
-            if old is not None and old is not self:
-                log.info("%s: replaces the stale tunnel %s", self.name, old.peer)
-                old.close("replaced by the reconnecting backend")
+        state = self.state
+        state.replace_sessions(req.replace, self)
         self.kite_peer = KITE_FLOW_FEATURE in req.features
-        reply = self.server.authorizer.authorize(req.kites)
+        reply = state.authorize(req.kites)
         self._register(reply)
-        cfg = self.server.config
         self.transport.write(handshake.build_tunnel_response(
-            reply.headers, zchunks=cfg.zchunks, features=("AddKites", KITE_FLOW_FEATURE),
-            protos=RELAY_PROTOS, ports=self.server.public_ports, raw_ports=("virtual",)))
+            reply.headers, zchunks=state.config.zchunks, features=("AddKites", KITE_FLOW_FEATURE),
+            protos=KITE_PROTOS, ports=state.public_ports, raw_ports=("virtual",)))
         disposition = reply.disposition(req.add_kites)
         if disposition == "close":
             self.close("no kite accepted")
@@ -105,8 +90,7 @@ class RelayTunnel(TunnelProtocol):
     def on_kite_message(self, event) -> None:
         if not isinstance(event, control.KiteRequest):
             return
-        reply = self.server.authorizer.authorize(event.request.kites,
-                                                 check_fsalt=not self.inband_ok)
+        reply = self.state.authorize(event.request.kites, check_fsalt=not self.inband_ok)
         self._register(reply)
         self.write_chunk(*handshake.build_inband_reply(reply.headers))
         if reply.ok:
@@ -115,34 +99,16 @@ class RelayTunnel(TunnelProtocol):
             self.close("no kite accepted")
 
     def _register(self, reply) -> None:
-        if reply.session_id:
-            if self.session_id:
-                self.server.sessions.pop(self.session_id, None)
-            self.session_id = reply.session_id
-            self.server.sessions[reply.session_id] = self
         for d in reply.refused:
             if d.outcome == "duplicate":
                 log.info("%s: kite %s refused: a backend already flies it (single)", self.name,
                          d.kite.kite)
             else:
                 log.warning("%s: kite %s refused: %s", self.name, d.kite.kite, d.reason)
-        for kite in reply.ok:
-            key = (kite.proto, kite.domain)
-            if key not in self.kites:
-                self.kites.append(key)
-                self.server.routes.add(kite.proto, kite.domain, self)
-                log.info("kite online: %s:%s via %s", kite.proto, kite.domain, self.peer)
+        self.state.register(self, reply)
         if self.kites and self._reg_handle is not None:
             self._reg_handle.cancel()
             self._reg_handle = None
-
-    def detach_transport(self) -> None:
-        """Give the transport to another protocol: forget it without closing it."""
-        self.closed = True
-        if self._reg_handle is not None:
-            self._reg_handle.cancel()
-            self._reg_handle = None
-        self.server.tunnels.discard(self)
 
     # -- streams ------------------------------------------------------------------------------
     def new_sid(self) -> int:
@@ -156,6 +122,6 @@ class RelayTunnel(TunnelProtocol):
     def on_closed(self, reason: str) -> None:
         if self._reg_handle is not None:
             self._reg_handle.cancel()
-        self.server.tunnel_closed(self)
+        self.state.tunnel_closed(self)
         if self.kites or self.session_id:
             log.info("tunnel from %s closed: %s", self.peer, reason)

@@ -35,10 +35,10 @@ import socket
 import time
 from typing import Optional
 
-from .errors import KiteError, RemoteProtocolError
-from .fastpath import ChunkWriter, Demux, StreamSlot
-from .proto import control
-from .proto.flow import (
+from ..errors import KiteError, RemoteProtocolError
+from ..fastpath import ChunkWriter, Demux, StreamSlot
+from ..proto import control
+from ..proto.flow import (
     KITE_ACK_STEP,
     KITE_MAX_WINDOW,
     KITE_MIN_WINDOW,
@@ -50,8 +50,8 @@ from .proto.flow import (
     SendWindow,
     WindowPolicy,
 )
-from .proto.framebudget import FrameBudget
-from .proto.zchunks import ZInflater
+from ..proto.framebudget import FrameBudget
+from ..proto.zchunks import ZInflater
 
 log = logging.getLogger("kite.tunnel")
 
@@ -488,7 +488,11 @@ class TunnelProtocol(asyncio.BufferedProtocol):
                 self._in_demux = False
             return
         # Handshake: a few hundred bytes, once per tunnel; copying them is fine.
-        self._hs_buf += self._hs_scratch[:nbytes]
+        self.feed_handshake(self._hs_scratch[:nbytes])
+
+    def feed_handshake(self, data) -> None:
+        """Bytes of the handshake (read here, or by the protocol that had the transport)."""
+        self._hs_buf += data
         try:
             self.handshake_data(self._hs_buf)
         except KiteError as exc:

@@ -1,0 +1,324 @@
+"""The relay's dispatcher: a classified connection becomes a tunnel, a stream or a refusal.
+
+* a TLS ClientHello whose SNI names an https kite is handed to a stream untouched (the
+  visitor's TLS is end to end; the relay never decrypts it);
+* a ClientHello for the relay itself (no SNI, or one of its own names) is given to the TLS
+  layer, which reads that very hello from the socket; inside, :class:`TlsEntry` reads the
+  first head: ``CONNECT PageKite:`` makes a tunnel, ``CONNECT host:port`` a visitor of
+  ``kite connect --tls``;
+* ``CONNECT PageKite:`` is a plain tunnel, ``CONNECT host:port`` a proxy visitor for a raw
+  or https kite (or pagekite.py's ``CONNECT relay-name:443`` before a TLS tunnel), anything
+  else HTTP routed by ``Host``; the pagekite ``HEAD /ping`` probe gets its 503 at once.
+
+Visitors are then streams of a tunnel (:mod:`kite.net.tunnel`): the peeked bytes travel in
+the stream-open chunk, exactly as pagekite.py sends them, and the stream's protocol skips
+them when it reads them for real.  Only kites are reachable: the relay is never an open
+proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from typing import TYPE_CHECKING, Optional
+
+from ..errors import SniffError
+from ..net.tunnel import Stream, StreamProtocol
+from ..proto import control, handshake
+from ..proto.handshake import build_ping_reply
+from ..proto.sniff import sniff as sniff_first_bytes
+from . import pages
+from .accept import MAX_PEEK
+from .state import RelayState
+from .tunnel import RelayTunnel
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .accept import PendingVisitor
+
+log = logging.getLogger("kite.relay")
+
+__all__ = ["Dispatcher", "TlsEntry"]
+
+#: Seconds a TLS handshake with the relay itself may take.
+TLS_HANDSHAKE_TIMEOUT = 10.0
+#: Bytes read from a socket to drop what was peeked.
+_CONSUME_STEP = 65536
+
+
+def _consume(sock: socket.socket, n: int) -> None:
+    """Read ``n`` bytes that were peeked (they are in the socket buffer already)."""
+    while n > 0:
+        got = sock.recv(min(n, _CONSUME_STEP))
+        if not got:
+            return
+        n -= len(got)
+
+
+def _send_and_close(sock: socket.socket, data: bytes, consume: int = 0) -> None:
+    """Answer and close; consume what was peeked first so the close is a FIN, not a RST."""
+    try:
+        if consume:
+            _consume(sock, consume)
+        sock.setblocking(True)
+        sock.settimeout(1.0)
+        if data:
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def _peek_length(sock: socket.socket, limit: int) -> int:
+    try:
+        return len(sock.recv(limit, socket.MSG_PEEK))
+    except OSError:
+        return 0
+
+
+class TlsEntry(asyncio.Protocol):
+    """The first protocol inside a TLS connection the relay terminated: reads one head and
+    hands the connection on, to a :class:`RelayTunnel` or as a CONNECT visitor."""
+
+    def __init__(self, dispatcher: "Dispatcher", peer: str) -> None:
+        self.dispatcher = dispatcher
+        self.peer = peer
+        self.transport: Optional[asyncio.Transport] = None
+        self.buf = bytearray()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = handshake.find_head_end(self.buf)
+        if end is None:
+            if len(self.buf) > handshake.MAX_HEAD:
+                log.info("TLS visitor %s refused: first head too long", self.peer)
+                self.transport.close()
+            return
+        data_, self.buf = bytes(self.buf), bytearray()
+        self.dispatcher.tls_head(self.transport, self.peer, data_, end)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.transport = None
+
+
+class Dispatcher:
+    """Routes classified connections (see the module docstring); owns the tasks it starts."""
+
+    def __init__(self, state: RelayState, ssl_context: Optional[ssl.SSLContext]) -> None:
+        self.state = state
+        self.ssl_context = ssl_context
+        self.loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task] = set()
+
+    def _spawn(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Cancel connections still being set up."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- first bytes ----------------------------------------------------------------------------
+    def refuse(self, pv: "PendingVisitor", reason: str, answer: bytes, consume: bool = True) -> None:
+        log.info("visitor %s refused: %s", pv.peer(), reason)
+        sock = pv.detach()
+        _send_and_close(sock, answer, _peek_length(sock, MAX_PEEK) if consume else 0)
+
+    def dispatch(self, pv: "PendingVisitor", result, data: bytes) -> None:
+        kind = result.kind
+        if kind == "ping":
+            sock = pv.detach()
+            _send_and_close(sock, build_ping_reply(self.state.uuid), len(data))
+        elif kind == "tunnel":
+            self._start_tunnel(pv.detach(), pv.addr, tls=False)
+        elif kind == "connect":
+            self._dispatch_connect(pv, result, data)
+        elif kind == "http":
+            self._dispatch_http(pv, result, data)
+        elif kind == "tls":
+            self._dispatch_tls(pv, result, data)
+        else:  # pragma: no cover - sniff returns only the kinds above
+            self.refuse(pv, f"unexpected first bytes {data[:16]!r}", b"")
+
+    def _dispatch_http(self, pv: "PendingVisitor", result, data: bytes) -> None:
+        host = result.host
+        protos = ("websocket", "http") if result.websocket else ("http",)
+        protos = tuple(f"{p}-{pv.port}" for p in protos) + protos
+        tunnel, proto = self.state.routes.lookup(protos, host)
+        if tunnel is None:
+            want_json = result.wants_json
+            if self.state.has_grant("http", host):
+                self.refuse(pv, f"kite http:{host} is offline",
+                            pages.http_error(503, host, json_wanted=want_json))
+            else:
+                self.refuse(pv, f"no kite http:{host}",
+                            pages.http_error(404, host, json_wanted=want_json))
+            return
+        proto = proto.split("-", 1)[0]
+        self._open_stream(pv, tunnel, proto, host, pv.port, payload=data, skip=len(data))
+
+    def _dispatch_tls(self, pv: "PendingVisitor", result, data: bytes) -> None:
+        sni = result.sni
+        if sni:
+            protos = (f"https-{pv.port}", "https")
+            tunnel, _ = self.state.routes.lookup(protos, sni)
+            if tunnel is not None:
+                self._open_stream(pv, tunnel, "https", sni, pv.port, payload=data, skip=len(data))
+                return
+        if self.ssl_context is not None and (sni is None or self.state.is_relay_name(sni)):
+            self._start_tunnel(pv.detach(), pv.addr, tls=True)
+            return
+        if sni and self.state.has_grant("https", sni):
+            self.refuse(pv, f"kite https:{sni} is offline", pages.TLS_ALERT_INTERNAL_ERROR)
+        else:
+            self.refuse(pv, f"no https kite for SNI {sni!r}", pages.TLS_ALERT_UNRECOGNIZED_NAME)
+
+    def _dispatch_connect(self, pv: "PendingVisitor", result, data: bytes) -> None:
+        host, port = result.host, result.port
+        if port == 443 and self.ssl_context is not None and self.state.is_relay_name(host):
+            # pagekite.py's --fe_certname: plain CONNECT to the relay's own name, then TLS.
+            sock = pv.detach()
+            try:
+                _consume(sock, result.head_length)
+                sock.send(b"HTTP/1.0 200 Connection Established\r\n\r\n")
+            except OSError:
+                sock.close()
+                return
+            self._start_tunnel(sock, pv.addr, tls=True)
+            return
+        tunnel, proto, refusal = self.route_connect(host, port)
+        if tunnel is None:
+            answer, reason = refusal
+            self.refuse(pv, reason, answer)
+            return
+        sock = pv.detach()
+        try:
+            _consume(sock, result.head_length)
+            sock.send(pages.CONNECT_OK)
+        except OSError:
+            sock.close()
+            return
+        rest = data[result.head_length:]
+        self._open_stream(pv, tunnel, proto, host, port, payload=rest, skip=len(rest), sock=sock)
+
+    def route_connect(self, host: str, port: int):
+        """Which tunnel carries ``CONNECT host:port``: ``(tunnel, proto, None)``, or
+        ``(None, None, (answer, reason))``.  Only kites are reachable: never an open proxy."""
+        if port == 443:
+            protos: tuple[str, ...] = ("https-443", "https")
+        elif port in (80, 8080):
+            protos = (f"http-{port}", "http")
+        else:
+            protos = ()
+        protos = protos + (f"raw-{port}", "raw")
+        state = self.state
+        tunnel, proto = state.routes.lookup(protos, host)
+        if tunnel is not None:
+            return tunnel, proto.split("-", 1)[0], None
+        if any(state.has_grant(p, host) for p in protos if "-" in p or p == "raw"):
+            return None, None, (pages.connect_refused(503, f"kite {host}:{port} is offline"),
+                                f"CONNECT {host}:{port}: kite offline")
+        if state.routes.known_domain(host):
+            msg = f"{host} is a kite, but not on port {port}"
+            return None, None, (pages.connect_refused(403, msg), f"CONNECT {host}:{port}: {msg}")
+        msg = f"{host}:{port} is not a kite on this relay"
+        return None, None, (pages.connect_refused(403, msg),
+                            f"CONNECT {host}:{port}: not a kite (no open proxy)")
+
+    # -- inside the relay's own TLS -------------------------------------------------------------
+    def tls_head(self, transport: asyncio.Transport, peer: str, data: bytes, end: int) -> None:
+        """The first head inside a TLS connection to the relay (``data[:end]``; the rest
+        follows it): a tunnel request, or ``CONNECT host:port`` from ``kite connect --tls``."""
+        if data[:17].lower() == b"connect pagekite:":
+            tunnel = RelayTunnel(self.state, peer, tls=True)
+            transport.set_protocol(tunnel)
+            tunnel.connection_made(transport)
+            tunnel.feed_handshake(data)
+            return
+        try:
+            result = sniff_first_bytes(data[:end])
+        except SniffError as exc:
+            result = None
+            log.info("TLS visitor %s refused: %s", peer, exc)
+        if result is None or result.kind != "connect":
+            log.warning("tunnel from %s: bad tunnel request: not CONNECT PageKite", peer)
+            transport.write(handshake.TUNNEL_UNAVAILABLE)
+            transport.close()
+            return
+        self._connect_inside_tls(transport, peer, result.host, result.port, data[end:])
+
+    def _connect_inside_tls(self, transport: asyncio.Transport, peer: str, host: str, port: int,
+                            leftover: bytes) -> None:
+        """``CONNECT host:port`` arrived inside a TLS connection the relay terminated (``kite
+        connect --tls`` through strict firewalls): the TLS transport becomes the visitor."""
+        tunnel, proto, refusal = self.route_connect(host, port)
+        if tunnel is None:
+            answer, reason = refusal
+            log.info("visitor %s refused: %s", peer, reason)
+            transport.write(answer)
+            transport.close()
+            return
+        transport.write(pages.CONNECT_OK)
+        sid = tunnel.new_sid()
+        stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=peer)
+        tunnel.add_stream(stream, announce=False)
+        rip, _, rport = peer.rpartition(":")
+        tunnel.write_chunk(*control.build_stream_open(
+            sid, proto, host, port, rip, int(rport or 0), payload=leftover))
+        tunnel.announce_window(stream)
+        protocol = StreamProtocol(tunnel, stream, 0)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+    # -- streams --------------------------------------------------------------------------------
+    def _open_stream(self, pv: "PendingVisitor", tunnel, proto: str, host: str, port: int,
+                     *, payload: bytes, skip: int, sock: Optional[socket.socket] = None) -> None:
+        if sock is None:
+            sock = pv.detach()
+        sid = tunnel.new_sid()
+        stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=pv.peer())
+        tunnel.add_stream(stream, announce=False)
+        tunnel.write_chunk(*control.build_stream_open(
+            sid, proto, host, port, pv.addr[0], pv.addr[1], payload=payload))
+        tunnel.announce_window(stream)
+        self._spawn(self._connect_visitor(sock, tunnel, stream, skip))
+
+    async def _connect_visitor(self, sock, tunnel, stream: Stream, skip: int) -> None:
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: StreamProtocol(tunnel, stream, skip), sock=sock)
+        except OSError as exc:
+            log.info("visitor %s: %s", stream.peer, exc)
+            sock.close()
+            tunnel.discard(stream, close_local=False)
+
+    # -- tunnels --------------------------------------------------------------------------------
+    def _start_tunnel(self, sock: socket.socket, addr, *, tls: bool) -> None:
+        self._spawn(self._connect_tunnel(sock, addr, tls))
+
+    async def _connect_tunnel(self, sock: socket.socket, addr, tls: bool) -> None:
+        peer = f"{addr[0]}:{addr[1]}"
+        try:
+            if tls:
+                await self.loop.connect_accepted_socket(
+                    lambda: TlsEntry(self, peer), sock=sock, ssl=self.ssl_context,
+                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+            else:
+                await self.loop.connect_accepted_socket(
+                    lambda: RelayTunnel(self.state, peer, tls=False), sock=sock)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.info("tunnel from %s: TLS handshake failed: %s", peer, exc or type(exc).__name__)
+            sock.close()

@@ -1,0 +1,151 @@
+"""The relay's shared state: what every part of a relay reads and changes, in one object.
+
+Theory of operation
+-------------------
+:class:`RelayState` owns the grants (who may fly which kite), the routes (which tunnels fly
+which kite now), the open tunnels, the session ids backends reconnect with, the kite
+authorizer and the relay's own names.  The accept loop and the dispatcher read it to route
+visitors; each :class:`~kite.relay.tunnel.RelayTunnel` is given it (never the server) and
+tells it when it opens, registers kites and closes.  Later parts of the service (names,
+accounts, usage, a fleet store) plug in here too, not into the accept loop.
+
+Presence is an event: when a kite starts flying (its first tunnel registers it) or stops
+(its last tunnel closes), every listener given to :meth:`RelayState.subscribe` is called
+with a :class:`PresenceEvent`, synchronously, in the order of the changes.  Listeners must
+not raise; one that does is logged and the others still run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+from ..proto.handshake import AuthReply, KiteAuthorizer, KiteLine
+from ..proto.names import KITE_PROTOS
+from .config import RelayConfig
+from .routes import Routes
+
+log = logging.getLogger("kite.relay")
+
+__all__ = ["RelayState", "PresenceEvent"]
+
+
+@dataclass(frozen=True)
+class PresenceEvent:
+    """A kite started (``online``) or stopped flying on this relay."""
+
+    proto: str
+    domain: str
+    online: bool
+
+
+PresenceListener = Callable[[PresenceEvent], None]
+
+
+class RelayState:
+    """Grants, routes, tunnels, sessions and the authorizer of one relay."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.grants = config.grants
+        self.routes = Routes()
+        self.tunnels: set = set()  # every RelayTunnel with a live transport
+        self.sessions: dict = {}  # X-PageKite-SessionID -> tunnel, for X-PageKite-Replace
+        self.public_ports: list[int] = []  # the ports the relay listens on (X-PageKite-Ports)
+        self.tls_names = {n.lower() for n in config.tls_names}  # SNI names meaning the relay
+        self.secret = os.urandom(20).hex()  # signs challenges; never leaves the process
+        self.uuid = hashlib.sha1(self.secret.encode()).hexdigest()
+        self.authorizer = KiteAuthorizer(
+            lookup_secret=config.grants.exact_secret,
+            challenge_secret=self.secret,
+            protos=KITE_PROTOS,
+            ports=("virtual",),
+            raw_ports=("virtual",),
+            is_duplicate=self._is_duplicate,
+        )
+        self._listeners: list[PresenceListener] = []
+
+    # -- presence -----------------------------------------------------------------------------
+    def subscribe(self, listener: PresenceListener) -> Callable[[], None]:
+        """Call ``listener`` on every presence change; returns a function that unsubscribes."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _emit(self, proto: str, domain: str, online: bool) -> None:
+        event = PresenceEvent(proto, domain, online)
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not cost the tunnel
+                log.exception("presence listener %r failed on %s", listener, event)
+
+    # -- tunnels ------------------------------------------------------------------------------
+    def tunnel_opened(self, tunnel) -> None:
+        self.tunnels.add(tunnel)
+
+    def tunnel_detached(self, tunnel) -> None:
+        """``tunnel`` gave its transport away before flying anything."""
+        self.tunnels.discard(tunnel)
+
+    def tunnel_closed(self, tunnel) -> None:
+        """Forget ``tunnel``: its sessions, its routes; kites it flew alone go offline."""
+        self.tunnels.discard(tunnel)
+        for sid in [k for k, v in self.sessions.items() if v is tunnel]:
+            del self.sessions[sid]
+        for proto, domain in list(tunnel.kites):
+            if self.routes.remove(proto, domain, tunnel):
+                log.info("kite offline: %s:%s", proto, domain)
+                self._emit(proto, domain, False)
+
+    def replace_sessions(self, session_ids: Iterable[str], tunnel) -> None:
+        """A reconnecting backend names its old sessions (``X-PageKite-Replace``): close
+        those tunnels so their kites move to ``tunnel`` at once."""
+        for old_id in session_ids:
+            old = self.sessions.get(old_id)
+            if old is not None and old is not tunnel:
+                log.info("%s: replaces the stale tunnel %s", tunnel.name, old.peer)
+                old.close("replaced by the reconnecting backend")
+
+    # -- kites --------------------------------------------------------------------------------
+    def authorize(self, kites: list[KiteLine], *, check_fsalt: bool = True) -> AuthReply:
+        return self.authorizer.authorize(kites, check_fsalt=check_fsalt)
+
+    def register(self, tunnel, reply: AuthReply) -> list[tuple[str, str]]:
+        """Route the kites ``reply`` accepted to ``tunnel``; returns those it did not fly
+        before.  The reply's session id now names ``tunnel``."""
+        if reply.session_id:
+            if tunnel.session_id:
+                self.sessions.pop(tunnel.session_id, None)
+            tunnel.session_id = reply.session_id
+            self.sessions[reply.session_id] = tunnel
+        added = []
+        for kite in reply.ok:
+            key = (kite.proto, kite.domain)
+            if key in tunnel.kites:
+                continue
+            tunnel.kites.append(key)
+            added.append(key)
+            log.info("kite online: %s:%s via %s", kite.proto, kite.domain, tunnel.peer)
+            if self.routes.add(kite.proto, kite.domain, tunnel):
+                self._emit(kite.proto, kite.domain, True)
+        return added
+
+    def _is_duplicate(self, kite: KiteLine) -> bool:
+        """Only for kites limited to one backend (``--single``): another tunnel flies it."""
+        if kite.domain not in self.config.single_backend:
+            return False
+        others = self.routes.tunnels(kite.proto, kite.domain)
+        for t in others:
+            t.request_ping()  # a stale tunnel that does not answer is closed soon
+        return bool(others)
+
+    # -- names --------------------------------------------------------------------------------
+    def is_relay_name(self, name: Optional[str]) -> bool:
+        """``name`` (an SNI or CONNECT host) means the relay itself, not a kite."""
+        return name is not None and name.lower() in self.tls_names
+
+    def has_grant(self, proto: str, domain: str) -> bool:
+        return self.grants.find(proto, domain) is not None
