@@ -13,8 +13,9 @@ import stat
 import pytest
 from click.testing import CliRunner
 
+from kite.cli.tools import import_pagekiterc
 from kite.config import load_backend_config
-from kite.pagekiterc import convert, import_pagekiterc, read_rc
+from kite.pagekiterc import convert, read_rc
 from kite.relay.main import build_relay_config
 from kite.tls import generate_self_signed
 

@@ -1,16 +1,16 @@
 """``kite demo``: a relay, a backend and a sample site on loopback, and one page through them.
 
 Everything runs in this process on 127.0.0.1 with a freshly generated certificate: the
-tunnel is real TLS, verified against that certificate, exactly as in production.
+tunnel is real TLS, verified against that certificate, exactly as in production.  What to
+try is printed on stdout (flushed at once: the demo keeps running after it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import tempfile
-
-import click
 
 from .backend.connector import Backend
 from .config import BackendConfig, KiteSpec, RelaySpec, Target
@@ -45,6 +45,10 @@ async def _sample_site(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         writer.close()
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
 async def fetch(host: str, port: int, name: str, path: str = "/") -> tuple:
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
@@ -75,16 +79,16 @@ async def run_demo(stop: asyncio.Event, *, once: bool = False) -> int:
             await backend.wait_flying(timeout=15)
             status, body = await fetch(rhost, rport, DEMO_NAME)
             url = f"http://{DEMO_NAME}:{rport}/"
-            click.echo(f"kite demo: relay on {rhost}:{rport} (TLS tunnels), backend flying "
-                       f"{DEMO_NAME} -> sample site on 127.0.0.1:{site_port}")
-            click.echo(f"fetched {url} through the tunnel: {status} ({len(body)} bytes)")
+            _say(f"kite demo: relay on {rhost}:{rport} (TLS tunnels), backend flying "
+                 f"{DEMO_NAME} -> sample site on 127.0.0.1:{site_port}")
+            _say(f"fetched {url} through the tunnel: {status} ({len(body)} bytes)")
             if not status.startswith("HTTP/1.1 200"):
-                click.echo("kite demo: the page did not come through", err=True)
+                print("kite demo: the page did not come through", file=sys.stderr, flush=True)
                 return 1
-            click.echo(f"open {url}  or try:  curl {url}")
-            click.echo(f"                    curl -H 'Host: {DEMO_NAME}' http://{rhost}:{rport}/")
+            _say(f"open {url}  or try:  curl {url}")
+            _say(f"                    curl -H 'Host: {DEMO_NAME}' http://{rhost}:{rport}/")
             if not once:
-                click.echo("press Ctrl-C to stop")
+                _say("press Ctrl-C to stop")
                 await stop.wait()
             return 0
         finally:

@@ -1,4 +1,4 @@
-"""``kite import-pagekiterc``: a kite TOML config from a pagekite.py rc file.
+"""A kite TOML config from a pagekite.py rc file (``kite import-pagekiterc``).
 
 pagekite.py reads ``~/.pagekite.rc`` (or ``--optfile``) as command-line options, one per
 line, without the leading ``--`` (``service_on = http:foo.example.com:localhost:80:SECRET``),
@@ -27,13 +27,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-import click
+from .errors import ConfigError
 
-__all__ = ["RcLine", "Report", "read_rc", "convert", "import_pagekiterc"]
+__all__ = ["RcLine", "Report", "read_rc", "convert", "import_rc", "RUN_WITH"]
 
 #: pagekite.py options that kite does not need: the process, its UI and its log.  Each maps
 #: to a hint shown in the report.
@@ -562,42 +561,30 @@ def convert(text: str, source: str = "pagekite.rc") -> tuple:
     return kind, toml.rstrip("\n") + "\n", report
 
 
-@click.command("import-pagekiterc")
-@click.argument("rcfile", required=False, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="Write the kite config here (mode 0600) instead of to stdout.")
-@click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
-@click.option("--strict", is_flag=True,
-              help="Exit with status 2 if any line could not be converted.")
-def import_pagekiterc(rcfile, output, force, strict):
-    """Write a kite TOML config from a pagekite.py rc file (default ~/.pagekite.rc).
+#: How to run a converted config of each kind.
+RUN_WITH = {"backend": "kite expose --config", "relay": "kite relay --config"}
 
-    A backend rc (service_on, frontend...) becomes a `kite expose --config` file; a
-    frontend rc (isfrontend) a `kite relay --config` file.  Every line kite does not convert
-    is reported on stderr, and as a comment in the output.
+
+def import_rc(rcfile: Optional[str] = None, output: Optional[str] = None, *,
+              force: bool = False) -> tuple:
+    """Convert the rc file ``rcfile`` (default ``~/.pagekite.rc``): ``(kind, toml, report)``.
+
+    With ``output`` the TOML is also written there, mode 0600 (it holds the secrets), over an
+    existing file only with ``force``.  ConfigError when the rc file cannot be read or
+    ``output`` exists.
     """
     path = rcfile or os.path.expanduser("~/.pagekite.rc")
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
     except OSError as exc:
-        click.echo(f"kite: error: {path}: {exc.strerror} (give the pagekite.py rc file, e.g. "
-                   "~/.pagekite.rc)", err=True)
-        sys.exit(2)
+        raise ConfigError(path, exc.strerror,
+                          "give the pagekite.py rc file, e.g. ~/.pagekite.rc") from None
     kind, toml, report = convert(text, source=path)
     if output:
         if os.path.exists(output) and not force:
-            click.echo(f"kite: error: {output} exists (use --force to overwrite)", err=True)
-            sys.exit(2)
+            raise ConfigError(output, "exists", "use --force to overwrite")
         fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(toml)
-        run = "kite expose --config" if kind == "backend" else "kite relay --config"
-        click.echo(f"wrote {output}: a {kind} config; run it with: {run} {output}", err=True)
-    else:
-        click.echo(toml, nl=False)
-    for line in report.lines():
-        click.echo(f"kite: {line}", err=True)
-    if strict and report.unconverted:
-        click.echo(f"kite: {len(report.unconverted)} line(s) not converted (--strict)", err=True)
-        sys.exit(2)
+    return kind, toml, report

@@ -1,11 +1,13 @@
-"""``kite init relay|backend``: a certificate, a secret and a config to start from."""
+"""Starter files for ``kite init relay|backend``: a config, a certificate and a secret.
+
+Each function writes its files (never over existing ones unless ``force``) and returns the
+lines to show the user: what was written, and for a relay the certificate's fingerprint.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
-
-import click
 
 from .errors import ConfigError
 from .tls import generate_self_signed
@@ -21,7 +23,7 @@ def _write(path: str, text: str, force: bool, mode: int = 0o644) -> None:
         f.write(text)
 
 
-def init_relay(directory: str, *, names: list, domain: str, force: bool) -> None:
+def init_relay(directory: str, *, names: list, domain: str, force: bool) -> list:
     os.makedirs(directory, exist_ok=True)
     names = names or ["localhost", "127.0.0.1"]
     cert = os.path.join(directory, "relay.crt")
@@ -42,12 +44,14 @@ domain = "{domain}"
 protos = "*"
 secret = "{secret}"
 ''', force, 0o600)
-    click.echo(f"wrote {cert}, {key} and {conf} (it holds the secret; mode 0600)")
-    click.echo(f"relay certificate SHA-256 fingerprint: {pin}")
-    click.echo("backends verify it with:  --ca relay.crt   or   --fingerprint " + pin)
+    return [
+        f"wrote {cert}, {key} and {conf} (it holds the secret; mode 0600)",
+        f"relay certificate SHA-256 fingerprint: {pin}",
+        "backends verify it with:  --ca relay.crt   or   --fingerprint " + pin,
+    ]
 
 
-def init_backend(directory: str, *, force: bool) -> None:
+def init_backend(directory: str, *, force: bool) -> list:
     os.makedirs(directory, exist_ok=True)
     conf = os.path.join(directory, "backend.toml")
     secret = secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")
@@ -63,4 +67,4 @@ address = "relay.example.com:443"
 name = "app.example.com"
 target = "http://127.0.0.1:8080"
 ''', force, 0o600)
-    click.echo(f"wrote {conf} (it holds a new secret; mode 0600): edit the relay address and kites")
+    return [f"wrote {conf} (it holds a new secret; mode 0600): edit the relay address and kites"]

@@ -1,0 +1,5 @@
+"""``python -m kite.cli``: the ``kite`` command."""
+
+from . import main
+
+main()

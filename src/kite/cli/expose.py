@@ -1,0 +1,49 @@
+"""``kite expose``: fly kites on relays (entry point kite.backend.main.serve_backend)."""
+
+from __future__ import annotations
+
+import click
+
+from .options import common_options, keepalive_option
+from .run import config_errors, serve, setup_logging
+
+
+@click.command()
+@click.argument("target", required=False)
+@click.argument("name", required=False)
+@click.option("--relay", "relays", multiple=True, metavar="HOST:PORT",
+              help="Relay to fly on (repeatable: one tunnel each).")
+@click.option("--secret", envvar="KITE_SECRET", help="Shared secret (or env KITE_SECRET).")
+@click.option("--ca", type=click.Path(dir_okay=False), help="Verify the relay against this CA/cert PEM.")
+@click.option("--fingerprint", metavar="SHA256", help="Pin the relay certificate's SHA-256.")
+@click.option("--insecure", is_flag=True, help="Do not verify the relay's certificate.")
+@click.option("--plain", is_flag=True, help="Plain TCP tunnel, no TLS.")
+@click.option("--server-name", help="Name to verify the relay certificate against (and SNI).")
+@click.option("--connect-name", metavar="NAME",
+              help="Reach the relay's TLS with a plain 'CONNECT NAME:443' first, and check its "
+                   "certificate against NAME (pagekite.py's --fe_certname: the only TLS tunnel "
+                   "a pagekite.py 1.5.2 frontend accepts).")
+@click.option("--zchunks", is_flag=True, help="Ask the relay to compress what it sends (ZChunks).")
+@click.option("--public-port", type=int, help="tcp:// kites: the port visitors CONNECT to.")
+@click.option("--proxy-protocol", type=click.IntRange(0, 2), default=0,
+              help="raw/https kites: send a PROXY protocol v1 or v2 header to the target.")
+@click.option("--no-forwarded", is_flag=True, help="http kites: do not add X-Forwarded-* headers.")
+@keepalive_option
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML file with many kites on several relays.")
+@common_options
+def expose(target, name, relays, secret, ca, fingerprint, insecure, plain, server_name,
+           connect_name, zchunks, public_port, proxy_protocol, no_forwarded, keepalive,
+           config_file, verbose, quiet, loop_kind):
+    """Fly NAME on the relay(s), serving it from TARGET (port, host:port or URL)."""
+    setup_logging(verbose, quiet)
+    from ..backend.main import build_backend_config, serve_backend
+
+    with config_errors():
+        cfg = build_backend_config(
+            target=target, name=name, relays=relays, secret=secret, ca=ca,
+            fingerprint=fingerprint, insecure=insecure, plain=plain, server_name=server_name,
+            public_port=public_port, proxy_protocol=proxy_protocol, forwarded=not no_forwarded,
+            keepalive=keepalive, connect_name=connect_name, zchunks=zchunks,
+            config_file=config_file)
+    serve(lambda stop: serve_backend(cfg, stop), loop_kind)

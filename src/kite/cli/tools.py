@@ -1,0 +1,80 @@
+"""Getting started and migrating: ``kite init``, ``kite demo``, ``kite import-pagekiterc``.
+
+Entry points: kite.scaffold.init_relay / init_backend, kite.demo.run_demo and
+kite.pagekiterc.import_rc.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .options import common_options
+from .run import config_errors, serve, setup_logging
+
+
+# -- init -----------------------------------------------------------------------------------
+@click.command()
+@click.argument("what", type=click.Choice(["relay", "backend"]))
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=".",
+              show_default=True, help="Where to write the files.")
+@click.option("--name", "names", multiple=True,
+              help="Relay names for the certificate (default: localhost, 127.0.0.1).")
+@click.option("--domain", default="*.kite.localhost", show_default=True,
+              help="Kite domain the generated secret may fly (relay).")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+def init(what, directory, names, domain, force):
+    """Write a config, a certificate and a secret to get started."""
+    from ..scaffold import init_backend, init_relay
+
+    with config_errors():
+        if what == "relay":
+            lines = init_relay(directory, names=list(names), domain=domain, force=force)
+        else:
+            lines = init_backend(directory, force=force)
+    for line in lines:
+        click.echo(line)
+
+
+# -- demo -----------------------------------------------------------------------------------
+@click.command()
+@click.option("--once", is_flag=True, help="Exit after fetching the page (for scripts).")
+@common_options
+def demo(once, verbose, quiet, loop_kind):
+    """Relay + backend + sample site on loopback; prints the URL to try."""
+    setup_logging(verbose, True if not verbose else quiet)
+    from ..demo import run_demo
+
+    serve(lambda stop: run_demo(stop, once=once), loop_kind)
+
+
+# -- import-pagekiterc ----------------------------------------------------------------------
+@click.command("import-pagekiterc")
+@click.argument("rcfile", required=False, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the kite config here (mode 0600) instead of to stdout.")
+@click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
+@click.option("--strict", is_flag=True,
+              help="Exit with status 2 if any line could not be converted.")
+def import_pagekiterc(rcfile, output, force, strict):
+    """Write a kite TOML config from a pagekite.py rc file (default ~/.pagekite.rc).
+
+    A backend rc (service_on, frontend...) becomes a `kite expose --config` file; a
+    frontend rc (isfrontend) a `kite relay --config` file.  Every line kite does not convert
+    is reported on stderr, and as a comment in the output.
+    """
+    from ..pagekiterc import RUN_WITH, import_rc
+
+    with config_errors():
+        kind, toml, report = import_rc(rcfile, output, force=force)
+    if output:
+        click.echo(f"wrote {output}: a {kind} config; run it with: {RUN_WITH[kind]} {output}",
+                   err=True)
+    else:
+        click.echo(toml, nl=False)
+    for line in report.lines():
+        click.echo(f"kite: {line}", err=True)
+    if strict and report.unconverted:
+        click.echo(f"kite: {len(report.unconverted)} line(s) not converted (--strict)", err=True)
+        sys.exit(2)
