@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -37,8 +37,12 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-HOST = "127.0.0.1"
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from relaybench.common import HOST, REPO, BenchError
+from relaybench.procs import Procs, free_port, log_has, wait_for
+
 KITE = "app.uplink.kite"
 SECRET = "uplink-s3cr3t"
 PK_FE = "fe.uplink.kite"
@@ -99,51 +103,18 @@ def shaper_main(port, target, rate, delay):
     asyncio.run(main())
 
 
-# -- processes ---------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+# -- processes (relaybench.procs; killed with SIGKILL, nothing to drain) -----------------------
+def start(procs, ctx, name, argv, env=None):
+    """Start ``argv`` in the work directory, its output in WORK/NAME.log (``p.log``)."""
+    log = os.path.join(ctx["work"], name + ".log")
+    p = procs.start(name, argv, env=env, log=log, cwd=ctx["work"])
+    p.log = log
+    return p
 
 
-class Procs:
-    """Every process this script starts, killed by PID at the end."""
-
-    def __init__(self, work):
-        self.work = work
-        self.live = []
-
-    def start(self, name, argv, env=None):
-        log = os.path.join(self.work, name + ".log")
-        p = subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env,
-                             cwd=self.work, start_new_session=True)
-        p.log = log
-        self.live.append(p)
-        return p
-
-    def wait_log(self, p, pattern, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with open(p.log, "rb") as f:
-                if re.search(pattern.encode(), f.read()):
-                    return
-            if p.poll() is not None:
-                break
-            time.sleep(0.05)
-        with open(p.log, "rb") as f:
-            tail = f.read()[-2000:].decode(errors="replace")
-        raise RuntimeError(f"{os.path.basename(p.log)}: no {pattern!r}:\n{tail}")
-
-    def stop(self, *procs):
-        for p in procs or list(self.live):
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            p.wait()
-            if p in self.live:
-                self.live.remove(p)
+def wait_log(p, pattern, timeout=30.0):
+    """Until ``pattern`` is in the log of ``p``; BenchError if ``p`` exits or time runs out."""
+    wait_for(os.path.basename(p.log), log_has(p.log, pattern), timeout, [p], [p.log])
 
 
 def start_system(name, procs, ctx):
@@ -151,34 +122,34 @@ def start_system(name, procs, ctx):
     relay_port, shaper_port = free_port(), free_port()
     if name == "kite":
         env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
-        relay = procs.start("kite-relay", [
+        relay = start(procs, ctx, "kite-relay", [
             sys.executable, "-m", "kite", "relay", "--listen", f"{HOST}:{relay_port}",
             "--tls-cert", ctx["cert"], "--tls-key", ctx["key"], "--kite", f"*:*.uplink.kite:{SECRET}"],
             env=env)
-        procs.wait_log(relay, "relay listening on ")
+        wait_log(relay, "relay listening on ")
     else:
         tuning = PK_TUNING if name == "pagekite-tuned" else []
-        relay = procs.start("pagekite-fe", [
+        relay = start(procs, ctx, "pagekite-fe", [
             ctx["pagekite"], "--clean", "--noproxy", "--isfrontend", f"--host={HOST}",
             f"--ports={relay_port}", "--protos=http", f"--tls_endpoint={PK_FE}:{ctx['pk_pem']}",
             f"--domain=*:{KITE}:{SECRET}", "--logfile=stdio"] + tuning)
-        procs.wait_log(relay, "listen=")
-    shaper = procs.start("shaper", [sys.executable, os.path.abspath(__file__), "--shaper",
+        wait_log(relay, "listen=")
+    shaper = start(procs, ctx, "shaper", [sys.executable, os.path.abspath(__file__), "--shaper",
                                     str(shaper_port), str(relay_port), str(ctx["rate"]),
                                     str(ctx["delay"])])
-    procs.wait_log(shaper, "shaper listening")
+    wait_log(shaper, "shaper listening")
     if name == "kite":
-        backend = procs.start("kite-expose", [
+        backend = start(procs, ctx, "kite-expose", [
             sys.executable, "-m", "kite", "expose", f"http://{HOST}:{ctx['origin_port']}", KITE,
             "--relay", f"{HOST}:{shaper_port}", "--ca", ctx["cert"], "--secret", SECRET], env=env)
-        procs.wait_log(backend, "kite flying")
+        wait_log(backend, "kite flying")
     else:
-        backend = procs.start("pagekite-be", [
+        backend = start(procs, ctx, "pagekite-be", [
             ctx["pagekite"], "--clean", "--noproxy", f"--frontend={HOST}:{shaper_port}",
             f"--fe_certname={PK_FE}", f"--ca_certs={ctx['pk_pem']}",
             f"--service_on=http:{KITE}:{HOST}:{ctx['origin_port']}:{SECRET}",
             "--logfile=stdio"] + tuning)
-        procs.wait_log(backend, re.escape(f"domain={KITE}"))
+        wait_log(backend, re.escape(f"domain={KITE}"))
     deadline = time.monotonic() + 60
     while True:  # served end to end?
         try:
@@ -188,7 +159,7 @@ def start_system(name, procs, ctx):
         except (OSError, ValueError):
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{name}: the kite is not served")
+            raise BenchError(f"{name}: the kite is not served")
         time.sleep(0.2)
     return [relay, shaper, backend], relay_port
 
@@ -263,6 +234,71 @@ def measure(port, seconds):
 
 
 # -- main --------------------------------------------------------------------------------------
+def run(args, procs, ctx, out):
+    """Files, certificates and the origin in ctx["work"], then the rounds and the table."""
+    systems = [s for s in args.systems.split(",") if s]
+    work = ctx["work"]
+    www = os.path.join(work, "www")
+    os.makedirs(os.path.join(www, "up"))
+    with open(os.path.join(www, "big.bin"), "wb") as f:
+        f.write(os.urandom(64 << 20))  # random: pagekite.py compresses what it can
+    with open(os.path.join(www, "s.bin"), "wb") as f:
+        f.write(os.urandom(1024))
+    ctx["cert"], ctx["key"] = os.path.join(work, "relay.crt"), os.path.join(work, "relay.key")
+    pk_crt, pk_key = os.path.join(work, "pk.crt"), os.path.join(work, "pk.key")
+    for crt, key, cn, san in ((ctx["cert"], ctx["key"], "localhost", "DNS:localhost,IP:127.0.0.1"),
+                              (pk_crt, pk_key, PK_FE, f"DNS:{PK_FE}")):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", f"/CN={cn}",
+                        "-addext", f"subjectAltName={san}", "-keyout", key, "-out", crt],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ctx["pk_pem"] = os.path.join(work, "pk.pem")
+    with open(ctx["pk_pem"], "w") as pem:  # pagekite.py wants key and certificate in one file
+        for part in (pk_key, pk_crt):
+            with open(part) as f:
+                pem.write(f.read())
+    origin = start(procs, ctx, "origin", [sys.executable, os.path.join(HERE, "origin.py"), "--port",
+                                          "0", "--root", www])
+    wait_log(origin, r"origin listening on [\d.]+:\d+")
+    with open(origin.log) as f:
+        ctx["origin_port"] = int(re.search(r"origin listening on [\d.]+:(\d+)", f.read()).group(1))
+    if not ctx["pagekite"]:
+        systems = [s for s in systems if not s.startswith("pagekite")]
+        print("pagekite.py not installed (apt-get install pagekite): skipped")
+    results = {s: [] for s in systems}
+    print(f"uplink {args.rate:g} Mbit/s, {args.delay:g} ms each way; {args.rounds} interleaved "
+          f"rounds of {args.seconds:g} s; 1 KiB GETs on one connection, 50 ms apart, while "
+          f"another visitor downloads 64 MiB", flush=True)
+    for rnd in range(1, args.rounds + 1):
+        for name in systems[rnd - 1:] + systems[:rnd - 1]:
+            try:
+                started, port = start_system(name, procs, ctx)
+            except BenchError as exc:
+                print(f"  round {rnd} {name}: did not start: {str(exc).splitlines()[0]}")
+                procs.kill(*[p for p in procs.started() if p is not origin])
+                continue
+            try:
+                r = measure(port, args.seconds)
+            finally:
+                procs.kill(*started)
+            results[name].append(r)
+            if out:
+                out.write(json.dumps({"system": name, "round": rnd, "rate_mbit": args.rate,
+                                      "delay_ms": args.delay, **r}) + "\n")
+                out.flush()
+            print(f"  round {rnd} {name}: p50 {r['p50_ms']:.0f} ms while downloading "
+                  f"{r['download_MBps']:.2f} MB/s", flush=True)
+    cols = ("idle_p50_ms", "p50_ms", "p90_ms", "max_ms", "download_MBps")
+    print(f"\n{'system':<16}" + "".join(f"{c:>16}" for c in cols))
+    for name in systems:
+        if not results[name]:
+            continue
+        row = [statistics.median(r[c] for r in results[name]) for c in cols]
+        print(f"{name:<16}" + "".join(f"{v:>16.2f}" if c == "download_MBps" else f"{v:>16.1f}"
+                                      for c, v in zip(cols, row)))
+    print("(ms: a 1 KiB GET's time; idle = with the link idle; the rest during the download)")
+
+
 def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--shaper":
         port, target, rate, delay = sys.argv[2:6]
@@ -275,73 +311,16 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default="", help="JSON lines to this file")
     args = ap.parse_args(argv)
-    systems = [s for s in args.systems.split(",") if s]
     work = tempfile.mkdtemp(prefix="kite-uplink-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    procs = Procs(work)
-    out = open(args.json, "w") if args.json else None
-    ctx = {"rate": args.rate * 1e6 / 8, "delay": args.delay / 1000.0, "pagekite": shutil.which("pagekite")}
+    procs = Procs()
+    ctx = {"work": work, "rate": args.rate * 1e6 / 8, "delay": args.delay / 1000.0,
+           "pagekite": shutil.which("pagekite")}
     try:
-        www = os.path.join(work, "www")
-        os.makedirs(os.path.join(www, "up"))
-        with open(os.path.join(www, "big.bin"), "wb") as f:
-            f.write(os.urandom(64 << 20))  # random: pagekite.py compresses what it can
-        with open(os.path.join(www, "s.bin"), "wb") as f:
-            f.write(os.urandom(1024))
-        ctx["cert"], ctx["key"] = os.path.join(work, "relay.crt"), os.path.join(work, "relay.key")
-        pk_crt, pk_key = os.path.join(work, "pk.crt"), os.path.join(work, "pk.key")
-        for crt, key, cn, san in ((ctx["cert"], ctx["key"], "localhost", "DNS:localhost,IP:127.0.0.1"),
-                                  (pk_crt, pk_key, PK_FE, f"DNS:{PK_FE}")):
-            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                            "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", f"/CN={cn}",
-                            "-addext", f"subjectAltName={san}", "-keyout", key, "-out", crt],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ctx["pk_pem"] = os.path.join(work, "pk.pem")
-        with open(ctx["pk_pem"], "w") as f:
-            f.write(open(pk_key).read() + open(pk_crt).read())
-        origin = procs.start("origin", [sys.executable, os.path.join(HERE, "origin.py"), "--port",
-                                        "0", "--root", www])
-        procs.wait_log(origin, r"origin listening on [\d.]+:\d+")
-        with open(origin.log) as f:
-            ctx["origin_port"] = int(re.search(r"origin listening on [\d.]+:(\d+)", f.read()).group(1))
-        if not ctx["pagekite"]:
-            systems = [s for s in systems if not s.startswith("pagekite")]
-            print("pagekite.py not installed (apt-get install pagekite): skipped")
-        results = {s: [] for s in systems}
-        print(f"uplink {args.rate:g} Mbit/s, {args.delay:g} ms each way; {args.rounds} interleaved "
-              f"rounds of {args.seconds:g} s; 1 KiB GETs on one connection, 50 ms apart, while "
-              f"another visitor downloads 64 MiB", flush=True)
-        for rnd in range(1, args.rounds + 1):
-            for name in systems[rnd - 1:] + systems[:rnd - 1]:
-                try:
-                    started, port = start_system(name, procs, ctx)
-                except RuntimeError as exc:
-                    print(f"  round {rnd} {name}: did not start: {str(exc).splitlines()[0]}")
-                    procs.stop(*[p for p in procs.live if p is not origin])
-                    continue
-                try:
-                    r = measure(port, args.seconds)
-                finally:
-                    procs.stop(*started)
-                results[name].append(r)
-                if out:
-                    out.write(json.dumps({"system": name, "round": rnd, "rate_mbit": args.rate,
-                                          "delay_ms": args.delay, **r}) + "\n")
-                    out.flush()
-                print(f"  round {rnd} {name}: p50 {r['p50_ms']:.0f} ms while downloading "
-                      f"{r['download_MBps']:.2f} MB/s", flush=True)
-        cols = ("idle_p50_ms", "p50_ms", "p90_ms", "max_ms", "download_MBps")
-        print(f"\n{'system':<16}" + "".join(f"{c:>16}" for c in cols))
-        for name in systems:
-            if not results[name]:
-                continue
-            row = [statistics.median(r[c] for r in results[name]) for c in cols]
-            print(f"{name:<16}" + "".join(f"{v:>16.2f}" if c == "download_MBps" else f"{v:>16.1f}"
-                                          for c, v in zip(cols, row)))
-        print("(ms: a 1 KiB GET's time; idle = with the link idle; the rest during the download)")
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(open(args.json, "w")) if args.json else None
+            run(args, procs, ctx, out)
     finally:
-        procs.stop()
-        if out:
-            out.close()
+        procs.kill(*procs.started())
         if os.environ.get("UPLINK_KEEP"):
             print("kept", work)
         else:

@@ -1,0 +1,326 @@
+"""The command line: options, the interleaved rounds, and the run from start to report."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import shutil
+import signal
+import sys
+import time
+
+from . import __doc__ as PACKAGE_DOC
+from .common import RESULTS, BenchError, GiB, KiB, MiB
+from .context import Ctx
+from .idleclient import idle_client
+from .measure import Interference, cpu_model, loadavg, tool_version
+from .procs import Procs
+from .profiling import profile_kite
+from .progress import Progress
+from .report import (
+    Results,
+    draw_png,
+    emit_summaries,
+    print_header,
+    print_notes,
+    print_table,
+    print_targets,
+    targets,
+)
+from .systems import ALL_SYSTEMS, SYSTEMS, System
+from .workloads import WORKLOADS, check_system, w_bulk, w_c50, w_idle, w_newconn, w_seq
+
+
+def parse_size(text: str) -> int:
+    """64M, 1G, 256K, 4096 -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgKMG]?)(?:i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 64M, 1G, 4096)")
+    mult = {"": 1, "k": KiB, "m": MiB, "g": GiB}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="relay_bench.py", description=PACKAGE_DOC.split("\n\n")[0],
+        epilog="Systems: " + ", ".join(SYSTEMS) + ".  Workloads: " + ", ".join(WORKLOADS)
+               + " (the check always runs first).  Sizes take K, M, G suffixes (binary).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated (default: all)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 round, 64 MiB bulk, 3 s wrk, 2 s seq/newconn, 200 idle conns")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
+    p.add_argument("--bulk-size", type=parse_size, help="bulk transfer size (default 1G; --quick 64M)")
+    p.add_argument("--bulk-cap", type=float, help="max seconds per bulk transfer (default 10; --quick 8)")
+    p.add_argument("--check-size", type=parse_size, help="size of the check file (default 1M; --quick 256K)")
+    p.add_argument("--wrk-conns", type=int, default=50, help="connections for the c50 workload")
+    p.add_argument("--wrk-duration", type=int, help="seconds of c50 (default 5; --quick 3)")
+    p.add_argument("--seq-duration", type=int, help="seconds of seq (default 3; --quick 2)")
+    p.add_argument("--newconn-duration", type=int, help="seconds of newconn (default 3; --quick 2)")
+    p.add_argument("--newconn-conns", type=int, default=16, help="concurrent connections in newconn")
+    p.add_argument("--idle-conns", help="comma-separated idle visitor counts (default 1000,10000; --quick 200)")
+    p.add_argument("--idle-timeout", type=float, help="seconds to open the idle connections (default 30; --quick 20); a level that would take more than twice that at the rate of the previous level is skipped")
+    p.add_argument("--idle-probe", type=int, help="seconds of the latency probe during idle (default 2)")
+    p.add_argument("--origin", choices=["auto", "nginx", "python"], default="auto",
+                   help="origin server (auto: nginx if installed, else bench/origin.py)")
+    p.add_argument("--kite-from", choices=["auto", "installed", "checkout"], default="auto",
+                   help="which kite to run: this checkout's src/ or the installed package (auto: "
+                        "the checkout if its fast path is compiled in place, else the installed one)")
+    p.add_argument("--pin", action="store_true",
+                   help="pin the clients (wrk, this script) to the last CPU and the systems + origin "
+                        "to the others (default: no pinning; all share all CPUs)")
+    p.add_argument("--json", help="JSON lines output (default bench/results/relay.jsonl; '' = none)")
+    p.add_argument("--png", help="chart (default bench/results/relay.png; '' = none)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the rounds, py-spy profiles (--native raw stacks + flame graph SVG) of "
+                        "relay and backend under --profile-workload")
+    p.add_argument("--profile-workload", choices=["c50", "bulk-down", "bulk-up"], default="c50")
+    p.add_argument("--profile-systems", default="kite", help="kite systems to profile (comma-separated)")
+    p.add_argument("--profile-dir", default=os.path.join(RESULTS, "profile"))
+    p.add_argument("--profile-seconds", type=int, default=8)
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    return p
+
+
+def resolve_args(args) -> None:
+    """Fill in the defaults (full or --quick), split the comma-separated lists, check names."""
+    q = args.quick
+    defaults = {"rounds": (3, 1), "bulk_size": (1 * GiB, 64 * MiB), "bulk_cap": (10.0, 8.0),
+                "check_size": (1 * MiB, 256 * KiB), "wrk_duration": (5, 3), "seq_duration": (3, 2),
+                "newconn_duration": (3, 2), "idle_timeout": (30.0, 20.0), "idle_probe": (2, 2)}
+    for k, (full, quick) in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, quick if q else full)
+    args.idle_conns = [int(x) for x in (args.idle_conns or ("200" if q else "1000,10000")).split(",") if x]
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    for s in args.systems:
+        if s not in SYSTEMS:
+            raise SystemExit(f"relay_bench.py: unknown system {s!r}; choose from {', '.join(SYSTEMS)}")
+    for w in args.workloads:
+        if w not in WORKLOADS:
+            raise SystemExit(f"relay_bench.py: unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+    if args.json is None:
+        args.json = os.path.join(RESULTS, "relay.jsonl")
+    if args.png is None:
+        args.png = os.path.join(RESULTS, "relay.png")
+
+
+def run_rounds(ctx: Ctx, res: Results, systems: list[str]) -> None:
+    """--rounds rounds, each system once per round in an order rotated every round."""
+    a = ctx.args
+    prog = ctx.progress
+    for rnd in range(1, a.rounds + 1):
+        k = (rnd - 1) % len(systems)
+        order = systems[k:] + systems[:k]  # rotated: no system always goes first
+        for i, name in enumerate(order, 1):
+            system = ALL_SYSTEMS[name]()
+            prog.prefix = f"round {rnd}/{a.rounds} · {name} ({i}/{len(order)}) · "
+            if run_checked(ctx, res, system, rnd) and "idle" in a.workloads:
+                run_idle_levels(ctx, res, system, rnd)
+
+
+def run_checked(ctx: Ctx, res: Results, system: System, rnd: int) -> bool:
+    """One instance of ``system``: the check, then bulk, c50, seq, newconn as selected.
+    False when it did not start, failed the check or died: then it is not measured further
+    in this round."""
+    a = ctx.args
+    prog = ctx.progress
+    name = system.name
+    plain = [w for w in ("bulk", "c50", "seq", "newconn") if w in a.workloads]
+    funcs = {"bulk": w_bulk, "c50": w_c50, "seq": w_seq, "newconn": w_newconn}
+    prog.step("starting")
+    run = None
+    try:
+        run = system.start(ctx, f"r{rnd}")
+        prog.step("check")
+        chk = check_system(ctx, run)
+        res.emit({"type": "check", "round": rnd, "system": name, **chk})
+        for w in plain:
+            if w in ("c50", "newconn") and not ctx.wrk:
+                continue
+            prog.step(w)
+            watch = Interference([*run.pids.values(), ctx.origin_proc.pid])
+            try:
+                m = funcs[w](ctx, run)
+                m.update(watch.result())
+            except (BenchError, OSError) as exc:
+                # OSError: the system reset or refused a connection mid-workload.
+                prog.note(f"{name} round {rnd} {w}: {exc}")
+                res.emit({"type": "error", "round": rnd, "system": name, "workload": w,
+                          "error": str(exc)})
+                continue
+            dead = run.dead()
+            if dead:
+                raise BenchError(f"during {w}: " + "; ".join(dead))
+            res.sample(rnd, name, w, m)
+    except BenchError as exc:
+        prog.note(f"{name} round {rnd}: {exc}")
+        res.emit({"type": "error", "round": rnd, "system": name, "error": str(exc)})
+        return False
+    finally:
+        if run is not None:
+            ctx.procs.stop(*run.procs.values())
+    return True
+
+
+def run_idle_levels(ctx: Ctx, res: Results, system: System, rnd: int) -> None:
+    """The idle workload at each --idle-conns level, each on a fresh instance: memory freed
+    by earlier workloads is not available for reuse, so the RSS growth is what the
+    connections cost."""
+    a = ctx.args
+    prog = ctx.progress
+    name = system.name
+    open_rate = None  # connections/s reached at the previous level
+    for n in a.idle_conns:
+        if name == "stunnel":
+            # stunnel refuses clients beyond max_clients = 125/256 of its RLIMIT_NOFILE (2
+            # descriptors per client, plus headroom); keep room for the latency probe.
+            limit = ctx.nofile * 125 // 256 - 50
+        else:
+            limit = ctx.nofile - 200
+        n_eff = min(n, limit)
+        if open_rate and n_eff / open_rate > 2 * a.idle_timeout:
+            msg = (f"skipped: {name} opened connections at {open_rate:.0f}/s at the "
+                   f"previous level; {n_eff} would take {n_eff / open_rate:.0f} s")
+            prog.note(f"{name} round {rnd} idle {n}: {msg}")
+            res.emit({"type": "skip", "round": rnd, "system": name,
+                      "workload": f"idle-{n}", "reason": msg})
+            continue
+        prog.step(f"idle {n}: starting a fresh instance")
+        run = None
+        try:
+            run = system.start(ctx, f"r{rnd}-idle{n}")
+            watch = Interference([*run.pids.values(), ctx.origin_proc.pid])
+            m = w_idle(ctx, run, n_eff)
+            m.update(watch.result())
+            if m.get("ok") and m.get("open_s"):
+                open_rate = m["ok"] / m["open_s"]
+            if n_eff < n:
+                m["note"] = (f"capped at {n_eff}: stunnel's max_clients is 125/256 of "
+                             f"RLIMIT_NOFILE ({ctx.nofile}, the hard limit here)"
+                             + ("; " + m["note"] if "note" in m else ""))
+            res.sample(rnd, name, f"idle-{n}", m)
+        except BenchError as exc:
+            prog.note(f"{name} round {rnd} idle {n}: {exc}")
+            res.emit({"type": "error", "round": rnd, "system": name,
+                      "workload": f"idle-{n}", "error": str(exc)})
+        finally:
+            if run is not None:
+                ctx.procs.stop(*run.procs.values())
+
+
+def describe_run(ctx: Ctx, argv: list[str], systems: list[str], skipped: dict) -> dict:
+    """The ``meta`` record: the machine, the tools, which kite, the options."""
+    args = ctx.args
+    return {
+        "type": "meta", "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([os.path.relpath(sys.argv[0]) if sys.argv[0] else "relay_bench.py", *argv]),
+        "cpus": os.cpu_count(), "cpu_model": cpu_model(), "kernel": platform.release(),
+        "python": platform.python_version(), "origin": ctx.origin_kind,
+        "kite": ctx.kite_where, "kite_from": ctx.kite_from,
+        "kite_git": ctx.kite_git() if ctx.kite_from == "checkout" else None,
+        "wrk": tool_version(["wrk", "-v"]) if ctx.wrk else None,
+        "pinning": (f"clients on CPU {sorted(ctx.client_cpus)}, systems on {sorted(ctx.system_cpus)}"
+                    if ctx.client_cpus else "none: clients, systems and origin share all CPUs"),
+        "rlimit_nofile": ctx.nofile, "work_dir": ctx.work,
+        "loadavg_at_start": loadavg(), "systems": systems, "skipped": skipped,
+        "titles": {s: ALL_SYSTEMS[s].title for s in systems},
+        "versions": {s: ALL_SYSTEMS[s]().version(ctx) for s in systems},
+        "workloads": args.workloads,
+        "sizes": {"rounds": args.rounds, "bulk_size": args.bulk_size, "bulk_cap_s": args.bulk_cap,
+                  "check_size": args.check_size, "wrk_conns": args.wrk_conns,
+                  "wrk_duration_s": args.wrk_duration, "seq_duration_s": args.seq_duration,
+                  "newconn_conns": args.newconn_conns, "newconn_duration_s": args.newconn_duration,
+                  "idle_conns": args.idle_conns, "idle_probe_s": args.idle_probe},
+        "units": {"MBps": "10^6 bytes/s", "s_per_GB": "CPU seconds (user+sys) per 10^9 bytes",
+                  "KiB_per_conn": "VmRSS growth / connections", "ms": "milliseconds"},
+    }
+
+
+def main(argv=None) -> int:
+    """The whole run; every process started is stopped at the end, also on Ctrl-C or SIGTERM."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_idle-client"]:
+        idle_client(argv[1:])
+        return 0
+    args = build_parser().parse_args(argv)
+    resolve_args(args)
+    progress = Progress(not args.no_progress)
+    procs = Procs()
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+
+    ctx = None
+    res = Results(args.json or None)
+    t_start = time.monotonic()
+    try:
+        ctx = Ctx(args, procs, progress)
+        progress.step("preparing files and certificates")
+        ctx.make_files()
+        ctx.kite_problem = ctx.locate_kite()
+        ctx.make_certs()
+
+        systems = []
+        skipped = {}
+        for name in args.systems:
+            why = ALL_SYSTEMS[name]().unavailable(ctx)
+            if why:
+                skipped[name] = why
+                progress.note(f"skipping {name}: {why}")
+            else:
+                systems.append(name)
+        if not ctx.wrk and any(w in args.workloads for w in ("c50", "newconn")):
+            progress.note("wrk not installed (apt-get install wrk): c50 and newconn skipped; "
+                          "seq and the idle probe use a Python client")
+        progress.step("starting the origin")
+        ctx.start_origin()
+        meta = describe_run(ctx, argv, systems, skipped)
+        res.emit(meta)
+        run_rounds(ctx, res, systems)
+        progress.prefix = ""
+        progress.clear()
+        print_header(meta)
+        print_table(res, systems, args)
+        print_notes(res, args, progress.notes)
+        tg = targets(res, args)
+        print_targets(tg)
+        emit_summaries(res, systems, args)
+        for t in tg:
+            res.emit({"type": "target", **t})
+        if args.profile:
+            profile_kite(ctx, res, systems)
+            progress.clear()
+        if args.png:
+            why = draw_png(res, systems, args, args.png, meta)
+            print(f"\nchart: {args.png}" if why is None else f"\nchart skipped: {why}")
+        if args.json:
+            print(f"JSON lines: {args.json}")
+        print(f"total time {time.monotonic() - t_start:.0f} s")
+        return 0
+    except KeyboardInterrupt:
+        progress.clear()
+        print("interrupted: stopping everything", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        progress.clear()
+        print(f"relay_bench.py: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup must not be cut short
+        procs.stop_all()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        res.close()
+        if ctx is not None:
+            if args.keep:
+                print(f"work directory kept: {ctx.work}", file=sys.stderr)
+            else:
+                shutil.rmtree(ctx.work, ignore_errors=True)

@@ -1,0 +1,25 @@
+"""What every module of the relay benchmark shares: paths, the loopback address, the names
+the systems serve, size units, and the error that skips a system instead of ending the run."""
+
+from __future__ import annotations
+
+import os
+
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/
+REPO = os.path.dirname(BENCH)
+RESULTS = os.path.join(BENCH, "results")
+ENTRY_SCRIPT = os.path.join(BENCH, "relay_bench.py")  # also runs the idle-client helper
+
+HOST = "127.0.0.1"
+KITE_NAME = "app.bench.kite"
+KITE_DOMAIN = "*.bench.kite"
+PK_FE_NAME = "fe.bench.kite"  # pagekite.py's --tls_endpoint / --fe_certname
+SECRET = "bench-s3cr3t"
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+class BenchError(Exception):
+    """A system did not start or a check failed: reported, and the run goes on."""

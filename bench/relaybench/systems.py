@@ -1,0 +1,261 @@
+"""The systems under test: how each one is started in front of the origin, and what a
+started instance is (where visitors connect, which process is relay and which backend)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from typing import ClassVar
+
+from .client import connect, http_get
+from .common import HOST, KITE_DOMAIN, KITE_NAME, PK_FE_NAME, SECRET, BenchError
+from .context import Ctx
+from .measure import tool_version
+from .procs import free_port, log_has, port_open, wait_for
+
+PAGEKITE_TUNING = ["--select_loop_min_ms=0", "--max_read_bytes=262144"]
+
+
+class Running:
+    """One started instance of a system: where visitors go and who does the work."""
+
+    def __init__(self, system: System, port: int, host: str, procs: dict[str, subprocess.Popen],
+                 dialer: str | None = None, tunnel_port: int | None = None,
+                 fds_per_conn: int = 1):
+        self.system = system
+        self.port = port
+        self.host = host
+        self.procs = procs  # role ("relay", "backend") -> process
+        self.dialer = dialer  # the role whose sockets to tunnel_port carry the tunnel
+        self.tunnel_port = tunnel_port
+        self.fds_per_conn = fds_per_conn  # per visitor connection, in the busiest process
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """role -> PID"""
+        return {role: p.pid for role, p in self.procs.items()}
+
+    def dead(self) -> list[str]:
+        """What exited of the system's processes, for an error message."""
+        return [f"{role} (pid {p.pid}) exited with {p.returncode}"
+                for role, p in self.procs.items() if p.poll() is not None]
+
+
+class System:
+    """A system under test; ``start`` starts a fresh instance of it for each workload."""
+
+    name = ""
+    title = ""
+    #: role -> [(substring of /proc/PID/maps, expected present?)]
+    maps: ClassVar[dict[str, list]] = {}
+
+    def unavailable(self, ctx: Ctx) -> str | None:
+        """Why this system cannot run here (not installed, ...), or None."""
+        return None
+
+    def start(self, ctx: Ctx, tag: str) -> Running:
+        """Start an instance (``tag`` names its logs); return it once it serves /1k.bin."""
+        raise NotImplementedError
+
+    def version(self, ctx: Ctx) -> str | None:
+        return None
+
+
+class Direct(System):
+    name = "direct"
+    title = "client -> origin"
+
+    def start(self, ctx, tag):
+        return Running(self, ctx.origin_port, "origin.bench", {})
+
+
+class Stunnel(System):
+    name = "stunnel"
+    title = "stunnel client -> TLS -> stunnel server (C reference)"
+
+    def _exe(self):
+        return shutil.which("stunnel4") or shutil.which("stunnel")
+
+    def unavailable(self, ctx):
+        return None if self._exe() else "stunnel not installed (apt-get install stunnel4)"
+
+    def version(self, ctx):
+        return tool_version([self._exe(), "-version"], r"stunnel \S+")
+
+    def start(self, ctx, tag):
+        exe = self._exe()
+        s_port, c_port = free_port(), free_port()
+        server_conf = os.path.join(ctx.work, f"stunnel-server-{tag}.conf")
+        client_conf = os.path.join(ctx.work, f"stunnel-client-{tag}.conf")
+        common = "foreground = yes\npid =\nsyslog = no\ndebug = 3\n"
+        with open(server_conf, "w") as f:
+            f.write(common + f"[tunnel]\naccept = {HOST}:{s_port}\nconnect = {HOST}:{ctx.origin_port}\n"
+                    f"cert = {ctx.cert}\nkey = {ctx.key}\n")
+        with open(client_conf, "w") as f:
+            f.write(common + f"[tunnel]\nclient = yes\naccept = {HOST}:{c_port}\n"
+                    f"connect = {HOST}:{s_port}\nverifyChain = yes\nCAfile = {ctx.cert}\n"
+                    f"checkHost = localhost\n")
+        slog, clog = ctx.logfile(f"stunnel-server-{tag}"), ctx.logfile(f"stunnel-client-{tag}")
+        server = ctx.procs.start("stunnel-server", [exe, server_conf], log=slog, cpus=ctx.system_cpus)
+        client = ctx.procs.start("stunnel-client", [exe, client_conf], log=clog, cpus=ctx.system_cpus)
+        run = Running(self, c_port, KITE_NAME, {"relay": client, "backend": server},
+                      dialer="relay", tunnel_port=s_port, fds_per_conn=2)
+        try:
+            wait_for("stunnel", lambda: port_open(s_port) and port_open(c_port), 15,
+                     [server, client], [slog, clog])
+        except BaseException:
+            ctx.procs.stop(client, server)
+            raise
+        return run
+
+
+class Pagekite(System):
+    name = "pagekite"
+    title = "pagekite.py frontend + backend, TLS tunnel (stock)"
+    tuning: ClassVar[list[str]] = []
+
+    def _exe(self):
+        return shutil.which("pagekite")
+
+    def unavailable(self, ctx):
+        return None if self._exe() else "pagekite.py not installed (apt-get install pagekite)"
+
+    def version(self, ctx):
+        return tool_version(["dpkg-query", "-W", "-f", "${Version}", "pagekite"], r"\S+")
+
+    def start(self, ctx, tag):
+        exe = self._exe()
+        port = free_port()
+        felog, belog = ctx.logfile(f"{self.name}-fe-{tag}"), ctx.logfile(f"{self.name}-be-{tag}")
+        base = [exe, "--clean", "--noproxy"]
+        fe = ctx.procs.start("pagekite-fe", base + [
+            "--isfrontend", f"--host={HOST}", f"--ports={port}", "--protos=http,https,raw",
+            "--rawports=virtual", f"--tls_endpoint={PK_FE_NAME}:{ctx.pk_pem}",
+            f"--domain=*:{KITE_NAME}:{SECRET}", f"--logfile={felog}"] + self.tuning,
+            log=felog + ".out", cpus=ctx.system_cpus)
+        try:
+            wait_for("pagekite.py frontend", lambda: port_open(port), 20, [fe], [felog])
+            be = ctx.procs.start("pagekite-be", base + [
+                f"--frontend={HOST}:{port}", f"--fe_certname={PK_FE_NAME}", f"--ca_certs={ctx.pk_pem}",
+                f"--service_on=http:{KITE_NAME}:{HOST}:{ctx.origin_port}:{SECRET}",
+                f"--logfile={belog}"] + self.tuning, log=belog + ".out", cpus=ctx.system_cpus)
+        except BaseException:
+            ctx.procs.stop(fe)
+            raise
+        run = Running(self, port, KITE_NAME, {"relay": fe, "backend": be},
+                      dialer="backend", tunnel_port=port)
+        try:
+            wait_for("pagekite.py backend", log_has(belog, r"FE=[\d.:]+; proto=http; domain=" + re.escape(KITE_NAME)),
+                     30, [fe, be], [felog, belog])
+            wait_until_served(run, 30)
+        except BaseException:
+            ctx.procs.stop(be, fe)
+            raise
+        return run
+
+
+class PagekiteTuned(Pagekite):
+    name = "pagekite-tuned"
+    title = "pagekite.py, " + " ".join(PAGEKITE_TUNING)
+    tuning: ClassVar[list[str]] = PAGEKITE_TUNING
+
+
+class Kite(System):
+    name = "kite"
+    title = "kite relay + kite expose, TLS, uvloop, compiled fast path"
+    loop = "uvloop"
+    extra_env: ClassVar[dict[str, str]] = {"KITE_REQUIRE_EXTENSIONS": "1"}
+    maps: ClassVar[dict[str, list]] = {
+        "relay": [("_fastpath.cpython", True), ("uvloop", True)],
+        "backend": [("_fastpath.cpython", True), ("uvloop", True)]}
+
+    def unavailable(self, ctx):
+        if ctx.kite_env is None:
+            return ctx.kite_problem
+        code = "import kite.fastpath"
+        if self.loop == "uvloop":
+            code += "; import uvloop"
+        problem = ctx.probe_kite(self.extra_env, code)
+        if problem:
+            return problem
+        return None
+
+    def version(self, ctx):
+        r = subprocess.run([sys.executable, "-c", "import kite; print(kite.__version__)"],
+                           env=ctx.kite_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd="/",
+                           check=False)
+        return r.stdout.decode().strip() or None
+
+    def start(self, ctx, tag):
+        port = free_port()
+        env = dict(ctx.kite_env)
+        env.update(self.extra_env)
+        rlog, blog = ctx.logfile(f"{self.name}-relay-{tag}"), ctx.logfile(f"{self.name}-expose-{tag}")
+        relay = ctx.procs.start("kite-relay", [
+            sys.executable, "-m", "kite", "relay", "--listen", f"{HOST}:{port}",
+            "--tls-cert", ctx.cert, "--tls-key", ctx.key, "--kite", f"*:{KITE_DOMAIN}:{SECRET}",
+            "--drain-timeout", "1", "--loop", self.loop], env=env, log=rlog, cpus=ctx.system_cpus,
+            cwd=ctx.work)
+        try:
+            wait_for("kite relay", log_has(rlog, r"relay listening on "), 20, [relay], [rlog])
+            backend = ctx.procs.start("kite-expose", [
+                sys.executable, "-m", "kite", "expose", f"http://{HOST}:{ctx.origin_port}", KITE_NAME,
+                "--relay", f"{HOST}:{port}", "--ca", ctx.cert, "--secret", SECRET,
+                "--loop", self.loop], env=env, log=blog, cpus=ctx.system_cpus, cwd=ctx.work)
+        except BaseException:
+            ctx.procs.stop(relay)
+            raise
+        run = Running(self, port, KITE_NAME, {"relay": relay, "backend": backend},
+                      dialer="backend", tunnel_port=port)
+        try:
+            wait_for("kite expose", log_has(blog, r"kite flying"), 20, [relay, backend], [rlog, blog])
+            wait_until_served(run, 20)
+        except BaseException:
+            ctx.procs.stop(backend, relay)
+            raise
+        return run
+
+
+class KitePy(Kite):
+    name = "kite-py"
+    title = "kite, uvloop, KITE_NO_EXTENSIONS=1 (pure-Python fast path)"
+    extra_env: ClassVar[dict[str, str]] = {"KITE_NO_EXTENSIONS": "1"}
+    maps: ClassVar[dict[str, list]] = {
+        "relay": [("_fastpath.cpython", False), ("uvloop", True)],
+        "backend": [("_fastpath.cpython", False), ("uvloop", True)]}
+
+
+class KiteAsyncio(Kite):
+    name = "kite-asyncio"
+    title = "kite, plain asyncio, compiled fast path"
+    loop = "asyncio"
+    maps: ClassVar[dict[str, list]] = {
+        "relay": [("_fastpath.cpython", True), ("uvloop/loop", False)],
+        "backend": [("_fastpath.cpython", True), ("uvloop/loop", False)]}
+
+
+ALL_SYSTEMS = {cls.name: cls for cls in (Direct, Stunnel, Pagekite, PagekiteTuned, Kite, KitePy,
+                                          KiteAsyncio)}
+SYSTEMS = tuple(ALL_SYSTEMS)
+
+
+def wait_until_served(run: Running, timeout: float) -> None:
+    """Poll GET /1k.bin until it answers 200 (a relay answers 503 until its kite is up)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        dead = run.dead()
+        if dead:
+            raise BenchError(f"{run.system.name}: " + "; ".join(dead))
+        try:
+            with connect(run.port, timeout=5) as s:
+                http_get(s, run.host, "/1k.bin", deadline=time.monotonic() + 5)
+                return
+        except (OSError, BenchError) as exc:
+            last = exc
+        time.sleep(0.2)
+    raise BenchError(f"{run.system.name}: not serving after {timeout:g} s: {last}")
