@@ -29,6 +29,7 @@ discarded with exactly one ``EOF: 1WR`` from this side.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import socket
@@ -55,7 +56,7 @@ from ..proto.zchunks import ZInflater
 
 log = logging.getLogger("kite.tunnel")
 
-__all__ = ["TunnelProtocol", "Stream", "StreamProtocol", "set_nodelay"]
+__all__ = ["TunnelProtocol", "Stream", "StreamState", "StreamProtocol", "set_nodelay"]
 
 #: Bytes a local socket reads per chunk when the peer is pagekite.py (its own read size).
 PAGEKITE_MAX_PAYLOAD = 16256
@@ -91,15 +92,42 @@ def set_nodelay(transport_or_sock) -> None:
             pass
 
 
+class StreamState(enum.IntEnum):
+    """Where a stream is in its life; :class:`Stream` alone changes it (docs/protocol.md §5.3).
+
+    ``OPEN -(local EOF)-> LOCAL_DONE -(peer EOF R)-> CLOSED``,
+    ``OPEN -(peer EOF R)-> PEER_DONE -(local EOF)-> CLOSED``, and from any state
+    ``-(peer EOF WR, local socket lost, tunnel gone, flow violation)-> CLOSED``.
+    """
+
+    OPEN = 0  # both directions carry data
+    LOCAL_DONE = 1  # the local socket ended its input; EOF R sent; the peer's data still goes out
+    PEER_DONE = 2  # the peer sent EOF R; the local socket is half-closed after what is queued
+    CLOSED = 3  # forgotten by the tunnel; the local socket is closed or closing
+
+
+_OPEN = StreamState.OPEN
+_CLOSED = StreamState.CLOSED
+
+#: Why a stream's local reading is paused: bits of :attr:`Stream.paused`.  Reading resumes
+#: when no bit is left.
+PAUSE_WINDOW = 1  # a window ahead of the peer's SKB acknowledgements
+PAUSE_TUNNEL = 2  # the tunnel transport pushed back (pause_writing)
+PAUSE_PEER_CLOSED = 4  # the peer sent EOF W: it cannot deliver what we read
+
+
 class Stream:
-    """One stream of a tunnel: its slot in the fast path, its local transport, its state."""
+    """One stream of a tunnel: its slot in the fast path, its local transport, its state.
+
+    Every change of :attr:`state` and :attr:`paused` happens in a method of this class; the
+    local protocol and the tunnel report events to it (``on_local_eof``, ``on_peer_eof``,
+    ``on_local_lost``, ``close``...).
+    """
 
     __slots__ = (
         "tunnel", "sid", "slot", "transport", "proto", "host", "port", "peer",
-        "send_window", "ack", "pending", "delivered", "next_ack",
-        "sent_read_eof", "got_read_eof", "got_write_eof", "local_read_eof",
-        "reading_paused", "window_paused", "write_paused", "closed", "inflated", "rewriter",
-        "fd", "__weakref__",
+        "send_window", "ack", "pending", "delivered", "next_ack", "state", "paused",
+        "local_full", "inflated", "rewriter", "fd", "__weakref__",
     )
 
     def __init__(self, tunnel: "TunnelProtocol", sid: int, *, proto: str = "", host: str = "",
@@ -120,14 +148,13 @@ class Stream:
         self.inflated = 0  # bytes of those that kite added (X-Forwarded-*, PROXY header)
         self.rewriter = None  # ForwardedRewriter for HTTP kites on the backend
         self.next_ack = tunnel.ack_step  # check for an ack once delivered reaches this
-        self.sent_read_eof = False  # we sent EOF R: our local socket will send no more
-        self.got_read_eof = False  # peer sent EOF R: no more data will come for us
-        self.got_write_eof = False  # peer sent EOF W: it cannot deliver what we send
-        self.local_read_eof = False
-        self.reading_paused = False
-        self.window_paused = False
-        self.write_paused = False
-        self.closed = False
+        self.state = _OPEN
+        self.paused = 0  # PAUSE_* bits: why local reading is paused (0: it is not)
+        self.local_full = False  # the local transport's write buffer is above its high mark
+
+    @property
+    def closed(self) -> bool:
+        return self.state is _CLOSED
 
     # -- tunnel -> local ------------------------------------------------------------------
     def sink(self, view: memoryview) -> None:
@@ -144,7 +171,7 @@ class Stream:
         if n:
             self._write_local(transport, view)
             self.delivered += n
-            if self.write_paused and transport.get_write_buffer_size() > self.tunnel.buffer_limit:
+            if self.local_full and transport.get_write_buffer_size() > self.tunnel.buffer_limit:
                 self.flow_violation()
                 return
             if self.delivered >= self.next_ack:
@@ -184,6 +211,13 @@ class Stream:
     def _pending_size(self) -> int:
         return sum(len(p) for p in self.pending or ())
 
+    def prepend_local(self, data: bytes) -> None:
+        """Bytes for the local socket ahead of everything the peer sends (a PROXY header);
+        only before the local socket is attached.  They are not acknowledged to the peer."""
+        assert self.pending is not None, "the local socket is attached already"
+        self.pending.insert(0, data)
+        self.inflated += len(data)
+
     def flow_violation(self) -> None:
         """The peer sent far more than the window allows: memory per stream stays bounded,
         so this stream goes (aborted: the local side sees an error, not a clean end)."""
@@ -213,7 +247,7 @@ class Stream:
                 self.sink(view)
                 return
             self.sink(view[:take])
-            if self.closed:
+            if self.state is _CLOSED:
                 return
             view = view[take:]
         data = bytes(view)
@@ -239,7 +273,7 @@ class Stream:
     def check_ack(self, force: bool = False) -> None:
         """Send SKB for the bytes that actually left the local transport's buffer."""
         transport = self.transport
-        if transport is None or self.closed:
+        if transport is None or self.state is _CLOSED:
             return
         written = self.delivered - transport.get_write_buffer_size() - self.inflated
         kib = self.ack.due(written, force=force)
@@ -266,44 +300,79 @@ class Stream:
             transport.write(data)
             self.delivered += len(data)
         if self.tunnel.write_paused:
-            self.pause_reading()
+            self.paused |= PAUSE_TUNNEL
+        if self.paused:
+            self._pause_transport()
         if pending:
             self.check_ack(force=True)
-        if self.got_read_eof:
+        if self.state is StreamState.PEER_DONE:
             self._write_eof()
 
     # -- flow control ---------------------------------------------------------------------
-    def pause_reading(self) -> None:
-        if not self.reading_paused and self.transport is not None and not self.closed:
-            self.reading_paused = True
-            try:
-                self.transport.pause_reading()
-            except (RuntimeError, AttributeError):
-                pass
+    def pause(self, reason: int) -> None:
+        """Stop reading the local socket for ``reason`` (a PAUSE_* bit)."""
+        was = self.paused
+        self.paused = was | reason
+        if not was:
+            self._pause_transport()
 
-    def maybe_resume_reading(self) -> None:
-        if (self.reading_paused and not self.window_paused and not self.tunnel.write_paused
-                and not self.got_write_eof and not self.closed):
-            self.reading_paused = False
+    def resume(self, reason: int) -> None:
+        """``reason`` no longer holds; reading resumes when no other reason is left."""
+        was = self.paused
+        if not was & reason:
+            return
+        self.paused = was & ~reason
+        if not self.paused and self.state is not _CLOSED and self.transport is not None:
             try:
                 self.transport.resume_reading()
             except (RuntimeError, AttributeError):
                 pass
 
+    def _pause_transport(self) -> None:
+        if self.transport is not None and self.state is not _CLOSED:
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
     def on_skb(self, kib: int) -> None:
         if (self.send_window.on_ack(kib, self.slot.sent, self.tunnel.loop.time())
-                and self.window_paused):
-            self.window_paused = False
-            self.maybe_resume_reading()
+                and self.paused & PAUSE_WINDOW):
+            self.resume(PAUSE_WINDOW)
+
+    def on_local_full(self, full: bool) -> None:
+        """The local transport's write buffer crossed its high (True) or low mark."""
+        self.local_full = full
+        if not full:
+            self.check_ack(force=True)
 
     # -- ends -----------------------------------------------------------------------------
+    def on_local_eof(self) -> bool:
+        """The local socket ended its input: tell the peer (EOF R).  Returns whether the
+        local transport should stay open for writing."""
+        self.tunnel.writer.cancel_data_buffer()
+        state = self.state
+        if state is _OPEN:
+            self.state = StreamState.LOCAL_DONE
+            self.tunnel.send_eof(self.sid, "R")
+            return True
+        if state is StreamState.PEER_DONE:
+            self.tunnel.send_eof(self.sid, "R")
+            self.tunnel.discard(self, close_local=True)
+            return False
+        return True
+
+    def on_local_lost(self) -> None:
+        """The local socket is gone."""
+        self.tunnel.writer.cancel_data_buffer()
+        if self.state is not _CLOSED:
+            self.tunnel.discard(self, close_local=False)
+
     def _write_eof(self) -> None:
+        """The peer is done sending (PEER_DONE): half-close the local socket after what is
+        queued, or close it when this side is done too or cannot half-close."""
         t = self.transport
         if t is None or t.is_closing():
-            return
-        if self.local_read_eof or self.sent_read_eof:
-            # Both directions are done: close after the buffered bytes are written.
-            self.tunnel.discard(self, close_local=True)
             return
         if t.can_write_eof():
             t.write_eof()
@@ -313,18 +382,29 @@ class Stream:
             self.tunnel.discard(self, close_local=True)
 
     def on_peer_eof(self, read_closed: bool, write_closed: bool) -> None:
+        state = self.state
+        if state is _CLOSED:
+            return
         if read_closed and write_closed:
             # The peer forgot the stream: finish writing what we have, close, forget it too.
-            self.got_read_eof = self.got_write_eof = True
             self.tunnel.discard(self, close_local=True)
             return
-        if write_closed and not self.got_write_eof:
-            self.got_write_eof = True  # the peer cannot deliver: stop reading
-            self.pause_reading()
-        if read_closed and not self.got_read_eof:
-            self.got_read_eof = True  # no more data will come: half-close after the rest
-            if self.transport is not None:
+        if write_closed:
+            self.pause(PAUSE_PEER_CLOSED)  # the peer cannot deliver: stop reading
+        if read_closed:
+            if state is StreamState.LOCAL_DONE:
+                # Both directions are done: close after the buffered bytes are written.
+                self.tunnel.discard(self, close_local=True)
+            elif state is _OPEN:
+                self.state = StreamState.PEER_DONE  # no more data will come
                 self._write_eof()
+
+    def close(self) -> bool:
+        """Mark the stream closed; False if it was already."""
+        if self.state is _CLOSED:
+            return False
+        self.state = _CLOSED
+        return True
 
 
 class StreamProtocol(asyncio.BufferedProtocol):
@@ -346,7 +426,7 @@ class StreamProtocol(asyncio.BufferedProtocol):
         self._scratch: Optional[bytearray] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.stream.closed:
+        if self.stream.state is _CLOSED:
             transport.close()
             return
         self.stream.attach_transport(transport)  # type: ignore[arg-type]
@@ -380,35 +460,22 @@ class StreamProtocol(asyncio.BufferedProtocol):
         stream = self.stream
         sent = self._slot.sent
         if sent >= stream.send_window.clear_below and stream.send_window.blocked(sent):
-            stream.window_paused = True
-            stream.pause_reading()
+            stream.pause(PAUSE_WINDOW)
         elif tunnel.write_paused:
-            stream.pause_reading()
+            stream.pause(PAUSE_TUNNEL)
 
     def eof_received(self) -> bool:
-        stream = self.stream
-        stream.local_read_eof = True
-        self.tunnel.writer.cancel_data_buffer()
-        if not stream.closed and not stream.sent_read_eof:
-            stream.sent_read_eof = True
-            self.tunnel.send_eof(stream.sid, "R")
-            if stream.got_read_eof:
-                self.tunnel.discard(stream, close_local=True)
-                return False
-        return True  # keep the write side open: the peer may still send
+        # True keeps the write side open: the peer may still send.
+        return self.stream.on_local_eof()
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.tunnel.writer.cancel_data_buffer()
-        stream = self.stream
-        if not stream.closed:
-            self.tunnel.discard(stream, close_local=False)
+        self.stream.on_local_lost()
 
     def pause_writing(self) -> None:
-        self.stream.write_paused = True
+        self.stream.on_local_full(True)
 
     def resume_writing(self) -> None:
-        self.stream.write_paused = False
-        self.stream.check_ack(force=True)
+        self.stream.on_local_full(False)
 
 
 class TunnelProtocol(asyncio.BufferedProtocol):
@@ -515,7 +582,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         for stream in list(self.streams.values()):
-            stream.maybe_resume_reading()
+            stream.resume(PAUSE_TUNNEL)
 
     # -- chunk mode -------------------------------------------------------------------------
     def start_chunks(self, leftover: bytes = b"", *, kite_peer: bool = False,
@@ -664,9 +731,8 @@ class TunnelProtocol(asyncio.BufferedProtocol):
 
     def discard(self, stream: Stream, *, close_local: bool, send_eof: bool = True) -> None:
         """Forget ``stream``: one EOF WR to the peer, and close the local socket if asked."""
-        if stream.closed:
+        if not stream.close():
             return
-        stream.closed = True
         self.streams.pop(stream.sid, None)
         self.policy.set_streams(len(self.streams))
         if self.demux is not None:
@@ -750,7 +816,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         if self._keepalive_handle is not None:
             self._keepalive_handle.cancel()
         for stream in list(self.streams.values()):
-            stream.closed = True
+            stream.close()
             t = stream.transport
             if t is not None and not t.is_closing():
                 # The far side is gone: abort (RST), so that a cut-off transfer is seen as
