@@ -19,7 +19,8 @@ from kite.proto.signing import (
     sign,
 )
 
-# The worked example of pagekite-protocol.md §3, as literal strings.
+# A worked example of the algorithm of docs/protocol.md §3, as literal strings computed with
+# pagekite.py's own signToken (the test below checks them against it again).
 BE_GLOBAL = "be-global-secret-example"
 KITE_SECRET = "kitesecret123"
 FE_ADDR = "127.0.0.1:20080"

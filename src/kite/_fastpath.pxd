@@ -5,7 +5,7 @@ from cpython.object cimport PyObject
 
 
 cdef enum:
-    # Wire-format bounds (pagekite-protocol.md section 4.1, h11-style grammar bounds).
+    # Wire-format bounds (docs/protocol.md section 4.1, h11-style grammar bounds).
     SIZE_DIGITS = 8                  # hex digits per number in a size line
     SIZE_LINE_MAX = 18               # "ULENZCLENR": characters before CRLF
     SIZE_LINE_WINDOW = 20            # CRLF must start within this many bytes

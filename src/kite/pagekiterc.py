@@ -18,7 +18,7 @@ as a comment at the end of the output - as ignored (no kite equivalent needed, w
 kite way to do it) or not converted (with the reason).  ``--strict`` turns anything not
 converted into exit status 2.
 
-The reference for what each pagekite.py option means is pagekite-protocol.md and
+The reference for what each pagekite.py option means is docs/protocol.md and
 docs/migrating-from-pagekite.md.
 """
 

@@ -1,7 +1,7 @@
 """Tunnels between kite and pagekite.py 1.5.2 survive long idleness on keepalives.
 
 pagekite.py 1.5.2 frontends close an in-band-registered tunnel at the backend's first PING
-(pagekite-protocol.md §13.2), so kite expose registers with the re-connect variant.  This
+(docs/protocol.md §13.2), so kite expose registers with the re-connect variant.  This
 test proves the choice over many keepalive rounds in both directions, with short intervals
 so that they happen in test time:
 

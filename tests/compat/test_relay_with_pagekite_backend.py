@@ -37,7 +37,7 @@ async def fly(pagekite, relay, services, **kw):
 
 
 # (tunnel, kite relay --zchunks, pagekite.py ZChunks); --nozchunks also means re-connect
-# registration (pagekite-protocol.md §13.3).
+# registration (docs/protocol.md §13.3).
 VARIANTS = [
     pytest.param("plain", True, True, "uvloop", id="plain-inband-zchunks-uvloop"),
     pytest.param("plain", True, True, "asyncio", id="plain-inband-zchunks-asyncio"),

@@ -5,7 +5,7 @@ Theory of operation
 One :class:`RelayConnector` per relay keeps one tunnel up, with all of that relay's kites on
 it, and reconnects by itself (exponential backoff with jitter, reset once a tunnel flew).
 
-Registration (pagekite-protocol.md §2): the first request carries every kite with an empty
+Registration (docs/protocol.md §2): the first request carries every kite with an empty
 challenge; the relay answers ``SignThis`` per kite.  Towards a kite relay (it announces the
 ``KiteFlow`` feature) the signed kites go *in-band*, in a NOOP chunk on the same connection.
 Towards anything else (pagekite.py 1.5.2) kite uses the *re-connect* variant: close, and
@@ -342,7 +342,7 @@ class RelayConnector:
 
     async def _connect_through(self, name: str) -> socket.socket:
         """pagekite.py's ``--fe_certname`` way in: a plain ``CONNECT NAME:443``, and after the
-        relay's ``200`` the TLS handshake on the same connection (pagekite-protocol.md §1.2).
+        relay's ``200`` the TLS handshake on the same connection (docs/protocol.md §1.2).
 
         pagekite.py 1.5.2 frontends crash on a ClientHello that reaches their port directly
         (§13.1), so this is the only TLS tunnel they can take; a kite relay accepts it too

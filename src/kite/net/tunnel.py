@@ -20,7 +20,7 @@ a window ahead of the peer's SKB acknowledgements, and acknowledges what it wrot
 local socket.  When the tunnel transport itself pushes back (``pause_writing``), every
 stream stops reading until it drains.
 
-Stream end (pagekite-protocol.md §5.3): local EOF sends ``EOF: 1R`` and keeps writing; a
+Stream end (docs/protocol.md §5.3): local EOF sends ``EOF: 1R`` and keeps writing; a
 peer's ``R`` half-closes the local socket after the pending bytes; a peer's ``W`` stops
 reading; once both directions are done, or either side loses its socket, the stream is
 discarded with exactly one ``EOF: 1WR`` from this side.

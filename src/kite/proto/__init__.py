@@ -1,6 +1,6 @@
 """kite's sans-IO PageKite protocol layer: bytes and header lists in, events and bytes out.
 
-Nothing here imports asyncio or touches a socket (pagekite-protocol.md is the reference):
+Nothing here imports asyncio or touches a socket (docs/protocol.md is the reference):
 
 * :mod:`.signing` - signatures, challenges and salts (§3);
 * :mod:`.handshake` - the ping probe, the tunnel request and reply, kite lines, the relay's

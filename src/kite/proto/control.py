@@ -1,6 +1,6 @@
 """Control chunks of a live tunnel: builders and the parser that turns a chunk into events.
 
-Theory of operation (pagekite-protocol.md §4.3, §5, §6; pagekite.py ``Tunnel.ProcessChunk``
+Theory of operation (docs/protocol.md §4.3, §5, §6; pagekite.py ``Tunnel.ProcessChunk``
 and ``ProcessChunkDirectives``).  The fast path's Demux delivers plain data chunks to stream
 sinks itself and hands every other chunk up as ``(headers, payload)``; :func:`parse_chunk`
 turns that into a list of events, in the order pagekite.py acts on them:

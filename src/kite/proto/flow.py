@@ -1,4 +1,4 @@
-"""Per-stream flow control with PageKite ``SKB`` acknowledgements (pagekite-protocol.md §5.5).
+"""Per-stream flow control with PageKite ``SKB`` acknowledgements (docs/protocol.md §5.5).
 
 Theory of operation
 -------------------

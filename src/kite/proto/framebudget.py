@@ -2,7 +2,7 @@
 
 pagekite.py 1.5.2 parses at most 150 chunks (or chunk pieces) per ``recv()`` on a tunnel
 and otherwise raises "Too much data", which crash-restarts the whole process
-(pagekite-protocol.md §4.1, §13.9).  kite corks its writes (one coalesced buffer per loop
+(docs/protocol.md §4.1, §13.9).  kite corks its writes (one coalesced buffer per loop
 tick), so a burst - hundreds of visitors arriving at once, many streams ending together,
 a run of SKB acknowledgements - easily puts hundreds of small chunks into one read.
 Towards a kite peer none of this matters; towards pagekite.py every corked buffer goes

@@ -1,6 +1,6 @@
 """The PageKite tunnel handshake, both sides, bit-exact with pagekite.py 1.5.2.
 
-Theory of operation (pagekite-protocol.md §1.3, §2, §3):
+Theory of operation (docs/protocol.md §1.3, §2, §3):
 
 1. The backend probes the relay with ``HEAD /ping`` (:data:`PING_REQUEST`); the relay answers
    :func:`build_ping_reply` (a 503 page carrying ``X-PageKite-UUID``) and closes.

@@ -1,6 +1,6 @@
 """PageKite signatures and challenge tokens, bit-exact with pagekite.py 1.5.2.
 
-Theory of operation (pagekite-protocol.md §3; pagekite/proto/proto.py ``signToken`` and
+Theory of operation (docs/protocol.md §3; pagekite/proto/proto.py ``signToken`` and
 ``checkSignature``)::
 
     sign(secret, payload, salt8)  = salt8 + sha1hex(secret + payload + salt8)[:28]

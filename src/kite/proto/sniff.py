@@ -1,6 +1,6 @@
 """Tell visitors apart by their first bytes on the relay's one public port.
 
-Theory of operation (pagekite-protocol.md §1.3, §8.1).  :func:`sniff` is called with all bytes
+Theory of operation (docs/protocol.md §1.3, §8.1).  :func:`sniff` is called with all bytes
 received so far on a new connection (call again with more when it says :data:`NEED_MORE`) and
 answers one of:
 

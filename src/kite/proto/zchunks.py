@@ -1,4 +1,4 @@
-"""ZChunks: PageKite's optional zlib compression of chunks (pagekite-protocol.md §4.4).
+"""ZChunks: PageKite's optional zlib compression of chunks (docs/protocol.md §4.4).
 
 Wire format: ``<ULEN>Z<CLEN>[R]\\r\\n`` then CLEN bytes which inflate to the ULEN-byte chunk
 body (header block, blank line, payload).  Each tunnel direction is one zlib stream (RFC 1950)
