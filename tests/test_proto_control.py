@@ -18,7 +18,6 @@ from kite.proto.control import (
     Skb,
     StreamOpen,
     ZReset,
-    build_data,
     build_eof,
     build_ping,
     build_pong,
@@ -29,6 +28,7 @@ from kite.proto.control import (
     parse_chunk,
     parse_sid,
 )
+from wire import build_data
 from kite.proto.handshake import KiteLine, KiteRef, build_inband_reply, build_inband_request
 
 

@@ -24,11 +24,11 @@ from kite.proto.handshake import (
     new_relay_uuid,
     parse_inband_reply,
     parse_inband_request,
-    parse_ping_reply,
     parse_tunnel_request,
     parse_tunnel_response,
     session_id,
 )
+from wire import parse_ping_reply
 from kite.proto.signing import check_challenge, make_bsalt, make_challenge, sign
 
 BE_GLOBAL = "be-global-secret-example"

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kite.errors import LocalProtocolError, RemoteProtocolError
+from wire import parse_proxy_header
 from kite.proto.proxyproto import (
     PROXY_V1_UNKNOWN,
     PROXY_V2_LOCAL,
     PROXY_V2_SIGNATURE,
-    parse_proxy_header,
     proxy_v1,
     proxy_v2,
 )

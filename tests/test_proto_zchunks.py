@@ -8,8 +8,9 @@ import zlib
 import pytest
 
 from kite.errors import CompressionError, LocalProtocolError
-from kite.proto.control import build_data, build_eof, build_ping, build_skb, build_stream_open
-from kite.proto.zchunks import MAX_BODY, ZDeflater, ZInflater
+from kite.proto.control import build_eof, build_ping, build_skb, build_stream_open
+from kite.proto.zchunks import MAX_BODY, ZInflater
+from wire import ZDeflater, build_data
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: foo.testkite.local\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"
 TEXT = b"<html><body>" + b"hello from the local backend server, " * 40 + b"</body></html>\n"

@@ -10,7 +10,8 @@ import ssl
 
 import pytest
 
-from kite.proto import handshake, proxyproto, signing
+import wire
+from kite.proto import handshake, signing
 from support import (SECRET, http_get, http_kite, kite_env, make_backend, make_certs, raw_kite,
                      run, start_banner_server, start_http_server)
 
@@ -203,7 +204,7 @@ def test_proxy_protocol_to_raw_target(tmp_path, loop_kind):
         async def handle(reader, writer):
             data = b""
             while True:
-                parsed = proxyproto.parse_proxy_header(data)
+                parsed = wire.parse_proxy_header(data)
                 if parsed is not None:
                     break
                 data += await reader.read(4096)
@@ -237,7 +238,7 @@ def test_ping_probe_answered_like_pagekite(tmp_path, loop_kind):
             writer.write(handshake.PING_REQUEST)
             data = await reader.read()
             assert data.startswith(b"HTTP/1.1 503 Unavailable\r\n")
-            assert handshake.parse_ping_reply(data).uuid == env.relay.state.uuid
+            assert wire.parse_ping_reply(data).uuid == env.relay.state.uuid
             writer.close()
 
     run(main, loop_kind)

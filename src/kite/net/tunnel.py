@@ -62,15 +62,14 @@ __all__ = ["TunnelProtocol", "Stream", "StreamState", "StreamProtocol", "set_nod
 PAGEKITE_MAX_PAYLOAD = 16256
 _SCRATCH = 65536
 #: Pending tunnel bytes that flush the corked writer before the next read buffer is lent
-#: (StreamProtocol.get_buffer) instead of at the end of the loop tick.  One full local read:
-#: measured best for bulk on uvloop (900 vs 510 MB/s down with the flush left to the end of
-#: the tick) and neutral for many small streams (c50).  A tunnel to a kite peer, whose reads
-#: are bigger, uses KITE_FLUSH_NOW.
+#: (StreamProtocol.get_buffer) instead of at the end of the loop tick: one full local read,
+#: so a busy stream never makes the corked buffer grow past it while small reads of many
+#: streams still leave in one flush per tick.  A tunnel to a kite peer, whose reads are
+#: bigger, uses KITE_FLUSH_NOW.
 FLUSH_NOW = 64 * 1024
 #: Largest data chunk payload towards a kite peer: every local read fills one chunk, so
-#: bigger reads mean fewer syscalls, TLS writes and Python calls per byte.  Bulk transfers
-#: cost ~15 % less CPU per GB than with 64 KiB chunks (bench/relay_bench.py); kite's demux
-#: accepts chunks up to 1 MiB.  pagekite.py peers keep PAGEKITE_MAX_PAYLOAD.
+#: bigger reads mean fewer syscalls, TLS writes and Python calls per byte (kite's demux
+#: accepts chunks up to 1 MiB).  pagekite.py peers keep PAGEKITE_MAX_PAYLOAD.
 KITE_MAX_PAYLOAD = 128 * 1024 - 32
 KITE_FLUSH_NOW = 128 * 1024
 #: A queued tunnel->local payload this long or longer is kept as a slice of the demux's

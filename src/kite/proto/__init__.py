@@ -1,166 +1,19 @@
 """kite's sans-IO PageKite protocol layer: bytes and header lists in, events and bytes out.
 
-Nothing here imports asyncio or touches a socket (docs/protocol.md is the reference):
+Nothing here imports asyncio or touches a socket (docs/protocol.md is the reference).  One
+module per wire format; import them by name (``from kite.proto import handshake``):
 
+* :mod:`.names` - kite protocols, domains, wildcards (§2.1, §8.1);
+* :mod:`.http` - HTTP heads, CONNECT requests and replies, the relay's refusal pages;
 * :mod:`.signing` - signatures, challenges and salts (§3);
 * :mod:`.handshake` - the ping probe, the tunnel request and reply, kite lines, the relay's
   authorisation decision, in-band registration (§1.3, §2);
 * :mod:`.control` - control chunks (PING/PONG, SKB, EOF, ZRST, stream open) and the chunk
   parser that turns non-data chunks into events (§4.3, §5, §6);
-* :mod:`.zchunks` - ZChunk inflater (the Demux's) and deflater (§4.4);
-* :mod:`.sniff` - what a visitor's first bytes are: ping, tunnel, CONNECT, HTTP, TLS (§8.1).
+* :mod:`.flow` - per-stream windows and acknowledgements (§5.5);
+* :mod:`.framebudget` - how kite paces small chunks towards pagekite.py (§4.1, §13.9);
+* :mod:`.zchunks` - the ZChunk inflater, the Demux's (§4.4);
+* :mod:`.sniff` - what a visitor's first bytes are: ping, tunnel, CONNECT, HTTP, TLS (§8.1);
+* :mod:`.forwarded` - the backend's X-Forwarded-* rewriting of HTTP request heads (§8.3);
+* :mod:`.proxyproto` - PROXY protocol v1/v2 headers for raw and https kites.
 """
-
-from .control import (
-    Data,
-    Eof,
-    Event,
-    KiteReply,
-    KiteRequest,
-    Noop,
-    Ping,
-    Pong,
-    Quota,
-    Skb,
-    StreamOpen,
-    ZReset,
-    build_data,
-    build_eof,
-    build_ping,
-    build_pong,
-    build_quota,
-    build_skb,
-    build_stream_open,
-    build_zrst,
-    parse_chunk,
-    parse_sid,
-)
-from .handshake import (
-    CONNECT_OK,
-    PAGEKITE_VERSION,
-    PING_REQUEST,
-    TUNNEL_FORBIDDEN,
-    TUNNEL_UNAVAILABLE,
-    AuthReply,
-    Challenge,
-    KiteAuthorizer,
-    KiteDecision,
-    KiteLine,
-    KiteRef,
-    PingReply,
-    RelayReply,
-    TunnelRequest,
-    build_inband_reply,
-    build_inband_request,
-    build_ping_reply,
-    build_tunnel_request,
-    build_tunnel_response,
-    build_unavailable,
-    find_head_end,
-    new_relay_uuid,
-    parse_inband_reply,
-    parse_inband_request,
-    parse_ping_reply,
-    parse_tunnel_request,
-    parse_tunnel_response,
-    session_id,
-)
-from .signing import (
-    check_challenge,
-    check_signature,
-    make_bsalt,
-    make_challenge,
-    new_salt,
-    new_secret,
-    sign,
-)
-from .sniff import (
-    NEED_MORE,
-    HttpRequest,
-    NeedMore,
-    PingProbe,
-    ProxyConnect,
-    SniffResult,
-    TlsHello,
-    TunnelConnect,
-    parse_host,
-    sniff,
-)
-from .zchunks import ZDeflater, ZInflater
-
-__all__ = [
-    # signing
-    "sign",
-    "check_signature",
-    "make_challenge",
-    "check_challenge",
-    "make_bsalt",
-    "new_salt",
-    "new_secret",
-    # handshake
-    "PAGEKITE_VERSION",
-    "PING_REQUEST",
-    "CONNECT_OK",
-    "TUNNEL_FORBIDDEN",
-    "TUNNEL_UNAVAILABLE",
-    "find_head_end",
-    "KiteLine",
-    "KiteRef",
-    "Challenge",
-    "TunnelRequest",
-    "build_tunnel_request",
-    "parse_tunnel_request",
-    "build_inband_request",
-    "parse_inband_request",
-    "KiteDecision",
-    "AuthReply",
-    "KiteAuthorizer",
-    "session_id",
-    "RelayReply",
-    "build_tunnel_response",
-    "parse_tunnel_response",
-    "build_inband_reply",
-    "parse_inband_reply",
-    "PingReply",
-    "build_unavailable",
-    "build_ping_reply",
-    "parse_ping_reply",
-    "new_relay_uuid",
-    # control
-    "build_ping",
-    "build_pong",
-    "build_quota",
-    "build_skb",
-    "build_eof",
-    "build_zrst",
-    "build_stream_open",
-    "build_data",
-    "parse_chunk",
-    "parse_sid",
-    "Event",
-    "Ping",
-    "Pong",
-    "Skb",
-    "Eof",
-    "ZReset",
-    "Quota",
-    "KiteRequest",
-    "KiteReply",
-    "StreamOpen",
-    "Data",
-    "Noop",
-    # zchunks
-    "ZInflater",
-    "ZDeflater",
-    # sniff
-    "sniff",
-    "parse_host",
-    "NEED_MORE",
-    "NeedMore",
-    "PingProbe",
-    "TunnelConnect",
-    "ProxyConnect",
-    "HttpRequest",
-    "TlsHello",
-    "SniffResult",
-]

@@ -18,8 +18,8 @@ turns that into a list of events, in the order pagekite.py acts on them:
    pagekite.py treats ``Proto``/``Host`` on a sid it already knows as plain data: the caller,
    who knows its streams, does the same.
 
-Each builder returns ``(header_block, payload)`` for ``ChunkWriter.write_chunk`` (or for
-``ZDeflater.frame``): ``Name: value\\r\\n`` lines without the blank line.  Header names are
+Each builder returns ``(header_block, payload)`` for ``ChunkWriter.write_chunk``:
+``Name: value\\r\\n`` lines without the blank line.  Header names are
 matched case-insensitively; malformed values raise RemoteProtocolError quoting them.
 """
 
@@ -42,7 +42,6 @@ __all__ = [
     "build_eof",
     "build_zrst",
     "build_stream_open",
-    "build_data",
     "parse_chunk",
     "parse_sid",
     "Event",
@@ -172,12 +171,6 @@ def build_stream_open(
     if not proto or not host or ":" in host:
         raise LocalProtocolError(f"invalid stream open: proto {proto!r}, host {host!r}")
     return _block(*lines), payload
-
-
-def build_data(sid: int, payload: Buffer) -> tuple[bytes, Buffer]:
-    """A data chunk ``SID: n`` (for ``ZDeflater.frame``; ``ChunkWriter.write_data`` is the
-    uncompressed fast way)."""
-    return _block(("SID", _check_sid(sid))), payload
 
 
 # --------------------------------------------------------------------------------------------

@@ -60,10 +60,8 @@ __all__ = [
     "parse_tunnel_response",
     "build_inband_reply",
     "parse_inband_reply",
-    "PingReply",
     "build_unavailable",
     "build_ping_reply",
-    "parse_ping_reply",
     "new_relay_uuid",
 ]
 
@@ -776,14 +774,6 @@ def build_inband_reply(results: Iterable[tuple[str, object]]) -> tuple[bytes, by
 # The pre-flight ping and the relay's error page
 
 
-@dataclass(frozen=True)
-class PingReply:
-    """What a backend learns from a relay's answer to :data:`PING_REQUEST`."""
-
-    uuid: Optional[str]  # the relay's identity (X-PageKite-UUID), None if absent
-    overloaded: bool  # X-PageKite-Overloaded present: the relay asks to be avoided
-
-
 def build_unavailable(
     domain: str,
     *,
@@ -830,18 +820,6 @@ def build_ping_reply(uuid: str, *, overloaded: bool = False) -> bytes:
     ``HTTP/1.1 503 Unavailable`` and carrying ``X-PageKite-UUID`` (pagekite.py's
     FastPingHelper; write it and close the connection)."""
     return build_unavailable("ping.pagekite", uuid=uuid, advertise=False, overloaded=overloaded)
-
-
-def parse_ping_reply(data: Union[bytes, str]) -> PingReply:
-    """Judge a relay's answer to :data:`PING_REQUEST` as pagekite.py's ``Ping`` does: it must
-    start with ``HTTP/1.1 503 Unavailable`` (else HandshakeError: never use that relay)."""
-    text = data.decode("latin-1") if isinstance(data, (bytes, bytearray, memoryview)) else data
-    if not text.startswith("HTTP/1.1 503 Unavailable"):
-        raise HandshakeError(f"not a PageKite ping reply: {text[:40]!r}")
-    _, sep, rest = text.partition("X-PageKite-UUID: ")
-    words = rest.split()
-    uuid = words[0] if sep and words else None
-    return PingReply(uuid=uuid, overloaded="X-PageKite-Overloaded:" in text)
 
 
 def new_relay_uuid() -> str:

@@ -17,7 +17,8 @@ Sender rules, from pagekite.py ``Selectable.SendChunked`` / ``Tunnel.SendData``:
 * after the peer's ZRST: a new compressor, and the next chunk - compressed or not - carries
   ``R``.
 
-The receiver side (:class:`ZInflater`) is the fast path Demux's ``inflater``.
+kite only inflates (:class:`ZInflater`, the fast path Demux's ``inflater``); it never
+compresses what it sends.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from __future__ import annotations
 import zlib
 from typing import Optional, Union
 
-from ..errors import CompressionError, LocalProtocolError
+from ..errors import CompressionError
 
-__all__ = ["MIN_COMPRESS", "MAX_BODY", "ZInflater", "ZDeflater"]
+__all__ = ["MIN_COMPRESS", "MAX_BODY", "ZInflater"]
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -77,85 +78,3 @@ class ZInflater:
                 f"ZChunk inflated to {what} {ulen} bytes: {bytes(data[:16])!r}..."
             )
         return out
-
-
-def _is_uncompressible(header_block: bytes) -> bool:
-    # NOOP (every control chunk) and EOF chunks are always sent plain.
-    for line in header_block.split(b"\r\n"):
-        name = line.split(b":", 1)[0].strip().lower()
-        if name in (b"noop", b"eof"):
-            return True
-    return False
-
-
-class ZDeflater:
-    """One tunnel direction's compressor: frames chunks, compressed where the rules allow.
-
-    ``frame()`` returns a complete chunk (size line + body) for ``ChunkWriter.write_raw``.
-    Use it only once the peer advertised ``ZChunks``.  ``level`` 1 is what pagekite.py's
-    relay uses (its backend uses 9).
-    """
-
-    __slots__ = ("level", "_z", "_reset_pending", "_history")
-
-    def __init__(self, level: int = 1) -> None:
-        if not (isinstance(level, int) and 0 <= level <= 9):
-            raise LocalProtocolError(f"zlib level must be 0..9: {level!r}")
-        self.level = level
-        self._z = zlib.compressobj(level)
-        self._reset_pending = False
-        self._history: dict[int, tuple[int, int]] = {}  # sid -> (plain, compressed) sizes
-
-    def reset(self) -> None:
-        """The peer sent ZRST: start a new zlib stream and mark the next chunk with ``R``."""
-        self._z = zlib.compressobj(self.level)
-        self._reset_pending = True
-
-    def forget(self, sid: int) -> None:
-        """Drop the size history of a closed stream."""
-        self._history.pop(sid, None)
-
-    def stream_compresses(self, sid: int) -> bool:
-        """False once a chunk of ``sid`` grew when compressed."""
-        plain, packed = self._history.get(sid, (0, 0))
-        return not plain < packed
-
-    def frame(
-        self,
-        header_block: Buffer,
-        payload: Buffer = b"",
-        *,
-        sid: Optional[int] = None,
-        compress: bool = True,
-    ) -> bytes:
-        """Frame one chunk: ``header_block`` (``Name: value\\r\\n`` lines, no blank line) and
-        ``payload``.  ``sid`` names the stream whose size history applies (data and stream
-        open chunks); ``compress=False`` forces a plain chunk.  Either way the chunk carries
-        ``R`` if it is the first after :meth:`reset`."""
-        block = bytes(header_block)
-        if (
-            not block.endswith(b"\r\n")
-            or block.startswith(b"\r\n")
-            or b"\r\n\r\n" in block
-        ):  # the same refusals as ChunkWriter.write_chunk (an empty block ends in no CRLF)
-            raise LocalProtocolError(f"bad chunk header block: {block[:80]!r}")
-        body = b"".join((block, b"\r\n", payload))
-        if len(body) > MAX_BODY:
-            raise LocalProtocolError(f"chunk body of {len(body)} bytes exceeds {MAX_BODY}")
-        rst = b"R" if self._reset_pending else b""
-        self._reset_pending = False
-        if (
-            compress
-            and len(body) > MIN_COMPRESS
-            and (sid is None or self.stream_compresses(sid))
-            and not _is_uncompressible(block)
-        ):
-            packed = self._z.compress(body) + self._z.flush(zlib.Z_SYNC_FLUSH)
-            if sid is not None:
-                self._history[sid] = (len(body), len(packed))
-            return b"%xZ%x%s\r\n" % (len(body), len(packed), rst) + packed
-        return b"%x%s\r\n" % (len(body), rst) + body
-
-    def frame_data(self, sid: int, payload: Buffer) -> bytes:
-        """Frame a data chunk (``SID: n``) for stream ``sid``."""
-        return self.frame(b"SID: %d\r\n" % sid, payload, sid=sid)

@@ -17,14 +17,13 @@ not raise; one that does is logged and the others still run.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from ..proto.handshake import AuthReply, KiteAuthorizer, KiteLine
+from ..proto.handshake import AuthReply, KiteAuthorizer, KiteLine, new_relay_uuid
 from ..proto.names import KITE_PROTOS
+from ..proto.signing import new_secret
 from .config import RelayConfig
 from .routes import Routes
 
@@ -56,8 +55,8 @@ class RelayState:
         self.sessions: dict = {}  # X-PageKite-SessionID -> tunnel, for X-PageKite-Replace
         self.public_ports: list[int] = []  # the ports the relay listens on (X-PageKite-Ports)
         self.tls_names = {n.lower() for n in config.tls_names}  # SNI names meaning the relay
-        self.secret = os.urandom(20).hex()  # signs challenges; never leaves the process
-        self.uuid = hashlib.sha1(self.secret.encode()).hexdigest()
+        self.secret = new_secret()  # signs challenges; never leaves the process
+        self.uuid = new_relay_uuid()  # X-PageKite-UUID of the ping probe's answer
         self.authorizer = KiteAuthorizer(
             lookup_secret=config.grants.exact_secret,
             challenge_secret=self.secret,
