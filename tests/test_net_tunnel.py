@@ -1,0 +1,235 @@
+"""kite.net.tunnel without a network: a stream's states and pauses, driven by the events its
+local protocol and its tunnel report, against recording transports."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kite.net.tunnel import (
+    PAUSE_PEER_CLOSED,
+    PAUSE_TUNNEL,
+    PAUSE_WINDOW,
+    Stream,
+    StreamProtocol,
+    StreamState,
+    TunnelProtocol,
+)
+
+
+class FakeTransport:
+    """Records what a protocol does to its transport."""
+
+    def __init__(self, *, can_eof: bool = True) -> None:
+        self.written: list[bytes] = []
+        self.calls: list[str] = []
+        self.closing = False
+        self.can_eof = can_eof
+        self.buffered = 0
+
+    def write(self, data) -> None:
+        self.written.append(bytes(data))
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def can_write_eof(self) -> bool:
+        return self.can_eof
+
+    def write_eof(self) -> None:
+        self.calls.append("write_eof")
+
+    def close(self) -> None:
+        self.calls.append("close")
+        self.closing = True
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause_reading")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume_reading")
+
+
+class RecordingTunnel(TunnelProtocol):
+    """A tunnel in chunk mode whose control chunks are recorded as (kind, sid, flags)."""
+
+    def __init__(self, loop) -> None:
+        super().__init__(loop=loop)
+        self.sent: list[tuple] = []
+        self.keepalive = None
+        self.connection_made(FakeTransport())
+        self.start_chunks(kite_peer=True)
+
+    def send_eof(self, sid: int, flags: str) -> None:
+        self.sent.append(("eof", sid, flags))
+
+    def send_skb(self, sid: int, kib: int) -> None:
+        self.sent.append(("skb", sid, kib))
+
+
+@pytest.fixture
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def tunnel(loop):
+    return RecordingTunnel(loop)
+
+
+def open_stream(tunnel, sid=1, *, attach=True, can_eof=True):
+    stream = Stream(tunnel, sid, proto="raw", host="box.test.kite", port=22, peer="127.0.0.1:9")
+    tunnel.add_stream(stream)
+    local = FakeTransport(can_eof=can_eof)
+    protocol = StreamProtocol(tunnel, stream)
+    if attach:
+        protocol.connection_made(local)
+    return stream, protocol, local
+
+
+def eofs(tunnel):
+    return [e for e in tunnel.sent if e[0] == "eof"]
+
+
+def test_local_eof_then_peer_eof_closes_once(tunnel):
+    stream, protocol, local = open_stream(tunnel)
+    assert stream.state is StreamState.OPEN
+    assert protocol.eof_received() is True  # keep writing: the peer may still send
+    assert stream.state is StreamState.LOCAL_DONE
+    assert eofs(tunnel) == [("eof", 1, "R")]
+    stream.on_peer_eof(read_closed=True, write_closed=False)
+    assert stream.state is StreamState.CLOSED and stream.closed
+    assert eofs(tunnel) == [("eof", 1, "R"), ("eof", 1, "WR")]
+    assert local.calls == ["close"]
+    assert 1 not in tunnel.streams
+    stream.on_peer_eof(read_closed=True, write_closed=True)  # late events change nothing
+    protocol.eof_received()
+    assert eofs(tunnel) == [("eof", 1, "R"), ("eof", 1, "WR")]
+
+
+def test_peer_eof_half_closes_then_local_eof_closes(tunnel):
+    stream, protocol, local = open_stream(tunnel)
+    stream.on_peer_eof(read_closed=True, write_closed=False)
+    assert stream.state is StreamState.PEER_DONE
+    assert local.calls == ["write_eof"]
+    assert protocol.eof_received() is False
+    assert stream.state is StreamState.CLOSED
+    assert eofs(tunnel) == [("eof", 1, "R"), ("eof", 1, "WR")]
+
+
+def test_peer_eof_without_half_close_closes(tunnel):
+    """A local transport that cannot half-close (TLS) is closed after its queued bytes."""
+    stream, _, local = open_stream(tunnel, can_eof=False)
+    stream.on_peer_eof(read_closed=True, write_closed=False)
+    assert stream.state is StreamState.CLOSED
+    assert local.calls == ["close"]
+
+
+def test_peer_forgets_stream(tunnel):
+    stream, _, local = open_stream(tunnel)
+    stream.on_peer_eof(read_closed=True, write_closed=True)
+    assert stream.state is StreamState.CLOSED
+    assert local.calls == ["close"]
+    assert eofs(tunnel) == [("eof", 1, "WR")]
+
+
+def test_local_socket_lost(tunnel):
+    stream, protocol, local = open_stream(tunnel)
+    protocol.connection_lost(None)
+    assert stream.state is StreamState.CLOSED
+    assert eofs(tunnel) == [("eof", 1, "WR")]
+    assert local.calls == []  # already gone: nothing to close
+
+
+def test_pause_reasons_stack(tunnel):
+    stream, _, local = open_stream(tunnel)
+    stream.pause(PAUSE_WINDOW)
+    stream.pause(PAUSE_TUNNEL)
+    assert local.calls == ["pause_reading"]  # one pause for two reasons
+    stream.resume(PAUSE_WINDOW)
+    assert local.calls == ["pause_reading"]  # the tunnel still pushes back
+    stream.resume(PAUSE_WINDOW)  # a reason that no longer holds changes nothing
+    stream.resume(PAUSE_TUNNEL)
+    assert local.calls == ["pause_reading", "resume_reading"]
+    assert stream.paused == 0
+
+
+def test_peer_write_closed_pauses_for_good(tunnel):
+    stream, _, local = open_stream(tunnel)
+    stream.on_peer_eof(read_closed=False, write_closed=True)
+    assert stream.state is StreamState.OPEN
+    assert stream.paused == PAUSE_PEER_CLOSED
+    tunnel.resume_writing()  # resuming other reasons does not lift it
+    assert local.calls == ["pause_reading"]
+
+
+def test_tunnel_resume_writing_resumes_its_streams(tunnel):
+    stream, _, local = open_stream(tunnel)
+    tunnel.pause_writing()
+    stream.pause(PAUSE_TUNNEL)
+    tunnel.resume_writing()
+    assert local.calls == ["pause_reading", "resume_reading"]
+
+
+def test_data_and_eof_before_the_local_socket(tunnel):
+    """Bytes and an EOF R that arrive before the local connection is up wait for it."""
+    stream, protocol, local = open_stream(tunnel, attach=False)
+    stream.sink(memoryview(b"early "))
+    stream.sink(memoryview(b"bytes"))
+    stream.on_peer_eof(read_closed=True, write_closed=False)
+    assert stream.state is StreamState.PEER_DONE
+    protocol.connection_made(local)
+    assert b"".join(local.written) == b"early bytes"
+    assert local.calls == ["write_eof"]
+    assert stream.pending is None
+
+
+def test_pause_before_the_local_socket_applies_on_attach(tunnel):
+    stream, protocol, local = open_stream(tunnel, attach=False)
+    tunnel.pause_writing()
+    protocol.connection_made(local)
+    assert stream.paused == PAUSE_TUNNEL
+    assert local.calls == ["pause_reading"]
+
+
+def test_prepend_local_goes_first_and_is_not_acknowledged(tunnel):
+    stream, protocol, local = open_stream(tunnel, attach=False)
+    stream.sink(memoryview(b"payload"))
+    stream.prepend_local(b"PROXY UNKNOWN\r\n")
+    protocol.connection_made(local)
+    assert b"".join(local.written) == b"PROXY UNKNOWN\r\npayload"
+    assert stream.inflated == len(b"PROXY UNKNOWN\r\n")
+
+
+def test_tunnel_teardown_aborts_local_sockets(tunnel):
+    """A tunnel that dies cuts its streams' local sockets with an error, never a clean end."""
+    s1, _, l1 = open_stream(tunnel, 1)
+    s2, _, l2 = open_stream(tunnel, 3)
+    tunnel.abort("test")
+    assert s1.state is StreamState.CLOSED and s2.state is StreamState.CLOSED
+    assert l1.calls == ["abort"] and l2.calls == ["abort"]
+    assert not tunnel.streams
+
+
+def test_connection_made_on_closed_stream_closes_transport(tunnel):
+    stream, protocol, _ = open_stream(tunnel, attach=False)
+    tunnel.discard(stream, close_local=False)
+    local = FakeTransport()
+    protocol.connection_made(local)
+    assert local.calls == ["close"]
