@@ -51,6 +51,7 @@ from ..proto.flow import (
     SendWindow,
     WindowPolicy,
 )
+from ..proto.forwarded import ForwardedRewriter
 from ..proto.framebudget import FrameBudget
 from ..proto.zchunks import ZInflater
 
@@ -145,7 +146,7 @@ class Stream:
         self.pending: Optional[list] = []  # payloads that arrived before the local socket
         self.delivered = 0  # bytes handed to the local transport
         self.inflated = 0  # bytes of those that kite added (X-Forwarded-*, PROXY header)
-        self.rewriter = None  # ForwardedRewriter for HTTP kites on the backend
+        self.rewriter: Optional[ForwardedRewriter] = None  # HTTP kites on the backend
         self.next_ack = tunnel.ack_step  # check for an ack once delivered reaches this
         self.state = _OPEN
         self.paused = 0  # PAUSE_* bits: why local reading is paused (0: it is not)
@@ -203,7 +204,9 @@ class Stream:
             if k == len(view):
                 return
         rest = view[k:]
-        if len(rest) < KEEP_MIN or self.tunnel.demux.pinned >= KEEP_LIMIT:
+        demux = self.tunnel.demux
+        assert demux is not None  # streams exist in chunk mode only
+        if len(rest) < KEEP_MIN or demux.pinned >= KEEP_LIMIT:
             rest = bytes(rest)
         transport.write(rest)
 
@@ -227,7 +230,7 @@ class Stream:
         if t is not None:
             t.abort()
 
-    def enable_rewriter(self, rewriter) -> None:
+    def enable_rewriter(self, rewriter: ForwardedRewriter) -> None:
         """Pass tunnel->local bytes through an HTTP head rewriter (X-Forwarded-*)."""
         self.rewriter = rewriter
         self.slot.sink = self._rewrite_sink
@@ -239,6 +242,7 @@ class Stream:
 
     def _rewrite_sink(self, view: memoryview) -> None:
         rewriter = self.rewriter
+        assert rewriter is not None  # this sink is set with the rewriter
         n = len(view)
         take = rewriter.verbatim(n)  # a body: passes as it is, no copy, no parser
         if take:
@@ -554,6 +558,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
                 self._in_demux = False
             return
         # Handshake: a few hundred bytes, once per tunnel; copying them is fine.
+        assert self._hs_scratch is not None
         self.feed_handshake(self._hs_scratch[:nbytes])
 
     def feed_handshake(self, data) -> None:

@@ -91,7 +91,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("--tls-cert/--tls-key", "give both or neither",
                           "`kite init relay` writes relay.crt and relay.key")
-    if tls_cert:
+    if tls_cert and tls_key:
         for p in (tls_cert, tls_key):
             if not os.path.exists(p):
                 raise ConfigError("--tls-cert/--tls-key", f"no such file {p!r}", "check the path")

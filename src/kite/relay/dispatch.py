@@ -28,6 +28,8 @@ from ..errors import SniffError
 from ..net.tunnel import Stream, StreamProtocol
 from ..proto import control, handshake
 from ..proto.handshake import build_ping_reply
+from ..proto.names import bare_proto
+from ..proto.sniff import ProxyConnect, SniffResult
 from ..proto.sniff import sniff as sniff_first_bytes
 from . import pages
 from .accept import MAX_PEEK
@@ -95,13 +97,15 @@ class TlsEntry(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         end = handshake.find_head_end(self.buf)
+        transport = self.transport
+        assert transport is not None
         if end is None:
             if len(self.buf) > handshake.MAX_HEAD:
                 log.info("TLS visitor %s refused: first head too long", self.peer)
-                self.transport.close()
+                transport.close()
             return
         data_, self.buf = bytes(self.buf), bytearray()
-        self.dispatcher.tls_head(self.transport, self.peer, data_, end)
+        self.dispatcher.tls_head(transport, self.peer, data_, end)
 
     def eof_received(self) -> bool:
         return False
@@ -155,10 +159,10 @@ class Dispatcher:
 
     def _dispatch_http(self, pv: "PendingVisitor", result, data: bytes) -> None:
         host = result.host
-        protos = ("websocket", "http") if result.websocket else ("http",)
-        protos = tuple(f"{p}-{pv.port}" for p in protos) + protos
+        bare: tuple[str, ...] = ("websocket", "http") if result.websocket else ("http",)
+        protos = tuple(f"{p}-{pv.port}" for p in bare) + bare
         tunnel, proto = self.state.routes.lookup(protos, host)
-        if tunnel is None:
+        if tunnel is None or proto is None:
             want_json = result.wants_json
             if self.state.has_grant("http", host):
                 self.refuse(pv, f"kite http:{host} is offline",
@@ -167,8 +171,7 @@ class Dispatcher:
                 self.refuse(pv, f"no kite http:{host}",
                             pages.http_error(404, host, json_wanted=want_json))
             return
-        proto = proto.split("-", 1)[0]
-        self._open_stream(pv, tunnel, proto, host, pv.port, payload=data, skip=len(data))
+        self._open_stream(pv, tunnel, bare_proto(proto), host, pv.port, payload=data, skip=len(data))
 
     def _dispatch_tls(self, pv: "PendingVisitor", result, data: bytes) -> None:
         sni = result.sni
@@ -226,8 +229,8 @@ class Dispatcher:
         protos = protos + (f"raw-{port}", "raw")
         state = self.state
         tunnel, proto = state.routes.lookup(protos, host)
-        if tunnel is not None:
-            return tunnel, proto.split("-", 1)[0], None
+        if tunnel is not None and proto is not None:
+            return tunnel, bare_proto(proto), None
         if any(state.has_grant(p, host) for p in protos if "-" in p or p == "raw"):
             return None, None, (pages.connect_refused(503, f"kite {host}:{port} is offline"),
                                 f"CONNECT {host}:{port}: kite offline")
@@ -248,12 +251,13 @@ class Dispatcher:
             tunnel.connection_made(transport)
             tunnel.feed_handshake(data)
             return
+        result: Optional[SniffResult]
         try:
             result = sniff_first_bytes(data[:end])
         except SniffError as exc:
             result = None
             log.info("TLS visitor %s refused: %s", peer, exc)
-        if result is None or result.kind != "connect":
+        if not isinstance(result, ProxyConnect):
             log.warning("tunnel from %s: bad tunnel request: not CONNECT PageKite", peer)
             transport.write(handshake.TUNNEL_UNAVAILABLE)
             transport.close()

@@ -7,6 +7,7 @@ A tunnel is given the relay's :class:`~kite.relay.state.RelayState` and reports 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Optional
 
@@ -41,7 +42,7 @@ class RelayTunnel(TunnelProtocol):
         self.inband_ok = False  # an in-band round succeeded: later rounds skip the FSALT check
         self.session_id: Optional[str] = None
         self._next_sid = 0
-        self._reg_handle = None
+        self._reg_handle: Optional[asyncio.TimerHandle] = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -60,15 +61,17 @@ class RelayTunnel(TunnelProtocol):
             return
         head, leftover = bytes(buf[:end]), bytes(buf[end:])
         del buf[:]
+        transport = self.transport
+        assert transport is not None
         try:
             req = handshake.parse_tunnel_request(head)
         except HandshakeError as exc:
             log.warning("%s: bad tunnel request: %s", self.name, exc)
-            self.transport.write(handshake.TUNNEL_UNAVAILABLE)
+            transport.write(handshake.TUNNEL_UNAVAILABLE)
             self.close(f"bad tunnel request: {exc}")
             return
         if not req.kites:
-            self.transport.write(handshake.TUNNEL_UNAVAILABLE)
+            transport.write(handshake.TUNNEL_UNAVAILABLE)
             self.close("tunnel request without kites")
             return
         state = self.state
@@ -76,7 +79,7 @@ class RelayTunnel(TunnelProtocol):
         self.kite_peer = KITE_FLOW_FEATURE in req.features
         reply = state.authorize(req.kites)
         self._register(reply)
-        self.transport.write(handshake.build_tunnel_response(
+        transport.write(handshake.build_tunnel_response(
             reply.headers, zchunks=state.config.zchunks, features=("AddKites", KITE_FLOW_FEATURE),
             protos=KITE_PROTOS, ports=state.public_ports, raw_ports=("virtual",)))
         disposition = reply.disposition(req.add_kites)
