@@ -44,6 +44,8 @@ from ..config import BackendConfig, KiteSpec, RelaySpec
 from ..errors import KiteError
 from ..proto import control, handshake, signing
 from ..proto.flow import KITE_FLOW_FEATURE
+from ..proto.http import http_error
+from ..proto.sniff import TLS_ALERT_INTERNAL_ERROR
 from ..tls import ClientTLS
 from ..tunnel import Stream, StreamProtocol, TunnelProtocol
 
@@ -167,14 +169,12 @@ class BackendTunnel(TunnelProtocol):
 
     def _refuse_stream(self, stream: Stream, status: int) -> None:
         """Tell the visitor, in its protocol, that the local side is not there."""
-        from ..relay import pages
-
         if stream.proto in ("http", "websocket"):
             self.writer.cancel_data_buffer()
-            self.writer.write_data(stream.slot, pages.http_error(status, stream.host))
+            self.writer.write_data(stream.slot, http_error(status, stream.host))
         elif stream.proto == "https":
             self.writer.cancel_data_buffer()
-            self.writer.write_data(stream.slot, pages.TLS_ALERT_INTERNAL_ERROR)
+            self.writer.write_data(stream.slot, TLS_ALERT_INTERNAL_ERROR)
         self.discard(stream, close_local=False)
 
     def on_closed(self, reason: str) -> None:

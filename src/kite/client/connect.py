@@ -40,16 +40,18 @@ import ssl
 import stat
 import sys
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
-from ..errors import KiteError, RemoteProtocolError
+from ..errors import (BadRelayReply, ConnectFailed, KiteOffline, NotAKite, RelayRefused,
+                      RelayTLSError, RelayUnreachable)
+from ..proto.http import (MAX_HEAD, MAX_REFUSAL_BODY, ConnectReply, authority,
+                          build_connect_request, parse_connect_reply)
 from ..tls import ClientTLS
 from ..tunnel import set_nodelay
 
 log = logging.getLogger("kite.client")
 
 __all__ = [
-    "MAX_REPLY_HEAD",
     "HIGH_WATER",
     "LOW_WATER",
     "ConnectFailed",
@@ -76,10 +78,6 @@ __all__ = [
     "ssh_config_block",
 ]
 
-#: Bound on the relay's answer head (status line + headers + blank line).
-MAX_REPLY_HEAD = 16384
-#: Bound on the body of a refusal that is read for its message (the relay sends ~60 bytes).
-MAX_REFUSAL_BODY = 4096
 #: Write-buffer marks of every transport and of stdout: above HIGH_WATER the side feeding
 #: it stops reading, below LOW_WATER it resumes.  1 MiB keeps a 1 Gbit/s x 10 ms link full.
 HIGH_WATER = 1 << 20
@@ -92,116 +90,10 @@ SPLICE_PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Python 3.10+ has the name; Linux only)
 
 
-# -- errors -----------------------------------------------------------------------------------
-class ConnectFailed(KiteError):
-    """The relay could not be reached, or would not carry the CONNECT (one-line message)."""
-
-
-class RelayUnreachable(ConnectFailed):
-    """No TCP connection to the relay (refused, unreachable, timed out, bad name)."""
-
-
-class RelayTLSError(ConnectFailed):
-    """The TLS handshake with the relay failed, or its certificate did not verify."""
-
-
-class RelayRefused(ConnectFailed):
-    """The relay answered the CONNECT with something other than 200."""
-
-    def __init__(self, message: str, status: int, reason: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-
-
-class KiteOffline(RelayRefused):
-    """503: the name is a kite, but its backend is not connected to the relay."""
-
-
-class NotAKite(RelayRefused):
-    """403 (or a close without an answer): the relay does not carry this name and port."""
-
-
-class BadRelayReply(ConnectFailed, RemoteProtocolError):
-    """The relay's answer is not an HTTP response head (or breaks its bounds)."""
-
-
-# -- sans-IO handshake ------------------------------------------------------------------------
-def _authority(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def build_connect_request(host: str, port: int) -> bytes:
-    """``CONNECT host:port HTTP/1.1`` with its ``Host`` header (what nc/socat/proxytunnel send).
-
-    Non-ASCII names are sent in their IDNA form; a name with spaces or control characters
-    is refused here rather than sent (it would break the request line).
-    """
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port!r} out of range 1-65535")
-    try:
-        host_b = host.encode("ascii")
-    except UnicodeEncodeError:
-        host_b = host.encode("idna")
-    if not host_b or len(host_b) > 255 or any(c <= 0x20 or c >= 0x7F for c in host_b):
-        raise ValueError(f"bad host name {host!r}")
-    auth = _authority(host_b.decode("ascii"), port).encode("ascii")
-    return b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (auth, auth)
-
-
-@dataclass(frozen=True)
-class ConnectReply:
-    """The relay's answer head: ``status``, ``reason``, and where the head ends."""
-
-    status: int
-    reason: str
-    head_length: int  # bytes of the head, blank line included: the tunnel starts after it
-    content_length: Optional[int]  # of a refusal's body (None: read to EOF, bounded)
-
-
-def parse_connect_reply(buf: Union[bytes, bytearray, memoryview]) -> Optional[ConnectReply]:
-    """Parse the answer to a CONNECT from the bytes received so far.
-
-    Returns ``None`` while the head is incomplete; raises :class:`BadRelayReply` as soon as
-    the bytes cannot be an HTTP/1.x response or the head passes :data:`MAX_REPLY_HEAD`.
-    Bare-LF line ends are accepted (RFC 9112 §2.2 allows a recipient to).
-    """
-    data = bytes(buf[:MAX_REPLY_HEAD + 4])
-    prefix = data[:5]
-    if b"HTTP/"[:len(prefix)] != prefix:
-        raise BadRelayReply(f"relay answered {data[:24]!r}, not HTTP")
-    end, sep = data.find(b"\r\n\r\n"), 4
-    lf_end = data.find(b"\n\n")
-    if lf_end >= 0 and (end < 0 or lf_end < end):
-        end, sep = lf_end, 2
-    if end < 0:
-        if len(data) > MAX_REPLY_HEAD:
-            raise BadRelayReply(f"relay answer head longer than {MAX_REPLY_HEAD} bytes")
-        return None
-    if end + sep > MAX_REPLY_HEAD:
-        raise BadRelayReply(f"relay answer head longer than {MAX_REPLY_HEAD} bytes")
-    lines = data[:end].replace(b"\r\n", b"\n").split(b"\n")
-    parts = lines[0].split(b" ", 2)
-    if (len(parts) < 2 or parts[0] not in (b"HTTP/1.0", b"HTTP/1.1")
-            or len(parts[1]) != 3 or not parts[1].isdigit()):
-        raise BadRelayReply(f"bad status line {lines[0][:80]!r}")
-    status = int(parts[1])
-    reason = parts[2].decode("latin-1").strip() if len(parts) > 2 else ""
-    content_length = None
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if colon and name.strip().lower() == b"content-length":
-            v = value.strip()
-            if not v.isdigit() or len(v) > 12:
-                raise BadRelayReply(f"bad Content-Length {v[:20]!r}")
-            content_length = int(v)
-    return ConnectReply(status, reason, end + sep, content_length)
-
-
 def refusal_error(reply: ConnectReply, body: bytes, relay: str, host: str,
                   port: int) -> RelayRefused:
     """The one-line error for a non-200 answer (a body from another relay is quoted)."""
-    target = _authority(host, port)
+    target = authority(host, port)
     status_s = f"{reply.status} {reply.reason}".strip()
     if reply.status == 503:
         return KiteOffline(f"kite {target} is offline: relay {relay} answered {status_s} "
@@ -223,7 +115,7 @@ def _closed_early(relay: str, host: str, port: int, reset: bool = False) -> NotA
     (a close with our request unread is a reset)."""
     return NotAKite(
         f"relay {relay} {'reset' if reset else 'closed'} the connection without answering CONNECT "
-        f"{_authority(host, port)} (is it a kite relay, and the name a raw kite on it?)",
+        f"{authority(host, port)} (is it a kite relay, and the name a raw kite on it?)",
         0, "closed")
 
 
@@ -264,11 +156,11 @@ class RelayTarget:
 
     @property
     def relay(self) -> str:
-        return _authority(self.relay_host, self.relay_port)
+        return authority(self.relay_host, self.relay_port)
 
     @property
     def kite(self) -> str:
-        return _authority(self.host, self.port)
+        return authority(self.host, self.port)
 
 
 class PipeEnd(asyncio.Protocol):
@@ -552,7 +444,7 @@ async def open_relay_socket(target: RelayTarget) -> socket.socket:
         while True:
             await _wait_fd(loop, sock.fileno())
             try:
-                peeked = sock.recv(MAX_REPLY_HEAD + 4 - len(head), socket.MSG_PEEK)
+                peeked = sock.recv(MAX_HEAD + 4 - len(head), socket.MSG_PEEK)
             except (BlockingIOError, InterruptedError):
                 continue
             if not peeked:

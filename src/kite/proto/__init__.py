@@ -1,7 +1,9 @@
 """kite's sans-IO PageKite protocol layer: bytes and header lists in, events and bytes out.
 
-Nothing here imports asyncio or touches a socket (pagekite-protocol.md is the reference):
+Nothing here imports asyncio or touches a socket (docs/protocol.md is the reference):
 
+* :mod:`.http` - HTTP heads (their end, their bound), the CONNECT request and its answer,
+  the relay's refusal pages (§1.2, §8.1);
 * :mod:`.signing` - signatures, challenges and salts (§3);
 * :mod:`.handshake` - the ping probe, the tunnel request and reply, kite lines, the relay's
   authorisation decision, in-band registration (§1.3, §2);
@@ -36,7 +38,6 @@ from .control import (
     parse_sid,
 )
 from .handshake import (
-    CONNECT_OK,
     PAGEKITE_VERSION,
     PING_REQUEST,
     TUNNEL_FORBIDDEN,
@@ -56,7 +57,6 @@ from .handshake import (
     build_tunnel_request,
     build_tunnel_response,
     build_unavailable,
-    find_head_end,
     new_relay_uuid,
     parse_inband_reply,
     parse_inband_request,
@@ -64,6 +64,17 @@ from .handshake import (
     parse_tunnel_request,
     parse_tunnel_response,
     session_id,
+)
+from .http import (
+    MAX_HEAD,
+    TUNNEL_CONNECT_OK,
+    VISITOR_CONNECT_OK,
+    ConnectReply,
+    build_connect_request,
+    connect_refused,
+    find_head_end,
+    http_error,
+    parse_connect_reply,
 )
 from .signing import (
     check_challenge,
@@ -100,10 +111,8 @@ __all__ = [
     # handshake
     "PAGEKITE_VERSION",
     "PING_REQUEST",
-    "CONNECT_OK",
     "TUNNEL_FORBIDDEN",
     "TUNNEL_UNAVAILABLE",
-    "find_head_end",
     "KiteLine",
     "KiteRef",
     "Challenge",
@@ -126,6 +135,16 @@ __all__ = [
     "build_ping_reply",
     "parse_ping_reply",
     "new_relay_uuid",
+    # http
+    "MAX_HEAD",
+    "TUNNEL_CONNECT_OK",
+    "VISITOR_CONNECT_OK",
+    "find_head_end",
+    "build_connect_request",
+    "ConnectReply",
+    "parse_connect_reply",
+    "http_error",
+    "connect_refused",
     # control
     "build_ping",
     "build_pong",

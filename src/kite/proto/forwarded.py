@@ -70,12 +70,14 @@ from typing import Union
 import httptools
 
 from kite.errors import LocalProtocolError, RemoteProtocolError
+from kite.proto.http import MAX_HEAD
 
 __all__ = ["ForwardedRewriter", "DEFAULT_MAX_HEAD", "UNTRUSTED_PREFIX"]
 
 #: Default bound of one request head (request line + fields + blank line), and of the
-#: trailer section of a chunked body.  Same order as nginx's 8-16 KiB default buffers.
-DEFAULT_MAX_HEAD = 16384
+#: trailer section of a chunked body: kite's one HTTP head bound (nginx's default buffers
+#: are 8-16 KiB).
+DEFAULT_MAX_HEAD = MAX_HEAD
 
 #: Bound of one chunk-size line (size + extensions + CRLF).  h11 lets extensions grow up to
 #: its whole buffer limit; 4 KiB is far above anything real clients send.
