@@ -28,7 +28,7 @@ from kite.client.connect import (
 from kite.errors import (BadRelayReply, KiteOffline, NotAKite, RelayRefused, RelayTLSError,
                          RelayUnreachable)
 from kite.proto.http import ConnectReply, parse_connect_reply
-from kite.tls import ClientTLS
+from kite.net.tls import ClientTLS
 from support import KITE, kite_env, raw_kite, run, start_banner_server
 
 # Subprocesses import the same kite package as this test process (site-packages in CI,
@@ -482,7 +482,7 @@ async def start_one_line_server():
 async def start_tls_terminator(certs, relay_port):
     """TLS in front of the relay's plain port: what the relay would do itself if it took a
     CONNECT visitor inside TLS.  Proves the client's TLS path today."""
-    from kite.tls import server_context
+    from kite.net.tls import server_context
 
     ctx = server_context(certs.cert, certs.key)
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from kite.config import load_backend_config
 from kite.pagekiterc import convert, import_pagekiterc, read_rc
 from kite.relay.main import build_relay_config
-from kite.tls import generate_self_signed
+from kite.net.tls import generate_self_signed
 
 # What pagekite.py 1.5.2 itself writes with --save (layout of PageKite.GenerateConfig),
 # plus lines a user typically adds.

@@ -238,7 +238,7 @@ def _tls_opts(d: dict, where: str) -> dict:
 
 
 def load_backend_config(path: str) -> BackendConfig:
-    from .tls import normalize_fingerprint
+    from .net.tls import normalize_fingerprint
 
     data = load_toml(path)
     known = {"defaults", "relay", "kite", "keepalive", "zchunks"}

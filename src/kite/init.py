@@ -8,7 +8,7 @@ import secrets
 import click
 
 from .errors import ConfigError
-from .tls import generate_self_signed
+from .net.tls import generate_self_signed
 
 __all__ = ["init_relay", "init_backend"]
 

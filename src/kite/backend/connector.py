@@ -46,7 +46,7 @@ from ..proto import control, handshake, signing
 from ..proto.flow import KITE_FLOW_FEATURE
 from ..proto.http import http_error
 from ..proto.sniff import TLS_ALERT_INTERNAL_ERROR
-from ..tls import ClientTLS
+from ..net.tls import ClientTLS
 from ..tunnel import Stream, StreamProtocol, TunnelProtocol
 
 log = logging.getLogger("kite.backend")

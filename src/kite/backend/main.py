@@ -48,7 +48,7 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
         raise ConfigError(modes[1], f"cannot be combined with {modes[0]}", "choose one way to check the relay")
     connect_name = check_connect_name(connect_name, "--connect-name", plain=plain)
     if fingerprint:
-        from ..tls import normalize_fingerprint
+        from ..net.tls import normalize_fingerprint
 
         fingerprint = normalize_fingerprint(fingerprint)
     t = parse_target(target)

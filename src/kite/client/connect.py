@@ -46,7 +46,7 @@ from ..errors import (BadRelayReply, ConnectFailed, KiteOffline, NotAKite, Relay
                       RelayTLSError, RelayUnreachable)
 from ..proto.http import (MAX_HEAD, MAX_REFUSAL_BODY, ConnectReply, authority,
                           build_connect_request, parse_connect_reply)
-from ..tls import ClientTLS
+from ..net.tls import ClientTLS
 from ..tunnel import set_nodelay
 
 log = logging.getLogger("kite.client")
@@ -936,7 +936,7 @@ def build_relay_target(*, host: str, port: int, relay: str, tls: bool = False,
     """Validate the client options into a :class:`RelayTarget` (ConfigError: exit 2)."""
     from ..config import parse_hostport
     from ..errors import ConfigError
-    from ..tls import normalize_fingerprint
+    from ..net.tls import normalize_fingerprint
 
     relay_host, relay_port = parse_hostport(relay, key="--relay", default_port=443)
     modes = [m for m, on in (("--ca", ca), ("--fingerprint", fingerprint),
