@@ -56,6 +56,7 @@ else:  # pragma: no cover
 __all__ = [
     "parse_hostport",
     "parse_target",
+    "check_tls_mode",
     "Target",
     "KiteSpec",
     "RelaySpec",
@@ -195,6 +196,18 @@ def _check_secret(secret: Optional[str], key: str) -> str:
         raise ConfigError(key, "the secret contains ':' or whitespace",
                           "use letters, digits and punctuation other than ':'")
     return secret
+
+
+def check_tls_mode(*, ca: Optional[str] = None, fingerprint: Optional[str] = None,
+                   insecure: bool = False, plain: bool = False) -> Optional[str]:
+    """At most one way to check the relay: ``--ca``, ``--fingerprint``, ``--insecure``, or (for
+    ``kite expose``) ``--plain``.  Returns the option given, or None."""
+    modes = [m for m, on in (("--ca", ca), ("--fingerprint", fingerprint),
+                             ("--insecure", insecure), ("--plain", plain)) if on]
+    if len(modes) > 1:
+        raise ConfigError(modes[1], f"cannot be combined with {modes[0]}",
+                          "choose one way to check the relay")
+    return modes[0] if modes else None
 
 
 def check_connect_name(name: Optional[str], key: str, *, plain: bool = False) -> Optional[str]:

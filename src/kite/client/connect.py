@@ -934,18 +934,14 @@ def build_relay_target(*, host: str, port: int, relay: str, tls: bool = False,
                        insecure: bool = False, server_name: Optional[str] = None,
                        timeout: float = 20.0) -> RelayTarget:
     """Validate the client options into a :class:`RelayTarget` (ConfigError: exit 2)."""
-    from ..config import parse_hostport
+    from ..config import check_tls_mode, parse_hostport
     from ..errors import ConfigError
     from ..net.tls import normalize_fingerprint
 
     relay_host, relay_port = parse_hostport(relay, key="--relay", default_port=443)
-    modes = [m for m, on in (("--ca", ca), ("--fingerprint", fingerprint),
-                             ("--insecure", insecure)) if on]
-    if len(modes) > 1:
-        raise ConfigError(modes[1], f"cannot be combined with {modes[0]}",
-                          "choose one way to check the relay")
-    if modes and not tls:
-        raise ConfigError(modes[0], "only checks a TLS connection to the relay", "add --tls")
+    mode = check_tls_mode(ca=ca, fingerprint=fingerprint, insecure=insecure)
+    if mode and not tls:
+        raise ConfigError(mode, "only checks a TLS connection to the relay", "add --tls")
     if server_name and not tls:
         raise ConfigError("--server-name", "only names a TLS relay", "add --tls")
     if fingerprint:
