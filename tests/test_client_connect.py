@@ -22,9 +22,8 @@ from kite.client.connect import (
     open_relay,
     open_relay_socket,
     refusal_error,
-    splice_usable,
-    ssh_config_block,
 )
+from kite.client.sshconfig import ssh_config_block
 from kite.errors import (BadRelayReply, KiteOffline, NotAKite, RelayRefused, RelayTLSError,
                          RelayUnreachable)
 from kite.proto.http import ConnectReply, parse_connect_reply
@@ -198,6 +197,9 @@ def test_refusals_name_the_problem():
 
 
 def test_ssh_config_block_quotes_for_the_shell():
+    from kite.client import connect
+
+    assert connect.ssh_config_block is ssh_config_block  # the CLI's import
     block = ssh_config_block("box.example.com", "relay.example.com:443", port=2222,
                              tls_args=("--tls", "--ca", "/my certs/relay.pem"))
     assert block == (
@@ -323,21 +325,6 @@ def test_bridge_restores_blocking_mode_of_its_fds(tmp_path, loop_kind, splice):
         server.close()
 
     run(main, loop_kind)
-
-
-def test_splice_is_chosen_only_for_pipes_and_sockets(tmp_path, monkeypatch):
-    r, w = os.pipe()
-    f = open(tmp_path / "file", "wb")
-    try:
-        monkeypatch.delenv("KITE_NO_SPLICE", raising=False)
-        assert splice_usable(r, w) == HAS_SPLICE
-        assert not splice_usable(r, f.fileno())
-        monkeypatch.setenv("KITE_NO_SPLICE", "1")
-        assert not splice_usable(r, w)
-    finally:
-        os.close(r)
-        os.close(w)
-        f.close()
 
 
 # -- errors ------------------------------------------------------------------------------------
