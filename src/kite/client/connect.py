@@ -36,8 +36,10 @@ import socket
 import ssl
 from dataclasses import dataclass
 
+from ..config import check_tls_mode, parse_hostport
 from ..errors import (
     BadRelayReply,
+    ConfigError,
     ConnectFailed,
     KiteOffline,
     NotAKite,
@@ -47,7 +49,7 @@ from ..errors import (
 )
 from ..net.dial import dial, http_connect, open_tcp, read_refusal_body
 from ..net.pipes import PipeEnd, StdioEnd, bridge_splice, nonblocking_ok, splice_usable
-from ..net.tls import ClientTLS
+from ..net.tls import ClientTLS, normalize_fingerprint
 from ..proto.http import (
     MAX_REFUSAL_BODY,
     ConnectReply,
@@ -256,6 +258,7 @@ async def open_relay(target: RelayTarget, peer) -> RelayEnd:
     async def connect_and_answer() -> None:
         await dial(target.relay_host, target.relay_port, factory, tls=target.tls,
                    tls_timeout=target.timeout)
+        assert end is not None  # made by dial
         await end.established
 
     try:
@@ -268,6 +271,7 @@ async def open_relay(target: RelayTarget, peer) -> RelayEnd:
         if isinstance(exc, (OSError, asyncio.TimeoutError, ssl.SSLError)):
             raise _unreachable(target.relay, exc, target.timeout) from None
         raise
+    assert end is not None
     return end
 
 
@@ -373,10 +377,6 @@ def build_relay_target(*, host: str, port: int, relay: str, tls: bool = False,
                        insecure: bool = False, server_name: str | None = None,
                        timeout: float = 20.0) -> RelayTarget:
     """Validate the client options into a :class:`RelayTarget` (ConfigError: exit 2)."""
-    from ..config import check_tls_mode, parse_hostport
-    from ..errors import ConfigError
-    from ..net.tls import normalize_fingerprint
-
     relay_host, relay_port = parse_hostport(relay, key="--relay", default_port=443)
     mode = check_tls_mode(ca=ca, fingerprint=fingerprint, insecure=insecure)
     if mode and not tls:
