@@ -73,6 +73,7 @@ async def fds_back_to(baseline: int, timeout: float = 5.0) -> int:
 def run(coro_fn, loop_kind):
     """support.run, and no socket may be closed by the garbage collector instead of by its
     owner (the descriptor count alone does not see a socket freed with its last reference)."""
+    gc.collect()  # what earlier tests left is theirs
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
         support.run(coro_fn, loop_kind)
