@@ -2,7 +2,7 @@
 as frontend and backend, next to kite's relay and backend (helpers: compat_env.py).
 
 pagekite.py runs as owned subprocesses, always with the loopback-only flags of
-pagekite-protocol.md §14.1 (``--clean --noproxy``, explicit 127.0.0.1 addresses, never
+docs/protocol.md §14.1 (``--clean --noproxy``, explicit 127.0.0.1 addresses, never
 ``--defaults``/``--frontends``/``--dyndns``), with ``--logfile`` so that tests wait for its
 success markers instead of sleeping.  Every process is started in its own session and killed
 by process group when the test ends.
