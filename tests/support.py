@@ -19,7 +19,7 @@ from kite.backend.connector import Backend
 from kite.config import BackendConfig, KiteSpec, RelaySpec, Target
 from kite.relay.grants import GrantTable, parse_grant
 from kite.relay.server import RelayConfig, RelayServer
-from kite.tls import generate_self_signed
+from kite.net.tls import generate_self_signed
 
 SECRET = "s3cr3t-for-tests"
 

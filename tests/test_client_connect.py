@@ -17,25 +17,17 @@ import sys
 import pytest
 
 from kite.client.connect import (
-    MAX_REPLY_HEAD,
-    BadRelayReply,
-    ConnectReply,
-    KiteOffline,
-    NotAKite,
-    RelayRefused,
     RelayTarget,
-    RelayTLSError,
-    RelayUnreachable,
     bridge_stdio,
-    build_connect_request,
     open_relay,
     open_relay_socket,
-    parse_connect_reply,
     refusal_error,
-    splice_usable,
-    ssh_config_block,
 )
-from kite.tls import ClientTLS
+from kite.client.sshconfig import ssh_config_block
+from kite.errors import (BadRelayReply, KiteOffline, NotAKite, RelayRefused, RelayTLSError,
+                         RelayUnreachable)
+from kite.proto.http import ConnectReply, parse_connect_reply
+from kite.net.tls import ClientTLS
 from support import KITE, kite_env, raw_kite, run, start_banner_server
 
 # Subprocesses import the same kite package as this test process (site-packages in CI,
@@ -185,56 +177,9 @@ def target_for(env, host="box.test.kite", port=22, **kw) -> RelayTarget:
     return RelayTarget("127.0.0.1", env.port, host, port, **kw)
 
 
-# -- the handshake, sans-IO --------------------------------------------------------------------
-def test_connect_request_bytes():
-    assert build_connect_request("box.example.com", 22) == (
-        b"CONNECT box.example.com:22 HTTP/1.1\r\nHost: box.example.com:22\r\n\r\n")
-    assert build_connect_request("::1", 5432).startswith(b"CONNECT [::1]:5432 HTTP/1.1\r\n")
-    assert build_connect_request("bücher.example", 22).startswith(
-        b"CONNECT xn--bcher-kva.example:22 ")
-    for bad in ("", "a b", "a\r\nX: y", "x" * 300):
-        with pytest.raises(ValueError):
-            build_connect_request(bad, 22)
-    with pytest.raises(ValueError):
-        build_connect_request("box", 0)
-
-
-OK_HEAD = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+# -- refusals (the CONNECT request and its answer: test_proto_http) ----------------------------
 REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
            b"Content-Length: 35\r\nConnection: close\r\n\r\n")
-
-
-@pytest.mark.parametrize("feed", ["whole", "bytewise", "trailing"])
-def test_parse_reply_in_every_feeding_mode(feed):
-    for head, status, clen in ((OK_HEAD, 200, None), (REFUSAL, 503, 35),
-                               (b"HTTP/1.0 200 OK\n\n", 200, None)):
-        data = head + (b"SSH-2.0-banner\r\n" if feed == "trailing" else b"")
-        if feed == "bytewise":
-            for i in range(len(head)):
-                assert parse_connect_reply(head[:i]) is None
-        reply = parse_connect_reply(data)
-        assert reply == ConnectReply(status, reply.reason, len(head), clen)
-        assert data[reply.head_length:] == data[len(head):]
-
-
-@pytest.mark.parametrize("bad", [
-    b"SSH-2.0-OpenSSH_9.2\r\n",  # --relay points at the ssh server itself
-    b"\x15\x03\x03\x00\x02\x02\x70",  # a TLS alert: a TLS-only port
-    b"S",  # decided from the first byte
-    b"HTTP/2 200\r\n\r\n",
-    b"HTTP/1.1 2000 OK\r\n\r\n",
-    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
-])
-def test_parse_reply_rejects_what_is_not_http(bad):
-    with pytest.raises(BadRelayReply):
-        parse_connect_reply(bad)
-
-
-def test_parse_reply_bounds_the_head():
-    long_head = b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * (MAX_REPLY_HEAD // 6)
-    with pytest.raises(BadRelayReply, match="longer than"):
-        parse_connect_reply(long_head)
-    assert parse_connect_reply(long_head[:MAX_REPLY_HEAD - 100]) is None
 
 
 def test_refusals_name_the_problem():
@@ -252,6 +197,8 @@ def test_refusals_name_the_problem():
 
 
 def test_ssh_config_block_quotes_for_the_shell():
+    from kite.client import connect
+
     block = ssh_config_block("box.example.com", "relay.example.com:443", port=2222,
                              tls_args=("--tls", "--ca", "/my certs/relay.pem"))
     assert block == (
@@ -377,21 +324,6 @@ def test_bridge_restores_blocking_mode_of_its_fds(tmp_path, loop_kind, splice):
         server.close()
 
     run(main, loop_kind)
-
-
-def test_splice_is_chosen_only_for_pipes_and_sockets(tmp_path, monkeypatch):
-    r, w = os.pipe()
-    f = open(tmp_path / "file", "wb")
-    try:
-        monkeypatch.delenv("KITE_NO_SPLICE", raising=False)
-        assert splice_usable(r, w) == HAS_SPLICE
-        assert not splice_usable(r, f.fileno())
-        monkeypatch.setenv("KITE_NO_SPLICE", "1")
-        assert not splice_usable(r, w)
-    finally:
-        os.close(r)
-        os.close(w)
-        f.close()
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -536,7 +468,7 @@ async def start_one_line_server():
 async def start_tls_terminator(certs, relay_port):
     """TLS in front of the relay's plain port: what the relay would do itself if it took a
     CONNECT visitor inside TLS.  Proves the client's TLS path today."""
-    from kite.tls import server_context
+    from kite.net.tls import server_context
 
     ctx = server_context(certs.cert, certs.key)
 

@@ -17,10 +17,11 @@ import time
 
 import pytest
 
-from kite.client.connect import HIGH_WATER, READ_SIZE, RelayTarget
+from kite.client.connect import RelayTarget
 from kite.client.forward import Forwarder
 from support import KITE, kite_env, raw_kite, run
-from kite.tls import ClientTLS
+from kite.net.pipes import HIGH_WATER, READ_SIZE
+from kite.net.tls import ClientTLS
 from test_client_connect import (CLI_ENV, payload, start_digest_server, start_one_line_server,
                                  start_tls_terminator)
 

@@ -17,7 +17,7 @@ from kite.cli.tools import import_pagekiterc
 from kite.config import load_backend_config
 from kite.pagekiterc import convert, read_rc
 from kite.relay.main import build_relay_config
-from kite.tls import generate_self_signed
+from kite.net.tls import generate_self_signed
 
 # What pagekite.py 1.5.2 itself writes with --save (layout of PageKite.GenerateConfig),
 # plus lines a user typically adds.

@@ -5,8 +5,8 @@ import types
 import pytest
 
 from kite.errors import HandshakeError, LocalProtocolError
+from kite.proto.http import find_head_end
 from kite.proto.handshake import (
-    CONNECT_OK,
     PING_REQUEST,
     TUNNEL_FORBIDDEN,
     TUNNEL_UNAVAILABLE,
@@ -20,7 +20,6 @@ from kite.proto.handshake import (
     build_tunnel_request,
     build_tunnel_response,
     build_unavailable,
-    find_head_end,
     new_relay_uuid,
     parse_inband_reply,
     parse_inband_request,
@@ -228,22 +227,6 @@ def test_kite_line_signed_validation():
     for bad in [("http", "a:b", "bs"), ("", "a", "bs"), ("http", "a", "b:s"), ("http", "a\r\n", "bs")]:
         with pytest.raises(LocalProtocolError):
             KiteLine.signed(*bad, SECRET)
-
-
-def test_find_head_end():
-    assert find_head_end(b"") is None
-    assert find_head_end(b"GET / HTTP/1.1\r\nHost: a\r\n") is None
-    assert find_head_end(b"GET / HTTP/1.1\r\n\r\nbody") == 18
-    assert find_head_end(b"HTTP/1.1 200 OK\n\nrest") == 17  # pagekite.py accepts \n\n too
-    assert find_head_end(bytearray(b"a\r\n\r\n")) == 5
-    assert find_head_end(memoryview(b"x" * 10 + b"\r\n\r\n"), limit=14) == 14
-    with pytest.raises(HandshakeError):
-        find_head_end(b"x" * 11 + b"\r\n\r\n", limit=14)
-    with pytest.raises(HandshakeError):
-        find_head_end(b"x" * 14, limit=14)
-    assert find_head_end(b"x" * 13, limit=14) is None
-    with pytest.raises(HandshakeError, match="longer than 16384"):
-        find_head_end(b"GET /" + b"a" * 20000)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +452,6 @@ def test_response_without_raw_ports():
 def test_refusals_match_pagekite(pk):
     assert TUNNEL_FORBIDDEN == pk.proto.HTTP_ConnectBad(code=403, status="Forbidden").encode()
     assert TUNNEL_UNAVAILABLE == pk.proto.HTTP_ConnectBad().encode()
-    assert CONNECT_OK == pk.proto.HTTP_ConnectOK().encode()
     for refusal in (TUNNEL_FORBIDDEN, TUNNEL_UNAVAILABLE):
         reply = parse_tunnel_response(refusal)
         assert reply.status in (403, 503) and not reply.ok and not reply.sign_this

@@ -93,7 +93,7 @@ class Ctx:
         self.cert, self.key = os.path.join(self.work, "relay.crt"), os.path.join(self.work, "relay.key")
         pk_crt, pk_key = os.path.join(self.work, "pk-fe.crt"), os.path.join(self.work, "pk-fe.key")
         self.pk_pem = os.path.join(self.work, "pk-fe.pem")
-        gen = ("import sys; from kite.tls import generate_self_signed as g; "
+        gen = ("import sys; from kite.net.tls import generate_self_signed as g; "
                "g(sys.argv[1], sys.argv[2], ['localhost', '127.0.0.1']); "
                f"g(sys.argv[3], sys.argv[4], ['{PK_FE_NAME}'])")
         r = subprocess.run([sys.executable, "-c", gen, self.cert, self.key, pk_crt, pk_key],

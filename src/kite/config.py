@@ -56,6 +56,7 @@ else:  # pragma: no cover
 __all__ = [
     "parse_hostport",
     "parse_target",
+    "check_tls_mode",
     "Target",
     "KiteSpec",
     "RelaySpec",
@@ -197,6 +198,18 @@ def _check_secret(secret: Optional[str], key: str) -> str:
     return secret
 
 
+def check_tls_mode(*, ca: Optional[str] = None, fingerprint: Optional[str] = None,
+                   insecure: bool = False, plain: bool = False) -> Optional[str]:
+    """At most one way to check the relay: ``--ca``, ``--fingerprint``, ``--insecure``, or (for
+    ``kite expose``) ``--plain``.  Returns the option given, or None."""
+    modes = [m for m, on in (("--ca", ca), ("--fingerprint", fingerprint),
+                             ("--insecure", insecure), ("--plain", plain)) if on]
+    if len(modes) > 1:
+        raise ConfigError(modes[1], f"cannot be combined with {modes[0]}",
+                          "choose one way to check the relay")
+    return modes[0] if modes else None
+
+
 def check_connect_name(name: Optional[str], key: str, *, plain: bool = False) -> Optional[str]:
     """A relay name for ``CONNECT name:443`` + TLS: a DNS name, and TLS must be on."""
     if name is None:
@@ -238,7 +251,7 @@ def _tls_opts(d: dict, where: str) -> dict:
 
 
 def load_backend_config(path: str) -> BackendConfig:
-    from .tls import normalize_fingerprint
+    from .net.tls import normalize_fingerprint
 
     data = load_toml(path)
     known = {"defaults", "relay", "kite", "keepalive", "zchunks"}

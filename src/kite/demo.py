@@ -16,7 +16,7 @@ from .backend.connector import Backend
 from .config import BackendConfig, KiteSpec, RelaySpec, Target
 from .relay.grants import GrantTable, parse_grant
 from .relay.server import RelayConfig, RelayServer
-from .tls import generate_self_signed
+from .net.tls import generate_self_signed
 
 DEMO_NAME = "demo.kite.localhost"
 

@@ -16,9 +16,17 @@ __all__ = [
     "CompressionError",
     "HandshakeError",
     "SniffError",
+    "HeadTooLong",
     "LocalProtocolError",
     "ConfigError",
     "KiteRefused",
+    "ConnectFailed",
+    "RelayUnreachable",
+    "RelayTLSError",
+    "RelayRefused",
+    "KiteOffline",
+    "NotAKite",
+    "BadRelayReply",
 ]
 
 
@@ -50,6 +58,10 @@ class SniffError(RemoteProtocolError):
     """A visitor's first bytes are neither HTTP, TLS, a CONNECT, nor a tunnel."""
 
 
+class HeadTooLong(RemoteProtocolError):
+    """An HTTP head passed its bound before its blank line."""
+
+
 class LocalProtocolError(ProtocolError):
     """kite itself tried something illegal: a bug or a misuse of an API."""
 
@@ -77,3 +89,37 @@ class KiteRefused(KiteError):
         self.kite = kite
         self.reason = reason
         super().__init__(f"relay refused kite {kite!r}: {reason}")
+
+
+# -- reaching a relay (kite connect, kite forward, the dialer) ------------------------------------
+class ConnectFailed(KiteError):
+    """The relay could not be reached, or would not carry the CONNECT (one-line message)."""
+
+
+class RelayUnreachable(ConnectFailed):
+    """No TCP connection to the relay (refused, unreachable, timed out, bad name)."""
+
+
+class RelayTLSError(ConnectFailed):
+    """The TLS handshake with the relay failed, or its certificate did not verify."""
+
+
+class RelayRefused(ConnectFailed):
+    """The relay answered the CONNECT with something other than 200."""
+
+    def __init__(self, message: str, status: int, reason: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class KiteOffline(RelayRefused):
+    """503: the name is a kite, but its backend is not connected to the relay."""
+
+
+class NotAKite(RelayRefused):
+    """403 (or a close without an answer): the relay does not carry this name and port."""
+
+
+class BadRelayReply(ConnectFailed, RemoteProtocolError):
+    """The relay's answer is not an HTTP response head (or breaks its bounds)."""

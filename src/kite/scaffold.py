@@ -10,7 +10,7 @@ import os
 import secrets
 
 from .errors import ConfigError
-from .tls import generate_self_signed
+from .net.tls import generate_self_signed
 
 __all__ = ["init_relay", "init_backend"]
 

@@ -22,7 +22,7 @@ import pytest
 
 from compat_env import (FE_NAME, MEASUREMENTS, CompatCerts, PageKiteFactory, kite_name,
                         pagekite_path)
-from kite.tls import generate_self_signed
+from kite.net.tls import generate_self_signed
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,9 @@ TLS: the ClientHello (with SNI) is normally the first byte on the wire.  With
 sends a plain ``CONNECT NAME:443``, waits for ``200``, and then does TLS checked against NAME
 — pagekite.py's ``--fe_certname`` mode, and the only encrypted tunnel a pagekite.py 1.5.2
 frontend survives (a ClientHello reaching its port directly crashes it, §13.1).  A kite relay
-accepts it too for the names in its ``--tls-name``.
+accepts it too for the names in its ``--tls-name``.  Dialing (TCP, that CONNECT, TLS) is
+:func:`kite.net.dial.dial`'s; a pinned certificate (``--fingerprint``) is checked before the
+tunnel request, which names and signs our kites, is written.
 
 ZChunks: advertised only with ``BackendConfig.zchunks``; only then may the relay compress,
 and a compressed chunk without it is a protocol error that closes the tunnel.  kite never
@@ -34,7 +36,6 @@ import asyncio
 import logging
 import os
 import random
-import socket
 import ssl
 import time
 from typing import Optional
@@ -42,9 +43,12 @@ from typing import Optional
 from .. import __version__
 from ..config import BackendConfig, KiteSpec, RelaySpec
 from ..errors import KiteError
+from ..net.dial import dial
+from ..net.tls import ClientTLS
 from ..proto import control, handshake, signing
 from ..proto.flow import KITE_FLOW_FEATURE
-from ..tls import ClientTLS
+from ..proto.http import find_head_end, http_error
+from ..proto.sniff import TLS_ALERT_INTERNAL_ERROR
 from ..net.tunnel import Stream, StreamProtocol, TunnelProtocol
 
 log = logging.getLogger("kite.backend")
@@ -58,7 +62,8 @@ __all__ = ["Backend", "RelayConnector", "BackendTunnel"]
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 1.5
 BACKOFF_REFUSED = 30.0
-HANDSHAKE_TIMEOUT = 20.0
+HANDSHAKE_TIMEOUT = 20.0  # bounds the dial (TCP, CONNECT NAME:443, TLS) and the registration
+TLS_HANDSHAKE_TIMEOUT = 10.0
 VERSION = f"kite-{__version__}"
 
 
@@ -109,7 +114,7 @@ class BackendTunnel(TunnelProtocol):
         transport.write(req)
 
     def handshake_data(self, buf: bytearray) -> None:
-        end = handshake.find_head_end(buf)
+        end = find_head_end(buf)
         if end is None:
             return
         head = bytes(buf[:end])
@@ -167,14 +172,12 @@ class BackendTunnel(TunnelProtocol):
 
     def _refuse_stream(self, stream: Stream, status: int) -> None:
         """Tell the visitor, in its protocol, that the local side is not there."""
-        from ..relay import pages
-
         if stream.proto in ("http", "websocket"):
             self.writer.cancel_data_buffer()
-            self.writer.write_data(stream.slot, pages.http_error(status, stream.host))
+            self.writer.write_data(stream.slot, http_error(status, stream.host))
         elif stream.proto == "https":
             self.writer.cancel_data_buffer()
-            self.writer.write_data(stream.slot, pages.TLS_ALERT_INTERNAL_ERROR)
+            self.writer.write_data(stream.slot, TLS_ALERT_INTERNAL_ERROR)
         self.discard(stream, close_local=False)
 
     def on_closed(self, reason: str) -> None:
@@ -309,97 +312,15 @@ class RelayConnector:
 
     # -- the connect loop -----------------------------------------------------------------------
     async def _open(self, signed) -> BackendTunnel:
+        """Dial the relay (kite.net.dial: TCP, CONNECT NAME:443 if ``connect_name``, TLS with
+        the pin checked before the tunnel request is written) and start a tunnel on it."""
         spec = self.spec
-        kwargs = {}
-        if self._ssl_ctx is not None:
-            kwargs["ssl"] = self._ssl_ctx
-            # An IP address is checked against the certificate's IP SANs and sent as no SNI.
-            kwargs["server_hostname"] = spec.server_name or spec.connect_name or spec.host
-            kwargs["ssl_handshake_timeout"] = 10.0
-
-        def factory():
-            return BackendTunnel(self, signed)
-
-        if spec.connect_name and self._ssl_ctx is not None:
-            sock = await asyncio.wait_for(self._connect_through(spec.connect_name),
-                                          HANDSHAKE_TIMEOUT)
-            try:
-                transport, proto = await self.loop.create_connection(factory, sock=sock, **kwargs)
-            except BaseException:
-                sock.close()
-                raise
-        else:
-            transport, proto = await self.loop.create_connection(
-                factory, spec.host, spec.port, **kwargs)
-        if self.tls is not None and self.tls.fingerprint:
-            sslobj = transport.get_extra_info("ssl_object")
-            try:
-                self.tls.check_peer(sslobj)
-            except ssl.SSLError:
-                transport.abort()
-                raise
+        _transport, proto = await dial(
+            spec.host, spec.port, lambda: BackendTunnel(self, signed), tls=self.tls,
+            ssl_context=self._ssl_ctx,
+            connect_name=spec.connect_name if self.tls is not None else None,
+            timeout=HANDSHAKE_TIMEOUT, tls_timeout=TLS_HANDSHAKE_TIMEOUT)
         return proto
-
-    async def _connect_through(self, name: str) -> socket.socket:
-        """pagekite.py's ``--fe_certname`` way in: a plain ``CONNECT NAME:443``, and after the
-        relay's ``200`` the TLS handshake on the same connection (docs/protocol.md §1.2).
-
-        pagekite.py 1.5.2 frontends crash on a ClientHello that reaches their port directly
-        (§13.1), so this is the only TLS tunnel they can take; a kite relay accepts it too
-        when NAME is one of its ``--tls-name``s.  Returns the connected socket, positioned
-        right after the ``200`` reply.
-        """
-        spec = self.spec
-        infos = await self.loop.getaddrinfo(spec.host, spec.port, type=socket.SOCK_STREAM)
-        if not infos:  # pragma: no cover - getaddrinfo raises instead
-            raise OSError(f"cannot resolve {spec.host!r}")
-        last_exc: Optional[BaseException] = None
-        for family, type_, proto, _canon, addr in infos:
-            sock = socket.socket(family, type_, proto)
-            sock.setblocking(False)
-            try:
-                await self.loop.sock_connect(sock, addr)
-            except OSError as exc:
-                sock.close()
-                last_exc = exc
-                continue
-            except BaseException:  # cancelled (timeout): do not leak the socket
-                sock.close()
-                raise
-            break
-        else:
-            raise last_exc  # type: ignore[misc]
-        try:
-            if family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await self.loop.sock_sendall(
-                sock, b"CONNECT %s:443 HTTP/1.1\r\nHost: %s\r\n\r\n"
-                % (name.encode("ascii"), name.encode("ascii")))
-            head = b""
-            while b"\r\n\r\n" not in head:
-                data = await self.loop.sock_recv(sock, 4096)
-                if not data:
-                    raise KiteError(f"relay {spec.address} closed the connection after "
-                                    f"CONNECT {name}:443")
-                head += data
-                if len(head) > handshake.MAX_HEAD:
-                    raise KiteError(f"relay {spec.address}: answer to CONNECT {name}:443 "
-                                    "too long")
-            status, _, rest = head.partition(b"\r\n\r\n")
-            status_line = status.split(b"\r\n", 1)[0]
-            parts = status_line.split(None, 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or parts[1] != b"200":
-                raise KiteError(
-                    f"relay {spec.address} answered {status_line.decode('latin-1')!r} to "
-                    f"CONNECT {name}:443 (it has no TLS certificate for {name!r}: "
-                    f"pagekite.py needs --tls_endpoint={name}:PEM, kite relay --tls-name {name})")
-            if rest:
-                raise KiteError(f"relay {spec.address} sent data before the TLS handshake "
-                                f"after CONNECT {name}:443")
-        except BaseException:
-            sock.close()
-            raise
-        return sock
 
     async def run_once(self) -> str:
         """One connect + register attempt; returns "flying" after the tunnel closes again,

@@ -7,7 +7,8 @@ import logging
 from typing import Optional, Sequence
 
 from ..config import (BackendConfig, KiteSpec, RelaySpec, _check_secret, check_connect_name,
-                      kite_proto_for, load_backend_config, parse_hostport, parse_target)
+                      check_tls_mode, kite_proto_for, load_backend_config, parse_hostport,
+                      parse_target)
 from ..errors import ConfigError
 from .connector import Backend
 
@@ -42,13 +43,10 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
         raise ConfigError("TARGET NAME", "missing", "e.g. kite expose 8080 app.example.com --relay HOST:PORT")
     if not relays:
         raise ConfigError("--relay", "no relay given", "add --relay HOST:PORT")
-    modes = [m for m, on in (("--ca", ca), ("--fingerprint", fingerprint),
-                             ("--insecure", insecure), ("--plain", plain)) if on]
-    if len(modes) > 1:
-        raise ConfigError(modes[1], f"cannot be combined with {modes[0]}", "choose one way to check the relay")
+    check_tls_mode(ca=ca, fingerprint=fingerprint, insecure=insecure, plain=plain)
     connect_name = check_connect_name(connect_name, "--connect-name", plain=plain)
     if fingerprint:
-        from ..tls import normalize_fingerprint
+        from ..net.tls import normalize_fingerprint
 
         fingerprint = normalize_fingerprint(fingerprint)
     t = parse_target(target)

@@ -1,7 +1,7 @@
 """The client helpers: ``kite connect``, ``kite forward`` and ``kite ssh-config``.
 
 Entry points: kite.client.connect.bridge_stdio, kite.client.forward.serve_forward and
-kite.client.connect.ssh_config_block; the relay target is built by
+kite.client.sshconfig.ssh_config_block; the relay target is built by
 kite.client.connect.build_relay_target.
 """
 
@@ -85,7 +85,7 @@ def forward(listen, kite, relay, tls, ca, fingerprint, insecure, server_name, ti
 @click.option("--server-name", help="ProxyCommand's --server-name.")
 def ssh_config(name, relay, port, user, tls, ca, fingerprint, insecure, server_name):
     """Print the ~/.ssh/config block that reaches raw kite NAME with `kite connect`."""
-    from ..client.connect import ssh_config_block
+    from ..client.sshconfig import ssh_config_block
 
     with config_errors():
         target = _target(name, port, relay, tls, ca, fingerprint, insecure, server_name, 20.0)

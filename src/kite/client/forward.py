@@ -20,8 +20,9 @@ import asyncio
 import logging
 from typing import Optional
 
-from ..errors import KiteError
-from .connect import ConnectFailed, PipeEnd, RelayEnd, RelayTarget, open_relay
+from ..errors import ConnectFailed, KiteError
+from ..net.pipes import PipeEnd
+from .connect import RelayEnd, RelayTarget, open_relay
 
 log = logging.getLogger("kite.client")
 

@@ -54,10 +54,11 @@ from ..proto.flow import (
 from ..proto.forwarded import ForwardedRewriter
 from ..proto.framebudget import FrameBudget
 from ..proto.zchunks import ZInflater
+from .sockets import set_nodelay
 
 log = logging.getLogger("kite.tunnel")
 
-__all__ = ["TunnelProtocol", "Stream", "StreamState", "StreamProtocol", "set_nodelay"]
+__all__ = ["TunnelProtocol", "Stream", "StreamState", "StreamProtocol"]
 
 #: Bytes a local socket reads per chunk when the peer is pagekite.py (its own read size).
 PAGEKITE_MAX_PAYLOAD = 16256
@@ -78,18 +79,6 @@ KITE_FLUSH_NOW = 128 * 1024
 KEEP_MIN = 16 * 1024
 #: ... while the receive buffers kept alive that way take less than this, per tunnel.
 KEEP_LIMIT = 16 * 1024 * 1024
-
-
-def set_nodelay(transport_or_sock) -> None:
-    """TCP_NODELAY: Nagle + delayed ACK cost pagekite.py 92 ms per keep-alive request."""
-    sock = transport_or_sock
-    if not isinstance(sock, socket.socket):
-        sock = transport_or_sock.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 class StreamState(enum.IntEnum):

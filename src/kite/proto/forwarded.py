@@ -69,13 +69,10 @@ from typing import Union
 
 import httptools
 
-from kite.errors import LocalProtocolError, RemoteProtocolError
+from ..errors import LocalProtocolError, RemoteProtocolError
+from .http import MAX_HEAD
 
-__all__ = ["ForwardedRewriter", "DEFAULT_MAX_HEAD", "UNTRUSTED_PREFIX"]
-
-#: Default bound of one request head (request line + fields + blank line), and of the
-#: trailer section of a chunked body.  Same order as nginx's 8-16 KiB default buffers.
-DEFAULT_MAX_HEAD = 16384
+__all__ = ["ForwardedRewriter", "UNTRUSTED_PREFIX"]
 
 #: Bound of one chunk-size line (size + extensions + CRLF).  h11 lets extensions grow up to
 #: its whole buffer limit; 4 KiB is far above anything real clients send.
@@ -261,7 +258,7 @@ class ForwardedRewriter:
         client_ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
         proto: str,
         host: str | bytes | None = None,
-        max_head: int = DEFAULT_MAX_HEAD,
+        max_head: int = MAX_HEAD,  # a request head, and a chunked body's trailers
     ) -> None:
         if proto not in ("http", "https"):
             raise LocalProtocolError(f"proto must be 'http' or 'https', not {proto!r}")

@@ -36,13 +36,10 @@ from .signing import check_challenge, check_signature, make_challenge, sha1hex, 
 
 __all__ = [
     "PAGEKITE_VERSION",
-    "MAX_HEAD",
     "PING_REQUEST",
-    "CONNECT_OK",
     "TUNNEL_FORBIDDEN",
     "TUNNEL_UNAVAILABLE",
     "DEFAULT_PROTOS",
-    "find_head_end",
     "KiteLine",
     "KiteRef",
     "Challenge",
@@ -68,10 +65,8 @@ __all__ = [
 Headers = Sequence[tuple[str, str]]
 
 PAGEKITE_VERSION = "1.5.2.201011"  # APPVER of pagekite.py 1.5.2 (informational on the wire)
-MAX_HEAD = 16384  # default bound on an HTTP head (request or response) before its blank line
 
 PING_REQUEST = b"HEAD /ping HTTP/1.1\r\nHost: ping.pagekite\r\n\r\n"  # pk.py Ping(), exactly
-CONNECT_OK = b"HTTP/1.0 200 Connection Established\r\n\r\n"  # HTTP_ConnectOK()
 TUNNEL_FORBIDDEN = b"HTTP/1.0 403 Forbidden\r\n\r\n"  # tunnel ACL refused the peer's address
 TUNNEL_UNAVAILABLE = b"HTTP/1.0 503 Unavailable\r\n\r\n"  # unparsable request (HTTP_ConnectBad())
 
@@ -82,24 +77,7 @@ _HTTP_VERSIONS = ("HTTP/1.0", "HTTP/1.1")
 
 
 # --------------------------------------------------------------------------------------------
-# HTTP heads
-
-
-def find_head_end(buf: Union[bytes, bytearray, memoryview], limit: int = MAX_HEAD) -> Optional[int]:
-    """Offset just past the blank line that ends an HTTP head in ``buf``, or None if more bytes
-    are needed.  ``\\r\\n\\r\\n`` and (as pagekite.py's reader also accepts) ``\\n\\n`` end a
-    head.  A head longer than ``limit`` bytes (blank line included) is a HandshakeError.
-    """
-    data = bytes(buf[: limit + 1]) if len(buf) > limit else bytes(buf)
-    ends = [i + 3 for i in (data.find(b"\n\r\n"),) if i >= 0]
-    ends += [i + 2 for i in (data.find(b"\n\n"),) if i >= 0]
-    if ends:
-        end = min(ends)
-        if end <= limit:
-            return end
-    elif len(buf) < limit:
-        return None
-    raise HandshakeError(f"HTTP head longer than {limit} bytes: {bytes(buf[:40])!r}...")
+# HTTP heads (their end and bound: .http)
 
 
 def _split_head(head: Union[bytes, str], what: str) -> tuple[str, list[tuple[str, str]]]:
@@ -328,7 +306,7 @@ def _request_from_headers(headers: Headers) -> TunnelRequest:
 
 
 def parse_tunnel_request(head: Union[bytes, str]) -> TunnelRequest:
-    """Parse a ``CONNECT PageKite:...`` head (up to its blank line, see :func:`find_head_end`).
+    """Parse a ``CONNECT PageKite:...`` head (up to its blank line: kite.proto.http.find_head_end).
 
     The target must start with ``pagekite:`` (any case), the version be HTTP/1.0 or 1.1.
     Any malformed line or kite value is a HandshakeError: answer :data:`TUNNEL_UNAVAILABLE`.

@@ -30,12 +30,14 @@ from typing import ClassVar, Optional, Union
 
 import httptools
 
-from ..errors import SniffError
+from ..errors import HeadTooLong, SniffError
+from .http import MAX_HEAD, find_head_end
 
 __all__ = [
-    "MAX_HEAD",
     "MAX_TUNNEL_HEAD",
     "MAX_HELLO",
+    "TLS_ALERT_UNRECOGNIZED_NAME",
+    "TLS_ALERT_INTERNAL_ERROR",
     "PING_PEEK",
     "NeedMore",
     "NEED_MORE",
@@ -49,11 +51,15 @@ __all__ = [
     "parse_host",
 ]
 
-MAX_HEAD = 16384  # bound on a visitor's HTTP request head, blank line included
 MAX_TUNNEL_HEAD = 65536  # bound on a CONNECT PageKite head (one ~130-byte line per kite)
 MAX_HELLO = 65536  # bound on the TLS records that carry one ClientHello, headers included
 MAX_RECORD = 16384  # TLSPlaintext.length limit, RFC 8446 §5.1
 PING_PEEK = 64  # pagekite.py FastPingHelper: recv(64, MSG_PEEK)
+
+# A fatal TLS alert record (RFC 8446 §6): level 2 (fatal), description 112 unrecognized_name
+# for names the relay does not know, 80 internal_error for a known kite that is offline.
+TLS_ALERT_UNRECOGNIZED_NAME = b"\x15\x03\x03\x00\x02\x02\x70"
+TLS_ALERT_INTERNAL_ERROR = b"\x15\x03\x03\x00\x02\x02\x50"
 
 _PING_MARK = b"\nHost: ping.pagekite"
 _TUNNEL_PREFIX = b"connect pagekite:"
@@ -161,12 +167,11 @@ def _first(data: bytes) -> str:
 
 
 def _head_end(data: bytes, limit: int) -> Optional[int]:
-    i = data.find(b"\r\n\r\n", 0, limit)
-    if i >= 0:
-        return i + 4
-    if len(data) >= limit:
-        raise SniffError(f"request head longer than {limit} bytes: {_first(data)}")
-    return None
+    """A visitor's head ends at ``\r\n\r\n`` only (no bare-LF heads from visitors)."""
+    try:
+        return find_head_end(data, limit, bare_lf=False)
+    except HeadTooLong:
+        raise SniffError(f"request head longer than {limit} bytes: {_first(data)}") from None
 
 
 # --------------------------------------------------------------------------------------------

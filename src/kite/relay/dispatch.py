@@ -27,11 +27,23 @@ from typing import TYPE_CHECKING, Optional
 from ..errors import SniffError
 from ..net.tunnel import Stream, StreamProtocol
 from ..proto import control, handshake
+from ..proto.http import (
+    MAX_HEAD,
+    TUNNEL_CONNECT_OK,
+    VISITOR_CONNECT_OK,
+    connect_refused,
+    find_head_end,
+    http_error,
+)
 from ..proto.handshake import build_ping_reply
 from ..proto.names import bare_proto
-from ..proto.sniff import ProxyConnect, SniffResult
+from ..proto.sniff import (
+    TLS_ALERT_INTERNAL_ERROR,
+    TLS_ALERT_UNRECOGNIZED_NAME,
+    ProxyConnect,
+    SniffResult,
+)
 from ..proto.sniff import sniff as sniff_first_bytes
-from . import pages
 from .accept import MAX_PEEK
 from .state import RelayState
 from .tunnel import RelayTunnel
@@ -96,11 +108,11 @@ class TlsEntry(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        end = handshake.find_head_end(self.buf)
+        end = find_head_end(self.buf)
         transport = self.transport
         assert transport is not None
         if end is None:
-            if len(self.buf) > handshake.MAX_HEAD:
+            if len(self.buf) > MAX_HEAD:
                 log.info("TLS visitor %s refused: first head too long", self.peer)
                 transport.close()
             return
@@ -166,10 +178,10 @@ class Dispatcher:
             want_json = result.wants_json
             if self.state.has_grant("http", host):
                 self.refuse(pv, f"kite http:{host} is offline",
-                            pages.http_error(503, host, json_wanted=want_json))
+                            http_error(503, host, json_wanted=want_json))
             else:
                 self.refuse(pv, f"no kite http:{host}",
-                            pages.http_error(404, host, json_wanted=want_json))
+                            http_error(404, host, json_wanted=want_json))
             return
         self._open_stream(pv, tunnel, bare_proto(proto), host, pv.port, payload=data, skip=len(data))
 
@@ -185,9 +197,9 @@ class Dispatcher:
             self._start_tunnel(pv.detach(), pv.addr, tls=True)
             return
         if sni and self.state.has_grant("https", sni):
-            self.refuse(pv, f"kite https:{sni} is offline", pages.TLS_ALERT_INTERNAL_ERROR)
+            self.refuse(pv, f"kite https:{sni} is offline", TLS_ALERT_INTERNAL_ERROR)
         else:
-            self.refuse(pv, f"no https kite for SNI {sni!r}", pages.TLS_ALERT_UNRECOGNIZED_NAME)
+            self.refuse(pv, f"no https kite for SNI {sni!r}", TLS_ALERT_UNRECOGNIZED_NAME)
 
     def _dispatch_connect(self, pv: "PendingVisitor", result, data: bytes) -> None:
         host, port = result.host, result.port
@@ -196,7 +208,7 @@ class Dispatcher:
             sock = pv.detach()
             try:
                 _consume(sock, result.head_length)
-                sock.send(b"HTTP/1.0 200 Connection Established\r\n\r\n")
+                sock.send(TUNNEL_CONNECT_OK)
             except OSError:
                 sock.close()
                 return
@@ -210,7 +222,7 @@ class Dispatcher:
         sock = pv.detach()
         try:
             _consume(sock, result.head_length)
-            sock.send(pages.CONNECT_OK)
+            sock.send(VISITOR_CONNECT_OK)
         except OSError:
             sock.close()
             return
@@ -232,13 +244,13 @@ class Dispatcher:
         if tunnel is not None and proto is not None:
             return tunnel, bare_proto(proto), None
         if any(state.has_grant(p, host) for p in protos if "-" in p or p == "raw"):
-            return None, None, (pages.connect_refused(503, f"kite {host}:{port} is offline"),
+            return None, None, (connect_refused(503, f"kite {host}:{port} is offline"),
                                 f"CONNECT {host}:{port}: kite offline")
         if state.routes.known_domain(host):
             msg = f"{host} is a kite, but not on port {port}"
-            return None, None, (pages.connect_refused(403, msg), f"CONNECT {host}:{port}: {msg}")
+            return None, None, (connect_refused(403, msg), f"CONNECT {host}:{port}: {msg}")
         msg = f"{host}:{port} is not a kite on this relay"
-        return None, None, (pages.connect_refused(403, msg),
+        return None, None, (connect_refused(403, msg),
                             f"CONNECT {host}:{port}: not a kite (no open proxy)")
 
     # -- inside the relay's own TLS -------------------------------------------------------------
@@ -275,7 +287,7 @@ class Dispatcher:
             transport.write(answer)
             transport.close()
             return
-        transport.write(pages.CONNECT_OK)
+        transport.write(VISITOR_CONNECT_OK)
         sid = tunnel.new_sid()
         stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=peer)
         tunnel.add_stream(stream, announce=False)

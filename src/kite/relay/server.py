@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import Optional
 
-from ..tls import server_context
+from ..net.tls import server_context
 from .accept import Acceptor
 from .config import RelayConfig
 from .dispatch import Dispatcher

@@ -15,6 +15,7 @@ from ..errors import HandshakeError
 from ..net.tunnel import TunnelProtocol
 from ..proto import control, handshake
 from ..proto.flow import KITE_FLOW_FEATURE
+from ..proto.http import find_head_end
 from ..proto.names import KITE_PROTOS
 from .state import RelayState
 
@@ -56,7 +57,7 @@ class RelayTunnel(TunnelProtocol):
 
     # -- handshake ----------------------------------------------------------------------------
     def handshake_data(self, buf: bytearray) -> None:
-        end = handshake.find_head_end(buf)
+        end = find_head_end(buf)
         if end is None:
             return
         head, leftover = bytes(buf[:end]), bytes(buf[end:])

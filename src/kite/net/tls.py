@@ -15,7 +15,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "generate_self_signed",

@@ -1,0 +1,26 @@
+"""``kite ssh-config``: the ``~/.ssh/config`` block that reaches a raw kite through a relay."""
+
+from __future__ import annotations
+
+import shlex
+
+from ..errors import ConfigError
+
+__all__ = ["ssh_config_block"]
+
+
+def ssh_config_block(name: str, relay: str, *, port: int = 22, user: str | None = None,
+                     tls_args: tuple = (), command: str = "kite") -> str:
+    """The ``~/.ssh/config`` block that reaches raw kite ``name`` through ``relay``.
+
+    ssh runs ProxyCommand through the user's shell, so every argument is shell-quoted.
+    """
+    if not name or any(c.isspace() or c in "%*?!\"'\\" for c in name):
+        raise ConfigError("NAME", f"bad kite name {name!r}", "give a DNS name like box.example.com")
+    args = [command, "connect", "%h", "%p", "--relay", relay, *tls_args]
+    proxy = " ".join(a if a in ("%h", "%p") else shlex.quote(a) for a in args)
+    lines = [f"Host {name}", f"    HostName {name}", f"    Port {port}"]
+    if user:
+        lines.append(f"    User {user}")
+    lines.append(f"    ProxyCommand {proxy}")
+    return "\n".join(lines) + "\n"
