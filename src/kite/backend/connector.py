@@ -45,9 +45,10 @@ from ..config import BackendConfig, KiteSpec, RelaySpec
 from ..errors import KiteError
 from ..net.dial import dial
 from ..net.tls import ClientTLS
-from ..proto import control, handshake, signing
+from ..proto import control, forwarded, handshake, proxyproto, signing
 from ..proto.flow import KITE_FLOW_FEATURE
 from ..proto.http import find_head_end, http_error
+from ..proto.names import HTTP_PROTOS, bare_proto, domain_matches
 from ..proto.sniff import TLS_ALERT_INTERNAL_ERROR
 from ..net.tunnel import Stream, StreamProtocol, TunnelProtocol
 
@@ -69,17 +70,13 @@ VERSION = f"kite-{__version__}"
 
 def _kite_matches(spec: KiteSpec, proto: str, host: str, port: int) -> int:
     """0 = no match; higher = better (exact port-specific > bare proto; exact > wildcard)."""
-    dom = spec.domain
-    if dom == host:
-        dscore = 2
-    elif dom.startswith("*.") and host.endswith(dom[1:]):
-        dscore = 1
-    else:
+    dscore = domain_matches(spec.domain, host)
+    if not dscore:
         return 0
     kp = spec.proto
     if kp == f"{proto}-{port}":
         return dscore * 10 + 3
-    base = kp.split("-", 1)[0]
+    base = bare_proto(kp)
     if kp == proto or (base == proto and "-" in kp and proto != "raw"):
         return dscore * 10 + 2
     if proto == "raw" and base == "raw":
@@ -138,17 +135,15 @@ class BackendTunnel(TunnelProtocol):
             self._refuse_stream(stream, 503)
             return
         if event.payload:
-            stream.pending.append(event.payload)
-            stream.slot.received += len(event.payload)
+            stream.receive_opening(event.payload)
         task = self.loop.create_task(self._connect_local(stream, spec, event))
         self.connector.tasks.add(task)
         task.add_done_callback(self.connector.tasks.discard)
 
     async def _connect_local(self, stream: Stream, spec: KiteSpec, event) -> None:
-        from ..proto import forwarded, proxyproto
 
         target = spec.target
-        if spec.proto in ("http", "websocket") and spec.forwarded and event.proto in ("http", "websocket"):
+        if spec.proto in HTTP_PROTOS and spec.forwarded and event.proto in HTTP_PROTOS:
             rewriter = forwarded.ForwardedRewriter(
                 client_ip=event.rip, proto="https" if event.rtls else "http", host=event.host)
             stream.enable_rewriter(rewriter)
@@ -159,8 +154,7 @@ class BackendTunnel(TunnelProtocol):
             except (ValueError, KiteError):
                 header = b""
             if header:
-                stream.pending.insert(0, header)
-                stream.inflated += len(header)
+                stream.prepend_local(header)
         try:
             await self.loop.create_connection(
                 lambda: StreamProtocol(self, stream), target.host, target.port)
@@ -172,7 +166,7 @@ class BackendTunnel(TunnelProtocol):
 
     def _refuse_stream(self, stream: Stream, status: int) -> None:
         """Tell the visitor, in its protocol, that the local side is not there."""
-        if stream.proto in ("http", "websocket"):
+        if stream.proto in HTTP_PROTOS:
             self.writer.cancel_data_buffer()
             self.writer.write_data(stream.slot, http_error(status, stream.host))
         elif stream.proto == "https":

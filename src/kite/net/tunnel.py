@@ -202,6 +202,12 @@ class Stream:
     def _pending_size(self) -> int:
         return sum(len(p) for p in self.pending or ())
 
+    def receive_opening(self, payload: bytes) -> None:
+        """The payload of the stream-open chunk: the first bytes for the local socket."""
+        assert self.pending is not None, "the local socket is attached already"
+        self.pending.append(payload)
+        self.slot.received += len(payload)
+
     def prepend_local(self, data: bytes) -> None:
         """Bytes for the local socket ahead of everything the peer sends (a PROXY header);
         only before the local socket is attached.  They are not acknowledged to the peer."""
