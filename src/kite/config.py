@@ -63,7 +63,6 @@ __all__ = [
     "BackendConfig",
     "load_toml",
     "load_backend_config",
-    "load_relay_config",
 ]
 
 

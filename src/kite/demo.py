@@ -14,9 +14,9 @@ import tempfile
 
 from .backend.connector import Backend
 from .config import BackendConfig, KiteSpec, RelaySpec, Target
+from .net.tls import generate_self_signed
 from .relay.grants import GrantTable, parse_grant
 from .relay.server import RelayConfig, RelayServer
-from .net.tls import generate_self_signed
 
 DEMO_NAME = "demo.kite.localhost"
 

@@ -412,7 +412,7 @@ def _convert_backend(lines: list, report: Report, source: str) -> str:
                                    "no relay to fly on: add a [[relay]] table with "
                                    "address = \"HOST:PORT\""))
         out += ["# [[relay]]", "# address = \"RELAY-HOST:443\"", ""]
-    for addr, ln in frontends:
+    for addr, _ln in frontends:
         if ":" not in addr:
             addr = f"{addr}:443"
         out += ["[[relay]]", f"address = {_q(addr)}", *tls_lines, ""]
@@ -504,7 +504,7 @@ def _convert_frontend(lines: list, report: Report, source: str) -> str:
                 f"tls_key = {_q(pem)}"]
         pems = {e[1] for e in endpoints}
         if len(pems) > 1:
-            for n, p, l2 in endpoints[1:]:
+            for _n, p, l2 in endpoints[1:]:
                 if p != pem:
                     report.unconverted.append((l2, f"kite relays hold one certificate: {pem} "
                                                    "is used; put every name in it"))

@@ -45,12 +45,12 @@ from ..config import BackendConfig, KiteSpec, RelaySpec
 from ..errors import KiteError
 from ..net.dial import dial
 from ..net.tls import ClientTLS
+from ..net.tunnel import Stream, StreamProtocol, TunnelProtocol
 from ..proto import control, forwarded, handshake, proxyproto, signing
 from ..proto.flow import KITE_FLOW_FEATURE
 from ..proto.http import find_head_end, http_error
 from ..proto.names import HTTP_PROTOS, bare_proto, domain_matches
 from ..proto.sniff import TLS_ALERT_INTERNAL_ERROR
-from ..net.tunnel import Stream, StreamProtocol, TunnelProtocol
 
 log = logging.getLogger("kite.backend")
 
@@ -89,7 +89,7 @@ def _kite_matches(spec: KiteSpec, proto: str, host: str, port: int) -> int:
 class BackendTunnel(TunnelProtocol):
     """The backend end of one tunnel: registration, then local connections per stream."""
 
-    def __init__(self, connector: "RelayConnector", signed: Optional[list]) -> None:
+    def __init__(self, connector: RelayConnector, signed: Optional[list]) -> None:
         super().__init__()
         self.connector = connector
         self.name = f"tunnel to {connector.spec.address}"

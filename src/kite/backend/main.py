@@ -6,9 +6,18 @@ import asyncio
 import logging
 from typing import Optional, Sequence
 
-from ..config import (BackendConfig, KiteSpec, RelaySpec, _check_secret, check_connect_name,
-                      check_tls_mode, kite_proto_for, load_backend_config, parse_hostport,
-                      parse_target)
+from ..config import (
+    BackendConfig,
+    KiteSpec,
+    RelaySpec,
+    _check_secret,
+    check_connect_name,
+    check_tls_mode,
+    kite_proto_for,
+    load_backend_config,
+    parse_hostport,
+    parse_target,
+)
 from ..errors import ConfigError
 from .connector import Backend
 

@@ -38,7 +38,7 @@ class LocalEnd(PipeEnd):
     in order when the relay has answered.
     """
 
-    def __init__(self, forwarder: "Forwarder") -> None:
+    def __init__(self, forwarder: Forwarder) -> None:
         super().__init__()
         self.forwarder = forwarder
         self.reading_paused = True  # lifted by link()

@@ -32,7 +32,6 @@ import asyncio
 import enum
 import logging
 import os
-import socket
 import time
 from typing import Optional
 
@@ -119,7 +118,7 @@ class Stream:
         "local_full", "inflated", "rewriter", "fd", "__weakref__",
     )
 
-    def __init__(self, tunnel: "TunnelProtocol", sid: int, *, proto: str = "", host: str = "",
+    def __init__(self, tunnel: TunnelProtocol, sid: int, *, proto: str = "", host: str = "",
                  port: int = 0, peer: str = "") -> None:
         self.tunnel = tunnel
         self.sid = sid
@@ -415,7 +414,7 @@ class StreamProtocol(asyncio.BufferedProtocol):
 
     __slots__ = ("tunnel", "stream", "skip", "_writer", "_slot", "_scratch")
 
-    def __init__(self, tunnel: "TunnelProtocol", stream: Stream, skip: int = 0) -> None:
+    def __init__(self, tunnel: TunnelProtocol, stream: Stream, skip: int = 0) -> None:
         self.tunnel = tunnel
         self.stream = stream
         self.skip = skip

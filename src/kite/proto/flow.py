@@ -113,7 +113,7 @@ class WindowPolicy:
         self.window = max(min_window, min(max_window, self.budget))
 
     @classmethod
-    def fixed(cls, window: int) -> "WindowPolicy":
+    def fixed(cls, window: int) -> WindowPolicy:
         return cls(window, window, window)
 
     def set_streams(self, n: int) -> None:

@@ -166,7 +166,7 @@ class KiteLine:
         return f"{self.payload}:{self.signature}"
 
     @classmethod
-    def parse(cls, value: str, prefix: str = "X-PageKite") -> "KiteLine":
+    def parse(cls, value: str, prefix: str = "X-PageKite") -> KiteLine:
         """Parse a header value: exactly five ``:``-separated fields, else HandshakeError
         (pagekite.py refuses the whole request then).  PROTO and DOMAIN are lower-cased."""
         fields = value.strip().split(":")
@@ -185,7 +185,7 @@ class KiteLine:
         fsalt: str = "",
         *,
         salt: Optional[str] = None,
-    ) -> "KiteLine":
+    ) -> KiteLine:
         """A kite line signed with ``kite_secret`` (first round: ``fsalt`` empty)."""
         proto, domain = proto.lower(), domain.lower()
         fields = (("proto", proto), ("domain", domain), ("bsalt", bsalt), ("fsalt", fsalt))
@@ -213,7 +213,7 @@ class KiteRef:
         return f"{self.proto}:{self.domain}"
 
     @classmethod
-    def parse(cls, value: str) -> "KiteRef":
+    def parse(cls, value: str) -> KiteRef:
         fields = value.strip().split(":")
         if len(fields) != 3:
             raise HandshakeError(f"kite reference needs 3 ':'-separated fields, got {value!r}")
@@ -238,7 +238,7 @@ class Challenge:
         return f"{self.proto}:{self.domain}"
 
     @classmethod
-    def parse(cls, value: str) -> "Challenge":
+    def parse(cls, value: str) -> Challenge:
         fields = value.strip().split(":")
         if len(fields) != 4:
             raise HandshakeError(f"SignThis needs 4 ':'-separated fields, got {value!r}")

@@ -222,7 +222,7 @@ def _sniff_http(data: bytes, max_head: int) -> SniffResult:
     hosts = [v for n, v in head.headers if n.lower() == b"host"]
     if not hosts:
         raise SniffError(f"HTTP request without Host: {_first(data)}")
-    if len(hosts) > 1 and len(set(h.strip().lower() for h in hosts)) > 1:
+    if len(hosts) > 1 and len({h.strip().lower() for h in hosts}) > 1:
         raise SniffError(f"HTTP request with conflicting Host headers: {hosts[:2]!r}")
     host, _ = _split_host(hosts[0], port_required=False)
     websocket = any(
@@ -336,7 +336,7 @@ class _Reader:
     def u16(self, what: str) -> int:
         return int.from_bytes(self.take(2, what), "big")
 
-    def sub(self, n: int, what: str) -> "_Reader":
+    def sub(self, n: int, what: str) -> _Reader:
         start = self.pos
         self.take(n, what)
         return _Reader(self.data, start, start + n)

@@ -41,7 +41,7 @@ class PendingVisitor:
 
     __slots__ = ("acceptor", "sock", "addr", "port", "handle", "deadline", "delay", "fd")
 
-    def __init__(self, acceptor: "Acceptor", sock: socket.socket, addr, port: int) -> None:
+    def __init__(self, acceptor: Acceptor, sock: socket.socket, addr, port: int) -> None:
         self.acceptor = acceptor
         self.sock = sock
         self.addr = addr
@@ -126,7 +126,7 @@ class PendingVisitor:
 class Acceptor:
     """Listening sockets and the connections whose first bytes are awaited."""
 
-    def __init__(self, dispatcher: "Dispatcher") -> None:
+    def __init__(self, dispatcher: Dispatcher) -> None:
         self.loop = asyncio.get_running_loop()
         self.dispatcher = dispatcher
         self.pending: set[PendingVisitor] = set()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Optional
 from ..errors import SniffError
 from ..net.tunnel import Stream, StreamProtocol
 from ..proto import control, handshake
+from ..proto.handshake import build_ping_reply
 from ..proto.http import (
     MAX_HEAD,
     TUNNEL_CONNECT_OK,
@@ -35,7 +36,6 @@ from ..proto.http import (
     find_head_end,
     http_error,
 )
-from ..proto.handshake import build_ping_reply
 from ..proto.names import bare_proto
 from ..proto.sniff import (
     TLS_ALERT_INTERNAL_ERROR,
@@ -97,7 +97,7 @@ class TlsEntry(asyncio.Protocol):
     """The first protocol inside a TLS connection the relay terminated: reads one head and
     hands the connection on, to a :class:`RelayTunnel` or as a CONNECT visitor."""
 
-    def __init__(self, dispatcher: "Dispatcher", peer: str) -> None:
+    def __init__(self, dispatcher: Dispatcher, peer: str) -> None:
         self.dispatcher = dispatcher
         self.peer = peer
         self.transport: Optional[asyncio.Transport] = None
@@ -148,12 +148,12 @@ class Dispatcher:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- first bytes ----------------------------------------------------------------------------
-    def refuse(self, pv: "PendingVisitor", reason: str, answer: bytes, consume: bool = True) -> None:
+    def refuse(self, pv: PendingVisitor, reason: str, answer: bytes, consume: bool = True) -> None:
         log.info("visitor %s refused: %s", pv.peer(), reason)
         sock = pv.detach()
         _send_and_close(sock, answer, _peek_length(sock, MAX_PEEK) if consume else 0)
 
-    def dispatch(self, pv: "PendingVisitor", result, data: bytes) -> None:
+    def dispatch(self, pv: PendingVisitor, result, data: bytes) -> None:
         kind = result.kind
         if kind == "ping":
             sock = pv.detach()
@@ -169,7 +169,7 @@ class Dispatcher:
         else:  # pragma: no cover - sniff returns only the kinds above
             self.refuse(pv, f"unexpected first bytes {data[:16]!r}", b"")
 
-    def _dispatch_http(self, pv: "PendingVisitor", result, data: bytes) -> None:
+    def _dispatch_http(self, pv: PendingVisitor, result, data: bytes) -> None:
         host = result.host
         bare: tuple[str, ...] = ("websocket", "http") if result.websocket else ("http",)
         protos = tuple(f"{p}-{pv.port}" for p in bare) + bare
@@ -185,7 +185,7 @@ class Dispatcher:
             return
         self._open_stream(pv, tunnel, bare_proto(proto), host, pv.port, payload=data, skip=len(data))
 
-    def _dispatch_tls(self, pv: "PendingVisitor", result, data: bytes) -> None:
+    def _dispatch_tls(self, pv: PendingVisitor, result, data: bytes) -> None:
         sni = result.sni
         if sni:
             protos = (f"https-{pv.port}", "https")
@@ -201,7 +201,7 @@ class Dispatcher:
         else:
             self.refuse(pv, f"no https kite for SNI {sni!r}", TLS_ALERT_UNRECOGNIZED_NAME)
 
-    def _dispatch_connect(self, pv: "PendingVisitor", result, data: bytes) -> None:
+    def _dispatch_connect(self, pv: PendingVisitor, result, data: bytes) -> None:
         host, port = result.host, result.port
         if port == 443 and self.ssl_context is not None and self.state.is_relay_name(host):
             # pagekite.py's --fe_certname: plain CONNECT to the relay's own name, then TLS.
@@ -300,7 +300,7 @@ class Dispatcher:
         protocol.connection_made(transport)
 
     # -- streams --------------------------------------------------------------------------------
-    def _open_stream(self, pv: "PendingVisitor", tunnel, proto: str, host: str, port: int,
+    def _open_stream(self, pv: PendingVisitor, tunnel, proto: str, host: str, port: int,
                      *, payload: bytes, skip: int, sock: Optional[socket.socket] = None) -> None:
         if sock is None:
             sock = pv.detach()
