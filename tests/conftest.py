@@ -1,6 +1,5 @@
 """Shared fixtures: both fast-path implementations, and the real pagekite.py module."""
 
-import importlib
 import os
 import socket
 import sys
@@ -13,6 +12,12 @@ from fastpath_impls import FASTPATH_IMPLS, NO_EXT, REQUIRE_EXT, _load_impl  # no
 # is pure Python, so the test interpreter can import it.  Appended, so that the packages
 # of the test environment win over Debian's copies.
 PAGEKITE_DIST = "/usr/lib/python3/dist-packages"
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def loop_kind(request):
+    """Each test that takes it runs on uvloop and on plain asyncio."""
+    return request.param
 
 
 @pytest.fixture(params=FASTPATH_IMPLS)
@@ -31,9 +36,9 @@ def pagekite_mod():
     # connect would go through it.  Keep the real one.
     real_socket = socket.socket
     try:
-        from pagekite.proto import proto  # noqa: F401
-        from pagekite import pk  # noqa: F401  (the import that patches socket.socket)
         import pagekite
+        from pagekite import pk  # noqa: F401  (the import that patches socket.socket)
+        from pagekite.proto import proto  # noqa: F401
     except ImportError as exc:
         if os.environ.get("CI"):
             pytest.fail(f"pagekite.py must be installed in CI (apt-get install pagekite): {exc}")

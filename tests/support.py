@@ -8,20 +8,29 @@ import contextlib
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from kite.net.aio import new_event_loop
 from kite.backend.connector import Backend
 from kite.config import BackendConfig, KiteSpec, RelaySpec, Target
+from kite.net.aio import new_event_loop
+from kite.net.tls import generate_self_signed
 from kite.relay.grants import GrantTable, parse_grant
 from kite.relay.server import RelayConfig, RelayServer
-from kite.net.tls import generate_self_signed
 
 SECRET = "s3cr3t-for-tests"
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago, for programs that need an explicit port
+    (pagekite.py, ssh, socat); kite's own servers bind port 0 instead."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(coro_fn, loop_kind: str, timeout: float = 120.0):

@@ -5,16 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import pytest
-
 from kite.backend.connector import Backend
 from kite.config import load_backend_config
 from support import SECRET, http_get, kite_env, run, start_banner_server, start_http_server
-
-
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_kind(request):
-    return request.param
 
 
 def test_config_file_many_kites_two_relays(tmp_path, loop_kind):

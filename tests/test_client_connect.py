@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+# Subprocesses import the same kite package as this test process (site-packages in CI,
+# src/ in an editable checkout).
+import kite as _kite_pkg  # noqa: E402
 from kite.client.connect import (
     RelayTarget,
     bridge_stdio,
@@ -24,25 +26,16 @@ from kite.client.connect import (
     refusal_error,
 )
 from kite.client.sshconfig import ssh_config_block
-from kite.errors import (BadRelayReply, KiteOffline, NotAKite, RelayRefused, RelayTLSError,
-                         RelayUnreachable)
-from kite.proto.http import ConnectReply, parse_connect_reply
+from kite.errors import BadRelayReply, KiteOffline, NotAKite, RelayRefused, RelayTLSError, RelayUnreachable
 from kite.net.tls import ClientTLS
-from support import KITE, kite_env, raw_kite, run, start_banner_server
-
-# Subprocesses import the same kite package as this test process (site-packages in CI,
-# src/ in an editable checkout).
-import kite as _kite_pkg  # noqa: E402
+from kite.proto.http import ConnectReply, parse_connect_reply
+from support import KITE, free_port, kite_env, raw_kite, run, start_banner_server
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(_kite_pkg.__file__)))
 CLI_ENV = {**os.environ, "PYTHONPATH": SRC}
 
 HAS_SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")
 
-
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_kind(request):
-    return request.param
 
 
 @pytest.fixture(params=["splice", "copy"])
@@ -131,13 +124,6 @@ async def start_fake_sshd():
     return server, server.sockets[0].getsockname()[1]
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
 
 def payload(n: int, seed: int = 0) -> bytes:
     """Deterministic, incompressible-looking bytes."""
@@ -197,7 +183,6 @@ def test_refusals_name_the_problem():
 
 
 def test_ssh_config_block_quotes_for_the_shell():
-    from kite.client import connect
 
     block = ssh_config_block("box.example.com", "relay.example.com:443", port=2222,
                              tls_args=("--tls", "--ca", "/my certs/relay.pem"))

@@ -19,19 +19,20 @@ import pytest
 
 from kite.client.connect import RelayTarget
 from kite.client.forward import Forwarder
-from support import KITE, kite_env, raw_kite, run
 from kite.net.pipes import HIGH_WATER, READ_SIZE
 from kite.net.tls import ClientTLS
-from test_client_connect import (CLI_ENV, payload, start_digest_server, start_one_line_server,
-                                 start_tls_terminator)
+from support import KITE, kite_env, raw_kite, run
+from test_client_connect import (
+    CLI_ENV,
+    payload,
+    start_digest_server,
+    start_one_line_server,
+    start_tls_terminator,
+)
 
 #: A transport's write buffer may pass the high-water mark by what one read hands it.
 BUFFER_BOUND = HIGH_WATER + READ_SIZE + (64 << 10)
 
-
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_kind(request):
-    return request.param
 
 
 async def until(predicate, timeout=20.0, what="condition"):

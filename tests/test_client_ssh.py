@@ -14,18 +14,16 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from support import KITE, Proc
-
 # Subprocesses import the same kite package as this test process (site-packages in CI,
 # src/ in an editable checkout).
 import kite as _kite_pkg  # noqa: E402
+from support import KITE, Proc, free_port
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(_kite_pkg.__file__)))
 SSHD = "/usr/sbin/sshd"
@@ -36,13 +34,6 @@ pytestmark = pytest.mark.skipif(
     not (os.path.exists(SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen")),
     reason="needs Debian's openssh-server and openssh-client")
 
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Env:

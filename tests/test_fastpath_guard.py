@@ -8,12 +8,11 @@ import sys
 
 import pytest
 
-import kite.fastpath
-from fastpath_impls import NO_EXT, REQUIRE_EXT, _load_impl
-
 # Subprocesses import the same kite package as this test process (site-packages in CI,
 # src/ in an editable checkout).
 import kite as _kite_pkg  # noqa: E402
+import kite.fastpath
+from fastpath_impls import NO_EXT, REQUIRE_EXT, _load_impl
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(_kite_pkg.__file__)))
 

@@ -13,9 +13,8 @@ import threading
 import warnings
 
 import pytest
-import support
-from support import make_certs
 
+import support
 from kite.errors import BadRelayReply, ConnectFailed, RelayRefused
 from kite.net import dial as dial_mod
 from kite.net.dial import (
@@ -27,6 +26,7 @@ from kite.net.dial import (
 )
 from kite.net.tls import ClientTLS, server_context
 from kite.proto.http import TUNNEL_CONNECT_OK, connect_refused
+from support import make_certs
 
 FE = "fe.example"
 

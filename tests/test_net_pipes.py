@@ -10,7 +10,6 @@ import socket
 import sys
 
 import pytest
-from support import run
 
 from kite.net.pipes import (
     PipeEnd,
@@ -19,6 +18,7 @@ from kite.net.pipes import (
     nonblocking_ok,
     splice_usable,
 )
+from support import run
 
 HAS_SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")
 

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from kite.cli.tools import import_pagekiterc
 from kite.config import load_backend_config
+from kite.net.tls import generate_self_signed
 from kite.pagekiterc import convert, read_rc
 from kite.relay.main import build_relay_config
-from kite.net.tls import generate_self_signed
 
 # What pagekite.py 1.5.2 itself writes with --save (layout of PageKite.GenerateConfig),
 # plus lines a user typically adds.

@@ -28,8 +28,8 @@ from kite.proto.control import (
     parse_chunk,
     parse_sid,
 )
-from wire import build_data
 from kite.proto.handshake import KiteLine, KiteRef, build_inband_reply, build_inband_request
+from wire import build_data
 
 
 def frame(chunk) -> bytes:

@@ -6,9 +6,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kite.proto.flow import (KITE_ACK_STEP, KITE_MAX_WINDOW, KITE_MIN_WINDOW, KITE_RATE_FLOOR,
-                             KITE_TUNNEL_BUDGET, PAGEKITE_WINDOW, AckPolicy, SendWindow,
-                             WindowPolicy)
+from kite.proto.flow import (
+    KITE_ACK_STEP,
+    KITE_MAX_WINDOW,
+    KITE_MIN_WINDOW,
+    KITE_RATE_FLOOR,
+    KITE_TUNNEL_BUDGET,
+    PAGEKITE_WINDOW,
+    AckPolicy,
+    SendWindow,
+    WindowPolicy,
+)
 
 MiB = 1024 * 1024
 

@@ -5,7 +5,6 @@ import types
 import pytest
 
 from kite.errors import HandshakeError, LocalProtocolError
-from kite.proto.http import find_head_end
 from kite.proto.handshake import (
     PING_REQUEST,
     TUNNEL_FORBIDDEN,
@@ -27,8 +26,9 @@ from kite.proto.handshake import (
     parse_tunnel_response,
     session_id,
 )
-from wire import parse_ping_reply
+from kite.proto.http import find_head_end
 from kite.proto.signing import check_challenge, make_bsalt, make_challenge, sign
+from wire import parse_ping_reply
 
 BE_GLOBAL = "be-global-secret-example"
 FE_GLOBAL = "fe-global-secret-example"

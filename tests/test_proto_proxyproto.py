@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kite.errors import LocalProtocolError, RemoteProtocolError
-from wire import parse_proxy_header
 from kite.proto.proxyproto import (
     PROXY_V1_UNKNOWN,
     PROXY_V2_LOCAL,
@@ -19,6 +18,8 @@ from kite.proto.proxyproto import (
     proxy_v1,
     proxy_v2,
 )
+from support import free_port
+from wire import parse_proxy_header
 
 # -- exact vectors from haproxy/doc/proxy-protocol.txt -------------------------------------
 
@@ -268,18 +269,13 @@ def test_parser_never_crashes(data):
 NGINX = "/usr/sbin/nginx"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def nginx_port(tmp_path_factory):
     if not os.path.exists(NGINX) or shutil.which(NGINX) is None:
         pytest.skip(f"{NGINX} not installed (Debian: apt-get install nginx-light)")
     prefix = tmp_path_factory.mktemp("nginx")
-    port = _free_port()
+    port = free_port()
     for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / d).mkdir()
     conf = prefix / "nginx.conf"

@@ -15,13 +15,18 @@ import subprocess
 import pytest
 
 from kite.proto import handshake, signing
-from support import (SECRET, http_get, http_kite, https_kite, kite_env, make_certs, raw_kite, run,
-                     start_banner_server, start_http_server)
-
-
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_kind(request):
-    return request.param
+from support import (
+    SECRET,
+    http_get,
+    http_kite,
+    https_kite,
+    kite_env,
+    make_certs,
+    raw_kite,
+    run,
+    start_banner_server,
+    start_http_server,
+)
 
 
 def test_http_through_tls_tunnel_with_curl(tmp_path, loop_kind):

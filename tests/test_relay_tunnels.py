@@ -12,13 +12,17 @@ import pytest
 
 import wire
 from kite.proto import handshake, signing
-from support import (SECRET, http_get, http_kite, kite_env, make_backend, make_certs, raw_kite,
-                     run, start_banner_server, start_http_server)
-
-
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_kind(request):
-    return request.param
+from support import (
+    SECRET,
+    http_get,
+    http_kite,
+    kite_env,
+    make_backend,
+    make_certs,
+    raw_kite,
+    run,
+    start_http_server,
+)
 
 
 async def _wait(pred, timeout=10.0):

@@ -14,7 +14,6 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -25,6 +24,7 @@ from kite.backend.connector import Backend
 from kite.config import BackendConfig, KiteSpec, RelaySpec, Target
 from kite.relay.grants import GrantTable, parse_grant
 from kite.relay.server import RelayConfig, RelayServer
+from support import free_port
 
 #: Every kite of this suite lives under this domain; one shared secret.
 ZONE = "testkite.local"
@@ -41,12 +41,6 @@ def pagekite_path() -> Optional[str]:
     return shutil.which("pagekite") or ("/usr/bin/pagekite" if os.path.exists("/usr/bin/pagekite")
                                         else None)
 
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (pagekite.py needs explicit ports)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def burst_size(wanted: int) -> int:

@@ -19,9 +19,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from compat_env import FE_NAME, MEASUREMENTS, CompatCerts, PageKiteFactory, kite_name, pagekite_path
 
-from compat_env import (FE_NAME, MEASUREMENTS, CompatCerts, PageKiteFactory, kite_name,
-                        pagekite_path)
 from kite.net.tls import generate_self_signed
 
 
@@ -34,10 +33,6 @@ def _require_pagekite():
         pytest.skip("pagekite.py is not installed (apt-get install pagekite); the compat suite "
                     "needs the real program")
 
-
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_kind(request):
-    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,28 @@ import asyncio
 import time
 
 import pytest
+from compat_env import (
+    SECRET,
+    MiB,
+    ZCounter,
+    blob,
+    burst_size,
+    check_kites,
+    download,
+    fe_live_marker,
+    http_get,
+    http_kite,
+    https_kite,
+    kite_backend,
+    kite_name,
+    raw_kite,
+    relay_spec,
+    report,
+    sha,
+    start_services,
+    upload,
+)
 
-from compat_env import (MiB, SECRET, ZCounter, blob, burst_size, check_kites, download,
-                        fe_live_marker, http_get, http_kite, https_kite, kite_backend, kite_name,
-                        raw_kite, relay_spec, report, sha, start_services, upload)
 from support import KITE, Proc, run
 
 pytestmark = pytest.mark.compat

@@ -23,9 +23,18 @@ import asyncio
 import time
 
 import pytest
+from compat_env import (
+    be_flying_marker,
+    fe_live_marker,
+    http_get,
+    http_kite,
+    kite_backend,
+    kite_name,
+    kite_relay,
+    relay_spec,
+    report,
+)
 
-from compat_env import be_flying_marker, fe_live_marker, http_get, http_kite, kite_backend, \
-    kite_name, kite_relay, relay_spec, report
 from support import run, start_http_server
 
 pytestmark = [pytest.mark.compat, pytest.mark.slow]

@@ -8,11 +8,29 @@ import asyncio
 import subprocess
 
 import pytest
+from compat_env import (
+    FE_NAME,
+    SECRET,
+    MiB,
+    be_flying_marker,
+    blob,
+    check_kites,
+    download,
+    fe_live_marker,
+    free_port,
+    http_get,
+    http_kite,
+    https_kite,
+    kite_backend,
+    kite_name,
+    kite_relay,
+    raw_kite,
+    relay_spec,
+    report,
+    sha,
+    start_services,
+)
 
-from compat_env import (FE_NAME, MiB, SECRET, be_flying_marker, blob, check_kites, download,
-                        fe_live_marker, free_port, http_get, http_kite, https_kite,
-                        kite_backend, kite_name, kite_relay, raw_kite, relay_spec, report, sha,
-                        start_services)
 from support import KITE, Proc, run
 
 pytestmark = pytest.mark.compat
@@ -108,7 +126,8 @@ def test_switch_backend_from_pagekite_to_kite_with_its_rc_file(pagekite, certs, 
     """The migration path: a pagekite.py backend runs from its rc file; it is stopped,
     ``kite import-pagekiterc`` converts that file, and ``kite expose --config`` serves the
     same kites on the same (unchanged) pagekite.py frontend."""
-    from compat_env import PageKite, RAW_BANNER, raw_roundtrip
+    from compat_env import RAW_BANNER, PageKite, raw_roundtrip
+
     from kite.pagekiterc import convert
 
     fe = pagekite.frontend()

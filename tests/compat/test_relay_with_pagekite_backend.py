@@ -12,10 +12,25 @@ import asyncio
 import time
 
 import pytest
+from compat_env import (
+    FE_NAME,
+    SECRET,
+    MiB,
+    ZCounter,
+    be_flying_marker,
+    blob,
+    burst_size,
+    check_kites,
+    download,
+    http_get,
+    kite_name,
+    kite_relay,
+    report,
+    sha,
+    start_services,
+    upload,
+)
 
-from compat_env import (FE_NAME, MiB, SECRET, ZCounter, be_flying_marker, blob, burst_size,
-                        check_kites, download, http_get, kite_name, kite_relay, report, sha,
-                        start_services, upload)
 from support import run
 
 pytestmark = pytest.mark.compat

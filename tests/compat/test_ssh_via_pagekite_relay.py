@@ -12,8 +12,7 @@ import subprocess
 import sys
 
 import pytest
-
-from compat_env import SECRET, ZONE, be_flying_marker, fe_live_marker
+from compat_env import ZONE, be_flying_marker, fe_live_marker
 
 SSHD = "/usr/sbin/sshd"
 KITE = [sys.executable, "-m", "kite"]
