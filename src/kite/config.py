@@ -292,7 +292,7 @@ def load_backend_config(path: str) -> BackendConfig:
         if pp not in (0, 1, 2):
             raise ConfigError(f"{where}.proxy_protocol", f"{pp!r} is not 0, 1 or 2", "use 1 or 2")
         public_port = k.get("public_port")
-        spec = KiteSpec(
+        kite_spec = KiteSpec(
             domain=str(k["name"]).lower(),
             proto=kite_proto_for(target, public_port),
             secret=_check_secret(k.get("secret") or d_secret, f"{where}.secret"),
@@ -303,7 +303,7 @@ def load_backend_config(path: str) -> BackendConfig:
         names = k.get("relays")
         for addr, relay in relays.items():
             if names is None or addr in names or f"{relay.host}:{relay.port}" in names:
-                relay.kites.append(spec)
+                relay.kites.append(kite_spec)
     keepalive = float(data.get("keepalive", 30.0))
     zchunks = data.get("zchunks", False)
     if not isinstance(zchunks, bool):

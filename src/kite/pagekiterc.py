@@ -274,7 +274,7 @@ def _parse_service(value: str, kitename: str, kitesecret: str, ln: RcLine, repor
     return kites
 
 
-def _convert_backend(lines: list, report: Report, source: str) -> str:
+def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set[str]]:
     kitename = kitesecret = ""
     kites: list = []
     frontends: list = []  # (address, RcLine)
@@ -283,7 +283,7 @@ def _convert_backend(lines: list, report: Report, source: str) -> str:
     nocertcheck = False
     keepalive = None
     service_cfg: list = []  # (host, key, value, RcLine)
-    secrets = set()
+    secrets: set[str] = set()
 
     for ln in lines:
         opt, val = ln.option, ln.value
@@ -439,7 +439,7 @@ def _convert_backend(lines: list, report: Report, source: str) -> str:
 
 
 # -- frontend -----------------------------------------------------------------------------------
-def _convert_frontend(lines: list, report: Report, source: str) -> str:
+def _convert_frontend(lines: list, report: Report, source: str) -> tuple[str, set[str]]:
     host = "0.0.0.0"
     ports: list = []
     protos = list(_PAGEKITE_FE_PROTOS)
@@ -447,7 +447,7 @@ def _convert_frontend(lines: list, report: Report, source: str) -> str:
     endpoints: list = []  # (name, pem, RcLine)
     keepalive = None
     zchunks = True
-    secrets = set()
+    secrets: set[str] = set()
     for ln in lines:
         opt, val = ln.option, ln.value
         if opt == "isfrontend":
@@ -578,7 +578,8 @@ def import_rc(rcfile: Optional[str] = None, output: Optional[str] = None, *,
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
     except OSError as exc:
-        raise ConfigError(path, exc.strerror,
+        # open() sets strerror from errno; str(exc) only if some OSError ever lacks it
+        raise ConfigError(path, exc.strerror or str(exc),
                           "give the pagekite.py rc file, e.g. ~/.pagekite.rc") from None
     kind, toml, report = convert(text, source=path)
     if output:

@@ -10,9 +10,9 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
@@ -53,7 +53,7 @@ def config_errors() -> Iterator[None]:
         fail(str(err))
 
 
-def run_until_signal(main: Callable[[asyncio.Event], Awaitable[int | None]],
+def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]],
                      loop_kind: str | None) -> int:
     """Run ``main(stop_event)`` on uvloop (or asyncio); SIGTERM/SIGINT set the event.
 
@@ -98,7 +98,7 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[int | None]],
         return 1
 
 
-def serve(main: Callable[[asyncio.Event], Awaitable[int | None]],
+def serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]],
           loop_kind: str | None) -> NoReturn:
     """:func:`run_until_signal`, then exit with its status."""
     sys.exit(run_until_signal(main, loop_kind))

@@ -180,12 +180,16 @@ class RelayEnd(PipeEnd):
     def data_received(self, data: bytes) -> None:
         if self.state == self.OPEN:  # the hot path
             self.bytes_in += len(data)
-            self.peer.send(data)
+            peer = self.peer
+            assert peer is not None  # bound in __init__
+            peer.send(data)
             return
         if self.state == self.FAILED:
             return
         self._head += data
         t = self.target
+        transport = self.transport
+        assert transport is not None  # data comes after connection_made
         try:
             if self._reply is None:
                 self._reply = parse_connect_reply(self._head)
@@ -207,11 +211,11 @@ class RelayEnd(PipeEnd):
                 want = min(want, reply.content_length)
             if len(body) >= want:
                 self._fail(refusal_error(reply, bytes(body[:want]), t.relay, t.host, t.port))
-                self.transport.close()
+                transport.close()
         except BadRelayReply as exc:
             self._fail(BadRelayReply(f"relay {t.relay}: {exc} "
                                      "(is --relay a kite relay? is --tls needed?)"))
-            self.transport.abort()
+            transport.abort()
 
     def eof_received(self) -> bool:
         if self.state == self.HANDSHAKE:

@@ -57,11 +57,15 @@ class LocalEnd(PipeEnd):
     def data_received(self, data: bytes) -> None:
         if self.linked:
             self.bytes_in += len(data)
-            self.peer.send(data)
+            peer = self.peer
+            assert peer is not None  # link() runs after the RelayEnd bound itself as our peer
+            peer.send(data)
             return
         self.bytes_in += len(data)
         self._early.append(data)
-        self.transport.pause_reading()  # here it holds
+        transport = self.transport
+        assert transport is not None  # data comes after connection_made
+        transport.pause_reading()  # here it holds
 
     def eof_received(self) -> bool:
         if not self.linked:
@@ -72,12 +76,15 @@ class LocalEnd(PipeEnd):
     def link(self) -> None:
         """The relay said 200 (``self.peer`` is its RelayEnd): pass on what waited, read on."""
         self.linked = True
+        peer, transport = self.peer, self.transport
+        # open_relay's RelayEnd bound itself as our peer; connection_made ran (_accepted)
+        assert peer is not None and transport is not None
         early, self._early = self._early, []
         for data in early:
-            self.peer.send(data)
+            peer.send(data)
         if self._early_eof:
             if not super().eof_received():
-                self.transport.close()
+                transport.close()
             return
         self.resume_reading()
 
@@ -136,7 +143,9 @@ class Forwarder:
                 local.close()
             return
         except asyncio.CancelledError:
-            local.transport.abort()
+            transport = local.transport
+            assert transport is not None  # _accepted() is called from connection_made
+            transport.abort()
             raise
         if local.lost:
             relay.close()

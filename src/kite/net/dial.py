@@ -44,6 +44,7 @@ import errno
 import socket
 import ssl
 from collections.abc import Callable
+from typing import TypeVar
 
 from ..errors import BadRelayReply, ConnectFailed, RelayRefused
 from ..proto.http import (
@@ -65,6 +66,8 @@ __all__ = [
     "read_connect_reply",
     "read_refusal_body",
 ]
+
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
 #: Default bound on the TLS handshake alone.
 TLS_HANDSHAKE_TIMEOUT = 10.0
@@ -252,14 +255,14 @@ def _hand_over(transport, holding: _Holding, protocol: asyncio.BaseProtocol) -> 
 async def dial(
     host: str,
     port: int,
-    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    protocol_factory: Callable[[], _P],
     *,
     tls: ClientTLS | None = None,
     ssl_context: ssl.SSLContext | None = None,
     connect_name: str | None = None,
     timeout: float | None = None,
     tls_timeout: float = TLS_HANDSHAKE_TIMEOUT,
-) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+) -> tuple[asyncio.Transport, _P]:
     """Connect to the relay at ``host:port`` and return ``(transport, protocol)``.
 
     ``tls`` None: plain TCP.  Otherwise TLS checked as ``tls`` says (``ssl_context``, if

@@ -69,7 +69,7 @@ class PipeEnd(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.peer = None
+        self.peer: PipeEnd | StdioEnd | None = None  # the owner binds it before reading starts
         self.read_eof = False  # our transport's far side sent EOF
         self.reading_paused = False  # the peer asked us to stop reading
         self.lost = False
@@ -88,7 +88,9 @@ class PipeEnd(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        self.peer.send(data)
+        peer = self.peer
+        assert peer is not None
+        peer.send(data)
 
     def eof_received(self) -> bool:
         self.read_eof = True
@@ -248,12 +250,14 @@ class StdioEnd:
         except OSError as exc:
             log.debug("stdin: %s; treated as EOF", exc)
             data = b""
+        peer = self.peer
+        assert peer is not None  # bound before start() lets stdin be read
         if not data:
             self.read_eof = True
             self._in.stop()
-            self.peer.send_eof()
+            peer.send_eof()
             return
-        self.peer.send(data)
+        peer.send(data)
 
     def pause_reading(self) -> None:
         self.reading_paused = True
@@ -284,6 +288,7 @@ class StdioEnd:
         self._buffered += len(data)
         if self._buffered > HIGH_WATER and not self._peer_paused:
             self._peer_paused = True
+            assert self.peer is not None  # send() comes from the peer
             self.peer.pause_reading()
 
     def _on_writable(self) -> None:
@@ -308,6 +313,7 @@ class StdioEnd:
             self._out.stop()
         if self._peer_paused and self._buffered <= LOW_WATER:
             self._peer_paused = False
+            assert self.peer is not None  # _peer_paused: send() called, so the peer is bound
             self.peer.resume_reading()
         if self._eof_pending and not buf:
             self._finish(0)

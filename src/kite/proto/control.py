@@ -346,10 +346,10 @@ def parse_chunk(headers: Sequence[tuple[str, str]], payload: Buffer) -> list[Eve
         if "zrst" in first:
             events.append(ZReset())
         if "skb" in first:
-            sid = get("sid")
-            if sid is None:
+            skb_sid = get("sid")
+            if skb_sid is None:
                 raise RemoteProtocolError(f"SKB without SID in chunk: {headers!r}")
-            events.append(Skb(parse_sid(sid), _number("SKB", first["skb"], 2**63 - 1)))
+            events.append(Skb(parse_sid(skb_sid), _number("SKB", first["skb"], 2**63 - 1)))
         control = "noop" in first
 
     if control:

@@ -391,10 +391,10 @@ class ForwardedRewriter:
             self._fail()
             raise
         if len(out) == 1:
-            piece = out[0]
-            if type(piece) is memoryview and len(piece) == n:
+            only = out[0]
+            if type(only) is memoryview and len(only) == n:
                 return buf  # the whole input passes unchanged (a body, or opaque bytes)
-            return bytes(piece)
+            return bytes(only)
         return b"".join(out)
 
     def eof(self) -> bytes:

@@ -98,7 +98,7 @@ def _split_head(head: Union[bytes, str], what: str) -> tuple[str, list[tuple[str
 
 def _values(headers: Headers, suffix: str) -> list[str]:
     """All values of ``X-Beanstalk<suffix>`` then of ``X-PageKite<suffix>``, in wire order."""
-    out = []
+    out: list[str] = []
     for prefix in _PREFIXES:
         wanted = (prefix + suffix).lower()
         out.extend(v for n, v in headers if n.strip().lower() == wanted)
@@ -292,7 +292,7 @@ class TunnelRequest:
 
 
 def _request_from_headers(headers: Headers) -> TunnelRequest:
-    kites = []
+    kites: list[KiteLine] = []
     for prefix in _PREFIXES:
         wanted = prefix.lower()
         kites.extend(KiteLine.parse(v, prefix) for n, v in headers if n.strip().lower() == wanted)
