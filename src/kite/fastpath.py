@@ -1,12 +1,14 @@
 """Selects the fast path: the compiled ``kite._fastpath`` or its pure-Python twin.
 
-``KITE_NO_EXTENSIONS=1`` selects the twin (``kite._fastpath_py``);
-``KITE_REQUIRE_EXTENSIONS=1`` turns a missing or broken extension into an ImportError
-instead of a silent fallback (CI and wheel builds set it).  ``IMPLEMENTATION`` says which one
-is in use: ``"c"`` or ``"py"``.
+``KITE_NO_EXTENSIONS=1`` selects the twin (``kite._fastpath_py``) quietly;
+``KITE_REQUIRE_EXTENSIONS=1`` turns a missing or broken extension into an ImportError (CI and
+wheel builds set it).  Otherwise a missing extension (an install from the sdist where no C
+compiler worked) means the twin with one :class:`FastPathFallbackWarning` at import.
+``IMPLEMENTATION`` says which one is in use: ``"c"`` or ``"py"``.
 """
 
 import os
+import warnings
 
 from . import _fastpath_py
 
@@ -15,6 +17,11 @@ _REQUIRE_EXT = os.environ.get("KITE_REQUIRE_EXTENSIONS", "") not in ("", "0")
 
 if _NO_EXT and _REQUIRE_EXT:
     raise ImportError("KITE_NO_EXTENSIONS and KITE_REQUIRE_EXTENSIONS are both set; unset one")
+
+
+class FastPathFallbackWarning(RuntimeWarning):
+    """The compiled fast path is missing and kite runs on the slower pure-Python twin."""
+
 
 _impl = _fastpath_py
 IMPLEMENTATION = "py"
@@ -29,6 +36,13 @@ if not _NO_EXT:
                 f"KITE_REQUIRE_EXTENSIONS=1 but kite._fastpath did not load ({exc}); "
                 "reinstall with `pip install .` so the extension compiles"
             ) from exc
+        warnings.warn(
+            f"kite: the compiled fast path (kite._fastpath) is not available ({exc}); running "
+            "on the pure-Python twin, which is slower. Reinstall kite-relay from a wheel or with "
+            "a C compiler present; KITE_NO_EXTENSIONS=1 selects the twin without this warning.",
+            FastPathFallbackWarning,
+            stacklevel=1,  # points at this module: it is imported once, so warns once
+        )
         _impl = _fastpath_py
 
 Demux = _impl.Demux

@@ -28,8 +28,20 @@ from . import bench, client, expose, relay, tools
 __all__ = ["main"]
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """``kite --version``: the version and the fast path this installation runs on."""
+    if not value or ctx.resilient_parsing:
+        return
+    from .. import fastpath
+
+    impl = "compiled" if fastpath.IMPLEMENTATION == "c" else "pure Python"
+    click.echo(f"kite, version {__version__} (fast path: {impl})")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="kite")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version, help="Show the version and the fast path, then exit.")
 def main() -> None:
     """kite: reach servers behind NAT by name, through a relay you run (PageKite protocol)."""
 
