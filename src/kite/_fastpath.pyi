@@ -4,7 +4,7 @@ Both ``kite._fastpath`` (Cython) and ``kite._fastpath_py`` (its pure-Python twin
 executable specification) implement exactly this API, with the same exceptions and the same
 messages.  Import it through ``kite.fastpath``, which picks one.
 
-Wire format (pagekite-protocol.md §4)::
+Wire format (docs/protocol.md §4)::
 
     chunk     = size-line body
     size-line = HEX{1,8} [ "Z" HEX{1,8} ] [ "R" ] CRLF      ; hex digits either case, leading zeros allowed
