@@ -49,7 +49,7 @@ IMPORTED = [
     "_writer_repr",
     "_read_size_line",
     "_analyse_body",
-    "_inflate",
+    "_inflate_chunk",
     "_dispatch",
     "_check_header_block",
 ]

@@ -58,7 +58,7 @@ from cpython.ref cimport Py_DECREF, Py_INCREF, Py_REFCNT, Py_XDECREF
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove
 
-from .errors import CompressionError, FramingError
+from .errors import FramingError
 from ._fastpath_py import (
     MAX_CHUNK_SIZE,
     MAX_DATA_PAYLOAD,
@@ -72,7 +72,7 @@ from ._fastpath_py import (
     _check_header_block,
     _demux_repr,
     _dispatch,
-    _inflate,
+    _inflate_chunk,
     _loan_out_error,
     _max_chunk_size_arg,
     _max_payload_arg,
@@ -663,16 +663,9 @@ cdef class Demux:
         """5. A ZChunk: consume, reset, inflate, then analyse the inflated body."""
         self._start = chunk_end
         self.chunks_received += 1
-        if reset:
-            inflater.reset()
         data = PyBytes_FromStringAndSize(self._data + body, chunk_end - body)
-        try:
-            inflated = _inflate(inflater, data, ulen)
-        except CompressionError as exc:
-            on_corrupt_chunk = self.on_corrupt_chunk
-            if on_corrupt_chunk is None:
-                raise
-            on_corrupt_chunk(exc)
+        inflated = _inflate_chunk(inflater, reset, data, ulen, self.on_corrupt_chunk)
+        if inflated is None:
             return 0
         try:
             sid, headers, offset = _analyse_body(inflated)

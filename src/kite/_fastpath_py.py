@@ -269,15 +269,28 @@ def _analyse_body(body):
     return sid, headers, sep + 4
 
 
-def _inflate(inflater, data, ulen):
-    """``inflater.inflate(data, ulen)`` as bytes; CompressionError unless ``ulen`` bytes."""
-    inflated = inflater.inflate(data, ulen)
-    if type(inflated) is not bytes:
-        inflated = bytes(inflated)
-    if len(inflated) != ulen:
-        raise CompressionError(
-            f"inflated chunk has {len(inflated)} bytes, its size line said {ulen}"
-        )
+def _inflate_chunk(inflater, reset, data, ulen, on_corrupt_chunk):
+    """The body of a consumed ZChunk (``data``: its CLEN bytes), inflated to ``ulen`` bytes.
+
+    ``inflater.reset()`` first if the size line had ``R``.  When ``inflate`` raises
+    CompressionError or returns other than ``ulen`` bytes, the chunk is dropped: None after
+    ``on_corrupt_chunk(exc)``, or the CompressionError propagates if there is none.
+    """
+    if reset:
+        inflater.reset()
+    try:
+        inflated = inflater.inflate(data, ulen)
+        if type(inflated) is not bytes:
+            inflated = bytes(inflated)
+        if len(inflated) != ulen:
+            raise CompressionError(
+                f"inflated chunk has {len(inflated)} bytes, its size line said {ulen}"
+            )
+    except CompressionError as exc:
+        if on_corrupt_chunk is None:
+            raise
+        on_corrupt_chunk(exc)
+        return None
     return inflated
 
 
@@ -602,16 +615,9 @@ class Demux:
                 # 5. A ZChunk: consume, reset, inflate, then analyse the inflated body.
                 self._start = chunk_end
                 self._chunks_received += 1
-                if reset:
-                    inflater.reset()
-                data = bytes(buf[body:chunk_end])
-                try:
-                    inflated = _inflate(inflater, data, ulen)
-                except CompressionError as exc:
-                    on_corrupt_chunk = self.on_corrupt_chunk
-                    if on_corrupt_chunk is None:
-                        raise
-                    on_corrupt_chunk(exc)
+                inflated = _inflate_chunk(inflater, reset, bytes(buf[body:chunk_end]), ulen,
+                                          self.on_corrupt_chunk)
+                if inflated is None:
                     continue
                 try:
                     sid, headers, offset = _analyse_body(inflated)
