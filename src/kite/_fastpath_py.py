@@ -60,6 +60,11 @@ import sys
 
 from .errors import CompressionError, FramingError, LocalProtocolError
 
+# The constants below are the only definitions: the compiled module imports them, except
+# MAX_SIZE_DIGITS, _SIZE_LINE_WINDOW, _MAX_SID and _MAX_SID_DIGITS, which its per-chunk
+# loop needs at C compile time: _fastpath.pxd repeats them as a ``cdef enum``, and
+# tests/test_fastpath_constants.py fails if the two differ.
+
 __all__ = [
     "MAX_SIZE_DIGITS",
     "MAX_CHUNK_SIZE",
@@ -113,11 +118,11 @@ def _release(view):
 
 # -- cold parts shared with the compiled module ---------------------------------------------
 #
-# ``kite._fastpath`` imports everything from here to ``class StreamSlot`` (and the three
-# public constants above) instead of having its own copy: argument checks, error messages,
-# reprs, the size-line slow path, header-block parsing, inflating and dispatching a chunk
-# that is not a plain ``SID: n`` data chunk.  Only cold paths call them (setup, errors,
-# control chunks, ZChunks); the per-chunk loops of each implementation do not.
+# The functions from here to ``class StreamSlot`` are the compiled module's too (it imports
+# them, and has no copy): argument checks, error messages, reprs, the size-line slow path,
+# header-block parsing, ZChunk inflating, dispatching a chunk that is not a plain
+# ``SID: n`` data chunk.  Only cold paths call them (setup, errors, control chunks,
+# ZChunks); the per-chunk loops of the two implementations do not.
 
 
 def _abbrev(data):
