@@ -26,7 +26,7 @@ def frame(body, suffix=b""):
 
 
 def zframe(deflater, body, reset=False):
-    """A ZChunk as pagekite.py writes it: compress + Z_SYNC_FLUSH (docs/protocol.md 4.4)."""
+    """A ZChunk as pagekite.py writes it: compress + Z_SYNC_FLUSH (docs/protocol.md §4.4)."""
     data = deflater.compress(body) + deflater.flush(zlib.Z_SYNC_FLUSH)
     return b"%xZ%x%s\r\n" % (len(body), len(data), b"R" if reset else b"") + data
 
@@ -287,7 +287,7 @@ def test_control_chunks(fastpath):
 
 
 def test_stream_open_with_payload(fastpath):
-    # The decoded "afZ8c" frame of docs/protocol.md 4.4.
+    # The decoded "afZ8c" frame of docs/protocol.md §4.4.
     headers = (b"SID: 33\r\nProto: http\r\nHost: foo.testkite.local\r\nPort: 20080\r\n"
                b"RIP: 127.0.0.1\r\nRPort: 54886\r\n\r\n")
     payload = b"GET / HTTP/1.1\r\nHost: foo.testkite.local\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"

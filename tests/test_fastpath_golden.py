@@ -3,7 +3,7 @@
 * Frames our ChunkWriter produces are parsed by pagekite.py's own chunk parser
   (``pagekite.proto.selectables.ChunkParser.ProcessPageKiteData``, which works on latin-1
   ``str``) and its header parser (``HttpLineParser``, as ``Tunnel.ProcessChunk`` uses it).
-* Frames captured from pagekite.py on the wire (docs/protocol.md sections 5, 6 and 15,
+* Frames captured from pagekite.py on the wire (docs/protocol.md §5, §6 and §15,
   bytes copied exactly) are parsed by our Demux into the right events.
 """
 
@@ -130,7 +130,7 @@ def test_zchunks_parse_in_pagekite_and_in_our_demux(fastpath, pagekite_mod):
         b"User-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n",
         b"SID: 33\r\n\r\n" + b"hello, compressible world. " * 10,
     ]
-    assert len(bodies[0]) == 0xAF  # the "afZ8c" frame of docs/protocol.md 4.4
+    assert len(bodies[0]) == 0xAF  # the "afZ8c" frame of docs/protocol.md §4.4
     w = fastpath.ChunkWriter()
     w.write_raw(zframe(deflater, bodies[0]))
     w.write_data(fastpath.StreamSlot(33), b"plain")
@@ -157,7 +157,7 @@ def test_zchunks_parse_in_pagekite_and_in_our_demux(fastpath, pagekite_mod):
 
 # -- pagekite.py's frames, our parser --------------------------------------------------------
 
-# docs/protocol.md 15.3: FE->BE end of stream, four frames in one TCP segment (hex dump).
+# docs/protocol.md §15.3: FE->BE end of stream, four frames in one TCP segment (hex dump).
 FOUR_FRAMES = bytes.fromhex(
     "32 33 0d 0a 53 49 44 3a 20 34 33 0d 0a 0d 0a 17"
     "03 03 00 13 91 c9 4f f3 b3 06 ed b3 1e 65 18 46"
@@ -169,7 +169,7 @@ FOUR_FRAMES = bytes.fromhex(
 )
 TLS_RECORD = bytes.fromhex("17 03 03 00 13 91 c9 4f f3 b3 06 ed b3 1e 65 18 46 19 4c 02 4e 11 6a 03")
 
-# docs/protocol.md 15.3: FE->BE stream open for the https kite (hex dump).
+# docs/protocol.md §15.3: FE->BE stream open for the https kite (hex dump).
 HTTPS_OPEN = bytes.fromhex(
     "35 63 0d 0a 53 49 44 3a 20 34 33 0d 0a 50 72 6f"
     "74 6f 3a 20 68 74 74 70 73 0d 0a 48 6f 73 74 3a"

@@ -109,7 +109,7 @@ def test_write_chunk_exact_bytes(fastpath):
     w.write_chunk(b"NOOP: 1\r\nPING: 1795516026.4960\r\n", b"!")
     w.write_chunk(b"NOOP: 1\r\nSID: 43\r\nSKB: 0\r\n")
     w.write_chunk(bytearray(b"SID: 43\r\nEOF: 1R\r\n"), memoryview(b"Bye!"))
-    # The frames docs/protocol.md 6 and 15 show, byte for byte.
+    # The frames docs/protocol.md §6 and §15 show, byte for byte.
     assert w.flush() == (
         b"23\r\nNOOP: 1\r\nPING: 1795516026.4960\r\n\r\n!"
         b"1c\r\nNOOP: 1\r\nSID: 43\r\nSKB: 0\r\n\r\n"

@@ -5,22 +5,17 @@ from cpython.object cimport PyObject
 
 
 cdef enum:
-    # Wire-format bounds (docs/protocol.md section 4.1, h11-style grammar bounds).
-    SIZE_DIGITS = 8                  # hex digits per number in a size line
-    SIZE_LINE_MAX = 18               # "ULENZCLENR": characters before CRLF
-    SIZE_LINE_WINDOW = 20            # CRLF must start within this many bytes
-    DEFAULT_MAX_CHUNK_SIZE = 1048576     # 1 MiB: default bound on SIZE, ULEN and CLEN
-    MAX_CHUNK_SIZE_LIMIT = 16777216      # 2**24: largest max_chunk_size accepted
-    DEFAULT_MAX_PAYLOAD = 65504          # 65536 - 32: default payload of one data chunk
-    MAX_PAYLOAD_LIMIT = 1048576          # 2**20: largest max_payload accepted
-    MAX_SID = 2147483647             # 2**31 - 1: largest stream id
-    SID_DIGITS = 10                  # len(str(MAX_SID))
-    SID_HEADER_MAX = 19              # len(b"SID: 2147483647\r\n\r\n")
-    # Demux receive buffer policy (identical in the twin: views have the same sizes).
-    INITIAL_CAP = 65536              # first receive buffer
-    SHRINK_ABOVE = 262144            # an empty buffer larger than this is replaced
-    MIN_LOAN = 16384                 # get_buffer(sizehint <= 0) lends at least this much
-    MAX_LOAN = 262144                # larger sizehints are clamped to this
+    # C mirrors of constants defined in kite._fastpath_py (the definitions of record), for
+    # the per-chunk loop and for array sizes; tests/test_fastpath_constants.py checks that
+    # each equals the twin's value.  Every other shared constant (the public ones, the
+    # argument bounds, the buffer policy) is imported from the twin by _fastpath.pyx.
+    # Wire-format bounds (docs/protocol.md §4.1, h11-style grammar bounds).
+    SIZE_DIGITS = 8                  # MAX_SIZE_DIGITS: hex digits per number in a size line
+    SIZE_LINE_WINDOW = 20            # _SIZE_LINE_WINDOW: CRLF starts within this many bytes
+    MAX_SID = 2147483647             # _MAX_SID (2**31 - 1): largest stream id
+    SID_DIGITS = 10                  # _MAX_SID_DIGITS: len(str(MAX_SID))
+    SID_HEADER_MAX = 19              # len(b"SID: %d\r\n\r\n" % _MAX_SID)
+    # C only (no counterpart in the twin):
     # Slot lookup cache (direct-mapped on the low bits of the sid).
     SLOT_CACHE_SIZE = 64
     SLOT_CACHE_MASK = 63
@@ -60,7 +55,7 @@ cdef class Demux:
     cdef public object inflater          # Inflater or None (Z chunks are a FramingError)
     cdef readonly long long chunks_received  # chunks consumed (data and others)
     cdef readonly long long bytes_received   # bytes accepted by feed_data/buffer_updated
-    cdef Py_ssize_t _max_chunk_size      # 1..MAX_CHUNK_SIZE_LIMIT: bound on SIZE/ULEN/CLEN
+    cdef Py_ssize_t _max_chunk_size      # 1.._MAX_CHUNK_SIZE_LIMIT: bound on SIZE/ULEN/CLEN
     cdef _Memory _mem                    # owns the receive buffer; None until first use
     cdef char* _data                     # == _mem.mem (NULL while _cap == 0)
     cdef Py_ssize_t _cap                 # bytes at _data
@@ -93,7 +88,6 @@ cdef class Demux:
     cdef object _size_line_slow(self, Py_ssize_t pos)
     cdef int _compressed_chunk(self, Py_ssize_t body, Py_ssize_t chunk_end, Py_ssize_t ulen,
                                bint reset, object inflater) except -1
-    cdef int _dispatch(self, long long sid, list headers, bytes body, Py_ssize_t offset) except -1
 
 
 cdef class ChunkWriter:
@@ -103,7 +97,7 @@ cdef class ChunkWriter:
     cdef char* _data                     # PyBytes_AS_STRING(_out), NULL with _out
     cdef Py_ssize_t _len                 # 0 <= _len <= _cap: framed bytes waiting for flush()
     cdef Py_ssize_t _cap                 # PyBytes_GET_SIZE(_out), 0 with _out
-    cdef Py_ssize_t _max_payload         # 1..MAX_PAYLOAD_LIMIT: largest data chunk payload
+    cdef Py_ssize_t _max_payload         # 1.._MAX_PAYLOAD_LIMIT: largest data chunk payload
     cdef readonly long long chunks_written  # chunks framed so far (write_raw not counted)
     cdef readonly long long bytes_written   # bytes returned by flush() so far
     cdef object _loan                    # the view get_data_buffer lent, else None

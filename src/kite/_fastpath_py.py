@@ -5,6 +5,11 @@ the Cython module ``kite._fastpath`` implements the same behaviour in C, with th
 exceptions, the same messages and the same buffer sizes (the differential tests feed both
 the same bytes and compare every event).  Change this file first, then the ``.pyx``.
 
+The cold parts (constants, argument checks, error messages, reprs, the size-line slow
+path, header-block parsing, ZChunk inflating, dispatching a chunk that is not a plain data
+chunk) exist only here: the compiled module imports them.  The hot parts (the per-chunk
+loop, buffer management, the writer) are implemented twice, once in each module.
+
 Theory of operation
 ===================
 
@@ -55,6 +60,11 @@ import sys
 
 from .errors import CompressionError, FramingError, LocalProtocolError
 
+# The constants below are the only definitions: the compiled module imports them, except
+# MAX_SIZE_DIGITS, _SIZE_LINE_WINDOW, _MAX_SID and _MAX_SID_DIGITS, which its per-chunk
+# loop needs at C compile time: _fastpath.pxd repeats them as a ``cdef enum``, and
+# tests/test_fastpath_constants.py fails if the two differ.
+
 __all__ = [
     "MAX_SIZE_DIGITS",
     "MAX_CHUNK_SIZE",
@@ -86,13 +96,6 @@ _ABBREV = 64  # bytes quoted in an error message about a body or a header line
 _index = operator.index
 
 
-def _abbrev(data):
-    """``repr`` of (the start of) a bytes object, for error messages."""
-    if len(data) <= _ABBREV:
-        return repr(data)
-    return f"{data[:_ABBREV]!r}... ({len(data)} bytes)"
-
-
 def _bytes_view(data):
     """A 1-D unsigned-byte memoryview of ``data``, with the C module's TypeError message."""
     try:
@@ -113,26 +116,121 @@ def _release(view):
     return True
 
 
-def _parse_size_line(line, max_chunk_size):
-    """``(body_len, ulen, reset)`` of a size line (CRLF excluded); ulen is -1 if plain.
+# -- cold parts shared with the compiled module ---------------------------------------------
+#
+# The functions from here to ``class StreamSlot`` are the compiled module's too (it imports
+# them, and has no copy): argument checks, error messages, reprs, the size-line slow path,
+# header-block parsing, ZChunk inflating, dispatching a chunk that is not a plain
+# ``SID: n`` data chunk.  Only cold paths call them (setup, errors, control chunks,
+# ZChunks); the per-chunk loops of the two implementations do not.
 
-    ``body_len`` is the number of bytes that follow the size line (CLEN for a ZChunk).
+
+def _abbrev(data):
+    """``repr`` of (the start of) a bytes object, for error messages."""
+    if len(data) <= _ABBREV:
+        return repr(data)
+    return f"{data[:_ABBREV]!r}... ({len(data)} bytes)"
+
+
+def _sid_arg(sid):
+    """``sid`` as an int; ValueError unless 0 <= sid <= 2**31-1."""
+    sid = _index(sid)
+    if not 0 <= sid <= _MAX_SID:
+        raise ValueError(f"sid {sid!r} out of range 0..{_MAX_SID}")
+    return sid
+
+
+def _max_chunk_size_arg(max_chunk_size):
+    """``max_chunk_size`` as an int; ValueError unless 1..``_MAX_CHUNK_SIZE_LIMIT``."""
+    max_chunk_size = _index(max_chunk_size)
+    if not 1 <= max_chunk_size <= _MAX_CHUNK_SIZE_LIMIT:
+        raise ValueError(
+            f"max_chunk_size must be 1..{_MAX_CHUNK_SIZE_LIMIT}, got {max_chunk_size!r}"
+        )
+    return max_chunk_size
+
+
+def _max_payload_arg(max_payload):
+    """``max_payload`` as an int; ValueError unless 1..``_MAX_PAYLOAD_LIMIT``."""
+    max_payload = _index(max_payload)
+    if not 1 <= max_payload <= _MAX_PAYLOAD_LIMIT:
+        raise ValueError(f"max_payload must be 1..{_MAX_PAYLOAD_LIMIT}, got {max_payload!r}")
+    return max_payload
+
+
+def _slot_type_error(slot):
+    return TypeError(f"slot must be a StreamSlot, not {type(slot).__name__}")
+
+
+def _reentry_error(method):
+    return LocalProtocolError(f"Demux.{method}() called from inside a Demux callback")
+
+
+def _no_loan_error(method, lender):
+    return LocalProtocolError(f"{method}() without a {lender}() loan")
+
+
+def _outside_loan_error(method, nbytes, lent):
+    return LocalProtocolError(f"{method}({nbytes!r}): outside the lent 0..{lent} bytes")
+
+
+def _loan_out_error(method):
+    return LocalProtocolError(f"ChunkWriter.{method}() while a get_data_buffer() loan is out")
+
+
+def _no_inflater_error(line):
+    return FramingError(f"compressed chunk but no inflater: {line!r}")
+
+
+def _slot_repr(slot):
+    return f"<StreamSlot sid={slot.sid} received={slot.received} sent={slot.sent}>"
+
+
+def _demux_repr(demux, failed):
+    return (
+        f"<Demux {'failed' if failed else 'ok'} chunks_received={demux.chunks_received} "
+        f"bytes_received={demux.bytes_received} buffered={demux.buffered}>"
+    )
+
+
+def _writer_repr(writer):
+    return (
+        f"<ChunkWriter pending={writer.pending} chunks_written={writer.chunks_written} "
+        f"bytes_written={writer.bytes_written}>"
+    )
+
+
+def _read_size_line(window, max_chunk_size):
+    """Steps 1 and 2 on ``window``, the first ``_SIZE_LINE_WINDOW`` bytes of the unparsed
+    input (fewer if fewer are buffered).
+
+    ``None`` while more bytes are needed, else ``(body_len, ulen, reset, nl)``: ``nl`` is
+    the offset of the CRLF, ``body_len`` the number of bytes that follow it (CLEN for a
+    ZChunk), ``ulen`` -1 for a plain chunk.  FramingError if a full window holds no CRLF,
+    or the line breaks the grammar or the bounds.
     """
-    m = _SIZE_LINE_RE.fullmatch(line)
+    nl = window.find(b"\r\n")
+    if nl < 0:
+        if len(window) >= _SIZE_LINE_WINDOW:
+            raise FramingError(
+                f"chunk size line too long (no CRLF within {_MAX_SIZE_LINE} bytes): {window!r}"
+            )
+        return None
+    m = _SIZE_LINE_RE.fullmatch(window, 0, nl)
     if m is None:
-        raise FramingError(f"invalid chunk size line: {line!r}")
+        raise FramingError(f"invalid chunk size line: {window[:nl]!r}")
     first, second, reset = m.groups()
     if len(first) > MAX_SIZE_DIGITS or (second is not None and len(second) > MAX_SIZE_DIGITS):
-        raise FramingError(f"too many hex digits in chunk size line: {line!r}")
+        raise FramingError(f"too many hex digits in chunk size line: {window[:nl]!r}")
     a = int(first, 16)
     b = -1 if second is None else int(second, 16)
     if a == 0 or b == 0:
-        raise FramingError(f"chunk size 0 in size line: {line!r}")
+        raise FramingError(f"chunk size 0 in size line: {window[:nl]!r}")
     if a > max_chunk_size or b > max_chunk_size:
-        raise FramingError(f"chunk size over max_chunk_size={max_chunk_size}: {line!r}")
+        raise FramingError(f"chunk size over max_chunk_size={max_chunk_size}: {window[:nl]!r}")
     if b < 0:
-        return a, -1, bool(reset)
-    return b, a, bool(reset)
+        return a, -1, bool(reset), nl
+    return b, a, bool(reset), nl
 
 
 def _is_sid(value):
@@ -145,34 +243,29 @@ def _is_sid(value):
     )
 
 
-def _parse_header_block(block):
-    """``[(name, value), ...]`` of a header block (bytes, without its final CRLF).
-
-    Lines are split at CRLF; the name is everything before the first ``:`` (as sent), the
-    value everything after it with spaces and tabs stripped; both latin-1 decoded.
-    """
-    headers = []
-    for line in block.split(b"\r\n"):
-        colon = line.find(b":")
-        if colon < 0:
-            raise FramingError(f"chunk header line without ':': {_abbrev(line)}")
-        headers.append(
-            (line[:colon].decode("latin-1"), line[colon + 1 :].strip(b" \t").decode("latin-1"))
-        )
-    return headers
-
-
 def _analyse_body(body):
     """Split a whole chunk body (bytes): ``(sid, headers, payload_offset)``.
 
-    ``sid`` is the stream id of a data chunk (exactly one header, named ``sid`` in any
-    case, with a decimal value), else -1.  FramingError if there is no CRLF CRLF or a
-    header line has no ``:``.
+    The header block is everything before the first CRLF CRLF; ``headers`` is
+    ``[(name, value), ...]`` of its lines, split at CRLF: the name is everything before the
+    first ``:`` (as sent), the value everything after it with spaces and tabs stripped,
+    both latin-1 decoded.  ``sid`` is the stream id of a data chunk (exactly one header,
+    named ``sid`` in any case, with a decimal value), else -1.  FramingError if there is
+    no CRLF CRLF or a header line has no ``:``.
     """
     sep = body.find(b"\r\n\r\n")
     if sep < 0:
         raise FramingError(f"chunk body without CRLF CRLF: {_abbrev(body)}")
-    headers = _parse_header_block(body[:sep])
+    headers = []
+    # latin-1 maps bytes to code points one to one: splitting and stripping the decoded
+    # block is splitting and stripping the bytes.
+    for line in body[:sep].decode("latin-1").split("\r\n"):
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise FramingError(
+                f"chunk header line without ':': {_abbrev(line.encode('latin-1'))}"
+            )
+        headers.append((name, value.strip(" \t")))
     sid = -1
     if len(headers) == 1:
         name, value = headers[0]
@@ -181,16 +274,74 @@ def _analyse_body(body):
     return sid, headers, sep + 4
 
 
+def _inflate_chunk(inflater, reset, data, ulen, on_corrupt_chunk):
+    """The body of a consumed ZChunk (``data``: its CLEN bytes), inflated to ``ulen`` bytes.
+
+    ``inflater.reset()`` first if the size line had ``R``.  When ``inflate`` raises
+    CompressionError or returns other than ``ulen`` bytes, the chunk is dropped: None after
+    ``on_corrupt_chunk(exc)``, or the CompressionError propagates if there is none.
+    """
+    if reset:
+        inflater.reset()
+    try:
+        inflated = inflater.inflate(data, ulen)
+        if type(inflated) is not bytes:
+            inflated = bytes(inflated)
+        if len(inflated) != ulen:
+            raise CompressionError(
+                f"inflated chunk has {len(inflated)} bytes, its size line said {ulen}"
+            )
+    except CompressionError as exc:
+        if on_corrupt_chunk is None:
+            raise
+        on_corrupt_chunk(exc)
+        return None
+    return inflated
+
+
+def _dispatch(slots, on_chunk, sid, headers, body, offset):
+    """Hand a consumed chunk (``body`` is bytes, ``sid`` -1 unless a data chunk) to the
+    sink of ``slots[sid]``, else to ``on_chunk(headers, payload)``."""
+    if sid >= 0:
+        slot = slots.get(sid)
+        if slot is not None:
+            sink = slot.sink
+            if sink is not None:
+                view = memoryview(body)[offset:]
+                try:
+                    sink(view)
+                finally:
+                    slot.received += len(body) - offset
+                    _release(view)
+                return
+    on_chunk(headers, body[offset:])
+
+
+def _check_header_block(block):
+    """LocalProtocolError unless ``block`` (bytes) may be framed by ``write_chunk``: not
+    empty, ending in CRLF, without a blank line."""
+    if not block:
+        raise LocalProtocolError("ChunkWriter.write_chunk(): empty header block")
+    if not block.endswith(b"\r\n"):
+        raise LocalProtocolError(
+            f"ChunkWriter.write_chunk(): header block does not end in CRLF: {_abbrev(block)}"
+        )
+    if block.startswith(b"\r\n") or b"\r\n\r\n" in block:
+        raise LocalProtocolError(
+            f"ChunkWriter.write_chunk(): blank line in header block: {_abbrev(block)}"
+        )
+
+
+# -- the fast path ---------------------------------------------------------------------------
+
+
 class StreamSlot:
     """One stream's record in the fast path: its sink and its byte counters."""
 
     __slots__ = ("_sid", "sink", "received", "sent")
 
     def __init__(self, sid, sink=None):
-        sid = _index(sid)
-        if not 0 <= sid <= _MAX_SID:
-            raise ValueError(f"sid {sid!r} out of range 0..{_MAX_SID}")
-        self._sid = sid
+        self._sid = _sid_arg(sid)
         self.sink = sink
         self.received = 0
         self.sent = 0
@@ -200,12 +351,12 @@ class StreamSlot:
         return self._sid
 
     def __repr__(self):
-        return f"<StreamSlot sid={self._sid} received={self.received} sent={self.sent}>"
+        return _slot_repr(self)
 
 
 def _check_slot(slot):
     if not isinstance(slot, StreamSlot):
-        raise TypeError(f"slot must be a StreamSlot, not {type(slot).__name__}")
+        raise _slot_type_error(slot)
 
 
 class Demux:
@@ -234,11 +385,7 @@ class Demux:
 
     def __init__(self, on_chunk, *, on_corrupt_chunk=None, inflater=None,
                  max_chunk_size=MAX_CHUNK_SIZE):
-        max_chunk_size = _index(max_chunk_size)
-        if not 1 <= max_chunk_size <= _MAX_CHUNK_SIZE_LIMIT:
-            raise ValueError(
-                f"max_chunk_size must be 1..{_MAX_CHUNK_SIZE_LIMIT}, got {max_chunk_size!r}"
-            )
+        max_chunk_size = _max_chunk_size_arg(max_chunk_size)
         self.on_chunk = on_chunk
         self.on_corrupt_chunk = on_corrupt_chunk
         self.inflater = inflater
@@ -280,11 +427,7 @@ class Demux:
         return sys.getrefcount(self._buf) > 3
 
     def __repr__(self):
-        state = "failed" if self._error is not None else "ok"
-        return (
-            f"<Demux {state} chunks_received={self._chunks_received} "
-            f"bytes_received={self._bytes_received} buffered={self._end - self._start}>"
-        )
+        return _demux_repr(self, self._error is not None)
 
     # -- streams -----------------------------------------------------------------------
 
@@ -302,7 +445,7 @@ class Demux:
 
     def get_buffer(self, sizehint):
         if self._parsing:
-            raise LocalProtocolError("Demux.get_buffer() called from inside a Demux callback")
+            raise _reentry_error("get_buffer")
         sizehint = _index(sizehint)
         self._end_loan()
         want = sizehint if sizehint > 0 else _MIN_LOAN
@@ -315,17 +458,15 @@ class Demux:
 
     def buffer_updated(self, nbytes):
         if self._parsing:
-            raise LocalProtocolError("Demux.buffer_updated() called from inside a Demux callback")
+            raise _reentry_error("buffer_updated")
         nbytes = _index(nbytes)
         loan = self._loan
         if loan is None:
-            raise LocalProtocolError("Demux.buffer_updated() without a get_buffer() loan")
+            raise _no_loan_error("Demux.buffer_updated", "get_buffer")
         lent = len(loan)
         self._end_loan()
         if not 0 <= nbytes <= lent:
-            raise LocalProtocolError(
-                f"Demux.buffer_updated({nbytes!r}): outside the lent 0..{lent} bytes"
-            )
+            raise _outside_loan_error("Demux.buffer_updated", nbytes, lent)
         if self._error is not None:
             raise self._error.with_traceback(None)
         self._end += nbytes
@@ -334,7 +475,7 @@ class Demux:
 
     def feed_data(self, data):
         if self._parsing:
-            raise LocalProtocolError("Demux.feed_data() called from inside a Demux callback")
+            raise _reentry_error("feed_data")
         view = _bytes_view(data)
         self._end_loan()
         if self._error is not None:
@@ -456,26 +597,20 @@ class Demux:
             pos = self._start
             if pos == end:
                 return
-            # 1. The size line: CRLF within the first _SIZE_LINE_WINDOW bytes.
+            # 1+2. The size line: CRLF within the first _SIZE_LINE_WINDOW bytes, validated.
             lim = pos + _SIZE_LINE_WINDOW
-            nl = find(b"\r\n", pos, lim if lim < end else end)
-            if nl < 0:
-                if end - pos >= _SIZE_LINE_WINDOW:
-                    window = bytes(buf[pos:lim])
-                    self._fail(FramingError(
-                        f"chunk size line too long (no CRLF within {_MAX_SIZE_LINE} bytes): "
-                        f"{window!r}"
-                    ))
-                return
-            # 2. Validate it.
             try:
-                body_len, ulen, reset = _parse_size_line(bytes(buf[pos:nl]), max_chunk_size)
+                line = _read_size_line(bytes(buf[pos : lim if lim < end else end]),
+                                       max_chunk_size)
             except FramingError as exc:
                 self._fail(exc)
+            if line is None:
+                return
+            body_len, ulen, reset, nl = line
+            nl += pos
             inflater = self.inflater
             if ulen >= 0 and inflater is None:
-                line = bytes(buf[pos:nl])
-                self._fail(FramingError(f"compressed chunk but no inflater: {line!r}"))
+                self._fail(_no_inflater_error(bytes(buf[pos:nl])))
             # 3. Wait for the whole body.
             body = nl + 2
             chunk_end = body + body_len
@@ -485,28 +620,15 @@ class Demux:
                 # 5. A ZChunk: consume, reset, inflate, then analyse the inflated body.
                 self._start = chunk_end
                 self._chunks_received += 1
-                if reset:
-                    inflater.reset()
-                data = bytes(buf[body:chunk_end])
-                try:
-                    inflated = inflater.inflate(data, ulen)
-                    if type(inflated) is not bytes:
-                        inflated = bytes(inflated)
-                    if len(inflated) != ulen:
-                        raise CompressionError(
-                            f"inflated chunk has {len(inflated)} bytes, its size line said {ulen}"
-                        )
-                except CompressionError as exc:
-                    on_corrupt_chunk = self.on_corrupt_chunk
-                    if on_corrupt_chunk is None:
-                        raise
-                    on_corrupt_chunk(exc)
+                inflated = _inflate_chunk(inflater, reset, bytes(buf[body:chunk_end]), ulen,
+                                          self.on_corrupt_chunk)
+                if inflated is None:
                     continue
                 try:
                     sid, headers, offset = _analyse_body(inflated)
                 except FramingError as exc:
                     self._fail(exc)
-                self._dispatch(sid, headers, inflated, offset)
+                _dispatch(self._slots, self.on_chunk, sid, headers, inflated, offset)
                 continue
             # 4. A plain chunk: the hot case "SID: <digits>\r\n\r\n" first.
             sep = find(b"\r\n\r\n", body, chunk_end)
@@ -549,23 +671,7 @@ class Demux:
             self._chunks_received += 1
             if reset and inflater is not None:
                 inflater.reset()
-            self._dispatch(sid, headers, data, offset)
-
-    def _dispatch(self, sid, headers, body, offset):
-        """Hand a consumed chunk (``body`` is bytes) to its sink or to ``on_chunk``."""
-        if sid >= 0:
-            slot = self._slots.get(sid)
-            if slot is not None:
-                sink = slot.sink
-                if sink is not None:
-                    view = memoryview(body)[offset:]
-                    try:
-                        sink(view)
-                    finally:
-                        slot.received += len(body) - offset
-                        _release(view)
-                    return
-        self.on_chunk(headers, body[offset:])
+            _dispatch(self._slots, self.on_chunk, sid, headers, data, offset)
 
 
 class ChunkWriter:
@@ -584,9 +690,7 @@ class ChunkWriter:
     )
 
     def __init__(self, *, max_payload=MAX_DATA_PAYLOAD):
-        max_payload = _index(max_payload)
-        if not 1 <= max_payload <= _MAX_PAYLOAD_LIMIT:
-            raise ValueError(f"max_payload must be 1..{_MAX_PAYLOAD_LIMIT}, got {max_payload!r}")
+        max_payload = _max_payload_arg(max_payload)
         self._buf = bytearray()
         self._max_payload = max_payload
         self._chunks_written = 0
@@ -607,16 +711,11 @@ class ChunkWriter:
         return self._bytes_written
 
     def __repr__(self):
-        return (
-            f"<ChunkWriter pending={len(self._buf)} chunks_written={self._chunks_written} "
-            f"bytes_written={self._bytes_written}>"
-        )
+        return _writer_repr(self)
 
     def _refuse_during_loan(self, method):
         if self._loan is not None:
-            raise LocalProtocolError(
-                f"ChunkWriter.{method}() while a get_data_buffer() loan is out"
-            )
+            raise _loan_out_error(method)
         stale = self._stale
         if stale is not None:
             self._stale = None
@@ -648,16 +747,7 @@ class ChunkWriter:
         self._refuse_during_loan("write_chunk")
         block = _bytes_view(header_block).tobytes()
         payload = _bytes_view(payload)
-        if not block:
-            raise LocalProtocolError("ChunkWriter.write_chunk(): empty header block")
-        if not block.endswith(b"\r\n"):
-            raise LocalProtocolError(
-                f"ChunkWriter.write_chunk(): header block does not end in CRLF: {_abbrev(block)}"
-            )
-        if block.startswith(b"\r\n") or b"\r\n\r\n" in block:
-            raise LocalProtocolError(
-                f"ChunkWriter.write_chunk(): blank line in header block: {_abbrev(block)}"
-            )
+        _check_header_block(block)
         buf = self._buf
         buf += b"%x\r\n" % (len(block) + 2 + len(payload))
         buf += block
@@ -689,15 +779,11 @@ class ChunkWriter:
         nbytes = _index(nbytes)
         loan = self._loan
         if loan is None:
-            raise LocalProtocolError(
-                "ChunkWriter.data_buffer_updated() without a get_data_buffer() loan"
-            )
+            raise _no_loan_error("ChunkWriter.data_buffer_updated", "get_data_buffer")
         lent = len(loan)
         if not 0 <= nbytes <= lent:
             self.cancel_data_buffer()
-            raise LocalProtocolError(
-                f"ChunkWriter.data_buffer_updated({nbytes!r}): outside the lent 0..{lent} bytes"
-            )
+            raise _outside_loan_error("ChunkWriter.data_buffer_updated", nbytes, lent)
         if nbytes:
             header = self._loan_header
             buf = self._buf
