@@ -42,8 +42,8 @@ def test_presence_events_first_and_last_tunnel():
     t1, t2 = FakeTunnel("1.1.1.1:1"), FakeTunnel("2.2.2.2:2")
     for t in (t1, t2):
         state.tunnel_opened(t)
-    assert state.register(t1, ok_reply("s1", ("http", "a.test.kite"))) == [("http", "a.test.kite")]
-    assert state.register(t2, ok_reply("s2", ("http", "a.test.kite"))) == [("http", "a.test.kite")]
+    state.register(t1, ok_reply("s1", ("http", "a.test.kite")))
+    state.register(t2, ok_reply("s2", ("http", "a.test.kite")))
     assert events == [PresenceEvent("http", "a.test.kite", True)]  # the second backend is no news
     state.tunnel_closed(t1)
     assert events == [PresenceEvent("http", "a.test.kite", True)]
@@ -56,7 +56,7 @@ def test_register_twice_adds_once_and_moves_the_session():
     state = state_for("*:*.test.kite:s3cret")
     t = FakeTunnel("1.1.1.1:1")
     state.register(t, ok_reply("s1", ("http", "a.test.kite")))
-    assert state.register(t, ok_reply("s2", ("http", "a.test.kite"))) == []
+    state.register(t, ok_reply("s2", ("http", "a.test.kite")))
     assert t.kites == [("http", "a.test.kite")]
     assert state.sessions == {"s2": t}
 
@@ -80,11 +80,17 @@ def test_a_failing_listener_does_not_stop_the_others():
 def test_replace_sessions_closes_the_stale_tunnel():
     state = state_for("*:*.test.kite:s3cret")
     old, new = FakeTunnel("1.1.1.1:1"), FakeTunnel("1.1.1.1:2")
-    state.register(old, ok_reply("old", ("http", "a.test.kite")))
-    state.replace_sessions(["old", "unknown"], new)
+    state.register(old, ok_reply("old", ("http", "a.test.kite"), ("raw-22", "a.test.kite")))
+    # Knowing the session id is not enough: the new tunnel must fly every kite of the old.
+    assert state.replace_sessions(["old", "unknown"], new) == ["old"]
+    assert old.closed_with is None
+    state.register(new, ok_reply("new", ("http", "a.test.kite")))
+    assert state.replace_sessions(["old"], new) == ["old"]
+    assert state.register(new, ok_reply("new2", ("raw-22", "a.test.kite")), ["old"]) == []
     assert old.closed_with == "replaced by the reconnecting backend"
-    state.replace_sessions(["old"], old)  # a tunnel never replaces itself
-    assert old.closed_with == "replaced by the reconnecting backend"
+    old.closed_with = None
+    state.replace_sessions(["new2"], new)  # a tunnel never replaces itself
+    assert new.closed_with is None
 
 
 def test_single_kite_is_duplicate_while_flown():

@@ -647,7 +647,7 @@ class Demux:
                     inflater.reset()
                 slot = self._slots.get(sid)
                 sink = None if slot is None else slot.sink
-                if sink is None:
+                if slot is None or sink is None:
                     self.on_chunk(
                         [("SID", digits.decode("latin-1"))], bytes(buf[sep + 4 : chunk_end])
                     )
@@ -786,12 +786,14 @@ class ChunkWriter:
             raise _outside_loan_error("ChunkWriter.data_buffer_updated", nbytes, lent)
         if nbytes:
             header = self._loan_header
+            slot = self._loan_slot
+            assert header is not None and slot is not None  # set with the loan
             buf = self._buf
             buf += b"%0*x\r\n" % (self._loan_width, len(header) + nbytes)
             buf += header
             buf += loan[:nbytes]
             self._chunks_written += 1
-            self._loan_slot.sent += nbytes
+            slot.sent += nbytes
         self.cancel_data_buffer()
 
     def cancel_data_buffer(self):

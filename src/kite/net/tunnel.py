@@ -78,6 +78,20 @@ KITE_FLUSH_NOW = 128 * 1024
 KEEP_MIN = 16 * 1024
 #: ... while the receive buffers kept alive that way take less than this, per tunnel.
 KEEP_LIMIT = 16 * 1024 * 1024
+#: The tunnel transport's write-buffer marks: above HIGH the streams stop reading their
+#: local sockets until it drains below LOW.
+TUNNEL_HIGH_WATER = 4 * 1024 * 1024
+TUNNEL_LOW_WATER = 1024 * 1024
+#: What a tunnel may queue towards its peer beyond its streams' windows - control chunks
+#: (acks, PONGs, EOFs), and towards pagekite.py the frame budget's padding - before it
+#: stops reading from that peer (see TunnelProtocol.queue_limit) ...
+CONTROL_SLACK = 1024 * 1024
+PAGEKITE_SLACK = 4 * 1024 * 1024
+#: ... and how long its reading may stay stopped so before the peer is cut off (aborted).
+WRITE_DEADLINE = 30.0
+#: A tunnel closed gracefully whose peer has not taken its last bytes after this many
+#: seconds is aborted.
+CLOSE_DEADLINE = 10.0
 
 
 class StreamState(enum.IntEnum):
@@ -513,6 +527,8 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self._in_demux = False
         self.pings_sent = self.pings_received = self.pongs_received = 0
         self.closed_future: asyncio.Future = self.loop.create_future()
+        self.read_stopped = False  # reading paused: the peer does not take what we queue
+        self._deadline: Optional[asyncio.TimerHandle] = None
 
     @property
     def window(self) -> int:
@@ -524,7 +540,8 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
         set_nodelay(transport)
         # Bigger than asyncio's 64 KiB default: the tunnel carries many streams at once.
-        transport.set_write_buffer_limits(high=4 * 1024 * 1024, low=1024 * 1024)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(  # type: ignore[attr-defined]
+            high=TUNNEL_HIGH_WATER, low=TUNNEL_LOW_WATER)
 
     # During the handshake, bytes go to a small buffer; in chunk mode, to the demux.
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -576,11 +593,60 @@ class TunnelProtocol(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self._check_queue()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.read_stopped:
+            self.read_stopped = False
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
         for stream in list(self.streams.values()):
             stream.resume(PAUSE_TUNNEL)
+
+    # -- what the peer does not take ----------------------------------------------------------
+    def queue_limit(self) -> int:
+        """The most this tunnel queues towards its peer before it stops reading from it.
+
+        What a tunnel queues is bounded by flow control - each stream sends at most its
+        window unacknowledged - plus control chunks, which the peer causes (a PONG per
+        PING, an EOF per chunk for an unknown stream).  A peer that sends and does not read
+        would make the latter grow without end: past this limit the tunnel stops reading
+        from it, so it causes nothing more; if it still has not read after
+        WRITE_DEADLINE seconds, or the queue passes twice the limit, it is cut off.  A peer
+        that reads never meets the limit: the windows keep the queue below it.
+        """
+        if self.kite_peer:
+            windows = max(KITE_TUNNEL_BUDGET, len(self.streams) * KITE_MIN_WINDOW)
+            return TUNNEL_HIGH_WATER + windows + CONTROL_SLACK
+        return TUNNEL_HIGH_WATER + len(self.streams) * PAGEKITE_WINDOW + PAGEKITE_SLACK
+
+    def _check_queue(self) -> None:
+        """Called above the high-water mark: stop reading past queue_limit, abort past twice."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        queued = transport.get_write_buffer_size()
+        limit = self.queue_limit()
+        if queued <= limit:
+            return
+        if queued > 2 * limit:
+            self.abort(f"peer does not read: {queued} bytes queued (limit {limit})")
+        elif not self.read_stopped:
+            self.read_stopped = True
+            transport.pause_reading()
+            log.info("%s: peer does not read (%d bytes queued): reading paused", self.name, queued)
+            self._deadline = self.loop.call_later(WRITE_DEADLINE, self._write_deadline)
+
+    def _write_deadline(self) -> None:
+        self._deadline = None
+        if self.read_stopped:
+            self.abort(f"peer took nothing for {WRITE_DEADLINE:g} s with "
+                       f"{self.transport.get_write_buffer_size() if self.transport else 0} "
+                       "bytes queued")
 
     # -- chunk mode -------------------------------------------------------------------------
     def start_chunks(self, leftover: bytes = b"", *, kite_peer: bool = False,
@@ -646,6 +712,8 @@ class TunnelProtocol(asyncio.BufferedProtocol):
                 for piece in budget.split(data, chunks, self.loop.time(),
                                           not self.transport.get_write_buffer_size()):
                     self.transport.write(piece)
+            if self.write_paused:
+                self._check_queue()
 
     def write_chunk(self, header_block: bytes, payload: bytes = b"") -> None:
         w = self.writer
@@ -789,9 +857,13 @@ class TunnelProtocol(asyncio.BufferedProtocol):
             self.loop.call_soon(self.close, reason)
             return
         self.close_reason = self.close_reason or reason
-        if self.transport is not None:
+        transport = self.transport
+        if transport is not None:
             self._flush()
-            self.transport.close()
+            transport.close()
+            if transport.get_write_buffer_size():
+                # A peer that never takes the last bytes must not keep them alive.
+                self.loop.call_later(CLOSE_DEADLINE, transport.abort)
         self._teardown(self.close_reason)
 
     def abort(self, reason: str) -> None:
@@ -813,6 +885,9 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.closed = True
         if self._keepalive_handle is not None:
             self._keepalive_handle.cancel()
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         for stream in list(self.streams.values()):
             stream.close()
             t = stream.transport

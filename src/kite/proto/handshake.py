@@ -28,6 +28,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Callable, Collection, Iterable, Literal, Mapping, Optional, Sequence, Union
 from urllib.parse import parse_qs, urlencode
 
@@ -51,6 +52,7 @@ __all__ = [
     "KiteDecision",
     "AuthReply",
     "KiteAuthorizer",
+    "ChallengeBook",
     "session_id",
     "RelayReply",
     "build_tunnel_response",
@@ -461,6 +463,41 @@ def session_id(now: int, fe_secret: str, whats: Iterable[str]) -> str:
 
 SecretLookup = Callable[[str, str], Optional[str]]
 
+#: How long a challenge of kite's relay may be answered (the backend answers at once: in
+#: the next in-band chunk or the next CONNECT).
+CHALLENGE_TTL = 60.0
+#: How many unanswered challenges a relay remembers; past that the oldest are forgotten
+#: (their backends get a new challenge), so a flood of requests costs bounded memory.
+CHALLENGE_LIMIT = 65536
+
+
+class ChallengeBook:
+    """The challenges a relay issued and not yet redeemed: each answers one signature, for
+    ``ttl`` seconds.  Sans-IO: the caller passes the clock."""
+
+    __slots__ = ("ttl", "limit", "_expiry")
+
+    def __init__(self, ttl: float = CHALLENGE_TTL, limit: int = CHALLENGE_LIMIT) -> None:
+        self.ttl = ttl
+        self.limit = limit
+        self._expiry: dict[str, float] = {}  # token -> expiry, oldest first
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def issue(self, token: str, now: float) -> None:
+        expiry = self._expiry
+        for old, when in list(islice(expiry.items(), 8)):  # amortised: drop a few old ones
+            if when >= now and len(expiry) < self.limit:
+                break
+            del expiry[old]
+        expiry[token] = now + self.ttl
+
+    def redeem(self, token: str, now: float) -> bool:
+        """True once for a token issued less than ``ttl`` ago; it is forgotten either way."""
+        expiry = self._expiry.pop(token, None)
+        return expiry is not None and now <= expiry
+
 
 class KiteAuthorizer:
     """The relay's authorisation decision for kite requests, as pagekite.py 1.5.2 makes it
@@ -475,7 +512,11 @@ class KiteAuthorizer:
     3. the bare proto must be in ``protos`` - else ``invalid``/``proto``;
     4. unless ``check_fsalt`` is False, FSALT must be a challenge of ours for
        ``PROTO:DOMAIN:BSALT`` from this or the previous 10-minute window - else
-       ``invalid``/``unauthorized`` (sic: pagekite.py reports a stale challenge that way);
+       ``invalid``/``unauthorized`` (sic: pagekite.py reports a stale challenge that way).
+       With a :class:`ChallengeBook` (kite's relay), FSALT must also be one it issued less
+       than its ``ttl`` ago and not yet used: each challenge answers one signature.  A
+       stale, used or unknown FSALT then gets a fresh challenge (``signthis``) instead of
+       ``invalid``: only the secret's holder can answer it, so a replayed line flies nothing;
     5. the secret is looked up for the exact proto, then the bare proto, each for the domain
        and then its ``*.parent`` wildcards; none: ``invalid``/``unauthorized``;
     6. the signature must verify with that secret - else ``invalid``/``signature``;
@@ -483,8 +524,11 @@ class KiteAuthorizer:
     8. else ``ok`` (``ssl_ok`` for ``http*`` kites when ``has_tls_endpoint(domain)``).
 
     pagekite.py skips step 4 on a tunnel that already completed an in-band round with an OK
-    kite (its ``quota`` is set then); pass ``check_fsalt=False`` there.  Kites registered in
-    the CONNECT (re-connect style) do not count: later in-band rounds check FSALT again.
+    kite (its ``quota`` is set then), so a signed line captured at any time flies that kite
+    again there; ``check_fsalt=False`` reproduces that for tests.  kite's relay never skips it.
+
+    Before step 1, ``is_reserved(domain)`` true (a name of the relay itself) is
+    ``invalid``/``reserved``: the relay's own names are never kites.
 
     ``lookup_secret(proto, domain)`` is an exact lookup (``"*.example.com"`` is asked for as
     such); an empty string means no secret.
@@ -500,6 +544,8 @@ class KiteAuthorizer:
         raw_ports: Collection[Union[int, str]] = (),
         port_aliases: Optional[Mapping[int, int]] = None,
         is_duplicate: Optional[Callable[[KiteLine], bool]] = None,
+        is_reserved: Optional[Callable[[str], bool]] = None,
+        challenges: Optional[ChallengeBook] = None,
         has_tls_endpoint: Optional[Callable[[str], bool]] = None,
         motd: str = "",
         upgrade_info: Sequence[Sequence[str]] = (),
@@ -512,6 +558,8 @@ class KiteAuthorizer:
         self.raw_ports = frozenset(raw_ports)
         self.port_aliases = dict(port_aliases or {})
         self.is_duplicate = is_duplicate
+        self.is_reserved = is_reserved
+        self.challenges = challenges
         self.has_tls_endpoint = has_tls_endpoint
         self.motd = motd
         self.upgrade_info = [tuple(u) for u in upgrade_info]
@@ -540,9 +588,10 @@ class KiteAuthorizer:
 
     def decide(self, kite: KiteLine, *, now: int, check_fsalt: bool = True) -> KiteDecision:
         """The decision for one kite (steps 1-8 above)."""
+        if self.is_reserved is not None and self.is_reserved(kite.domain):
+            return KiteDecision(kite, "invalid", reason="reserved")
         if not kite.fsalt or not kite.signature:
-            token = make_challenge(self.challenge_secret, kite.what, now=now)
-            return KiteDecision(kite, "signthis", fsalt=token)
+            return self._challenge(kite, now)
         proto = kite.proto
         if "-" in proto:
             if not self._port_ok(proto):
@@ -550,10 +599,14 @@ class KiteAuthorizer:
             proto = proto.split("-", 1)[0]
         if proto not in self.protos:
             return KiteDecision(kite, "invalid", reason="proto")
-        if check_fsalt and not check_challenge(
-            self.challenge_secret, kite.what, kite.fsalt, now=now
-        ):
-            return KiteDecision(kite, "invalid", reason="unauthorized")
+        if check_fsalt:
+            ours = check_challenge(self.challenge_secret, kite.what, kite.fsalt, now=now)
+            if self.challenges is not None:
+                ours = self.challenges.redeem(kite.fsalt, now) and ours
+                if not ours:
+                    return self._challenge(kite, now)
+            if not ours:
+                return KiteDecision(kite, "invalid", reason="unauthorized")
         secret = self.find_secret(kite.proto, kite.domain)
         if not secret:
             return KiteDecision(kite, "invalid", reason="unauthorized")
@@ -567,6 +620,12 @@ class KiteAuthorizer:
             and self.has_tls_endpoint(kite.domain)
         )
         return KiteDecision(kite, "ok", ssl_ok=ssl_ok)
+
+    def _challenge(self, kite: KiteLine, now: int) -> KiteDecision:
+        token = make_challenge(self.challenge_secret, kite.what, now=now)
+        if self.challenges is not None:
+            self.challenges.issue(token, now)
+        return KiteDecision(kite, "signthis", fsalt=token)
 
     def authorize(
         self, kites: Sequence[KiteLine], *, check_fsalt: bool = True, now: Optional[float] = None

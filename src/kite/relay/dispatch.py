@@ -171,6 +171,10 @@ class Dispatcher:
 
     def _dispatch_http(self, pv: PendingVisitor, result, data: bytes) -> None:
         host = result.host
+        if self.state.is_relay_name(host):
+            self.refuse(pv, f"HTTP for the relay's own name {host}",
+                        http_error(404, host, json_wanted=result.wants_json))
+            return
         bare: tuple[str, ...] = ("websocket", "http") if result.websocket else ("http",)
         protos = tuple(f"{p}-{pv.port}" for p in bare) + bare
         tunnel, proto = self.state.routes.lookup(protos, host)
@@ -187,15 +191,17 @@ class Dispatcher:
 
     def _dispatch_tls(self, pv: PendingVisitor, result, data: bytes) -> None:
         sni = result.sni
-        if sni:
+        # The relay's own names first: they are never kites (a wildcard kite above them
+        # must not receive the ClientHellos of tunnels).
+        if self.ssl_context is not None and (sni is None or self.state.is_relay_name(sni)):
+            self._start_tunnel(pv.detach(), pv.addr, tls=True)
+            return
+        if sni and not self.state.is_relay_name(sni):
             protos = (f"https-{pv.port}", "https")
             tunnel, _ = self.state.routes.lookup(protos, sni)
             if tunnel is not None:
                 self._open_stream(pv, tunnel, "https", sni, pv.port, payload=data, skip=len(data))
                 return
-        if self.ssl_context is not None and (sni is None or self.state.is_relay_name(sni)):
-            self._start_tunnel(pv.detach(), pv.addr, tls=True)
-            return
         if sni and self.state.has_grant("https", sni):
             self.refuse(pv, f"kite https:{sni} is offline", TLS_ALERT_INTERNAL_ERROR)
         else:
@@ -240,6 +246,9 @@ class Dispatcher:
             protos = ()
         protos = protos + (f"raw-{port}", "raw")
         state = self.state
+        if state.is_relay_name(host):
+            msg = f"{host} is this relay, not a kite"
+            return None, None, (connect_refused(403, msg), f"CONNECT {host}:{port}: {msg}")
         tunnel, proto = state.routes.lookup(protos, host)
         if tunnel is not None and proto is not None:
             return tunnel, bare_proto(proto), None

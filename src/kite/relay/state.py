@@ -18,12 +18,14 @@ not raise; one that does is logged and the others still run.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from ..proto.handshake import AuthReply, KiteAuthorizer, KiteLine, new_relay_uuid
+from ..proto.handshake import AuthReply, ChallengeBook, KiteAuthorizer, KiteLine, new_relay_uuid
 from ..proto.names import KITE_PROTOS
 from ..proto.signing import new_secret
+from .authguard import AuthGuard
 from .config import RelayConfig
 from .routes import Routes
 
@@ -64,8 +66,12 @@ class RelayState:
             ports=("virtual",),
             raw_ports=("virtual",),
             is_duplicate=self._is_duplicate,
+            is_reserved=self.is_relay_name,
+            challenges=ChallengeBook(),
         )
+        self.guard = AuthGuard()  # failed signatures per source address
         self._listeners: list[PresenceListener] = []
+        self._replacing: set = set()  # during authorize(): tunnels the requester replaces
 
     # -- presence -----------------------------------------------------------------------------
     def subscribe(self, listener: PresenceListener) -> Callable[[], None]:
@@ -99,44 +105,75 @@ class RelayState:
                 log.info("kite offline: %s:%s", proto, domain)
                 self._emit(proto, domain, False)
 
-    def replace_sessions(self, session_ids: Iterable[str], tunnel) -> None:
+    def replace_sessions(self, session_ids: Iterable[str], tunnel) -> list[str]:
         """A reconnecting backend names its old sessions (``X-PageKite-Replace``): close
-        those tunnels so their kites move to ``tunnel`` at once."""
+        those tunnels so their kites move to ``tunnel`` at once - only those whose every
+        kite ``tunnel`` has authenticated itself (knowing a session id is not enough).
+        Returns the ids that could not be honoured yet (the tunnel may authenticate more
+        kites in a later round)."""
+        waiting = []
+        flown = set(tunnel.kites)
         for old_id in session_ids:
             old = self.sessions.get(old_id)
-            if old is not None and old is not tunnel:
-                log.info("%s: replaces the stale tunnel %s", tunnel.name, old.peer)
-                old.close("replaced by the reconnecting backend")
+            if old is None or old is tunnel:
+                continue
+            if not old.kites or not set(old.kites) <= flown:
+                waiting.append(old_id)
+                continue
+            log.info("%s: replaces the stale tunnel %s", tunnel.name, old.peer)
+            old.close("replaced by the reconnecting backend")
+        return waiting
 
     # -- kites --------------------------------------------------------------------------------
-    def authorize(self, kites: list[KiteLine], *, check_fsalt: bool = True) -> AuthReply:
-        return self.authorizer.authorize(kites, check_fsalt=check_fsalt)
+    def authorize(self, kites: list[KiteLine], addr: str, replacing: Iterable[str] = ()) -> AuthReply:
+        """Decide a kite request from source address ``addr``; failed signatures count
+        against that address (:mod:`kite.relay.authguard`).  ``replacing``: the session ids
+        the requester replaces (``X-PageKite-Replace``); their tunnels do not make a
+        ``--single`` kite a duplicate (the backend reconnecting is not locked out)."""
+        self._replacing = {self.sessions.get(i) for i in replacing} - {None}
+        try:
+            reply = self.authorizer.authorize(kites)
+        finally:
+            self._replacing = set()
+        now = time.monotonic()
+        for d in reply.refused:
+            if d.reason in ("signature", "unauthorized"):
+                self.guard.failed(addr, now, d.kite.kite, d.reason)
+        return reply
 
-    def register(self, tunnel, reply: AuthReply) -> list[tuple[str, str]]:
-        """Route the kites ``reply`` accepted to ``tunnel``; returns those it did not fly
-        before.  The reply's session id now names ``tunnel``."""
-        if reply.session_id:
-            if tunnel.session_id:
-                self.sessions.pop(tunnel.session_id, None)
-            tunnel.session_id = reply.session_id
-            self.sessions[reply.session_id] = tunnel
-        added = []
+    def blocked(self, addr: str) -> float:
+        """Seconds for which tunnels from ``addr`` are refused (too many failed signatures)."""
+        return self.guard.blocked(addr, time.monotonic())
+
+    def register(self, tunnel, reply: AuthReply, replace: Iterable[str] = ()) -> list[str]:
+        """Route the kites ``reply`` accepted to ``tunnel``, then retire the tunnels of the
+        sessions in ``replace`` whose kites it now flies (:meth:`replace_sessions`; returns
+        the ids still waiting).  Once the tunnel flies a kite, the reply's session id names
+        it (a backend names it in ``X-PageKite-Replace`` when it reconnects; ids of
+        challenge-only replies would name nothing worth replacing, and pagekite's ids
+        repeat for the same kites within a second)."""
         for kite in reply.ok:
             key = (kite.proto, kite.domain)
             if key in tunnel.kites:
                 continue
             tunnel.kites.append(key)
-            added.append(key)
             log.info("kite online: %s:%s via %s", kite.proto, kite.domain, tunnel.peer)
             if self.routes.add(kite.proto, kite.domain, tunnel):
                 self._emit(kite.proto, kite.domain, True)
-        return added
+        waiting = self.replace_sessions(replace, tunnel) if replace and tunnel.kites else list(replace)
+        if reply.session_id and tunnel.kites:
+            if tunnel.session_id:
+                self.sessions.pop(tunnel.session_id, None)
+            tunnel.session_id = reply.session_id
+            self.sessions[reply.session_id] = tunnel
+        return waiting
 
     def _is_duplicate(self, kite: KiteLine) -> bool:
         """Only for kites limited to one backend (``--single``): another tunnel flies it."""
         if kite.domain not in self.config.single_backend:
             return False
-        others = self.routes.tunnels(kite.proto, kite.domain)
+        others = [t for t in self.routes.tunnels(kite.proto, kite.domain)
+                  if t not in self._replacing]
         for t in others:
             t.request_ping()  # a stale tunnel that does not answer is closed soon
         return bool(others)

@@ -12,7 +12,7 @@ import logging
 from typing import Optional
 
 from ..errors import HandshakeError
-from ..net.tunnel import TunnelProtocol
+from ..net.tunnel import TUNNEL_HIGH_WATER, TUNNEL_LOW_WATER, TunnelProtocol
 from ..proto import control, handshake
 from ..proto.flow import KITE_FLOW_FEATURE
 from ..proto.http import find_head_end
@@ -23,9 +23,14 @@ log = logging.getLogger("kite.relay")
 
 __all__ = ["RelayTunnel"]
 
-#: A tunnel must fly a kite within this many seconds (pagekite.py waits 60 s for in-band
-#: requests after a challenge-only reply).
-REGISTRATION_TIMEOUT = 60.0
+#: A tunnel must fly a kite within this many seconds, or it is aborted (backends answer a
+#: challenge at once; pagekite.py's own relay waits 60 s).
+REGISTRATION_TIMEOUT = 20.0
+#: Until a tunnel flies a kite, its chunk mode is only for the in-band registration round:
+#: nothing but kite requests is answered, it may send at most UNAUTH_BYTES, and what it
+#: leaves unread towards it may reach only UNAUTH_QUEUE before reading stops.
+UNAUTH_BYTES = 64 * 1024
+UNAUTH_QUEUE = 64 * 1024
 #: SIDs wrap like pagekite.py's (process-wide there, per tunnel here).
 SID_LIMIT = 0x20000
 
@@ -40,20 +45,38 @@ class RelayTunnel(TunnelProtocol):
         self.keepalive = state.config.keepalive
         self.ping_timeout = state.config.ping_timeout
         self.kites: list = []  # (proto, domain) this tunnel flies
-        self.inband_ok = False  # an in-band round succeeded: later rounds skip the FSALT check
         self.session_id: Optional[str] = None
+        self.addr = peer.rpartition(":")[0].strip("[]")  # source address, for the auth guard
+        self._replace: list[str] = []  # X-PageKite-Replace ids not honoured yet
         self._next_sid = 0
         self._reg_handle: Optional[asyncio.TimerHandle] = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        transport.set_write_buffer_limits(high=UNAUTH_QUEUE, low=UNAUTH_QUEUE // 4)
         self.state.tunnel_opened(self)
         self._reg_handle = self.loop.call_later(REGISTRATION_TIMEOUT, self._registration_timeout)
 
     def _registration_timeout(self) -> None:
         self._reg_handle = None
         if not self.kites and not self.closed:
-            self.close(f"no kite registered within {REGISTRATION_TIMEOUT:g} s")
+            self.abort(f"no kite registered within {REGISTRATION_TIMEOUT:g} s")
+
+    def queue_limit(self) -> int:
+        if not self.kites:
+            return UNAUTH_QUEUE
+        return super().queue_limit()
+
+    def handle_event(self, event) -> None:
+        if self.kites:
+            super().handle_event(event)
+            return
+        # Not authenticated: a tiny chunk mode for the in-band registration round only.
+        demux = self.demux
+        if demux is not None and demux.bytes_received > UNAUTH_BYTES:
+            self.abort(f"{demux.bytes_received} bytes before any kite was registered")
+        elif type(event) is control.KiteRequest:
+            self.on_kite_message(event)
 
     # -- handshake ----------------------------------------------------------------------------
     def handshake_data(self, buf: bytearray) -> None:
@@ -76,9 +99,14 @@ class RelayTunnel(TunnelProtocol):
             self.close("tunnel request without kites")
             return
         state = self.state
-        state.replace_sessions(req.replace, self)
+        blocked = state.blocked(self.addr)
+        if blocked:
+            transport.write(handshake.TUNNEL_UNAVAILABLE)
+            self.abort(f"too many failed signatures from {self.addr}: refused for {blocked:.0f} s")
+            return
         self.kite_peer = KITE_FLOW_FEATURE in req.features
-        reply = state.authorize(req.kites)
+        self._replace = list(req.replace)
+        reply = state.authorize(req.kites, self.addr, self._replace)
         self._register(reply)
         transport.write(handshake.build_tunnel_response(
             reply.headers, zchunks=state.config.zchunks, features=("AddKites", KITE_FLOW_FEATURE),
@@ -94,12 +122,13 @@ class RelayTunnel(TunnelProtocol):
     def on_kite_message(self, event) -> None:
         if not isinstance(event, control.KiteRequest):
             return
-        reply = self.state.authorize(event.request.kites, check_fsalt=not self.inband_ok)
+        if self.state.blocked(self.addr):
+            self.abort(f"too many failed signatures from {self.addr}")
+            return
+        reply = self.state.authorize(event.request.kites, self.addr, self._replace)
         self._register(reply)
         self.write_chunk(*handshake.build_inband_reply(reply.headers))
-        if reply.ok:
-            self.inband_ok = True
-        elif not self.kites:
+        if not self.kites and not reply.challenges:
             self.close("no kite accepted")
 
     def _register(self, reply) -> None:
@@ -107,12 +136,19 @@ class RelayTunnel(TunnelProtocol):
             if d.outcome == "duplicate":
                 log.info("%s: kite %s refused: a backend already flies it (single)", self.name,
                          d.kite.kite)
-            else:
+            elif d.reason not in ("signature", "unauthorized"):  # those: the auth guard logs
                 log.warning("%s: kite %s refused: %s", self.name, d.kite.kite, d.reason)
-        self.state.register(self, reply)
-        if self.kites and self._reg_handle is not None:
-            self._reg_handle.cancel()
-            self._reg_handle = None
+        was_flying = bool(self.kites)
+        self._replace = self.state.register(self, reply, self._replace)
+        if self.kites and not was_flying:
+            # Authenticated: the tunnel's own limits from now on.
+            if self._reg_handle is not None:
+                self._reg_handle.cancel()
+                self._reg_handle = None
+            if self.transport is not None:
+                self.transport.set_write_buffer_limits(high=TUNNEL_HIGH_WATER,
+                                                       low=TUNNEL_LOW_WATER)
+
 
     # -- streams ------------------------------------------------------------------------------
     def new_sid(self) -> int:
