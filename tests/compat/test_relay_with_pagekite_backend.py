@@ -87,7 +87,7 @@ def test_pagekite_backend_flies_every_kite_protocol(pagekite, certs, monkeypatch
             assert not t.kite_peer  # pagekite.py: small windows, frame budget
             assert t.frame_budget is not None and t.frame_budget.tls == (tunnel == "tls")
             # Registration: in-band NOOP round by default; --nozchunks re-connects (§2.4).
-            assert t.inband_ok == be_z
+            assert t.registered_by == ("inband" if be_z else "connect")
             await check_kites(relay.port, certs, web=WEB, extra_web=(WEB2,), raw=BOX)
             # A response > 64 bytes: pagekite.py compresses it iff kite advertised ZChunks.
             head, body = await http_get(relay.port, WEB, "/" + "z" * 200)

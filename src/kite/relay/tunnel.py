@@ -46,6 +46,7 @@ class RelayTunnel(TunnelProtocol):
         self.ping_timeout = state.config.ping_timeout
         self.kites: list = []  # (proto, domain) this tunnel flies
         self.session_id: Optional[str] = None
+        self.registered_by: Optional[str] = None  # "connect" or "inband": how kites first flew
         self.addr = peer.rpartition(":")[0].strip("[]")  # source address, for the auth guard
         self._replace: list[str] = []  # X-PageKite-Replace ids not honoured yet
         self._next_sid = 0
@@ -107,7 +108,7 @@ class RelayTunnel(TunnelProtocol):
         self.kite_peer = KITE_FLOW_FEATURE in req.features
         self._replace = list(req.replace)
         reply = state.authorize(req.kites, self.addr, self._replace)
-        self._register(reply)
+        self._register(reply, "connect")
         transport.write(handshake.build_tunnel_response(
             reply.headers, zchunks=state.config.zchunks, features=("AddKites", KITE_FLOW_FEATURE),
             protos=KITE_PROTOS, ports=state.public_ports, raw_ports=("virtual",)))
@@ -126,12 +127,12 @@ class RelayTunnel(TunnelProtocol):
             self.abort(f"too many failed signatures from {self.addr}")
             return
         reply = self.state.authorize(event.request.kites, self.addr, self._replace)
-        self._register(reply)
+        self._register(reply, "inband")
         self.write_chunk(*handshake.build_inband_reply(reply.headers))
         if not self.kites and not reply.challenges:
             self.close("no kite accepted")
 
-    def _register(self, reply) -> None:
+    def _register(self, reply, how: str) -> None:
         for d in reply.refused:
             if d.outcome == "duplicate":
                 log.info("%s: kite %s refused: a backend already flies it (single)", self.name,
@@ -142,6 +143,7 @@ class RelayTunnel(TunnelProtocol):
         self._replace = self.state.register(self, reply, self._replace)
         if self.kites and not was_flying:
             # Authenticated: the tunnel's own limits from now on.
+            self.registered_by = how
             if self._reg_handle is not None:
                 self._reg_handle.cancel()
                 self._reg_handle = None
