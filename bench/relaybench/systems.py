@@ -238,9 +238,27 @@ class KiteAsyncio(Kite):
         "backend": [("_fastpath.cpython", True), ("uvloop/loop", False)]}
 
 
+class KiteBaseline(Kite):
+    """kite from another source tree, for a before/after comparison in one interleaved run:
+    ``KITE_BASELINE_SRC`` names that tree's ``src/`` (its compiled fast path built in place,
+    e.g. a ``git worktree`` of an older commit after ``python setup.py build_ext --inplace``)."""
+
+    name = "kite-base"
+    title = "kite from $KITE_BASELINE_SRC (a baseline checkout), compiled, uvloop"
+    extra_env: ClassVar[dict[str, str]] = {
+        "KITE_REQUIRE_EXTENSIONS": "1", "PYTHONPATH": os.environ.get("KITE_BASELINE_SRC", "")}
+
+    def unavailable(self, ctx):
+        if not os.environ.get("KITE_BASELINE_SRC"):
+            return "KITE_BASELINE_SRC is not set (the src/ folder of a baseline checkout)"
+        return super().unavailable(ctx)
+
+
 ALL_SYSTEMS = {cls.name: cls for cls in (Direct, Stunnel, Pagekite, PagekiteTuned, Kite, KitePy,
-                                          KiteAsyncio)}
+                                          KiteAsyncio, KiteBaseline)}
 SYSTEMS = tuple(ALL_SYSTEMS)
+#: What a run compares unless --systems says otherwise (kite-base needs KITE_BASELINE_SRC).
+DEFAULT_SYSTEMS = tuple(n for n in SYSTEMS if n != KiteBaseline.name)
 
 
 def wait_until_served(run: Running, timeout: float) -> None:
