@@ -86,6 +86,19 @@ def _send_and_close(sock: socket.socket, data: bytes, consume: int = 0) -> None:
         sock.close()
 
 
+def _answer_connect(pv: PendingVisitor, head_length: int, reply: bytes) -> Optional[socket.socket]:
+    """Take the socket of a CONNECT visitor, read its head and send ``reply``; None if the
+    visitor is gone already."""
+    sock = pv.detach()
+    try:
+        _consume(sock, head_length)
+        sock.send(reply)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
 def _peek_length(sock: socket.socket, limit: int) -> int:
     try:
         return len(sock.recv(limit, socket.MSG_PEEK))
@@ -211,26 +224,17 @@ class Dispatcher:
         host, port = result.host, result.port
         if port == 443 and self.ssl_context is not None and self.state.is_relay_name(host):
             # pagekite.py's --fe_certname: plain CONNECT to the relay's own name, then TLS.
-            sock = pv.detach()
-            try:
-                _consume(sock, result.head_length)
-                sock.send(TUNNEL_CONNECT_OK)
-            except OSError:
-                sock.close()
-                return
-            self._start_tunnel(sock, pv.addr, tls=True)
+            sock = _answer_connect(pv, result.head_length, TUNNEL_CONNECT_OK)
+            if sock is not None:
+                self._start_tunnel(sock, pv.addr, tls=True)
             return
         tunnel, proto, refusal = self.route_connect(host, port)
         if tunnel is None:
             answer, reason = refusal
             self.refuse(pv, reason, answer)
             return
-        sock = pv.detach()
-        try:
-            _consume(sock, result.head_length)
-            sock.send(VISITOR_CONNECT_OK)
-        except OSError:
-            sock.close()
+        sock = _answer_connect(pv, result.head_length, VISITOR_CONNECT_OK)
+        if sock is None:
             return
         rest = data[result.head_length:]
         self._open_stream(pv, tunnel, proto, host, port, payload=rest, skip=len(rest), sock=sock)
