@@ -9,12 +9,13 @@ import re
 
 import pytest
 
-import kite
 from fastpath_impls import NO_EXT, _load_impl
 
 py = _load_impl("py")
 
-PXD = os.path.join(os.path.dirname(os.path.abspath(kite.__file__)), "_fastpath.pxd")
+# The source tree's .pxd: wheels do not ship the Cython sources.
+PXD = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "src", "kite",
+                   "_fastpath.pxd")
 
 # enum of _fastpath.pxd -> the value the twin defines
 MIRRORED = {
