@@ -165,14 +165,19 @@ class BackendTunnel(TunnelProtocol):
                 self._refuse_stream(stream, 502)
 
     def _refuse_stream(self, stream: Stream, status: int) -> None:
-        """Tell the visitor, in its protocol, that the local side is not there."""
+        """Tell the visitor, in its protocol, that the local side is not there: an answer
+        (HTTP page, TLS alert) ends well (EOF R, then WR); a raw stream is cut (WR alone,
+        which a kite relay passes on as a reset)."""
         if stream.proto in HTTP_PROTOS:
-            self.writer.cancel_data_buffer()
-            self.writer.write_data(stream.slot, http_error(status, stream.host))
+            answer = http_error(status, stream.host)
         elif stream.proto == "https":
-            self.writer.cancel_data_buffer()
-            self.writer.write_data(stream.slot, TLS_ALERT_INTERNAL_ERROR)
-        self.discard(stream, close_local=False)
+            answer = TLS_ALERT_INTERNAL_ERROR
+        else:
+            self.discard(stream, close_local=False)
+            return
+        self.writer.cancel_data_buffer()
+        self.writer.write_data(stream.slot, answer)
+        stream.finish()
 
     def on_closed(self, reason: str) -> None:
         self.connector.tunnel_closed(self, reason)
