@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
+from ..net.limits import StreamLimits
 from ..proto.handshake import AuthReply, KiteAuthorizer, KiteLine, new_relay_uuid
 from ..proto.names import KITE_PROTOS
 from ..proto.signing import new_secret
@@ -66,6 +67,10 @@ class RelayState:
             is_duplicate=self._is_duplicate,
         )
         self._listeners: list[PresenceListener] = []
+        # every visitor stream shares these (kite.net.limits)
+        self.limits = StreamLimits(
+            max_streams=config.max_streams, idle_timeout=config.idle_timeout,
+            buffer_budget=config.buffer_budget, slow_reader_timeout=config.slow_reader_timeout)
 
     # -- presence -----------------------------------------------------------------------------
     def subscribe(self, listener: PresenceListener) -> Callable[[], None]:
