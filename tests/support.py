@@ -214,7 +214,7 @@ async def http_get(port, host, path="/", *, headers=b"", timeout=20.0):
 class Proc:
     """A background process owned by a test: output to files, killed by PID at the end."""
 
-    def __init__(self, args, tmp_path, name, env=None):
+    def __init__(self, args, tmp_path, name, env=None, preexec_fn=None):
         self.name = name
         self.out_path = tmp_path / f"{name}.out"
         self.err_path = tmp_path / f"{name}.err"
@@ -223,7 +223,8 @@ class Proc:
         e = dict(os.environ)
         e.update(env or {})
         self.proc = subprocess.Popen(args, stdout=self._out, stderr=self._err, env=e,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=preexec_fn)
         self.pid = self.proc.pid
 
     def output(self) -> str:
