@@ -214,7 +214,7 @@ class Download:
             out.end = "complete" if out.received == expected else "eof"
         except (ConnectionResetError, BrokenPipeError) as exc:
             out.end, out.detail = "reset", str(exc)
-        except (EOFError, socket.timeout, OSError) as exc:
+        except (TimeoutError, EOFError, OSError) as exc:
             out.end, out.detail = "eof" if isinstance(exc, EOFError) else "error", repr(exc)
         self.outcome = out
 
@@ -265,7 +265,7 @@ class Upload:
         except EOFError as exc:
             # The connection ended without an answer: the request failed, visibly.
             out.end, out.detail = "no answer", repr(exc)
-        except (socket.timeout, OSError) as exc:
+        except (TimeoutError, OSError) as exc:
             out.end, out.detail = "error", repr(exc)
         self.outcome = out
 
@@ -273,3 +273,17 @@ class Upload:
         self.thread.join(timeout)
         assert self.outcome is not None, "the visitor is still sending"
         return self.outcome
+
+
+def http_get(port: int, host: str, timeout: float = 5.0) -> tuple[bytes, bytes]:
+    """One ``GET /`` with ``Connection: close``: (status line, body); raises OSError."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host.encode())
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], body

@@ -14,7 +14,6 @@ import socket
 import time
 
 import pytest
-
 from faults import BIG, Download, LocalServer, Upload, reset_socket, wait_until
 
 HOST = "big.test.kite"
