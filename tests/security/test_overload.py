@@ -9,7 +9,6 @@ import socket
 import time
 
 import pytest
-
 from faults import LocalServer, http_get, wait_until
 
 HOST = "site.test.kite"
