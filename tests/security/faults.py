@@ -163,10 +163,11 @@ class Download:
     """A visitor downloading in a thread; ``progress`` counts body bytes so far."""
 
     def __init__(self, relay_port: int, host: str, *, connect_port: Optional[int] = None,
-                 timeout: float = 30.0) -> None:
+                 bare: bool = False, timeout: float = 30.0) -> None:
         self.relay_port = relay_port
         self.host = host
         self.connect_port = connect_port  # raw kite: CONNECT host:port first
+        self.bare = bare  # raw kite through `kite forward`: the bytes come at once
         self.timeout = timeout
         self.progress = 0
         self.outcome: Optional[Outcome] = None
@@ -184,7 +185,10 @@ class Download:
         expected = None
         try:
             with sock:
-                if self.connect_port is not None:
+                rest = b""
+                if self.bare:
+                    expected = BIG
+                elif self.connect_port is not None:
                     sock.sendall(b"CONNECT %s:%d HTTP/1.1\r\n\r\n"
                                  % (self.host.encode(), self.connect_port))
                     head, rest = _read_head(sock)

@@ -16,6 +16,8 @@ import time
 import pytest
 from faults import BIG, Download, LocalServer, Upload, reset_socket, wait_until
 
+from support import KITE, Proc, free_port
+
 HOST = "big.test.kite"
 RAW_PORT = 2222
 #: Bytes a visitor gets before the test kills something: well into the transfer.
@@ -75,6 +77,25 @@ def test_kill_mid_transfer_is_never_a_silent_prefix(relay_process, expose_proces
         if victim == "relay":
             wait_until(lambda: srv.downloads, 10, "the local server saw the download end")
             assert srv.downloads[0].startswith("reset"), srv.downloads
+
+
+def test_kite_forward_passes_a_cut_on(relay_process, expose_process, server, tmp_path):
+    """``kite forward``: the relay dies mid-download; the forward's client sees a reset."""
+    srv = server("raw")
+    relay = relay_process()
+    _expose(expose_process, relay, srv)
+    port = free_port()
+    fwd = Proc([*KITE, "forward", f"127.0.0.1:{port}", f"{HOST}:{RAW_PORT}", "--relay",
+                f"127.0.0.1:{relay.port}"], tmp_path, "forward")
+    try:
+        fwd.wait_for("forwarding")
+        visitor = Download(port, HOST, bare=True)
+        wait_until(lambda: visitor.progress >= MID or visitor.outcome, 20, "transfer under way")
+        relay.proc.stop(signal.SIGKILL)
+        out = visitor.wait(20)
+        assert out.received < BIG and out.end == "reset", out
+    finally:
+        fwd.stop(signal.SIGKILL)
 
 
 def test_visitor_reset_resets_the_local_server(relay_process, expose_process, server):

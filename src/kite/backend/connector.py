@@ -44,6 +44,7 @@ from .. import __version__
 from ..config import BackendConfig, KiteSpec, RelaySpec
 from ..errors import KiteError
 from ..net.dial import dial
+from ..net.memory import MemoryTrimmer
 from ..net.tls import ClientTLS
 from ..net.tunnel import Stream, StreamProtocol, TunnelProtocol
 from ..proto import control, forwarded, handshake, proxyproto, signing
@@ -389,10 +390,12 @@ class Backend:
         self.config = config
         self.connectors = [RelayConnector(config, r) for r in config.relays if r.kites]
         self._tasks: list = []
+        self.trimmer = MemoryTrimmer()  # freed stream buffers go back to the OS
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(c.run()) for c in self.connectors]
+        self.trimmer.start()
 
     async def wait_flying(self, timeout: Optional[float] = None) -> None:
         await asyncio.wait_for(asyncio.gather(*(c.flying.wait() for c in self.connectors)), timeout)
@@ -410,6 +413,7 @@ class Backend:
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
+        self.trimmer.stop()
         for c in self.connectors:
             await c.close()
         for t in self._tasks:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from typing import Optional
 
+from ..net.memory import MemoryTrimmer
 from ..net.sockets import raise_nofile_limit
 from ..net.tls import server_context
 from .accept import Acceptor, default_max_connections, default_max_pending
@@ -41,6 +42,7 @@ class RelayServer:
         self.acceptor = Acceptor(self.dispatcher)
         self.addresses: list = []
         self.closing = False
+        self.trimmer = MemoryTrimmer()  # freed visitor buffers go back to the OS
 
     async def start(self) -> list:
         cfg = self.config
@@ -55,6 +57,7 @@ class RelayServer:
                  f"{limits.idle_timeout:g} s" if limits.idle_timeout else "never",
                  f"up to {limits.buffer_budget // (1 << 20)} MiB" if limits.buffer_budget
                  else "unlimited")
+        self.trimmer.start()
         for host, port in self.config.listen:
             bound = self.acceptor.listen(host, port)
             self.addresses.append(bound)
@@ -66,6 +69,7 @@ class RelayServer:
         if self.closing:
             return
         self.closing = True
+        self.trimmer.stop()
         self.acceptor.close()
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         deadline = self.loop.time() + timeout
