@@ -10,7 +10,8 @@ every arena (madvise), wherever it lies.
 :class:`MemoryTrimmer` looks every ``TRIM_CHECK_INTERVAL`` s at how much the allocator
 holds free (``mallinfo2``: a walk of the bins, microseconds) and trims once that passes
 ``TRIM_MIN_FREE``.  Nothing runs per chunk or per connection.  Without glibc (musl, macOS)
-it does nothing.  Measurements: docs/security.md (RSS after 500 slow visitors leave).
+it does nothing.  Measured on a relay process (base RSS 39 MiB) after 500 visitors that
+never read leave: 135-292 MiB resident without trimming, 42-43 MiB with it.
 """
 
 from __future__ import annotations

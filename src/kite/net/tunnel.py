@@ -23,7 +23,15 @@ stream stops reading until it drains.
 Stream end (docs/protocol.md §5.3): local EOF sends ``EOF: 1R`` and keeps writing; a
 peer's ``R`` half-closes the local socket after the pending bytes; a peer's ``W`` stops
 reading; once both directions are done, or either side loses its socket, the stream is
-discarded with exactly one ``EOF: 1WR`` from this side.
+discarded with exactly one ``EOF: 1WR`` from this side.  An end sends ``R`` before ``WR``
+(:meth:`Stream.finish`); a cut sends ``WR`` alone and resets the local socket
+(:meth:`Stream.cut`), and a kite peer's ``WR`` before its ``R`` is a cut here too.  Local
+sockets reset when closed until they end well, so a dead process leaves no clean-looking
+end behind.
+
+Limits (:mod:`kite.net.limits`, the relay sets :attr:`TunnelProtocol.limits`): a coarse
+per-tunnel timer closes idle streams; the local transports' pause/resume events feed a
+process-wide budget for buffered bytes.  Nothing of it runs per chunk.
 """
 
 from __future__ import annotations
