@@ -418,6 +418,11 @@ class Stream:
         """The local socket ended its input: tell the peer (EOF R).  Returns whether the
         local transport should stay open for writing."""
         self.tunnel.writer.cancel_data_buffer()
+        t = self.transport
+        if t is not None and not t.can_write_eof():
+            # TLS: the transport closes itself after an EOF, once its bytes are out (asyncio
+            # and uvloop alike): that close is an end, not a cut.
+            reset_on_close(t, on=False)
         state = self.state
         if state is _OPEN:
             self.state = StreamState.LOCAL_DONE
