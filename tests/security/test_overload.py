@@ -61,3 +61,34 @@ def test_flood_beyond_the_descriptor_limit(relay_process, expose_process, caps):
             c.close()
     wait_until(lambda: _serves(relay.port), 15, "the relay serves again")
     srv.close()
+
+
+def test_tls_connection_that_says_nothing_is_closed(tmp_path, loop_kind, monkeypatch):
+    """After the relay's own TLS handshake, the first head is awaited like first bytes are:
+    counted as being set up, and closed after FIRST_BYTES_TIMEOUT (here shortened)."""
+    import asyncio
+    import ssl
+
+    import kite.relay.dispatch as dispatch
+    from support import kite_env, run
+
+    monkeypatch.setattr(dispatch, "FIRST_BYTES_TIMEOUT", 0.3)
+
+    async def main():
+        async with kite_env(tmp_path) as env:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            reader, writer = await asyncio.open_connection("127.0.0.1", env.port, ssl=ctx,
+                                                           server_hostname="localhost")
+            d = env.relay.dispatcher
+            for _ in range(100):
+                if d.tls_waiting:
+                    break
+                await asyncio.sleep(0.01)
+            assert d.tls_waiting == 1 and env.relay.acceptor.connections() >= 1
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            assert d.tls_waiting == 0 and env.relay.acceptor.silent_total == 1
+            writer.close()
+
+    run(main, loop_kind)

@@ -111,8 +111,10 @@ class PendingVisitor:
     def on_timeout(self) -> None:
         self.handle = None
         if self in self.acceptor.pending:
-            log.info("visitor %s: said nothing within %g s; closed", self.peer(), FIRST_BYTES_TIMEOUT)
+            log.debug("visitor %s: said nothing within %g s; closed", self.peer(),
+                      FIRST_BYTES_TIMEOUT)
             self.close()
+            self.acceptor.note_silent()
 
     def on_readable(self) -> None:
         dispatcher = self.acceptor.dispatcher
@@ -175,6 +177,7 @@ class Acceptor:
         self._retry: Optional[asyncio.TimerHandle] = None
         # what was dropped since the last overload line (and in total, for tests)
         self.over_connections = self.over_pending = self.accept_errors = 0
+        self.silent = self.silent_total = 0  # closed for saying nothing in time
         self.dropped_total = 0
         self._last_error = ""
         self._last_log = -OVERLOAD_LOG_INTERVAL
@@ -233,6 +236,13 @@ class Acceptor:
             pv.start()
 
     # -- overload -----------------------------------------------------------------------------
+    def note_silent(self) -> None:
+        """A connection was closed for saying nothing in time: counted, not logged alone
+        (a flood of them is one line per OVERLOAD_LOG_INTERVAL)."""
+        self.silent += 1
+        self.silent_total += 1
+        self._report()
+
     def _drop(self, conn: socket.socket) -> None:
         """Over a cap: reset the connection at once (no FIN handshake, no TIME_WAIT)."""
         reset_on_close(conn)
@@ -286,12 +296,17 @@ class Acceptor:
         if self.accept_errors:
             parts.append(f"accept failed {self.accept_errors} time(s) ({self._last_error}): "
                          f"paused accepting, up to {ACCEPT_PAUSE_MAX:g} s at a time")
+        overloaded = bool(parts)
+        if self.silent:
+            parts.append(f"{self.silent} connection(s) closed for saying nothing within "
+                         f"{FIRST_BYTES_TIMEOUT:g} s")
         if not parts:
             return
-        self.over_connections = self.over_pending = self.accept_errors = 0
+        self.over_connections = self.over_pending = self.accept_errors = self.silent = 0
         self._last_log = time.monotonic()
-        log.warning("relay overloaded (%d connections open): %s", self.connections(),
-                    "; ".join(parts))
+        log.log(logging.WARNING if overloaded else logging.INFO, "%s (%d connections open): %s",
+                "relay overloaded" if overloaded else "idle connections",
+                self.connections(), "; ".join(parts))
 
     def close(self) -> None:
         """Stop accepting and drop connections that have not said what they are."""

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ..errors import SniffError, TooManyStreams
 from ..net.tunnel import Stream, StreamProtocol
@@ -114,10 +114,12 @@ class TlsEntry(asyncio.Protocol):
         self._timer = None
         transport = self.transport
         if transport is not None:
-            log.info("TLS visitor %s: said nothing within %g s; closed", self.peer,
-                     FIRST_BYTES_TIMEOUT)
+            log.debug("TLS visitor %s: said nothing within %g s; closed", self.peer,
+                      FIRST_BYTES_TIMEOUT)
             self._done()
             transport.abort()
+            if self.dispatcher.note_silent is not None:
+                self.dispatcher.note_silent()
 
     def _done(self) -> None:
         """No longer waiting for the head (handed on, or gone)."""
@@ -160,6 +162,7 @@ class Dispatcher:
         self.loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task] = set()
         self.tls_waiting = 0  # TLS connections to the relay whose first head has not come
+        self.note_silent: Optional[Callable[[], None]] = None  # the acceptor counts timeouts
 
     def setting_up(self) -> int:
         """Connections being set up (TLS handshakes, hand-overs, TLS heads awaited)."""

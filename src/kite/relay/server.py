@@ -40,6 +40,7 @@ class RelayServer:
             ssl_context = server_context(config.tls_cert, config.tls_key or config.tls_cert)
         self.dispatcher = Dispatcher(self.state, ssl_context)
         self.acceptor = Acceptor(self.dispatcher)
+        self.dispatcher.note_silent = self.acceptor.note_silent
         self.addresses: list = []
         self.closing = False
         self.trimmer = MemoryTrimmer()  # freed visitor buffers go back to the OS
