@@ -112,12 +112,15 @@ def raw_kite(domain, port, public_port, secret=SECRET, **kw) -> KiteSpec:
 
 @contextlib.asynccontextmanager
 async def kite_env(tmp_path, kites=(), *, tls=True, grants=("*:*.test.kite:" + SECRET,),
-                   keepalive=30.0, ping_timeout=10.0, relay_keepalive=30.0, wait=True):
+                   keepalive=30.0, ping_timeout=10.0, relay_keepalive=30.0, wait=True,
+                   **relay_kw):
+    """A relay and (with ``kites``) a backend in this process; ``relay_kw`` go to the
+    RelayConfig (limits: max_streams=..., idle_timeout=...)."""
     certs = make_certs(tmp_path) if tls else None
     cfg = RelayConfig(
         listen=[("127.0.0.1", 0)], grants=GrantTable([parse_grant(g) for g in grants]),
         tls_cert=certs.cert if certs else None, tls_key=certs.key if certs else None,
-        tls_names=["localhost"], keepalive=relay_keepalive, drain_timeout=2.0)
+        tls_names=["localhost"], keepalive=relay_keepalive, drain_timeout=2.0, **relay_kw)
     relay = RelayServer(cfg)
     (host, port), = await relay.start()
     env = KiteEnv(relay=relay, backends=[], host=host, port=port, certs=certs)
@@ -214,7 +217,7 @@ async def http_get(port, host, path="/", *, headers=b"", timeout=20.0):
 class Proc:
     """A background process owned by a test: output to files, killed by PID at the end."""
 
-    def __init__(self, args, tmp_path, name, env=None):
+    def __init__(self, args, tmp_path, name, env=None, preexec_fn=None):
         self.name = name
         self.out_path = tmp_path / f"{name}.out"
         self.err_path = tmp_path / f"{name}.err"
@@ -223,7 +226,8 @@ class Proc:
         e = dict(os.environ)
         e.update(env or {})
         self.proc = subprocess.Popen(args, stdout=self._out, stderr=self._err, env=e,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=preexec_fn)
         self.pid = self.proc.pid
 
     def output(self) -> str:

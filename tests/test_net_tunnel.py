@@ -67,12 +67,12 @@ class FakeTransport:
 class RecordingTunnel(TunnelProtocol):
     """A tunnel in chunk mode whose control chunks are recorded as (kind, sid, flags)."""
 
-    def __init__(self, loop) -> None:
+    def __init__(self, loop, kite_peer: bool = True) -> None:
         super().__init__(loop=loop)
         self.sent: list[tuple] = []
         self.keepalive = None
         self.connection_made(FakeTransport())
-        self.start_chunks(kite_peer=True)
+        self.start_chunks(kite_peer=kite_peer)
 
     def send_eof(self, sid: int, flags: str) -> None:
         self.sent.append(("eof", sid, flags))
@@ -134,14 +134,37 @@ def test_peer_eof_half_closes_then_local_eof_closes(tunnel):
 
 
 def test_peer_eof_without_half_close_closes(tunnel):
-    """A local transport that cannot half-close (TLS) is closed after its queued bytes."""
+    """A local transport that cannot half-close (TLS) is closed after its queued bytes, and
+    the stream ends well: R, then WR."""
     stream, _, local = open_stream(tunnel, can_eof=False)
     stream.on_peer_eof(read_closed=True, write_closed=False)
     assert stream.state is StreamState.CLOSED
     assert local.calls == ["close"]
+    assert eofs(tunnel) == [("eof", 1, "R"), ("eof", 1, "WR")]
 
 
-def test_peer_forgets_stream(tunnel):
+def test_kite_peer_forgets_stream_after_its_eof(tunnel):
+    """R, then WR: the peer's side ended well; the local socket is closed after its bytes."""
+    stream, _, local = open_stream(tunnel)
+    stream.on_peer_eof(read_closed=True, write_closed=False)
+    stream.on_peer_eof(read_closed=True, write_closed=True)
+    assert stream.state is StreamState.CLOSED
+    assert local.calls == ["write_eof", "close"]
+    assert eofs(tunnel) == [("eof", 1, "WR")]
+
+
+def test_kite_peer_cuts_stream(tunnel):
+    """WR without R from a kite peer: the stream was cut there; the local socket is reset."""
+    stream, _, local = open_stream(tunnel)
+    stream.on_peer_eof(read_closed=True, write_closed=True)
+    assert stream.state is StreamState.CLOSED
+    assert local.calls == ["abort"]
+    assert eofs(tunnel) == [("eof", 1, "WR")]
+
+
+def test_pagekite_peer_forgets_stream(loop):
+    """pagekite.py sends WR alone also when its side ended well: closed, not reset."""
+    tunnel = RecordingTunnel(loop, kite_peer=False)
     stream, _, local = open_stream(tunnel)
     stream.on_peer_eof(read_closed=True, write_closed=True)
     assert stream.state is StreamState.CLOSED
@@ -227,9 +250,9 @@ def test_tunnel_teardown_aborts_local_sockets(tunnel):
     assert not tunnel.streams
 
 
-def test_connection_made_on_closed_stream_closes_transport(tunnel):
+def test_connection_made_on_closed_stream_resets_transport(tunnel):
     stream, protocol, _ = open_stream(tunnel, attach=False)
     tunnel.discard(stream, close_local=False)
     local = FakeTransport()
     protocol.connection_made(local)
-    assert local.calls == ["close"]
+    assert local.calls == ["abort"]

@@ -20,6 +20,7 @@ __all__ = [
     "LocalProtocolError",
     "ConfigError",
     "KiteRefused",
+    "TooManyStreams",
     "ConnectFailed",
     "RelayUnreachable",
     "RelayTLSError",
@@ -89,6 +90,11 @@ class KiteRefused(KiteError):
         self.kite = kite
         self.reason = reason
         super().__init__(f"relay refused kite {kite!r}: {reason}")
+
+
+class TooManyStreams(KiteError):
+    """A tunnel carries as many streams as it may (``--max-streams``): no new stream id is
+    given out, and the visitor is refused."""
 
 
 # -- reaching a relay (kite connect, kite forward, the dialer) ------------------------------------

@@ -56,18 +56,20 @@ class RelayProcess:
 
 @pytest.fixture
 def relay_process(tmp_path):
-    """``relay_process(*args, grants=..., env=...)`` starts a kite relay with TLS (names
-    localhost, 127.0.0.1) and returns a :class:`RelayProcess` once it listens."""
+    """``relay_process(*args, grants=..., env=..., preexec=..., listen=...)`` starts a kite
+    relay with TLS (names localhost, 127.0.0.1) and returns a :class:`RelayProcess` once it
+    listens (``listen="127.0.0.1:PORT"`` restarts one on the port of an earlier run;
+    ``preexec`` runs in the child before exec, e.g. to lower its descriptor limit)."""
     procs: list[Proc] = []
     certs = make_certs(tmp_path)
 
     def start(*args: str, grants=("*:*.test.kite:" + SECRET,), env: Optional[dict] = None,
-              preexec=None, name: str = "relay") -> RelayProcess:
-        argv = [*KITE, "relay", "--listen", "127.0.0.1:0", "--tls-cert", certs.cert,
+              preexec=None, name: str = "relay", listen: str = "127.0.0.1:0") -> RelayProcess:
+        argv = [*KITE, "relay", "--listen", listen, "--tls-cert", certs.cert,
                 "--tls-key", certs.key, "-v"]
         for g in grants:
             argv += ["--kite", g]
-        proc = Proc([*argv, *args], tmp_path, f"{name}{len(procs)}", env=env)
+        proc = Proc([*argv, *args], tmp_path, f"{name}{len(procs)}", env=env, preexec_fn=preexec)
         procs.append(proc)
         out = proc.wait_for("relay listening on", timeout=30)
         m = _LISTENING.search(out)

@@ -44,6 +44,7 @@ from .. import __version__
 from ..config import BackendConfig, KiteSpec, RelaySpec
 from ..errors import KiteError
 from ..net.dial import dial
+from ..net.memory import MemoryTrimmer
 from ..net.tls import ClientTLS
 from ..net.tunnel import Stream, StreamProtocol, TunnelProtocol
 from ..proto import control, forwarded, handshake, proxyproto, signing
@@ -165,14 +166,19 @@ class BackendTunnel(TunnelProtocol):
                 self._refuse_stream(stream, 502)
 
     def _refuse_stream(self, stream: Stream, status: int) -> None:
-        """Tell the visitor, in its protocol, that the local side is not there."""
+        """Tell the visitor, in its protocol, that the local side is not there: an answer
+        (HTTP page, TLS alert) ends well (EOF R, then WR); a raw stream is cut (WR alone,
+        which a kite relay passes on as a reset)."""
         if stream.proto in HTTP_PROTOS:
-            self.writer.cancel_data_buffer()
-            self.writer.write_data(stream.slot, http_error(status, stream.host))
+            answer = http_error(status, stream.host)
         elif stream.proto == "https":
-            self.writer.cancel_data_buffer()
-            self.writer.write_data(stream.slot, TLS_ALERT_INTERNAL_ERROR)
-        self.discard(stream, close_local=False)
+            answer = TLS_ALERT_INTERNAL_ERROR
+        else:
+            self.discard(stream, close_local=False)
+            return
+        self.writer.cancel_data_buffer()
+        self.writer.write_data(stream.slot, answer)
+        stream.finish()
 
     def on_closed(self, reason: str) -> None:
         self.connector.tunnel_closed(self, reason)
@@ -384,10 +390,12 @@ class Backend:
         self.config = config
         self.connectors = [RelayConnector(config, r) for r in config.relays if r.kites]
         self._tasks: list = []
+        self.trimmer = MemoryTrimmer()  # freed stream buffers go back to the OS
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(c.run()) for c in self.connectors]
+        self.trimmer.start()
 
     async def wait_flying(self, timeout: Optional[float] = None) -> None:
         await asyncio.wait_for(asyncio.gather(*(c.flying.wait() for c in self.connectors)), timeout)
@@ -405,6 +413,7 @@ class Backend:
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
+        self.trimmer.stop()
         for c in self.connectors:
             await c.close()
         for t in self._tasks:

@@ -24,9 +24,28 @@ from .run import config_errors, serve, setup_logging
 @click.option("--zchunks", is_flag=True, help="Let pagekite.py backends compress (ZChunks).")
 @click.option("--drain-timeout", type=float, default=10.0, show_default=True,
               help="On SIGTERM, seconds to let open streams finish.")
+# -- connection and stream limits (TOML keys of the same name, with _; options win) --
+@click.option("--max-connections", type=click.IntRange(min=1), default=None,
+              help="Open connections (visitors, tunnels, unclassified); more are closed at "
+                   "once. Default: the descriptor limit minus a reserve.")
+@click.option("--max-pending", type=click.IntRange(min=1), default=None,
+              help="Connections that have not yet said what they are; more are closed at "
+                   "once. Default: max-connections / 4, at most 4096.")
+@click.option("--max-streams", type=click.IntRange(min=1), default=None,
+              help="Visitors one tunnel may carry at once; more are refused.  [default: 4096]")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
+              help="Close a visitor stream after this many seconds without a byte either "
+                   "way (0: never).  [default: 600]")
+@click.option("--buffer-budget", type=click.IntRange(min=0), default=None, metavar="MIB",
+              help="MiB all visitors' unsent data may take; slow readers beyond it are held, "
+                   "then cut (0: no limit).  [default: 256]")
+@click.option("--slow-reader-timeout", type=click.FloatRange(min=0), default=None,
+              help="Seconds a slow reader may be held over the budget before it is cut.  "
+                   "[default: 30]")
 @common_options
 def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, single, keepalive, zchunks,
-          drain_timeout, verbose, quiet, loop_kind):
+          drain_timeout, max_connections, max_pending, max_streams, idle_timeout,
+          buffer_budget, slow_reader_timeout, verbose, quiet, loop_kind):
     """Run the public relay: tunnels and visitors on one port."""
     setup_logging(verbose, quiet)
     from ..relay.main import build_relay_config, serve_relay
@@ -34,5 +53,10 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, single, keepa
     with config_errors():
         cfg = build_relay_config(config_file=config_file, listen=listen, tls_cert=tls_cert,
                                  tls_key=tls_key, tls_names=tls_name, kites=kites, single=single,
-                                 keepalive=keepalive, zchunks=zchunks, drain_timeout=drain_timeout)
+                                 keepalive=keepalive, zchunks=zchunks, drain_timeout=drain_timeout,
+                                 limits={"max_connections": max_connections,
+                                         "max_pending": max_pending, "max_streams": max_streams,
+                                         "idle_timeout": idle_timeout,
+                                         "buffer_budget": buffer_budget,
+                                         "slow_reader_timeout": slow_reader_timeout})
     serve(lambda stop: serve_relay(cfg, stop), loop_kind)

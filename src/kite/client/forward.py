@@ -22,6 +22,7 @@ from typing import Optional
 
 from ..errors import ConnectFailed, KiteError
 from ..net.pipes import PipeEnd
+from ..net.sockets import reset
 from .connect import RelayEnd, RelayTarget, open_relay
 
 log = logging.getLogger("kite.client")
@@ -145,7 +146,7 @@ class Forwarder:
         except asyncio.CancelledError:
             transport = local.transport
             assert transport is not None  # _accepted() is called from connection_made
-            transport.abort()
+            reset(transport)
             raise
         if local.lost:
             relay.close()
@@ -164,10 +165,11 @@ class Forwarder:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for local in list(self.active):
             relay = self.relays.get(local)
+            # Cut, not ended: both sides see a reset (kite.net.sockets.reset).
             if relay is not None and relay.transport is not None:
-                relay.transport.abort()
+                reset(relay.transport)
             if local.transport is not None:
-                local.transport.abort()
+                reset(local.transport)
         if self.server is not None:
             await self.server.wait_closed()
 

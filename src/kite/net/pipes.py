@@ -28,7 +28,7 @@ import socket
 import stat
 import sys
 
-from .sockets import set_nodelay
+from .sockets import reset, set_nodelay
 
 log = logging.getLogger("kite.net")
 
@@ -115,8 +115,13 @@ class PipeEnd(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True
         self.exc = exc
-        if self.peer is not None:
-            self.peer.close()
+        peer = self.peer
+        if peer is None:
+            return
+        if exc is not None and isinstance(peer, PipeEnd):
+            peer.reset()  # cut here (reset, error): cut there too, never a clean end
+        else:
+            peer.close()
 
     # -- called by the peer -----------------------------------------------------------------
     def send(self, data: bytes) -> None:
@@ -151,6 +156,12 @@ class PipeEnd(asyncio.Protocol):
         t = self.transport
         if t is not None and not t.is_closing():
             t.close()
+
+    def reset(self) -> None:
+        """The peer was cut: reset this connection (kite.net.sockets.reset)."""
+        t = self.transport
+        if t is not None:
+            reset(t)
 
 
 # -- stdio ------------------------------------------------------------------------------------

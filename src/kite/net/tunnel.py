@@ -23,7 +23,15 @@ stream stops reading until it drains.
 Stream end (docs/protocol.md §5.3): local EOF sends ``EOF: 1R`` and keeps writing; a
 peer's ``R`` half-closes the local socket after the pending bytes; a peer's ``W`` stops
 reading; once both directions are done, or either side loses its socket, the stream is
-discarded with exactly one ``EOF: 1WR`` from this side.
+discarded with exactly one ``EOF: 1WR`` from this side.  An end sends ``R`` before ``WR``
+(:meth:`Stream.finish`); a cut sends ``WR`` alone and resets the local socket
+(:meth:`Stream.cut`), and a kite peer's ``WR`` before its ``R`` is a cut here too.  Local
+sockets reset when closed until they end well, so a dead process leaves no clean-looking
+end behind.
+
+Limits (:mod:`kite.net.limits`, the relay sets :attr:`TunnelProtocol.limits`): a coarse
+per-tunnel timer closes idle streams; the local transports' pause/resume events feed a
+process-wide budget for buffered bytes.  Nothing of it runs per chunk.
 """
 
 from __future__ import annotations
@@ -52,8 +60,11 @@ from ..proto.flow import (
 )
 from ..proto.forwarded import ForwardedRewriter
 from ..proto.framebudget import FrameBudget
+from ..proto.http import http_error
+from ..proto.names import HTTP_PROTOS
 from ..proto.zchunks import ZInflater
-from .sockets import set_nodelay
+from .limits import IDLE_CHECKS, StreamLimits
+from .sockets import close_gracefully, reset, reset_on_close, set_nodelay, unsent_bytes
 
 log = logging.getLogger("kite.tunnel")
 
@@ -129,7 +140,7 @@ class Stream:
     __slots__ = (
         "tunnel", "sid", "slot", "transport", "proto", "host", "port", "peer",
         "send_window", "ack", "pending", "delivered", "next_ack", "state", "paused",
-        "local_full", "inflated", "rewriter", "fd", "__weakref__",
+        "local_full", "inflated", "rewriter", "fd", "idle_mark", "idle_since", "__weakref__",
     )
 
     def __init__(self, tunnel: TunnelProtocol, sid: int, *, proto: str = "", host: str = "",
@@ -153,6 +164,8 @@ class Stream:
         self.state = _OPEN
         self.paused = 0  # PAUSE_* bits: why local reading is paused (0: it is not)
         self.local_full = False  # the local transport's write buffer is above its high mark
+        self.idle_mark: Optional[tuple] = None  # activity() at the last idle check ...
+        self.idle_since = 0.0  # ... and when it last changed (loop time)
 
     @property
     def closed(self) -> bool:
@@ -230,13 +243,34 @@ class Stream:
 
     def flow_violation(self) -> None:
         """The peer sent far more than the window allows: memory per stream stays bounded,
-        so this stream goes (aborted: the local side sees an error, not a clean end)."""
+        so this stream goes (cut: the local side sees an error, not a clean end)."""
         log.warning("%s: stream %d: peer ignored flow control (more than %d bytes buffered); "
                     "stream closed", self.tunnel.name, self.sid, self.tunnel.buffer_limit)
+        self.cut()
+
+    def cut(self) -> None:
+        """End the stream short (flow violation, memory budget, the peer's cut, bad input):
+        the local socket is reset (kite.net.sockets.reset) - a visitor never mistakes a
+        cut-off transfer for a clean end - and the peer gets ``EOF: 1WR`` without a ``R``
+        first, which a kite peer reads as a cut too (docs/protocol.md §5.3).  A stream that
+        is closed already but still writing its last bytes is reset."""
         t = self.transport
+        if self.state is _CLOSED:
+            if t is not None:
+                reset(t)
+            return
         self.tunnel.discard(self, close_local=False)
         if t is not None:
-            t.abort()
+            self.tunnel.cut_local(self, t)
+
+    def finish(self) -> None:
+        """End the stream well from this side: ``EOF: 1R`` (unless sent), the local socket
+        closed after its buffered bytes, ``EOF: 1WR``."""
+        if self.state is _CLOSED:
+            return
+        if self.state is not StreamState.LOCAL_DONE and not self.tunnel.closed:
+            self.tunnel.send_eof(self.sid, "R")
+        self.tunnel.discard(self, close_local=True)
 
     def enable_rewriter(self, rewriter: ForwardedRewriter) -> None:
         """Pass tunnel->local bytes through an HTTP head rewriter (X-Forwarded-*)."""
@@ -267,7 +301,7 @@ class Stream:
         except KiteError as exc:
             log.info("%s: stream %d: bad HTTP from visitor %s: %s", self.tunnel.name, self.sid,
                      self.peer, exc)
-            self.tunnel.discard(self, close_local=True)
+            self.cut()
             return
         self.inflated += len(out) - len(data)
         transport = self.transport
@@ -293,9 +327,13 @@ class Stream:
         self.next_ack = self.delivered + self.tunnel.ack_step
 
     def attach_transport(self, transport: asyncio.Transport) -> None:
-        """The local connection is up: deliver what waited for it."""
+        """The local connection is up: deliver what waited for it.
+
+        Its socket resets when closed (kite.net.sockets.reset_on_close) until the stream
+        ends well: if this process dies, the other end sees an error, not a clean end."""
         self.transport = transport
         set_nodelay(transport)
+        reset_on_close(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and transport.get_extra_info("ssl_object") is None:
             try:
@@ -354,22 +392,58 @@ class Stream:
     def on_local_full(self, full: bool) -> None:
         """The local transport's write buffer crossed its high (True) or low mark."""
         self.local_full = full
+        limits = self.tunnel.limits
+        if limits is not None:
+            limits.note_full(self, full)
         if not full:
             self.check_ack(force=True)
+
+    # -- limits (kite.net.limits) ---------------------------------------------------------
+    def hold_acks(self) -> None:
+        """Send no SKB until :meth:`release_acks`: the peer stops once its window is used."""
+        self.next_ack = 1 << 62  # sink never reaches it: no check at all while held
+
+    def release_acks(self) -> None:
+        self.next_ack = self.delivered
+        self.check_ack(force=True)
+
+    def buffered(self) -> int:
+        """Bytes the local transport holds in its write buffer."""
+        t = self.transport
+        return t.get_write_buffer_size() if t is not None else self._pending_size()
+
+    def activity(self) -> tuple:
+        """Changes whenever a byte moves either way: read from the local socket, received
+        from the peer, or taken by the local peer out of the buffers (the transport's and
+        the kernel's send queue)."""
+        slot = self.slot
+        return slot.sent, slot.received, self.buffered(), unsent_bytes(self.fd)
+
+    def close_idle(self, idle: float) -> None:
+        log.info("%s: stream %d (%s %s:%d, visitor %s): no byte either way for %.0f s; closed",
+                 self.tunnel.name, self.sid, self.proto, self.host, self.port, self.peer, idle)
+        if self.buffered():
+            self.cut()  # bytes nobody reads: a graceful close would wait for them forever
+        else:
+            self.finish()
 
     # -- ends -----------------------------------------------------------------------------
     def on_local_eof(self) -> bool:
         """The local socket ended its input: tell the peer (EOF R).  Returns whether the
         local transport should stay open for writing."""
         self.tunnel.writer.cancel_data_buffer()
+        t = self.transport
+        if t is not None and not t.can_write_eof():
+            # TLS: the transport closes itself after an EOF, once its bytes are out (asyncio
+            # and uvloop alike): that close is an end, not a cut.
+            reset_on_close(t, on=False)
         state = self.state
         if state is _OPEN:
             self.state = StreamState.LOCAL_DONE
             self.tunnel.send_eof(self.sid, "R")
             return True
         if state is StreamState.PEER_DONE:
-            self.tunnel.send_eof(self.sid, "R")
-            self.tunnel.discard(self, close_local=True)
+            self.finish()
             return False
         return True
 
@@ -390,13 +464,17 @@ class Stream:
         else:
             # TLS cannot half-close: the peer is done sending, so close after the buffered
             # bytes (a visitor of `kite connect --tls` sees the end of the stream).
-            self.tunnel.discard(self, close_local=True)
+            self.finish()
 
     def on_peer_eof(self, read_closed: bool, write_closed: bool) -> None:
         state = self.state
         if state is _CLOSED:
             return
         if read_closed and write_closed:
+            if state is not StreamState.PEER_DONE and self.tunnel.kite_peer:
+                # A kite peer sends R before WR when its side ended well: WR alone is a cut.
+                self.cut()
+                return
             # The peer forgot the stream: finish writing what we have, close, forget it too.
             self.tunnel.discard(self, close_local=True)
             return
@@ -437,8 +515,11 @@ class StreamProtocol(asyncio.BufferedProtocol):
         self._scratch: Optional[bytearray] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        limits = self.tunnel.limits
+        if limits is not None:
+            limits.opened()
         if self.stream.state is _CLOSED:
-            transport.close()
+            reset(transport)  # the stream was cut before its local side came
             return
         self.stream.attach_transport(transport)  # type: ignore[arg-type]
 
@@ -480,6 +561,9 @@ class StreamProtocol(asyncio.BufferedProtocol):
         return self.stream.on_local_eof()
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        limits = self.tunnel.limits
+        if limits is not None:
+            limits.lost(self.stream)
         self.stream.on_local_lost()
 
     def pause_writing(self) -> None:
@@ -500,6 +584,11 @@ class TunnelProtocol(asyncio.BufferedProtocol):
     keepalive: Optional[float] = 30.0
     #: seconds to wait for any byte after a PING before declaring the tunnel dead
     ping_timeout: float = 10.0
+    #: process-wide limits on the streams' local connections (the relay sets them)
+    limits: Optional[StreamLimits] = None
+    #: the local sockets are HTTP visitors: a cut stream whose response has not started
+    #: gets a 502 page instead of a reset (the relay)
+    error_pages = False
 
     def __init__(self, *, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         self.loop = loop or asyncio.get_running_loop()
@@ -520,6 +609,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.last_rx = time.monotonic()
         self._ping_sent: Optional[float] = None
         self._keepalive_handle: Optional[asyncio.TimerHandle] = None
+        self._idle_handle: Optional[asyncio.TimerHandle] = None
         self.name = "tunnel"
         self.close_reason = ""
         self._hs_buf = bytearray()
@@ -678,6 +768,9 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         if self.keepalive:
             self._keepalive_handle = self.loop.call_later(self.keepalive / 8,
                                                           self._keepalive_tick)
+        if self.limits is not None and self.limits.idle_timeout:
+            self._idle_handle = self.loop.call_later(self.limits.idle_timeout / IDLE_CHECKS,
+                                                     self._idle_tick)
         if leftover:
             try:
                 self.demux.feed_data(leftover)
@@ -807,11 +900,41 @@ class TunnelProtocol(asyncio.BufferedProtocol):
             self.send_eof(stream.sid, "WR")
         t = stream.transport
         if close_local and t is not None and not t.is_closing():
-            t.close()  # writes what is buffered, then closes
+            close_gracefully(t)  # writes what is buffered, then closes (FIN)
+            if self.limits is not None and t.get_write_buffer_size():
+                self.limits.watch_closing(stream)
         self.on_stream_closed(stream)
+
+    def cut_local(self, stream: Stream, transport: asyncio.Transport) -> None:
+        """Reset the local socket of a cut stream - or, on the relay, answer an HTTP
+        visitor whose response has not started with a 502 page."""
+        if self.error_pages and not stream.delivered and stream.proto in HTTP_PROTOS:
+            transport.write(http_error(502, stream.host))
+            close_gracefully(transport)
+        else:
+            reset(transport)
 
     def on_stream_closed(self, stream: Stream) -> None:
         pass
+
+    # -- idle streams -------------------------------------------------------------------------
+    def _idle_tick(self) -> None:
+        """Close the streams that moved no byte either way for ``limits.idle_timeout`` s
+        (one coarse timer per tunnel; nothing is counted per chunk)."""
+        limits = self.limits
+        if self.closed or limits is None or not limits.idle_timeout:
+            return
+        timeout = limits.idle_timeout
+        now = self.loop.time()
+        for stream in list(self.streams.values()):
+            mark = stream.activity()
+            if mark != stream.idle_mark:
+                stream.idle_mark = mark
+                stream.idle_since = now
+            elif now - stream.idle_since >= timeout:
+                limits.idle_closed += 1
+                stream.close_idle(now - stream.idle_since)
+        self._idle_handle = self.loop.call_later(timeout / IDLE_CHECKS, self._idle_tick)
 
     # -- keepalive ----------------------------------------------------------------------------
     def request_ping(self) -> None:
@@ -888,13 +1011,15 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
         for stream in list(self.streams.values()):
             stream.close()
             t = stream.transport
             if t is not None and not t.is_closing():
-                # The far side is gone: abort (RST), so that a cut-off transfer is seen as
-                # an error by the visitor, never as a clean end (no silent truncation).
-                t.abort()
+                # The far side is gone: reset, so that a cut-off transfer is seen as an
+                # error by the visitor, never as a clean end (no silent truncation).
+                self.cut_local(stream, t)
             self.on_stream_closed(stream)
         self.streams.clear()
         self.on_closed(reason)

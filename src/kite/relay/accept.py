@@ -6,6 +6,15 @@ any protocol owns the socket: peeking, not reading, is what lets one port carry 
 TLS visitors passed through untouched, plain tunnels, CONNECT and HTTP visitors.  Once
 :func:`kite.proto.sniff.sniff` has classified the bytes, the connection goes to the
 :class:`~kite.relay.dispatch.Dispatcher`.
+
+Overload (docs in the constants below): the relay caps the connections it holds open
+(``max_connections``: pending, being set up, tunnels, visitors) and those not yet classified
+(``max_pending``); a connection beyond a cap is accepted and reset at once, so the listen
+queue keeps moving and nothing spins.  When ``accept`` itself fails for lack of resources
+(EMFILE, ENFILE, ENOBUFS, ENOMEM) the listeners are unregistered and tried again after a
+pause growing from ``ACCEPT_PAUSE_MIN`` to ``ACCEPT_PAUSE_MAX``: a level-triggered listener
+left registered would fire again at once, forever.  Either way at most one log line per
+``OVERLOAD_LOG_INTERVAL`` says what was dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from ..errors import KiteError, SniffError
+from ..net.sockets import reset_on_close
 from ..proto.sniff import sniff as sniff_first_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,7 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("kite.relay")
 
-__all__ = ["Acceptor", "PendingVisitor", "FIRST_BYTES_TIMEOUT", "MAX_PEEK"]
+__all__ = ["Acceptor", "PendingVisitor", "FIRST_BYTES_TIMEOUT", "MAX_PEEK",
+           "default_max_connections", "default_max_pending"]
 
 #: How long a new connection may take to say what it is.
 FIRST_BYTES_TIMEOUT = 10.0
@@ -34,6 +45,31 @@ MAX_PEEK = 16384 + 5
 #: Connections taken per listener readiness, so one busy port cannot starve the loop.
 ACCEPT_BATCH = 256
 LISTEN_BACKLOG = 4096
+#: Descriptors kept free of connections for the relay itself (listeners, epoll, logs,
+#: certificates, the odd file): an eighth of the limit, between these bounds.
+FD_RESERVE_MIN = 16
+FD_RESERVE_MAX = 256
+#: Pending connections allowed by default: a quarter of max_connections, at most this.
+MAX_PENDING_DEFAULT_CAP = 4096
+#: Pause before accepting again after accept failed for lack of resources: doubles from
+#: the first to the second while the failures last.
+ACCEPT_PAUSE_MIN = 0.05
+ACCEPT_PAUSE_MAX = 1.0
+#: At most one overload log line per this many seconds (with counts of what was dropped).
+OVERLOAD_LOG_INTERVAL = 10.0
+
+
+def default_max_connections(nofile: int) -> int:
+    """The default ``max_connections`` for a descriptor limit ``nofile``: every descriptor
+    but a reserve (an eighth, FD_RESERVE_MIN..FD_RESERVE_MAX)."""
+    reserve = min(max(nofile // 8, FD_RESERVE_MIN), FD_RESERVE_MAX)
+    return max(1, nofile - reserve)
+
+
+def default_max_pending(max_connections: int) -> int:
+    """The default ``max_pending``: a quarter of ``max_connections``, at most
+    MAX_PENDING_DEFAULT_CAP (connections that say nothing must not crowd out the rest)."""
+    return max(1, min(max_connections // 4, MAX_PENDING_DEFAULT_CAP))
 
 
 class PendingVisitor:
@@ -75,8 +111,10 @@ class PendingVisitor:
     def on_timeout(self) -> None:
         self.handle = None
         if self in self.acceptor.pending:
-            log.info("visitor %s: said nothing within %g s; closed", self.peer(), FIRST_BYTES_TIMEOUT)
+            log.debug("visitor %s: said nothing within %g s; closed", self.peer(),
+                      FIRST_BYTES_TIMEOUT)
             self.close()
+            self.acceptor.note_silent()
 
     def on_readable(self) -> None:
         dispatcher = self.acceptor.dispatcher
@@ -126,11 +164,30 @@ class PendingVisitor:
 class Acceptor:
     """Listening sockets and the connections whose first bytes are awaited."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, *, max_connections: int = 1 << 20,
+                 max_pending: int = MAX_PENDING_DEFAULT_CAP) -> None:
         self.loop = asyncio.get_running_loop()
         self.dispatcher = dispatcher
         self.pending: set[PendingVisitor] = set()
-        self._listeners: list[socket.socket] = []
+        self._listeners: list[tuple[socket.socket, int]] = []
+        self.max_connections = max_connections
+        self.max_pending = max_pending
+        self.accepting = True  # False while paused after a resource error
+        self._pause = ACCEPT_PAUSE_MIN
+        self._retry: Optional[asyncio.TimerHandle] = None
+        # what was dropped since the last overload line (and in total, for tests)
+        self.over_connections = self.over_pending = self.accept_errors = 0
+        self.silent = self.silent_total = 0  # closed for saying nothing in time
+        self.dropped_total = 0
+        self._last_error = ""
+        self._last_log = -OVERLOAD_LOG_INTERVAL
+        self._log_handle: Optional[asyncio.TimerHandle] = None
+
+    def connections(self) -> int:
+        """Connections the relay holds open now: pending, being set up, tunnels, visitors."""
+        d = self.dispatcher
+        state = d.state
+        return len(self.pending) + d.setting_up() + len(state.tunnels) + state.limits.connections
 
     def listen(self, host: str, port: int) -> tuple:
         """Listen on ``host:port``; returns the bound ``(host, port)``."""
@@ -145,8 +202,9 @@ class Acceptor:
         lsock.listen(LISTEN_BACKLOG)
         lsock.setblocking(False)
         bound = lsock.getsockname()[:2]
-        self.loop.add_reader(lsock.fileno(), self._on_accept, lsock, bound[1])
-        self._listeners.append(lsock)
+        self._listeners.append((lsock, bound[1]))
+        if self.accepting:
+            self.loop.add_reader(lsock.fileno(), self._on_accept, lsock, bound[1])
         log.info("relay listening on %s:%d", bound[0], bound[1])
         return bound
 
@@ -157,10 +215,19 @@ class Acceptor:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept failed: %s (out of descriptors?)", exc)
-                    return
-                raise
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # that connection is gone already; the next may be fine
+                self._stop_accepting(exc)
+                return
+            self._pause = ACCEPT_PAUSE_MIN
+            if len(self.pending) >= self.max_pending:
+                self.over_pending += 1
+                self._drop(conn)
+                continue
+            if self.connections() >= self.max_connections:
+                self.over_connections += 1
+                self._drop(conn)
+                continue
             conn.setblocking(False)
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -168,11 +235,91 @@ class Acceptor:
             self.pending.add(pv)
             pv.start()
 
+    # -- overload -----------------------------------------------------------------------------
+    def note_silent(self) -> None:
+        """A connection was closed for saying nothing in time: counted, not logged alone
+        (a flood of them is one line per OVERLOAD_LOG_INTERVAL)."""
+        self.silent += 1
+        self.silent_total += 1
+        self._report()
+
+    def _drop(self, conn: socket.socket) -> None:
+        """Over a cap: reset the connection at once (no FIN handshake, no TIME_WAIT)."""
+        reset_on_close(conn)
+        conn.close()
+        self.dropped_total += 1
+        self._report()
+
+    def _stop_accepting(self, exc: OSError) -> None:
+        """accept() failed (EMFILE, ENFILE, ENOBUFS, ENOMEM, or anything unexpected): unregister every
+        listener and try again after a growing pause - never spin on a ready listener."""
+        self.accept_errors += 1
+        self._last_error = exc.strerror or str(exc)
+        if self.accepting:
+            self.accepting = False
+            for lsock, _ in self._listeners:
+                self.loop.remove_reader(lsock.fileno())
+        if self._retry is None:
+            self._retry = self.loop.call_later(self._pause, self._resume_accepting)
+            self._pause = min(self._pause * 2, ACCEPT_PAUSE_MAX)
+        self._report()
+
+    def _resume_accepting(self) -> None:
+        self._retry = None
+        if self.accepting or not self._listeners:
+            return
+        self.accepting = True
+        for lsock, port in self._listeners:
+            self.loop.add_reader(lsock.fileno(), self._on_accept, lsock, port)
+
+    def _report(self) -> None:
+        """At most one line per OVERLOAD_LOG_INTERVAL: the first event at once, then what
+        happened since, when the interval is over."""
+        if self._log_handle is not None:
+            return
+        now = time.monotonic()
+        wait = self._last_log + OVERLOAD_LOG_INTERVAL - now
+        if wait > 0:
+            self._log_handle = self.loop.call_later(wait, self._log_now)
+        else:
+            self._log_now()
+
+    def _log_now(self) -> None:
+        self._log_handle = None
+        parts = []
+        if self.over_connections:
+            parts.append(f"{self.over_connections} connection(s) reset over --max-connections "
+                         f"({self.max_connections})")
+        if self.over_pending:
+            parts.append(f"{self.over_pending} connection(s) reset over --max-pending "
+                         f"({self.max_pending})")
+        if self.accept_errors:
+            parts.append(f"accept failed {self.accept_errors} time(s) ({self._last_error}): "
+                         f"paused accepting, up to {ACCEPT_PAUSE_MAX:g} s at a time")
+        overloaded = bool(parts)
+        if self.silent:
+            parts.append(f"{self.silent} connection(s) closed for saying nothing within "
+                         f"{FIRST_BYTES_TIMEOUT:g} s")
+        if not parts:
+            return
+        self.over_connections = self.over_pending = self.accept_errors = self.silent = 0
+        self._last_log = time.monotonic()
+        log.log(logging.WARNING if overloaded else logging.INFO, "%s (%d connections open): %s",
+                "relay overloaded" if overloaded else "idle connections",
+                self.connections(), "; ".join(parts))
+
     def close(self) -> None:
         """Stop accepting and drop connections that have not said what they are."""
-        for lsock in self._listeners:
-            self.loop.remove_reader(lsock.fileno())
+        if self.accepting:
+            for lsock, _ in self._listeners:
+                self.loop.remove_reader(lsock.fileno())
+        self.accepting = False
+        for lsock, _ in self._listeners:
             lsock.close()
         self._listeners.clear()
+        for handle in (self._retry, self._log_handle):
+            if handle is not None:
+                handle.cancel()
+        self._retry = self._log_handle = None
         for pv in list(self.pending):
             pv.close()

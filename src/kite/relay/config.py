@@ -8,9 +8,15 @@ from typing import Optional, Sequence
 
 from ..config import load_toml, parse_hostport
 from ..errors import ConfigError
+from ..net.limits import (
+    DEFAULT_BUFFER_BUDGET,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_SLOW_READER_TIMEOUT,
+)
 from .grants import GrantTable, parse_grant
 
-__all__ = ["RelayConfig", "build_relay_config"]
+__all__ = ["RelayConfig", "build_relay_config", "LIMIT_KEYS"]
 
 
 @dataclass
@@ -25,6 +31,13 @@ class RelayConfig:
     drain_timeout: float = 10.0
     zchunks: bool = False  # advertise ZChunks: ask pagekite.py backends to compress
     single_backend: set = field(default_factory=set)  # kites limited to one backend
+    # -- connection and stream limits (docs in kite.relay.accept and kite.net.limits) --
+    max_connections: Optional[int] = None  # visitors + tunnels + pending; None: from the fd limit
+    max_pending: Optional[int] = None  # connections not yet classified; None: derived
+    max_streams: int = DEFAULT_MAX_STREAMS  # streams per tunnel
+    idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT  # s without a byte; None: never
+    buffer_budget: Optional[int] = DEFAULT_BUFFER_BUDGET  # bytes in visitor buffers; None: no cap
+    slow_reader_timeout: float = DEFAULT_SLOW_READER_TIMEOUT  # s held over budget, then cut
 
 
 def _cert_names(path: str) -> list:
@@ -50,14 +63,17 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                        tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                        tls_names: Sequence[str] = (), kites: Sequence[str] = (),
                        single: Sequence[str] = (), keepalive: float = 30.0,
-                       zchunks: bool = False, drain_timeout: float = 10.0) -> RelayConfig:
+                       zchunks: bool = False, drain_timeout: float = 10.0,
+                       limits: Optional[dict] = None) -> RelayConfig:
     grants = GrantTable()
     listen = list(listen)
     names = list(tls_names)
     single_set = {s.lower() for s in single}
+    data: dict = {}
     if config_file:
         data = load_toml(config_file)
         known = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive", "zchunks"}
+        known |= set(LIMIT_KEYS)
         for k in data:
             if k not in known:
                 raise ConfigError(k, "unknown key", f"known keys: {', '.join(sorted(known))}")
@@ -97,7 +113,40 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                 raise ConfigError("--tls-cert/--tls-key", f"no such file {p!r}", "check the path")
         if not names:
             names = _cert_names(tls_cert)
-    return RelayConfig(listen=addrs, grants=grants, tls_cert=tls_cert, tls_key=tls_key,
-                       tls_names=names, keepalive=keepalive or None, zchunks=zchunks,
-                       drain_timeout=drain_timeout, single_backend=single_set)
+    cfg = RelayConfig(listen=addrs, grants=grants, tls_cert=tls_cert, tls_key=tls_key,
+                      tls_names=names, keepalive=keepalive or None, zchunks=zchunks,
+                      drain_timeout=drain_timeout, single_backend=single_set)
+    _apply_limits(cfg, data, limits or {})
+    return cfg
+
+
+# -- connection and stream limits: TOML key -> (type, minimum) ----------------------------------
+#: Options win over TOML keys; 0 means "no limit" for idle_timeout and buffer_budget (MiB).
+LIMIT_KEYS = {
+    "max_connections": (int, 1),
+    "max_pending": (int, 1),
+    "max_streams": (int, 1),
+    "idle_timeout": (float, 0),
+    "buffer_budget": (int, 0),  # MiB
+    "slow_reader_timeout": (float, 0),
+}
+
+
+def _apply_limits(cfg: RelayConfig, data: dict, options: dict) -> None:
+    for key, (kind, low) in LIMIT_KEYS.items():
+        value = options.get(key)
+        if value is None:
+            value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (kind is int and not isinstance(value, int)) or value < low:
+            raise ConfigError(key, f"bad value {value!r}",
+                              f"a {'whole ' if kind is int else ''}number >= {low}")
+        if key == "buffer_budget":
+            cfg.buffer_budget = int(value) * 1024 * 1024 or None
+        elif key == "idle_timeout":
+            cfg.idle_timeout = float(value) or None
+        else:
+            setattr(cfg, key, kind(value))
 

@@ -22,9 +22,9 @@ import asyncio
 import logging
 import socket
 import ssl
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-from ..errors import SniffError
+from ..errors import SniffError, TooManyStreams
 from ..net.tunnel import Stream, StreamProtocol
 from ..proto import control, handshake
 from ..proto.handshake import build_ping_reply
@@ -44,7 +44,7 @@ from ..proto.sniff import (
     SniffResult,
 )
 from ..proto.sniff import sniff as sniff_first_bytes
-from .accept import MAX_PEEK
+from .accept import FIRST_BYTES_TIMEOUT, MAX_PEEK
 from .state import RelayState
 from .tunnel import RelayTunnel
 
@@ -115,28 +115,55 @@ class TlsEntry(asyncio.Protocol):
         self.peer = peer
         self.transport: Optional[asyncio.Transport] = None
         self.buf = bytearray()
+        self._timer: Optional[asyncio.TimerHandle] = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        # Still unclassified: counted as pending, and bounded in time like a new connection.
+        self.dispatcher.tls_waiting += 1
+        self._timer = self.dispatcher.loop.call_later(FIRST_BYTES_TIMEOUT, self._timeout)
+
+    def _timeout(self) -> None:
+        self._timer = None
+        transport = self.transport
+        if transport is not None:
+            log.debug("TLS visitor %s: said nothing within %g s; closed", self.peer,
+                      FIRST_BYTES_TIMEOUT)
+            self._done()
+            transport.abort()
+            if self.dispatcher.note_silent is not None:
+                self.dispatcher.note_silent()
+
+    def _done(self) -> None:
+        """No longer waiting for the head (handed on, or gone)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            self.dispatcher.tls_waiting -= 1
+            self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
         self.buf += data
         end = find_head_end(self.buf)
-        transport = self.transport
-        assert transport is not None
         if end is None:
             if len(self.buf) > MAX_HEAD:
                 log.info("TLS visitor %s refused: first head too long", self.peer)
+                self._done()
                 transport.close()
             return
         data_, self.buf = bytes(self.buf), bytearray()
+        self._done()
         self.dispatcher.tls_head(transport, self.peer, data_, end)
 
     def eof_received(self) -> bool:
         return False
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.transport = None
+        self._done()
 
 
 class Dispatcher:
@@ -147,6 +174,12 @@ class Dispatcher:
         self.ssl_context = ssl_context
         self.loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task] = set()
+        self.tls_waiting = 0  # TLS connections to the relay whose first head has not come
+        self.note_silent: Optional[Callable[[], None]] = None  # the acceptor counts timeouts
+
+    def setting_up(self) -> int:
+        """Connections being set up (TLS handshakes, hand-overs, TLS heads awaited)."""
+        return len(self._tasks) + self.tls_waiting
 
     def _spawn(self, coro) -> None:
         task = self.loop.create_task(coro)
@@ -190,7 +223,8 @@ class Dispatcher:
             return
         bare: tuple[str, ...] = ("websocket", "http") if result.websocket else ("http",)
         protos = tuple(f"{p}-{pv.port}" for p in bare) + bare
-        tunnel, proto = self.state.routes.lookup(protos, host)
+        tunnel: Optional[RelayTunnel]
+        tunnel, proto = self.state.routes.lookup(protos, host)  # type: ignore[assignment]
         if tunnel is None or proto is None:
             want_json = result.wants_json
             if self.state.has_grant("http", host):
@@ -200,7 +234,13 @@ class Dispatcher:
                 self.refuse(pv, f"no kite http:{host}",
                             http_error(404, host, json_wanted=want_json))
             return
-        self._open_stream(pv, tunnel, bare_proto(proto), host, pv.port, payload=data, skip=len(data))
+        try:
+            sid = tunnel.new_sid()
+        except TooManyStreams as exc:
+            self.refuse(pv, str(exc), http_error(503, host, json_wanted=result.wants_json))
+            return
+        self._open_stream(pv, tunnel, sid, bare_proto(proto), host, pv.port, payload=data,
+                          skip=len(data))
 
     def _dispatch_tls(self, pv: PendingVisitor, result, data: bytes) -> None:
         sni = result.sni
@@ -211,9 +251,16 @@ class Dispatcher:
             return
         if sni and not self.state.is_relay_name(sni):
             protos = (f"https-{pv.port}", "https")
-            tunnel, _ = self.state.routes.lookup(protos, sni)
+            tunnel: Optional[RelayTunnel]
+            tunnel, _ = self.state.routes.lookup(protos, sni)  # type: ignore[assignment]
             if tunnel is not None:
-                self._open_stream(pv, tunnel, "https", sni, pv.port, payload=data, skip=len(data))
+                try:
+                    sid = tunnel.new_sid()
+                except TooManyStreams as exc:
+                    self.refuse(pv, str(exc), b"")
+                    return
+                self._open_stream(pv, tunnel, sid, "https", sni, pv.port, payload=data,
+                                  skip=len(data))
                 return
         if sni and self.state.has_grant("https", sni):
             self.refuse(pv, f"kite https:{sni} is offline", TLS_ALERT_INTERNAL_ERROR)
@@ -233,11 +280,17 @@ class Dispatcher:
             answer, reason = refusal
             self.refuse(pv, reason, answer)
             return
+        try:
+            sid = tunnel.new_sid()
+        except TooManyStreams as exc:
+            self.refuse(pv, str(exc), connect_refused(503, f"kite {host}:{port} is busy"))
+            return
         sock = _answer_connect(pv, result.head_length, VISITOR_CONNECT_OK)
         if sock is None:
             return
         rest = data[result.head_length:]
-        self._open_stream(pv, tunnel, proto, host, port, payload=rest, skip=len(rest), sock=sock)
+        self._open_stream(pv, tunnel, sid, proto, host, port, payload=rest, skip=len(rest),
+                          sock=sock)
 
     def route_connect(self, host: str, port: int):
         """Which tunnel carries ``CONNECT host:port``: ``(tunnel, proto, None)``, or
@@ -300,8 +353,14 @@ class Dispatcher:
             transport.write(answer)
             transport.close()
             return
+        try:
+            sid = tunnel.new_sid()
+        except TooManyStreams as exc:
+            log.info("visitor %s refused: %s", peer, exc)
+            transport.write(connect_refused(503, f"kite {host}:{port} is busy"))
+            transport.close()
+            return
         transport.write(VISITOR_CONNECT_OK)
-        sid = tunnel.new_sid()
         stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=peer)
         tunnel.add_stream(stream, announce=False)
         rip, _, rport = peer.rpartition(":")
@@ -313,11 +372,12 @@ class Dispatcher:
         protocol.connection_made(transport)
 
     # -- streams --------------------------------------------------------------------------------
-    def _open_stream(self, pv: PendingVisitor, tunnel, proto: str, host: str, port: int,
-                     *, payload: bytes, skip: int, sock: Optional[socket.socket] = None) -> None:
+    def _open_stream(self, pv: PendingVisitor, tunnel, sid: int, proto: str, host: str,
+                     port: int, *, payload: bytes, skip: int,
+                     sock: Optional[socket.socket] = None) -> None:
+        """A visitor becomes stream ``sid`` (from ``tunnel.new_sid()``, just before)."""
         if sock is None:
             sock = pv.detach()
-        sid = tunnel.new_sid()
         stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=pv.peer())
         tunnel.add_stream(stream, announce=False)
         tunnel.write_chunk(*control.build_stream_open(

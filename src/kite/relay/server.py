@@ -12,8 +12,10 @@ import asyncio
 import logging
 from typing import Optional
 
+from ..net.memory import MemoryTrimmer
+from ..net.sockets import raise_nofile_limit
 from ..net.tls import server_context
-from .accept import Acceptor
+from .accept import Acceptor, default_max_connections, default_max_pending
 from .config import RelayConfig
 from .dispatch import Dispatcher
 from .state import RelayState
@@ -38,10 +40,25 @@ class RelayServer:
             ssl_context = server_context(config.tls_cert, config.tls_key or config.tls_cert)
         self.dispatcher = Dispatcher(self.state, ssl_context)
         self.acceptor = Acceptor(self.dispatcher)
+        self.dispatcher.note_silent = self.acceptor.note_silent
         self.addresses: list = []
         self.closing = False
+        self.trimmer = MemoryTrimmer()  # freed visitor buffers go back to the OS
 
     async def start(self) -> list:
+        cfg = self.config
+        nofile = raise_nofile_limit()
+        acceptor = self.acceptor
+        acceptor.max_connections = cfg.max_connections or default_max_connections(nofile)
+        acceptor.max_pending = cfg.max_pending or default_max_pending(acceptor.max_connections)
+        limits = self.state.limits
+        log.info("descriptor limit %d: at most %d connections, %d pending; %d streams per "
+                 "tunnel; idle streams closed after %s; visitor buffers %s", nofile,
+                 acceptor.max_connections, acceptor.max_pending, limits.max_streams,
+                 f"{limits.idle_timeout:g} s" if limits.idle_timeout else "never",
+                 f"up to {limits.buffer_budget // (1 << 20)} MiB" if limits.buffer_budget
+                 else "unlimited")
+        self.trimmer.start()
         for host, port in self.config.listen:
             bound = self.acceptor.listen(host, port)
             self.addresses.append(bound)
@@ -53,6 +70,7 @@ class RelayServer:
         if self.closing:
             return
         self.closing = True
+        self.trimmer.stop()
         self.acceptor.close()
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         deadline = self.loop.time() + timeout

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
+from ..net.limits import StreamLimits
 from ..proto.handshake import AuthReply, ChallengeBook, KiteAuthorizer, KiteLine, new_relay_uuid
 from ..proto.names import KITE_PROTOS
 from ..proto.signing import new_secret
@@ -72,6 +73,10 @@ class RelayState:
         self.guard = AuthGuard()  # failed signatures per source address
         self._listeners: list[PresenceListener] = []
         self._replacing: set = set()  # during authorize(): tunnels the requester replaces
+        # every visitor stream shares these (kite.net.limits)
+        self.limits = StreamLimits(
+            max_streams=config.max_streams, idle_timeout=config.idle_timeout,
+            buffer_budget=config.buffer_budget, slow_reader_timeout=config.slow_reader_timeout)
 
     # -- presence -----------------------------------------------------------------------------
     def subscribe(self, listener: PresenceListener) -> Callable[[], None]:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from typing import Optional
 
-from ..errors import HandshakeError
+from ..errors import HandshakeError, TooManyStreams
 from ..net.tunnel import TUNNEL_HIGH_WATER, TUNNEL_LOW_WATER, TunnelProtocol
 from ..proto import control, handshake
 from ..proto.flow import KITE_FLOW_FEATURE
@@ -36,6 +36,8 @@ SID_LIMIT = 0x20000
 
 
 class RelayTunnel(TunnelProtocol):
+    error_pages = True  # a visitor whose HTTP response never started gets a 502, not a reset
+
     def __init__(self, state: RelayState, peer: str, tls: bool) -> None:
         super().__init__()
         self.state = state
@@ -44,6 +46,7 @@ class RelayTunnel(TunnelProtocol):
         self.name = f"tunnel from {peer}"
         self.keepalive = state.config.keepalive
         self.ping_timeout = state.config.ping_timeout
+        self.limits = state.limits
         self.kites: list = []  # (proto, domain) this tunnel flies
         self.session_id: Optional[str] = None
         self.registered_by: Optional[str] = None  # "connect" or "inband": how kites first flew
@@ -154,12 +157,18 @@ class RelayTunnel(TunnelProtocol):
 
     # -- streams ------------------------------------------------------------------------------
     def new_sid(self) -> int:
+        """A free stream id; TooManyStreams once ``limits.max_streams`` streams are open."""
+        cap = min(self.limits.max_streams if self.limits else SID_LIMIT, SID_LIMIT - 1)
+        if len(self.streams) >= cap:
+            raise TooManyStreams(f"{self.name}: {len(self.streams)} streams open, the most "
+                                 f"one tunnel may carry ({cap})")
         sid = self._next_sid
-        while True:
+        for _ in range(SID_LIMIT):  # fewer than cap + 1 steps: cap ids at most are taken
             sid = sid + 1 if sid + 1 < SID_LIMIT else 1
             if sid not in self.streams:
                 self._next_sid = sid
                 return sid
+        raise TooManyStreams(f"{self.name}: no free stream id")  # pragma: no cover
 
     def on_closed(self, reason: str) -> None:
         if self._reg_handle is not None:

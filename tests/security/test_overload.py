@@ -1,0 +1,94 @@
+"""Out of descriptors, over the connection caps: the relay neither spins nor floods its log,
+and serves again once the connections are gone.  A real relay process with a descriptor
+limit of 64 (soft and hard: it cannot raise it), flooded with more connections than that."""
+
+from __future__ import annotations
+
+import resource
+import socket
+import time
+
+import pytest
+from faults import LocalServer, http_get, wait_until
+
+HOST = "site.test.kite"
+FDS = 64
+FLOOD = 300
+#: The relay's CPU time and new log lines over the measuring window, at most.
+WINDOW = 3.0
+MAX_CPU = 0.3
+MAX_LOG_LINES = 5
+
+
+def _limit_fds():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FDS, FDS))
+
+
+def _serves(port: int) -> bool:
+    try:
+        status, body = http_get(port, HOST)
+    except OSError:
+        return False
+    return status.startswith(b"HTTP/1.1 200") and body == bytes(100)
+
+
+@pytest.mark.parametrize("caps", ["default caps", "caps above the descriptor limit"])
+def test_flood_beyond_the_descriptor_limit(relay_process, expose_process, caps):
+    srv = LocalServer(mode="http", size=100).start()  # GET: 100 zero bytes
+    args = () if caps == "default caps" else ("--max-connections", "100000",
+                                               "--max-pending", "100000")
+    relay = relay_process(*args, preexec=_limit_fds)
+    log = relay.log()
+    assert f"descriptor limit {FDS}:" in log, log
+    expose_process(f"http://127.0.0.1:{srv.port}", HOST, relay)
+    conns = []
+    try:
+        for _ in range(FLOOD):
+            try:
+                conns.append(socket.create_connection(("127.0.0.1", relay.port), timeout=5))
+            except ConnectionResetError:
+                pass  # over a cap: reset at once, maybe before connect() returned
+        wait_until(lambda: "relay overloaded" in relay.log(), 10, "the relay notices")
+        cpu0, lines0 = relay.cpu_seconds(), len(relay.log().splitlines())
+        time.sleep(WINDOW)  # the measuring window (nothing is awaited here)
+        cpu = relay.cpu_seconds() - cpu0
+        new_lines = relay.log().splitlines()[lines0:]
+        assert cpu <= MAX_CPU, f"{cpu:.2f} s of CPU in {WINDOW} s"
+        assert len(new_lines) <= MAX_LOG_LINES, "\n".join(new_lines[:20])
+        assert relay.alive()
+    finally:
+        for c in conns:
+            c.close()
+    wait_until(lambda: _serves(relay.port), 15, "the relay serves again")
+    srv.close()
+
+
+def test_tls_connection_that_says_nothing_is_closed(tmp_path, loop_kind, monkeypatch):
+    """After the relay's own TLS handshake, the first head is awaited like first bytes are:
+    counted as being set up, and closed after FIRST_BYTES_TIMEOUT (here shortened)."""
+    import asyncio
+    import ssl
+
+    import kite.relay.dispatch as dispatch
+    from support import kite_env, run
+
+    monkeypatch.setattr(dispatch, "FIRST_BYTES_TIMEOUT", 0.3)
+
+    async def main():
+        async with kite_env(tmp_path) as env:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            reader, writer = await asyncio.open_connection("127.0.0.1", env.port, ssl=ctx,
+                                                           server_hostname="localhost")
+            d = env.relay.dispatcher
+            for _ in range(100):
+                if d.tls_waiting:
+                    break
+                await asyncio.sleep(0.01)
+            assert d.tls_waiting == 1 and env.relay.acceptor.connections() >= 1
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            assert d.tls_waiting == 0 and env.relay.acceptor.silent_total == 1
+            writer.close()
+
+    run(main, loop_kind)
