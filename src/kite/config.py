@@ -40,6 +40,7 @@ Relay file (``kite relay --config FILE``)::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .proto.names import valid_domain
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,6 +56,10 @@ else:  # pragma: no cover
     import tomli as tomllib  # type: ignore
 
 __all__ = [
+    "MIN_KEEPALIVE",
+    "MAX_KEEPALIVE",
+    "check_keepalive",
+    "check_seconds",
     "parse_hostport",
     "parse_target",
     "check_tls_mode",
@@ -66,9 +72,67 @@ __all__ = [
 ]
 
 
+#: ``keepalive`` bounds (seconds of tunnel silence before a PING); 0 turns keepalive off.
+MIN_KEEPALIVE = 0.1
+MAX_KEEPALIVE = 3600.0
+
+
+def check_seconds(value: object, key: str, *, low: float, high: float,
+                  zero_ok: bool = False) -> float:
+    """A finite number of seconds in ``low``..``high`` (or 0 if ``zero_ok``); a TOML or
+    command-line value of any type may come in, and only a number (not a bool) passes."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, f"expected a number of seconds, got {value!r}",
+                          "give a number, e.g. 30")
+    seconds = float(value)
+    if zero_ok and seconds == 0:
+        return 0.0
+    if not low <= seconds <= high:  # also nan
+        zero = " or 0 to turn it off" if zero_ok else ""
+        raise ConfigError(key, f"{value!r} is out of range",
+                          f"give {low:g} to {high:g} seconds{zero}")
+    return seconds
+
+
+def check_keepalive(value: object, key: str = "--keepalive") -> float:
+    """Seconds of tunnel silence before a PING: MIN_KEEPALIVE..MAX_KEEPALIVE, or 0 (off)."""
+    return check_seconds(value, key, low=MIN_KEEPALIVE, high=MAX_KEEPALIVE, zero_ok=True)
+
+
+def _port_number(text: str, key: str, *, min_port: int = 1) -> int:
+    """A port of ASCII digits in min_port..65535 (``str.isdigit`` would take ``²``)."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not (
+            min_port <= int(text) <= 65535):
+        raise ConfigError(key, f"bad port {text!r}", f"use a number {min_port}-65535")
+    return int(text)
+
+
+def _check_host(host: str, value: str, key: str) -> str:
+    """A DNS name, an IPv4 address or (from ``[...]``) an IPv6 address; lower-cased."""
+    h = host.lower()
+    if ":" in h:
+        try:
+            ipaddress.IPv6Address(h)
+        except ValueError:
+            raise ConfigError(key, f"bad IPv6 address in {value!r}", "use [v6addr]:port") from None
+        return h
+    if h.endswith("."):
+        h = h[:-1]
+    if not valid_domain(h, wildcard=False):
+        raise ConfigError(key, f"bad host name in {value!r}",
+                          "use a DNS name or an IP address, e.g. relay.example.com:443")
+    return h
+
+
 def parse_hostport(value: str, *, key: str, default_host: Optional[str] = None,
-                   default_port: Optional[int] = None) -> tuple:
-    """``host:port``, ``[v6]:port``, ``port`` (with default_host) or ``host`` (default_port)."""
+                   default_port: Optional[int] = None, min_port: int = 0) -> tuple:
+    """``host:port``, ``[v6]:port``, ``port`` (with default_host) or ``host`` (default_port).
+
+    The host must be a DNS name or an IP address; the port ASCII digits in
+    ``min_port``..65535.  Anything else is a ConfigError naming ``key``.
+    """
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a \"HOST:PORT\" string, got {value!r}", "quote it")
     v = value.strip()
     host, port_s = None, None
     if v.startswith("["):
@@ -81,7 +145,7 @@ def parse_hostport(value: str, *, key: str, default_host: Optional[str] = None,
             port_s = rest[1:]
         elif rest:
             raise ConfigError(key, f"bad address {value!r}", "use [v6addr]:port")
-    elif v.isdigit():
+    elif v.isascii() and v.isdigit():
         port_s = v
     elif v.count(":") == 1:
         host, port_s = v.split(":")
@@ -92,14 +156,13 @@ def parse_hostport(value: str, *, key: str, default_host: Optional[str] = None,
     host = host or default_host
     if host is None:
         raise ConfigError(key, f"no host in {value!r}", "use HOST:PORT")
+    host = _check_host(host, value, key)
     if port_s is None or port_s == "":
         if default_port is None:
             raise ConfigError(key, f"no port in {value!r}", "use HOST:PORT")
         port = default_port
     else:
-        if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-            raise ConfigError(key, f"bad port {port_s!r}", "use a number 1-65535")
-        port = int(port_s)
+        port = _port_number(port_s, key, min_port=min_port)
     return host, port
 
 
@@ -114,9 +177,18 @@ class Target:
 
 def parse_target(value: str, *, key: str = "TARGET") -> Target:
     """``8080`` / ``host:port`` (http) or ``http://``, ``https://``, ``tcp://`` URLs."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConfigError(key, f"expected a URL, HOST:PORT or a port, got {value!r}",
+                          "e.g. \"http://127.0.0.1:8080\"")
     v = str(value).strip()
     if "://" in v:
-        u = urlsplit(v)
+        try:
+            u = urlsplit(v)
+            port = u.port
+            hostname = u.hostname
+        except ValueError as exc:
+            raise ConfigError(key, f"bad URL {value!r}: {exc}",
+                              "e.g. http://127.0.0.1:8080 or tcp://[::1]:22") from None
         scheme = u.scheme.lower()
         proto = {"http": "http", "https": "https", "tcp": "raw", "raw": "raw",
                  "ws": "http", "ssh": "raw"}.get(scheme)
@@ -124,16 +196,18 @@ def parse_target(value: str, *, key: str = "TARGET") -> Target:
             raise ConfigError(key, f"unknown scheme {scheme!r} in {value!r}",
                               "use http://, https:// or tcp://")
         default_port = {"http": 80, "https": 443, "ssh": 22}.get(scheme)
-        try:
-            port = u.port
-        except ValueError:
-            raise ConfigError(key, f"bad port in {value!r}", "use a number 1-65535") from None
         if port is None:
             port = default_port
         if port is None:
             raise ConfigError(key, f"no port in {value!r}", "e.g. tcp://127.0.0.1:22")
-        return Target(proto, u.hostname or "127.0.0.1", port)
-    host, port = parse_hostport(v, key=key, default_host="127.0.0.1")
+        if not 1 <= port <= 65535:
+            raise ConfigError(key, f"bad port in {value!r}", "use a number 1-65535")
+        if u.path not in ("", "/") or u.query or u.fragment or u.username or u.password:
+            raise ConfigError(key, f"{value!r} has more than a scheme, host and port",
+                              "e.g. http://127.0.0.1:8080")
+        host = _check_host(hostname, value, key) if hostname else "127.0.0.1"
+        return Target(proto, host, port)
+    host, port = parse_hostport(v, key=key, default_host="127.0.0.1", min_port=1)
     return Target("http", host, port)
 
 

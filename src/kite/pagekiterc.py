@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .config import MAX_KEEPALIVE, MIN_KEEPALIVE
 from .errors import ConfigError
 
 __all__ = ["RcLine", "Report", "read_rc", "convert", "import_rc", "RUN_WITH"]
@@ -205,6 +206,23 @@ class _Kite:
     options: dict = field(default_factory=dict)
 
 
+def _digits(text: str) -> bool:
+    """ASCII decimal digits only (``str.isdigit`` also takes ``²``, which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
+def _keepalive(val: Optional[str], ln: RcLine, report: Report, old):
+    try:
+        keepalive = float(val or "")
+    except ValueError:
+        keepalive = -1.0
+    if not (keepalive == 0 or MIN_KEEPALIVE <= keepalive <= MAX_KEEPALIVE):  # also nan
+        report.unconverted.append((ln, f"keepalive must be {MIN_KEEPALIVE:g} to "
+                                       f"{MAX_KEEPALIVE:g} seconds, or 0"))
+        return old
+    return keepalive
+
+
 def _parse_service(value: str, kitename: str, kitesecret: str, ln: RcLine, report: Report):
     """``PROTOS:DOMAIN:HOST:PORT:SECRET`` and pagekite.py's shorter forms -> kites."""
     value = value.replace("@kitesecret", kitesecret).replace("@kitename", kitename)
@@ -217,7 +235,7 @@ def _parse_service(value: str, kitename: str, kitesecret: str, ln: RcLine, repor
         protos, domain, host, port = parts
     elif len(parts) == 3:
         protos, domain, port = parts
-    elif len(parts) == 2 and parts[1].isdigit():
+    elif len(parts) == 2 and _digits(parts[1]):
         domain, port, protos = parts[0], parts[1], "http"
     else:
         report.unconverted.append((ln, "expected PROTO:KITENAME:HOST:PORT:SECRET"))
@@ -236,7 +254,7 @@ def _parse_service(value: str, kitename: str, kitesecret: str, ln: RcLine, repor
             proto, public = "raw", 22
         elif "-" in proto:
             proto, _, p = proto.partition("-")
-            if not p.isdigit():
+            if not _digits(p):
                 report.unconverted.append((ln, f"bad kite protocol {proto}-{p}"))
                 continue
             public = int(p)
@@ -310,7 +328,7 @@ def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set
             frontends.append((val or "", ln))
         elif opt == "frontends":
             parts = (val or "").split(":")
-            if len(parts) == 3 and parts[2].isdigit():
+            if len(parts) == 3 and _digits(parts[2]):
                 frontends.append((f"{parts[1]}:{parts[2]}", ln))
                 report.notes.append((ln, f"kite connects to {parts[1]} (its first address); it "
                                          f"does not pick the {parts[0]} fastest of several"))
@@ -330,10 +348,7 @@ def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set
                                      "pagekite.py 1.5.2 frontends crash on this kind of "
                                      "tunnel; use connect_name with them"))
         elif opt == "keepalive":
-            try:
-                keepalive = float(val or "")
-            except ValueError:
-                report.unconverted.append((ln, "keepalive must be a number of seconds"))
+            keepalive = _keepalive(val, ln, report, keepalive)
         elif opt in IGNORED:
             report.ignored.append((ln, IGNORED[opt]))
         elif opt in UNSUPPORTED:
@@ -347,7 +362,7 @@ def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set
     # service_cfg: per-kite options
     for host, key, value, ln in service_cfg:
         domain, _, port = host.partition("/")
-        port_n = int(port) if port.isdigit() else 80
+        port_n = int(port) if _digits(port) else 80
         targets = [k for k in kites if k.name == domain
                    and ((k.public_port or 80) == port_n)]
         if not targets:
@@ -478,10 +493,7 @@ def _convert_frontend(lines: list, report: Report, source: str) -> tuple[str, se
             report.notes.append((ln, "kite treats every TLS hello without SNI as a tunnel to "
                                      "the relay itself"))
         elif opt == "keepalive":
-            try:
-                keepalive = float(val or "")
-            except ValueError:
-                report.unconverted.append((ln, "keepalive must be a number of seconds"))
+            keepalive = _keepalive(val, ln, report, keepalive)
         elif opt == "nozchunks":
             zchunks = False
         elif opt in IGNORED:
