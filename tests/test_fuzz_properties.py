@@ -135,6 +135,7 @@ def test_tunnel_request(data):
 @FUZZ
 @given(mutated(TUNNEL_RESPONSES))
 @example(b"HTTP/1.1 2\xb20 OK\r\n\r\n")  # '²'.isdigit()
+@example(b"HTTP/1.1 000\r\n\r\n")  # atheris: status 000 parsed
 @example(b"HTTP/1.1 200 OK\r\nX-PageKite-IPsPerSec: \xb9/60\r\n\r\n")
 @example(b"HTTP/1.1 200 OK\r\nX-PageKite-Quota: nan\r\n\r\n")
 @example(b"HTTP/1.1 200 OK\r\nX-PageKite-SignThis: http:a.b:c:\r\n\r\n")  # empty FSALT
@@ -361,6 +362,7 @@ CONNECT_REPLIES = [b"HTTP/1.1 200 Connection Established\r\n\r\n",
 @given(mutated(CONNECT_REPLIES + VISITOR_HEADS[:1]))
 @example(b"HTTP/1.1 2\xb20 OK\r\n\r\n")
 @example(b"HTTP/1.1 200 OK\r\nContent-Length: \xb9\r\n\r\n")
+@example(b"HTTP/1.1 006 S1\n\n")  # atheris: status 006 parsed
 def test_connect_reply(data):
     try:
         reply = parse_connect_reply(data)
@@ -491,6 +493,8 @@ RCFILES = [
 @given(mutated_utf8(RCFILES))
 @example("service_on = raw-²:a.b:localhost:22:s\n")
 @example("service_on = http:a.b:localhost:²:s\n")
+@example("frontend = a.b:443\nservice_cfg =\x01 *:keepalive:30\n")  # atheris: raw \x01 in a comment
+@example("frontend = a.b:443\nkitesecret = s\x7f\nservice_on = http:a.b:localhost:80:@kitesecret\n")
 def test_pagekiterc(text):
     try:
         _kind, toml_text, _report = convert(text)

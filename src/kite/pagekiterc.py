@@ -158,7 +158,9 @@ class Report:
         items += [(ln.number, f"line {ln.number}: {ln.text!r}: note: {text}")
                   if ln is not None else (1 << 30, f"note: {text}")
                   for ln, text in self.notes]
-        return [text for _, text in sorted(items, key=lambda i: i[0])]
+        # Reasons quote values from the file: escape what a terminal or a TOML comment
+        # must not get raw.
+        return [_escaped(text) for _, text in sorted(items, key=lambda i: i[0])]
 
 
 def read_rc(text: str) -> list:
@@ -187,9 +189,16 @@ def _mask(ln: RcLine, secrets) -> RcLine:
     return RcLine(ln.number, text, ln.option, ln.value)
 
 
+def _escaped(text: str) -> str:
+    """``text`` with every non-printable character written as a Python escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _q(s: str) -> str:
-    """A TOML basic string (JSON escapes are valid TOML)."""
-    return json.dumps(s, ensure_ascii=False)
+    """A TOML basic string (JSON escapes are valid TOML; TOML also wants DEL escaped)."""
+    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 # -- backend ------------------------------------------------------------------------------------

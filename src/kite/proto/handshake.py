@@ -676,7 +676,7 @@ class RelayReply:
 # A number on the wire: ASCII decimal digits, optionally a fraction (no sign, exponent,
 # underscore, nan or inf, which float() would take).
 _DIGITS = re.compile(r"[0-9]{1,15}")
-_STATUS = re.compile(r"[0-9]{3}")
+_STATUS = re.compile(r"[1-9][0-9]{2}")  # RFC 9110 §15: three digits, 1xx to 9xx
 _DECIMAL = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,15})?")
 
 

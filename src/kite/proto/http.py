@@ -150,7 +150,7 @@ def parse_connect_reply(buf: Buffer) -> ConnectReply | None:
     lines = bytes(buf[:end]).replace(b"\r\n", b"\n").split(b"\n")
     parts = lines[0].split(b" ", 2)
     if (len(parts) < 2 or parts[0] not in (b"HTTP/1.0", b"HTTP/1.1")
-            or len(parts[1]) != 3 or not parts[1].isdigit()):
+            or len(parts[1]) != 3 or not parts[1].isdigit() or parts[1][:1] == b"0"):
         raise BadRelayReply(f"bad status line {lines[0][:80]!r}")
     status = int(parts[1])
     reason = parts[2].decode("latin-1").strip() if len(parts) > 2 else ""
