@@ -41,7 +41,9 @@ Relay file (``kite relay --config FILE``)::
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -49,6 +51,8 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .proto.names import valid_domain
+
+log = logging.getLogger("kite.config")
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -261,13 +265,74 @@ def kite_proto_for(target: Target, public_port: Optional[int]) -> str:
     return target.proto
 
 
+# -- secrets ------------------------------------------------------------------------------------
+#: Secrets shorter than this get a warning (relay and backend): they can be guessed.
+MIN_SECRET_LENGTH = 16
+_warned: set = set()  # (what, key) pairs already warned about: each warning once
+
+
+def _warn_once(what: str, key: str, message: str, *args: object) -> None:
+    if (what, key) not in _warned:
+        _warned.add((what, key))
+        log.warning(message, *args)
+
+
+def read_secret_file(path: object, key: str) -> str:
+    """The secret in file ``path``: its first line, stripped.  An unreadable file or an empty
+    first line is a ConfigError; a file that group or others may read gets a warning."""
+    if not isinstance(path, str) or not path:
+        raise ConfigError(key, f"expected a file name, got {path!r}", "give the path of the file")
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            first = f.readline(4096)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path!r}: {exc.strerror or exc}",
+                          "give a readable file whose first line is the secret") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(key, f"{path!r} is not a regular file",
+                          "give a file whose first line is the secret")
+    try:
+        secret = first.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"the first line of {path!r} is not UTF-8 text",
+                          "write the secret as text on the first line") from None
+    if not secret:
+        raise ConfigError(key, f"the first line of {path!r} is empty",
+                          "write the secret on the first line")
+    if mode & 0o077:
+        _warn_once("mode", path, "secret file %r can be read by group or others (mode %03o): "
+                   "chmod 600 it", path, mode & 0o777)
+    return secret
+
+
+def pick_secret(secret: object, secret_file: object, *, key: str, file_key: str) -> Optional[str]:
+    """The secret given inline (``secret``) or in a file (``secret_file``); not both."""
+    if secret is not None and not isinstance(secret, str):
+        raise ConfigError(key, f"expected a string, got {type(secret).__name__}", "quote it")
+    if secret_file is not None:
+        if secret:
+            raise ConfigError(file_key, f"cannot be combined with {key}", "give one of them")
+        return read_secret_file(secret_file, file_key)
+    return secret or None
+
+
+def warn_short_secret(secret: str, where: str) -> None:
+    """One WARNING per ``where`` when ``secret`` is shorter than MIN_SECRET_LENGTH."""
+    if len(secret) < MIN_SECRET_LENGTH:
+        _warn_once("short", where, "the secret of %s has %d characters: use at least %d "
+                   "(`kite init` makes such secrets)", where, len(secret), MIN_SECRET_LENGTH)
+
+
 def _check_secret(secret: Optional[str], key: str) -> str:
     if not secret:
         raise ConfigError(key, "no secret given",
-                          "pass --secret, set KITE_SECRET, or put secret = \"...\" in the config")
-    if ":" in secret or any(c.isspace() for c in secret):
-        raise ConfigError(key, "the secret contains ':' or whitespace",
+                          "pass --secret-file FILE, set KITE_SECRET, or put secret_file = \"...\" "
+                          "in the config")
+    if ":" in secret or any(c.isspace() or not c.isprintable() for c in secret):
+        raise ConfigError(key, "the secret contains ':', whitespace or control characters",
                           "use letters, digits and punctuation other than ':'")
+    warn_short_secret(secret, key)
     return secret
 
 
@@ -302,13 +367,18 @@ def load_toml(path: str) -> dict:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError("config", f"no such file {path!r}", "check the path") from None
+        raise ConfigError("--config", f"no such file {path!r}", "check the path") from None
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path!r}: {exc.strerror or exc}",
+                          "give a readable TOML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{path}: not UTF-8 text", "save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", f"{path}: not valid TOML: {exc}", "fix the syntax") from None
+        raise ConfigError("--config", f"{path}: not valid TOML: {exc}", "fix the syntax") from None
 
 
 def _tls_opts(d: dict, where: str) -> dict:
-    out = {}
+    out: dict = {}
     for k in ("ca", "fingerprint", "server_name", "connect_name"):
         if k in d:
             if not isinstance(d[k], str):
@@ -323,25 +393,76 @@ def _tls_opts(d: dict, where: str) -> dict:
     return out
 
 
+_TLS_KEYS = {"ca", "fingerprint", "server_name", "connect_name", "insecure", "plain"}
+_DEFAULTS_KEYS = _TLS_KEYS | {"secret", "secret_file"}
+_RELAY_KEYS = _TLS_KEYS | {"address"}
+_KITE_KEYS = {"name", "target", "public_port", "proxy_protocol", "forwarded", "relays", "secret",
+              "secret_file"}
+
+
+def check_keys(table: dict, known: set, where: str) -> None:
+    """Every key of ``table`` is one of ``known`` (a misspelt key is not silently ignored)."""
+    for k in table:
+        if k not in known:
+            name = f"{where}.{k}" if where else k
+            raise ConfigError(name, "unknown key", f"known keys: {', '.join(sorted(known))}")
+
+
+def tables(data: dict, key: str) -> list:
+    """The ``[[key]]`` array of tables (empty if absent); anything else is a ConfigError."""
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(key, "must be an array of tables", f"write [[{key}]] sections")
+    return value
+
+
+def check_bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true/false, got {value!r}", "write true or false")
+    return value
+
+
+def check_port(value: object, key: str) -> int:
+    """A port number 1..65535 given as a number (TOML) or an int (command line)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError(key, f"{value!r} is not a port", "use a number 1-65535, without quotes")
+    return value
+
+
+def check_kite_name(value: object, key: str) -> str:
+    """A kite domain: a DNS name, or ``*.parent``; lower-cased, one trailing dot dropped."""
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}", "quote it")
+    name = value.strip().lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not valid_domain(name):
+        raise ConfigError(key, f"bad kite name {value!r}",
+                          "give a DNS name like app.example.com: letters, digits, '-' and '.'")
+    return name
+
+
 def load_backend_config(path: str) -> BackendConfig:
     from .net.tls import normalize_fingerprint
 
     data = load_toml(path)
-    known = {"defaults", "relay", "kite", "keepalive", "zchunks"}
-    for k in data:
-        if k not in known:
-            raise ConfigError(k, "unknown key", f"known keys: {', '.join(sorted(known))}")
+    check_keys(data, {"defaults", "relay", "kite", "keepalive", "zchunks"}, "")
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
         raise ConfigError("defaults", "must be a table", "write [defaults]")
+    check_keys(defaults, _DEFAULTS_KEYS, "defaults")
     d_tls = _tls_opts(defaults, "defaults")
-    d_secret = defaults.get("secret") or os.environ.get("KITE_SECRET")
+    d_secret = pick_secret(defaults.get("secret"), defaults.get("secret_file"),
+                           key="defaults.secret", file_key="defaults.secret_file")
+    d_secret = d_secret or os.environ.get("KITE_SECRET")
     relays: dict = {}
-    for i, r in enumerate(data.get("relay", [])):
+    for i, r in enumerate(tables(data, "relay")):
         where = f"relay[{i}]"
+        check_keys(r, _RELAY_KEYS, where)
         if "address" not in r:
             raise ConfigError(f"{where}.address", "missing", "e.g. address = \"relay.example.com:443\"")
-        host, port = parse_hostport(r["address"], key=f"{where}.address", default_port=443)
+        host, port = parse_hostport(r["address"], key=f"{where}.address", default_port=443,
+                                    min_port=1)
         opts = dict(d_tls)
         opts.update(_tls_opts(r, where))
         if opts.get("fingerprint"):
@@ -353,33 +474,40 @@ def load_backend_config(path: str) -> BackendConfig:
         relays[spec.address] = spec
     if not relays:
         raise ConfigError("relay", "no relay configured", "add a [[relay]] table with address = ...")
-    kites = data.get("kite", [])
+    kites = tables(data, "kite")
     if not kites:
         raise ConfigError("kite", "no kite configured", "add a [[kite]] table with name and target")
     for i, k in enumerate(kites):
         where = f"kite[{i}]"
+        check_keys(k, _KITE_KEYS, where)
         for req in ("name", "target"):
             if req not in k:
                 raise ConfigError(f"{where}.{req}", "missing", "every [[kite]] needs name and target")
-        target = parse_target(str(k["target"]), key=f"{where}.target")
+        target = parse_target(k["target"], key=f"{where}.target")
         pp = k.get("proxy_protocol", 0)
-        if pp not in (0, 1, 2):
+        if isinstance(pp, bool) or pp not in (0, 1, 2):
             raise ConfigError(f"{where}.proxy_protocol", f"{pp!r} is not 0, 1 or 2", "use 1 or 2")
         public_port = k.get("public_port")
+        if public_port is not None:
+            public_port = check_port(public_port, f"{where}.public_port")
+        secret = pick_secret(k.get("secret"), k.get("secret_file"), key=f"{where}.secret",
+                             file_key=f"{where}.secret_file")
         kite_spec = KiteSpec(
-            domain=str(k["name"]).lower(),
+            domain=check_kite_name(k["name"], f"{where}.name"),
             proto=kite_proto_for(target, public_port),
-            secret=_check_secret(k.get("secret") or d_secret, f"{where}.secret"),
+            secret=_check_secret(secret or d_secret, f"{where}.secret"),
             target=target,
             proxy_protocol=pp,
-            forwarded=bool(k.get("forwarded", True)),
+            forwarded=check_bool(k.get("forwarded", True), f"{where}.forwarded"),
         )
         names = k.get("relays")
+        if names is not None and (not isinstance(names, list)
+                                  or not all(isinstance(n, str) for n in names)):
+            raise ConfigError(f"{where}.relays", f"expected a list of addresses, got {names!r}",
+                              "e.g. relays = [\"relay.example.com:443\"]")
         for addr, relay in relays.items():
             if names is None or addr in names or f"{relay.host}:{relay.port}" in names:
                 relay.kites.append(kite_spec)
-    keepalive = float(data.get("keepalive", 30.0))
-    zchunks = data.get("zchunks", False)
-    if not isinstance(zchunks, bool):
-        raise ConfigError("zchunks", f"expected true/false, got {zchunks!r}", "write true or false")
+    keepalive = check_keepalive(data.get("keepalive", 30.0), "keepalive")
+    zchunks = check_bool(data.get("zchunks", False), "zchunks")
     return BackendConfig(relays=list(relays.values()), keepalive=keepalive, zchunks=zchunks)

@@ -7,7 +7,7 @@ example.com (names and wildcards: :mod:`kite.proto.names`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 from ..errors import ConfigError
 from ..proto.names import bare_proto, domain_candidates, valid_domain, valid_proto
@@ -74,6 +74,10 @@ class GrantTable:
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_domain.values())
+
+    def __iter__(self) -> Iterator[Grant]:
+        for grants in self._by_domain.values():
+            yield from grants
 
     def find(self, proto: str, domain: str) -> Optional[Grant]:
         """The grant for ``proto`` (``raw-22`` tries ``raw-22`` then ``raw``) on ``domain``."""
