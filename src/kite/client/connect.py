@@ -377,7 +377,7 @@ async def _bridge_copy(target: RelayTarget, in_fd: int, out_fd: int,
 def build_relay_target(*, host: str, port: int, relay: str, tls: bool = False,
                        ca: str | None = None, fingerprint: str | None = None,
                        insecure: bool = False, server_name: str | None = None,
-                       timeout: float = 20.0) -> RelayTarget:
+                       timeout: float = 20.0, host_key: str = "HOST") -> RelayTarget:
     """Validate the client options into a :class:`RelayTarget` (ConfigError: exit 2)."""
     relay_host, relay_port = parse_hostport(relay, key="--relay", default_port=443, min_port=1)
     mode = check_tls_mode(ca=ca, fingerprint=fingerprint, insecure=insecure)
@@ -392,7 +392,7 @@ def build_relay_target(*, host: str, port: int, relay: str, tls: bool = False,
     try:
         build_connect_request(host, port)
     except ValueError as exc:
-        raise ConfigError("HOST", str(exc), "give the kite's DNS name, e.g. box.example.com") from None
+        raise ConfigError(host_key, str(exc), "give the kite's DNS name, e.g. box.example.com") from None
     timeout = check_seconds(timeout, "--timeout", low=0.1, high=3600)
     client_tls = None
     if tls:

@@ -106,6 +106,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     the file's top-level key) or the ``KITE_SECRET`` environment variable.
     """
     grants = GrantTable()
+    listen_option = listen
     listen = list(listen)
     names = [_relay_name(n, "--tls-name") for n in tls_names]
     single_set = set()
@@ -154,7 +155,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
             if check_bool(k.get("single", False), f"{where}.single"):
                 single_set.add(g.domain)
             grants.add(g)
-    addrs = [parse_hostport(v, key="--listen", default_host="0.0.0.0")
+    listen_key = "--listen" if list(listen_option) else "listen"
+    addrs = [parse_hostport(v, key=listen_key, default_host="0.0.0.0")
              for v in listen or ["0.0.0.0:443"]]
     for value in kites:
         grants.add(parse_grant(value, key="--kite", default_secret=default_secret))
