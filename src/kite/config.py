@@ -6,7 +6,7 @@ prints it on one line and exits 2.
 Backend file (``kite expose --config FILE``)::
 
     [defaults]              # optional, applies to every relay/kite below
-    secret = "..."          # or per kite; or env KITE_SECRET
+    secret_file = "kite.secret"  # first line; or secret = "..."; or per kite; or env KITE_SECRET
     ca = "relay.pem"        # or fingerprint = "ab12...", or insecure = true, or plain = true
 
     [[relay]]
@@ -34,7 +34,8 @@ Relay file (``kite relay --config FILE``)::
     [[kite]]
     domain = "*.example.com"
     protos = ["http", "https", "raw-22"]   # or "*"
-    secret = "..."
+    secret_file = "kite.secret"  # or secret = "..."; or top-level secret_file, --secret-file,
+                                 # env KITE_SECRET
     single = false          # true: one backend at a time (pagekite.py's Duplicate)
 """
 
