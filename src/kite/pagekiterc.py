@@ -189,6 +189,10 @@ def _mask(ln: RcLine, secrets) -> RcLine:
     return RcLine(ln.number, text, ln.option, ln.value)
 
 
+# Characters TOML refuses anywhere outside escapes (comments included): C0 but HTAB and LF, DEL.
+_TOML_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def _escaped(text: str) -> str:
     """``text`` with every non-printable character written as a Python escape."""
     if text.isprintable():
@@ -579,6 +583,8 @@ def convert(text: str, source: str = "pagekite.rc") -> tuple:
     if rep:
         toml = toml.rstrip("\n") + "\n\n# Not converted from " + source + " (kite " \
             "import-pagekiterc):\n" + "".join(f"#   {r}\n" for r in rep)
+    # Comments quote values from the rc file; TOML allows no control characters there.
+    toml = _TOML_CONTROL.sub(lambda m: repr(m.group())[1:-1], toml)
     return kind, toml.rstrip("\n") + "\n", report
 
 
