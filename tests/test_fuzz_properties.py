@@ -496,6 +496,7 @@ RCFILES = [
 @example("frontend = a.b:443\nservice_cfg =\x01 *:keepalive:30\n")  # atheris: raw \x01 in a comment
 @example("frontend = a.b:443\nkitesecret = s\x7f\nservice_on = http:a.b:localhost:80:@kitesecret\n")
 @example("frontend = a.b:443\nfe_certname = x\x14y\n")  # atheris: raw \x14 in a comment
+@example("frontend = a.b:443\nfe_certname = a.b\nca_certs\n")  # atheris: wrote ca = null
 def test_pagekiterc(text):
     try:
         _kind, toml_text, _report = convert(text)

@@ -353,7 +353,10 @@ def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set
             else:
                 fe_certnames = []
         elif opt == "ca_certs":
-            ca_certs = (val, ln)
+            if val:
+                ca_certs = (val, ln)
+            else:
+                report.unconverted.append((ln, "ca_certs needs a file name"))
         elif opt == "fe_nocertcheck":
             nocertcheck = True
             report.notes.append((ln, "TLS without checking the relay's certificate: written "
