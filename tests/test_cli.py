@@ -165,6 +165,40 @@ def test_relay_and_expose_processes_with_curl(tmp_path, site):
         relay.stop(signal.SIGKILL)
 
 
+def test_secret_files_keep_the_secret_off_the_command_line(tmp_path, site):
+    """kite relay --kite PROTO:DOMAIN --secret-file, kite expose --secret-file: the secret is
+    in no process's command line (what `ps` shows) and the kite flies."""
+    certs = make_certs(tmp_path)
+    secret_file = tmp_path / "kite.secret"
+    secret_file.write_text(SECRET + "\n")
+    secret_file.chmod(0o600)
+    relay = Proc(KITE + ["relay", "--listen", "127.0.0.1:0", "--tls-cert", certs.cert,
+                         "--tls-key", certs.key, "--kite", "*:*.cli.kite", "--secret-file",
+                         str(secret_file)], tmp_path, "relay")
+    expose = None
+    try:
+        out = relay.wait_for("relay listening on")
+        port = int(re.search(r"relay listening on 127\.0\.0\.1:(\d+)", out).group(1))
+        expose = Proc(KITE + ["expose", str(site), "file.cli.kite", "--relay", f"127.0.0.1:{port}",
+                              "--ca", certs.cert, "--secret-file", str(secret_file)],
+                      tmp_path, "expose")
+        expose.wait_for("kite flying: http:file.cli.kite")
+        r = subprocess.run(["curl", "-sS", "--max-time", "20", "--resolve",
+                            f"file.cli.kite:{port}:127.0.0.1", f"http://file.cli.kite:{port}/"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout == "hello through kite\n"
+        for p in (relay, expose):
+            assert SECRET.encode() not in Path(f"/proc/{p.pid}/cmdline").read_bytes()
+            assert SECRET not in p.output()
+        # A 15-character secret is warned about, once, on both sides (without showing it).
+        assert relay.output().count("has 15 characters") == 1
+        assert expose.output().count("has 15 characters") == 1
+    finally:
+        if expose is not None:
+            expose.stop(signal.SIGKILL)
+        relay.stop(signal.SIGKILL)
+
+
 def test_init_relay_then_run_from_its_config(tmp_path, site):
     r = kite("init", "relay", "--dir", str(tmp_path / "conf"), "--domain", "*.init.kite")
     assert r.returncode == 0, r.stderr

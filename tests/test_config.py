@@ -1,11 +1,17 @@
-"""kite.config: the checks shared by ``kite expose`` and the client commands."""
+"""kite.config: the checks shared by ``kite expose`` and the client commands, and secrets
+kept off the command line (secret files, KITE_SECRET, warnings)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
+from kite import config as kconfig
+from kite.backend.main import build_backend_config
 from kite.config import check_tls_mode
 from kite.errors import ConfigError
+from kite.relay.config import build_relay_config
 
 
 def test_check_tls_mode_allows_one_way_to_check_the_relay():
@@ -28,3 +34,121 @@ def test_check_tls_mode_names_the_second_option(kw, key, first):
     assert info.value.key == key
     assert str(info.value) == (f"{key}: cannot be combined with {first} "
                                "(choose one way to check the relay)")
+
+
+# -- secrets off the command line ---------------------------------------------------------------
+LONG = "0123456789abcdef-secret"
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Each test sees the once-only warnings afresh, and no KITE_SECRET of the caller's."""
+    monkeypatch.setattr(kconfig, "_warned", set())
+    monkeypatch.delenv("KITE_SECRET", raising=False)
+
+
+def _file(tmp_path, text, mode=0o600, name="kite.secret"):
+    path = tmp_path / name
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+def test_secret_file_is_its_first_line_stripped(tmp_path, fresh_warnings, caplog):
+    path = _file(tmp_path, f"  {LONG}  \nsecond line\n")
+    with caplog.at_level(logging.WARNING, "kite.config"):
+        assert kconfig.read_secret_file(path, "--secret-file") == LONG
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("text, problem", [("", "empty"), ("\n" + LONG, "empty"),
+                                           ("  \t\n", "empty")])
+def test_secret_file_without_a_first_line_is_refused(tmp_path, fresh_warnings, text, problem):
+    with pytest.raises(ConfigError) as info:
+        kconfig.read_secret_file(_file(tmp_path, text), "--secret-file")
+    assert info.value.key == "--secret-file" and problem in info.value.problem
+
+
+def test_unreadable_secret_file_is_refused(tmp_path, fresh_warnings):
+    with pytest.raises(ConfigError, match="cannot read"):
+        kconfig.read_secret_file(str(tmp_path / "missing"), "--secret-file")
+    with pytest.raises(ConfigError, match="not a regular file|cannot read"):
+        kconfig.read_secret_file(str(tmp_path), "--secret-file")
+
+
+def test_secret_file_readable_by_others_warns_once(tmp_path, fresh_warnings, caplog):
+    path = _file(tmp_path, LONG, mode=0o644)
+    with caplog.at_level(logging.WARNING, "kite.config"):
+        kconfig.read_secret_file(path, "--secret-file")
+        kconfig.read_secret_file(path, "--secret-file")
+    warnings = [r for r in caplog.records if "chmod 600" in r.getMessage()]
+    assert len(warnings) == 1 and LONG not in caplog.text
+
+
+def test_short_secret_warns_once_per_place_and_never_shows_it(fresh_warnings, caplog):
+    with caplog.at_level(logging.WARNING, "kite.config"):
+        kconfig.warn_short_secret("short-secret", "--secret")
+        kconfig.warn_short_secret("short-secret", "--secret")
+        kconfig.warn_short_secret(LONG, "kite[0].secret")
+    assert len(caplog.records) == 1 and "short-secret" not in caplog.text
+
+
+def test_relay_grant_without_secret_takes_the_secret_file(tmp_path, fresh_warnings):
+    path = _file(tmp_path, LONG + "\n")
+    cfg = build_relay_config(listen=["127.0.0.1:0"], kites=["http:app.example.com"],
+                             secret_file=path)
+    assert cfg.grants.exact_secret("http", "app.example.com") == LONG
+    # The old form keeps working, with its own secret.
+    cfg = build_relay_config(listen=["127.0.0.1:0"], kites=[f"*:*.example.com:{LONG}x"],
+                             secret_file=path)
+    assert cfg.grants.exact_secret("http", "*.example.com") == LONG + "x"
+
+
+def test_relay_grant_without_secret_takes_kite_secret_env(fresh_warnings, monkeypatch):
+    monkeypatch.setenv("KITE_SECRET", LONG)
+    cfg = build_relay_config(listen=["127.0.0.1:0"], kites=["raw-22:box.example.com"])
+    assert cfg.grants.exact_secret("raw-22", "box.example.com") == LONG
+
+
+def test_relay_toml_secret_file(tmp_path, fresh_warnings):
+    path = _file(tmp_path, LONG)
+    conf = tmp_path / "relay.toml"
+    conf.write_text(f'listen = ["127.0.0.1:0"]\n[[kite]]\ndomain = "a.example.com"\n'
+                    f'secret_file = "{path}"\n[[kite]]\ndomain = "b.example.com"\n')
+    with pytest.raises(ConfigError) as info:  # the second table has no secret
+        build_relay_config(config_file=str(conf))
+    assert info.value.key == "kite[1]"
+    conf.write_text(conf.read_text().replace("[[kite]]", f'secret_file = "{path}"\n[[kite]]', 1))
+    cfg = build_relay_config(config_file=str(conf))
+    assert cfg.grants.exact_secret("http", "b.example.com") == LONG
+
+
+def test_relay_short_secret_is_warned(fresh_warnings, caplog):
+    with caplog.at_level(logging.WARNING, "kite.config"):
+        build_relay_config(listen=["127.0.0.1:0"], kites=["*:a.example.com:tooshort"])
+    assert "a.example.com" in caplog.text and "tooshort" not in caplog.text
+
+
+def test_expose_secret_file_env_and_conflict(tmp_path, fresh_warnings, monkeypatch, caplog):
+    path = _file(tmp_path, LONG)
+    kw = {"target": "8080", "name": "app.example.com", "relays": ["127.0.0.1:1"], "plain": True}
+    cfg = build_backend_config(secret=None, secret_file=path, **kw)
+    assert cfg.relays[0].kites[0].secret == LONG
+    with pytest.raises(ConfigError) as info:
+        build_backend_config(secret=LONG, secret_file=path, **kw)
+    assert info.value.key == "--secret-file"
+    monkeypatch.setenv("KITE_SECRET", "env-" + LONG)
+    assert build_backend_config(secret=None, **kw).relays[0].kites[0].secret == "env-" + LONG
+    with caplog.at_level(logging.WARNING, "kite.config"):
+        build_backend_config(secret="short", **kw)
+    assert "--secret" in caplog.text and "short" not in caplog.text
+
+
+def test_backend_toml_secret_file(tmp_path, fresh_warnings):
+    path = _file(tmp_path, LONG)
+    conf = tmp_path / "backend.toml"
+    conf.write_text(f'[defaults]\nsecret_file = "{path}"\nplain = true\n[[relay]]\n'
+                    'address = "127.0.0.1:1"\n[[kite]]\nname = "app.example.com"\ntarget = 8080\n'
+                    f'[[kite]]\nname = "b.example.com"\ntarget = 8081\nsecret = "{LONG}x"\n')
+    cfg = kconfig.load_backend_config(str(conf))
+    assert [k.secret for k in cfg.relays[0].kites] == [LONG, LONG + "x"]

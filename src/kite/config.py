@@ -6,7 +6,7 @@ prints it on one line and exits 2.
 Backend file (``kite expose --config FILE``)::
 
     [defaults]              # optional, applies to every relay/kite below
-    secret = "..."          # or per kite; or env KITE_SECRET
+    secret_file = "kite.secret"  # first line; or secret = "..."; or per kite; or env KITE_SECRET
     ca = "relay.pem"        # or fingerprint = "ab12...", or insecure = true, or plain = true
 
     [[relay]]
@@ -34,19 +34,26 @@ Relay file (``kite relay --config FILE``)::
     [[kite]]
     domain = "*.example.com"
     protos = ["http", "https", "raw-22"]   # or "*"
-    secret = "..."
+    secret_file = "kite.secret"  # or secret = "..."; or top-level secret_file, --secret-file,
+                                 # env KITE_SECRET
     single = false          # true: one backend at a time (pagekite.py's Duplicate)
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .proto.names import valid_domain
+
+log = logging.getLogger("kite.config")
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,6 +61,10 @@ else:  # pragma: no cover
     import tomli as tomllib  # type: ignore
 
 __all__ = [
+    "MIN_KEEPALIVE",
+    "MAX_KEEPALIVE",
+    "check_keepalive",
+    "check_seconds",
     "parse_hostport",
     "parse_target",
     "check_tls_mode",
@@ -66,9 +77,67 @@ __all__ = [
 ]
 
 
+#: ``keepalive`` bounds (seconds of tunnel silence before a PING); 0 turns keepalive off.
+MIN_KEEPALIVE = 0.1
+MAX_KEEPALIVE = 3600.0
+
+
+def check_seconds(value: object, key: str, *, low: float, high: float,
+                  zero_ok: bool = False) -> float:
+    """A finite number of seconds in ``low``..``high`` (or 0 if ``zero_ok``); a TOML or
+    command-line value of any type may come in, and only a number (not a bool) passes."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, f"expected a number of seconds, got {value!r}",
+                          "give a number, e.g. 30")
+    seconds = float(value)
+    if zero_ok and seconds == 0:
+        return 0.0
+    if not low <= seconds <= high:  # also nan
+        zero = " or 0 to turn it off" if zero_ok else ""
+        raise ConfigError(key, f"{value!r} is out of range",
+                          f"give {low:g} to {high:g} seconds{zero}")
+    return seconds
+
+
+def check_keepalive(value: object, key: str = "--keepalive") -> float:
+    """Seconds of tunnel silence before a PING: MIN_KEEPALIVE..MAX_KEEPALIVE, or 0 (off)."""
+    return check_seconds(value, key, low=MIN_KEEPALIVE, high=MAX_KEEPALIVE, zero_ok=True)
+
+
+def _port_number(text: str, key: str, *, min_port: int = 1) -> int:
+    """A port of ASCII digits in min_port..65535 (``str.isdigit`` would take ``²``)."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not (
+            min_port <= int(text) <= 65535):
+        raise ConfigError(key, f"bad port {text!r}", f"use a number {min_port}-65535")
+    return int(text)
+
+
+def _check_host(host: str, value: str, key: str) -> str:
+    """A DNS name, an IPv4 address or (from ``[...]``) an IPv6 address; lower-cased."""
+    h = host.lower()
+    if ":" in h:
+        try:
+            ipaddress.IPv6Address(h)
+        except ValueError:
+            raise ConfigError(key, f"bad IPv6 address in {value!r}", "use [v6addr]:port") from None
+        return h
+    if h.endswith("."):
+        h = h[:-1]
+    if not valid_domain(h, wildcard=False):
+        raise ConfigError(key, f"bad host name in {value!r}",
+                          "use a DNS name or an IP address, e.g. relay.example.com:443")
+    return h
+
+
 def parse_hostport(value: str, *, key: str, default_host: Optional[str] = None,
-                   default_port: Optional[int] = None) -> tuple:
-    """``host:port``, ``[v6]:port``, ``port`` (with default_host) or ``host`` (default_port)."""
+                   default_port: Optional[int] = None, min_port: int = 0) -> tuple:
+    """``host:port``, ``[v6]:port``, ``port`` (with default_host) or ``host`` (default_port).
+
+    The host must be a DNS name or an IP address; the port ASCII digits in
+    ``min_port``..65535.  Anything else is a ConfigError naming ``key``.
+    """
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a \"HOST:PORT\" string, got {value!r}", "quote it")
     v = value.strip()
     host, port_s = None, None
     if v.startswith("["):
@@ -81,7 +150,7 @@ def parse_hostport(value: str, *, key: str, default_host: Optional[str] = None,
             port_s = rest[1:]
         elif rest:
             raise ConfigError(key, f"bad address {value!r}", "use [v6addr]:port")
-    elif v.isdigit():
+    elif v.isascii() and v.isdigit():
         port_s = v
     elif v.count(":") == 1:
         host, port_s = v.split(":")
@@ -92,14 +161,13 @@ def parse_hostport(value: str, *, key: str, default_host: Optional[str] = None,
     host = host or default_host
     if host is None:
         raise ConfigError(key, f"no host in {value!r}", "use HOST:PORT")
+    host = _check_host(host, value, key)
     if port_s is None or port_s == "":
         if default_port is None:
             raise ConfigError(key, f"no port in {value!r}", "use HOST:PORT")
         port = default_port
     else:
-        if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-            raise ConfigError(key, f"bad port {port_s!r}", "use a number 1-65535")
-        port = int(port_s)
+        port = _port_number(port_s, key, min_port=min_port)
     return host, port
 
 
@@ -114,9 +182,18 @@ class Target:
 
 def parse_target(value: str, *, key: str = "TARGET") -> Target:
     """``8080`` / ``host:port`` (http) or ``http://``, ``https://``, ``tcp://`` URLs."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConfigError(key, f"expected a URL, HOST:PORT or a port, got {value!r}",
+                          "e.g. \"http://127.0.0.1:8080\"")
     v = str(value).strip()
     if "://" in v:
-        u = urlsplit(v)
+        try:
+            u = urlsplit(v)
+            port = u.port
+            hostname = u.hostname
+        except ValueError as exc:
+            raise ConfigError(key, f"bad URL {value!r}: {exc}",
+                              "e.g. http://127.0.0.1:8080 or tcp://[::1]:22") from None
         scheme = u.scheme.lower()
         proto = {"http": "http", "https": "https", "tcp": "raw", "raw": "raw",
                  "ws": "http", "ssh": "raw"}.get(scheme)
@@ -124,16 +201,18 @@ def parse_target(value: str, *, key: str = "TARGET") -> Target:
             raise ConfigError(key, f"unknown scheme {scheme!r} in {value!r}",
                               "use http://, https:// or tcp://")
         default_port = {"http": 80, "https": 443, "ssh": 22}.get(scheme)
-        try:
-            port = u.port
-        except ValueError:
-            raise ConfigError(key, f"bad port in {value!r}", "use a number 1-65535") from None
         if port is None:
             port = default_port
         if port is None:
             raise ConfigError(key, f"no port in {value!r}", "e.g. tcp://127.0.0.1:22")
-        return Target(proto, u.hostname or "127.0.0.1", port)
-    host, port = parse_hostport(v, key=key, default_host="127.0.0.1")
+        if not 1 <= port <= 65535:
+            raise ConfigError(key, f"bad port in {value!r}", "use a number 1-65535")
+        if u.path not in ("", "/") or u.query or u.fragment or u.username or u.password:
+            raise ConfigError(key, f"{value!r} has more than a scheme, host and port",
+                              "e.g. http://127.0.0.1:8080")
+        host = _check_host(hostname, value, key) if hostname else "127.0.0.1"
+        return Target(proto, host, port)
+    host, port = parse_hostport(v, key=key, default_host="127.0.0.1", min_port=1)
     return Target("http", host, port)
 
 
@@ -187,13 +266,74 @@ def kite_proto_for(target: Target, public_port: Optional[int]) -> str:
     return target.proto
 
 
+# -- secrets ------------------------------------------------------------------------------------
+#: Secrets shorter than this get a warning (relay and backend): they can be guessed.
+MIN_SECRET_LENGTH = 16
+_warned: set = set()  # (what, key) pairs already warned about: each warning once
+
+
+def _warn_once(what: str, key: str, message: str, *args: object) -> None:
+    if (what, key) not in _warned:
+        _warned.add((what, key))
+        log.warning(message, *args)
+
+
+def read_secret_file(path: object, key: str) -> str:
+    """The secret in file ``path``: its first line, stripped.  An unreadable file or an empty
+    first line is a ConfigError; a file that group or others may read gets a warning."""
+    if not isinstance(path, str) or not path:
+        raise ConfigError(key, f"expected a file name, got {path!r}", "give the path of the file")
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            first = f.readline(4096)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path!r}: {exc.strerror or exc}",
+                          "give a readable file whose first line is the secret") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(key, f"{path!r} is not a regular file",
+                          "give a file whose first line is the secret")
+    try:
+        secret = first.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"the first line of {path!r} is not UTF-8 text",
+                          "write the secret as text on the first line") from None
+    if not secret:
+        raise ConfigError(key, f"the first line of {path!r} is empty",
+                          "write the secret on the first line")
+    if mode & 0o077:
+        _warn_once("mode", path, "secret file %r can be read by group or others (mode %03o): "
+                   "chmod 600 it", path, mode & 0o777)
+    return secret
+
+
+def pick_secret(secret: object, secret_file: object, *, key: str, file_key: str) -> Optional[str]:
+    """The secret given inline (``secret``) or in a file (``secret_file``); not both."""
+    if secret is not None and not isinstance(secret, str):
+        raise ConfigError(key, f"expected a string, got {type(secret).__name__}", "quote it")
+    if secret_file is not None:
+        if secret:
+            raise ConfigError(file_key, f"cannot be combined with {key}", "give one of them")
+        return read_secret_file(secret_file, file_key)
+    return secret or None
+
+
+def warn_short_secret(secret: str, where: str) -> None:
+    """One WARNING per ``where`` when ``secret`` is shorter than MIN_SECRET_LENGTH."""
+    if len(secret) < MIN_SECRET_LENGTH:
+        _warn_once("short", where, "the secret of %s has %d characters: use at least %d "
+                   "(`kite init` makes such secrets)", where, len(secret), MIN_SECRET_LENGTH)
+
+
 def _check_secret(secret: Optional[str], key: str) -> str:
     if not secret:
         raise ConfigError(key, "no secret given",
-                          "pass --secret, set KITE_SECRET, or put secret = \"...\" in the config")
-    if ":" in secret or any(c.isspace() for c in secret):
-        raise ConfigError(key, "the secret contains ':' or whitespace",
+                          "pass --secret-file FILE, set KITE_SECRET, or put secret_file = \"...\" "
+                          "in the config")
+    if ":" in secret or any(c.isspace() or not c.isprintable() for c in secret):
+        raise ConfigError(key, "the secret contains ':', whitespace or control characters",
                           "use letters, digits and punctuation other than ':'")
+    warn_short_secret(secret, key)
     return secret
 
 
@@ -228,13 +368,18 @@ def load_toml(path: str) -> dict:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError("config", f"no such file {path!r}", "check the path") from None
+        raise ConfigError("--config", f"no such file {path!r}", "check the path") from None
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path!r}: {exc.strerror or exc}",
+                          "give a readable TOML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{path}: not UTF-8 text", "save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("config", f"{path}: not valid TOML: {exc}", "fix the syntax") from None
+        raise ConfigError("--config", f"{path}: not valid TOML: {exc}", "fix the syntax") from None
 
 
 def _tls_opts(d: dict, where: str) -> dict:
-    out = {}
+    out: dict = {}
     for k in ("ca", "fingerprint", "server_name", "connect_name"):
         if k in d:
             if not isinstance(d[k], str):
@@ -249,25 +394,76 @@ def _tls_opts(d: dict, where: str) -> dict:
     return out
 
 
+_TLS_KEYS = {"ca", "fingerprint", "server_name", "connect_name", "insecure", "plain"}
+_DEFAULTS_KEYS = _TLS_KEYS | {"secret", "secret_file"}
+_RELAY_KEYS = _TLS_KEYS | {"address"}
+_KITE_KEYS = {"name", "target", "public_port", "proxy_protocol", "forwarded", "relays", "secret",
+              "secret_file"}
+
+
+def check_keys(table: dict, known: set, where: str) -> None:
+    """Every key of ``table`` is one of ``known`` (a misspelt key is not silently ignored)."""
+    for k in table:
+        if k not in known:
+            name = f"{where}.{k}" if where else k
+            raise ConfigError(name, "unknown key", f"known keys: {', '.join(sorted(known))}")
+
+
+def tables(data: dict, key: str) -> list:
+    """The ``[[key]]`` array of tables (empty if absent); anything else is a ConfigError."""
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(key, "must be an array of tables", f"write [[{key}]] sections")
+    return value
+
+
+def check_bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true/false, got {value!r}", "write true or false")
+    return value
+
+
+def check_port(value: object, key: str) -> int:
+    """A port number 1..65535 given as a number (TOML) or an int (command line)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError(key, f"{value!r} is not a port", "use a number 1-65535, without quotes")
+    return value
+
+
+def check_kite_name(value: object, key: str) -> str:
+    """A kite domain: a DNS name, or ``*.parent``; lower-cased, one trailing dot dropped."""
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}", "quote it")
+    name = value.strip().lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not valid_domain(name):
+        raise ConfigError(key, f"bad kite name {value!r}",
+                          "give a DNS name like app.example.com: letters, digits, '-' and '.'")
+    return name
+
+
 def load_backend_config(path: str) -> BackendConfig:
     from .net.tls import normalize_fingerprint
 
     data = load_toml(path)
-    known = {"defaults", "relay", "kite", "keepalive", "zchunks"}
-    for k in data:
-        if k not in known:
-            raise ConfigError(k, "unknown key", f"known keys: {', '.join(sorted(known))}")
+    check_keys(data, {"defaults", "relay", "kite", "keepalive", "zchunks"}, "")
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
         raise ConfigError("defaults", "must be a table", "write [defaults]")
+    check_keys(defaults, _DEFAULTS_KEYS, "defaults")
     d_tls = _tls_opts(defaults, "defaults")
-    d_secret = defaults.get("secret") or os.environ.get("KITE_SECRET")
+    d_secret = pick_secret(defaults.get("secret"), defaults.get("secret_file"),
+                           key="defaults.secret", file_key="defaults.secret_file")
+    d_secret = d_secret or os.environ.get("KITE_SECRET")
     relays: dict = {}
-    for i, r in enumerate(data.get("relay", [])):
+    for i, r in enumerate(tables(data, "relay")):
         where = f"relay[{i}]"
+        check_keys(r, _RELAY_KEYS, where)
         if "address" not in r:
             raise ConfigError(f"{where}.address", "missing", "e.g. address = \"relay.example.com:443\"")
-        host, port = parse_hostport(r["address"], key=f"{where}.address", default_port=443)
+        host, port = parse_hostport(r["address"], key=f"{where}.address", default_port=443,
+                                    min_port=1)
         opts = dict(d_tls)
         opts.update(_tls_opts(r, where))
         if opts.get("fingerprint"):
@@ -279,33 +475,40 @@ def load_backend_config(path: str) -> BackendConfig:
         relays[spec.address] = spec
     if not relays:
         raise ConfigError("relay", "no relay configured", "add a [[relay]] table with address = ...")
-    kites = data.get("kite", [])
+    kites = tables(data, "kite")
     if not kites:
         raise ConfigError("kite", "no kite configured", "add a [[kite]] table with name and target")
     for i, k in enumerate(kites):
         where = f"kite[{i}]"
+        check_keys(k, _KITE_KEYS, where)
         for req in ("name", "target"):
             if req not in k:
                 raise ConfigError(f"{where}.{req}", "missing", "every [[kite]] needs name and target")
-        target = parse_target(str(k["target"]), key=f"{where}.target")
+        target = parse_target(k["target"], key=f"{where}.target")
         pp = k.get("proxy_protocol", 0)
-        if pp not in (0, 1, 2):
+        if isinstance(pp, bool) or pp not in (0, 1, 2):
             raise ConfigError(f"{where}.proxy_protocol", f"{pp!r} is not 0, 1 or 2", "use 1 or 2")
         public_port = k.get("public_port")
+        if public_port is not None:
+            public_port = check_port(public_port, f"{where}.public_port")
+        secret = pick_secret(k.get("secret"), k.get("secret_file"), key=f"{where}.secret",
+                             file_key=f"{where}.secret_file")
         kite_spec = KiteSpec(
-            domain=str(k["name"]).lower(),
+            domain=check_kite_name(k["name"], f"{where}.name"),
             proto=kite_proto_for(target, public_port),
-            secret=_check_secret(k.get("secret") or d_secret, f"{where}.secret"),
+            secret=_check_secret(secret or d_secret, f"{where}.secret"),
             target=target,
             proxy_protocol=pp,
-            forwarded=bool(k.get("forwarded", True)),
+            forwarded=check_bool(k.get("forwarded", True), f"{where}.forwarded"),
         )
         names = k.get("relays")
+        if names is not None and (not isinstance(names, list)
+                                  or not all(isinstance(n, str) for n in names)):
+            raise ConfigError(f"{where}.relays", f"expected a list of addresses, got {names!r}",
+                              "e.g. relays = [\"relay.example.com:443\"]")
         for addr, relay in relays.items():
             if names is None or addr in names or f"{relay.host}:{relay.port}" in names:
                 relay.kites.append(kite_spec)
-    keepalive = float(data.get("keepalive", 30.0))
-    zchunks = data.get("zchunks", False)
-    if not isinstance(zchunks, bool):
-        raise ConfigError("zchunks", f"expected true/false, got {zchunks!r}", "write true or false")
+    keepalive = check_keepalive(data.get("keepalive", 30.0), "keepalive")
+    zchunks = check_bool(data.get("zchunks", False), "zchunks")
     return BackendConfig(relays=list(relays.values()), keepalive=keepalive, zchunks=zchunks)

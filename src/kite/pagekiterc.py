@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .config import MAX_KEEPALIVE, MIN_KEEPALIVE
 from .errors import ConfigError
 
 __all__ = ["RcLine", "Report", "read_rc", "convert", "import_rc", "RUN_WITH"]
@@ -157,7 +158,9 @@ class Report:
         items += [(ln.number, f"line {ln.number}: {ln.text!r}: note: {text}")
                   if ln is not None else (1 << 30, f"note: {text}")
                   for ln, text in self.notes]
-        return [text for _, text in sorted(items, key=lambda i: i[0])]
+        # Reasons quote values from the file: escape what a terminal or a TOML comment
+        # must not get raw.
+        return [_escaped(text) for _, text in sorted(items, key=lambda i: i[0])]
 
 
 def read_rc(text: str) -> list:
@@ -186,9 +189,20 @@ def _mask(ln: RcLine, secrets) -> RcLine:
     return RcLine(ln.number, text, ln.option, ln.value)
 
 
+# Characters TOML refuses anywhere outside escapes (comments included): C0 but HTAB and LF, DEL.
+_TOML_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _escaped(text: str) -> str:
+    """``text`` with every non-printable character written as a Python escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _q(s: str) -> str:
-    """A TOML basic string (JSON escapes are valid TOML)."""
-    return json.dumps(s, ensure_ascii=False)
+    """A TOML basic string (JSON escapes are valid TOML; TOML also wants DEL escaped)."""
+    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 # -- backend ------------------------------------------------------------------------------------
@@ -205,6 +219,23 @@ class _Kite:
     options: dict = field(default_factory=dict)
 
 
+def _digits(text: str) -> bool:
+    """ASCII decimal digits only (``str.isdigit`` also takes ``²``, which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
+def _keepalive(val: Optional[str], ln: RcLine, report: Report, old):
+    try:
+        keepalive = float(val or "")
+    except ValueError:
+        keepalive = -1.0
+    if not (keepalive == 0 or MIN_KEEPALIVE <= keepalive <= MAX_KEEPALIVE):  # also nan
+        report.unconverted.append((ln, f"keepalive must be {MIN_KEEPALIVE:g} to "
+                                       f"{MAX_KEEPALIVE:g} seconds, or 0"))
+        return old
+    return keepalive
+
+
 def _parse_service(value: str, kitename: str, kitesecret: str, ln: RcLine, report: Report):
     """``PROTOS:DOMAIN:HOST:PORT:SECRET`` and pagekite.py's shorter forms -> kites."""
     value = value.replace("@kitesecret", kitesecret).replace("@kitename", kitename)
@@ -217,7 +248,7 @@ def _parse_service(value: str, kitename: str, kitesecret: str, ln: RcLine, repor
         protos, domain, host, port = parts
     elif len(parts) == 3:
         protos, domain, port = parts
-    elif len(parts) == 2 and parts[1].isdigit():
+    elif len(parts) == 2 and _digits(parts[1]):
         domain, port, protos = parts[0], parts[1], "http"
     else:
         report.unconverted.append((ln, "expected PROTO:KITENAME:HOST:PORT:SECRET"))
@@ -236,7 +267,7 @@ def _parse_service(value: str, kitename: str, kitesecret: str, ln: RcLine, repor
             proto, public = "raw", 22
         elif "-" in proto:
             proto, _, p = proto.partition("-")
-            if not p.isdigit():
+            if not _digits(p):
                 report.unconverted.append((ln, f"bad kite protocol {proto}-{p}"))
                 continue
             public = int(p)
@@ -310,7 +341,7 @@ def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set
             frontends.append((val or "", ln))
         elif opt == "frontends":
             parts = (val or "").split(":")
-            if len(parts) == 3 and parts[2].isdigit():
+            if len(parts) == 3 and _digits(parts[2]):
                 frontends.append((f"{parts[1]}:{parts[2]}", ln))
                 report.notes.append((ln, f"kite connects to {parts[1]} (its first address); it "
                                          f"does not pick the {parts[0]} fastest of several"))
@@ -322,7 +353,10 @@ def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set
             else:
                 fe_certnames = []
         elif opt == "ca_certs":
-            ca_certs = (val, ln)
+            if val:
+                ca_certs = (val, ln)
+            else:
+                report.unconverted.append((ln, "ca_certs needs a file name"))
         elif opt == "fe_nocertcheck":
             nocertcheck = True
             report.notes.append((ln, "TLS without checking the relay's certificate: written "
@@ -330,10 +364,7 @@ def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set
                                      "pagekite.py 1.5.2 frontends crash on this kind of "
                                      "tunnel; use connect_name with them"))
         elif opt == "keepalive":
-            try:
-                keepalive = float(val or "")
-            except ValueError:
-                report.unconverted.append((ln, "keepalive must be a number of seconds"))
+            keepalive = _keepalive(val, ln, report, keepalive)
         elif opt in IGNORED:
             report.ignored.append((ln, IGNORED[opt]))
         elif opt in UNSUPPORTED:
@@ -347,7 +378,7 @@ def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set
     # service_cfg: per-kite options
     for host, key, value, ln in service_cfg:
         domain, _, port = host.partition("/")
-        port_n = int(port) if port.isdigit() else 80
+        port_n = int(port) if _digits(port) else 80
         targets = [k for k in kites if k.name == domain
                    and ((k.public_port or 80) == port_n)]
         if not targets:
@@ -478,10 +509,7 @@ def _convert_frontend(lines: list, report: Report, source: str) -> tuple[str, se
             report.notes.append((ln, "kite treats every TLS hello without SNI as a tunnel to "
                                      "the relay itself"))
         elif opt == "keepalive":
-            try:
-                keepalive = float(val or "")
-            except ValueError:
-                report.unconverted.append((ln, "keepalive must be a number of seconds"))
+            keepalive = _keepalive(val, ln, report, keepalive)
         elif opt == "nozchunks":
             zchunks = False
         elif opt in IGNORED:
@@ -558,6 +586,8 @@ def convert(text: str, source: str = "pagekite.rc") -> tuple:
     if rep:
         toml = toml.rstrip("\n") + "\n\n# Not converted from " + source + " (kite " \
             "import-pagekiterc):\n" + "".join(f"#   {r}\n" for r in rep)
+    # Comments quote values from the rc file; TOML allows no control characters there.
+    toml = _TOML_CONTROL.sub(lambda m: repr(m.group())[1:-1], toml)
     return kind, toml.rstrip("\n") + "\n", report
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Optional, Sequence
 
 from ..config import (
@@ -12,11 +13,15 @@ from ..config import (
     RelaySpec,
     _check_secret,
     check_connect_name,
+    check_keepalive,
+    check_kite_name,
+    check_port,
     check_tls_mode,
     kite_proto_for,
     load_backend_config,
     parse_hostport,
     parse_target,
+    pick_secret,
 )
 from ..errors import ConfigError
 from .connector import Backend
@@ -36,11 +41,24 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
                          public_port: Optional[int] = None, proxy_protocol: int = 0,
                          forwarded: bool = True, keepalive: float = 30.0,
                          connect_name: Optional[str] = None, zchunks: bool = False,
-                         config_file: Optional[str] = None) -> BackendConfig:
+                         config_file: Optional[str] = None,
+                         secret_file: Optional[str] = None) -> BackendConfig:
+    """Validate ``kite expose``'s options (or its ``--config`` file) into a BackendConfig.
+
+    The secret: ``secret`` (``--secret``) or ``secret_file``, not both; without either, the
+    ``KITE_SECRET`` environment variable.
+    """
+    keepalive = check_keepalive(keepalive, "--keepalive")
+    if public_port is not None:
+        public_port = check_port(public_port, "--public-port")
     if config_file:
         if target or name:
             raise ConfigError("--config", "TARGET/NAME given together with --config",
                               "put every kite in the config file, or use TARGET NAME alone")
+        if secret or secret_file:
+            raise ConfigError("--secret-file" if secret_file else "--secret",
+                              "not used with --config",
+                              "put secret_file = \"...\" in the config's [defaults] or [[kite]]")
         cfg = load_backend_config(config_file)
         cfg.keepalive = keepalive if keepalive != 30.0 else cfg.keepalive
         cfg.zchunks = cfg.zchunks or zchunks
@@ -62,15 +80,15 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
     if proxy_protocol and t.proto == "http":
         raise ConfigError("--proxy-protocol", "only for tcp:// and https:// targets",
                           "http kites get X-Forwarded-For instead")
-    domain = name.lower().rstrip(".")
-    if ":" in domain or not domain:
-        raise ConfigError("NAME", f"bad kite name {name!r}", "give a DNS name like app.example.com")
+    domain = check_kite_name(name, "NAME")
+    secret = pick_secret(secret, secret_file, key="--secret", file_key="--secret-file")
+    secret = secret or os.environ.get("KITE_SECRET")
     kite = KiteSpec(domain=domain, proto=kite_proto_for(t, public_port),
                     secret=_check_secret(secret, "--secret"), target=t,
                     proxy_protocol=proxy_protocol, forwarded=forwarded)
     specs = []
     for r in relays:
-        host, port = parse_hostport(r, key="--relay", default_port=443)
+        host, port = parse_hostport(r, key="--relay", default_port=443, min_port=1)
         specs.append(RelaySpec(host=host, port=port, plain=plain, ca=ca, fingerprint=fingerprint,
                                insecure=insecure, server_name=server_name,
                                connect_name=connect_name, kites=[kite]))

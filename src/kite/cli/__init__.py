@@ -20,10 +20,14 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error (one li
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import click
 
 from .. import __version__
 from . import bench, client, expose, relay, tools
+from .run import fail
 
 __all__ = ["main"]
 
@@ -39,7 +43,34 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     ctx.exit()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+#: click >= 8.2 raises this for ``kite`` without a command (8.1 prints the help and exits 0).
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class KiteGroup(click.Group):
+    """The ``kite`` group: a usage error (unknown option, a value of the wrong type, a missing
+    argument) is one line ``kite: error: ...`` and exit 2, like a ConfigError."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            status = super().main(*args, **kwargs)
+        except _NO_ARGS_IS_HELP as err:  # `kite` alone: the help
+            err.show()
+            sys.exit(err.exit_code)
+        except click.UsageError as err:
+            where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+            fail(f"{err.format_message()}{where}", err.exit_code)
+        except click.ClickException as err:
+            fail(err.format_message(), err.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+@click.group(cls=KiteGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True,
               callback=_print_version, help="Show the version and the fast path, then exit.")
 def main() -> None:

@@ -16,12 +16,13 @@ from .options import common_options, relay_options, timeout_option
 from .run import config_errors, serve, setup_logging
 
 
-def _target(host, port, relay, tls, ca, fingerprint, insecure, server_name, timeout):
+def _target(host, port, relay, tls, ca, fingerprint, insecure, server_name, timeout,
+            host_key="HOST"):
     from ..client.connect import build_relay_target
 
     return build_relay_target(host=host, port=port, relay=relay, tls=tls, ca=ca,
                               fingerprint=fingerprint, insecure=insecure,
-                              server_name=server_name, timeout=timeout)
+                              server_name=server_name, timeout=timeout, host_key=host_key)
 
 
 # -- connect ------------------------------------------------------------------------------------
@@ -67,7 +68,8 @@ def forward(listen, kite, relay, tls, ca, fingerprint, insecure, server_name, ti
         name, port = parse_hostport(kite, key="NAME:PORT")
         if not port:
             raise ConfigError("NAME:PORT", f"port 0 in {kite!r}", "give the kite's public port")
-        target = _target(name, port, relay, tls, ca, fingerprint, insecure, server_name, timeout)
+        target = _target(name, port, relay, tls, ca, fingerprint, insecure, server_name, timeout,
+                         "NAME:PORT")
     serve(lambda stop: serve_forward(lhost, lport, target, stop), loop_kind)
 
 
@@ -88,7 +90,8 @@ def ssh_config(name, relay, port, user, tls, ca, fingerprint, insecure, server_n
     from ..client.sshconfig import ssh_config_block
 
     with config_errors():
-        target = _target(name, port, relay, tls, ca, fingerprint, insecure, server_name, 20.0)
+        target = _target(name, port, relay, tls, ca, fingerprint, insecure, server_name, 20.0,
+                         "NAME")
     # The ProxyCommand's own options: the same relay settings, as `kite connect` takes them.
     tls_args = []
     if tls:

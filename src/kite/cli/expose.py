@@ -13,7 +13,11 @@ from .run import config_errors, serve, setup_logging
 @click.argument("name", required=False)
 @click.option("--relay", "relays", multiple=True, metavar="HOST:PORT",
               help="Relay to fly on (repeatable: one tunnel each).")
-@click.option("--secret", envvar="KITE_SECRET", help="Shared secret (or env KITE_SECRET).")
+@click.option("--secret", help="Shared secret.  Visible to every user in `ps`: prefer "
+                                "--secret-file or the KITE_SECRET environment variable.")
+@click.option("--secret-file", type=click.Path(dir_okay=False),
+              help="File whose first line is the secret (mode 0600).  Default: the KITE_SECRET "
+                   "environment variable.")
 @click.option("--ca", type=click.Path(dir_okay=False), help="Verify the relay against this CA/cert PEM.")
 @click.option("--fingerprint", metavar="SHA256", help="Pin the relay certificate's SHA-256.")
 @click.option("--insecure", is_flag=True, help="Do not verify the relay's certificate.")
@@ -24,7 +28,8 @@ from .run import config_errors, serve, setup_logging
                    "certificate against NAME (pagekite.py's --fe_certname: the only TLS tunnel "
                    "a pagekite.py 1.5.2 frontend accepts).")
 @click.option("--zchunks", is_flag=True, help="Ask the relay to compress what it sends (ZChunks).")
-@click.option("--public-port", type=int, help="tcp:// kites: the port visitors CONNECT to.")
+@click.option("--public-port", type=int,
+              help="tcp:// kites: the port visitors CONNECT to (1-65535).")
 @click.option("--proxy-protocol", type=click.IntRange(0, 2), default=0,
               help="raw/https kites: send a PROXY protocol v1 or v2 header to the target.")
 @click.option("--no-forwarded", is_flag=True, help="http kites: do not add X-Forwarded-* headers.")
@@ -32,10 +37,14 @@ from .run import config_errors, serve, setup_logging
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML file with many kites on several relays.")
 @common_options
-def expose(target, name, relays, secret, ca, fingerprint, insecure, plain, server_name,
+def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure, plain, server_name,
            connect_name, zchunks, public_port, proxy_protocol, no_forwarded, keepalive,
            config_file, verbose, quiet, loop_kind):
-    """Fly NAME on the relay(s), serving it from TARGET (port, host:port or URL)."""
+    """Fly NAME on the relay(s), serving it from TARGET (port, host:port or URL).
+
+    The kite secret: --secret-file FILE, or the KITE_SECRET environment variable (--secret
+    shows in `ps`); with --config, secret_file = "..." in the file.
+    """
     setup_logging(verbose, quiet)
     from ..backend.main import build_backend_config, serve_backend
 
@@ -45,5 +54,5 @@ def expose(target, name, relays, secret, ca, fingerprint, insecure, plain, serve
             fingerprint=fingerprint, insecure=insecure, plain=plain, server_name=server_name,
             public_port=public_port, proxy_protocol=proxy_protocol, forwarded=not no_forwarded,
             keepalive=keepalive, connect_name=connect_name, zchunks=zchunks,
-            config_file=config_file)
+            config_file=config_file, secret_file=secret_file)
     serve(lambda stop: serve_backend(cfg, stop), loop_kind)

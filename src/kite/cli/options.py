@@ -29,7 +29,7 @@ def common_options(f):
 def keepalive_option(f):
     """``--keepalive`` of kite relay and kite expose."""
     return click.option("--keepalive", type=float, default=30.0, show_default=True,
-                        help="Seconds of tunnel silence before a PING.")(f)
+                        help="Seconds of tunnel silence before a PING (0.1-3600; 0: none).")(f)
 
 
 def relay_options(f):

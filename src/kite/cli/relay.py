@@ -16,8 +16,13 @@ from .run import config_errors, serve, setup_logging
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="Key PEM for --tls-cert.")
 @click.option("--tls-name", multiple=True, metavar="NAME",
               help="SNI names that mean the relay itself (default: the certificate's names).")
-@click.option("--kite", "kites", multiple=True, metavar="PROTO:DOMAIN:SECRET",
-              help="Allow backends with SECRET to fly DOMAIN (PROTO * = all; *.dom wildcards).")
+@click.option("--kite", "kites", multiple=True, metavar="PROTO:DOMAIN[:SECRET]",
+              help="Allow backends with the secret to fly DOMAIN (PROTO * = all; *.dom "
+                   "wildcards).  Without :SECRET the secret is --secret-file's or KITE_SECRET's; "
+                   "a SECRET here is visible to every user in `ps`.")
+@click.option("--secret-file", type=click.Path(dir_okay=False),
+              help="File whose first line is the secret of --kite PROTO:DOMAIN grants and of "
+                   "[[kite]] tables without one (mode 0600).  Default: env KITE_SECRET.")
 @click.option("--single", "single", multiple=True, metavar="DOMAIN",
               help="Only one backend at a time may fly DOMAIN (pagekite.py's Duplicate rule).")
 @keepalive_option
@@ -43,8 +48,8 @@ from .run import config_errors, serve, setup_logging
               help="Seconds a slow reader may be held over the budget before it is cut.  "
                    "[default: 30]")
 @common_options
-def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, single, keepalive, zchunks,
-          drain_timeout, max_connections, max_pending, max_streams, idle_timeout,
+def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, single, keepalive,
+          zchunks, drain_timeout, max_connections, max_pending, max_streams, idle_timeout,
           buffer_budget, slow_reader_timeout, verbose, quiet, loop_kind):
     """Run the public relay: tunnels and visitors on one port."""
     setup_logging(verbose, quiet)
@@ -54,6 +59,7 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, single, keepa
         cfg = build_relay_config(config_file=config_file, listen=listen, tls_cert=tls_cert,
                                  tls_key=tls_key, tls_names=tls_name, kites=kites, single=single,
                                  keepalive=keepalive, zchunks=zchunks, drain_timeout=drain_timeout,
+                                 secret_file=secret_file,
                                  limits={"max_connections": max_connections,
                                          "max_pending": max_pending, "max_streams": max_streams,
                                          "idle_timeout": idle_timeout,

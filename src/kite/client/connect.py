@@ -36,7 +36,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-from ..config import check_tls_mode, parse_hostport
+from ..config import check_seconds, check_tls_mode, parse_hostport
 from ..errors import (
     BadRelayReply,
     ConfigError,
@@ -377,9 +377,9 @@ async def _bridge_copy(target: RelayTarget, in_fd: int, out_fd: int,
 def build_relay_target(*, host: str, port: int, relay: str, tls: bool = False,
                        ca: str | None = None, fingerprint: str | None = None,
                        insecure: bool = False, server_name: str | None = None,
-                       timeout: float = 20.0) -> RelayTarget:
+                       timeout: float = 20.0, host_key: str = "HOST") -> RelayTarget:
     """Validate the client options into a :class:`RelayTarget` (ConfigError: exit 2)."""
-    relay_host, relay_port = parse_hostport(relay, key="--relay", default_port=443)
+    relay_host, relay_port = parse_hostport(relay, key="--relay", default_port=443, min_port=1)
     mode = check_tls_mode(ca=ca, fingerprint=fingerprint, insecure=insecure)
     if mode and not tls:
         raise ConfigError(mode, "only checks a TLS connection to the relay", "add --tls")
@@ -392,9 +392,8 @@ def build_relay_target(*, host: str, port: int, relay: str, tls: bool = False,
     try:
         build_connect_request(host, port)
     except ValueError as exc:
-        raise ConfigError("HOST", str(exc), "give the kite's DNS name, e.g. box.example.com") from None
-    if not timeout > 0:
-        raise ConfigError("--timeout", f"{timeout!r} is not positive", "give seconds, e.g. 20")
+        raise ConfigError(host_key, str(exc), "give the kite's DNS name, e.g. box.example.com") from None
+    timeout = check_seconds(timeout, "--timeout", low=0.1, high=3600)
     client_tls = None
     if tls:
         client_tls = ClientTLS(ca=ca, fingerprint=fingerprint, insecure=insecure,

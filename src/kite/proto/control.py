@@ -25,12 +25,15 @@ matched case-insensitively; malformed values raise RemoteProtocolError quoting t
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .handshake import RelayReply, TunnelRequest, parse_inband_reply, parse_inband_request
+from .http import has_control
 
 __all__ = [
     "MAX_SID",
@@ -303,13 +306,34 @@ def _number(name: str, value: str, maximum: int) -> int:
     return int(value)
 
 
+# Quota values: ASCII decimal, optionally with a fraction (no sign, exponent, nan or inf).
+_DECIMAL = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,15})?")
+# PING/PONG values: printable ASCII, echoed in our PONG (docs/protocol.md §4.3).
+_PING_VALUE = re.compile(r"[ -~]*")
+
+
 def _quota_number(name: str, value: Optional[str]) -> Optional[float]:
     if value is None:
         return None
+    if not _DECIMAL.fullmatch(value):
+        raise RemoteProtocolError(f"invalid {name} in chunk: {value[:80]!r}")
+    return float(value)
+
+
+def _ping_value(name: str, value: str) -> str:
+    if not _PING_VALUE.fullmatch(value):
+        raise RemoteProtocolError(f"invalid {name} value in chunk: {value[:80]!r}")
+    return value
+
+
+def _rip(value: str) -> str:
+    # An IP address (scope id and IPv4-mapped prefix allowed), as the relay saw the visitor.
+    ip = _strip_mapped(value.lower())
     try:
-        return float(value)
+        ipaddress.ip_address(ip)
     except ValueError:
-        raise RemoteProtocolError(f"invalid {name} in chunk: {value!r}") from None
+        raise RemoteProtocolError(f"invalid RIP in chunk: {value[:80]!r}") from None
+    return ip
 
 
 def _eof_flags(value: str) -> tuple[bool, bool]:
@@ -333,14 +357,18 @@ def parse_chunk(headers: Sequence[tuple[str, str]], payload: Buffer) -> list[Eve
     pagekite.py's processing order (see the module docstring)."""
     first: dict[str, str] = {}
     for name, value in headers:
+        if has_control(value):  # the Demux splits at CRLF only (docs/protocol.md §4.3)
+            raise RemoteProtocolError(
+                f"control character in chunk header {name[:40]!r}: {value[:80]!r}"
+            )
         first.setdefault(name.strip().lower(), value)
     get = first.get
     events: list[Event] = []
 
     if "pong" in first:
-        events.append(Pong(first["pong"]))
+        events.append(Pong(_ping_value("PONG", first["pong"])))
     if "ping" in first:
-        events.append(Ping(first["ping"]))
+        events.append(Ping(_ping_value("PING", first["ping"])))
         control = True
     else:
         if "zrst" in first:
@@ -392,7 +420,7 @@ def parse_chunk(headers: Sequence[tuple[str, str]], payload: Buffer) -> list[Eve
                 proto=proto,
                 host=host,
                 port=None if not port else _number("Port", port, 65535),
-                rip=_strip_mapped(rip.lower()) if rip else None,
+                rip=_rip(rip) if rip else None,
                 rport=None if not rport else _number("RPort", rport, 65535),
                 rtls=bool(get("rtls")),
                 payload=bytes(payload),

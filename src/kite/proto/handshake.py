@@ -25,6 +25,7 @@ kite was requested with.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Callable, Collection, Iterable, Literal, Mapping, Optional, S
 from urllib.parse import parse_qs, urlencode
 
 from ..errors import HandshakeError, LocalProtocolError
+from .http import has_control
 from .signing import check_challenge, check_signature, make_challenge, sha1hex, sign
 
 __all__ = [
@@ -88,14 +90,41 @@ def _split_head(head: Union[bytes, str], what: str) -> tuple[str, list[tuple[str
     text = head.decode("latin-1") if isinstance(head, (bytes, bytearray, memoryview)) else head
     lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
     first, headers = lines[0], []
+    if has_control(first):
+        raise HandshakeError(f"control character in the first line of {what}: {first[:80]!r}")
     for line in lines[1:]:
         if line == "":
             break
+        if has_control(line):  # a lone CR, NUL, ESC ...: docs/protocol.md §11
+            raise HandshakeError(f"control character in a header line of {what}: {line[:80]!r}")
         name, sep, value = line.partition(":")
         if not sep or not name.strip():
             raise HandshakeError(f"malformed header line in {what}: {line[:80]!r}")
         headers.append((name, value.strip()))
     return first, headers
+
+
+def _check_values(headers: Headers, what: str) -> None:
+    """No control characters in header values (in-band headers come from the Demux, which
+    splits lines at CRLF only: a lone CR or LF stays in a value)."""
+    for name, value in headers:
+        if has_control(value):
+            raise HandshakeError(f"control character in {what} header {name[:40]!r}: {value[:80]!r}")
+
+
+# A kite field (PROTO, DOMAIN, BSALT, FSALT, SIGNATURE): visible ASCII, no ':' (which
+# separates them).  docs/protocol.md §2.1, §11.
+_KITE_FIELD = re.compile(r"[!-9;-~]*")
+
+
+def _kite_fields(value: str, count: int, what: str) -> list[str]:
+    fields = value.strip().split(":")
+    if len(fields) != count:
+        raise HandshakeError(f"{what} needs {count} ':'-separated fields, got {value[:200]!r}")
+    for text in fields:
+        if not _KITE_FIELD.fullmatch(text):
+            raise HandshakeError(f"{what} field is not visible ASCII: {value[:200]!r}")
+    return fields
 
 
 def _values(headers: Headers, suffix: str) -> list[str]:
@@ -169,12 +198,12 @@ class KiteLine:
 
     @classmethod
     def parse(cls, value: str, prefix: str = "X-PageKite") -> KiteLine:
-        """Parse a header value: exactly five ``:``-separated fields, else HandshakeError
-        (pagekite.py refuses the whole request then).  PROTO and DOMAIN are lower-cased."""
-        fields = value.strip().split(":")
-        if len(fields) != 5:
-            raise HandshakeError(f"kite request needs 5 ':'-separated fields, got {value!r}")
-        proto, domain, bsalt, fsalt, signature = fields
+        """Parse a header value: exactly five ``:``-separated fields of visible ASCII, PROTO
+        and DOMAIN not empty, else HandshakeError (pagekite.py refuses the whole request on a
+        wrong field count).  PROTO and DOMAIN are lower-cased."""
+        proto, domain, bsalt, fsalt, signature = _kite_fields(value, 5, "kite request")
+        if not proto or not domain:
+            raise HandshakeError(f"kite request without PROTO or DOMAIN: {value[:200]!r}")
         return cls(proto.lower(), domain.lower(), bsalt, fsalt, signature, prefix)
 
     @classmethod
@@ -216,10 +245,8 @@ class KiteRef:
 
     @classmethod
     def parse(cls, value: str) -> KiteRef:
-        fields = value.strip().split(":")
-        if len(fields) != 3:
-            raise HandshakeError(f"kite reference needs 3 ':'-separated fields, got {value!r}")
-        return cls(*fields)
+        """``PROTO:DOMAIN:BSALT``, visible ASCII; else HandshakeError."""
+        return cls(*_kite_fields(value, 3, "kite reference"))
 
 
 @dataclass(frozen=True)
@@ -241,9 +268,11 @@ class Challenge:
 
     @classmethod
     def parse(cls, value: str) -> Challenge:
-        fields = value.strip().split(":")
-        if len(fields) != 4:
-            raise HandshakeError(f"SignThis needs 4 ':'-separated fields, got {value!r}")
+        """``PROTO:DOMAIN:BSALT:FSALT``, visible ASCII, no field empty (each is signed by
+        :meth:`answer`); else HandshakeError."""
+        fields = _kite_fields(value, 4, "SignThis")
+        if not all(fields):
+            raise HandshakeError(f"SignThis with an empty field: {value[:200]!r}")
         return cls(*fields)
 
     def answer(self, kite_secret: str, *, salt: Optional[str] = None) -> KiteLine:
@@ -294,6 +323,7 @@ class TunnelRequest:
 
 
 def _request_from_headers(headers: Headers) -> TunnelRequest:
+    _check_values(headers, "kite request")
     kites: list[KiteLine] = []
     for prefix in _PREFIXES:
         wanted = prefix.lower()
@@ -702,14 +732,21 @@ class RelayReply:
         return self.misc.get("motd", "")
 
 
+# A number on the wire: ASCII decimal digits, optionally a fraction (no sign, exponent,
+# underscore, nan or inf, which float() would take).
+_DIGITS = re.compile(r"[0-9]{1,15}")
+_STATUS = re.compile(r"[1-9][0-9]{2}")  # RFC 9110 §15: three digits, 1xx to 9xx
+_DECIMAL = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,15})?")
+
+
 def _float(value: str, name: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise HandshakeError(f"{name} is not a number: {value!r}") from None
+    if not _DECIMAL.fullmatch(value):
+        raise HandshakeError(f"{name} is not a number: {value[:80]!r}")
+    return float(value)
 
 
 def _reply_from_headers(headers: Headers) -> RelayReply:
+    _check_values(headers, "relay reply")
     reply = RelayReply(headers=list(headers))
     reply.features = _list_values(_values(headers, "-Features"))
     reply.protos = _list_values(_values(headers, "-Protos"))
@@ -736,9 +773,9 @@ def _reply_from_headers(headers: Headers) -> RelayReply:
         for value in _values(headers, name):
             setattr(reply, attr, _float(value, "X-PageKite" + name))
     for value in _values(headers, "-IPsPerSec"):
-        ips, _, secs = value.partition("/")
-        if not (ips.strip().isdigit() and secs.strip().isdigit()):
-            raise HandshakeError(f"X-PageKite-IPsPerSec needs 'IPS/SECONDS', got {value!r}")
+        ips, _, secs = (part.strip() for part in value.partition("/"))
+        if not (_DIGITS.fullmatch(ips) and _DIGITS.fullmatch(secs)):
+            raise HandshakeError(f"X-PageKite-IPsPerSec needs 'IPS/SECONDS', got {value[:80]!r}")
         reply.ips_per_sec = (int(ips), int(secs))
     reply.upgrade = _values(headers, "-Upgrade")
     return reply
@@ -752,7 +789,7 @@ def parse_tunnel_response(head: Union[bytes, str]) -> RelayReply:
     """
     first, headers = _split_head(head, "tunnel response")
     parts = first.split(" ", 2)
-    if len(parts) < 2 or parts[0].upper() not in _HTTP_VERSIONS or not parts[1].isdigit():
+    if len(parts) < 2 or parts[0].upper() not in _HTTP_VERSIONS or not _STATUS.fullmatch(parts[1]):
         raise HandshakeError(f"not an HTTP/1.x response: {first[:80]!r}")
     reply = _reply_from_headers(headers)
     reply.http_version, reply.status = parts[0].upper(), int(parts[1])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from dataclasses import dataclass
 
 from ..errors import BadRelayReply, HeadTooLong
@@ -32,6 +33,7 @@ __all__ = [
     "build_connect_request",
     "connect_refused",
     "find_head_end",
+    "has_control",
     "http_error",
     "parse_connect_reply",
 ]
@@ -80,6 +82,16 @@ def find_head_end(buf: Buffer, limit: int = MAX_HEAD, *, bare_lf: bool = True) -
     if len(buf) >= limit:
         raise HeadTooLong(f"HTTP head longer than {limit} bytes: {bytes(buf[:40])!r}...")
     return None
+
+
+# A control character in a header value (C0 but HTAB, DEL, C1): never valid on the wire
+# (RFC 9110 §5.5), and never echoed or logged raw by kite (docs/protocol.md §11).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def has_control(text: str) -> bool:
+    """True if ``text`` holds a control character other than HTAB (C0, DEL or C1)."""
+    return _CONTROL.search(text) is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +150,7 @@ def parse_connect_reply(buf: Buffer) -> ConnectReply | None:
     lines = bytes(buf[:end]).replace(b"\r\n", b"\n").split(b"\n")
     parts = lines[0].split(b" ", 2)
     if (len(parts) < 2 or parts[0] not in (b"HTTP/1.0", b"HTTP/1.1")
-            or len(parts[1]) != 3 or not parts[1].isdigit()):
+            or len(parts[1]) != 3 or not parts[1].isdigit() or parts[1][:1] == b"0"):
         raise BadRelayReply(f"bad status line {lines[0][:80]!r}")
     status = int(parts[1])
     reason = parts[2].decode("latin-1").strip() if len(parts) > 2 else ""

@@ -285,7 +285,8 @@ def _split_host(value: bytes, *, port_required: bool) -> tuple[str, Optional[int
             raise SniffError(f"bad host: {value[:80]!r}")
     port: Optional[int] = None
     if port_text is not None:
-        if not (port_text.isdigit() and 0 < len(port_text) <= 5 and 0 < int(port_text) <= 65535):
+        if not (port_text.isascii() and port_text.isdigit() and 0 < len(port_text) <= 5
+                and 0 < int(port_text) <= 65535):
             raise SniffError(f"bad port in host: {value[:80]!r}")
         port = int(port_text)
     elif port_required:

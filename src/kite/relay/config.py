@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from ..config import load_toml, parse_hostport
+from ..config import (
+    check_bool,
+    check_keepalive,
+    check_keys,
+    check_seconds,
+    load_toml,
+    parse_hostport,
+    pick_secret,
+    read_secret_file,
+    tables,
+    warn_short_secret,
+)
 from ..errors import ConfigError
 from ..net.limits import (
     DEFAULT_BUFFER_BUDGET,
@@ -14,6 +26,7 @@ from ..net.limits import (
     DEFAULT_MAX_STREAMS,
     DEFAULT_SLOW_READER_TIMEOUT,
 )
+from ..proto.names import valid_domain
 from .grants import GrantTable, parse_grant
 
 __all__ = ["RelayConfig", "build_relay_config", "LIMIT_KEYS"]
@@ -59,51 +72,115 @@ def _cert_names(path: str) -> list:
     return names
 
 
+_RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive", "zchunks",
+               "secret_file", "max_connections", "max_pending", "max_streams", "idle_timeout",
+               "buffer_budget", "slow_reader_timeout"}
+_GRANT_KEYS = {"domain", "protos", "secret", "secret_file", "single"}
+
+
+def _strings(value: object, key: str, example: str) -> list:
+    """A TOML list of strings (a single string counts as a list of one)."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, f"expected a list of strings, got {value!r}", f"e.g. {example}")
+    return list(value)
+
+
+def _path(value: object, key: str) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"expected a file name, got {value!r}", "quote it")
+    return value
+
+
+def _relay_name(value: str, key: str) -> str:
+    """A name that means the relay itself (SNI): a DNS name, wildcard, or an IP address."""
+    name = value.strip().lower().rstrip(".")
+    if valid_domain(name):
+        return name
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        raise ConfigError(key, f"bad name {value!r}", "give a DNS name like relay.example.com") from None
+    return name
+
+
 def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[str] = (),
                        tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                        tls_names: Sequence[str] = (), kites: Sequence[str] = (),
                        single: Sequence[str] = (), keepalive: float = 30.0,
                        zchunks: bool = False, drain_timeout: float = 10.0,
-                       limits: Optional[dict] = None) -> RelayConfig:
+                       limits: Optional[dict] = None,
+                       secret_file: Optional[str] = None) -> RelayConfig:
+    """Validate the options and the TOML file (options win) into a RelayConfig.
+
+    A grant's secret comes from ``PROTO:DOMAIN:SECRET``, or, for ``PROTO:DOMAIN`` and a
+    ``[[kite]]`` without ``secret``/``secret_file``, from ``secret_file`` (the option, else
+    the file's top-level key) or the ``KITE_SECRET`` environment variable.
+    """
     grants = GrantTable()
+    listen_option = listen
     listen = list(listen)
-    names = list(tls_names)
-    single_set = {s.lower() for s in single}
+    names = [_relay_name(n, "--tls-name") for n in tls_names]
+    single_set = set()
+    for s in single:
+        domain = s.lower().rstrip(".")
+        if not valid_domain(domain):
+            raise ConfigError("--single", f"bad kite name {s!r}", "give a DNS name or *.parent")
+        single_set.add(domain)
+    keepalive = check_keepalive(keepalive, "--keepalive")
+    drain_timeout = check_seconds(drain_timeout, "--drain-timeout", low=0, high=3600)
     data: dict = {}
     if config_file:
         data = load_toml(config_file)
-        known = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive", "zchunks"}
-        known |= set(LIMIT_KEYS)
-        for k in data:
-            if k not in known:
-                raise ConfigError(k, "unknown key", f"known keys: {', '.join(sorted(known))}")
+        check_keys(data, _RELAY_KEYS, "")
+    if secret_file is None:
+        secret_file = _path(data.get("secret_file"), "secret_file")
+    default_secret = (read_secret_file(secret_file, "--secret-file") if secret_file
+                      else os.environ.get("KITE_SECRET") or None)
+    if data:
         if not listen:
-            listen = list(data.get("listen", []))
-        tls_cert = tls_cert or data.get("tls_cert")
-        tls_key = tls_key or data.get("tls_key")
-        names += list(data.get("tls_names", []))
-        keepalive = float(data.get("keepalive", keepalive))
-        zchunks = zchunks or bool(data.get("zchunks", False))
-        for i, k in enumerate(data.get("kite", [])):
+            listen = _strings(data.get("listen", []), "listen", 'listen = ["0.0.0.0:443"]')
+        tls_cert = tls_cert or _path(data.get("tls_cert"), "tls_cert")
+        tls_key = tls_key or _path(data.get("tls_key"), "tls_key")
+        names += [_relay_name(n, "tls_names") for n in
+                  _strings(data.get("tls_names", []), "tls_names", 'tls_names = ["relay.example.com"]')]
+        if "keepalive" in data:
+            keepalive = check_keepalive(data["keepalive"], "keepalive")
+        zchunks = zchunks or check_bool(data.get("zchunks", False), "zchunks")
+        for i, k in enumerate(tables(data, "kite")):
             where = f"kite[{i}]"
-            if "domain" not in k or "secret" not in k:
-                raise ConfigError(where, "needs domain and secret",
-                                  "e.g. domain = \"*.example.com\", secret = \"...\"")
-            protos = k.get("protos", "*")
-            if isinstance(protos, list):
-                protos = ",".join(protos)
-            g = parse_grant(f"{protos}:{k['domain']}:{k['secret']}", key=where)
-            if k.get("single"):
+            check_keys(k, _GRANT_KEYS, where)
+            if "domain" not in k:
+                raise ConfigError(where, "needs domain, and secret or secret_file",
+                                  "e.g. domain = \"*.example.com\", secret_file = \"kite.secret\"")
+            if not isinstance(k["domain"], str):
+                raise ConfigError(f"{where}.domain", f"expected a string, got {k['domain']!r}",
+                                  "quote it")
+            protos = ",".join(_strings(k.get("protos", "*"), f"{where}.protos",
+                                       'protos = ["http", "raw-22"] or "*"'))
+            secret = pick_secret(k.get("secret"), k.get("secret_file"), key=f"{where}.secret",
+                                 file_key=f"{where}.secret_file") or default_secret
+            if not secret:
+                raise ConfigError(where, "needs secret or secret_file",
+                                  "e.g. secret_file = \"kite.secret\" (or --secret-file, KITE_SECRET)")
+            g = parse_grant(f"{protos}:{k['domain']}:{secret}", key=where)
+            if check_bool(k.get("single", False), f"{where}.single"):
                 single_set.add(g.domain)
             grants.add(g)
+    listen_key = "--listen" if list(listen_option) else "listen"
+    addrs = [parse_hostport(v, key=listen_key, default_host="0.0.0.0")
+             for v in listen or ["0.0.0.0:443"]]
     for value in kites:
-        grants.add(parse_grant(value, key="--kite"))
+        grants.add(parse_grant(value, key="--kite", default_secret=default_secret))
     if not len(grants):
         raise ConfigError("--kite", "no kites are allowed on this relay",
-                          "add --kite 'PROTO:DOMAIN:SECRET' (or [[kite]] in the config)")
-    if not listen:
-        listen = ["0.0.0.0:443"]
-    addrs = [parse_hostport(v, key="--listen", default_host="0.0.0.0") for v in listen]
+                          "add --kite 'PROTO:DOMAIN' with --secret-file FILE (or [[kite]] in "
+                          "the config)")
+    for g in grants:
+        warn_short_secret(g.secret, f"kite {g.domain}")
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("--tls-cert/--tls-key", "give both or neither",
                           "`kite init relay` writes relay.crt and relay.key")

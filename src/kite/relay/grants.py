@@ -7,7 +7,7 @@ example.com (names and wildcards: :mod:`kite.proto.names`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 from ..errors import ConfigError
 from ..proto.names import bare_proto, domain_candidates, valid_domain, valid_proto
@@ -29,12 +29,19 @@ class Grant:
         return proto in self.protos or bare_proto(proto) in self.protos
 
 
-def parse_grant(value: str, *, key: str = "kite") -> Grant:
-    """Parse ``PROTO[,PROTO...]:DOMAIN:SECRET`` (``*`` for all protocols)."""
+def parse_grant(value: str, *, key: str = "kite", default_secret: Optional[str] = None) -> Grant:
+    """Parse ``PROTO[,PROTO...]:DOMAIN:SECRET`` (``*`` for all protocols), or
+    ``PROTO:DOMAIN`` when ``default_secret`` (from ``--secret-file``/``KITE_SECRET``) is given:
+    a secret on the command line shows in ``ps``."""
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}", "quote it")
     parts = value.split(":", 2)
+    if len(parts) == 2 and default_secret:
+        parts.append(default_secret)
     if len(parts) != 3 or not parts[2]:
-        raise ConfigError(key, "expected PROTO:DOMAIN:SECRET",
-                          "e.g. --kite 'http:app.example.com:SECRET' or '*:*.example.com:SECRET'")
+        raise ConfigError(key, "expected PROTO:DOMAIN:SECRET, or PROTO:DOMAIN with --secret-file",
+                          "e.g. --kite 'http:app.example.com' --secret-file FILE, or "
+                          "'*:*.example.com:SECRET'")
     protos_s, domain, secret = parts
     domain = domain.lower().rstrip(".")
     if not valid_domain(domain):
@@ -67,6 +74,10 @@ class GrantTable:
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_domain.values())
+
+    def __iter__(self) -> Iterator[Grant]:
+        for grants in self._by_domain.values():
+            yield from grants
 
     def find(self, proto: str, domain: str) -> Optional[Grant]:
         """The grant for ``proto`` (``raw-22`` tries ``raw-22`` then ``raw``) on ``domain``."""
