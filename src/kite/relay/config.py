@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 from ..config import load_toml, parse_hostport
 from ..errors import ConfigError
+from ..names.config import NAMES_KEYS, NamesConfig, build_names_config
 from .grants import GrantTable, parse_grant
 
 __all__ = ["RelayConfig", "build_relay_config"]
@@ -25,6 +26,7 @@ class RelayConfig:
     drain_timeout: float = 10.0
     zchunks: bool = False  # advertise ZChunks: ask pagekite.py backends to compress
     single_backend: set = field(default_factory=set)  # kites limited to one backend
+    names: Optional[NamesConfig] = None  # DNS for the kites (--dns, --dns-update): kite.names
 
 
 def _cert_names(path: str) -> list:
@@ -50,7 +52,9 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                        tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                        tls_names: Sequence[str] = (), kites: Sequence[str] = (),
                        single: Sequence[str] = (), keepalive: float = 30.0,
-                       zchunks: bool = False, drain_timeout: float = 10.0) -> RelayConfig:
+                       zchunks: bool = False, drain_timeout: float = 10.0,
+                       dns_options: Optional[dict] = None) -> RelayConfig:
+    data: dict = {}
     grants = GrantTable()
     listen = list(listen)
     names = list(tls_names)
@@ -58,6 +62,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     if config_file:
         data = load_toml(config_file)
         known = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive", "zchunks"}
+        known |= NAMES_KEYS
         for k in data:
             if k not in known:
                 raise ConfigError(k, "unknown key", f"known keys: {', '.join(sorted(known))}")
@@ -99,5 +104,6 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
             names = _cert_names(tls_cert)
     return RelayConfig(listen=addrs, grants=grants, tls_cert=tls_cert, tls_key=tls_key,
                        tls_names=names, keepalive=keepalive or None, zchunks=zchunks,
-                       drain_timeout=drain_timeout, single_backend=single_set)
+                       drain_timeout=drain_timeout, single_backend=single_set,
+                       names=build_names_config(data, dns_options))
 

@@ -3,7 +3,8 @@
 :class:`RelayServer` puts the parts together and shuts them down: the shared
 :class:`~kite.relay.state.RelayState`, the :class:`~kite.relay.accept.Acceptor` (listening
 sockets, first bytes) and the :class:`~kite.relay.dispatch.Dispatcher` (tunnel, stream or
-refusal).
+refusal), and the name service (:mod:`kite.names`) when DNS is configured, fed with the
+state's presence events.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import logging
 from typing import Optional
 
+from ..names import NameService
 from ..net.tls import server_context
 from .accept import Acceptor
 from .config import RelayConfig
@@ -38,10 +40,16 @@ class RelayServer:
             ssl_context = server_context(config.tls_cert, config.tls_key or config.tls_cert)
         self.dispatcher = Dispatcher(self.state, ssl_context)
         self.acceptor = Acceptor(self.dispatcher)
+        self.names: Optional[NameService] = None  # DNS for the kites (kite.names), if configured
+        if config.names is not None:
+            self.names = NameService(config.names, self.state.tls_names)
+            self.state.subscribe(self.names.on_presence)
         self.addresses: list = []
         self.closing = False
 
     async def start(self) -> list:
+        if self.names is not None:
+            await self.names.start()
         for host, port in self.config.listen:
             bound = self.acceptor.listen(host, port)
             self.addresses.append(bound)
@@ -62,3 +70,5 @@ class RelayServer:
         for tunnel in list(tunnels):
             tunnel.close("relay shutting down")
         await self.dispatcher.close()
+        if self.names is not None:
+            await self.names.close()
