@@ -239,9 +239,9 @@ class DnsUpdater:
         await self._exchange(upd)
         self.updates += 1
         for name in names:
-            on = name in self._protos
-            log.info("dns update: %s %s at %s", name, "->" + ",".join(self.v4 + self.v6)
-                     if on else "removed", self.where)
+            log.info("dns update: %s %s at %s", name,
+                     "-> " + " ".join(self.v4 + self.v6) if name in self._protos else "removed",
+                     self.where)
 
     async def _registered(self) -> set:
         """The names the registry RRset at the server lists."""
