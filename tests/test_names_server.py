@@ -299,3 +299,27 @@ def test_presence_with_real_kite_expose(tmp_path, loop_kind):
     finally:
         for p in procs:
             p.stop(signal.SIGKILL)
+
+
+def test_init_relay_with_a_zone_serves_it(tmp_path):
+    conf = tmp_path / "conf"
+    r = subprocess.run([*KITE, "init", "relay", "--dir", str(conf), "--zone", "init.kite",
+                        "--public-ip", "192.0.2.9", "--public-ip", "2001:db8::9"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    text = (conf / "relay.toml").read_text()
+    assert 'zone = "init.kite"' in text and 'domain = "*.init.kite"' in text
+    relay = Proc([*KITE, "relay", "--config", str(conf / "relay.toml"), "--listen", "127.0.0.1:0",
+                  "--dns", "127.0.0.1:0"], tmp_path, "relay")
+    try:
+        out = relay.wait_for("relay listening on", timeout=30)
+        dport = int(re.search(r"dns listening on 127\.0\.0\.1:(\d+)", out).group(1))
+        assert dig_sync(dport, "init.kite", "NS", "+short").out.split() == ["relay.init.kite."]
+        assert dig_sync(dport, "relay.init.kite", "A").values() == ["192.0.2.9"]
+        assert dig_sync(dport, "relay.init.kite", "AAAA").values() == ["2001:db8::9"]
+        assert dig_sync(dport, "app.init.kite", "A").status == "NXDOMAIN"
+    finally:
+        relay.stop(signal.SIGKILL)
+    bad = subprocess.run([*KITE, "init", "relay", "--dir", str(tmp_path / "c2"), "--public-ip",
+                          "192.0.2.9"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--public-ip" in bad.stderr

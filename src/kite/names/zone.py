@@ -196,11 +196,22 @@ class Zone:
     # -- lookups ------------------------------------------------------------------------------
     def has_addresses(self, qname: dns.name.Name) -> bool:
         """A kite flies on ``qname`` (or a wildcard above it), or it is the relay's."""
-        key = _key(qname)
-        if key in self._kites or key in self.own:
-            return True
-        labels = qname.canonicalize().labels
+        return self._has_addresses(_key(qname), qname)
+
+    def _has_addresses(self, key: str, qname: dns.name.Name) -> bool:
         kites = self._kites
+        if key in kites or key in self.own:
+            return True
+        if not kites:
+            return False
+        if "\\" not in key:  # plain labels: the text splits where the name does
+            rest = key
+            while "." in rest:
+                rest = rest.split(".", 1)[1]
+                if "*." + rest in kites:
+                    return True
+            return False
+        labels = qname.canonicalize().labels
         for i in range(1, len(labels) - 1):
             if "*." + dns.name.Name(labels[i:]).to_text(omit_final_dot=True) in kites:
                 return True
@@ -275,7 +286,7 @@ class Zone:
             return r
         r.flags |= dns.flags.AA
         key = _key(qname)
-        addresses = self.has_addresses(qname)
+        addresses = self._has_addresses(key, qname)
         if not self._exists(key, addresses):
             r.set_rcode(dns.rcode.NXDOMAIN)
             r.authority.append(self._soa)
