@@ -92,6 +92,11 @@ def test_records_follow_the_kite(knot, kites, loop_kind):
     cmdline = Path(f"/proc/{relay.pid}/cmdline").read_bytes().decode()
     assert knot.secret not in relay.output() and knot.secret not in cmdline
     assert "rejected" not in relay.output() and "unreachable" not in relay.output()
+    # a relay stopping (SIGTERM) takes its kites' names with it
+    kites.expose("last.test.kite", port, loop=loop_kind)
+    knot.wait_for("last.test.kite", "A", ["192.0.2.7"])
+    assert relay.stop(signal.SIGTERM) == 0
+    assert knot.query("last.test.kite") == [] and knot.query(REGISTRY, "TXT") == []
 
 
 def test_a_wrong_key_is_refused_and_logged(knot, kites):

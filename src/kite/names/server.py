@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 import struct
 import time
 from typing import Callable, Optional
@@ -196,6 +197,32 @@ class _Stream(asyncio.Protocol):
         self.transport = None
 
 
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bound_socket(host: str, port: int, kind: int) -> socket.socket:
+    """A socket bound to ``host:port`` (IPv6 ones IPv6 only, so that ``0.0.0.0`` and ``::``
+    can both be served), listening if TCP; KiteError (its cause the OSError) if it cannot."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        what = "tcp" if kind == socket.SOCK_STREAM else "udp"
+        raise KiteError(f"cannot serve DNS on {_where(host, port)}/{what}: {exc.strerror or exc}") \
+            from exc
+    return sock
+
+
 class DnsServer:
     """Answers queries for ``zone`` on every ``(host, port)`` of ``addresses``, UDP and TCP."""
 
@@ -220,28 +247,25 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         for host, port in self.addresses:
             for _attempt in range(20):  # port 0: UDP picks, TCP must get the same port
+                usock = _bound_socket(host, port, socket.SOCK_DGRAM)
+                bound = usock.getsockname()[:2]
                 try:
-                    udp, _ = await loop.create_datagram_endpoint(
-                        lambda: _Datagrams(self), local_addr=(host, port))
-                except OSError as exc:
-                    raise KiteError(f"cannot serve DNS on {host}:{port}/udp: {exc.strerror}") from None
-                bound = udp.get_extra_info("sockname")[:2]
-                try:
-                    tcp = await loop.create_server(lambda: _Stream(self), host, bound[1],
-                                                   reuse_address=True)
-                except OSError as exc:
-                    udp.close()
-                    if port == 0 and exc.errno == errno.EADDRINUSE:
+                    tsock = _bound_socket(host, bound[1], socket.SOCK_STREAM)
+                except KiteError as exc:
+                    usock.close()
+                    if port == 0 and exc.__cause__ is not None and \
+                            getattr(exc.__cause__, "errno", None) == errno.EADDRINUSE:
                         continue
-                    raise KiteError(f"cannot serve DNS on {host}:{port}/tcp: {exc.strerror}") from None
+                    raise
                 break
             else:  # pragma: no cover
-                raise KiteError(f"cannot serve DNS on {host}:{port}: no port free for UDP and TCP")
+                raise KiteError(f"cannot serve DNS on {_where(host, port)}: no port for UDP and TCP")
+            udp, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(self), sock=usock)
+            tcp = await loop.create_server(lambda: _Stream(self), sock=tsock)
             self._udp.append(udp)
             self._tcp.append(tcp)
             self.bound.append(bound)
-            log.info("dns listening on %s:%d (udp, tcp) for the zone %s", bound[0], bound[1],
-                     self.zone.name)
+            log.info("dns listening on %s (udp, tcp) for the zone %s", _where(*bound), self.zone.name)
         return self.bound
 
     async def close(self) -> None:
