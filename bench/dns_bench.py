@@ -108,7 +108,7 @@ class Procs:
         preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         with open(log, "ab") as logf:
             p = subprocess.Popen(argv, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
-                                 env=env, start_new_session=True, preexec_fn=preexec)  # noqa: PLW1509
+                                 env=env, start_new_session=True, preexec_fn=preexec)
         self.live.append(p)
         return p
 
@@ -119,8 +119,7 @@ class Procs:
                     os.killpg(p.pid, signal.SIGTERM)
                     p.wait(10)
                 except (ProcessLookupError, subprocess.TimeoutExpired):
-                    with_kill = p.poll() is None
-                    if with_kill:
+                    if p.poll() is None:
                         os.killpg(p.pid, signal.SIGKILL)
                         p.wait(5)
         self.live.clear()
@@ -298,22 +297,25 @@ def main(argv=None) -> int:
             f.write(json.dumps(rec) + "\n")
     pin = f"servers on CPU {sorted(server_cpus)}, dnsperf on {sorted(other_cpus)}" \
         if server_cpus and other_cpus else "nothing pinned"
-    print(f"\nqueries per second, median (min..max) of {args.rounds} round(s) of {args.seconds:g} s; "
+    print(f"\nmedian (min..max) of {args.rounds} round(s) of {args.seconds:g} s; "
           f"dnsperf -c 4 -q {args.outstanding} over UDP; {pin}")
-    print(f"{'system':14s}" + "".join(f"{c:>30s}" for c in cases) + "   server CPU")
-    for s in systems:
-        cpu = [v for c in cases for v in cpu_use[(s, c)]]
-        print(f"{s:14s}" + "".join(f"{fmt(results[(s, c)]):>30s}" for c in cases)
-              + (f"   {statistics.median(cpu):.2f}" if cpu else ""))
-    if "knot" in systems:
+    # per CPU-second of the server: what one core would answer (a server the load generator
+    # cannot saturate, or that shares its CPU with a neighbour, still shows its cost)
+    per_cpu = {k: [q / c for q, c in zip(results[k], cpu_use[k], strict=True) if c > 0.01] for k in results}
+    for title, table in (("q/s", results), ("q/s per CPU-second of the server", per_cpu)):
+        print(f"\n{title}")
+        print(f"{'system':14s}" + "".join(f"{c:>30s}" for c in cases) + "   server CPU")
         for s in systems:
-            if s == "knot":
-                continue
-            ratios = []
-            for c in cases:
-                if results[(s, c)] and results[("knot", c)]:
-                    ratios.append(f"{c} {statistics.median(results[(s, c)]) / statistics.median(results[('knot', c)]):.0%}")
-            print(f"{s} / knot: " + ", ".join(ratios))
+            cpu = [v for c in cases for v in cpu_use[(s, c)]]
+            print(f"{s:14s}" + "".join(f"{fmt(table[(s, c)]):>30s}" for c in cases)
+                  + (f"   {statistics.median(cpu):.2f}" if cpu else ""))
+        if "knot" in systems:
+            for s in systems:
+                med = {c: statistics.median(table[(s, c)]) / statistics.median(table[("knot", c)])
+                       for c in cases if s != "knot" and table[(s, c)] and table[("knot", c)]}
+                ratios = [f"{c} {r:.0%}" for c, r in med.items()]
+                if ratios:
+                    print(f"  {s} / knot: " + ", ".join(ratios))
     return 0
 
 

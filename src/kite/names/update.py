@@ -187,6 +187,8 @@ class DnsUpdater:
             except (OSError, EOFError, asyncio.TimeoutError, dns.exception.DNSException) as exc:
                 log.warning("dns update server %s unreachable: %s; full resync in %g s",
                             self.where, str(exc) or type(exc).__name__, delay)
+            except Exception:  # a bug must not end the pushing for good
+                log.exception("dns update to %s failed; full resync in %g s", self.where, delay)
             self.failures += 1
             self._resync = True
             await asyncio.sleep(delay)
