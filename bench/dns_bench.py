@@ -147,7 +147,8 @@ def kite_env() -> dict:
 
 def start_kite(procs: Procs, work: str, loop: str, server_cpus, other_cpus) -> tuple:
     """kite relay --dns with app.bench.kite flying; returns (pid, port)."""
-    log = os.path.join(work, f"relay-{loop}.log")
+    run = len(os.listdir(work))  # fresh log files for every start
+    log = os.path.join(work, f"relay-{loop}-{run}.log")
     relay = procs.start([sys.executable, "-m", "kite", "relay", "--listen", f"{HOST}:0",
                          "--kite", f"*:*.{ZONE}:{SECRET}", "--dns", f"{HOST}:0", "--zone", ZONE,
                          "--public-ip", IP, "--dns-name", f"relay.{ZONE}", "--dns-rate-limit", "0",
@@ -156,7 +157,7 @@ def start_kite(procs: Procs, work: str, loop: str, server_cpus, other_cpus) -> t
     dport = int(wait_log(log, r"dns listening on [\d.]+:(\d+)", relay).group(1))
     env = kite_env()
     env["KITE_SECRET"] = SECRET
-    elog = os.path.join(work, f"expose-{loop}.log")
+    elog = os.path.join(work, f"expose-{loop}-{run}.log")
     expose = procs.start([sys.executable, "-m", "kite", "expose", "8080", KITE, "--relay",
                           f"{HOST}:{m.group(1)}", "--plain"], elog, cpus=other_cpus, env=env)
     wait_log(elog, "flying", expose)
@@ -175,7 +176,7 @@ def start_knot(procs: Procs, work: str, server_cpus) -> tuple:
     conf = os.path.join(d, "knot.conf")
     with open(conf, "w") as f:
         f.write(KNOT_CONF.format(dir=d, host=HOST, port=port, zone=ZONE))
-    p = procs.start([knotd, "-c", conf], os.path.join(work, "knot.log"), cpus=server_cpus)
+    p = procs.start([knotd, "-c", conf], os.path.join(d, "knot.log"), cpus=server_cpus)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if dig_status(port, KITE) == "NOERROR":
@@ -183,7 +184,7 @@ def start_knot(procs: Procs, work: str, server_cpus) -> tuple:
         if p.poll() is not None:
             break
         time.sleep(0.1)
-    raise BenchError("knotd did not start (see knot.log)")
+    raise BenchError(f"knotd did not start (see {d}/knot.log)")
 
 
 def dig_status(port: int, name: str) -> str:
