@@ -75,7 +75,7 @@ def check_metadata(where: str, text: str, ver: str, pythons: list[str]) -> None:
         if msg.get(key) != value:
             problem(where, f"metadata {key} is {msg.get(key)!r}, expected {value!r}")
     requires = " ".join(msg.get_all("Requires-Dist") or [])
-    for dep in ("cryptography", "click", "httptools", "uvloop", "tomli"):
+    for dep in ("cryptography", "click", "httptools", "uvloop", "tomli", "dnspython"):
         if dep not in requires:
             problem(where, f"metadata Requires-Dist lacks {dep}")
     if not msg.get_all("Project-URL"):

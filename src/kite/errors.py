@@ -28,6 +28,7 @@ __all__ = [
     "KiteOffline",
     "NotAKite",
     "BadRelayReply",
+    "DnsUpdateRejected",
 ]
 
 
@@ -129,3 +130,14 @@ class NotAKite(RelayRefused):
 
 class BadRelayReply(ConnectFailed, RemoteProtocolError):
     """The relay's answer is not an HTTP response head (or breaks its bounds)."""
+
+
+# -- the name service -------------------------------------------------------------------------
+class DnsUpdateRejected(KiteError):
+    """A DNS server answered an RFC 2136 update (or its TSIG) with an error: ``rcode`` as
+    text (REFUSED, NOTAUTH, ...), ``reason`` what that means here."""
+
+    def __init__(self, rcode: str, reason: str) -> None:
+        self.rcode = rcode
+        self.reason = reason
+        super().__init__(f"{reason} (rcode {rcode})")

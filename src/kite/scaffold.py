@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import secrets
+from typing import Optional, Sequence
 
 from .errors import ConfigError
 from .net.tls import generate_self_signed
@@ -57,7 +58,38 @@ def _mkdir(directory: str) -> None:
                           "give a directory you can write to") from None
 
 
-def init_relay(directory: str, *, names: list, domain: str, force: bool) -> list:
+def _dns_block(zone: str, public_ips: list) -> str:
+    """The relay TOML keys that turn the name service on for ``zone``."""
+    ips = ", ".join(f'"{ip}"' for ip in public_ips)
+    hint = "" if public_ips else "  # EDIT: the relay's public IPv4/IPv6 address(es)"
+    return f'''
+# DNS for the kites (kite.names): the relay answers for {zone} on UDP and TCP port 53.
+# Delegate the zone to it at the parent: {zone}. NS relay.{zone}. and a glue
+# record relay.{zone}. A <public IP> (see README, "Names").
+dns = ["0.0.0.0:53"]
+zone = "{zone}"
+public_ips = [{ips}]{hint}
+dns_names = ["relay.{zone}"]  # the zone's NS; it answers with public_ips
+'''
+
+
+def init_relay(directory: str, *, names: list, domain: Optional[str], force: bool,
+               zone: Optional[str] = None, public_ips: Sequence[str] = ()) -> list:
+    """``zone``: DNS on for it (``public_ips`` its A/AAAA; the kite domain becomes ``*.zone``
+    when ``domain`` is None)."""
+    if zone is not None:
+        zone = zone.strip().lower().rstrip(".")
+        if not valid_domain(zone, wildcard=False):
+            raise ConfigError("--zone", f"bad zone {zone!r}", "give a DNS name, e.g. kites.example.com")
+        for ip in public_ips:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ConfigError("--public-ip", f"{ip!r} is not an IP address",
+                                  "give the relay's public IPv4 or IPv6 address") from None
+    elif public_ips:
+        raise ConfigError("--public-ip", "only used with --zone", "add --zone ZONE")
+    domain = domain or (f"*.{zone}" if zone else "*.kite.localhost")
     names = _check_names(names) or ["localhost", "127.0.0.1"]
     kite_domain = domain.strip().lower().rstrip(".")
     if not valid_domain(kite_domain):
@@ -76,13 +108,16 @@ def init_relay(directory: str, *, names: list, domain: str, force: bool) -> list
 listen = ["0.0.0.0:443"]
 tls_cert = {_toml_str(os.path.abspath(cert))}
 tls_key = {_toml_str(os.path.abspath(key))}
-
+{_dns_block(zone, list(public_ips)) if zone else ""}
 [[kite]]
 domain = {_toml_str(kite_domain)}
 protos = "*"
 secret = "{secret}"
 ''', force, 0o600)
-    return [
+    lines = []
+    if zone and not public_ips:
+        lines.append(f"edit public_ips in {conf}: the addresses the names of {zone} point at")
+    return lines + [
         f"wrote {cert}, {key} and {conf} (it holds the secret; mode 0600)",
         f"relay certificate SHA-256 fingerprint: {pin}",
         "backends verify it with:  --ca relay.crt   or   --fingerprint " + pin,

@@ -4,8 +4,34 @@ from __future__ import annotations
 
 import click
 
-from .options import common_options, keepalive_option
+from .options import _apply, common_options, keepalive_option
 from .run import config_errors, serve, setup_logging
+
+
+def dns_options(f):
+    """The name service's options (kite.names.config): they reach build_relay_config as
+    ``dns_options``; unset ones are None, so the config file's keys apply."""
+    return _apply([
+        click.option("--dns", multiple=True, metavar="HOST:PORT",
+                     help="Serve DNS for --zone here, UDP and TCP (port 53 if omitted; repeatable)."),
+        click.option("--zone", metavar="ZONE", help="The zone delegated to this relay."),
+        click.option("--public-ip", multiple=True, metavar="IP",
+                     help="The relay's public address: the A/AAAA of every flying kite (repeatable)."),
+        click.option("--dns-ttl", type=int, metavar="SECONDS", help="TTL of the answers [60]."),
+        click.option("--dns-negative-ttl", type=int, metavar="SECONDS",
+                     help="How long resolvers may cache a miss (SOA minimum) [30]."),
+        click.option("--dns-name", multiple=True, metavar="NAME",
+                     help="The relay's names for NS (default: its TLS names; else relay.ZONE)."),
+        click.option("--dns-rate-limit", type=int, metavar="N",
+                     help="Queries per second per address; past it they are ignored (0: off) [100]."),
+        click.option("--dns-update", metavar="SERVER:PORT",
+                     help="Push the kites' A/AAAA to this DNS server (RFC 2136 dynamic updates)."),
+        click.option("--dns-update-zone", metavar="ZONE", help="The zone to update (default: --zone)."),
+        click.option("--tsig", metavar="NAME:ALGORITHM:BASE64SECRET", envvar="KITE_TSIG",
+                     help="TSIG key for the updates (env KITE_TSIG; --tsig-file keeps it out of ps)."),
+        click.option("--tsig-file", type=click.Path(dir_okay=False),
+                     help="Read the TSIG key from FILE (NAME:ALG:SECRET, keymgr -t or tsig-keygen)."),
+    ], f)
 
 
 @click.command()
@@ -47,10 +73,11 @@ from .run import config_errors, serve, setup_logging
 @click.option("--slow-reader-timeout", type=click.FloatRange(min=0), default=None,
               help="Seconds a slow reader may be held over the budget before it is cut.  "
                    "[default: 30]")
+@dns_options
 @common_options
 def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, single, keepalive,
           zchunks, drain_timeout, max_connections, max_pending, max_streams, idle_timeout,
-          buffer_budget, slow_reader_timeout, verbose, quiet, loop_kind):
+          buffer_budget, slow_reader_timeout, verbose, quiet, loop_kind, **dns):
     """Run the public relay: tunnels and visitors on one port."""
     setup_logging(verbose, quiet)
     from ..relay.main import build_relay_config, serve_relay
@@ -64,5 +91,6 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, 
                                          "max_pending": max_pending, "max_streams": max_streams,
                                          "idle_timeout": idle_timeout,
                                          "buffer_budget": buffer_budget,
-                                         "slow_reader_timeout": slow_reader_timeout})
+                                         "slow_reader_timeout": slow_reader_timeout},
+                                 dns_options=dns)
     serve(lambda stop: serve_relay(cfg, stop), loop_kind)

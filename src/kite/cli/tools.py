@@ -21,16 +21,20 @@ from .run import config_errors, serve, setup_logging
               show_default=True, help="Where to write the files.")
 @click.option("--name", "names", multiple=True,
               help="Relay names for the certificate (default: localhost, 127.0.0.1).")
-@click.option("--domain", default="*.kite.localhost", show_default=True,
-              help="Kite domain the generated secret may fly (relay).")
+@click.option("--domain", default=None,
+              help="Kite domain the generated secret may fly (relay) [*.ZONE, else *.kite.localhost].")
+@click.option("--zone", metavar="ZONE", help="Relay: answer DNS for ZONE (the config turns --dns on).")
+@click.option("--public-ip", "public_ips", multiple=True, metavar="IP",
+              help="Relay with --zone: the public address the kites' names point at (repeatable).")
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
-def init(what, directory, names, domain, force):
+def init(what, directory, names, domain, zone, public_ips, force):
     """Write a config, a certificate and a secret to get started."""
     from ..scaffold import init_backend, init_relay
 
     with config_errors():
         if what == "relay":
-            lines = init_relay(directory, names=list(names), domain=domain, force=force)
+            lines = init_relay(directory, names=list(names), domain=domain, force=force,
+                               zone=zone, public_ips=public_ips)
         else:
             lines = init_backend(directory, force=force)
     for line in lines:

@@ -20,6 +20,7 @@ from ..config import (
     warn_short_secret,
 )
 from ..errors import ConfigError
+from ..names.config import NAMES_KEYS, NamesConfig, build_names_config
 from ..net.limits import (
     DEFAULT_BUFFER_BUDGET,
     DEFAULT_IDLE_TIMEOUT,
@@ -51,6 +52,7 @@ class RelayConfig:
     idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT  # s without a byte; None: never
     buffer_budget: Optional[int] = DEFAULT_BUFFER_BUDGET  # bytes in visitor buffers; None: no cap
     slow_reader_timeout: float = DEFAULT_SLOW_READER_TIMEOUT  # s held over budget, then cut
+    names: Optional[NamesConfig] = None  # DNS for the kites (--dns, --dns-update): kite.names
 
 
 def _cert_names(path: str) -> list:
@@ -113,7 +115,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                        single: Sequence[str] = (), keepalive: float = 30.0,
                        zchunks: bool = False, drain_timeout: float = 10.0,
                        limits: Optional[dict] = None,
-                       secret_file: Optional[str] = None) -> RelayConfig:
+                       secret_file: Optional[str] = None,
+                       dns_options: Optional[dict] = None) -> RelayConfig:
     """Validate the options and the TOML file (options win) into a RelayConfig.
 
     A grant's secret comes from ``PROTO:DOMAIN:SECRET``, or, for ``PROTO:DOMAIN`` and a
@@ -135,7 +138,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     data: dict = {}
     if config_file:
         data = load_toml(config_file)
-        check_keys(data, _RELAY_KEYS, "")
+        check_keys(data, _RELAY_KEYS | NAMES_KEYS, "")
     if secret_file is None:
         secret_file = _path(data.get("secret_file"), "secret_file")
     default_secret = (read_secret_file(secret_file, "--secret-file") if secret_file
@@ -192,7 +195,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
             names = _cert_names(tls_cert)
     cfg = RelayConfig(listen=addrs, grants=grants, tls_cert=tls_cert, tls_key=tls_key,
                       tls_names=names, keepalive=keepalive or None, zchunks=zchunks,
-                      drain_timeout=drain_timeout, single_backend=single_set)
+                      drain_timeout=drain_timeout, single_backend=single_set,
+                      names=build_names_config(data, dns_options))
     _apply_limits(cfg, data, limits or {})
     return cfg
 

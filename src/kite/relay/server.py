@@ -3,7 +3,8 @@
 :class:`RelayServer` puts the parts together and shuts them down: the shared
 :class:`~kite.relay.state.RelayState`, the :class:`~kite.relay.accept.Acceptor` (listening
 sockets, first bytes) and the :class:`~kite.relay.dispatch.Dispatcher` (tunnel, stream or
-refusal).
+refusal), and the name service (:mod:`kite.names`) when DNS is configured, fed with the
+state's presence events.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import logging
 from typing import Optional
 
+from ..names import NameService
 from ..net.memory import MemoryTrimmer
 from ..net.sockets import raise_nofile_limit
 from ..net.tls import server_context
@@ -41,6 +43,10 @@ class RelayServer:
         self.dispatcher = Dispatcher(self.state, ssl_context)
         self.acceptor = Acceptor(self.dispatcher)
         self.dispatcher.note_silent = self.acceptor.note_silent
+        self.names: Optional[NameService] = None  # DNS for the kites (kite.names), if configured
+        if config.names is not None:
+            self.names = NameService(config.names, self.state.tls_names)
+            self.state.subscribe(self.names.on_presence)
         self.addresses: list = []
         self.closing = False
         self.trimmer = MemoryTrimmer()  # freed visitor buffers go back to the OS
@@ -59,6 +65,8 @@ class RelayServer:
                  f"up to {limits.buffer_budget // (1 << 20)} MiB" if limits.buffer_budget
                  else "unlimited")
         self.trimmer.start()
+        if self.names is not None:
+            await self.names.start()
         for host, port in self.config.listen:
             bound = self.acceptor.listen(host, port)
             self.addresses.append(bound)
@@ -80,3 +88,5 @@ class RelayServer:
         for tunnel in list(tunnels):
             tunnel.close("relay shutting down")
         await self.dispatcher.close()
+        if self.names is not None:
+            await self.names.close()
