@@ -108,3 +108,13 @@ def test_relay_names():
     state = RelayState(RelayConfig(tls_names=["Relay.Example.com"]))
     assert state.is_relay_name("relay.example.com")
     assert not state.is_relay_name("app.example.com") and not state.is_relay_name(None)
+
+
+def test_dns_names_are_reserved_too():
+    from kite.names.config import NamesConfig
+
+    state = RelayState(RelayConfig(tls_names=["localhost"],
+                                   names=NamesConfig(zone="k.test", ns_names=["relay.k.test"])))
+    assert state.is_reserved("relay.k.test") and state.is_reserved("LOCALHOST")
+    assert not state.is_relay_name("relay.k.test")  # TLS for it is not the relay's own
+    assert not state.is_reserved("app.k.test")

@@ -217,7 +217,7 @@ class Dispatcher:
 
     def _dispatch_http(self, pv: PendingVisitor, result, data: bytes) -> None:
         host = result.host
-        if self.state.is_relay_name(host):
+        if self.state.is_reserved(host):
             self.refuse(pv, f"HTTP for the relay's own name {host}",
                         http_error(404, host, json_wanted=result.wants_json))
             return
@@ -249,7 +249,7 @@ class Dispatcher:
         if self.ssl_context is not None and (sni is None or self.state.is_relay_name(sni)):
             self._start_tunnel(pv.detach(), pv.addr, tls=True)
             return
-        if sni and not self.state.is_relay_name(sni):
+        if sni and not self.state.is_reserved(sni):
             protos = (f"https-{pv.port}", "https")
             tunnel: Optional[RelayTunnel]
             tunnel, _ = self.state.routes.lookup(protos, sni)  # type: ignore[assignment]
@@ -303,7 +303,7 @@ class Dispatcher:
             protos = ()
         protos = protos + (f"raw-{port}", "raw")
         state = self.state
-        if state.is_relay_name(host):
+        if state.is_reserved(host):
             msg = f"{host} is this relay, not a kite"
             return None, None, (connect_refused(403, msg), f"CONNECT {host}:{port}: {msg}")
         tunnel, proto = state.routes.lookup(protos, host)

@@ -58,6 +58,9 @@ class RelayState:
         self.sessions: dict = {}  # X-PageKite-SessionID -> tunnel, for X-PageKite-Replace
         self.public_ports: list[int] = []  # the ports the relay listens on (X-PageKite-Ports)
         self.tls_names = {n.lower() for n in config.tls_names}  # SNI names meaning the relay
+        # ... and with the relay's DNS names (the zone's NS), the names that are never kites
+        ns_names = config.names.ns_names if config.names is not None else []
+        self.reserved_names = self.tls_names | {n.lower() for n in ns_names}
         self.secret = new_secret()  # signs challenges; never leaves the process
         self.uuid = new_relay_uuid()  # X-PageKite-UUID of the ping probe's answer
         self.authorizer = KiteAuthorizer(
@@ -67,7 +70,7 @@ class RelayState:
             ports=("virtual",),
             raw_ports=("virtual",),
             is_duplicate=self._is_duplicate,
-            is_reserved=self.is_relay_name,
+            is_reserved=self.is_reserved,
             challenges=ChallengeBook(),
         )
         self.guard = AuthGuard()  # failed signatures per source address
@@ -187,6 +190,10 @@ class RelayState:
     def is_relay_name(self, name: Optional[str]) -> bool:
         """``name`` (an SNI or CONNECT host) means the relay itself, not a kite."""
         return name is not None and name.lower() in self.tls_names
+
+    def is_reserved(self, name: Optional[str]) -> bool:
+        """``name`` is one of the relay's own names (TLS or DNS): never a kite."""
+        return name is not None and name.lower() in self.reserved_names
 
     def has_grant(self, proto: str, domain: str) -> bool:
         return self.grants.find(proto, domain) is not None
