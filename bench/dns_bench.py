@@ -27,6 +27,7 @@ is stopped by PID.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -140,8 +141,12 @@ def wait_log(path: str, pattern: str, proc: subprocess.Popen, timeout: float = 3
 
 
 def kite_env() -> dict:
+    """This checkout's kite when its compiled fast path is built in place, else the installed
+    one (a fresh clone: CI runs the wheel it installed)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.join(REPO, "src") + os.pathsep + env.get("PYTHONPATH", "")
+    src = os.path.join(REPO, "src")
+    if glob.glob(os.path.join(src, "kite", "_fastpath*.so")):
+        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
