@@ -27,6 +27,7 @@ __all__ = [
     "KiteOffline",
     "NotAKite",
     "BadRelayReply",
+    "StoreError",
 ]
 
 
@@ -123,3 +124,9 @@ class NotAKite(RelayRefused):
 
 class BadRelayReply(ConnectFailed, RemoteProtocolError):
     """The relay's answer is not an HTTP response head (or breaks its bounds)."""
+
+
+class StoreError(KiteError):
+    """The account registry cannot do what was asked (a bad value, a taken name, a database
+    that cannot be opened or written).  The CLI prints it in one line and exits 2; the
+    relay logs it and keeps the last good registry."""

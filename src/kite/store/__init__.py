@@ -1,0 +1,142 @@
+"""The account registry: accounts, their kites, quotas and usage, behind a small interface.
+
+:class:`Store` is what the relay and ``kite accounts`` need from a registry;
+:class:`~kite.store.sqlite.SqliteStore` implements it on one SQLite file (WAL mode), a Redis
+store can implement it later.  Values are checked here (:func:`check_email`,
+:func:`check_name`, :func:`parse_size`), so every store refuses the same bad input with the
+same :class:`~kite.errors.StoreError`.
+
+Secrets are stored as they are, not hashed: the relay must verify pagekite's kite
+signatures, ``sha1(SECRET + payload)`` (docs/protocol.md §2), which needs the secret itself.
+They are protected like an SSH host key instead: the file is created mode 0600, secrets
+never appear in reprs, logs or ``list``/``show`` output (only ``add`` prints one, once).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+from ..errors import StoreError
+from ..proto.names import valid_domain, valid_proto
+
+__all__ = ["Account", "Kite", "Snapshot", "Store", "UsageBatch", "check_email", "check_name",
+           "check_protos", "parse_size", "format_size", "DEFAULT_PROTOS"]
+
+DEFAULT_PROTOS = ("http", "https")
+_EMAIL = re.compile(r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    email: str
+    secret: str = field(repr=False)  # never in logs or reprs
+    quota_bytes: int = 0  # bytes left; <= 0: exhausted
+    expires: Optional[float] = None  # Unix time, None: never
+    disabled: bool = False
+    period_bytes: int = 0  # bytes since the quota was last set
+    total_bytes: int = 0
+
+    def blocked(self, now: float) -> Optional[str]:
+        """Why this account's kites may not fly (pagekite's reject reasons), or None."""
+        if self.disabled:
+            return "unauthorized"
+        if self.expires is not None and now >= self.expires:
+            return "nodays"
+        if self.quota_bytes <= 0:
+            return "quota"
+        return None
+
+
+@dataclass(frozen=True)
+class Kite:
+    name: str  # a DNS name or *.parent
+    account_id: int
+    protos: frozenset
+    total_bytes: int = 0
+
+    def allows(self, proto: str) -> bool:
+        return proto in self.protos or proto.split("-", 1)[0] in self.protos
+
+
+@dataclass
+class Snapshot:
+    """Everything the relay keeps in memory: accounts by id, kites by name."""
+
+    accounts: dict = field(default_factory=dict)
+    kites: dict = field(default_factory=dict)
+
+
+@dataclass
+class UsageBatch:
+    """One flush of the relay's counters: bytes per account and per kite, on ``day``
+    (YYYY-MM-DD, UTC), and presence changes ``(proto, name, online)``."""
+
+    seq: int
+    day: str
+    accounts: dict = field(default_factory=dict)
+    kites: dict = field(default_factory=dict)
+    presence: list = field(default_factory=list)
+
+
+class Store(Protocol):
+    """A registry.  Every method is one short transaction; all may raise StoreError."""
+
+    def data_version(self) -> int: ...
+    def snapshot(self) -> Snapshot: ...
+    def last_seq(self, relay: str) -> int: ...
+    def flush(self, relay: str, batch: UsageBatch) -> bool: ...
+    def reset_presence(self, relay: str) -> None: ...
+    def add_account(self, email: str, quota: int, days: Optional[float]) -> Account: ...
+    def set_kite(self, email: str, name: str, protos: frozenset) -> Kite: ...
+    def remove_kite(self, email: str, name: str) -> None: ...
+    def set_quota(self, email: str, size: int, *, add: bool) -> Account: ...
+    def set_disabled(self, email: str, disabled: bool) -> Account: ...
+    def remove_account(self, email: str) -> None: ...
+    def list_accounts(self) -> list: ...
+    def show(self, email: str, now: float) -> dict: ...
+    def close(self) -> None: ...
+
+
+def check_email(email: str) -> str:
+    if not isinstance(email, str) or len(email) > 254 or not _EMAIL.match(email):
+        raise StoreError(f"bad email {email!r}: use an ASCII address like name@example.com")
+    return email.lower()
+
+
+def check_name(name: str) -> str:
+    n = name.lower().rstrip(".") if isinstance(name, str) else ""
+    if not n.isascii() or not valid_domain(n) or "." not in n.lstrip("*."):
+        raise StoreError(f"bad kite name {name!r}: use a DNS name (or *.name for a wildcard)")
+    return n
+
+
+def check_protos(value: str) -> frozenset:
+    items = frozenset(p.strip().lower() for p in value.split(",") if p.strip())
+    bad = [p for p in items if not valid_proto(p)]
+    if bad or not items:
+        raise StoreError(f"bad protocols {value!r}: use http, https, raw-PORT, websocket")
+    return items
+
+
+def parse_size(value: str) -> int:
+    """``2.5GB``, ``500MB``, ``10k``, ``1234`` (bytes; decimal units) -> bytes."""
+    m = _SIZE.match(value) if isinstance(value, str) else None
+    if not m:
+        raise StoreError(f"bad size {value!r}: use bytes or a number with KB, MB, GB, TB")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    n = float(m.group(1)) * _UNITS[unit]
+    if n > 2**62:
+        raise StoreError(f"size {value!r} is too large")
+    return int(n)
+
+
+def format_size(n: int) -> str:
+    for unit, f in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if abs(n) >= f:
+            return f"{n / f:.2f} {unit}"
+    return f"{n} B"
