@@ -159,3 +159,16 @@ def test_cli_locked_db_is_a_clear_error(tmp_path):
     finally:
         holder.execute("ROLLBACK")
     assert out.returncode == 2 and "locked" in out.stderr, out.stderr
+
+
+def test_relay_config_db(tmp_path):
+    from kite.errors import ConfigError
+    from kite.relay.config import build_relay_config
+
+    p = tmp_path / "relay.toml"
+    p.write_text('db = "accounts.db"\nlisten = ["127.0.0.1:0"]\n')
+    cfg = build_relay_config(config_file=str(p))
+    assert cfg.db == "accounts.db" and not len(cfg.grants)  # no static grant needed
+    assert build_relay_config(db="x.db", kites=["http:a.example.com:s"]).db == "x.db"
+    with pytest.raises(ConfigError, match="--db"):
+        build_relay_config()

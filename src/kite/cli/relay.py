@@ -20,13 +20,15 @@ from .run import config_errors, serve, setup_logging
               help="Allow backends with SECRET to fly DOMAIN (PROTO * = all; *.dom wildcards).")
 @click.option("--single", "single", multiple=True, metavar="DOMAIN",
               help="Only one backend at a time may fly DOMAIN (pagekite.py's Duplicate rule).")
+@click.option("--db", type=click.Path(dir_okay=False),
+              help="Account registry (SQLite file, managed with kite accounts).")
 @keepalive_option
 @click.option("--zchunks", is_flag=True, help="Let pagekite.py backends compress (ZChunks).")
 @click.option("--drain-timeout", type=float, default=10.0, show_default=True,
               help="On SIGTERM, seconds to let open streams finish.")
 @common_options
-def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, single, keepalive, zchunks,
-          drain_timeout, verbose, quiet, loop_kind):
+def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, single, db, keepalive,
+          zchunks, drain_timeout, verbose, quiet, loop_kind):
     """Run the public relay: tunnels and visitors on one port."""
     setup_logging(verbose, quiet)
     from ..relay.main import build_relay_config, serve_relay
@@ -34,5 +36,6 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, single, keepa
     with config_errors():
         cfg = build_relay_config(config_file=config_file, listen=listen, tls_cert=tls_cert,
                                  tls_key=tls_key, tls_names=tls_name, kites=kites, single=single,
-                                 keepalive=keepalive, zchunks=zchunks, drain_timeout=drain_timeout)
+                                 keepalive=keepalive, zchunks=zchunks, drain_timeout=drain_timeout,
+                                 db=db)
     serve(lambda stop: serve_relay(cfg, stop), loop_kind)

@@ -25,6 +25,7 @@ class RelayConfig:
     drain_timeout: float = 10.0
     zchunks: bool = False  # advertise ZChunks: ask pagekite.py backends to compress
     single_backend: set = field(default_factory=set)  # kites limited to one backend
+    db: Optional[str] = None  # the account registry (SQLite file; kite accounts --db)
 
 
 def _cert_names(path: str) -> list:
@@ -50,14 +51,16 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                        tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                        tls_names: Sequence[str] = (), kites: Sequence[str] = (),
                        single: Sequence[str] = (), keepalive: float = 30.0,
-                       zchunks: bool = False, drain_timeout: float = 10.0) -> RelayConfig:
+                       zchunks: bool = False, drain_timeout: float = 10.0,
+                       db: Optional[str] = None) -> RelayConfig:
     grants = GrantTable()
     listen = list(listen)
     names = list(tls_names)
     single_set = {s.lower() for s in single}
     if config_file:
         data = load_toml(config_file)
-        known = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive", "zchunks"}
+        known = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive", "zchunks",
+                 "db"}
         for k in data:
             if k not in known:
                 raise ConfigError(k, "unknown key", f"known keys: {', '.join(sorted(known))}")
@@ -68,6 +71,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
         names += list(data.get("tls_names", []))
         keepalive = float(data.get("keepalive", keepalive))
         zchunks = zchunks or bool(data.get("zchunks", False))
+        db = db or data.get("db")
         for i, k in enumerate(data.get("kite", [])):
             where = f"kite[{i}]"
             if "domain" not in k or "secret" not in k:
@@ -82,9 +86,10 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
             grants.add(g)
     for value in kites:
         grants.add(parse_grant(value, key="--kite"))
-    if not len(grants):
+    if not len(grants) and not db:
         raise ConfigError("--kite", "no kites are allowed on this relay",
-                          "add --kite 'PROTO:DOMAIN:SECRET' (or [[kite]] in the config)")
+                          "add --kite 'PROTO:DOMAIN:SECRET' (or [[kite]] in the config, "
+                          "or --db with accounts)")
     if not listen:
         listen = ["0.0.0.0:443"]
     addrs = [parse_hostport(v, key="--listen", default_host="0.0.0.0") for v in listen]
@@ -99,5 +104,5 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
             names = _cert_names(tls_cert)
     return RelayConfig(listen=addrs, grants=grants, tls_cert=tls_cert, tls_key=tls_key,
                        tls_names=names, keepalive=keepalive or None, zchunks=zchunks,
-                       drain_timeout=drain_timeout, single_backend=single_set)
+                       drain_timeout=drain_timeout, single_backend=single_set, db=db)
 

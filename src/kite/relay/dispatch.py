@@ -294,6 +294,8 @@ class Dispatcher:
         """``CONNECT host:port`` arrived inside a TLS connection the relay terminated (``kite
         connect --tls`` through strict firewalls): the TLS transport becomes the visitor."""
         tunnel, proto, refusal = self.route_connect(host, port)
+        if tunnel is not None and self.state.registry and self.state.registry.refusal(host):
+            tunnel, refusal = None, (b"", "account blocked")
         if tunnel is None:
             answer, reason = refusal
             log.info("visitor %s refused: %s", peer, reason)
@@ -315,6 +317,13 @@ class Dispatcher:
     # -- streams --------------------------------------------------------------------------------
     def _open_stream(self, pv: PendingVisitor, tunnel, proto: str, host: str, port: int,
                      *, payload: bytes, skip: int, sock: Optional[socket.socket] = None) -> None:
+        refusal = self.state.registry and self.state.registry.refusal(host)
+        if refusal:  # the account is out of quota, expired or disabled
+            if sock is not None:
+                sock.close()
+            else:
+                self.refuse(pv, refusal, http_error(403, refusal) if proto == "http" else b"")
+            return
         if sock is None:
             sock = pv.detach()
         sid = tunnel.new_sid()
@@ -323,6 +332,8 @@ class Dispatcher:
         tunnel.write_chunk(*control.build_stream_open(
             sid, proto, host, port, pv.addr[0], pv.addr[1], payload=payload))
         tunnel.announce_window(stream)
+        if self.state.registry is not None:
+            self.state.registry.opened(stream, len(payload))
         self._spawn(self._connect_visitor(sock, tunnel, stream, skip))
 
     async def _connect_visitor(self, sock, tunnel, stream: Stream, skip: int) -> None:

@@ -16,6 +16,7 @@ from ..net.tls import server_context
 from .accept import Acceptor
 from .config import RelayConfig
 from .dispatch import Dispatcher
+from .registry import Registry
 from .state import RelayState
 
 log = logging.getLogger("kite.relay")
@@ -42,6 +43,11 @@ class RelayServer:
         self.closing = False
 
     async def start(self) -> list:
+        if self.config.db:
+            from ..store.sqlite import open_store
+
+            self.state.registry = Registry(self.state, open_store(self.config.db))
+            await self.state.registry.start()
         for host, port in self.config.listen:
             bound = self.acceptor.listen(host, port)
             self.addresses.append(bound)
@@ -62,3 +68,5 @@ class RelayServer:
         for tunnel in list(tunnels):
             tunnel.close("relay shutting down")
         await self.dispatcher.close()
+        if self.state.registry is not None:
+            await self.state.registry.close()  # the last counts, on SIGTERM too

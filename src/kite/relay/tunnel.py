@@ -161,6 +161,10 @@ class RelayTunnel(TunnelProtocol):
                 self._next_sid = sid
                 return sid
 
+    def on_stream_closed(self, stream) -> None:
+        if self.state.registry is not None:
+            self.state.registry.count(stream, final=True)
+
     def on_closed(self, reason: str) -> None:
         if self._reg_handle is not None:
             self._reg_handle.cancel()

@@ -1,0 +1,174 @@
+"""Accounts on a real relay process (``kite relay --db``): quotas cut a kite off and a
+top-up brings it back with the same backend, counts are what curl moved and survive
+``kill -9``, removed kites stop flying, concurrent ``kite accounts`` lose no update.
+(issue 13)"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from support import KITE, Proc, free_port
+
+MB = 1000 * 1000
+NAME = "alice.acct.kite"
+
+
+def accounts(db, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run([*KITE, "accounts", *args, "--db", str(db)], capture_output=True,
+                         text=True, timeout=60)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def show(db) -> dict:
+    return json.loads(accounts(db, "show", "a@x.org", "--json").stdout)
+
+
+def curl(port: int, path: str, *args: str, host: str = NAME) -> tuple[int, int, str, int]:
+    """(curl's exit status, HTTP status, body head, bytes downloaded) of GET path."""
+    out = subprocess.run(["curl", "-s", "-o", "-", "-w", "\n%{http_code} %{size_download}",
+                          "-H", f"Host: {host}", *args, f"http://127.0.0.1:{port}{path}"],
+                         capture_output=True, timeout=60)
+    body, _, tail = out.stdout.rpartition(b"\n")
+    code, size = tail.decode().split()
+    return out.returncode, int(code), body[:400].decode(errors="replace"), int(size)
+
+
+def wait_until(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A static HTTP server with /f4 (4 MB), /f1 (1 MB) and /f20 (20 MB)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "f4").write_bytes(b"x" * (4 * MB))
+    (www / "f1").write_bytes(b"y" * MB)
+    (www / "f20").write_bytes(b"z" * (20 * MB))
+    port = free_port()
+    proc = Proc([sys.executable, "-m", "http.server", "-b", "127.0.0.1", "-d", str(www),
+                 str(port)], tmp_path, "www")
+    proc.wait_for("Serving HTTP", timeout=20)
+    yield port
+    proc.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def account(tmp_path):
+    """db path, secret of a@x.org (5 MB quota) flying alice.acct.kite (http)."""
+    db = tmp_path / "kite.db"
+    info = json.loads(accounts(db, "add", "a@x.org", "--quota", "5MB", "--json").stdout)
+    assert info["quota_bytes"] == 5 * MB and info["email"] == "a@x.org"
+    accounts(db, "kite", "a@x.org", NAME, "--protos", "http")
+    return db, info["secret"]
+
+
+def test_quota_cut_off_and_top_up(account, site, relay_process, expose_process):
+    db, secret = account
+    relay = relay_process("--db", str(db), grants=())
+    backend = expose_process(f"127.0.0.1:{site}", NAME, relay, secret=secret)
+    rc, code, _, size = curl(relay.port, "/f4")
+    assert (rc, code, size) == (0, 200, 4 * MB)
+    # A slow download crosses 5 MB: cut within a second or so (plus socket buffers).
+    rc, code, _, size = curl(relay.port, "/f20", "--limit-rate", "2M")
+    assert rc != 0 and size < 14 * MB, (rc, code, size)
+    rc, code, body, _ = curl(relay.port, "/f1")
+    assert code == 403 and "quota" in body, body
+    accounts(db, "quota", "a@x.org", "+10MB")
+    wait_until(lambda: curl(relay.port, "/f1")[1] == 200, 5, "top-up brings the kite back")
+    rc, code, _, size = curl(relay.port, "/f4")
+    assert (rc, code, size) == (0, 200, 4 * MB)
+    assert backend.proc.poll() is None  # the same backend process all along
+    assert "account a@x.org blocked: quota" in relay.proc.output()
+
+
+def test_counts_match_curl_and_survive_kill(account, site, relay_process, expose_process):
+    db, secret = account
+    accounts(db, "quota", "a@x.org", "100MB")
+    relay = relay_process("--db", str(db), grants=())
+    expose_process(f"127.0.0.1:{site}", NAME, relay, secret=secret)
+    moved = 0
+    for _ in range(3):
+        rc, code, _, size = curl(relay.port, "/f4")
+        assert (rc, code) == (0, 200)
+        moved += size
+    time.sleep(3.5)  # past a flush
+    relay.proc.stop(signal.SIGKILL)
+    info = show(db)
+    assert moved <= info["total_bytes"] <= moved * 1.01, (moved, info)
+    assert info["today_bytes"] == info["period_bytes"] == info["total_bytes"]
+    assert info["quota_bytes"] == 100 * MB - info["total_bytes"]
+    assert info["kites"][0]["total_bytes"] == info["total_bytes"]
+    # A new relay on the same database continues: nothing counted twice.
+    relay2 = relay_process("--db", str(db), grants=())
+    time.sleep(3.5)
+    relay2.proc.stop(signal.SIGTERM)
+    assert show(db)["total_bytes"] == info["total_bytes"]
+
+
+def test_removed_kite_stops_flying_and_handshake_reasons(account, site, relay_process,
+                                                         expose_process):
+    db, secret = account
+    relay = relay_process("--db", str(db), grants=("http:static.test.kite:other",))
+    expose_process(f"127.0.0.1:{site}", NAME, relay, secret=secret)
+    wait_until(lambda: show(db)["kites"][0]["online"] == ["http"], 5, "presence written")
+    accounts(db, "kite", "a@x.org", NAME, "--remove")
+    wait_until(lambda: curl(relay.port, "/f1")[1] == 404, 3, "a removed kite stops flying")
+    wait_until(lambda: not show(db)["kites"], 3, "removed from show")
+    # Back, but the account is out of quota: the handshake says so (pagekite's reason).
+    accounts(db, "kite", "a@x.org", NAME, "--protos", "http")
+    accounts(db, "quota", "a@x.org", "0")
+    time.sleep(1.5)
+    refused = expose_process(f"127.0.0.1:{site}", NAME, relay, wait=False, secret=secret)
+    refused.wait_for(f"refused kite http:{NAME}: quota", timeout=20)
+    accounts(db, "quota", "a@x.org", "5MB")
+    accounts(db, "disable", "a@x.org")
+    time.sleep(1.5)
+    refused = expose_process(f"127.0.0.1:{site}", NAME, relay, wait=False, secret=secret)
+    refused.wait_for(f"refused kite http:{NAME}: unauthorized", timeout=20)
+
+
+def test_concurrent_accounts_commands_lose_nothing(account, site, relay_process,
+                                                   expose_process):
+    db, secret = account
+    relay = relay_process("--db", str(db), grants=())
+    expose_process(f"127.0.0.1:{site}", NAME, relay, secret=secret)
+    with ThreadPoolExecutor(8) as pool:
+        traffic = pool.submit(lambda: [curl(relay.port, "/f1") for _ in range(4)])
+        list(pool.map(lambda _: accounts(db, "quota", "a@x.org", "+1MB"), range(16)))
+        assert all(r[1] == 200 for r in traffic.result())
+    time.sleep(3.5)
+    info = show(db)
+    assert info["quota_bytes"] == 21 * MB - info["total_bytes"]
+    assert info["total_bytes"] >= 4 * MB
+
+
+def test_sigterm_flushes_the_last_counts(account, site, relay_process, expose_process):
+    db, secret = account
+    relay = relay_process("--db", str(db), grants=())
+    expose_process(f"127.0.0.1:{site}", NAME, relay, secret=secret)
+    assert curl(relay.port, "/f1")[1] == 200
+    relay.proc.stop(signal.SIGTERM)  # before the next periodic flush
+    assert MB <= show(db)["total_bytes"] <= MB * 1.01
+
+
+def test_relay_with_a_db_it_cannot_open(tmp_path):
+    out = subprocess.run([*KITE, "relay", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "no" / "x.db")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "cannot open the database" in out.stderr, out.stderr
