@@ -172,3 +172,67 @@ def test_relay_with_a_db_it_cannot_open(tmp_path):
     out = subprocess.run([*KITE, "relay", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "no" / "x.db")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "cannot open the database" in out.stderr, out.stderr
+
+
+def test_big_registry_starts_and_changes_fast(tmp_path, relay_process):
+    """10,000 accounts with 100,000 kites: the relay starts within 2 s, sees a change within
+    2 s, and its RSS is reported."""
+    import secrets as secrets_
+
+    from kite.store.sqlite import SqliteStore
+
+    db = tmp_path / "big.db"
+    store = SqliteStore(str(db))
+    now = time.time()
+    with store._tx():
+        store.db.executemany(
+            "INSERT INTO accounts (email, secret, quota_bytes, created) VALUES (?, ?, ?, ?)",
+            ((f"u{i}@x.org", secrets_.token_urlsafe(24), 10**9, now) for i in range(10000)))
+        store.db.executemany(
+            "INSERT INTO kites (name, account_id, protos) VALUES (?, ?, 'http')",
+            ((f"k{i}.u{i % 10000}.big.kite", i % 10000 + 1) for i in range(100000)))
+    store.close()
+    t0 = time.monotonic()
+    relay = relay_process("--db", str(db), grants=())
+    started = time.monotonic() - t0
+    assert curl(relay.port, "/", host="k5.u5.big.kite")[1] == 503  # known, offline
+    assert curl(relay.port, "/", host="new.u7.big.kite")[1] == 404
+    t0 = time.monotonic()
+    accounts(db, "kite", "u7@x.org", "new.u7.big.kite")
+    wait_until(lambda: curl(relay.port, "/", host="new.u7.big.kite")[1] == 503, 2,
+               "a new kite is known")
+    seen = time.monotonic() - t0
+    print(f"\n100,000 kites: start {started:.2f} s (process included), change seen in "
+          f"{seen:.2f} s, RSS {relay.rss_kib() / 1024:.0f} MiB")
+    assert started < 2.5 and seen < 2.5
+
+
+def test_wire_quota_headers_chunks_and_reasons(tmp_path, relay_process):
+    """pagekite's view: X-PageKite-Quota (kB) and QDays at registration, Quota chunks when
+    it changes, reject reasons quota / nodays / unauthorized."""
+    import sqlite3
+
+    from pkpeer import fly
+
+    from kite.proto import control
+
+    db = tmp_path / "kite.db"
+    secret = json.loads(accounts(db, "add", "a@x.org", "--quota", "5MB", "--days", "10",
+                                 "--json").stdout)["secret"]
+    accounts(db, "kite", "a@x.org", NAME)
+    relay = relay_process("--db", str(db), grants=())
+    peer, reply, _ = fly(relay.port, NAME, secret)
+    assert [r.kite for r in reply.ok] == [f"http:{NAME}"]
+    assert reply.quota == 5 * MB // 1024 and reply.q_days == 9, reply.headers
+    assert peer.wait_event(control.Quota).quota == 5 * MB // 1024
+    accounts(db, "quota", "a@x.org", "0")
+    assert peer.wait_event(control.Quota, timeout=3).quota == 0
+    for change, reason in (("UPDATE accounts SET quota_bytes = 0", "quota"),
+                           ("UPDATE accounts SET quota_bytes = 9, expires = 1", "nodays"),
+                           ("UPDATE accounts SET expires = NULL, disabled = 1", "unauthorized")):
+        with sqlite3.connect(db) as conn:
+            conn.execute(change)
+        time.sleep(1.2)
+        _, reply, _ = fly(relay.port, NAME, secret)
+        assert [(r.kite, why) for r, why in reply.invalid] == [(f"http:{NAME}", reason)]
+    peer.close()
