@@ -172,3 +172,16 @@ def test_relay_config_db(tmp_path):
     assert build_relay_config(db="x.db", kites=["http:a.example.com:s"]).db == "x.db"
     with pytest.raises(ConfigError, match="--db"):
         build_relay_config()
+
+
+def test_relay_config_signup():
+    from kite.errors import ConfigError
+    from kite.relay.config import build_relay_config
+
+    cfg = build_relay_config(db="x.db", signup="Kites.Example.com", signup_quota="1GB")
+    assert (cfg.signup_zone, cfg.signup_quota, cfg.signup_per_hour) == \
+        ("kites.example.com", 10**9, 5)
+    for kw in ({"signup": "kites.example.com"}, {"db": "x.db", "signup": "bad zone"},
+               {"db": "x.db", "signup": "k.example.com", "signup_quota": "lots"}):
+        with pytest.raises(ConfigError, match="--signup"):
+            build_relay_config(kites=["http:a.example.com:s"], **kw)

@@ -236,3 +236,40 @@ def test_wire_quota_headers_chunks_and_reasons(tmp_path, relay_process):
         _, reply, _ = fly(relay.port, NAME, secret)
         assert [(r.kite, why) for r, why in reply.invalid] == [(f"http:{NAME}", reason)]
     peer.close()
+
+
+def _signup(relay, body, *args, https: bool = True) -> tuple[int, dict]:
+    url = f"{'https' if https else 'http'}://localhost:{relay.port}"
+    out = subprocess.run(["curl", "-s", "--cacert", relay.cert, "-w", "\n%{http_code}",
+                          "-H", "Content-Type: application/json", "--data-binary", body, *args,
+                          url + "/api/signup"], capture_output=True, text=True, timeout=30)
+    text, _, code = out.stdout.rpartition("\n")
+    return int(code), json.loads(text) if text.strip() else {}
+
+
+def test_signup_over_https_then_fly(tmp_path, site, relay_process, expose_process):
+    db = tmp_path / "kite.db"
+    relay = relay_process("--db", str(db), "--signup", "signup.kite", "--signup-quota", "50MB",
+                          grants=())
+    code, got = _signup(relay, json.dumps({"email": "new@x.org", "kite": "bob.signup.kite"}))
+    assert code == 200 and got["kite"] == "bob.signup.kite" and got["quota_bytes"] == 50 * MB
+    expose_process(f"127.0.0.1:{site}", "bob.signup.kite", relay, secret=got["secret"])
+    assert curl(relay.port, "/f1", host="bob.signup.kite")[1] == 200
+    for body, want, word in (
+            ('{"email": "b@x.org", "kite": "bob.signup.kite"}', 409, "taken"),
+            ('{"email": "new@x.org", "kite": "eve.signup.kite"}', 409, "exists"),
+            ('{"email": "b@x.org", "kite": "eve.other.kite"}', 403, "zone"),
+            ('{"email": "b@x.org", "kite": "a.b.signup.kite"}', 403, "zone"),
+            ('{"email": "\\u00e9@x.org", "kite": "eve.signup.kite"}', 400, "email"),
+            ('{"email": "b@x.org", "kite": "x\'; drop table kites;--.signup.kite"}', 400,
+             "kite name"),
+            ('{"email": "b@x.org", "kite": ', 400, "JSON"),
+            ('[1, 2]', 400, "required"),
+            ("x" * 5000, 413, "body")):
+        code, got = _signup(relay, body, https=want != 413)
+        assert code == want and word in got["error"], (body, code, got)
+    # At most 5 sign-ups an hour from one address (one went through above).
+    codes = [_signup(relay, json.dumps({"email": f"u{i}@x.org", "kite": f"u{i}.signup.kite"}))[0]
+             for i in range(5)]
+    assert codes == [200, 200, 200, 200, 429], codes
+    assert relay.alive()

@@ -22,13 +22,16 @@ from .run import config_errors, serve, setup_logging
               help="Only one backend at a time may fly DOMAIN (pagekite.py's Duplicate rule).")
 @click.option("--db", type=click.Path(dir_okay=False),
               help="Account registry (SQLite file, managed with kite accounts).")
+@click.option("--signup", metavar="ZONE",
+              help="Let people sign up for NAME.ZONE: POST /api/signup on the relay's name.")
+@click.option("--signup-quota", metavar="SIZE", help="Starter quota of a sign-up (2.5GB).")
 @keepalive_option
 @click.option("--zchunks", is_flag=True, help="Let pagekite.py backends compress (ZChunks).")
 @click.option("--drain-timeout", type=float, default=10.0, show_default=True,
               help="On SIGTERM, seconds to let open streams finish.")
 @common_options
-def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, single, db, keepalive,
-          zchunks, drain_timeout, verbose, quiet, loop_kind):
+def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, single, db, signup,
+          signup_quota, keepalive, zchunks, drain_timeout, verbose, quiet, loop_kind):
     """Run the public relay: tunnels and visitors on one port."""
     setup_logging(verbose, quiet)
     from ..relay.main import build_relay_config, serve_relay
@@ -37,5 +40,5 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, single, db, k
         cfg = build_relay_config(config_file=config_file, listen=listen, tls_cert=tls_cert,
                                  tls_key=tls_key, tls_names=tls_name, kites=kites, single=single,
                                  keepalive=keepalive, zchunks=zchunks, drain_timeout=drain_timeout,
-                                 db=db)
+                                 db=db, signup=signup, signup_quota=signup_quota)
     serve(lambda stop: serve_relay(cfg, stop), loop_kind)

@@ -26,6 +26,9 @@ class RelayConfig:
     zchunks: bool = False  # advertise ZChunks: ask pagekite.py backends to compress
     single_backend: set = field(default_factory=set)  # kites limited to one backend
     db: Optional[str] = None  # the account registry (SQLite file; kite accounts --db)
+    signup_zone: Optional[str] = None  # kite relay --signup ZONE: POST /api/signup
+    signup_quota: int = 2_500_000_000  # a new account's starter quota (bytes)
+    signup_per_hour: int = 5  # sign-ups per client address and hour
 
 
 def _cert_names(path: str) -> list:
@@ -52,7 +55,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                        tls_names: Sequence[str] = (), kites: Sequence[str] = (),
                        single: Sequence[str] = (), keepalive: float = 30.0,
                        zchunks: bool = False, drain_timeout: float = 10.0,
-                       db: Optional[str] = None) -> RelayConfig:
+                       db: Optional[str] = None, signup: Optional[str] = None,
+                       signup_quota: Optional[str] = None) -> RelayConfig:
     grants = GrantTable()
     listen = list(listen)
     names = list(tls_names)
@@ -60,7 +64,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     if config_file:
         data = load_toml(config_file)
         known = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive", "zchunks",
-                 "db"}
+                 "db", "signup", "signup_quota", "signup_per_hour"}
         for k in data:
             if k not in known:
                 raise ConfigError(k, "unknown key", f"known keys: {', '.join(sorted(known))}")
@@ -72,6 +76,9 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
         keepalive = float(data.get("keepalive", keepalive))
         zchunks = zchunks or bool(data.get("zchunks", False))
         db = db or data.get("db")
+        signup = signup or data.get("signup")
+        signup_quota = signup_quota or data.get("signup_quota")
+        per_hour = int(data.get("signup_per_hour", 5))
         for i, k in enumerate(data.get("kite", [])):
             where = f"kite[{i}]"
             if "domain" not in k or "secret" not in k:
@@ -90,6 +97,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
         raise ConfigError("--kite", "no kites are allowed on this relay",
                           "add --kite 'PROTO:DOMAIN:SECRET' (or [[kite]] in the config, "
                           "or --db with accounts)")
+    extra = _signup_options(db, signup, signup_quota, per_hour if config_file else 5)
     if not listen:
         listen = ["0.0.0.0:443"]
     addrs = [parse_hostport(v, key="--listen", default_host="0.0.0.0") for v in listen]
@@ -104,5 +112,23 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
             names = _cert_names(tls_cert)
     return RelayConfig(listen=addrs, grants=grants, tls_cert=tls_cert, tls_key=tls_key,
                        tls_names=names, keepalive=keepalive or None, zchunks=zchunks,
-                       drain_timeout=drain_timeout, single_backend=single_set, db=db)
+                       drain_timeout=drain_timeout, single_backend=single_set, db=db, **extra)
+
+
+def _signup_options(db, zone, quota, per_hour) -> dict:
+    if not zone:
+        return {}
+    from ..errors import StoreError
+    from ..store import check_name, parse_size
+
+    if not db:
+        raise ConfigError("--signup", "sign-up needs the account registry", "add --db FILE")
+    try:
+        zone = check_name(str(zone))
+        quota_bytes = parse_size(str(quota)) if quota is not None else 2_500_000_000
+    except StoreError as exc:
+        raise ConfigError("--signup", str(exc)) from None
+    if zone.startswith("*."):
+        raise ConfigError("--signup", f"zone {zone!r} is a wildcard", "give the zone's name")
+    return {"signup_zone": zone, "signup_quota": quota_bytes, "signup_per_hour": per_hour}
 

@@ -45,6 +45,7 @@ from ..proto.sniff import (
 )
 from ..proto.sniff import sniff as sniff_first_bytes
 from .accept import MAX_PEEK
+from .signup import SignupProtocol
 from .state import RelayState
 from .tunnel import RelayTunnel
 
@@ -184,6 +185,9 @@ class Dispatcher:
 
     def _dispatch_http(self, pv: PendingVisitor, result, data: bytes) -> None:
         host = result.host
+        if self.state.is_relay_name(host) and self.state.signup is not None:
+            self._spawn(self._serve_relay_http(pv.detach(), pv.addr[0]))
+            return
         if self.state.is_relay_name(host):
             self.refuse(pv, f"HTTP for the relay's own name {host}",
                         http_error(404, host, json_wanted=result.wants_json))
@@ -276,6 +280,11 @@ class Dispatcher:
             tunnel.connection_made(transport)
             tunnel.feed_handshake(data)
             return
+        if self.state.signup is not None and data[:5] in (b"POST ", b"GET /"):
+            protocol = SignupProtocol(self.state.signup, peer.rpartition(":")[0].strip("[]"), data)
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+            return
         result: Optional[SniffResult]
         try:
             result = sniff_first_bytes(data[:end])
@@ -344,6 +353,15 @@ class Dispatcher:
             log.info("visitor %s: %s", stream.peer, exc)
             sock.close()
             tunnel.discard(stream, close_local=False)
+
+    async def _serve_relay_http(self, sock: socket.socket, ip: str) -> None:
+        """Plain HTTP to the relay's own name with --signup: POST /api/signup."""
+        assert self.state.signup is not None
+        service = self.state.signup
+        try:
+            await self.loop.connect_accepted_socket(lambda: SignupProtocol(service, ip), sock=sock)
+        except OSError:
+            sock.close()
 
     # -- tunnels --------------------------------------------------------------------------------
     def _start_tunnel(self, sock: socket.socket, addr, *, tls: bool) -> None:

@@ -80,13 +80,14 @@ class Registry:
         self._quota_sent: dict = {}  # account id -> last kB told to its tunnels
         self._urgent = False  # an account was just blocked: flush now (before any top-up)
 
-    def _db(self, fn, *args):
+    def db_call(self, fn, *args):
+        """Run a store call in the registry's one database thread."""
         return self._loop.run_in_executor(self._pool, fn, *args)
 
     async def start(self) -> None:
-        self.seq = await self._db(self.store.last_seq, self.relay_id)
-        await self._db(self.store.reset_presence, self.relay_id)
-        await self._reload()
+        self.seq = await self.db_call(self.store.last_seq, self.relay_id)
+        await self.db_call(self.store.reset_presence, self.relay_id)
+        await self.reload()
         self.state.subscribe(lambda e: self._presence.append((e.proto, e.domain, e.online)))
         self._task = self._loop.create_task(self._run())
         log.info("registry: %d accounts, %d kites", len(self.snap.accounts), len(self.snap.kites))
@@ -154,9 +155,9 @@ class Registry:
         while True:
             await asyncio.sleep(POLL_INTERVAL)
             try:
-                version = await self._db(self.store.data_version)
+                version = await self.db_call(self.store.data_version)
                 if version != self.version:
-                    await self._reload()
+                    await self.reload()
             except StoreError as exc:
                 log.warning("registry: %s (serving with the last good registry)", exc)
             self.tick()
@@ -165,9 +166,10 @@ class Registry:
                 next_flush = self._loop.time() + FLUSH_INTERVAL
                 await self.flush()
 
-    async def _reload(self) -> None:
-        version = await self._db(self.store.data_version)
-        self.snap = await self._db(self.store.snapshot)
+    async def reload(self) -> None:
+        """Read a new snapshot and apply it (removed kites stop flying)."""
+        version = await self.db_call(self.store.data_version)
+        self.snap = await self.db_call(self.store.snapshot)
         self.version = version
         self._drop_removed()
         self._enforce()
@@ -262,7 +264,7 @@ class Registry:
             self._accounts, self._kites, self._presence = {}, {}, []
         batch = self._batch
         try:
-            await self._db(self.store.flush, self.relay_id, batch)
+            await self.db_call(self.store.flush, self.relay_id, batch)
         except StoreError as exc:
             log.warning("registry: flush %d failed, will retry: %s", batch.seq, exc)
             return False

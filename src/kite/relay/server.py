@@ -17,6 +17,7 @@ from .accept import Acceptor
 from .config import RelayConfig
 from .dispatch import Dispatcher
 from .registry import Registry
+from .signup import SignupService
 from .state import RelayState
 
 log = logging.getLogger("kite.relay")
@@ -48,6 +49,10 @@ class RelayServer:
 
             self.state.registry = Registry(self.state, open_store(self.config.db))
             await self.state.registry.start()
+            if self.config.signup_zone:
+                self.state.signup = SignupService(self.state.registry, self.config.signup_zone,
+                                                  self.config.signup_quota,
+                                                  self.config.signup_per_hour)
         for host, port in self.config.listen:
             bound = self.acceptor.listen(host, port)
             self.addresses.append(bound)

@@ -36,6 +36,7 @@ from .authguard import AuthGuard
 from .config import RelayConfig
 from .registry import Registry
 from .routes import Routes
+from .signup import SignupService
 
 log = logging.getLogger("kite.relay")
 
@@ -68,6 +69,7 @@ class RelayState:
         self.secret = new_secret()  # signs challenges; never leaves the process
         self.uuid = new_relay_uuid()  # X-PageKite-UUID of the ping probe's answer
         self.registry: Optional[Registry] = None  # accounts (kite relay --db), set by the server
+        self.signup: Optional[SignupService] = None  # --signup: set by the server
         self.authorizer = KiteAuthorizer(
             lookup_secret=self.exact_secret,
             challenge_secret=self.secret,

@@ -179,44 +179,59 @@ class SqliteStore:
     # -- kite accounts --------------------------------------------------------------------------
     def add_account(self, email: str, quota: int, days: Optional[float]) -> Account:
         email = check_email(email)
+        with self._tx():
+            self._add_account(email, quota, days)
+        return self._account(self._account_row(email))
+
+    def signup(self, email: str, name: str, quota: int, protos: frozenset) -> Account:
+        """A new account with one kite, in one transaction (both or neither)."""
+        email, name = check_email(email), check_name(name)
+        with self._tx():
+            aid = self._add_account(email, quota, None)
+            self._set_kite(aid, name, protos)
+        return self._account(self._account_row(email))
+
+    def _add_account(self, email: str, quota: int, days: Optional[float]) -> int:
         secret = secrets.token_urlsafe(24)
         now = time.time()
         expires = now + days * 86400 if days is not None else None
-        with self._tx():
-            if self.db.execute("SELECT 1 FROM accounts WHERE email = ?", (email,)).fetchone():
-                raise StoreError(f"account {email!r} exists already")
-            self.db.execute("INSERT INTO accounts (email, secret, quota_bytes, expires, created) "
-                            "VALUES (?, ?, ?, ?, ?)", (email, secret, quota, expires, now))
-        return self._account(self._account_row(email))
+        if self.db.execute("SELECT 1 FROM accounts WHERE email = ?", (email,)).fetchone():
+            raise StoreError(f"account {email!r} exists already")
+        cur = self.db.execute("INSERT INTO accounts (email, secret, quota_bytes, expires, "
+                              "created) VALUES (?, ?, ?, ?, ?)", (email, secret, quota, expires, now))
+        return int(cur.lastrowid or 0)
 
     def set_kite(self, email: str, name: str, protos: frozenset) -> Kite:
         name = check_name(name)
         with self._tx():
             aid = self._account_row(email)[0]
-            # A name belongs to one account: itself and every wildcard above it.
-            for cand in [name, *domain_candidates(name.removeprefix("*."))]:
-                row = self.db.execute("SELECT account_id FROM kites WHERE name = ?",
-                                      (cand,)).fetchone()
-                if row and row[0] != aid:
-                    raise StoreError(f"kite name {name!r} is taken (by {cand!r} of another "
-                                     "account)")
-            if name.startswith("*."):
-                parent = name[2:]
-                row = self.db.execute("SELECT account_id FROM kites WHERE name = ?",
-                                      (parent,)).fetchone()
-                if not row or row[0] != aid:
-                    raise StoreError(f"wildcard {name!r}: add the kite {parent!r} to this "
-                                     "account first (wildcards only under its own names)")
-                under = self.db.execute("SELECT name FROM kites WHERE name LIKE ? ESCAPE '\\' "
-                                        "AND account_id != ?",
-                                        ("%." + parent.replace("_", "\\_"), aid)).fetchone()
-                if under:
-                    raise StoreError(f"wildcard {name!r}: {under[0]!r} below it belongs to "
-                                     "another account")
-            self.db.execute("INSERT INTO kites (name, account_id, protos) VALUES (?, ?, ?) "
-                            "ON CONFLICT (name) DO UPDATE SET protos = excluded.protos",
-                            (name, aid, ",".join(sorted(protos))))
+            self._set_kite(aid, name, protos)
         return Kite(name, aid, protos)
+
+    def _set_kite(self, aid: int, name: str, protos: frozenset) -> None:
+        # A name belongs to one account: itself and every wildcard above it.
+        for cand in [name, *domain_candidates(name.removeprefix("*."))]:
+            row = self.db.execute("SELECT account_id FROM kites WHERE name = ?",
+                                  (cand,)).fetchone()
+            if row and row[0] != aid:
+                raise StoreError(f"kite name {name!r} is taken (by {cand!r} of another "
+                                 "account)")
+        if name.startswith("*."):
+            parent = name[2:]
+            row = self.db.execute("SELECT account_id FROM kites WHERE name = ?",
+                                  (parent,)).fetchone()
+            if not row or row[0] != aid:
+                raise StoreError(f"wildcard {name!r}: add the kite {parent!r} to this "
+                                 "account first (wildcards only under its own names)")
+            under = self.db.execute("SELECT name FROM kites WHERE name LIKE ? ESCAPE '\\' "
+                                    "AND account_id != ?",
+                                    ("%." + parent.replace("_", "\\_"), aid)).fetchone()
+            if under:
+                raise StoreError(f"wildcard {name!r}: {under[0]!r} below it belongs to "
+                                 "another account")
+        self.db.execute("INSERT INTO kites (name, account_id, protos) VALUES (?, ?, ?) "
+                        "ON CONFLICT (name) DO UPDATE SET protos = excluded.protos",
+                        (name, aid, ",".join(sorted(protos))))
 
     def remove_kite(self, email: str, name: str) -> None:
         name = check_name(name)
