@@ -28,6 +28,7 @@ __all__ = [
     "NotAKite",
     "BadRelayReply",
     "StoreError",
+    "SignupFailed",
 ]
 
 
@@ -130,3 +131,8 @@ class StoreError(KiteError):
     """The account registry cannot do what was asked (a bad value, a taken name, a database
     that cannot be opened or written).  The CLI prints it in one line and exits 2; the
     relay logs it and keeps the last good registry."""
+
+
+class SignupFailed(KiteError):
+    """``kite expose --signup``: the relay refused the sign-up (its JSON error is the
+    message) or could not be asked."""

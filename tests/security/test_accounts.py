@@ -273,3 +273,26 @@ def test_signup_over_https_then_fly(tmp_path, site, relay_process, expose_proces
              for i in range(5)]
     assert codes == [200, 200, 200, 200, 429], codes
     assert relay.alive()
+
+
+def test_expose_signup_saves_the_secret(tmp_path, site, relay_process, expose_process,
+                                        monkeypatch):
+    import os
+
+    secrets_file = tmp_path / "cfg" / "secrets.json"
+    monkeypatch.setenv("KITE_SECRETS", str(secrets_file))
+    relay = relay_process("--db", str(tmp_path / "kite.db"), "--signup", "signup.kite",
+                          grants=())
+    first = expose_process(f"127.0.0.1:{site}", "carol.signup.kite", relay, "--signup",
+                           "carol@x.org", secret="")
+    assert "signed up carol@x.org for carol.signup.kite" in first.output()
+    assert os.stat(secrets_file).st_mode & 0o777 == 0o600
+    assert list(json.loads(secrets_file.read_text())) == ["carol.signup.kite"]
+    assert curl(relay.port, "/f1", host="carol.signup.kite")[1] == 200
+    first.stop(signal.SIGKILL)
+    expose_process(f"127.0.0.1:{site}", "carol.signup.kite", relay, secret="")  # saved secret
+    assert curl(relay.port, "/f1", host="carol.signup.kite")[1] == 200
+    taken = expose_process(f"127.0.0.1:{site}", "carol.signup.kite", relay, "--signup",
+                           "dave@x.org", secret="", wait=False)
+    assert taken.proc.wait(30) == 1
+    assert "refused the sign-up: kite name 'carol.signup.kite' is taken" in taken.output()

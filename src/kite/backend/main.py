@@ -65,6 +65,10 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
     domain = name.lower().rstrip(".")
     if ":" in domain or not domain:
         raise ConfigError("NAME", f"bad kite name {name!r}", "give a DNS name like app.example.com")
+    if not secret:
+        from .signup import saved_secret
+
+        secret = saved_secret(domain)  # from an earlier kite expose --signup
     kite = KiteSpec(domain=domain, proto=kite_proto_for(t, public_port),
                     secret=_check_secret(secret, "--secret"), target=t,
                     proxy_protocol=proxy_protocol, forwarded=forwarded)
