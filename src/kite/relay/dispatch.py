@@ -319,6 +319,8 @@ class Dispatcher:
         tunnel.write_chunk(*control.build_stream_open(
             sid, proto, host, port, rip, int(rport or 0), payload=leftover))
         tunnel.announce_window(stream)
+        if self.state.registry is not None:
+            self.state.registry.opened(stream, len(leftover))
         protocol = StreamProtocol(tunnel, stream, 0)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
