@@ -296,3 +296,35 @@ def test_expose_signup_saves_the_secret(tmp_path, site, relay_process, expose_pr
                            "dave@x.org", secret="", wait=False)
     assert taken.proc.wait(30) == 1
     assert "refused the sign-up: kite name 'carol.signup.kite' is taken" in taken.output()
+
+
+def test_per_kite_limits(account, site, relay_process, expose_process):
+    db, secret = account
+    accounts(db, "quota", "a@x.org", "100MB")
+    relay = relay_process("--db", str(db), grants=())
+    expose_process(f"127.0.0.1:{site}", NAME, relay, secret=secret)
+    assert curl(relay.port, "/f1")[1] == 200
+    accounts(db, "limits", "a@x.org", NAME, "--deny", "127.0.0.0/8")
+    time.sleep(1.2)
+    code, body = curl(relay.port, "/f1")[1:3]
+    assert code == 403 and "does not take visitors from 127.0.0.1" in body, body
+    accounts(db, "limits", "a@x.org", NAME, "--allow", "10.0.0.0/8")
+    time.sleep(1.2)
+    assert curl(relay.port, "/f1")[1] == 403
+    accounts(db, "limits", "a@x.org", NAME, "--rate", "3")
+    time.sleep(1.2)
+    time.sleep(1 - time.monotonic() % 1 + 0.05)  # not across a second boundary, mostly
+    codes = [curl(relay.port, "/", "-I")[1] for _ in range(5)]
+    assert codes.count(403) >= 1 and codes[0] == 200, codes
+    accounts(db, "limits", "a@x.org", NAME, "--max-visitors", "1")
+    time.sleep(1.2)
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(curl, relay.port, "/f20", "--limit-rate", "1M", "--max-time", "3")
+        time.sleep(0.5)
+        code, body = curl(relay.port, "/f1")[1:3]
+        assert code == 403 and "maximum of 1 visitors" in body, body
+        assert slow.result()[1] == 200
+    wait_until(lambda: curl(relay.port, "/f1")[1] == 200, 3, "the visitor left: room again")
+    assert show(db)["kites"][0]["limits"] == {"max_visitors": 1}
+    assert accounts(db, "limits", "a@x.org", NAME, "--allow", "10.0.0.300/8",
+                    check=False).returncode == 2

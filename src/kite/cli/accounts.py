@@ -101,6 +101,28 @@ def kite_cmd(email, name, protos, remove, db):
 
 @accounts.command()
 @click.argument("email")
+@click.argument("name")
+@click.option("--max-visitors", type=click.IntRange(min=1), help="Concurrent visitor connections.")
+@click.option("--rate", type=click.IntRange(min=1),
+              help="New connections per second from one visitor address.")
+@click.option("--allow", multiple=True, metavar="CIDR", help="Only visitors from these networks.")
+@click.option("--deny", multiple=True, metavar="CIDR", help="Refuse visitors from these networks.")
+@_db_option
+def limits(email, name, max_visitors, rate, allow, deny, db):
+    """Set the visitor limits of the kite NAME (none given: no limits)."""
+    from ..errors import StoreError
+    from ..store import Limits, check_cidrs
+
+    try:
+        lim = Limits(max_visitors, rate, check_cidrs(allow), check_cidrs(deny))
+    except StoreError as err:
+        fail(str(err))
+    with _store(db) as store:
+        store.set_limits(email, name, lim)
+
+
+@accounts.command()
+@click.argument("email")
 @click.argument("size")
 @_db_option
 def quota(email, size, db):

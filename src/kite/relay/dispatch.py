@@ -303,7 +303,8 @@ class Dispatcher:
         """``CONNECT host:port`` arrived inside a TLS connection the relay terminated (``kite
         connect --tls`` through strict firewalls): the TLS transport becomes the visitor."""
         tunnel, proto, refusal = self.route_connect(host, port)
-        if tunnel is not None and self.state.registry and self.state.registry.refusal(host):
+        ip = peer.rpartition(":")[0].strip("[]")
+        if tunnel is not None and self.state.registry and self.state.registry.refusal(host, ip):
             tunnel, refusal = None, (b"", "account blocked")
         if tunnel is None:
             answer, reason = refusal
@@ -328,7 +329,7 @@ class Dispatcher:
     # -- streams --------------------------------------------------------------------------------
     def _open_stream(self, pv: PendingVisitor, tunnel, proto: str, host: str, port: int,
                      *, payload: bytes, skip: int, sock: Optional[socket.socket] = None) -> None:
-        refusal = self.state.registry and self.state.registry.refusal(host)
+        refusal = self.state.registry and self.state.registry.refusal(host, pv.addr[0])
         if refusal:  # the account is out of quota, expired or disabled
             if sock is not None:
                 sock.close()

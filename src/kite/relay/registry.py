@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,7 @@ from typing import Optional
 from ..errors import StoreError
 from ..proto import control
 from ..proto.names import domain_candidates
-from ..store import Account, Kite, Snapshot, Store, UsageBatch
+from ..store import NO_LIMITS, Account, Kite, Limits, Snapshot, Store, UsageBatch
 
 log = logging.getLogger("kite.relay")
 
@@ -79,6 +80,9 @@ class Registry:
         self._task: Optional[asyncio.Task] = None
         self._quota_sent: dict = {}  # account id -> last kB told to its tunnels
         self._urgent = False  # an account was just blocked: flush now (before any top-up)
+        self._open: dict = {}  # kite name -> open visitor streams
+        self._rate: dict = {}  # (kite name, visitor address) -> (second, new connections)
+        self._nets: dict = {}  # Limits -> (allow, deny) parsed networks
 
     def db_call(self, fn, *args):
         """Run a store call in the registry's one database thread."""
@@ -128,9 +132,50 @@ class Registry:
             return None
         return self.blocked.get(acct.id)
 
-    def refusal(self, host: str) -> Optional[str]:
-        reason = self.reason(host)
-        return None if reason is None else f"The kite {host} is not available: {_REFUSALS[reason]}."
+    def refusal(self, host: str, ip: str = "") -> Optional[str]:
+        """Why a new visitor from ``ip`` may not reach ``host``: its account is blocked, or
+        the kite's limits (allow/deny networks, concurrent visitors, rate per address)."""
+        kite, acct = self.owner(host)
+        if kite is None or acct is None:
+            return None
+        reason = self.blocked.get(acct.id)
+        if reason is not None:
+            return f"The kite {host} is not available: {_REFUSALS[reason]}."
+        limits = kite.limits
+        if limits is NO_LIMITS:
+            return None
+        if ip and (limits.allow or limits.deny):
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                addr = None
+            nets = self._networks(limits)
+            if addr is None or any(addr in n for n in nets[1]) or \
+                    (nets[0] and not any(addr in n for n in nets[0])):
+                return f"The kite {host} does not take visitors from {ip}."
+        if limits.max_visitors is not None and \
+                self._open.get(kite.name, 0) >= limits.max_visitors:
+            return f"The kite {host} has its maximum of {limits.max_visitors} visitors."
+        if limits.rate is not None and ip:
+            now = int(self._loop.time())
+            key = (kite.name, ip)
+            second, n = self._rate.get(key, (now, 0))
+            if second != now:
+                second, n = now, 0
+            if len(self._rate) > 100_000:
+                self._rate = {k: v for k, v in self._rate.items() if v[0] == now}
+            self._rate[key] = (second, n + 1)
+            if n >= limits.rate:
+                return f"The kite {host} takes at most {limits.rate} new connections a second."
+        return None
+
+    def _networks(self, limits: Limits) -> tuple:
+        nets = self._nets.get(limits)
+        if nets is None:
+            nets = ([ipaddress.ip_network(c) for c in limits.allow],
+                    [ipaddress.ip_network(c) for c in limits.deny])
+            self._nets[limits] = nets
+        return nets
 
     def quota_headers(self, prefix: str, host: str) -> list:
         """pagekite's ``X-PageKite-Quota`` (kB left) and ``-QDays`` for an account kite."""
@@ -190,11 +235,18 @@ class Registry:
         kite, acct = self.owner(stream.host)
         if kite is not None and acct is not None:
             self._seen[stream] = [kite.name, acct.id, -peeked]
+            self._open[kite.name] = self._open.get(kite.name, 0) + 1
 
     def count(self, stream, final: bool = False) -> None:
         entry = self._seen.pop(stream, None) if final else self._seen.get(stream)
         if entry is None:
             return
+        if final:
+            left = self._open.get(entry[0], 1) - 1
+            if left > 0:
+                self._open[entry[0]] = left
+            else:
+                self._open.pop(entry[0], None)
         slot = stream.slot
         total = slot.sent + slot.received
         n = total - entry[2]

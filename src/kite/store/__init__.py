@@ -14,6 +14,9 @@ never appear in reprs, logs or ``list``/``show`` output (only ``add`` prints one
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
@@ -21,8 +24,8 @@ from typing import Optional, Protocol
 from ..errors import StoreError
 from ..proto.names import valid_domain, valid_proto
 
-__all__ = ["Account", "Kite", "Snapshot", "Store", "UsageBatch", "check_email", "check_name",
-           "check_protos", "parse_size", "format_size", "DEFAULT_PROTOS"]
+__all__ = ["Account", "Kite", "Limits", "NO_LIMITS", "check_cidrs", "Snapshot", "Store", "UsageBatch",
+           "check_email", "check_name", "check_protos", "parse_size", "format_size", "DEFAULT_PROTOS"]
 
 DEFAULT_PROTOS = ("http", "https")
 _EMAIL = re.compile(r"^[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+$")
@@ -53,11 +56,41 @@ class Account:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Per-kite limits the relay enforces on visitors (None / empty: no limit)."""
+
+    max_visitors: Optional[int] = None  # concurrent visitor connections
+    rate: Optional[int] = None  # new connections per second from one visitor address
+    allow: tuple = ()  # CIDRs: if any, only visitors from these
+    deny: tuple = ()  # CIDRs refused
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v})
+
+    @classmethod
+    def from_json(cls, text: Optional[str]) -> Limits:
+        data = json.loads(text) if text else {}
+        return cls(data.get("max_visitors"), data.get("rate"), tuple(data.get("allow", ())),
+                   tuple(data.get("deny", ())))
+
+
+NO_LIMITS = Limits()
+
+
+def check_cidrs(values) -> tuple:
+    try:
+        return tuple(str(ipaddress.ip_network(v, strict=False)) for v in values)
+    except ValueError as exc:
+        raise StoreError(f"bad network: {exc} (use CIDRs like 10.0.0.0/8 or ::1/128)") from None
+
+
+@dataclass(frozen=True)
 class Kite:
     name: str  # a DNS name or *.parent
     account_id: int
     protos: frozenset
     total_bytes: int = 0
+    limits: Limits = NO_LIMITS
 
     def allows(self, proto: str) -> bool:
         return proto in self.protos or proto.split("-", 1)[0] in self.protos
@@ -95,6 +128,7 @@ class Store(Protocol):
     def signup(self, email: str, name: str, quota: int, protos: frozenset) -> Account: ...
     def set_kite(self, email: str, name: str, protos: frozenset) -> Kite: ...
     def remove_kite(self, email: str, name: str) -> None: ...
+    def set_limits(self, email: str, name: str, limits: Limits) -> None: ...
     def set_quota(self, email: str, size: int, *, add: bool) -> Account: ...
     def set_disabled(self, email: str, disabled: bool) -> Account: ...
     def remove_account(self, email: str) -> None: ...

@@ -13,6 +13,7 @@ was applied already (a retry after an error that hid a commit) and changes nothi
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sqlite3
@@ -21,7 +22,7 @@ from typing import Optional
 
 from ..errors import StoreError
 from ..proto.names import domain_candidates
-from . import Account, Kite, Snapshot, UsageBatch, check_email, check_name
+from . import NO_LIMITS, Account, Kite, Limits, Snapshot, UsageBatch, check_email, check_name
 
 __all__ = ["SqliteStore", "open_store"]
 
@@ -34,7 +35,7 @@ CREATE TABLE IF NOT EXISTS accounts (
     created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS kites (
     name TEXT PRIMARY KEY, account_id INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
-    protos TEXT NOT NULL, total_bytes INTEGER NOT NULL DEFAULT 0);
+    protos TEXT NOT NULL, total_bytes INTEGER NOT NULL DEFAULT 0, limits TEXT);
 CREATE INDEX IF NOT EXISTS kites_account ON kites(account_id);
 CREATE TABLE IF NOT EXISTS daily (
     account_id INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE, day TEXT NOT NULL,
@@ -127,9 +128,10 @@ class SqliteStore:
             for row in self.db.execute("SELECT id, email, secret, quota_bytes, expires, disabled,"
                                        " period_bytes, total_bytes FROM accounts"):
                 snap.accounts[row[0]] = self._account(row)
-            for name, aid, protos, total in self.db.execute(
-                    "SELECT name, account_id, protos, total_bytes FROM kites"):
-                snap.kites[name] = Kite(name, aid, frozenset(protos.split(",")), total)
+            for name, aid, protos, total, limits in self.db.execute(
+                    "SELECT name, account_id, protos, total_bytes, limits FROM kites"):
+                snap.kites[name] = Kite(name, aid, frozenset(protos.split(",")), total,
+                                        Limits.from_json(limits) if limits and limits != "{}" else NO_LIMITS)
             self.db.execute("COMMIT")
         except sqlite3.Error as exc:
             if self.db.in_transaction:
@@ -242,6 +244,15 @@ class SqliteStore:
             if cur.rowcount == 0:
                 raise StoreError(f"account {email!r} has no kite {name!r}")
 
+    def set_limits(self, email: str, name: str, limits: Limits) -> None:
+        name = check_name(name)
+        with self._tx():
+            aid = self._account_row(email)[0]
+            cur = self.db.execute("UPDATE kites SET limits = ? WHERE name = ? AND account_id = ?",
+                                  (limits.to_json(), name, aid))
+            if cur.rowcount == 0:
+                raise StoreError(f"account {email!r} has no kite {name!r}")
+
     def set_quota(self, email: str, size: int, *, add: bool) -> Account:
         with self._tx():
             aid = self._account_row(email)[0]
@@ -285,9 +296,11 @@ class SqliteStore:
         for proto, name in self._read("SELECT proto, name FROM presence"):
             online.setdefault(name, []).append(proto)
         kites = [{"name": n, "protos": sorted(p.split(",")), "total_bytes": t,
-                  "online": sorted(online.get(n, []))}
-                 for n, p, t in self._read("SELECT name, protos, total_bytes FROM kites WHERE "
-                                           "account_id = ? ORDER BY name", (a.id,))]
+                  "online": sorted(online.get(n, [])), **({"limits": json.loads(lim)} if lim
+                                                          and lim != "{}" else {})}
+                 for n, p, t, lim in self._read("SELECT name, protos, total_bytes, limits FROM "
+                                                "kites WHERE account_id = ? ORDER BY name",
+                                                (a.id,))]
         return {"email": a.email, "status": a.blocked(now) or "ok", "disabled": a.disabled,
                 "expires": a.expires, "quota_bytes": max(a.quota_bytes, 0),
                 "today_bytes": today[0][0] if today else 0, "period_bytes": a.period_bytes,
