@@ -185,3 +185,13 @@ def test_relay_config_signup():
                {"db": "x.db", "signup": "k.example.com", "signup_quota": "lots"}):
         with pytest.raises(ConfigError, match="--signup"):
             build_relay_config(kites=["http:a.example.com:s"], **kw)
+
+
+def test_flush_charges_what_the_relay_says(store):
+    """Bytes past the quota (before the relay's cut) count in the totals, and are not taken
+    from a top-up that landed before the flush."""
+    a = store.add_account("a@x.org", 1000, None)
+    store.set_quota("a@x.org", 5000, add=True)  # the top-up lands first
+    store.flush("r", UsageBatch(1, "2026-01-01", {a.id: 9000}, {}, [], {a.id: 1000}))
+    info = store.show("a@x.org", 0)
+    assert info["quota_bytes"] == 5000 and info["total_bytes"] == 9000

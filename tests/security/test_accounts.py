@@ -328,3 +328,31 @@ def test_per_kite_limits(account, site, relay_process, expose_process):
     assert show(db)["kites"][0]["limits"] == {"max_visitors": 1}
     assert accounts(db, "limits", "a@x.org", NAME, "--allow", "10.0.0.300/8",
                     check=False).returncode == 2
+
+
+def test_locked_database_keeps_serving(account, site, relay_process, expose_process):
+    """A database locked for longer than the busy timeout: the relay serves on with the last
+    good registry and its counts, and writes them once the lock is gone (once only)."""
+    import sqlite3
+
+    db, secret = account
+    accounts(db, "quota", "a@x.org", "100MB")
+    relay = relay_process("--db", str(db), grants=())
+    expose_process(f"127.0.0.1:{site}", NAME, relay, secret=secret)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        moved = 0
+        for _ in range(3):
+            rc, code, _, size = curl(relay.port, "/f1")
+            assert (rc, code) == (0, 200)
+            moved += size
+        time.sleep(7)  # past the 5 s busy timeout: a flush failed
+        assert curl(relay.port, "/f1")[1] == 200
+        moved += MB
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert "will retry" in relay.proc.output()
+    time.sleep(3.5)
+    assert moved <= show(db)["total_bytes"] <= moved * 1.01

@@ -75,11 +75,14 @@ class Registry:
         self._seen: dict = {}  # Stream -> [kite name, account id, bytes counted]
         self._accounts: dict = {}  # account id -> bytes not in a batch yet
         self._kites: dict = {}  # kite name -> bytes not in a batch yet
+        self._charged: dict = {}  # account id -> bytes of those charged to its quota
         self._presence: list = []
         self._batch: Optional[UsageBatch] = None  # taken, not yet committed (retried as is)
         self._task: Optional[asyncio.Task] = None
         self._quota_sent: dict = {}  # account id -> last kB told to its tunnels
         self._urgent = False  # an account was just blocked: flush now (before any top-up)
+        self._next_flush = 0.0
+        self._flushes = 0  # flushes committed (a snapshot read across one is stale)
         self._open: dict = {}  # kite name -> open visitor streams
         self._rate: dict = {}  # (kite name, visitor address) -> (second, new connections)
         self._nets: dict = {}  # Limits -> (allow, deny) parsed networks
@@ -93,6 +96,7 @@ class Registry:
         await self.db_call(self.store.reset_presence, self.relay_id)
         await self.reload()
         self.state.subscribe(lambda e: self._presence.append((e.proto, e.domain, e.online)))
+        self._next_flush = self._loop.time() + FLUSH_INTERVAL
         self._task = self._loop.create_task(self._run())
         log.info("registry: %d accounts, %d kites", len(self.snap.accounts), len(self.snap.kites))
 
@@ -189,32 +193,47 @@ class Registry:
 
     def left(self, acct: Account) -> int:
         """Bytes left, counting what this relay counted but did not flush yet."""
-        pending = self._accounts.get(acct.id, 0)
+        pending = self._charged.get(acct.id, 0)
         if self._batch is not None:
-            pending += self._batch.accounts.get(acct.id, 0)
+            pending += self._batch.charged.get(acct.id, 0)
         return acct.quota_bytes - pending
 
     # -- the task ---------------------------------------------------------------------------------
     async def _run(self) -> None:
-        next_flush = self._loop.time() + FLUSH_INTERVAL
-        while True:
-            await asyncio.sleep(POLL_INTERVAL)
-            try:
-                version = await self.db_call(self.store.data_version)
-                if version != self.version:
-                    await self.reload()
-            except StoreError as exc:
-                log.warning("registry: %s (serving with the last good registry)", exc)
-            self.tick()
-            if self._urgent or self._loop.time() >= next_flush:
-                self._urgent = False
-                next_flush = self._loop.time() + FLUSH_INTERVAL
-                await self.flush()
+        """Count and enforce every POLL_INTERVAL; the database work runs beside, one
+        :meth:`_sync` at a time, so a slow or locked database never delays enforcement."""
+        sync: Optional[asyncio.Task] = None
+        try:
+            while True:
+                await asyncio.sleep(POLL_INTERVAL)
+                self.tick()
+                if sync is None or sync.done():
+                    sync = self._loop.create_task(self._sync())
+        finally:
+            if sync is not None:
+                sync.cancel()
+
+    async def _sync(self) -> None:
+        try:
+            version = await self.db_call(self.store.data_version)
+            if version != self.version:
+                await self.reload()
+        except StoreError as exc:
+            log.warning("registry: %s (serving with the last good registry)", exc)
+        if self._urgent or self._loop.time() >= self._next_flush:
+            self._urgent = False
+            self._next_flush = self._loop.time() + FLUSH_INTERVAL
+            await self.flush()
 
     async def reload(self) -> None:
         """Read a new snapshot and apply it (removed kites stop flying)."""
-        version = await self.db_call(self.store.data_version)
-        self.snap = await self.db_call(self.store.snapshot)
+        while True:
+            flushes = self._flushes
+            version = await self.db_call(self.store.data_version)
+            snap = await self.db_call(self.store.snapshot)
+            if flushes == self._flushes:  # else our own flush landed in between: read again
+                break
+        self.snap = snap
         self.version = version
         self._drop_removed()
         self._enforce()
@@ -253,7 +272,11 @@ class Registry:
         if n:
             entry[2] = total
             self._kites[entry[0]] = self._kites.get(entry[0], 0) + n
-            self._accounts[entry[1]] = self._accounts.get(entry[1], 0) + n
+            aid = entry[1]
+            self._accounts[aid] = self._accounts.get(aid, 0) + n
+            acct = self.snap.accounts.get(aid)
+            charge = n if acct is None else min(n, max(self.left(acct), 0))
+            self._charged[aid] = self._charged.get(aid, 0) + charge
 
     def tick(self) -> None:
         """Count the open streams, then block accounts that ran out."""
@@ -312,8 +335,8 @@ class Registry:
                 return True
             self.seq += 1
             self._batch = UsageBatch(self.seq, time.strftime("%Y-%m-%d", time.gmtime()),
-                                     self._accounts, self._kites, self._presence)
-            self._accounts, self._kites, self._presence = {}, {}, []
+                                     self._accounts, self._kites, self._presence, self._charged)
+            self._accounts, self._kites, self._presence, self._charged = {}, {}, [], {}
         batch = self._batch
         try:
             await self.db_call(self.store.flush, self.relay_id, batch)
@@ -321,11 +344,12 @@ class Registry:
             log.warning("registry: flush %d failed, will retry: %s", batch.seq, exc)
             return False
         self._batch = None
+        self._flushes += 1
         accounts = self.snap.accounts
         for aid, n in batch.accounts.items():  # the snapshot follows our own commit
             acct = accounts.get(aid)
             if acct is not None:
                 accounts[aid] = dataclasses.replace(
-                    acct, quota_bytes=max(acct.quota_bytes - n, 0), period_bytes=acct.period_bytes + n,
-                    total_bytes=acct.total_bytes + n)
+                    acct, quota_bytes=max(acct.quota_bytes - batch.charged.get(aid, n), 0),
+                    period_bytes=acct.period_bytes + n, total_bytes=acct.total_bytes + n)
         return True

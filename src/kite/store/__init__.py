@@ -107,13 +107,17 @@ class Snapshot:
 @dataclass
 class UsageBatch:
     """One flush of the relay's counters: bytes per account and per kite, on ``day``
-    (YYYY-MM-DD, UTC), and presence changes ``(proto, name, online)``."""
+    (YYYY-MM-DD, UTC), presence changes ``(proto, name, online)``, and what is charged to
+    each account's quota (``charged``; default: all its bytes) - the relay charges no more
+    than what was left when it counted, so bytes that crossed the quota before the cut are
+    never taken from a later top-up."""
 
     seq: int
     day: str
     accounts: dict = field(default_factory=dict)
     kites: dict = field(default_factory=dict)
     presence: list = field(default_factory=list)
+    charged: dict = field(default_factory=dict)
 
 
 class Store(Protocol):

@@ -158,7 +158,7 @@ class SqliteStore:
                 self.db.execute("UPDATE accounts SET quota_bytes = max(quota_bytes - ?, 0), "
                                 "period_bytes"
                                 " = period_bytes + ?, total_bytes = total_bytes + ? WHERE id = ?",
-                                (n, n, n, aid))
+                                (batch.charged.get(aid, n), n, n, aid))
                 self.db.execute("INSERT INTO daily (account_id, day, bytes) SELECT id, ?, ? FROM"
                                 " accounts WHERE id = ? ON CONFLICT (account_id, day) DO UPDATE"
                                 " SET bytes = bytes + excluded.bytes", (batch.day, n, aid))
