@@ -7,6 +7,7 @@ Layers, lowest first (a module may import its own layer's modules and lower laye
     1  kite.proto                                         sans-IO protocol
     2  kite.net, kite.config                              shared asyncio layer, configuration
   2.5  kite.names                                         service layer: DNS for the kites
+  2.5  kite.store                                         account registry (service layer)
     3  kite.relay | kite.backend | kite.client,           the roles (never each other)
        kite.scaffold, kite.pagekiterc
     4  kite.demo                                          relay + backend on loopback
@@ -32,6 +33,7 @@ LAYERS = {
     "kite.errors": 0, "kite.fastpath": 0, "kite._fastpath": 0, "kite._fastpath_py": 0,
     "kite.proto": 1,
     "kite.net": 2, "kite.config": 2, "kite.names": 2.5,
+    "kite.store": 2.5,
     "kite.relay": 3, "kite.backend": 3, "kite.client": 3, "kite.scaffold": 3,
     "kite.pagekiterc": 3,
     "kite.demo": 4,

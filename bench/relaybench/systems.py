@@ -3,6 +3,7 @@ started instance is (where visitors connect, which process is relay and which ba
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -190,21 +191,26 @@ class Kite(System):
                            check=False)
         return r.stdout.decode().strip() or None
 
+    def grant(self, ctx, env, tag) -> tuple[list, str]:
+        """The relay's options that let the backend fly KITE_NAME, and the backend's secret."""
+        return ["--kite", f"*:{KITE_DOMAIN}:{SECRET}"], SECRET
+
     def start(self, ctx, tag):
         port = free_port()
         env = dict(ctx.kite_env)
         env.update(self.extra_env)
         rlog, blog = ctx.logfile(f"{self.name}-relay-{tag}"), ctx.logfile(f"{self.name}-expose-{tag}")
+        grant, secret = self.grant(ctx, env, tag)
         relay = ctx.procs.start("kite-relay", [
             sys.executable, "-m", "kite", "relay", "--listen", f"{HOST}:{port}",
-            "--tls-cert", ctx.cert, "--tls-key", ctx.key, "--kite", f"*:{KITE_DOMAIN}:{SECRET}",
+            "--tls-cert", ctx.cert, "--tls-key", ctx.key, *grant,
             "--drain-timeout", "1", "--loop", self.loop], env=env, log=rlog, cpus=ctx.system_cpus,
             cwd=ctx.work)
         try:
             wait_for("kite relay", log_has(rlog, r"relay listening on "), 20, [relay], [rlog])
             backend = ctx.procs.start("kite-expose", [
                 sys.executable, "-m", "kite", "expose", f"http://{HOST}:{ctx.origin_port}", KITE_NAME,
-                "--relay", f"{HOST}:{port}", "--ca", ctx.cert, "--secret", SECRET,
+                "--relay", f"{HOST}:{port}", "--ca", ctx.cert, "--secret", secret,
                 "--loop", self.loop], env=env, log=blog, cpus=ctx.system_cpus, cwd=ctx.work)
         except BaseException:
             ctx.procs.stop(relay)
@@ -238,6 +244,25 @@ class KiteAsyncio(Kite):
         "backend": [("_fastpath.cpython", True), ("uvloop/loop", False)]}
 
 
+class KiteAccounts(Kite):
+    """kite with its kite in an account registry (``--db``): the cost of byte accounting."""
+
+    name = "kite-acct"
+    title = "kite, compiled, uvloop, kite from an account (--db: accounting on)"
+
+    def grant(self, ctx, env, tag):
+        db = os.path.join(ctx.work, f"{self.name}-{tag}.db")
+        for f in (db, db + "-wal", db + "-shm"):
+            if os.path.exists(f):
+                os.unlink(f)
+        kite = [sys.executable, "-m", "kite", "accounts"]
+        out = subprocess.run([*kite, "add", "bench@example.com", "--quota", "1000TB", "--json",
+                              "--db", db], env=env, capture_output=True, check=True, cwd=ctx.work)
+        subprocess.run([*kite, "kite", "bench@example.com", KITE_NAME, "--protos", "http,https",
+                        "--db", db], env=env, capture_output=True, check=True, cwd=ctx.work)
+        return ["--db", db], json.loads(out.stdout)["secret"]
+
+
 class KiteBaseline(Kite):
     """kite from another source tree, for a before/after comparison in one interleaved run:
     ``KITE_BASELINE_SRC`` names that tree's ``src/`` (its compiled fast path built in place,
@@ -255,10 +280,10 @@ class KiteBaseline(Kite):
 
 
 ALL_SYSTEMS = {cls.name: cls for cls in (Direct, Stunnel, Pagekite, PagekiteTuned, Kite, KitePy,
-                                          KiteAsyncio, KiteBaseline)}
+                                          KiteAsyncio, KiteAccounts, KiteBaseline)}
 SYSTEMS = tuple(ALL_SYSTEMS)
 #: What a run compares unless --systems says otherwise (kite-base needs KITE_BASELINE_SRC).
-DEFAULT_SYSTEMS = tuple(n for n in SYSTEMS if n != KiteBaseline.name)
+DEFAULT_SYSTEMS = tuple(n for n in SYSTEMS if n not in (KiteBaseline.name, KiteAccounts.name))
 
 
 def wait_until_served(run: Running, timeout: float) -> None:

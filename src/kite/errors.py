@@ -29,6 +29,8 @@ __all__ = [
     "NotAKite",
     "BadRelayReply",
     "DnsUpdateRejected",
+    "StoreError",
+    "SignupFailed",
 ]
 
 
@@ -141,3 +143,14 @@ class DnsUpdateRejected(KiteError):
         self.rcode = rcode
         self.reason = reason
         super().__init__(f"{reason} (rcode {rcode})")
+
+
+class StoreError(KiteError):
+    """The account registry cannot do what was asked (a bad value, a taken name, a database
+    that cannot be opened or written).  The CLI prints it in one line and exits 2; the
+    relay logs it and keeps the last good registry."""
+
+
+class SignupFailed(KiteError):
+    """``kite expose --signup``: the relay refused the sign-up (its JSON error is the
+    message) or could not be asked."""

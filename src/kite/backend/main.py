@@ -83,6 +83,10 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
     domain = check_kite_name(name, "NAME")
     secret = pick_secret(secret, secret_file, key="--secret", file_key="--secret-file")
     secret = secret or os.environ.get("KITE_SECRET")
+    if not secret:
+        from .signup import saved_secret
+
+        secret = saved_secret(domain)  # from an earlier kite expose --signup
     kite = KiteSpec(domain=domain, proto=kite_proto_for(t, public_port),
                     secret=_check_secret(secret, "--secret"), target=t,
                     proxy_protocol=proxy_protocol, forwarded=forwarded)

@@ -6,6 +6,7 @@ module is imported and its commands added here:
 
 =================  ==========================================================
 ``relay.py``       kite relay
+``accounts.py``    kite accounts (the relay's account registry)
 ``expose.py``      kite expose
 ``client.py``      kite connect, kite forward, kite ssh-config
 ``tools.py``       kite init, kite demo, kite import-pagekiterc
@@ -26,7 +27,7 @@ from typing import Any
 import click
 
 from .. import __version__
-from . import bench, client, expose, relay, tools
+from . import accounts, bench, client, expose, relay, tools
 from .run import fail
 
 __all__ = ["main"]
@@ -78,6 +79,7 @@ def main() -> None:
 
 
 for _command in (relay.relay, expose.expose, client.connect, client.forward, client.ssh_config,
-                 tools.init, tools.demo, tools.import_pagekiterc, bench.bench):
+                 tools.init, tools.demo, tools.import_pagekiterc, bench.bench,
+                 accounts.accounts):
     main.add_command(_command)
 del _command

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .options import common_options, keepalive_option
-from .run import config_errors, serve, setup_logging
+from .run import config_errors, fail, serve, setup_logging
 
 
 @click.command()
@@ -33,12 +33,15 @@ from .run import config_errors, serve, setup_logging
 @click.option("--proxy-protocol", type=click.IntRange(0, 2), default=0,
               help="raw/https kites: send a PROXY protocol v1 or v2 header to the target.")
 @click.option("--no-forwarded", is_flag=True, help="http kites: do not add X-Forwarded-* headers.")
+@click.option("--signup", metavar="EMAIL",
+              help="Sign up for NAME on the (first) relay first, and save the secret (mode 0600) "
+                   "for the next kite expose.")
 @keepalive_option
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML file with many kites on several relays.")
 @common_options
 def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure, plain, server_name,
-           connect_name, zchunks, public_port, proxy_protocol, no_forwarded, keepalive,
+           connect_name, zchunks, public_port, proxy_protocol, no_forwarded, signup, keepalive,
            config_file, verbose, quiet, loop_kind):
     """Fly NAME on the relay(s), serving it from TARGET (port, host:port or URL).
 
@@ -48,6 +51,9 @@ def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure,
     setup_logging(verbose, quiet)
     from ..backend.main import build_backend_config, serve_backend
 
+    if signup:
+        secret = _signup(signup, name, relays, ca, fingerprint, insecure, plain, server_name,
+                         connect_name)
     with config_errors():
         cfg = build_backend_config(
             target=target, name=name, relays=relays, secret=secret, ca=ca,
@@ -56,3 +62,28 @@ def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure,
             keepalive=keepalive, connect_name=connect_name, zchunks=zchunks,
             config_file=config_file, secret_file=secret_file)
     serve(lambda stop: serve_backend(cfg, stop), loop_kind)
+
+
+def _signup(email, name, relays, ca, fingerprint, insecure, plain, server_name,
+            connect_name) -> str:
+    """``--signup EMAIL``: ask the first relay for NAME, save and return the secret."""
+    import asyncio
+
+    from ..backend.main import build_backend_config
+    from ..backend.signup import save_secret, signup
+    from ..errors import KiteError
+
+    with config_errors():
+        cfg = build_backend_config(target="1", name=name, relays=relays[:1], secret="signup",
+                                   ca=ca, fingerprint=fingerprint, insecure=insecure,
+                                   plain=plain, server_name=server_name,
+                                   connect_name=connect_name)
+    relay = cfg.relays[0]
+    try:
+        answer = asyncio.run(signup(relay, email, relay.kites[0].domain))
+    except KiteError as err:
+        fail(str(err), 1)
+    path = save_secret(answer["kite"], answer["secret"])
+    click.echo(f"signed up {email} for {answer['kite']} on {relay.address}: "
+               f"{answer.get('quota_bytes', 0) / 1e9:.2f} GB; secret saved in {path}", err=True)
+    return answer["secret"]

@@ -51,6 +51,11 @@ def dns_options(f):
                    "[[kite]] tables without one (mode 0600).  Default: env KITE_SECRET.")
 @click.option("--single", "single", multiple=True, metavar="DOMAIN",
               help="Only one backend at a time may fly DOMAIN (pagekite.py's Duplicate rule).")
+@click.option("--db", type=click.Path(dir_okay=False),
+              help="Account registry (SQLite file, managed with kite accounts).")
+@click.option("--signup", metavar="ZONE",
+              help="Let people sign up for NAME.ZONE: POST /api/signup on the relay's name.")
+@click.option("--signup-quota", metavar="SIZE", help="Starter quota of a sign-up (2.5GB).")
 @keepalive_option
 @click.option("--zchunks", is_flag=True, help="Let pagekite.py backends compress (ZChunks).")
 @click.option("--drain-timeout", type=float, default=10.0, show_default=True,
@@ -75,9 +80,10 @@ def dns_options(f):
                    "[default: 30]")
 @dns_options
 @common_options
-def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, single, keepalive,
-          zchunks, drain_timeout, max_connections, max_pending, max_streams, idle_timeout,
-          buffer_budget, slow_reader_timeout, verbose, quiet, loop_kind, **dns):
+def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, single, db,
+          signup, signup_quota, keepalive, zchunks, drain_timeout, max_connections,
+          max_pending, max_streams, idle_timeout, buffer_budget, slow_reader_timeout,
+          verbose, quiet, loop_kind, **dns):
     """Run the public relay: tunnels and visitors on one port."""
     setup_logging(verbose, quiet)
     from ..relay.main import build_relay_config, serve_relay
@@ -92,5 +98,6 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, 
                                          "idle_timeout": idle_timeout,
                                          "buffer_budget": buffer_budget,
                                          "slow_reader_timeout": slow_reader_timeout},
-                                 dns_options=dns)
+                                 dns_options=dns, db=db, signup=signup,
+                                 signup_quota=signup_quota)
     serve(lambda stop: serve_relay(cfg, stop), loop_kind)

@@ -53,6 +53,10 @@ class RelayConfig:
     buffer_budget: Optional[int] = DEFAULT_BUFFER_BUDGET  # bytes in visitor buffers; None: no cap
     slow_reader_timeout: float = DEFAULT_SLOW_READER_TIMEOUT  # s held over budget, then cut
     names: Optional[NamesConfig] = None  # DNS for the kites (--dns, --dns-update): kite.names
+    db: Optional[str] = None  # the account registry (SQLite file; kite accounts --db)
+    signup_zone: Optional[str] = None  # kite relay --signup ZONE: POST /api/signup
+    signup_quota: int = 2_500_000_000  # a new account's starter quota (bytes)
+    signup_per_hour: int = 5  # sign-ups per client address and hour
 
 
 def _cert_names(path: str) -> list:
@@ -75,8 +79,9 @@ def _cert_names(path: str) -> list:
 
 
 _RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive", "zchunks",
-               "secret_file", "max_connections", "max_pending", "max_streams", "idle_timeout",
-               "buffer_budget", "slow_reader_timeout"}
+               "secret_file", "db", "signup", "signup_quota", "signup_per_hour",
+               "max_connections", "max_pending", "max_streams", "idle_timeout", "buffer_budget",
+               "slow_reader_timeout"}
 _GRANT_KEYS = {"domain", "protos", "secret", "secret_file", "single"}
 
 
@@ -116,7 +121,9 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                        zchunks: bool = False, drain_timeout: float = 10.0,
                        limits: Optional[dict] = None,
                        secret_file: Optional[str] = None,
-                       dns_options: Optional[dict] = None) -> RelayConfig:
+                       dns_options: Optional[dict] = None,
+                       db: Optional[str] = None, signup: Optional[str] = None,
+                       signup_quota: Optional[str] = None) -> RelayConfig:
     """Validate the options and the TOML file (options win) into a RelayConfig.
 
     A grant's secret comes from ``PROTO:DOMAIN:SECRET``, or, for ``PROTO:DOMAIN`` and a
@@ -136,6 +143,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     keepalive = check_keepalive(keepalive, "--keepalive")
     drain_timeout = check_seconds(drain_timeout, "--drain-timeout", low=0, high=3600)
     data: dict = {}
+    per_hour: object = 5
     if config_file:
         data = load_toml(config_file)
         check_keys(data, _RELAY_KEYS | NAMES_KEYS, "")
@@ -153,6 +161,10 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
         if "keepalive" in data:
             keepalive = check_keepalive(data["keepalive"], "keepalive")
         zchunks = zchunks or check_bool(data.get("zchunks", False), "zchunks")
+        db = db or _path(data.get("db"), "db")
+        signup = signup or data.get("signup")
+        signup_quota = signup_quota or data.get("signup_quota")
+        per_hour = data.get("signup_per_hour", 5)
         for i, k in enumerate(tables(data, "kite")):
             where = f"kite[{i}]"
             check_keys(k, _GRANT_KEYS, where)
@@ -178,12 +190,13 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
              for v in listen or ["0.0.0.0:443"]]
     for value in kites:
         grants.add(parse_grant(value, key="--kite", default_secret=default_secret))
-    if not len(grants):
+    if not len(grants) and not db:
         raise ConfigError("--kite", "no kites are allowed on this relay",
                           "add --kite 'PROTO:DOMAIN' with --secret-file FILE (or [[kite]] in "
-                          "the config)")
+                          "the config, or --db with accounts)")
     for g in grants:
         warn_short_secret(g.secret, f"kite {g.domain}")
+    extra = _signup_options(db, signup, signup_quota, per_hour)
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("--tls-cert/--tls-key", "give both or neither",
                           "`kite init relay` writes relay.crt and relay.key")
@@ -196,7 +209,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     cfg = RelayConfig(listen=addrs, grants=grants, tls_cert=tls_cert, tls_key=tls_key,
                       tls_names=names, keepalive=keepalive or None, zchunks=zchunks,
                       drain_timeout=drain_timeout, single_backend=single_set,
-                      names=build_names_config(data, dns_options))
+                      names=build_names_config(data, dns_options), db=db, **extra)
     _apply_limits(cfg, data, limits or {})
     return cfg
 
@@ -231,3 +244,22 @@ def _apply_limits(cfg: RelayConfig, data: dict, options: dict) -> None:
         else:
             setattr(cfg, key, kind(value))
 
+
+def _signup_options(db, zone, quota, per_hour) -> dict:
+    if not zone:
+        return {}
+    from ..errors import StoreError
+    from ..store import check_name, parse_size
+
+    if not db:
+        raise ConfigError("--signup", "sign-up needs the account registry", "add --db FILE")
+    if isinstance(per_hour, bool) or not isinstance(per_hour, int) or not 0 < per_hour <= 10000:
+        raise ConfigError("signup_per_hour", f"bad value {per_hour!r}", "a whole number 1-10000")
+    try:
+        zone = check_name(str(zone))
+        quota_bytes = parse_size(str(quota)) if quota is not None else 2_500_000_000
+    except StoreError as exc:
+        raise ConfigError("--signup", str(exc)) from None
+    if zone.startswith("*."):
+        raise ConfigError("--signup", f"zone {zone!r} is a wildcard", "give the zone's name")
+    return {"signup_zone": zone, "signup_quota": quota_bytes, "signup_per_hour": per_hour}

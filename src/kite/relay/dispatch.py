@@ -45,6 +45,7 @@ from ..proto.sniff import (
 )
 from ..proto.sniff import sniff as sniff_first_bytes
 from .accept import FIRST_BYTES_TIMEOUT, MAX_PEEK
+from .signup import SignupProtocol
 from .state import RelayState
 from .tunnel import RelayTunnel
 
@@ -217,6 +218,9 @@ class Dispatcher:
 
     def _dispatch_http(self, pv: PendingVisitor, result, data: bytes) -> None:
         host = result.host
+        if self.state.is_relay_name(host) and self.state.signup is not None:
+            self._spawn(self._serve_relay_http(pv.detach(), pv.addr[0]))
+            return
         if self.state.is_reserved(host):
             self.refuse(pv, f"HTTP for the relay's own name {host}",
                         http_error(404, host, json_wanted=result.wants_json))
@@ -329,6 +333,11 @@ class Dispatcher:
             tunnel.connection_made(transport)
             tunnel.feed_handshake(data)
             return
+        if self.state.signup is not None and data[:5] in (b"POST ", b"GET /"):
+            protocol = SignupProtocol(self.state.signup, peer.rpartition(":")[0].strip("[]"), data)
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+            return
         result: Optional[SniffResult]
         try:
             result = sniff_first_bytes(data[:end])
@@ -347,6 +356,9 @@ class Dispatcher:
         """``CONNECT host:port`` arrived inside a TLS connection the relay terminated (``kite
         connect --tls`` through strict firewalls): the TLS transport becomes the visitor."""
         tunnel, proto, refusal = self.route_connect(host, port)
+        ip = peer.rpartition(":")[0].strip("[]")
+        if tunnel is not None and self.state.registry and self.state.registry.refusal(host, ip):
+            tunnel, refusal = None, (b"", "account blocked")
         if tunnel is None:
             answer, reason = refusal
             log.info("visitor %s refused: %s", peer, reason)
@@ -367,6 +379,8 @@ class Dispatcher:
         tunnel.write_chunk(*control.build_stream_open(
             sid, proto, host, port, rip, int(rport or 0), payload=leftover))
         tunnel.announce_window(stream)
+        if self.state.registry is not None:
+            self.state.registry.opened(stream, len(leftover))
         protocol = StreamProtocol(tunnel, stream, 0)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
@@ -376,6 +390,13 @@ class Dispatcher:
                      port: int, *, payload: bytes, skip: int,
                      sock: Optional[socket.socket] = None) -> None:
         """A visitor becomes stream ``sid`` (from ``tunnel.new_sid()``, just before)."""
+        refusal = self.state.registry and self.state.registry.refusal(host, pv.addr[0])
+        if refusal:  # the account is out of quota, expired or disabled
+            if sock is not None:
+                sock.close()
+            else:
+                self.refuse(pv, refusal, http_error(403, refusal) if proto == "http" else b"")
+            return
         if sock is None:
             sock = pv.detach()
         stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=pv.peer())
@@ -383,6 +404,8 @@ class Dispatcher:
         tunnel.write_chunk(*control.build_stream_open(
             sid, proto, host, port, pv.addr[0], pv.addr[1], payload=payload))
         tunnel.announce_window(stream)
+        if self.state.registry is not None:
+            self.state.registry.opened(stream, len(payload))
         self._spawn(self._connect_visitor(sock, tunnel, stream, skip))
 
     async def _connect_visitor(self, sock, tunnel, stream: Stream, skip: int) -> None:
@@ -393,6 +416,15 @@ class Dispatcher:
             log.info("visitor %s: %s", stream.peer, exc)
             sock.close()
             tunnel.discard(stream, close_local=False)
+
+    async def _serve_relay_http(self, sock: socket.socket, ip: str) -> None:
+        """Plain HTTP to the relay's own name with --signup: POST /api/signup."""
+        assert self.state.signup is not None
+        service = self.state.signup
+        try:
+            await self.loop.connect_accepted_socket(lambda: SignupProtocol(service, ip), sock=sock)
+        except OSError:
+            sock.close()
 
     # -- tunnels --------------------------------------------------------------------------------
     def _start_tunnel(self, sock: socket.socket, addr, *, tls: bool) -> None:

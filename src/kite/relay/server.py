@@ -20,6 +20,8 @@ from ..net.tls import server_context
 from .accept import Acceptor, default_max_connections, default_max_pending
 from .config import RelayConfig
 from .dispatch import Dispatcher
+from .registry import Registry
+from .signup import SignupService
 from .state import RelayState
 
 log = logging.getLogger("kite.relay")
@@ -67,6 +69,15 @@ class RelayServer:
         self.trimmer.start()
         if self.names is not None:
             await self.names.start()
+        if self.config.db:
+            from ..store.sqlite import open_store
+
+            self.state.registry = Registry(self.state, open_store(self.config.db))
+            await self.state.registry.start()
+            if self.config.signup_zone:
+                self.state.signup = SignupService(self.state.registry, self.config.signup_zone,
+                                                  self.config.signup_quota,
+                                                  self.config.signup_per_hour)
         for host, port in self.config.listen:
             bound = self.acceptor.listen(host, port)
             self.addresses.append(bound)
@@ -90,3 +101,5 @@ class RelayServer:
         await self.dispatcher.close()
         if self.names is not None:
             await self.names.close()
+        if self.state.registry is not None:
+            await self.state.registry.close()  # the last counts, on SIGTERM too

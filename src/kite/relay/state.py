@@ -23,12 +23,21 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from ..net.limits import StreamLimits
-from ..proto.handshake import AuthReply, ChallengeBook, KiteAuthorizer, KiteLine, new_relay_uuid
-from ..proto.names import KITE_PROTOS
+from ..proto.handshake import (
+    AuthReply,
+    ChallengeBook,
+    KiteAuthorizer,
+    KiteDecision,
+    KiteLine,
+    new_relay_uuid,
+)
+from ..proto.names import KITE_PROTOS, domain_matches
 from ..proto.signing import new_secret
 from .authguard import AuthGuard
 from .config import RelayConfig
+from .registry import Registry
 from .routes import Routes
+from .signup import SignupService
 
 log = logging.getLogger("kite.relay")
 
@@ -63,8 +72,10 @@ class RelayState:
         self.reserved_names = self.tls_names | {n.lower() for n in ns_names}
         self.secret = new_secret()  # signs challenges; never leaves the process
         self.uuid = new_relay_uuid()  # X-PageKite-UUID of the ping probe's answer
+        self.registry: Optional[Registry] = None  # accounts (kite relay --db), set by the server
+        self.signup: Optional[SignupService] = None  # --signup: set by the server
         self.authorizer = KiteAuthorizer(
-            lookup_secret=config.grants.exact_secret,
+            lookup_secret=self.exact_secret,
             challenge_secret=self.secret,
             protos=KITE_PROTOS,
             ports=("virtual",),
@@ -147,7 +158,55 @@ class RelayState:
         for d in reply.refused:
             if d.reason in ("signature", "unauthorized"):
                 self.guard.failed(addr, now, d.kite.kite, d.reason)
+        if self.registry is not None:
+            reply = self._account_checks(reply, self.registry)
         return reply
+
+    # -- accounts (kite.relay.registry) --------------------------------------------------------
+    def exact_secret(self, proto: str, domain: str) -> Optional[str]:
+        """The authorizer's secret lookup: static grants, then the account registry."""
+        secret = self.grants.exact_secret(proto, domain)
+        if secret is None and self.registry is not None:
+            secret = self.registry.secret(proto, domain)
+        return secret
+
+    def _account_checks(self, reply: AuthReply, registry: Registry) -> AuthReply:
+        """Refuse the accepted kites of blocked accounts with pagekite's reason (``quota``,
+        ``nodays``, ``unauthorized``); tell the others their quota (X-PageKite-Quota)."""
+        decisions: list[KiteDecision] = []
+        quota: list = []
+        for d in reply.decisions:
+            static = self.grants.find(d.kite.proto, d.kite.domain) is not None
+            why = None if d.outcome != "ok" or static else registry.reason(d.kite.domain)
+            if why:
+                d = KiteDecision(d.kite, "invalid", reason=why)
+            elif d.outcome == "ok" and not static and not quota:
+                quota = registry.quota_headers(d.kite.prefix, d.kite.domain)
+            decisions.append(d)
+        trailer = reply.headers[sum(len(d.headers()) for d in reply.decisions):]
+        headers = [h for d in decisions for h in d.headers()] + quota + trailer
+        return AuthReply(decisions, reply.session_id, headers)
+
+    def drop_kite(self, proto: str, domain: str, reason: str) -> None:
+        """Stop flying ``proto:domain`` on every tunnel now; tunnels left with no kite close."""
+        for tunnel in list(self.routes.tunnels(proto, domain)):
+            if (proto, domain) in tunnel.kites:
+                tunnel.kites.remove((proto, domain))
+            for stream in list(tunnel.streams.values()):
+                if domain_matches(domain, stream.host):
+                    self.cut_stream(stream)
+            if self.routes.remove(proto, domain, tunnel):
+                log.info("kite offline: %s:%s (%s)", proto, domain, reason)
+                self._emit(proto, domain, False)
+            if not tunnel.kites:
+                tunnel.close(reason)
+
+    def cut_stream(self, stream) -> None:
+        """End a visitor's stream now (RST to the visitor: a cut, not a clean end)."""
+        transport = stream.transport
+        stream.tunnel.discard(stream, close_local=False)
+        if transport is not None and not transport.is_closing():
+            transport.abort()
 
     def blocked(self, addr: str) -> float:
         """Seconds for which tunnels from ``addr`` are refused (too many failed signatures)."""
@@ -196,4 +255,6 @@ class RelayState:
         return name is not None and name.lower() in self.reserved_names
 
     def has_grant(self, proto: str, domain: str) -> bool:
+        if self.registry is not None and self.registry.owner(domain)[0] is not None:
+            return True
         return self.grants.find(proto, domain) is not None

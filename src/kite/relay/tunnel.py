@@ -170,6 +170,10 @@ class RelayTunnel(TunnelProtocol):
                 return sid
         raise TooManyStreams(f"{self.name}: no free stream id")  # pragma: no cover
 
+    def on_stream_closed(self, stream) -> None:
+        if self.state.registry is not None:
+            self.state.registry.count(stream, final=True)
+
     def on_closed(self, reason: str) -> None:
         if self._reg_handle is not None:
             self._reg_handle.cancel()
