@@ -32,6 +32,7 @@ from typing import Optional
 
 from .config import MAX_KEEPALIVE, MIN_KEEPALIVE
 from .errors import ConfigError
+from .proto.names import KITE_PROTOS
 
 __all__ = ["RcLine", "Report", "read_rc", "convert", "import_rc", "RUN_WITH"]
 
@@ -126,7 +127,6 @@ UNSUPPORTED = {
 }
 
 #: Kite protocols kite flies; anything else in a service_on line is reported.
-_KITE_PROTOS = ("http", "https", "raw", "websocket")
 _DEFAULT_BE_PORT = {"http": 80, "websocket": 80, "https": 443, "raw": None}
 _PAGEKITE_FE_PROTOS = ["http", "http2", "http3", "https", "websocket", "irc", "finger",
                        "httpfinger", "raw", "minecraft"]
@@ -271,7 +271,7 @@ def _parse_service(value: str, kitename: str, kitesecret: str, ln: RcLine, repor
                 report.unconverted.append((ln, f"bad kite protocol {proto}-{p}"))
                 continue
             public = int(p)
-        if proto not in _KITE_PROTOS:
+        if proto not in KITE_PROTOS:
             report.unconverted.append((ln, f"kite protocol {proto!r}: kite flies http, https, "
                                            "raw-PORT (ssh) and websocket kites"))
             continue
@@ -547,14 +547,14 @@ def _convert_frontend(lines: list, report: Report, source: str) -> tuple[str, se
         want = protos if p_s in ("*", "") else [p.lower() for p in p_s.split(",")]
         keep = []
         for p in want:
-            if p.split("-", 1)[0] in _KITE_PROTOS:
+            if p.split("-", 1)[0] in KITE_PROTOS:
                 keep.append(p)
             elif p_s not in ("*", ""):
                 report.unconverted.append((ln, f"kite protocol {p!r}: kite relays route "
                                                "http, https, raw and websocket"))
         if not keep:
             continue
-        all_kite = sorted(set(keep)) == sorted(_KITE_PROTOS)
+        all_kite = sorted(set(keep)) == sorted(KITE_PROTOS)
         out += ["[[kite]]", f"domain = {_q(domain)}",
                 "protos = " + ("\"*\"" if all_kite else "[" + ", ".join(_q(p) for p in keep)
                                + "]"),

@@ -60,7 +60,7 @@ from ..proto.flow import (
 )
 from ..proto.forwarded import ForwardedRewriter
 from ..proto.framebudget import FrameBudget
-from ..proto.http import http_error
+from ..proto.http import MAX_HEAD, http_error
 from ..proto.names import HTTP_PROTOS
 from ..proto.zchunks import ZInflater
 from .limits import IDLE_CHECKS, StreamLimits
@@ -639,7 +639,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         if demux is not None:
             return demux.get_buffer(sizehint)
         if self._hs_scratch is None:
-            self._hs_scratch = memoryview(bytearray(16384))
+            self._hs_scratch = memoryview(bytearray(MAX_HEAD))
         return self._hs_scratch
 
     def buffer_updated(self, nbytes: int) -> None:

@@ -35,6 +35,7 @@ from urllib.parse import parse_qs, urlencode
 
 from ..errors import HandshakeError, LocalProtocolError
 from .http import has_control
+from .names import KITE_PROTOS
 from .signing import check_challenge, check_signature, make_challenge, sha1hex, sign
 
 __all__ = [
@@ -74,7 +75,7 @@ PING_REQUEST = b"HEAD /ping HTTP/1.1\r\nHost: ping.pagekite\r\n\r\n"  # pk.py Pi
 TUNNEL_FORBIDDEN = b"HTTP/1.0 403 Forbidden\r\n\r\n"  # tunnel ACL refused the peer's address
 TUNNEL_UNAVAILABLE = b"HTTP/1.0 503 Unavailable\r\n\r\n"  # unparsable request (HTTP_ConnectBad())
 
-DEFAULT_PROTOS = ("http", "https", "raw", "websocket")
+DEFAULT_PROTOS = KITE_PROTOS
 
 _PREFIXES = ("X-Beanstalk", "X-PageKite")  # pagekite.py iterates them in this order
 _HTTP_VERSIONS = ("HTTP/1.0", "HTTP/1.1")

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ..errors import KiteError, SniffError
 from ..net.sockets import reset_on_close
+from ..proto.http import MAX_HEAD
 from ..proto.sniff import sniff as sniff_first_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,7 +42,7 @@ __all__ = ["Acceptor", "PendingVisitor", "FIRST_BYTES_TIMEOUT", "MAX_PEEK",
 #: How long a new connection may take to say what it is.
 FIRST_BYTES_TIMEOUT = 10.0
 #: The most the relay peeks at before it must decide (a TLS hello or HTTP head fits).
-MAX_PEEK = 16384 + 5
+MAX_PEEK = MAX_HEAD + 5  # a TLS record header and a 16 KiB head
 #: Connections taken per listener readiness, so one busy port cannot starve the loop.
 ACCEPT_BATCH = 256
 LISTEN_BACKLOG = 4096
