@@ -23,7 +23,7 @@ GRANT = f"*:*.test.kite:{SECRET}"
 def test_defaults():
     cfg = build_relay_config(kites=[GRANT])
     assert (cfg.max_connections, cfg.max_pending) == (None, None)  # derived at start
-    assert cfg.max_streams == DEFAULT_MAX_STREAMS == 4096
+    assert cfg.max_streams == DEFAULT_MAX_STREAMS == 16384
     assert cfg.idle_timeout == DEFAULT_IDLE_TIMEOUT == 600
     assert cfg.buffer_budget == DEFAULT_BUFFER_BUDGET == 256 << 20
     assert cfg.slow_reader_timeout == DEFAULT_SLOW_READER_TIMEOUT == 30

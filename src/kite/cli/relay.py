@@ -68,7 +68,7 @@ def dns_options(f):
               help="Connections that have not yet said what they are; more are closed at "
                    "once. Default: max-connections / 4, at most 4096.")
 @click.option("--max-streams", type=click.IntRange(min=1), default=None,
-              help="Visitors one tunnel may carry at once; more are refused.  [default: 4096]")
+              help="Visitors one tunnel may carry at once; more are refused.  [default: 16384]")
 @click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
               help="Close a visitor stream after this many seconds without a byte either "
                    "way (0: never).  [default: 600]")

@@ -50,10 +50,10 @@ __all__ = [
     "RELEASE_BELOW",
 ]
 
-#: Streams one tunnel may carry at once.  Far above what one backend serves (a browser opens
-#: at most 6 connections per host), far below the 131071 stream ids (so an id is found in a
-#: few steps), and it bounds what one backend can make the relay hold.
-DEFAULT_MAX_STREAMS = 4096
+#: Streams one tunnel may carry at once: room for a kite with 10,000 idle visitors (chat,
+#: websockets), well below the 131071 stream ids (so a free id is found in a few steps), and
+#: a bound on what one backend can make the relay hold (~5 KiB a stream).
+DEFAULT_MAX_STREAMS = 16384
 #: Seconds without a byte either way after which a stream is closed (0/None: never).
 DEFAULT_IDLE_TIMEOUT = 600.0
 #: Bytes all visitor transports together may hold in their write buffers (0/None: no limit).
