@@ -43,7 +43,7 @@ def _text(data: bytes) -> str:
     return data.decode("latin-1")
 
 
-def _headers(block: str) -> list:
+def split_headers(block: str) -> list:
     """A header block split as the Demux splits it: at CRLF, name before the first ':'."""
     out = []
     for line in block.split("\r\n"):
@@ -53,7 +53,7 @@ def _headers(block: str) -> list:
     return out
 
 
-def _answer_request(request: handshake.TunnelRequest) -> None:
+def answer_request(request: handshake.TunnelRequest) -> None:
     auth = AUTHORIZER.authorize(request.kites, now=NOW)
     handshake.build_tunnel_response(auth.headers)
     handshake.build_inband_reply(auth.headers)
@@ -61,13 +61,13 @@ def _answer_request(request: handshake.TunnelRequest) -> None:
     handshake.build_inband_reply(auth.headers)
 
 
-def _answer_reply(reply: handshake.RelayReply) -> None:
+def answer_reply(reply: handshake.RelayReply) -> None:
     lines = [c.answer(SECRET, salt="0badcafe") for c in reply.sign_this]
     handshake.build_inband_request(lines)
     handshake.build_tunnel_request(lines, replace=reply.session_id)
 
 
-def _answer_events(events: list) -> None:
+def answer_events(events: list) -> None:
     for event in events:
         if isinstance(event, control.Ping):
             control.build_pong(event.value)
@@ -77,9 +77,9 @@ def _answer_events(events: list) -> None:
             proxy_v2(event.rip, event.rport or 0, "127.0.0.1", event.port or 0)
             ForwardedRewriter(client_ip=event.rip, proto="http")
         elif isinstance(event, control.KiteRequest):
-            _answer_request(event.request)
+            answer_request(event.request)
         elif isinstance(event, control.KiteReply):
-            _answer_reply(event.reply)
+            answer_reply(event.reply)
 
 
 # -- the checks ---------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def check_tunnel_request(data: bytes) -> None:
         request = handshake.parse_tunnel_request(data)
     except HandshakeError:
         return
-    _answer_request(request)
+    answer_request(request)
 
 
 def check_tunnel_response(data: bytes) -> None:
@@ -98,23 +98,23 @@ def check_tunnel_response(data: bytes) -> None:
     except HandshakeError:
         return
     assert reply.status is not None and 100 <= reply.status <= 999
-    _answer_reply(reply)
+    answer_reply(reply)
 
 
 def check_inband(data: bytes) -> None:
-    headers = _headers(_text(data))
+    headers = split_headers(_text(data))
     try:
         request = handshake.parse_inband_request(headers)
     except HandshakeError:
         pass
     else:
-        _answer_request(request)
+        answer_request(request)
     try:
         reply = handshake.parse_inband_reply(headers)
     except HandshakeError:
         pass
     else:
-        _answer_reply(reply)
+        answer_reply(reply)
 
 
 def check_kite_values(data: bytes) -> None:
@@ -126,7 +126,7 @@ def check_kite_values(data: bytes) -> None:
             continue
         handshake.build_inband_reply([("X-PageKite-OK", parsed.what)])
         if isinstance(parsed, handshake.KiteLine):
-            _answer_request(handshake.TunnelRequest(kites=[parsed]))
+            answer_request(handshake.TunnelRequest(kites=[parsed]))
         elif isinstance(parsed, handshake.Challenge):
             parsed.answer(SECRET)
 
@@ -134,10 +134,10 @@ def check_kite_values(data: bytes) -> None:
 def check_chunk(data: bytes) -> None:
     block, _, payload = data.partition(b"\r\n\r\n")
     try:
-        events = control.parse_chunk(_headers(_text(block)), payload)
+        events = control.parse_chunk(split_headers(_text(block)), payload)
     except RemoteProtocolError:
         return
-    _answer_events(events)
+    answer_events(events)
 
 
 def _demux_run(module, data: bytes, cut: int) -> tuple:
@@ -157,7 +157,7 @@ def _demux_run(module, data: bytes, cut: int) -> tuple:
     for headers, payload in events:
         assert all(isinstance(n, str) and isinstance(v, str) for n, v in headers)
         try:
-            _answer_events(control.parse_chunk(headers, payload))
+            answer_events(control.parse_chunk(headers, payload))
         except RemoteProtocolError:
             pass
     return error, events, sunk, len(corrupt)
@@ -301,14 +301,14 @@ CHECKS = {
 
 # -- seeds ------------------------------------------------------------------------------------
 
-def _frame(body: bytes) -> bytes:
+def frame(body: bytes) -> bytes:
     return b"%x\r\n" % len(body) + body
 
 
-def _zframe(body: bytes) -> bytes:
+def zframe(body: bytes, reset: bool = True) -> bytes:
     z = zlib.compressobj()
     data = z.compress(body) + z.flush(zlib.Z_SYNC_FLUSH)
-    return b"%xZ%xR\r\n" % (len(body), len(data)) + data
+    return b"%xZ%x%s\r\n" % (len(body), len(data), b"R" if reset else b"") + data
 
 
 def _seeds() -> dict:
@@ -336,9 +336,9 @@ def _seeds() -> dict:
                   control.build_skb(7, 1024)[0], control.build_eof(3)[0],
                   control.build_quota(1024, days=3, conns=5, pong="1.5")[0],
                   stream_open + b"\r\n\r\nGET / HTTP/1.1\r\n"],
-        "demux": [b"\x05" + _frame(b"SID: 1\r\n\r\nhello") + _frame(b"NOOP: 1\r\nPING: 1\r\n\r\n!"),
-                  b"\x00" + _zframe(stream_open + b"\r\n\r\n" + b"x" * 80)
-                  + _frame(b"SID: 3\r\nEOF: 1WR\r\n\r\nBye!")],
+        "demux": [b"\x05" + frame(b"SID: 1\r\n\r\nhello") + frame(b"NOOP: 1\r\nPING: 1\r\n\r\n!"),
+                  b"\x00" + zframe(stream_open + b"\r\n\r\n" + b"x" * 80)
+                  + frame(b"SID: 3\r\nEOF: 1WR\r\n\r\nBye!")],
         "zchunks": [len(zbody).to_bytes(2, "big") + zdata],
         "sniff": [b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n",
                   b"CONNECT box.example.com:22 HTTP/1.1\r\n\r\n", handshake.PING_REQUEST,

@@ -13,7 +13,9 @@ found here are fixed and kept as ``@example``s.  fuzz/ holds the same targets fo
 
 from __future__ import annotations
 
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -34,10 +36,23 @@ from kite.pagekiterc import convert
 from kite.proto import control, handshake, names, signing
 from kite.proto.forwarded import ForwardedRewriter
 from kite.proto.http import find_head_end, parse_connect_reply
-from kite.proto.proxyproto import proxy_v1, proxy_v2
 from kite.proto.sniff import parse_host, sniff
 from kite.proto.zchunks import ZInflater
 from kite.relay.grants import parse_grant
+
+# The fuzz targets are the one home of the answer builders and framing helpers the
+# properties share with the atheris runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
+from targets import (
+    AUTHORIZER,
+    SECRET,
+    answer_events,
+    answer_reply,
+    answer_request,
+    frame,
+    split_headers,
+    zframe,
+)
 
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -83,7 +98,6 @@ def mutated_utf8(seeds):
 
 # -- handshake --------------------------------------------------------------------------------
 
-SECRET = "fuzz-kite-secret-0123456789"
 KITES = [handshake.KiteLine.signed("http", "app.example.com", "0123abcd", SECRET, salt="aa11bb22"),
          handshake.KiteLine("raw-22", "box.example.com", "deadbeef", "t1234567abcdef", "ffff0000"),
          handshake.KiteLine("https", "*.example.com", "b5", "", "")]
@@ -92,8 +106,6 @@ TUNNEL_REQUESTS = [
     handshake.build_tunnel_request(KITES, replace="6b0564c1:b40729de", tls=True),
     b"CONNECT PageKite:1 HTTP/1.1\nX-Beanstalk: http:a.b:c::\n\n",
 ]
-AUTHORIZER = handshake.KiteAuthorizer(lookup_secret=lambda p, d: SECRET, challenge_secret="fe",
-                                      ports=(80, 443), raw_ports=("virtual",))
 _AUTH = AUTHORIZER.authorize(KITES, now=1_700_000_000)
 TUNNEL_RESPONSES = [
     handshake.build_tunnel_response(_AUTH.headers, ports=(80, 443), raw_ports=("virtual",)),
@@ -102,20 +114,6 @@ TUNNEL_RESPONSES = [
     b"X-PageKite-Invalid-Why: http:a.b:c;signature\r\nX-PageKite-Misc: motd=hi%20there\r\n\r\n",
     handshake.TUNNEL_UNAVAILABLE,
 ]
-
-
-def answer_request(request: handshake.TunnelRequest) -> None:
-    """The relay's side: decide every kite and build both kinds of reply."""
-    auth = AUTHORIZER.authorize(request.kites, now=1_700_000_000)
-    handshake.build_tunnel_response(auth.headers)
-    handshake.build_inband_reply(auth.headers)
-
-
-def answer_reply(reply: handshake.RelayReply) -> None:
-    """The backend's side: sign every challenge and build the in-band request."""
-    lines = [c.answer(SECRET, salt="0badcafe") for c in reply.sign_this]
-    handshake.build_inband_request(lines)
-    handshake.build_tunnel_request(lines, replace=reply.session_id)
 
 
 @FUZZ
@@ -149,16 +147,6 @@ def test_tunnel_response(data):
     answer_reply(reply)
 
 
-def _headers(block: str) -> list:
-    """A header block split as the Demux splits it: at CRLF, name before the first ':'."""
-    out = []
-    for line in block.split("\r\n"):
-        name, sep, value = line.partition(":")
-        if sep:
-            out.append((name, value.strip(" \t")))
-    return out
-
-
 INBAND_REQUESTS = [handshake.build_inband_request(KITES)[0].decode("latin-1")]
 INBAND_REPLIES = [handshake.build_inband_reply(_AUTH.headers)[0].decode("latin-1"),
                   "NOOP: 1\r\nX-PageKite-SignThis: raw-22:box.example.com:deadbeef:t0000000"]
@@ -169,7 +157,7 @@ INBAND_REPLIES = [handshake.build_inband_reply(_AUTH.headers)[0].decode("latin-1
 @example("NOOP: 1\r\nX-PageKite: http:a\nb:c::")  # lone LF: the demux splits at CRLF only
 def test_inband_request(block):
     try:
-        request = handshake.parse_inband_request(_headers(block))
+        request = handshake.parse_inband_request(split_headers(block))
     except HandshakeError:
         return
     answer_request(request)
@@ -180,7 +168,7 @@ def test_inband_request(block):
 @example("NOOP: 1\r\nX-PageKite-SignThis: http:a\rb:c:t1")
 def test_inband_reply(block):
     try:
-        reply = handshake.parse_inband_reply(_headers(block))
+        reply = handshake.parse_inband_reply(split_headers(block))
     except HandshakeError:
         return
     answer_reply(reply)
@@ -212,21 +200,6 @@ CHUNKS = [control.build_ping(1795516026.4960)[0], control.build_pong("1795516026
                                              INBAND_REPLIES[0].encode("latin-1")]
 
 
-def answer_events(events: list) -> None:
-    for event in events:
-        if isinstance(event, control.Ping):
-            control.build_pong(event.value)
-            control.build_quota(1, pong=event.value)
-        elif isinstance(event, control.StreamOpen) and event.rip is not None:
-            proxy_v1(event.rip, event.rport or 0, "127.0.0.1", event.port or 0)
-            proxy_v2(event.rip, event.rport or 0, "127.0.0.1", event.port or 0)
-            ForwardedRewriter(client_ip=event.rip, proto="http")
-        elif isinstance(event, control.KiteRequest):
-            answer_request(event.request)
-        elif isinstance(event, control.KiteReply):
-            answer_reply(event.reply)
-
-
 @FUZZ
 @given(mutated(CHUNKS), st.binary(max_size=8))
 @example(b"NOOP: 1\r\nPING: 1\r2", b"!")  # lone CR reached build_pong
@@ -235,7 +208,7 @@ def answer_events(events: list) -> None:
 @example(b"SID: 1\r\nProto: raw\r\nHost: a\r\nRIP: not-an-ip", b"")
 def test_parse_chunk(block, payload):
     try:
-        events = control.parse_chunk(_headers(block.decode("latin-1")), payload)
+        events = control.parse_chunk(split_headers(block.decode("latin-1")), payload)
     except RemoteProtocolError:
         return
     answer_events(events)
@@ -255,20 +228,10 @@ def test_parse_sid(value):
 
 # -- the fast path's Demux (both implementations) ---------------------------------------------
 
-def _frame(body: bytes) -> bytes:
-    return b"%x\r\n" % len(body) + body
-
-
-def _zframe(body: bytes, reset: bool = True) -> bytes:
-    z = zlib.compressobj()
-    data = z.compress(body) + z.flush(zlib.Z_SYNC_FLUSH)
-    return b"%xZ%x%s\r\n" % (len(body), len(data), b"R" if reset else b"") + data
-
-
 STREAMS = [
-    _frame(b"SID: 1\r\n\r\nhello") + _frame(b"NOOP: 1\r\nPING: 1.0\r\n\r\n!"),
-    _zframe(b"SID: 2\r\nProto: http\r\nHost: a.b\r\n\r\n" + b"x" * 80) + _frame(b"SID: 2\r\n\r\n"),
-    _frame(b"SID: 3\r\nEOF: 1WR\r\n\r\nBye!") + _zframe(b"NOOP: 1\r\nSKB: 4\r\nSID: 3\r\n\r\n"),
+    frame(b"SID: 1\r\n\r\nhello") + frame(b"NOOP: 1\r\nPING: 1.0\r\n\r\n!"),
+    zframe(b"SID: 2\r\nProto: http\r\nHost: a.b\r\n\r\n" + b"x" * 80) + frame(b"SID: 2\r\n\r\n"),
+    frame(b"SID: 3\r\nEOF: 1WR\r\n\r\nBye!") + zframe(b"NOOP: 1\r\nSKB: 4\r\nSID: 3\r\n\r\n"),
 ]
 
 
