@@ -159,28 +159,51 @@ def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
     return head, rest
 
 
-class Download:
-    """A visitor downloading in a thread; ``progress`` counts body bytes so far."""
+class _Visitor:
+    """A visitor working in a thread; ``progress`` counts the bytes it moved so far and
+    ``outcome`` is set when it is done.  A subclass's ``_transfer`` does the work."""
 
-    def __init__(self, relay_port: int, host: str, *, connect_port: Optional[int] = None,
-                 bare: bool = False, timeout: float = 30.0) -> None:
+    doing = "working"
+
+    def __init__(self, relay_port: int, host: str, timeout: float = 30.0) -> None:
         self.relay_port = relay_port
         self.host = host
-        self.connect_port = connect_port  # raw kite: CONNECT host:port first
-        self.bare = bare  # raw kite through `kite forward`: the bytes come at once
         self.timeout = timeout
         self.progress = 0
         self.outcome: Optional[Outcome] = None
         self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
 
     def _run(self) -> None:
-        out = Outcome()
         try:
             sock = socket.create_connection(("127.0.0.1", self.relay_port), timeout=self.timeout)
         except OSError as exc:
             self.outcome = Outcome(0, "connect failed", str(exc))
             return
+        self._transfer(sock)
+
+    def _transfer(self, sock: socket.socket) -> None:
+        raise NotImplementedError
+
+    def wait(self, timeout: float = 30.0) -> Outcome:
+        self.thread.join(timeout)
+        assert self.outcome is not None, f"the visitor is still {self.doing}"
+        return self.outcome
+
+
+class Download(_Visitor):
+    """A visitor downloading in a thread; ``progress`` counts body bytes so far."""
+
+    doing = "reading"
+
+    def __init__(self, relay_port: int, host: str, *, connect_port: Optional[int] = None,
+                 bare: bool = False, timeout: float = 30.0) -> None:
+        super().__init__(relay_port, host, timeout)
+        self.connect_port = connect_port  # raw kite: CONNECT host:port first
+        self.bare = bare  # raw kite through `kite forward`: the bytes come at once
+        self.thread.start()
+
+    def _transfer(self, sock: socket.socket) -> None:
+        out = Outcome()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # stay mid-transfer
         expected = None
         try:
@@ -222,31 +245,18 @@ class Download:
             out.end, out.detail = "eof" if isinstance(exc, EOFError) else "error", repr(exc)
         self.outcome = out
 
-    def wait(self, timeout: float = 30.0) -> Outcome:
-        self.thread.join(timeout)
-        assert self.outcome is not None, "the visitor is still reading"
-        return self.outcome
 
-
-class Upload:
+class Upload(_Visitor):
     """A visitor POSTing a big body in a thread; ``progress`` counts bytes sent."""
 
+    doing = "sending"
+
     def __init__(self, relay_port: int, host: str, timeout: float = 30.0) -> None:
-        self.relay_port = relay_port
-        self.host = host
-        self.timeout = timeout
-        self.progress = 0
-        self.outcome: Optional[Outcome] = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(relay_port, host, timeout)
         self.thread.start()
 
-    def _run(self) -> None:
+    def _transfer(self, sock: socket.socket) -> None:
         out = Outcome()
-        try:
-            sock = socket.create_connection(("127.0.0.1", self.relay_port), timeout=self.timeout)
-        except OSError as exc:
-            self.outcome = Outcome(0, "connect failed", str(exc))
-            return
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         zeros = bytes(_CHUNK)
         try:
@@ -272,11 +282,6 @@ class Upload:
         except (TimeoutError, OSError) as exc:
             out.end, out.detail = "error", repr(exc)
         self.outcome = out
-
-    def wait(self, timeout: float = 30.0) -> Outcome:
-        self.thread.join(timeout)
-        assert self.outcome is not None, "the visitor is still sending"
-        return self.outcome
 
 
 def http_get(port: int, host: str, timeout: float = 5.0) -> tuple[bytes, bytes]:
