@@ -47,15 +47,35 @@ def test_protos():
             check_protos(bad)
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = SqliteStore(str(tmp_path / "kite.db"))
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    from redisd import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    """Each registry test runs on both stores: the SQLite file and Redis."""
+    if request.param == "sqlite":
+        s = SqliteStore(str(tmp_path / "kite.db"))
+    else:
+        import redis
+
+        from kite.store.redis import RedisStore
+
+        url = request.getfixturevalue("redis_server").url(1)
+        redis.Redis.from_url(url).flushdb()
+        s = RedisStore(url)
     yield s
     s.close()
 
 
 def test_file_mode_and_secret_not_in_repr(store):
-    assert os.stat(store.path).st_mode & 0o777 == 0o600
+    if isinstance(store, SqliteStore):
+        assert os.stat(store.path).st_mode & 0o777 == 0o600
     acct = store.add_account("a@x.org", 100, None)
     assert acct.secret not in repr(acct) and len(acct.secret) >= 24
 
@@ -94,19 +114,20 @@ def test_flush_is_idempotent_and_daily(store):
     assert info["total_bytes"] == 1200 and info["quota_bytes"] == 0  # floors at 0
     assert info["kites"][0] == {"name": "a.example.com", "protos": ["http"],
                                 "total_bytes": 1200, "online": ["http"]}
-    days = store.db.execute("SELECT day, bytes FROM daily ORDER BY day").fetchall()
-    assert days == [("2026-01-01", 300), ("2026-01-02", 900)]
+    day1, day2 = 1767225600, 1767312000  # 2026-01-01, 2026-01-02 (UTC)
+    assert [store.show("a@x.org", t)["today_bytes"] for t in (day1, day2)] == [300, 900]
     assert store.set_quota("a@x.org", 500, add=True).quota_bytes == 500
     store.remove_account("a@x.org")
     assert store.snapshot().kites == {}
 
 
-def test_concurrent_top_ups(tmp_path):
-    path = str(tmp_path / "kite.db")
-    SqliteStore(path).add_account("a@x.org", 0, None)
+def test_concurrent_top_ups(store):
+    store.add_account("a@x.org", 0, None)
+    again = (lambda: SqliteStore(store.path)) if isinstance(store, SqliteStore) else (
+        lambda: type(store)(store.url))
 
     def top_up():
-        s = SqliteStore(path)
+        s = again()
         for _ in range(20):
             s.set_quota("a@x.org", 1, add=True)
         s.close()
@@ -116,7 +137,7 @@ def test_concurrent_top_ups(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert SqliteStore(path).show("a@x.org", 0)["quota_bytes"] == 120
+    assert store.show("a@x.org", 0)["quota_bytes"] == 120
 
 
 def _kite(*args):

@@ -19,18 +19,27 @@ from .run import fail
 __all__ = ["accounts"]
 
 _DB_HELP = "The registry, a SQLite file (default: $KITE_DB, else kite.db)."
-_db_option = click.option("--db", metavar="FILE", help=_DB_HELP)
+_REDIS_HELP = "The registry in Redis (redis://HOST:PORT/DB; default: $KITE_REDIS) - a fleet's."
+
+
+def _db_option(fn):
+    fn = click.option("--redis", "redis_url", metavar="URL", help=_REDIS_HELP)(fn)
+    return click.option("--db", metavar="FILE", help=_DB_HELP)(fn)
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
 @contextmanager
-def _store(db: str) -> Iterator:
+def _store(db: str, redis_url: str) -> Iterator:
     from ..errors import StoreError
-    from ..store.sqlite import open_store
+    from ..store.opener import open_registry
 
-    db = db or click.get_current_context().obj or os.environ.get("KITE_DB") or "kite.db"
+    outer = click.get_current_context().obj or (None, None)
+    if (db or outer[0]) and (redis_url or outer[1]):
+        fail("--db and --redis name two registries: give one")
+    location = (redis_url or db or outer[1] or outer[0] or os.environ.get("KITE_REDIS")
+                or os.environ.get("KITE_DB") or "kite.db")
     try:
-        store = open_store(db)
+        store = open_registry(location)
         try:
             yield store
         finally:
@@ -52,9 +61,9 @@ def _size(value: str) -> int:
 @click.group()
 @_db_option
 @click.pass_context
-def accounts(ctx: click.Context, db) -> None:
-    """Accounts, their kites and quotas, in the relay's registry (kite relay --db)."""
-    ctx.obj = db
+def accounts(ctx: click.Context, db, redis_url) -> None:
+    """Accounts, their kites and quotas, in the relay's registry (kite relay --db/--redis)."""
+    ctx.obj = (db, redis_url)
 
 
 @accounts.command()
@@ -64,10 +73,10 @@ def accounts(ctx: click.Context, db) -> None:
               help="Expire after N days (default: never).")
 @_db_option
 @_json_option
-def add(email, quota, days, db, as_json):
+def add(email, quota, days, db, redis_url, as_json):
     """Add an account; prints its secret (shown this once)."""
     size = _size(quota)
-    with _store(db) as store:
+    with _store(db, redis_url) as store:
         acct = store.add_account(email, size, days)
     if as_json:
         click.echo(json.dumps({"email": acct.email, "secret": acct.secret,
@@ -83,12 +92,12 @@ def add(email, quota, days, db, as_json):
               help="Protocols: http, https, raw-PORT, websocket (comma-separated).")
 @click.option("--remove", is_flag=True, help="Take the kite away (its tunnels stop flying it).")
 @_db_option
-def kite_cmd(email, name, protos, remove, db):
+def kite_cmd(email, name, protos, remove, db, redis_url):
     """Give the account EMAIL the kite NAME (or *.NAME under one of its names)."""
     from ..errors import StoreError
     from ..store import check_protos
 
-    with _store(db) as store:
+    with _store(db, redis_url) as store:
         if remove:
             store.remove_kite(email, name)
             return
@@ -108,7 +117,7 @@ def kite_cmd(email, name, protos, remove, db):
 @click.option("--allow", multiple=True, metavar="CIDR", help="Only visitors from these networks.")
 @click.option("--deny", multiple=True, metavar="CIDR", help="Refuse visitors from these networks.")
 @_db_option
-def limits(email, name, max_visitors, rate, allow, deny, db):
+def limits(email, name, max_visitors, rate, allow, deny, db, redis_url):
     """Set the visitor limits of the kite NAME (none given: no limits)."""
     from ..errors import StoreError
     from ..store import Limits, check_cidrs
@@ -117,7 +126,7 @@ def limits(email, name, max_visitors, rate, allow, deny, db):
         lim = Limits(max_visitors, rate, check_cidrs(allow), check_cidrs(deny))
     except StoreError as err:
         fail(str(err))
-    with _store(db) as store:
+    with _store(db, redis_url) as store:
         store.set_limits(email, name, lim)
 
 
@@ -125,13 +134,13 @@ def limits(email, name, max_visitors, rate, allow, deny, db):
 @click.argument("email")
 @click.argument("size")
 @_db_option
-def quota(email, size, db):
+def quota(email, size, db, redis_url):
     """Set the bytes left to SIZE, or top up with +SIZE (2.5GB, 500MB, bytes)."""
     add_ = size.startswith("+")
     n = _size(size[1:] if add_ else size)
     from ..store import format_size
 
-    with _store(db) as store:
+    with _store(db, redis_url) as store:
         acct = store.set_quota(email, n, add=add_)
     click.echo(f"{acct.email}: {format_size(max(acct.quota_bytes, 0))} left")
 
@@ -139,11 +148,11 @@ def quota(email, size, db):
 @accounts.command("list")
 @_db_option
 @_json_option
-def list_cmd(db, as_json):
+def list_cmd(db, redis_url, as_json):
     """Every account: kites, quota left, bytes moved, status."""
     from ..store import format_size
 
-    with _store(db) as store:
+    with _store(db, redis_url) as store:
         rows = store.list_accounts()
     if as_json:
         click.echo(json.dumps(rows))
@@ -157,11 +166,11 @@ def list_cmd(db, as_json):
 @click.argument("email")
 @_db_option
 @_json_option
-def show(email, db, as_json):
+def show(email, db, redis_url, as_json):
     """One account: its kites (online or not), bytes today / this period / total, quota left."""
     from ..store import format_size
 
-    with _store(db) as store:
+    with _store(db, redis_url) as store:
         info = store.show(email, time.time())
     if as_json:
         click.echo(json.dumps(info))
@@ -182,8 +191,8 @@ def _flag(name: str, doc: str, action):
     @accounts.command(name, help=doc)
     @click.argument("email")
     @_db_option
-    def cmd(email, db):
-        with _store(db) as store:
+    def cmd(email, db, redis_url):
+        with _store(db, redis_url) as store:
             action(store, email)
 
 

@@ -79,7 +79,7 @@ def _cert_names(path: str) -> list:
 
 
 _RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive", "zchunks",
-               "secret_file", "db", "signup", "signup_quota", "signup_per_hour",
+               "secret_file", "db", "redis", "signup", "signup_quota", "signup_per_hour",
                "max_connections", "max_pending", "max_streams", "idle_timeout", "buffer_budget",
                "slow_reader_timeout"}
 _GRANT_KEYS = {"domain", "protos", "secret", "secret_file", "single"}
@@ -123,7 +123,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                        secret_file: Optional[str] = None,
                        dns_options: Optional[dict] = None,
                        db: Optional[str] = None, signup: Optional[str] = None,
-                       signup_quota: Optional[str] = None) -> RelayConfig:
+                       signup_quota: Optional[str] = None,
+                       redis: Optional[str] = None) -> RelayConfig:
     """Validate the options and the TOML file (options win) into a RelayConfig.
 
     A grant's secret comes from ``PROTO:DOMAIN:SECRET``, or, for ``PROTO:DOMAIN`` and a
@@ -162,6 +163,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
             keepalive = check_keepalive(data["keepalive"], "keepalive")
         zchunks = zchunks or check_bool(data.get("zchunks", False), "zchunks")
         db = db or _path(data.get("db"), "db")
+        redis = redis or _path(data.get("redis"), "redis")
         signup = signup or data.get("signup")
         signup_quota = signup_quota or data.get("signup_quota")
         per_hour = data.get("signup_per_hour", 5)
@@ -190,6 +192,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
              for v in listen or ["0.0.0.0:443"]]
     for value in kites:
         grants.add(parse_grant(value, key="--kite", default_secret=default_secret))
+    db = _registry(db, redis)
     if not len(grants) and not db:
         raise ConfigError("--kite", "no kites are allowed on this relay",
                           "add --kite 'PROTO:DOMAIN' with --secret-file FILE (or [[kite]] in "
@@ -245,6 +248,19 @@ def _apply_limits(cfg: RelayConfig, data: dict, options: dict) -> None:
             setattr(cfg, key, kind(value))
 
 
+def _registry(db: Optional[str], redis: Optional[str]) -> Optional[str]:
+    """The registry's location: the SQLite file, or the Redis URL a fleet shares."""
+    from ..store.opener import is_redis_url
+
+    if db and redis:
+        raise ConfigError("--redis", "--db and --redis name two registries", "give one")
+    if redis and not is_redis_url(redis):
+        raise ConfigError("--redis", f"bad URL {redis!r}", "use redis://HOST:PORT/DB")
+    if db and is_redis_url(db):
+        raise ConfigError("--db", f"{db!r} is a Redis URL", "give it as --redis")
+    return redis or db
+
+
 def _signup_options(db, zone, quota, per_hour) -> dict:
     if not zone:
         return {}
@@ -252,7 +268,7 @@ def _signup_options(db, zone, quota, per_hour) -> dict:
     from ..store import check_name, parse_size
 
     if not db:
-        raise ConfigError("--signup", "sign-up needs the account registry", "add --db FILE")
+        raise ConfigError("--signup", "sign-up needs the account registry", "add --db FILE (or --redis URL)")
     if isinstance(per_hour, bool) or not isinstance(per_hour, int) or not 0 < per_hour <= 10000:
         raise ConfigError("signup_per_hour", f"bad value {per_hour!r}", "a whole number 1-10000")
     try:

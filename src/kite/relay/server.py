@@ -70,9 +70,9 @@ class RelayServer:
         if self.names is not None:
             await self.names.start()
         if self.config.db:
-            from ..store.sqlite import open_store
+            from ..store.opener import open_registry
 
-            self.state.registry = Registry(self.state, open_store(self.config.db))
+            self.state.registry = Registry(self.state, open_registry(self.config.db))
             await self.state.registry.start()
             if self.config.signup_zone:
                 self.state.signup = SignupService(self.state.registry, self.config.signup_zone,
