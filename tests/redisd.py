@@ -28,9 +28,9 @@ def redis_server_path() -> str:
 class RedisServer:
     """One redis-server; ``url(db)`` names a database on it."""
 
-    def __init__(self, tmp_path: Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, tmp_path: Path, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
-        self.port = free_port()
+        self.port = port or free_port()
         args = [redis_server_path(), "--bind", host, "--port", str(self.port),
                 "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
                 "--protected-mode", "no", "--databases", "64"]
