@@ -82,6 +82,7 @@ class Registry:
         self._quota_sent: dict = {}  # account id -> last kB told to its tunnels
         self._urgent = False  # an account was just blocked: flush now (before any top-up)
         self._next_flush = 0.0
+        self._next_quotas = 0.0  # next look at the quotas other relays charged (a fleet)
         self._flushes = 0  # flushes committed (a snapshot read across one is stale)
         self._open: dict = {}  # kite name -> open visitor streams
         self._rate: dict = {}  # (kite name, visitor address) -> (second, new connections)
@@ -218,12 +219,26 @@ class Registry:
             version = await self.db_call(self.store.data_version)
             if version != self.version:
                 await self.reload()
+            elif hasattr(self.store, "quotas") and self._loop.time() >= self._next_quotas:
+                self._next_quotas = self._loop.time() + FLUSH_INTERVAL
+                self._apply_quotas(await self.db_call(self.store.quotas))
         except StoreError as exc:
             log.warning("registry: %s (serving with the last good registry)", exc)
         if self._urgent or self._loop.time() >= self._next_flush:
             self._urgent = False
             self._next_flush = self._loop.time() + FLUSH_INTERVAL
             await self.flush()
+
+    def _apply_quotas(self, quotas: dict) -> None:
+        """Take what other relays of a fleet charged (bytes left per account)."""
+        if self._batch is not None:
+            return  # our own batch is in flight: the next look sees it applied
+        accounts = self.snap.accounts
+        for aid, left in quotas.items():
+            acct = accounts.get(aid)
+            if acct is not None and acct.quota_bytes != left:
+                accounts[aid] = dataclasses.replace(acct, quota_bytes=left)
+        self._enforce()
 
     async def reload(self) -> None:
         """Read a new snapshot and apply it (removed kites stop flying)."""

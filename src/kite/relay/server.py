@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Optional
+import socket
+from typing import TYPE_CHECKING, Optional
 
 from ..names import NameService
 from ..net.memory import MemoryTrimmer
 from ..net.sockets import raise_nofile_limit
 from ..net.tls import server_context
+from ..store.opener import is_redis_url
 from .accept import Acceptor, default_max_connections, default_max_pending
 from .config import RelayConfig
 from .dispatch import Dispatcher
 from .registry import Registry
 from .signup import SignupService
 from .state import RelayState
+
+if TYPE_CHECKING:
+    from ..store.presence import FleetPresence
 
 log = logging.getLogger("kite.relay")
 
@@ -52,6 +57,7 @@ class RelayServer:
         self.addresses: list = []
         self.closing = False
         self.trimmer = MemoryTrimmer()  # freed visitor buffers go back to the OS
+        self.fleet: Optional[FleetPresence] = None  # when the registry is in Redis
 
     async def start(self) -> list:
         cfg = self.config
@@ -72,7 +78,8 @@ class RelayServer:
         if self.config.db:
             from ..store.opener import open_registry
 
-            self.state.registry = Registry(self.state, open_registry(self.config.db))
+            self.state.registry = Registry(self.state, open_registry(self.config.db),
+                                           relay_id=self.relay_id)
             await self.state.registry.start()
             if self.config.signup_zone:
                 self.state.signup = SignupService(self.state.registry, self.config.signup_zone,
@@ -82,7 +89,32 @@ class RelayServer:
             bound = self.acceptor.listen(host, port)
             self.addresses.append(bound)
             self.state.public_ports.append(bound[1])
+        if self.config.db and is_redis_url(self.config.db):
+            await self._join_fleet()
         return self.addresses
+
+    async def _join_fleet(self) -> None:
+        """Share this relay's presence with the fleet on the registry's Redis."""
+        from ..store.presence import FleetPresence
+
+        assert self.config.db is not None
+        names = self.config.names
+        ips = list(names.public_ips) if names is not None else []
+        host, port = self.addresses[0][:2]
+        forward = f"{ips[0] if ips else host}:{port}"
+        self.fleet = FleetPresence(self.config.db, self.relay_id, ips, forward=forward)
+        await self.fleet.start()
+        self.state.subscribe(self.fleet.on_presence)
+
+    @property
+    def relay_id(self) -> str:
+        """This relay's name in a shared registry (its flushes and presence are keyed by it;
+        stable across restarts, so a restarted relay continues its flush numbers)."""
+        given = getattr(self.config, "relay_id", None)
+        if given:
+            return given
+        return socket.gethostname() if self.config.db and is_redis_url(self.config.db) \
+            else "relay"
 
     async def close(self, drain_timeout: Optional[float] = None) -> None:
         """Stop accepting, let open streams finish (up to ``drain_timeout``), close tunnels."""
@@ -101,5 +133,7 @@ class RelayServer:
         await self.dispatcher.close()
         if self.names is not None:
             await self.names.close()
+        if self.fleet is not None:
+            await self.fleet.close()  # other relays stop answering with this one at once
         if self.state.registry is not None:
             await self.state.registry.close()  # the last counts, on SIGTERM too

@@ -182,6 +182,12 @@ class RedisStore:
                                     int(kitebytes.get(name, 0)), limits)
         return snap
 
+    def quotas(self) -> dict:
+        """Bytes left per account id, as every relay's flushes left them (one read): how a
+        relay of a fleet learns what the others charged, without reading a snapshot."""
+        return {int(k): int(v) for k, v in
+                self._call(lambda: self.r.hgetall(self._k("quota"))).items()}
+
     def last_seq(self, relay: str) -> int:
         return int(self._call(lambda: self.r.hget(self._k("flushes"), relay)) or 0)
 
