@@ -16,7 +16,7 @@ import pytest
 from support import KITE, SECRET, Proc, make_certs
 
 #: The relay logs the address it bound (``--listen 127.0.0.1:0``).
-_LISTENING = re.compile(r"relay listening on 127\.0\.0\.1:(\d+)")
+_LISTENING = re.compile(r"relay listening on (127\.\d+\.\d+\.\d+):(\d+)")
 
 
 def _proc_status(pid: int, key: str) -> int:
@@ -32,6 +32,7 @@ class RelayProcess:
     port: int
     cert: str
     fingerprint: str
+    host: str = "127.0.0.1"
 
     @property
     def pid(self) -> int:
@@ -74,7 +75,7 @@ def relay_process(tmp_path):
         out = proc.wait_for("relay listening on", timeout=30)
         m = _LISTENING.search(out)
         assert m, out
-        return RelayProcess(proc, int(m.group(1)), certs.cert, certs.fingerprint)
+        return RelayProcess(proc, int(m.group(2)), certs.cert, certs.fingerprint, m.group(1))
 
     yield start
     for p in procs:
@@ -89,7 +90,7 @@ def expose_process(tmp_path):
 
     def start(target: str, name: str, relay: RelayProcess, *args: str, wait: bool = True,
               secret: str = SECRET) -> Proc:
-        argv = [*KITE, "expose", target, name, "--relay", f"127.0.0.1:{relay.port}",
+        argv = [*KITE, "expose", target, name, "--relay", f"{relay.host}:{relay.port}",
                 "--fingerprint", relay.fingerprint, "-v", *args]
         proc = Proc(argv, tmp_path, f"expose{len(procs)}", env={"KITE_SECRET": secret})
         procs.append(proc)

@@ -24,9 +24,10 @@ import socket
 import ssl
 from typing import TYPE_CHECKING, Callable, Optional
 
-from ..errors import SniffError, TooManyStreams
+from ..errors import RemoteProtocolError, SniffError, TooManyStreams
 from ..net.tunnel import Stream, StreamProtocol
 from ..proto import control, handshake
+from ..proto.fleet import FLEET_METHOD, parse_forward_head
 from ..proto.handshake import build_ping_reply
 from ..proto.http import (
     MAX_HEAD,
@@ -230,6 +231,8 @@ class Dispatcher:
         tunnel: Optional[RelayTunnel]
         tunnel, proto = self.state.routes.lookup(protos, host)  # type: ignore[assignment]
         if tunnel is None or proto is None:
+            if self._hand_over(pv, protos, host, bare[0], pv.port):
+                return
             want_json = result.wants_json
             if self.state.has_grant("http", host):
                 self.refuse(pv, f"kite http:{host} is offline",
@@ -266,6 +269,8 @@ class Dispatcher:
                 self._open_stream(pv, tunnel, sid, "https", sni, pv.port, payload=data,
                                   skip=len(data))
                 return
+            if self._hand_over(pv, protos, sni, "https", pv.port):
+                return
         if sni and self.state.has_grant("https", sni):
             self.refuse(pv, f"kite https:{sni} is offline", TLS_ALERT_INTERNAL_ERROR)
         else:
@@ -281,6 +286,8 @@ class Dispatcher:
             return
         tunnel, proto, refusal = self.route_connect(host, port)
         if tunnel is None:
+            if self._hand_over_connect(pv, result, host, port):
+                return
             answer, reason = refusal
             self.refuse(pv, reason, answer)
             return
@@ -295,6 +302,74 @@ class Dispatcher:
         rest = data[result.head_length:]
         self._open_stream(pv, tunnel, sid, proto, host, port, payload=rest, skip=len(rest),
                           sock=sock)
+
+    # -- the fleet: kites that fly on another relay -------------------------------------------
+    def _hand_over(self, pv: PendingVisitor, protos: tuple, host: str, proto: str,
+                   port: int) -> bool:
+        """Give the visitor to another relay of the fleet that flies the kite, if any."""
+        link = self.state.fleet_link
+        if link is None or self.state.is_reserved(host):
+            return False
+        target = link.holder(protos, host)
+        if target is None:
+            return False
+        link.forward(pv.detach(), target, host, proto, port, pv.addr)
+        return True
+
+    def _hand_over_connect(self, pv: PendingVisitor, result, host: str, port: int) -> bool:
+        """``CONNECT host:port`` for a kite of another relay: answered here, then handed."""
+        link = self.state.fleet_link
+        if link is None or self.state.is_reserved(host):
+            return False
+        protos = ((f"https-{port}", "https") if port == 443 else ()) + (f"raw-{port}", "raw")
+        target = link.holder(protos, host)
+        if target is None:
+            return False
+        sock = _answer_connect(pv, result.head_length, VISITOR_CONNECT_OK)
+        if sock is not None:
+            proto = "https" if port == 443 and link.holder(protos[:2], host) else "raw"
+            link.forward(sock, target, host, proto, port, pv.addr)
+        return True
+
+    def fleet_visitor(self, transport: asyncio.Transport, peer: str, data: bytes,
+                      end: int) -> None:
+        """A visitor handed over by another relay of the fleet (kite.proto.fleet)."""
+        link = self.state.fleet_link
+        try:
+            head = parse_forward_head(data[:end])
+        except RemoteProtocolError as exc:
+            log.warning("fleet visitor from %s refused: %s", peer, exc)
+            transport.close()
+            return
+        if link is None or not link.accepts(head.secret):
+            log.warning("fleet visitor from %s refused: %s", peer,
+                        "not in a fleet" if link is None else "wrong fleet secret")
+            transport.close()
+            return
+        bare: tuple[str, ...] = ("websocket", "http") if head.proto == "websocket" else (head.proto,)
+        protos = tuple(f"{p}-{head.port}" for p in bare) + bare
+        tunnel: Optional[RelayTunnel]
+        tunnel, proto = self.state.routes.lookup(protos, head.host)  # type: ignore[assignment]
+        visitor = (f"[{head.visitor_ip}]:{head.visitor_port}" if ":" in head.visitor_ip
+                   else f"{head.visitor_ip}:{head.visitor_port}")
+        refusal = self.state.registry and self.state.registry.refusal(head.host, head.visitor_ip)
+        if tunnel is None or proto is None or refusal:
+            reason = refusal or f"kite {head.proto}:{head.host} is not here (any more)"
+            log.info("visitor %s (from relay %s) refused: %s", visitor, peer, reason)
+            if head.proto in ("http", "websocket"):
+                transport.write(http_error(403, reason) if refusal else http_error(503, head.host))
+            elif head.proto == "https":
+                transport.write(TLS_ALERT_INTERNAL_ERROR)
+            transport.close()
+            return
+        try:
+            sid = tunnel.new_sid()
+        except TooManyStreams as exc:
+            log.info("visitor %s (from relay %s) refused: %s", visitor, peer, exc)
+            transport.close()
+            return
+        self._stream_on_transport(transport, tunnel, sid, bare_proto(proto), head.host,
+                                  head.port, visitor, data[end:], b"")
 
     def route_connect(self, host: str, port: int):
         """Which tunnel carries ``CONNECT host:port``: ``(tunnel, proto, None)``, or
@@ -332,6 +407,9 @@ class Dispatcher:
             transport.set_protocol(tunnel)
             tunnel.connection_made(transport)
             tunnel.feed_handshake(data)
+            return
+        if data.startswith(FLEET_METHOD):
+            self.fleet_visitor(transport, peer, data, end)
             return
         if self.state.signup is not None and data[:5] in (b"POST ", b"GET /"):
             protocol = SignupProtocol(self.state.signup, peer.rpartition(":")[0].strip("[]"), data)
@@ -372,12 +450,21 @@ class Dispatcher:
             transport.write(connect_refused(503, f"kite {host}:{port} is busy"))
             transport.close()
             return
-        transport.write(VISITOR_CONNECT_OK)
+        self._stream_on_transport(transport, tunnel, sid, proto, host, port, peer, leftover,
+                                  VISITOR_CONNECT_OK)
+
+    def _stream_on_transport(self, transport: asyncio.Transport, tunnel, sid: int, proto: str,
+                             host: str, port: int, peer: str, leftover: bytes,
+                             reply: bytes) -> None:
+        """The connected ``transport`` becomes stream ``sid`` of ``tunnel`` (visitor ``peer``,
+        ``leftover``: its bytes already read), after ``reply`` is written to it."""
+        if reply:
+            transport.write(reply)
         stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=peer)
         tunnel.add_stream(stream, announce=False)
         rip, _, rport = peer.rpartition(":")
         tunnel.write_chunk(*control.build_stream_open(
-            sid, proto, host, port, rip, int(rport or 0), payload=leftover))
+            sid, proto, host, port, rip.strip("[]"), int(rport or 0), payload=leftover))
         tunnel.announce_window(stream)
         if self.state.registry is not None:
             self.state.registry.opened(stream, len(leftover))

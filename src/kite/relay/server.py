@@ -14,14 +14,18 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Optional
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from ..names import NameService
 from ..net.memory import MemoryTrimmer
 from ..net.sockets import raise_nofile_limit
-from ..net.tls import server_context
+from ..net.tls import cert_fingerprint, server_context
 from ..store.opener import is_redis_url
 from .accept import Acceptor, default_max_connections, default_max_pending
 from .config import RelayConfig
 from .dispatch import Dispatcher
+from .fleetlink import FleetLink
 from .registry import Registry
 from .signup import SignupService
 from .state import RelayState
@@ -102,9 +106,16 @@ class RelayServer:
         ips = list(names.public_ips) if names is not None else []
         host, port = self.addresses[0][:2]
         forward = f"{ips[0] if ips else host}:{port}"
-        self.fleet = FleetPresence(self.config.db, self.relay_id, ips, forward=forward)
+        fingerprint = None
+        if self.config.tls_cert:
+            with open(self.config.tls_cert, "rb") as f:
+                fingerprint = cert_fingerprint(
+                    x509.load_pem_x509_certificate(f.read()).public_bytes(Encoding.DER))
+        self.fleet = FleetPresence(self.config.db, self.relay_id, ips, forward=forward,
+                                   fingerprint=fingerprint)
         await self.fleet.start()
         self.state.subscribe(self.fleet.on_presence)
+        self.state.fleet_link = FleetLink(self.fleet, self.fleet.secret)
 
     @property
     def relay_id(self) -> str:
@@ -133,6 +144,8 @@ class RelayServer:
         await self.dispatcher.close()
         if self.names is not None:
             await self.names.close()
+        if self.state.fleet_link is not None:
+            await self.state.fleet_link.close()
         if self.fleet is not None:
             await self.fleet.close()  # other relays stop answering with this one at once
         if self.state.registry is not None:

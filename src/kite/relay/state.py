@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from ..net.limits import StreamLimits
 from ..proto.handshake import (
@@ -38,6 +38,9 @@ from .config import RelayConfig
 from .registry import Registry
 from .routes import Routes
 from .signup import SignupService
+
+if TYPE_CHECKING:
+    from .fleetlink import FleetLink
 
 log = logging.getLogger("kite.relay")
 
@@ -73,6 +76,7 @@ class RelayState:
         self.secret = new_secret()  # signs challenges; never leaves the process
         self.uuid = new_relay_uuid()  # X-PageKite-UUID of the ping probe's answer
         self.registry: Optional[Registry] = None  # accounts (kite relay --db), set by the server
+        self.fleet_link: Optional[FleetLink] = None  # kites of other relays (--redis)
         self.signup: Optional[SignupService] = None  # --signup: set by the server
         self.authorizer = KiteAuthorizer(
             lookup_secret=self.exact_secret,

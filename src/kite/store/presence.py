@@ -2,9 +2,12 @@
 
 Each relay keeps, on its event loop (redis-py's ``redis.asyncio``):
 
+- the fleet's secret ``kite:fleet:secret`` (made by the first relay; relays hand visitors
+  to each other with it, :mod:`kite.relay.fleetlink`);
 - its own entry, refreshed every :data:`HEARTBEAT` s with a lifetime of :data:`TTL` s:
   ``kite:fleet:relays`` (sorted set, relay id -> expiry time), ``kite:fleet:info:ID`` (JSON:
-  public addresses, the address other relays forward visitors to) and
+  public addresses, the address other relays hand visitors to and the SHA-256 fingerprint
+  of its certificate, which they pin) and
   ``kite:fleet:kites:ID`` (set of ``"PROTO NAME"`` it flies);
 - a map in memory of every live relay's kites, for lookups that never wait for Redis
   (:meth:`FleetPresence.holders`, :meth:`FleetPresence.addresses`).  Changes arrive at once
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
 from typing import Callable, Iterable, Optional
 
@@ -54,14 +58,16 @@ class FleetPresence:
     """This relay's presence in the fleet, and its view of every other relay's."""
 
     def __init__(self, url: str, relay_id: str, public_ips: Iterable[str] = (), *,
-                 forward: Optional[str] = None, prefix: str = "kite:fleet:",
+                 forward: Optional[str] = None, fingerprint: Optional[str] = None,
+                 prefix: str = "kite:fleet:",
                  ttl: float = TTL, heartbeat: float = HEARTBEAT, resync: float = RESYNC) -> None:
         if aioredis is None:
             raise StoreError("--redis needs the redis client: pip install 'kite-relay[fleet]'")
         self.url = url
         self.relay_id = relay_id
         self.ips = list(public_ips)
-        self.info = {"ips": self.ips, "forward": forward}
+        self.info = {"ips": self.ips, "forward": forward, "fingerprint": fingerprint}
+        self.secret = ""  # the fleet's shared secret (relays hand visitors over with it)
         self.p = prefix
         self.ttl, self.heartbeat, self.resync = ttl, heartbeat, resync
         self.local: set = set()  # "PROTO NAME" flown here
@@ -117,6 +123,8 @@ class FleetPresence:
     async def start(self) -> None:
         """Register and read the map once (raises StoreError if Redis does not answer)."""
         try:
+            await self.r.set(self._k("secret"), secrets.token_urlsafe(32), nx=True)
+            self.secret = str(await self.r.get(self._k("secret")))
             await self._write_all()
             await self._read_all()
         except (redis.RedisError, OSError) as exc:

@@ -1,0 +1,92 @@
+"""A fleet of relays on one real redis-server (``kite relay --redis --relay-id``): a kite
+flying on relay A is served to a visitor who reached relay B (B hands the connection to A
+over TLS, A's certificate pinned; the visitor's address reaches the origin), and once A is
+killed with ``kill -9`` relay B forgets it and stops handing visitors over.  (issue 16)"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from redisd import RedisServer
+from support import SECRET, Proc, free_port
+
+KITE = "app.fleet.test.kite"
+
+ECHO = r'''
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("xff=%s path=%s\n" % (self.headers.get("X-Forwarded-For"), self.path)).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+s = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+print("serving", flush=True)
+s.serve_forever()
+'''
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    server = RedisServer(tmp_path)
+    yield server.url(0)
+    server.stop()
+
+
+@pytest.fixture
+def echo(tmp_path):
+    port = free_port()
+    proc = Proc([sys.executable, "-c", ECHO, str(port)], tmp_path, "echo")
+    proc.wait_for("serving", timeout=20)
+    yield port
+    proc.stop(signal.SIGKILL)
+
+
+def get(relay, path: str = "/", source: str = "127.0.0.9") -> tuple[int, str]:
+    """(HTTP status, body) of GET path for the kite at ``relay``, from address ``source``."""
+    out = subprocess.run(["curl", "-s", "--interface", source, "-H", f"Host: {KITE}",
+                          "-w", "\n%{http_code}", f"http://{relay.host}:{relay.port}{path}"],
+                         capture_output=True, text=True, timeout=30)
+    body, _, code = out.stdout.rpartition("\n")
+    return int(code or 0), body
+
+
+def until(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_visitor_handed_over_and_dead_relay_forgotten(redis_url, echo, relay_process,
+                                                      expose_process):
+    grant = (f"http:{KITE}:{SECRET}",)
+    a = relay_process("--redis", redis_url, "--relay-id", "relay-a", grants=grant,
+                      listen="127.0.0.2:0", name="a")
+    b = relay_process("--redis", redis_url, "--relay-id", "relay-b", grants=grant,
+                      listen="127.0.0.3:0", name="b")
+    expose_process(f"http://127.0.0.1:{echo}", KITE, a)
+    assert get(a)[0] == 200
+    # B learns from the fleet's channel that A flies the kite, and hands the visitor over.
+    code, body = until(lambda: (lambda r: r if r[0] == 200 else None)(get(b, "/via-b")), 5,
+                       "relay B serves the kite of relay A")
+    assert body == "xff=127.0.0.9 path=/via-b", body  # the visitor's own address
+    assert "handed to relay 127.0.0.2:" in b.log()
+    # kill -9 A: its entry expires and B stops sending visitors there (TTL + resync).
+    a.proc.stop(signal.SIGKILL)
+    until(lambda: get(b)[0] in (404, 503), 30, "relay B forgets relay A")
+    assert b.alive()
