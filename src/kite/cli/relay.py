@@ -53,6 +53,9 @@ def dns_options(f):
               help="Only one backend at a time may fly DOMAIN (pagekite.py's Duplicate rule).")
 @click.option("--db", type=click.Path(dir_okay=False),
               help="Account registry (SQLite file, managed with kite accounts).")
+@click.option("--relay-id", metavar="ID",
+              help="This relay's name in the --db registry (its presence and usage flushes); "
+                   "relays sharing one database need different ids [relay].")
 @click.option("--signup", metavar="ZONE",
               help="Let people sign up for NAME.ZONE: POST /api/signup on the relay's name.")
 @click.option("--signup-quota", metavar="SIZE", help="Starter quota of a sign-up (2.5GB).")
@@ -81,7 +84,7 @@ def dns_options(f):
 @dns_options
 @common_options
 def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, single, db,
-          signup, signup_quota, keepalive, zchunks, drain_timeout, max_connections,
+          relay_id, signup, signup_quota, keepalive, zchunks, drain_timeout, max_connections,
           max_pending, max_streams, idle_timeout, buffer_budget, slow_reader_timeout,
           verbose, quiet, loop_kind, **dns):
     """Run the public relay: tunnels and visitors on one port."""
@@ -99,5 +102,5 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, 
                                          "buffer_budget": buffer_budget,
                                          "slow_reader_timeout": slow_reader_timeout},
                                  dns_options=dns, db=db, signup=signup,
-                                 signup_quota=signup_quota)
+                                 signup_quota=signup_quota, relay_id=relay_id)
     serve(lambda stop: serve_relay(cfg, stop), loop_kind)

@@ -72,7 +72,8 @@ class RelayServer:
         if self.config.db:
             from ..store.sqlite import open_store
 
-            self.state.registry = Registry(self.state, open_store(self.config.db))
+            self.state.registry = Registry(self.state, open_store(self.config.db),
+                                           relay_id=self.config.relay_id)
             await self.state.registry.start()
             if self.config.signup_zone:
                 self.state.signup = SignupService(self.state.registry, self.config.signup_zone,
