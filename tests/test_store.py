@@ -216,3 +216,51 @@ def test_flush_charges_what_the_relay_says(store):
     store.flush("r", UsageBatch(1, "2026-01-01", {a.id: 9000}, {}, [], {a.id: 1000}))
     info = store.show("a@x.org", 0)
     assert info["quota_bytes"] == 5000 and info["total_bytes"] == 9000
+
+
+def test_two_relay_ids_on_one_db_keep_their_own_presence_and_flushes(store):
+    """Relays sharing a database (kite relay --relay-id): each has its own flush sequence
+    and presence rows, so neither drops the other's counts or online kites."""
+    a = store.add_account("a@x.org", 10_000, None)
+    store.set_kite("a@x.org", "a.example.com", frozenset({"http"}))
+    for relay, n in (("eu", 100), ("us", 200)):
+        assert store.last_seq(relay) == 0
+        batch = UsageBatch(1, "2026-01-01", {a.id: n}, {"a.example.com": n},
+                           [("http", "a.example.com", True)])
+        assert store.flush(relay, batch) is True  # seq 1 of "us" is not "eu"'s seq 1
+    assert (store.last_seq("eu"), store.last_seq("us")) == (1, 1)
+    assert store.flush("eu", UsageBatch(1, "2026-01-01", {a.id: 100})) is False
+    info = store.show("a@x.org", 0)
+    assert info["total_bytes"] == 300 and info["quota_bytes"] == 9_700
+    assert store.db.execute("SELECT relay FROM presence ORDER BY relay").fetchall() == [
+        ("eu",), ("us",)]
+    store.reset_presence("eu")  # the eu relay restarts
+    assert store.db.execute("SELECT relay FROM presence").fetchall() == [("us",)]
+    assert store.show("a@x.org", 0)["kites"][0]["online"] == ["http"]
+
+
+def test_relay_config_relay_id(tmp_path):
+    from kite.errors import ConfigError
+    from kite.relay.config import build_relay_config
+
+    assert build_relay_config(db="x.db").relay_id == "relay"
+    assert build_relay_config(db="x.db", relay_id="eu-1.example_a").relay_id == "eu-1.example_a"
+    p = tmp_path / "relay.toml"
+    p.write_text('db = "x.db"\nrelay_id = "us2"\n')
+    assert build_relay_config(config_file=str(p)).relay_id == "us2"
+    assert build_relay_config(config_file=str(p), relay_id="cli").relay_id == "cli"  # option wins
+    for bad in ("", "-x", "a b", "x" * 65, "é", "a/b", "a\nb"):
+        with pytest.raises(ConfigError, match="--relay-id"):
+            build_relay_config(db="x.db", relay_id=bad)
+    p.write_text('db = "x.db"\nrelay_id = 7\n')
+    with pytest.raises(ConfigError, match="relay_id"):
+        build_relay_config(config_file=str(p))
+
+
+@pytest.mark.parametrize("bad", ["a b", "--", "x" * 65])
+def test_cli_bad_relay_id_is_one_line_exit_2(tmp_path, bad):
+    out = subprocess.run([*KITE, "relay", "--db", str(tmp_path / "k.db"), f"--relay-id={bad}"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--relay-id" in lines[0], out.stderr

@@ -24,6 +24,7 @@ Backend file (``kite expose --config FILE``)::
     public_port = 22        # tcp kites: the port visitors CONNECT to (default: the target's)
     proxy_protocol = 1      # raw/https kites: prepend a PROXY v1/v2 header
     relays = ["relay.example.com:443"]  # default: every relay
+    basic_auth = "alice:long-password"  # http kites: visitors must log in (or a list of pairs)
 
 Relay file (``kite relay --config FILE``)::
 
@@ -64,6 +65,7 @@ __all__ = [
     "MIN_KEEPALIVE",
     "MAX_KEEPALIVE",
     "check_keepalive",
+    "check_basic_auth",
     "check_seconds",
     "parse_hostport",
     "parse_target",
@@ -227,6 +229,9 @@ class KiteSpec:
     proxy_protocol: int = 0  # 0 off, 1 or 2: PROXY header to the local server
     forwarded: bool = True  # http: add X-Forwarded-For/-Proto/-Host
     relays: Optional[list] = None  # addresses this kite flies on (None: all)
+    #: http kites: "USER:PASS" pairs a visitor must give (HTTP basic auth, checked by the
+    #: backend on every request); empty: no check.
+    basic_auth: tuple = field(default=(), repr=False)
 
     @property
     def name(self) -> str:
@@ -398,7 +403,7 @@ _TLS_KEYS = {"ca", "fingerprint", "server_name", "connect_name", "insecure", "pl
 _DEFAULTS_KEYS = _TLS_KEYS | {"secret", "secret_file"}
 _RELAY_KEYS = _TLS_KEYS | {"address"}
 _KITE_KEYS = {"name", "target", "public_port", "proxy_protocol", "forwarded", "relays", "secret",
-              "secret_file"}
+              "secret_file", "basic_auth"}
 
 
 def check_keys(table: dict, known: set, where: str) -> None:
@@ -441,6 +446,31 @@ def check_kite_name(value: object, key: str) -> str:
         raise ConfigError(key, f"bad kite name {value!r}",
                           "give a DNS name like app.example.com: letters, digits, '-' and '.'")
     return name
+
+
+def check_basic_auth(value: object, key: str, proto: str) -> tuple:
+    """``basic_auth``: one ``"USER:PASS"`` or a list of them, for an http kite only.  The
+    credentials are never echoed in an error."""
+    pairs = value if isinstance(value, list) else [value]
+    if not pairs:
+        return ()
+    if proto != "http":
+        raise ConfigError(key, f"basic auth needs an http kite, not {proto}",
+                          "use an http:// target, or protect the service itself")
+    out = []
+    for pair in pairs:
+        if not isinstance(pair, str):
+            raise ConfigError(key, f"expected a \"USER:PASS\" string, got {type(pair).__name__}",
+                              "quote it")
+        user, sep, password = pair.partition(":")
+        if not sep or not user or not password:
+            raise ConfigError(key, "expected USER:PASS (both non-empty)",
+                              "e.g. basic_auth = \"alice:long-password\"")
+        if not pair.isprintable():
+            raise ConfigError(key, "the credentials contain control characters",
+                              "use printable characters only")
+        out.append(pair)
+    return tuple(out)
 
 
 def load_backend_config(path: str) -> BackendConfig:
@@ -501,6 +531,9 @@ def load_backend_config(path: str) -> BackendConfig:
             proxy_protocol=pp,
             forwarded=check_bool(k.get("forwarded", True), f"{where}.forwarded"),
         )
+        if "basic_auth" in k:
+            kite_spec.basic_auth = check_basic_auth(k["basic_auth"], f"{where}.basic_auth",
+                                                    kite_spec.proto)
         names = k.get("relays")
         if names is not None and (not isinstance(names, list)
                                   or not all(isinstance(n, str) for n in names)):

@@ -305,6 +305,24 @@ def _parse_service(value: str, kitename: str, kitesecret: str, ln: RcLine, repor
     return kites
 
 
+def _add_password(kites: list, user: str, password: str, ln: RcLine, report: Report) -> None:
+    """pagekite.py's ``password/USER`` (``user/USER``) kite option: basic auth on http kites
+    (checked by kite on every request, pagekite.py checks the first one of a connection)."""
+    if not kites:
+        report.unconverted.append((ln, "no kite for this option: put it after a service_on line"))
+        return
+    if not user or ":" in user or not password or not f"{user}:{password}".isprintable():
+        report.unconverted.append((ln, "expected password/USER:PASSWORD with a user name "
+                                       "without ':' and a non-empty password"))
+        return
+    for k in kites:
+        if k.proto == "http":
+            k.options.setdefault("basic_auth", []).append(f"{user}:{password}")
+        else:
+            report.unconverted.append((ln, f"basic auth on a {k.proto} kite ({k.name}): "
+                                           f"only http kites can have it"))
+
+
 def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set[str]]:
     kitename = kitesecret = ""
     kites: list = []
@@ -315,6 +333,7 @@ def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set
     keepalive = None
     service_cfg: list = []  # (host, key, value, RcLine)
     secrets: set[str] = set()
+    last_kites: list = []  # the kites of the latest service_on line (for +password/...)
 
     for ln in lines:
         opt, val = ln.option, ln.value
@@ -331,6 +350,7 @@ def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set
                 if not kitename:
                     kitename, kitesecret = k.name, k.secret
             kites += new
+            last_kites = new
         elif opt in ("service_cfg", "be_config"):
             parts = (val or "").split(":", 2)
             if len(parts) != 3:
@@ -365,6 +385,13 @@ def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set
                                      "tunnel; use connect_name with them"))
         elif opt == "keepalive":
             keepalive = _keepalive(val, ln, report, keepalive)
+        elif opt.startswith(("+password/", "+user/")):
+            # pagekite.py's per-kite shorthand, for the kites of the service line before it.
+            user, _, password = ln.text.partition("=")
+            user = user.strip().partition("/")[2]
+            password = password.strip()
+            secrets.add(password)
+            _add_password(last_kites, user, password, ln, report)
         elif opt in IGNORED:
             report.ignored.append((ln, IGNORED[opt]))
         elif opt in UNSUPPORTED:
@@ -401,9 +428,12 @@ def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set
             report.unconverted.append((ln, "kite does not rewrite the Host header (it adds "
                                            "X-Forwarded-Host); configure the local server "
                                            "to accept the kite name"))
-        elif key.startswith(("ip/", "password/", "user/")):
-            report.unconverted.append((ln, "per-kite visitor access control: protect the "
-                                           "local service itself"))
+        elif key.startswith(("password/", "user/")):
+            _add_password(targets, key.partition("/")[2], value, ln, report)
+            secrets.add(value)
+        elif key.startswith("ip/"):
+            report.unconverted.append((ln, "per-visitor-IP access control: use the relay's "
+                                           "per-kite allow list (kite accounts limits)"))
         else:
             report.unconverted.append((ln, f"unknown kite option {key!r}"))
 
@@ -461,6 +491,8 @@ def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set
         if common_secret is None or k.secret != common_secret:
             block.append(f"secret = {_q(k.secret)}")
         for key, value in k.options.items():
+            if isinstance(value, list):
+                value = "[" + ", ".join(_q(v) for v in value) + "]"
             block.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
         out += [prefix + b if b else b for b in block] + [""]
     if not kites:

@@ -356,3 +356,34 @@ def test_locked_database_keeps_serving(account, site, relay_process, expose_proc
     assert "will retry" in relay.proc.output()
     time.sleep(3.5)
     assert moved <= show(db)["total_bytes"] <= moved * 1.01
+
+
+def test_two_relays_with_their_own_ids_share_one_db(account, site, relay_process,
+                                                    expose_process):
+    """kite relay --relay-id: two relays on one database each count their own traffic
+    (neither relay's numbered flushes are taken for the other's) and keep their own
+    presence (one stopping leaves the other's kites online)."""
+    db, secret = account
+    accounts(db, "quota", "a@x.org", "100MB")
+    other = json.loads(accounts(db, "add", "b@x.org", "--quota", "100MB", "--json").stdout)
+    accounts(db, "kite", "b@x.org", "bob.acct.kite", "--protos", "http")
+    eu = relay_process("--db", str(db), "--relay-id", "eu", grants=())
+    us = relay_process("--db", str(db), "--relay-id", "us", grants=())
+    expose_process(f"127.0.0.1:{site}", NAME, eu, secret=secret)
+    expose_process(f"127.0.0.1:{site}", "bob.acct.kite", us, secret=other["secret"])
+    for _ in range(2):  # several flushes on each side
+        assert curl(eu.port, "/f1")[1] == 200
+        assert curl(us.port, "/f1", host="bob.acct.kite")[1] == 200
+        time.sleep(2.5)
+
+    def both() -> bool:
+        a, b = show(db), json.loads(accounts(db, "show", "b@x.org", "--json").stdout)
+        return (a["kites"][0]["online"] == ["http"] and b["kites"][0]["online"] == ["http"]
+                and 2 * MB <= a["total_bytes"] and 2 * MB <= b["total_bytes"])
+
+    wait_until(both, 5, "both relays' counts and presence in the db")
+    assert "relay id eu" in eu.log() and "relay id us" in us.log()
+    eu.proc.stop(signal.SIGTERM)
+    b = json.loads(accounts(db, "show", "b@x.org", "--json").stdout)
+    assert show(db)["kites"][0]["online"] == [] and b["kites"][0]["online"] == ["http"]
+    assert 2 * MB <= show(db)["total_bytes"] <= 2 * MB * 1.01

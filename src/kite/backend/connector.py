@@ -52,6 +52,7 @@ from ..proto.flow import KITE_FLOW_FEATURE
 from ..proto.http import find_head_end, http_error
 from ..proto.names import HTTP_PROTOS, bare_proto, domain_matches
 from ..proto.sniff import TLS_ALERT_INTERNAL_ERROR
+from .basicauth import AuthGuard, BasicAuth
 
 log = logging.getLogger("kite.backend")
 
@@ -144,7 +145,16 @@ class BackendTunnel(TunnelProtocol):
     async def _connect_local(self, stream: Stream, spec: KiteSpec, event) -> None:
 
         target = spec.target
-        if spec.proto in HTTP_PROTOS and spec.forwarded and event.proto in HTTP_PROTOS:
+        factory = None
+        auth = self.connector.basic_auth.get(spec.name)
+        if auth is not None and event.proto in HTTP_PROTOS:
+            guard = AuthGuard(self, stream, auth, client_ip=event.rip,
+                              proto="https" if event.rtls else "http", host=event.host,
+                              add_headers=spec.forwarded)
+            if not guard.start():
+                return  # the first request had no valid credentials: 401, no local dial
+            factory = guard.protocol
+        elif spec.proto in HTTP_PROTOS and spec.forwarded and event.proto in HTTP_PROTOS:
             rewriter = forwarded.ForwardedRewriter(
                 client_ip=event.rip, proto="https" if event.rtls else "http", host=event.host)
             stream.enable_rewriter(rewriter)
@@ -158,7 +168,7 @@ class BackendTunnel(TunnelProtocol):
                 stream.prepend_local(header)
         try:
             await self.loop.create_connection(
-                lambda: StreamProtocol(self, stream), target.host, target.port)
+                factory or (lambda: StreamProtocol(self, stream)), target.host, target.port)
         except OSError as exc:
             log.info("%s: kite %s: local server %s:%d: %s", self.name, spec.name, target.host,
                      target.port, exc.strerror or exc)
@@ -206,6 +216,9 @@ class RelayConnector:
             self.tls = ClientTLS(ca=spec.ca, fingerprint=spec.fingerprint, insecure=spec.insecure,
                                  server_name=spec.server_name)
         self._ssl_ctx = self.tls.context() if self.tls else None
+        #: Kites with basic auth (kite.backend.basicauth), by KiteSpec.name.
+        self.basic_auth = {k.name: BasicAuth(k.basic_auth, k.domain)
+                           for k in spec.kites if k.basic_auth}
 
     # -- kites ----------------------------------------------------------------------------------
     def bsalt(self, spec: KiteSpec) -> str:

@@ -12,6 +12,7 @@ from ..config import (
     KiteSpec,
     RelaySpec,
     _check_secret,
+    check_basic_auth,
     check_connect_name,
     check_keepalive,
     check_kite_name,
@@ -42,11 +43,13 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
                          forwarded: bool = True, keepalive: float = 30.0,
                          connect_name: Optional[str] = None, zchunks: bool = False,
                          config_file: Optional[str] = None,
-                         secret_file: Optional[str] = None) -> BackendConfig:
+                         secret_file: Optional[str] = None,
+                         basic_auth: Sequence[str] = ()) -> BackendConfig:
     """Validate ``kite expose``'s options (or its ``--config`` file) into a BackendConfig.
 
     The secret: ``secret`` (``--secret``) or ``secret_file``, not both; without either, the
-    ``KITE_SECRET`` environment variable.
+    ``KITE_SECRET`` environment variable.  ``basic_auth``: ``USER:PASS`` pairs visitors of
+    an http kite must give.
     """
     keepalive = check_keepalive(keepalive, "--keepalive")
     if public_port is not None:
@@ -55,6 +58,9 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
         if target or name:
             raise ConfigError("--config", "TARGET/NAME given together with --config",
                               "put every kite in the config file, or use TARGET NAME alone")
+        if basic_auth:
+            raise ConfigError("--basic-auth", "not used with --config",
+                              "put basic_auth = \"USER:PASS\" in the config's [[kite]]")
         if secret or secret_file:
             raise ConfigError("--secret-file" if secret_file else "--secret",
                               "not used with --config",
@@ -90,6 +96,8 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
     kite = KiteSpec(domain=domain, proto=kite_proto_for(t, public_port),
                     secret=_check_secret(secret, "--secret"), target=t,
                     proxy_protocol=proxy_protocol, forwarded=forwarded)
+    if basic_auth:
+        kite.basic_auth = check_basic_auth(list(basic_auth), "--basic-auth", kite.proto)
     specs = []
     for r in relays:
         host, port = parse_hostport(r, key="--relay", default_port=443, min_port=1)

@@ -33,6 +33,10 @@ from .run import config_errors, fail, serve, setup_logging
 @click.option("--proxy-protocol", type=click.IntRange(0, 2), default=0,
               help="raw/https kites: send a PROXY protocol v1 or v2 header to the target.")
 @click.option("--no-forwarded", is_flag=True, help="http kites: do not add X-Forwarded-* headers.")
+@click.option("--basic-auth", "basic_auth", multiple=True, metavar="USER:PASS",
+              help="http kites: visitors must log in with USER:PASS (HTTP basic auth, checked "
+                   "here on every request before it reaches TARGET; repeatable).  Visible in "
+                   "`ps`: prefer basic_auth in a --config file.")
 @click.option("--signup", metavar="EMAIL",
               help="Sign up for NAME on the (first) relay first, and save the secret (mode 0600) "
                    "for the next kite expose.")
@@ -41,8 +45,8 @@ from .run import config_errors, fail, serve, setup_logging
               help="TOML file with many kites on several relays.")
 @common_options
 def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure, plain, server_name,
-           connect_name, zchunks, public_port, proxy_protocol, no_forwarded, signup, keepalive,
-           config_file, verbose, quiet, loop_kind):
+           connect_name, zchunks, public_port, proxy_protocol, no_forwarded, basic_auth, signup,
+           keepalive, config_file, verbose, quiet, loop_kind):
     """Fly NAME on the relay(s), serving it from TARGET (port, host:port or URL).
 
     The kite secret: --secret-file FILE, or the KITE_SECRET environment variable (--secret
@@ -60,7 +64,7 @@ def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure,
             fingerprint=fingerprint, insecure=insecure, plain=plain, server_name=server_name,
             public_port=public_port, proxy_protocol=proxy_protocol, forwarded=not no_forwarded,
             keepalive=keepalive, connect_name=connect_name, zchunks=zchunks,
-            config_file=config_file, secret_file=secret_file)
+            config_file=config_file, secret_file=secret_file, basic_auth=basic_auth)
     serve(lambda stop: serve_backend(cfg, stop), loop_kind)
 
 

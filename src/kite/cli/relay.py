@@ -55,6 +55,10 @@ def dns_options(f):
               help="Account registry (SQLite file, managed with kite accounts).")
 @click.option("--redis", "redis_url", metavar="URL",
               help="Account registry in Redis (redis://HOST:PORT/DB), shared by a fleet.")
+@click.option("--relay-id", metavar="ID",
+              help="This relay's name in the registry (its presence and usage flushes); "
+                   "relays sharing one registry need different ids [relay; with --redis: "
+                   "the host name].")
 @click.option("--signup", metavar="ZONE",
               help="Let people sign up for NAME.ZONE: POST /api/signup on the relay's name.")
 @click.option("--signup-quota", metavar="SIZE", help="Starter quota of a sign-up (2.5GB).")
@@ -83,7 +87,8 @@ def dns_options(f):
 @dns_options
 @common_options
 def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, single, db,
-          redis_url, signup, signup_quota, keepalive, zchunks, drain_timeout, max_connections,
+          redis_url, relay_id, signup, signup_quota, keepalive, zchunks, drain_timeout,
+          max_connections,
           max_pending, max_streams, idle_timeout, buffer_budget, slow_reader_timeout,
           verbose, quiet, loop_kind, **dns):
     """Run the public relay: tunnels and visitors on one port."""
@@ -101,5 +106,6 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, 
                                          "buffer_budget": buffer_budget,
                                          "slow_reader_timeout": slow_reader_timeout},
                                  dns_options=dns, db=db, signup=signup,
-                                 signup_quota=signup_quota, redis=redis_url)
+                                 signup_quota=signup_quota, redis=redis_url,
+                                 relay_id=relay_id)
     serve(lambda stop: serve_relay(cfg, stop), loop_kind)

@@ -518,10 +518,30 @@ class StreamProtocol(asyncio.BufferedProtocol):
         limits = self.tunnel.limits
         if limits is not None:
             limits.opened()
-        if self.stream.state is _CLOSED:
-            reset(transport)  # the stream was cut before its local side came
+        stream = self.stream
+        if stream.state is _CLOSED:
+            if stream.pending:
+                self._deliver_late(transport)  # it ended well before its local side came
+            else:
+                reset(transport)  # the stream was cut before its local side came
             return
         self.stream.attach_transport(transport)  # type: ignore[arg-type]
+
+    def _deliver_late(self, transport: asyncio.BaseTransport) -> None:
+        """A stream that ended well before its local socket came (the peer answered and sent
+        its EOFs first: a quick error page): write what it left, then end with FIN.  The
+        ``skip`` bytes, already in the socket, are read first: closing a socket with unread
+        input would reset it and lose the answer."""
+        pending, self.stream.pending = self.stream.pending, None
+        sock = transport.get_extra_info("socket")
+        if self.skip and sock is not None:
+            try:
+                os.read(sock.fileno(), self.skip)
+            except (OSError, ValueError, AttributeError):
+                pass
+        for data in pending or ():
+            transport.write(data)  # type: ignore[attr-defined]
+        close_gracefully(transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.skip:
@@ -899,6 +919,8 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         if send_eof and not self.closed:
             self.send_eof(stream.sid, "WR")
         t = stream.transport
+        if t is None and not close_local:
+            stream.pending = None  # cut before its local side came: that side is reset
         if close_local and t is not None and not t.is_closing():
             close_gracefully(t)  # writes what is buffered, then closes (FIN)
             if self.limits is not None and t.get_write_buffer_size():

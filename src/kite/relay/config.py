@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -57,6 +58,9 @@ class RelayConfig:
     signup_zone: Optional[str] = None  # kite relay --signup ZONE: POST /api/signup
     signup_quota: int = 2_500_000_000  # a new account's starter quota (bytes)
     signup_per_hour: int = 5  # sign-ups per client address and hour
+    #: This relay's name in the account registry: it keys the relay's presence rows and its
+    #: numbered usage flushes, so relays sharing one database need different ids.
+    relay_id: Optional[str] = None  # None: "relay", or with --redis the host name
 
 
 def _cert_names(path: str) -> list:
@@ -80,6 +84,7 @@ def _cert_names(path: str) -> list:
 
 _RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive", "zchunks",
                "secret_file", "db", "redis", "signup", "signup_quota", "signup_per_hour",
+               "relay_id",
                "max_connections", "max_pending", "max_streams", "idle_timeout", "buffer_budget",
                "slow_reader_timeout"}
 _GRANT_KEYS = {"domain", "protos", "secret", "secret_file", "single"}
@@ -114,6 +119,19 @@ def _relay_name(value: str, key: str) -> str:
     return name
 
 
+#: A relay id: 1-64 letters, digits, '.', '_' or '-', starting with a letter or a digit.
+_RELAY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_relay_id(value: object, key: str) -> str:
+    """A relay id (see RelayConfig.relay_id); anything else is a ConfigError."""
+    if not isinstance(value, str) or not _RELAY_ID.fullmatch(value):
+        shown = value if isinstance(value, str) and value.isprintable() else "that value"
+        raise ConfigError(key, f"bad relay id {shown!r}",
+                          "use 1-64 letters, digits, '.', '_' or '-', e.g. relay-eu1")
+    return value
+
+
 def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[str] = (),
                        tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                        tls_names: Sequence[str] = (), kites: Sequence[str] = (),
@@ -124,7 +142,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                        dns_options: Optional[dict] = None,
                        db: Optional[str] = None, signup: Optional[str] = None,
                        signup_quota: Optional[str] = None,
-                       redis: Optional[str] = None) -> RelayConfig:
+                       redis: Optional[str] = None,
+                       relay_id: Optional[str] = None) -> RelayConfig:
     """Validate the options and the TOML file (options win) into a RelayConfig.
 
     A grant's secret comes from ``PROTO:DOMAIN:SECRET``, or, for ``PROTO:DOMAIN`` and a
@@ -167,6 +186,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
         signup = signup or data.get("signup")
         signup_quota = signup_quota or data.get("signup_quota")
         per_hour = data.get("signup_per_hour", 5)
+        if relay_id is None and "relay_id" in data:
+            relay_id = check_relay_id(data["relay_id"], "relay_id")
         for i, k in enumerate(tables(data, "kite")):
             where = f"kite[{i}]"
             check_keys(k, _GRANT_KEYS, where)
@@ -200,6 +221,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     for g in grants:
         warn_short_secret(g.secret, f"kite {g.domain}")
     extra = _signup_options(db, signup, signup_quota, per_hour)
+    extra["relay_id"] = check_relay_id(relay_id, "--relay-id") if relay_id is not None else None
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("--tls-cert/--tls-key", "give both or neither",
                           "`kite init relay` writes relay.crt and relay.key")

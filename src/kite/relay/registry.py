@@ -99,7 +99,8 @@ class Registry:
         self.state.subscribe(lambda e: self._presence.append((e.proto, e.domain, e.online)))
         self._next_flush = self._loop.time() + FLUSH_INTERVAL
         self._task = self._loop.create_task(self._run())
-        log.info("registry: %d accounts, %d kites", len(self.snap.accounts), len(self.snap.kites))
+        log.info("registry: %d accounts, %d kites (relay id %s)", len(self.snap.accounts),
+                 len(self.snap.kites), self.relay_id)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -121,9 +121,8 @@ class RelayServer:
     def relay_id(self) -> str:
         """This relay's name in a shared registry (its flushes and presence are keyed by it;
         stable across restarts, so a restarted relay continues its flush numbers)."""
-        given = getattr(self.config, "relay_id", None)
-        if given:
-            return given
+        if self.config.relay_id:
+            return self.config.relay_id
         return socket.gethostname() if self.config.db and is_redis_url(self.config.db) \
             else "relay"
 
