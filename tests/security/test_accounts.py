@@ -175,8 +175,8 @@ def test_relay_with_a_db_it_cannot_open(tmp_path):
 
 
 def test_big_registry_starts_and_changes_fast(tmp_path, relay_process):
-    """10,000 accounts with 100,000 kites: the relay starts within 2 s, sees a change within
-    2 s, and its RSS is reported."""
+    """10,000 accounts with 100,000 kites: the relay starts and sees a change; the times and
+    the RSS are printed (figures, not assertions: tests never assert on timings)."""
     import secrets as secrets_
 
     from kite.store.sqlite import SqliteStore
@@ -199,12 +199,11 @@ def test_big_registry_starts_and_changes_fast(tmp_path, relay_process):
     assert curl(relay.port, "/", host="new.u7.big.kite")[1] == 404
     t0 = time.monotonic()
     accounts(db, "kite", "u7@x.org", "new.u7.big.kite")
-    wait_until(lambda: curl(relay.port, "/", host="new.u7.big.kite")[1] == 503, 2,
+    wait_until(lambda: curl(relay.port, "/", host="new.u7.big.kite")[1] == 503, 30,
                "a new kite is known")
     seen = time.monotonic() - t0
     print(f"\n100,000 kites: start {started:.2f} s (process included), change seen in "
           f"{seen:.2f} s, RSS {relay.rss_kib() / 1024:.0f} MiB")
-    assert started < 2.5 and seen < 2.5
 
 
 def test_wire_quota_headers_chunks_and_reasons(tmp_path, relay_process):

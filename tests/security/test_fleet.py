@@ -84,7 +84,7 @@ def test_visitor_handed_over_and_dead_relay_forgotten(redis_url, echo, relay_pro
     # B learns from the fleet's channel that A flies the kite, and hands the visitor over.
     code, body = until(lambda: (lambda r: r if r[0] == 200 else None)(get(b, "/via-b")), 5,
                        "relay B serves the kite of relay A")
-    assert body == "xff=127.0.0.9 path=/via-b", body  # the visitor's own address
+    assert body.strip() == "xff=127.0.0.9 path=/via-b", body  # the visitor's own address
     assert "handed to relay 127.0.0.2:" in b.log()
     # kill -9 A: its entry expires and B stops sending visitors there (TTL + resync).
     a.proc.stop(signal.SIGKILL)

@@ -33,7 +33,38 @@ __all__ = ["FleetLink", "CONNECT_TIMEOUT"]
 CONNECT_TIMEOUT = 5.0
 
 
-class _Pinned(PipeEnd):
+class _Held(PipeEnd):
+    """A pipe end that keeps what it reads until its peer is bound (:meth:`join`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list = []
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None:
+            self.bytes_in += len(data)
+            self.held.append(data)
+        else:
+            super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if self.peer is None:
+            self.held.append(None)  # delivered as EOF after the held bytes
+            return not self.tls
+        return super().eof_received()
+
+    def join(self, peer: PipeEnd) -> None:
+        self.peer = peer
+        held, self.held = self.held, []
+        for data in held:
+            if data is None:
+                self.read_eof = True
+                peer.send_eof()
+            else:
+                peer.send(data)
+
+
+class _Pinned(_Held):
     """The side towards the other relay: checks the pin before anything is written."""
 
     def __init__(self, fingerprint: str, head: bytes) -> None:
@@ -96,8 +127,7 @@ class FleetLink:
                        host: str) -> None:
         loop = asyncio.get_running_loop()
         peer = "%s:%s" % sock.getpeername()[:2]
-        visitor = PipeEnd()
-        visitor.reading_paused = True  # nothing is read until the other relay is there
+        visitor = _Held()  # what it sends waits until the other relay is there
         try:
             await loop.connect_accepted_socket(lambda: visitor, sock=sock)
         except OSError:
@@ -120,8 +150,8 @@ class FleetLink:
             return
         self.forwarded += 1
         log.info("visitor %s of %s:%s handed to relay %s", peer, proto, host, target["forward"])
-        visitor.peer, relay.peer = relay, visitor
-        visitor.resume_reading()
+        visitor.join(relay)
+        relay.join(visitor)
 
     async def close(self) -> None:
         for t in list(self._tasks):
