@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from ..certs.acme_config import ACME_KEYS, AcmeConfig, build_acme_config
 from ..config import (
     check_bool,
     check_keepalive,
@@ -57,6 +58,7 @@ class RelayConfig:
     signup_zone: Optional[str] = None  # kite relay --signup ZONE: POST /api/signup
     signup_quota: int = 2_500_000_000  # a new account's starter quota (bytes)
     signup_per_hour: int = 5  # sign-ups per client address and hour
+    acme: Optional[AcmeConfig] = None  # automatic certificates (--acme): kite.certs.acme
 
 
 def _cert_names(path: str) -> list:
@@ -123,7 +125,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                        secret_file: Optional[str] = None,
                        dns_options: Optional[dict] = None,
                        db: Optional[str] = None, signup: Optional[str] = None,
-                       signup_quota: Optional[str] = None) -> RelayConfig:
+                       signup_quota: Optional[str] = None,
+                       acme_options: Optional[dict] = None) -> RelayConfig:
     """Validate the options and the TOML file (options win) into a RelayConfig.
 
     A grant's secret comes from ``PROTO:DOMAIN:SECRET``, or, for ``PROTO:DOMAIN`` and a
@@ -146,7 +149,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     per_hour: object = 5
     if config_file:
         data = load_toml(config_file)
-        check_keys(data, _RELAY_KEYS | NAMES_KEYS, "")
+        check_keys(data, _RELAY_KEYS | NAMES_KEYS | ACME_KEYS, "")
     if secret_file is None:
         secret_file = _path(data.get("secret_file"), "secret_file")
     default_secret = (read_secret_file(secret_file, "--secret-file") if secret_file
@@ -206,10 +209,15 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                 raise ConfigError("--tls-cert/--tls-key", f"no such file {p!r}", "check the path")
         if not names:
             names = _cert_names(tls_cert)
+    names_cfg = build_names_config(data, dns_options)
+    acme = build_acme_config(data, acme_options, zone=names_cfg.zone if names_cfg else None,
+                             dns_served=bool(names_cfg and names_cfg.listen), db=db)
+    if acme is not None and acme.zone not in names:
+        names.append(acme.zone)  # the zone's apex names the relay (its ACME certificate covers it)
     cfg = RelayConfig(listen=addrs, grants=grants, tls_cert=tls_cert, tls_key=tls_key,
                       tls_names=names, keepalive=keepalive or None, zchunks=zchunks,
                       drain_timeout=drain_timeout, single_backend=single_set,
-                      names=build_names_config(data, dns_options), db=db, **extra)
+                      names=names_cfg, db=db, acme=acme, **extra)
     _apply_limits(cfg, data, limits or {})
     return cfg
 
