@@ -17,7 +17,6 @@ option                 key              meaning
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import ssl
@@ -101,8 +100,11 @@ def build_acme_config(data: dict, cli: Optional[dict], *, zone: Optional[str], d
     state_dir = os.path.abspath(os.path.expanduser(state)) if state else default_state_dir(db)
     if os.path.exists(state_dir) and not os.path.isdir(state_dir):
         raise ConfigError("--state-dir", f"{state_dir!r} is not a folder", "give a folder")
-    if importlib.util.find_spec("acme") is None or importlib.util.find_spec("josepy") is None:
+    try:
+        import acme.client  # noqa: F401  (the extra kite-relay[acme])
+        import josepy  # noqa: F401
+    except ImportError:
         raise ConfigError("--acme", "the acme package is not installed",
-                          "pip install 'kite-relay[acme]'")
+                          "pip install 'kite-relay[acme]'") from None
     return AcmeConfig(directory=url, email=str(email).strip(), zone=zone, state_dir=state_dir,
                       ca_file=ca)
