@@ -9,6 +9,7 @@ each certificate here went through the real path: both TXT values published on
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -272,11 +273,16 @@ def test_acme_options_are_checked(tmp_path):
 
 # -- the manager, step by step ---------------------------------------------------------------
 class Clock:
+    """The real time plus an offset the test moves forward."""
+
     def __init__(self) -> None:
-        self.now = time.time()
+        self.offset = 0.0
 
     def __call__(self) -> float:
-        return self.now
+        return time.time() + self.offset
+
+    def move_to(self, t: float) -> None:
+        self.offset = t - time.time()
 
 
 def test_renewal_when_due_and_a_failing_ca_keeps_the_old_certificate(tmp_path, pebble, caplog):
@@ -305,10 +311,11 @@ def test_renewal_when_due_and_a_failing_ca_keeps_the_old_certificate(tmp_path, p
         try:
             m = manager()
             assert m.load_stored() is None and m.due() == 0
+            before = clock()
             wait = await m.step()
             first = m.current
             assert first is not None and m.orders == 1 and installed == [m.cert_path]
-            assert abs(wait - (first.renew_at - clock.now)) < 5
+            assert first.renew_at - clock() <= wait <= first.renew_at - before  # sleeps till 2/3
             # Both values, on the one name, served together; gone afterwards.
             ((name, values, served),) = published
             assert name == CHALLENGE and len(values) == 2 and sorted(served) == sorted(values)
@@ -321,7 +328,7 @@ def test_renewal_when_due_and_a_failing_ca_keeps_the_old_certificate(tmp_path, p
             assert installed == [m.cert_path, m.cert_path]
 
             # Past two thirds of the lifetime: renewed.
-            clock.now = first.renew_at + 1
+            clock.move_to(first.renew_at + 1)
             assert m.due() == 0
             await m.step()
             second = m.current
@@ -330,7 +337,7 @@ def test_renewal_when_due_and_a_failing_ca_keeps_the_old_certificate(tmp_path, p
             # The CA is down when the next renewal is due: the old certificate stays, the
             # failure is logged in one line, and retried after 30, 60, 100, 100 s.
             peb.proc.stop(signal.SIGKILL)
-            clock.now = second.renew_at + 1
+            clock.move_to(second.renew_at + 1)
             caplog.clear()
             delays = [await m.step() for _ in range(4)]
             assert delays == [30, 60, 100, 100]
@@ -370,3 +377,45 @@ def test_no_ca_and_no_certificate_yet(tmp_path, caplog):
     run(main, "asyncio")
     (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "no certificate yet" in line and "retry 2 in 60 s" in line
+
+
+def test_own_certificate_keeps_its_names_and_acme_answers_the_zone(tmp_path, pebble, loop_kind):
+    """With --tls-cert the relay's own certificate still answers its names (pins hold); the
+    ACME certificate answers the zone's apex, which --acme makes one of the relay's names."""
+    dns_port = free_port()
+    peb = pebble(dns_port)
+    own = make_certs(tmp_path)  # localhost, 127.0.0.1
+    relay = Proc(relay_args(dns_port, peb, tmp_path / "state", "--tls-cert", own.cert,
+                            "--tls-key", own.key, "--loop", loop_kind), tmp_path, "relay")
+    try:
+        relay.wait_for("acme: certificate for", timeout=90)
+        port = relay_port(relay.wait_for("relay listening on"))
+        root = peb.root(tmp_path)
+        (folder,) = glob.glob(str(tmp_path / "state" / "acme" / "*"))
+        acme_cert = load_certificate(os.path.join(folder, "cert.pem"), os.path.join(folder, "cert.key"))
+        assert served_serial(port, root, ZONE) == acme_cert.serial
+        ctx = ssl.create_default_context(cafile=own.cert)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+        assert hashlib.sha256(der).hexdigest() == own.fingerprint
+    finally:
+        relay.stop(signal.SIGKILL)
+
+
+def test_relay_starts_and_retries_while_the_ca_is_down(tmp_path):
+    """No CA at the directory URL: the relay serves (DNS, tunnels) and logs when it retries."""
+    dns_port = free_port()
+    url = f"https://127.0.0.1:{free_port()}/dir"
+    relay = Proc([*KITE, "relay", "--listen", "127.0.0.1:0", "--kite", f"*:*.{ZONE}:{SECRET}",
+                  "--dns", f"127.0.0.1:{dns_port}", "--zone", ZONE, "--public-ip", "127.0.0.1",
+                  "--acme", url, "--acme-email", "ops@" + ZONE, "--state-dir",
+                  str(tmp_path / "state")], tmp_path, "relay")
+    try:
+        out = relay.wait_for("acme: no certificate from", timeout=60)
+        line = [ln for ln in out.splitlines() if "acme: no certificate from" in ln][0]
+        assert "Connection refused" in line and "no certificate yet; retry 2 in 60 s" in line
+        assert "relay listening on" in out and relay.proc.poll() is None
+        assert dig_status(dns_port, ZONE, "SOA") == "NOERROR"
+    finally:
+        relay.stop(signal.SIGKILL)

@@ -452,9 +452,9 @@ class AcmeManager:
         try:
             orderr = client.new_order(csr_pem)
         except messages.Error as exc:
-            if exc.code not in ("accountDoesNotExist", "unauthorized"):
+            if exc.code != "accountDoesNotExist":
                 raise
-            # The CA forgot the stored account (or it was deactivated): find or make it anew.
+            # The CA does not know the stored account URI: find the key's account, or make one.
             self._account(client, fresh=True)
             orderr = client.new_order(csr_pem)
         found = []
