@@ -58,6 +58,9 @@ RETRY_FIRST = 60.0
 RETRY_MAX = 6 * 3600.0
 #: Look at the clock again at least this often (a suspended host, a stepped clock).
 MAX_SLEEP = 3600.0
+#: After a new certificate, the next order waits at least this long (a CA whose certificates
+#: are due for renewal on arrival must not be asked in a tight loop).
+MIN_INTERVAL = 1.0
 #: How long one order may take, authorizations and finalization together.
 ORDER_DEADLINE = 180.0
 #: Timeout of each HTTP request to the CA.
@@ -321,13 +324,17 @@ class AcmeManager:
             log.debug("acme: the order failed", exc_info=True)
             delay = min(self.retry_max, self.retry_first * 2 ** (self.failures - 1))
             cur = self.current
-            keeping = (f"still serving the certificate valid until {cur.until()}" if cur
-                       else "no certificate yet")
+            if cur is None:
+                keeping = "no certificate yet"
+            elif cur.not_after > self.clock():
+                keeping = f"still serving the certificate valid until {cur.until()}"
+            else:
+                keeping = f"the certificate served expired at {cur.until()}"
             log.warning("acme: no certificate from %s: %s; %s; retry %d in %d s",
                         self.directory_url, _reason(exc), keeping, self.failures + 1, delay)
             return delay
         self.failures = 0
-        return max(0.0, new.renew_at - self.clock())
+        return max(MIN_INTERVAL, new.renew_at - self.clock())
 
     async def renew(self) -> StoredCertificate:
         """Order a certificate now, store it and install it (raises on failure)."""
