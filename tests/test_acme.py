@@ -118,7 +118,10 @@ def verify_chain(chain_path: str, root_path: str) -> None:
         verifier.verify(leaf, intermediates)
 
 
-def served_serial(port: int, root_path: str, name: str = ZONE) -> int:
+RELAY_NAME = "relay." + ZONE  # the relay's own name in the zone (its default NS name)
+
+
+def served_serial(port: int, root_path: str, name: str = RELAY_NAME) -> int:
     """Shake hands with the relay as ``name`` (SNI), verifying against Pebble's root."""
     from cryptography import x509
 
@@ -212,7 +215,7 @@ def test_short_lived_certificate_is_renewed_without_dropping_a_tunnel(tmp_path, 
         port = relay_port(relay.wait_for("relay listening on"))
         first = served_serial(port, root)
         backend = Proc([*KITE, "expose", f"http://127.0.0.1:{web_port}", "app." + ZONE,
-                        "--relay", f"127.0.0.1:{port}", "--ca", root, "--server-name", ZONE, "-v"],
+                        "--relay", f"127.0.0.1:{port}", "--ca", root, "--server-name", RELAY_NAME, "-v"],
                        tmp_path, "expose", env={"KITE_SECRET": SECRET})
         procs.append(backend)
         backend.wait_for("flying", timeout=30)
@@ -381,7 +384,7 @@ def test_no_ca_and_no_certificate_yet(tmp_path, caplog):
 
 def test_own_certificate_keeps_its_names_and_acme_answers_the_zone(tmp_path, pebble, loop_kind):
     """With --tls-cert the relay's own certificate still answers its names (pins hold); the
-    ACME certificate answers the zone's apex, which --acme makes one of the relay's names."""
+    ACME certificate answers relay.ZONE, which --acme makes one of the relay's names."""
     dns_port = free_port()
     peb = pebble(dns_port)
     own = make_certs(tmp_path)  # localhost, 127.0.0.1
@@ -393,7 +396,7 @@ def test_own_certificate_keeps_its_names_and_acme_answers_the_zone(tmp_path, peb
         root = peb.root(tmp_path)
         (folder,) = glob.glob(str(tmp_path / "state" / "acme" / "*"))
         acme_cert = load_certificate(os.path.join(folder, "cert.pem"), os.path.join(folder, "cert.key"))
-        assert served_serial(port, root, ZONE) == acme_cert.serial
+        assert served_serial(port, root) == acme_cert.serial
         ctx = ssl.create_default_context(cafile=own.cert)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
                 ctx.wrap_socket(raw, server_hostname="localhost") as tls:
@@ -417,6 +420,11 @@ def test_relay_starts_and_retries_while_the_ca_is_down(tmp_path):
         assert "Connection refused" in line and "no certificate yet; retry 2 in 60 s" in line
         assert "relay listening on" in out and relay.proc.poll() is None
         assert dig_status(dns_port, ZONE, "SOA") == "NOERROR"
+        for rdtype, answer in (("NS", RELAY_NAME + "."), ("A", "127.0.0.1")):
+            short = subprocess.run(["dig", "+short", "+norec", "-p", str(dns_port), "@127.0.0.1",
+                                    ZONE if rdtype == "NS" else RELAY_NAME, rdtype],
+                                   capture_output=True, text=True, timeout=20).stdout.split()
+            assert short == [answer], (rdtype, short)
     finally:
         relay.stop(signal.SIGKILL)
 
@@ -434,7 +442,7 @@ def test_relay_toml_keys_and_the_default_state_dir(tmp_path, monkeypatch):
     assert cfg.acme is not None
     assert (cfg.acme.directory, cfg.acme.email, cfg.acme.zone, cfg.acme.ca_file, cfg.acme.state_dir) \
         == ("https://ca.example/dir", "ops@" + ZONE, ZONE, ca.cert, str(tmp_path / "st"))
-    assert ZONE in cfg.tls_names  # the apex names the relay
+    assert cfg.tls_names == [RELAY_NAME]  # the relay's NS name in the zone names it
     # Options win over keys; the state folder defaults to --db's, else $XDG_STATE_HOME/kite.
     cfg = build_relay_config(config_file=str(toml), db=str(tmp_path / "db" / "kite.db"),
                              acme_options={"acme_email": "other@" + ZONE, "state_dir": None})

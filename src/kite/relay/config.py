@@ -212,8 +212,12 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     names_cfg = build_names_config(data, dns_options)
     acme = build_acme_config(data, acme_options, zone=names_cfg.zone if names_cfg else None,
                              dns_served=bool(names_cfg and names_cfg.listen), db=db)
-    if acme is not None and acme.zone not in names:
-        names.append(acme.zone)  # the zone's apex names the relay (its ACME certificate covers it)
+    if acme is not None and names_cfg is not None:
+        # The relay's names in the zone (its NS names, default relay.ZONE) name the relay:
+        # the ACME certificate (*.ZONE) covers them.
+        for n in names_cfg.ns_names or [f"relay.{acme.zone}"]:
+            if n.endswith("." + acme.zone) and n not in names:
+                names.append(n)
     cfg = RelayConfig(listen=addrs, grants=grants, tls_cert=tls_cert, tls_key=tls_key,
                       tls_names=names, keepalive=keepalive or None, zchunks=zchunks,
                       drain_timeout=drain_timeout, single_backend=single_set,
