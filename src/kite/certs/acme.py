@@ -13,8 +13,9 @@ stalls the relay and never holds up its exit.  One order goes like this:
    one TXT RRset while the CA looks.
 3. (thread) the challenges are answered, the authorizations polled, the order finalized,
    the chain downloaded.
-4. (loop) the values are withdrawn (whatever happened), the key and chain written (mode
-   0600, atomically), ``on_certificate(cert_path, key_path)`` called.
+4. (loop) the values are withdrawn, whatever happened; (thread) the chain is checked against
+   its key and the names and written with the key (mode 0600, atomically); (loop)
+   ``on_certificate(cert_path, key_path)`` is called.
 
 Schedule.  A stored certificate that covers the names and is not past two thirds of its
 lifetime is used as it is (no order: Let's Encrypt limits orders); at two thirds it is
