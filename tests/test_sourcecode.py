@@ -8,6 +8,7 @@ Layers, lowest first (a module may import its own layer's modules and lower laye
     2  kite.net, kite.config                              shared asyncio layer, configuration
   2.5  kite.names                                         service layer: DNS for the kites
   2.5  kite.store                                         account registry (service layer)
+  2.5  kite.certs                                         certificates: ACME (service layer)
     3  kite.relay | kite.backend | kite.client,           the roles (never each other)
        kite.scaffold, kite.pagekiterc
     4  kite.demo                                          relay + backend on loopback
@@ -34,6 +35,7 @@ LAYERS = {
     "kite.proto": 1,
     "kite.net": 2, "kite.config": 2, "kite.names": 2.5,
     "kite.store": 2.5,
+    "kite.certs": 2.5,
     "kite.relay": 3, "kite.backend": 3, "kite.client": 3, "kite.scaffold": 3,
     "kite.pagekiterc": 3,
     "kite.demo": 4,

@@ -31,6 +31,7 @@ __all__ = [
     "DnsUpdateRejected",
     "StoreError",
     "SignupFailed",
+    "AcmeFailed",
 ]
 
 
@@ -154,3 +155,9 @@ class StoreError(KiteError):
 class SignupFailed(KiteError):
     """``kite expose --signup``: the relay refused the sign-up (its JSON error is the
     message) or could not be asked."""
+
+
+# -- certificates -----------------------------------------------------------------------------
+class AcmeFailed(KiteError):
+    """Getting a certificate from an ACME server failed; the message is one line, names the
+    step and the server's reason, and never holds a key."""

@@ -34,6 +34,26 @@ def dns_options(f):
     ], f)
 
 
+#: The options of acme_options: they reach build_relay_config as ``acme_options``.
+ACME_OPTIONS = ("acme", "acme_email", "acme_ca", "state_dir")
+
+
+def acme_options(f):
+    """Automatic certificates (kite.certs.acme_config); unset ones are None, so the config
+    file's keys apply."""
+    return _apply([
+        click.option("--acme", metavar="DIRECTORY_URL",
+                     help="Get and renew a certificate for ZONE and *.ZONE from this ACME "
+                          "directory (DNS-01 in the relay's own DNS; needs --dns and --zone)."),
+        click.option("--acme-email", metavar="EMAIL", help="The ACME account's contact address."),
+        click.option("--acme-ca", type=click.Path(dir_okay=False), metavar="PEM",
+                     help="CA file that verifies the ACME server's HTTPS (default: the system's)."),
+        click.option("--state-dir", type=click.Path(file_okay=False), metavar="DIR",
+                     help="Where the relay keeps its ACME account and certificates (mode 0700; "
+                          "default: the folder of --db, else $XDG_STATE_HOME/kite)."),
+    ], f)
+
+
 @click.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Relay TOML config.")
 @click.option("--listen", multiple=True, metavar="HOST:PORT",
@@ -85,6 +105,7 @@ def dns_options(f):
               help="Seconds a slow reader may be held over the budget before it is cut.  "
                    "[default: 30]")
 @dns_options
+@acme_options
 @common_options
 def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, single, db,
           redis_url, relay_id, signup, signup_quota, keepalive, zchunks, drain_timeout,
@@ -95,6 +116,7 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, 
     setup_logging(verbose, quiet)
     from ..relay.main import build_relay_config, serve_relay
 
+    acme = {k: dns.pop(k) for k in ACME_OPTIONS}  # **dns gathers every grouped option
     with config_errors():
         cfg = build_relay_config(config_file=config_file, listen=listen, tls_cert=tls_cert,
                                  tls_key=tls_key, tls_names=tls_name, kites=kites, single=single,
@@ -107,5 +129,5 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, 
                                          "slow_reader_timeout": slow_reader_timeout},
                                  dns_options=dns, db=db, signup=signup,
                                  signup_quota=signup_quota, redis=redis_url,
-                                 relay_id=relay_id)
+                                 relay_id=relay_id, acme_options=acme)
     serve(lambda stop: serve_relay(cfg, stop), loop_kind)

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from ..certs.acme_config import ACME_KEYS, AcmeConfig, build_acme_config
 from ..config import (
     check_bool,
     check_keepalive,
@@ -61,6 +62,7 @@ class RelayConfig:
     #: This relay's name in the account registry: it keys the relay's presence rows and its
     #: numbered usage flushes, so relays sharing one database need different ids.
     relay_id: Optional[str] = None  # None: "relay", or with --redis the host name
+    acme: Optional[AcmeConfig] = None  # automatic certificates (--acme): kite.certs.acme
 
 
 def _cert_names(path: str) -> list:
@@ -143,7 +145,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                        db: Optional[str] = None, signup: Optional[str] = None,
                        signup_quota: Optional[str] = None,
                        redis: Optional[str] = None,
-                       relay_id: Optional[str] = None) -> RelayConfig:
+                       relay_id: Optional[str] = None,
+                       acme_options: Optional[dict] = None) -> RelayConfig:
     """Validate the options and the TOML file (options win) into a RelayConfig.
 
     A grant's secret comes from ``PROTO:DOMAIN:SECRET``, or, for ``PROTO:DOMAIN`` and a
@@ -166,7 +169,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     per_hour: object = 5
     if config_file:
         data = load_toml(config_file)
-        check_keys(data, _RELAY_KEYS | NAMES_KEYS, "")
+        check_keys(data, _RELAY_KEYS | NAMES_KEYS | ACME_KEYS, "")
     if secret_file is None:
         secret_file = _path(data.get("secret_file"), "secret_file")
     default_secret = (read_secret_file(secret_file, "--secret-file") if secret_file
@@ -231,10 +234,19 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                 raise ConfigError("--tls-cert/--tls-key", f"no such file {p!r}", "check the path")
         if not names:
             names = _cert_names(tls_cert)
+    names_cfg = build_names_config(data, dns_options)
+    acme = build_acme_config(data, acme_options, zone=names_cfg.zone if names_cfg else None,
+                             dns_served=bool(names_cfg and names_cfg.listen), db=db)
+    if acme is not None and names_cfg is not None:
+        # The relay's names in the zone (its NS names, default relay.ZONE) name the relay:
+        # the ACME certificate (*.ZONE) covers them.
+        for n in names_cfg.ns_names or [f"relay.{acme.zone}"]:
+            if n.endswith("." + acme.zone) and n not in names:
+                names.append(n)
     cfg = RelayConfig(listen=addrs, grants=grants, tls_cert=tls_cert, tls_key=tls_key,
                       tls_names=names, keepalive=keepalive or None, zchunks=zchunks,
                       drain_timeout=drain_timeout, single_backend=single_set,
-                      names=build_names_config(data, dns_options), db=db, **extra)
+                      names=names_cfg, db=db, acme=acme, **extra)
     _apply_limits(cfg, data, limits or {})
     return cfg
 

@@ -4,7 +4,8 @@
 :class:`~kite.relay.state.RelayState`, the :class:`~kite.relay.accept.Acceptor` (listening
 sockets, first bytes) and the :class:`~kite.relay.dispatch.Dispatcher` (tunnel, stream or
 refusal), and the name service (:mod:`kite.names`) when DNS is configured, fed with the
-state's presence events.
+state's presence events, and the ACME manager (:mod:`kite.certs.acme`, ``--acme``) that keeps
+a certificate for the zone and hands each one to :attr:`RelayServer.certificate_hook`.
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING, Optional
+import ssl
+from typing import TYPE_CHECKING, Callable, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from ..certs.acme import AcmeManager
 from ..names import NameService
 from ..net.memory import MemoryTrimmer
 from ..net.sockets import raise_nofile_limit
 from ..net.tls import cert_fingerprint, server_context
 from ..store.opener import is_redis_url
 from .accept import Acceptor, default_max_connections, default_max_pending
-from .config import RelayConfig
+from .config import RelayConfig, _cert_names
 from .dispatch import Dispatcher
 from .fleetlink import FleetLink
 from .registry import Registry
@@ -58,6 +61,14 @@ class RelayServer:
         if config.names is not None:
             self.names = NameService(config.names, self.state.tls_names)
             self.state.subscribe(self.names.on_presence)
+        self.acme: Optional[AcmeManager] = None  # automatic certificates (--acme), if configured
+        #: Where each new certificate goes, as ``hook(cert_path, key_path)`` (ACME calls it at
+        #: start with a stored certificate and after each renewal).
+        # INTEGRATION: point this at the certificate store's CertStore.install.
+        self.certificate_hook: Callable[[str, str], None] = self.install_certificate
+        self._own_names = _cert_names(config.tls_cert) if config.tls_cert else []
+        self._acme_context: Optional[ssl.SSLContext] = None
+        self._acme_names: list = []
         self.addresses: list = []
         self.closing = False
         self.trimmer = MemoryTrimmer()  # freed visitor buffers go back to the OS
@@ -79,6 +90,14 @@ class RelayServer:
         self.trimmer.start()
         if self.names is not None:
             await self.names.start()
+            if cfg.acme is not None:
+                a = cfg.acme
+                self.acme = AcmeManager(
+                    a.directory, a.email, state_dir=a.state_dir, ca_file=a.ca_file,
+                    names=[a.zone, "*." + a.zone], publish_txt=self.names.publish_txt,
+                    withdraw_txt=self.names.withdraw_txt,
+                    on_certificate=lambda cert, key: self.certificate_hook(cert, key))
+                await self.acme.start()
         if self.config.db:
             from ..store.opener import open_registry
 
@@ -141,6 +160,8 @@ class RelayServer:
         for tunnel in list(tunnels):
             tunnel.close("relay shutting down")
         await self.dispatcher.close()
+        if self.acme is not None:
+            await self.acme.close()
         if self.names is not None:
             await self.names.close()
         if self.state.fleet_link is not None:
@@ -149,3 +170,30 @@ class RelayServer:
             await self.fleet.close()  # other relays stop answering with this one at once
         if self.state.registry is not None:
             await self.state.registry.close()  # the last counts, on SIGTERM too
+
+    # -- certificates ---------------------------------------------------------------------------
+    def install_certificate(self, cert_path: str, key_path: str) -> None:
+        """Serve a new certificate (ACME's) from the next TLS handshake on; open connections
+        keep theirs.  Without a certificate of its own (``--tls-cert``) the relay serves this
+        one for its names; with one, this one answers the SNI names it covers that the own
+        certificate does not (the own one keeps its pins)."""
+        context = server_context(cert_path, key_path)
+        names = _cert_names(cert_path)
+        if not self.config.tls_cert:
+            self.dispatcher.ssl_context = context  # read at each handshake
+            return
+        self._acme_context, self._acme_names = context, names
+        base = self.dispatcher.ssl_context
+        if base is not None and base.sni_callback is None:
+            base.sni_callback = self._pick_certificate
+
+    def _pick_certificate(self, sslobj, server_name, _context) -> None:
+        name = (server_name or "").lower()
+        if name and self._acme_context is not None and not _matches(self._own_names, name) \
+                and _matches(self._acme_names, name):
+            sslobj.context = self._acme_context
+
+
+def _matches(cert_names: list, name: str) -> bool:
+    """``name`` is one of ``cert_names`` or under one of its ``*.`` names by one label."""
+    return name in cert_names or ("." in name and "*." + name.split(".", 1)[1] in cert_names)
