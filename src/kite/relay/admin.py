@@ -109,18 +109,19 @@ class AdminServer:
 
 
 async def start_admin(server, *, host: str = "127.0.0.1", port: int = 0,
-                      token: Optional[str] = None,
+                      token: Optional[str] = None, top: int = 50,
                       cert_expiries: Optional[Callable[[], dict[str, float]]] = None) -> AdminServer:
     """The admin endpoint of a started :class:`~kite.relay.server.RelayServer`.
 
     ``cert_expiries``: ``{certificate name: notAfter}`` for the expiry metric (default:
-    the relay's ``--tls-cert``); a certificate store plugs its own in here."""
+    the relay's ``--tls-cert``); a certificate store plugs its own in here.  ``top``: kites
+    and accounts with labels of their own in /metrics (the rest are ``other``)."""
     import prometheus_client
 
     from .observe import RelayCollector, RelayView
 
     prometheus_client.disable_created_metrics()
-    view = RelayView(server, cert_expiries=cert_expiries)
+    view = RelayView(server, top=top, cert_expiries=cert_expiries)
     admin = AdminServer(view.status, RelayCollector(view), host=host, port=port, token=token)
     await admin.start()
     return admin
