@@ -198,3 +198,34 @@ def test_cli_relay_writes_access_log_to_stdout(tmp_path):
         assert SECRET not in relay.output() and "QUERY-7" not in relay.output()
     finally:
         relay.stop()
+
+
+def test_quota_cut_and_refusal(tmp_path):
+    """An account runs out of quota during a download: the stream's line says ``quota``, and
+    the next visitor's line says ``quota`` with the 403's reason."""
+    rlog = tmp_path / "relay.log"
+    db = str(tmp_path / "kite.db")
+    kite = [sys.executable, "-m", "kite", "accounts"]
+    added = subprocess.run([*kite, "add", "bob@example.com", "--quota", "300KB", "--json",
+                            "--db", db], capture_output=True, text=True, check=True)
+    secret = json.loads(added.stdout)["secret"]
+    subprocess.run([*kite, "kite", "bob@example.com", "app.test.kite", "--db", db],
+                   capture_output=True, check=True)
+
+    async def main():
+        server, port = await start_http_server(b"q" * 20_000_000)
+        async with kite_env(tmp_path, [http_kite("app.test.kite", port, secret=secret)],
+                            grants=(), db=db, access_log=str(rlog)) as env:
+            await _curl("--limit-rate", "500k", "-o", "/dev/null", "-H", "Host: app.test.kite",
+                        f"http://127.0.0.1:{env.port}/big")
+            cut = await _wait_lines(rlog, lambda ln: "/big" in ln)
+            await _curl("-o", "/dev/null", "-H", "Host: app.test.kite",
+                        f"http://127.0.0.1:{env.port}/after")
+            refused = await _wait_lines(rlog, lambda ln: "/after" in ln)
+        server.close()
+        return cut[0], refused[0]
+
+    cut, refused = run(main, "uvloop")
+    assert " quota" in cut and '"GET /big" 200' in cut
+    assert ' quota "The kite app.test.kite is not available' in refused
+    assert secret not in rlog.read_text()

@@ -5,8 +5,9 @@ counter grows after a download.  Then a dashboard of 1,000 kites, whose render t
 reported (not asserted).
 
 Outside CI the tests skip when Playwright or /usr/bin/chromium is missing; in CI (``CI``
-set, or ``KITE_TEST_INSTALLED`` as .ci/run sets it) they must run.  ``KITE_UPDATE_SCREENSHOT=1`` also writes the
-screenshot to docs/dashboard.png (the README shows it).
+set, or ``KITE_TEST_INSTALLED`` as .ci/run sets it) they must run.
+``KITE_UPDATE_SCREENSHOT=1`` also writes the screenshot to docs/dashboard.png (the README
+shows it).
 """
 
 from __future__ import annotations
