@@ -247,3 +247,20 @@ def test_kite_status_table_and_json(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert gone.returncode == 1 and "cannot reach" in gone.stderr
 
+
+
+def test_toml_keys(tmp_path):
+    token_file = tmp_path / "admin.token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    conf = tmp_path / "relay.toml"
+    conf.write_text(f'admin = "[::]:4041"\nadmin_token_file = "{token_file}"\n'
+                    f'log_format = "json"\naccess_log = "{tmp_path / "access.log"}"\n'
+                    f'[[kite]]\ndomain = "*.test.kite"\nsecret = "{SECRET}"\n')
+    cfg = build_relay_config(config_file=str(conf))
+    assert cfg.admin == ("::", 4041) and cfg.admin_token == TOKEN
+    assert cfg.log_format == "json" and cfg.access_log == str(tmp_path / "access.log")
+    # options win over the file
+    cfg = build_relay_config(config_file=str(conf), observe={"access_log": "off",
+                                                             "log_format": "text"})
+    assert cfg.access_log is None and cfg.log_format == "text"
