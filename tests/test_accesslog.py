@@ -229,3 +229,15 @@ def test_quota_cut_and_refusal(tmp_path):
     assert " quota" in cut and '"GET /big" 200' in cut
     assert ' quota "The kite app.test.kite is not available' in refused
     assert secret not in rlog.read_text()
+
+
+def test_totals_stay_bounded(monkeypatch):
+    """Visitors choose the names they ask for: past MAX_NAMES the totals say ``other``."""
+    from kite.net import accesslog
+
+    monkeypatch.setattr(accesslog, "MAX_NAMES", 3)
+    log = AccessLog(None)
+    for i in range(10):
+        log.refused(f"192.0.2.1:{i}", f"n{i}.example", "http", "no kite")
+    assert len(log.totals) == 4
+    assert log.totals[("other", "http", "refused")] == 7

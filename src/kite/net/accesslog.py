@@ -23,7 +23,8 @@ carries a header value other than ``User-Agent``, so secrets, ``Authorization`` 
 ``Cookie`` values cannot appear.
 
 The log also keeps totals for metrics (:attr:`AccessLog.totals`, :attr:`AccessLog.bytes`):
-streams by (kite, protocol, result) and bytes by kite, added when a stream ends.
+streams by (kite, protocol, result) and bytes by kite, added when a stream ends; at most
+:data:`MAX_NAMES` names, the rest under ``other``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ FORMATS = ("text", "json")
 RESULTS = ("ok", "refused", "quota", "offline", "reset")
 #: Longest path and user agent written (longer ones are cut and end with ``...``).
 MAX_FIELD = 512
+#: Names kept apart in the totals; visitors may send any Host or SNI, so past this many the
+#: rest are counted under :data:`OTHER` (memory stays bounded).
+MAX_NAMES = 10_000
+OTHER = "other"
 
 _UA = re.compile(rb"\r\nuser-agent:[ \t]*([^\r\n]*)", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\"\\]")
@@ -224,16 +229,26 @@ class AccessLog:
             rec.bytes_in, rec.bytes_out = slot.sent + peeked, slot.received
         else:
             rec.bytes_in, rec.bytes_out = slot.received, slot.sent
-        key = (rec.kite, rec.proto, rec.result)
-        self.totals[key] = self.totals.get(key, 0) + 1
-        b = self.bytes.get(rec.kite)
+        self._count(rec.kite, rec.proto, rec.result)
+        name = rec.kite
+        b = self.bytes.get(name)
         if b is None:
-            self.bytes[rec.kite] = [rec.bytes_in, rec.bytes_out]
-        else:
-            b[0] += rec.bytes_in
-            b[1] += rec.bytes_out
+            if len(self.bytes) >= MAX_NAMES:
+                name = OTHER
+            b = self.bytes.setdefault(name, [0, 0])
+        b[0] += rec.bytes_in
+        b[1] += rec.bytes_out
         if self.out is not None:
             self._lines.append(format_json(rec) if self.fmt == "json" else format_text(rec))
+
+    def _count(self, kite: str, proto: str, result: str) -> None:
+        totals = self.totals
+        key = (kite, proto, result)
+        n = totals.get(key)
+        if n is None and len(totals) >= MAX_NAMES:
+            key = (OTHER, proto, result)
+            n = totals.get(key)
+        totals[key] = (n or 0) + 1
 
     def live(self) -> list:
         """``(stream, record, bytes in, bytes out)`` of every open stream, now."""
@@ -255,8 +270,7 @@ class AccessLog:
             rec.method, rec.path, rec.user_agent = request_fields(head)
             if not self.query:
                 rec.path = rec.path.partition("?")[0]
-        key = (kite, proto, result)
-        self.totals[key] = self.totals.get(key, 0) + 1
+        self._count(kite, proto, result)
         if self.out is not None:
             self._queue(format_json(rec) if self.fmt == "json" else format_text(rec))
 
