@@ -7,8 +7,10 @@ A role tells the :class:`AccessLog` when a visitor stream opens (:meth:`AccessLo
 with what it already parsed: the HTTP method, path and ``User-Agent`` of the first request
 head) and when it closes (:meth:`AccessLog.closed`).  Bytes come from the counters the fast
 path keeps in each stream's slot (``sent``, ``received``): nothing is added per chunk.  An
-HTTP response's status is read from the first response chunk by a sink that is installed
-for that one chunk and then puts the stream's own sink back (:func:`watch_status`).
+HTTP response's status is read once per stream from the first bytes of the response: on
+the relay by a sink installed for the first response chunk, which then puts the stream's
+own sink back (:func:`watch_status`); on the backend by the local connection's protocol
+for its first read, which then hands the transport to the plain one.
 
 A stream's ``result`` is ``ok`` unless something marked it before it closed
 (:meth:`AccessLog.mark`): ``reset`` (cut: the tunnel went down, the far side reset, flow
