@@ -34,7 +34,7 @@ def test_version_and_help():
 
 
 COMMANDS = ("relay", "expose", "connect", "forward", "ssh-config", "init", "demo", "bench",
-            "import-pagekiterc", "accounts")
+            "import-pagekiterc", "accounts", "status")
 
 
 @pytest.mark.parametrize("module", ["kite", "kite.cli"])

@@ -53,7 +53,8 @@ def package_modules() -> set[str]:
     """The package's modules and data as the wheel must hold them (``kite/...``)."""
     files = {p.relative_to(SRC).as_posix() for p in (SRC / "kite").rglob("*.py")
              if "__pycache__" not in p.parts}
-    return files | {"kite/_fastpath.pyi", "kite/py.typed"}
+    static = {p.relative_to(SRC).as_posix() for p in (SRC / "kite" / "relay" / "static").iterdir()}
+    return files | static | {"kite/_fastpath.pyi", "kite/py.typed"}
 
 
 def source_files() -> set[str]:
@@ -63,7 +64,7 @@ def source_files() -> set[str]:
 
 
 # Never in a wheel or the sdist: build leftovers and code that is not kite.
-FORBIDDEN = re.compile(r"(\.pyc$|__pycache__/|\.c$|\.html$|\.o$|(^|/)tests?/|(^|/)bench/"
+FORBIDDEN = re.compile(r"(\.pyc$|__pycache__/|\.c$|_fastpath\.html$|\.o$|(^|/)tests?/|(^|/)bench/"
                        r"|(^|/)\.ci/|(^|/)wheels/|(^|/)docs/|\.egg-info/)")
 
 

@@ -195,6 +195,11 @@ class Kite(System):
         """The relay's options that let the backend fly KITE_NAME, and the backend's secret."""
         return ["--kite", f"*:{KITE_DOMAIN}:{SECRET}"], SECRET
 
+    def observe(self, ctx, tag, role: str) -> list:
+        """Options of ``role`` (relay, backend) for the access log and metrics: off here (the
+        figures compare like with like across versions); kite-obs turns them on."""
+        return ["--access-log", "off"]
+
     def start(self, ctx, tag):
         port = free_port()
         env = dict(ctx.kite_env)
@@ -204,14 +209,15 @@ class Kite(System):
         relay = ctx.procs.start("kite-relay", [
             sys.executable, "-m", "kite", "relay", "--listen", f"{HOST}:{port}",
             "--tls-cert", ctx.cert, "--tls-key", ctx.key, *grant,
-            "--drain-timeout", "1", "--loop", self.loop], env=env, log=rlog, cpus=ctx.system_cpus,
-            cwd=ctx.work)
+            *self.observe(ctx, tag, "relay"), "--drain-timeout", "1", "--loop", self.loop],
+            env=env, log=rlog, cpus=ctx.system_cpus, cwd=ctx.work)
         try:
             wait_for("kite relay", log_has(rlog, r"relay listening on "), 20, [relay], [rlog])
             backend = ctx.procs.start("kite-expose", [
                 sys.executable, "-m", "kite", "expose", f"http://{HOST}:{ctx.origin_port}", KITE_NAME,
                 "--relay", f"{HOST}:{port}", "--ca", ctx.cert, "--secret", secret,
-                "--loop", self.loop], env=env, log=blog, cpus=ctx.system_cpus, cwd=ctx.work)
+                *self.observe(ctx, tag, "backend"), "--loop", self.loop],
+                env=env, log=blog, cpus=ctx.system_cpus, cwd=ctx.work)
         except BaseException:
             ctx.procs.stop(relay)
             raise
@@ -263,6 +269,23 @@ class KiteAccounts(Kite):
         return ["--db", db], json.loads(out.stdout)["secret"]
 
 
+class KiteObserved(Kite):
+    """kite with its access logs on (relay and backend, to files, as text) and the relay's
+    admin endpoint up (``--admin``): the cost of observability.  The metrics are read from
+    the relay's state when scraped, so an endpoint nobody scrapes costs nothing per byte;
+    the access log costs per visitor stream (not per chunk)."""
+
+    name = "kite-obs"
+    title = "kite, compiled, uvloop, access logs on and --admin (metrics, dashboard)"
+
+    def observe(self, ctx, tag, role):
+        log = ctx.logfile(f"{self.name}-{role}-access-{tag}")
+        args = ["--access-log", log]
+        if role == "relay":
+            args += ["--admin", f"{HOST}:{free_port()}"]
+        return args
+
+
 class KiteBaseline(Kite):
     """kite from another source tree, for a before/after comparison in one interleaved run:
     ``KITE_BASELINE_SRC`` names that tree's ``src/`` (its compiled fast path built in place,
@@ -273,6 +296,9 @@ class KiteBaseline(Kite):
     extra_env: ClassVar[dict[str, str]] = {
         "KITE_REQUIRE_EXTENSIONS": "1", "PYTHONPATH": os.environ.get("KITE_BASELINE_SRC", "")}
 
+    def observe(self, ctx, tag, role):
+        return []  # older trees may not know --access-log (they have no access log)
+
     def unavailable(self, ctx):
         if not os.environ.get("KITE_BASELINE_SRC"):
             return "KITE_BASELINE_SRC is not set (the src/ folder of a baseline checkout)"
@@ -280,10 +306,11 @@ class KiteBaseline(Kite):
 
 
 ALL_SYSTEMS = {cls.name: cls for cls in (Direct, Stunnel, Pagekite, PagekiteTuned, Kite, KitePy,
-                                          KiteAsyncio, KiteAccounts, KiteBaseline)}
+                                          KiteAsyncio, KiteAccounts, KiteObserved, KiteBaseline)}
 SYSTEMS = tuple(ALL_SYSTEMS)
 #: What a run compares unless --systems says otherwise (kite-base needs KITE_BASELINE_SRC).
-DEFAULT_SYSTEMS = tuple(n for n in SYSTEMS if n not in (KiteBaseline.name, KiteAccounts.name))
+DEFAULT_SYSTEMS = tuple(n for n in SYSTEMS
+                        if n not in (KiteBaseline.name, KiteAccounts.name, KiteObserved.name))
 
 
 def wait_until_served(run: Running, timeout: float) -> None:

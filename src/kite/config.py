@@ -263,6 +263,8 @@ class BackendConfig:
     keepalive: float = 30.0
     ping_timeout: float = 10.0
     zchunks: bool = False
+    access_log: Optional[str] = None  # "-" (stdout), a file, or None: no access log
+    log_format: str = "text"  # access log lines: text or json
 
 
 def kite_proto_for(target: Target, public_port: Optional[int]) -> str:

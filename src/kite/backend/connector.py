@@ -43,6 +43,7 @@ from typing import Optional
 from .. import __version__
 from ..config import BackendConfig, KiteSpec, RelaySpec
 from ..errors import KiteError
+from ..net.accesslog import AccessLog, AccessRecord, open_access_log, response_status
 from ..net.dial import dial
 from ..net.memory import MemoryTrimmer
 from ..net.tls import ClientTLS
@@ -88,6 +89,32 @@ def _kite_matches(spec: KiteSpec, proto: str, host: str, port: int) -> int:
     return 0
 
 
+class _FirstResponse(StreamProtocol):
+    """The local side of an HTTP stream until its first read: notes the response status for
+    the access log, then hands the transport to a plain :class:`StreamProtocol` (nothing is
+    added to the reads after the first)."""
+
+    __slots__ = ("_record", "_view")
+
+    def __init__(self, tunnel: TunnelProtocol, stream: Stream, record: AccessRecord) -> None:
+        super().__init__(tunnel, stream)
+        self._record = record
+        self._view: Optional[memoryview] = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self._view = view = super().get_buffer(sizehint)
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        view, self._view = self._view, None
+        if view is not None:
+            self._record.status = response_status(view[:nbytes])
+        super().buffer_updated(nbytes)
+        transport = self.stream.transport
+        if transport is not None:
+            transport.set_protocol(StreamProtocol(self.tunnel, self.stream))
+
+
 class BackendTunnel(TunnelProtocol):
     """The backend end of one tunnel: registration, then local connections per stream."""
 
@@ -131,18 +158,26 @@ class BackendTunnel(TunnelProtocol):
         stream = Stream(self, event.sid, proto=event.proto, host=event.host, port=event.port,
                         peer=f"{event.rip}:{event.rport}")
         self.add_stream(stream)
+        access_log = self.connector.access_log
         if spec is None:
             log.info("%s: stream %d for unknown kite %s:%s:%s refused", self.name, event.sid,
                      event.proto, event.host, event.port)
+            if access_log is not None:
+                access_log.refused(stream.peer, event.host, event.proto, "no such kite here",
+                                   head=event.payload or b"")
             self._refuse_stream(stream, 503)
             return
+        record = None
+        if access_log is not None:
+            record = access_log.opened(stream, head=event.payload or b"")
         if event.payload:
             stream.receive_opening(event.payload)
-        task = self.loop.create_task(self._connect_local(stream, spec, event))
+        task = self.loop.create_task(self._connect_local(stream, spec, event, record))
         self.connector.tasks.add(task)
         task.add_done_callback(self.connector.tasks.discard)
 
-    async def _connect_local(self, stream: Stream, spec: KiteSpec, event) -> None:
+    async def _connect_local(self, stream: Stream, spec: KiteSpec, event,
+                             record: Optional[AccessRecord] = None) -> None:
 
         target = spec.target
         factory = None
@@ -166,12 +201,19 @@ class BackendTunnel(TunnelProtocol):
                 header = b""
             if header:
                 stream.prepend_local(header)
+        if factory is None:  # (a basic-auth guard reads the heads itself)
+            factory = ((lambda: StreamProtocol(self, stream)) if record is None
+                       or not record.method else (lambda: _FirstResponse(self, stream, record)))
         try:
             await self.loop.create_connection(
-                factory or (lambda: StreamProtocol(self, stream)), target.host, target.port)
+                factory, target.host, target.port)
         except OSError as exc:
             log.info("%s: kite %s: local server %s:%d: %s", self.name, spec.name, target.host,
                      target.port, exc.strerror or exc)
+            if self.connector.access_log is not None:
+                self.connector.access_log.mark(
+                    stream, "refused", f"local server {target.host}:{target.port}: "
+                    f"{exc.strerror or exc}")
             if not stream.closed:
                 self._refuse_stream(stream, 502)
 
@@ -189,6 +231,16 @@ class BackendTunnel(TunnelProtocol):
         self.writer.cancel_data_buffer()
         self.writer.write_data(stream.slot, answer)
         stream.finish()
+
+    def on_stream_closed(self, stream: Stream) -> None:
+        if self.connector.access_log is not None:
+            self.connector.access_log.closed(stream)
+
+    def cut_local(self, stream: Stream, transport: asyncio.Transport) -> None:
+        if self.connector.access_log is not None:
+            self.connector.access_log.mark(
+                stream, "reset", f"tunnel closed: {self.close_reason}" if self.closed else "cut")
+        super().cut_local(stream, transport)
 
     def on_closed(self, reason: str) -> None:
         self.connector.tunnel_closed(self, reason)
@@ -210,6 +262,7 @@ class RelayConnector:
         #: "inband" / "reconnect" force one variant (tests use it to show why).
         self.registration = "auto"
         self._stop = False
+        self.access_log: Optional[AccessLog] = None  # the Backend's, shared by its connectors
         self._attempt_result: Optional[asyncio.Future] = None
         self.tls = None
         if not spec.plain:
@@ -307,6 +360,8 @@ class RelayConnector:
             if name not in tunnel.flying:
                 tunnel.flying.append(name)
                 log.info("kite flying: %s on relay %s", name, self.spec.address)
+                if self.access_log is not None:
+                    self.access_log.event("kite-flying", kite=name, relay=self.spec.address)
         self.flying.set()
         self._resolve(("flying", None))
 
@@ -318,6 +373,8 @@ class RelayConnector:
     def tunnel_closed(self, tunnel: BackendTunnel, reason: str) -> None:
         if tunnel.flying:
             log.warning("tunnel to %s closed: %s", self.spec.address, reason)
+            if self.access_log is not None:
+                self.access_log.event("tunnel-down", relay=self.spec.address, reason=reason)
         self._resolve(("closed", reason))
         if self.tunnel is tunnel:
             self.tunnel = None
@@ -402,6 +459,10 @@ class Backend:
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.connectors = [RelayConnector(config, r) for r in config.relays if r.kites]
+        self.access_log = open_access_log(config.access_log or "off", config.log_format,
+                                          inbound="received")
+        for c in self.connectors:
+            c.access_log = self.access_log
         self._tasks: list = []
         self.trimmer = MemoryTrimmer()  # freed stream buffers go back to the OS
 
@@ -432,3 +493,5 @@ class Backend:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.access_log is not None:
+            self.access_log.flush()

@@ -11,6 +11,7 @@ module is imported and its commands added here:
 ``client.py``      kite connect, kite forward, kite ssh-config
 ``tools.py``       kite init, kite demo, kite import-pagekiterc
 ``bench.py``       kite bench (runs bench/relay_bench.py of the checkout)
+``status.py``      kite status (a relay's admin endpoint, as tables)
 ``options.py``     options shared by several commands
 ``run.py``         logging, run-until-signal on the event loop, exit codes
 =================  ==========================================================
@@ -27,7 +28,7 @@ from typing import Any
 import click
 
 from .. import __version__
-from . import accounts, bench, client, expose, relay, tools
+from . import accounts, bench, client, expose, relay, status, tools
 from .run import fail
 
 __all__ = ["main"]
@@ -80,6 +81,6 @@ def main() -> None:
 
 for _command in (relay.relay, expose.expose, client.connect, client.forward, client.ssh_config,
                  tools.init, tools.demo, tools.import_pagekiterc, bench.bench,
-                 accounts.accounts):
+                 accounts.accounts, status.status):
     main.add_command(_command)
 del _command

@@ -40,13 +40,17 @@ from .run import config_errors, fail, serve, setup_logging
 @click.option("--signup", metavar="EMAIL",
               help="Sign up for NAME on the (first) relay first, and save the secret (mode 0600) "
                    "for the next kite expose.")
+@click.option("--access-log", metavar="FILE", default="-", show_default=True,
+              help="Where the access log goes: a file, - (standard output) or off.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="Access log lines as text or JSON.")
 @keepalive_option
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML file with many kites on several relays.")
 @common_options
 def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure, plain, server_name,
            connect_name, zchunks, public_port, proxy_protocol, no_forwarded, basic_auth, signup,
-           keepalive, config_file, verbose, quiet, loop_kind):
+           access_log, log_format, keepalive, config_file, verbose, quiet, loop_kind):
     """Fly NAME on the relay(s), serving it from TARGET (port, host:port or URL).
 
     The kite secret: --secret-file FILE, or the KITE_SECRET environment variable (--secret
@@ -65,6 +69,8 @@ def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure,
             public_port=public_port, proxy_protocol=proxy_protocol, forwarded=not no_forwarded,
             keepalive=keepalive, connect_name=connect_name, zchunks=zchunks,
             config_file=config_file, secret_file=secret_file, basic_auth=basic_auth)
+    cfg.access_log = None if access_log == "off" else access_log
+    cfg.log_format = log_format
     serve(lambda stop: serve_backend(cfg, stop), loop_kind)
 
 

@@ -104,6 +104,18 @@ def acme_options(f):
 @click.option("--slow-reader-timeout", type=click.FloatRange(min=0), default=None,
               help="Seconds a slow reader may be held over the budget before it is cut.  "
                    "[default: 30]")
+@click.option("--access-log", metavar="FILE",
+              help="Where the access log goes: a file, - (standard output) or off.  [default: -]")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="Access log lines as text or JSON.  [default: text]")
+@click.option("--admin", is_flag=False, flag_value="127.0.0.1:4041", default=None,
+              metavar="[HOST:]PORT",
+              help="Serve /metrics, /api/status and a dashboard here (--admin alone: "
+                   "127.0.0.1:4041; a non-loopback address needs a token).")
+@click.option("--admin-token", envvar="KITE_ADMIN_TOKEN",
+              help="Bearer token for the admin endpoint (env KITE_ADMIN_TOKEN; shows in `ps`).")
+@click.option("--admin-token-file", type=click.Path(dir_okay=False),
+              help="Read the admin token from FILE (its first line).")
 @dns_options
 @acme_options
 @common_options
@@ -111,6 +123,7 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, 
           redis_url, relay_id, signup, signup_quota, keepalive, zchunks, drain_timeout,
           max_connections,
           max_pending, max_streams, idle_timeout, buffer_budget, slow_reader_timeout,
+          access_log, log_format, admin, admin_token, admin_token_file,
           verbose, quiet, loop_kind, **dns):
     """Run the public relay: tunnels and visitors on one port."""
     setup_logging(verbose, quiet)
@@ -129,5 +142,9 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, 
                                          "slow_reader_timeout": slow_reader_timeout},
                                  dns_options=dns, db=db, signup=signup,
                                  signup_quota=signup_quota, redis=redis_url,
-                                 relay_id=relay_id, acme_options=acme)
+                                 relay_id=relay_id, acme_options=acme,
+                                 observe={"access_log": access_log, "access_log_default": "-",
+                                          "log_format": log_format, "admin": admin,
+                                          "admin_token": admin_token,
+                                          "admin_token_file": admin_token_file})
     serve(lambda stop: serve_relay(cfg, stop), loop_kind)

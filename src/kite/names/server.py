@@ -239,6 +239,8 @@ class DnsServer:
         self._tcp: list = []
         self.bound: list = []
         self.stats = {"queries": 0, "limited": 0, "dropped": 0, "formerr": 0, "failed": 0}
+        #: answers sent, by rcode (the header's 4 bits: 0 NOERROR, 3 NXDOMAIN, 5 REFUSED...)
+        self.rcodes: dict[int, int] = {}
         self._reported = 0.0
         self._reported_stats: dict = dict(self.stats)
 
@@ -298,7 +300,10 @@ class DnsServer:
         cache = self._caches[tcp]
         key = data[2:]
         hit = cache.get(key)
+        rcodes = self.rcodes
         if hit is not None:
+            rcode = hit[1] & 15  # the answer without its 2-byte id: flags at [0:2]
+            rcodes[rcode] = rcodes.get(rcode, 0) + 1
             return data[:2] + hit
         try:
             answer = self._answer(data, tcp)
@@ -310,6 +315,9 @@ class DnsServer:
         if answer is None:
             stats["dropped"] += 1
             return None
+        if len(answer) >= 4:
+            rcode = answer[3] & 15
+            rcodes[rcode] = rcodes.get(rcode, 0) + 1
         if len(cache) >= self.cache_size:
             cache.clear()
         cache[key] = answer[2:]

@@ -63,6 +63,11 @@ class RelayConfig:
     #: numbered usage flushes, so relays sharing one database need different ids.
     relay_id: Optional[str] = None  # None: "relay", or with --redis the host name
     acme: Optional[AcmeConfig] = None  # automatic certificates (--acme): kite.certs.acme
+    # -- observability (kite.net.accesslog, kite.relay.admin) --
+    access_log: Optional[str] = None  # "-" (stdout), a file, or None: no access log
+    log_format: str = "text"  # access log lines: text or json
+    admin: Optional[tuple] = None  # (host, port) of /metrics, /api/status and the dashboard
+    admin_token: Optional[str] = None  # Bearer token the admin endpoint requires
 
 
 def _cert_names(path: str) -> list:
@@ -88,7 +93,7 @@ _RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive"
                "secret_file", "db", "redis", "signup", "signup_quota", "signup_per_hour",
                "relay_id",
                "max_connections", "max_pending", "max_streams", "idle_timeout", "buffer_budget",
-               "slow_reader_timeout"}
+               "slow_reader_timeout", "access_log", "log_format", "admin", "admin_token_file"}
 _GRANT_KEYS = {"domain", "protos", "secret", "secret_file", "single"}
 
 
@@ -146,7 +151,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                        signup_quota: Optional[str] = None,
                        redis: Optional[str] = None,
                        relay_id: Optional[str] = None,
-                       acme_options: Optional[dict] = None) -> RelayConfig:
+                       acme_options: Optional[dict] = None,
+                       observe: Optional[dict] = None) -> RelayConfig:
     """Validate the options and the TOML file (options win) into a RelayConfig.
 
     A grant's secret comes from ``PROTO:DOMAIN:SECRET``, or, for ``PROTO:DOMAIN`` and a
@@ -248,7 +254,62 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                       drain_timeout=drain_timeout, single_backend=single_set,
                       names=names_cfg, db=db, acme=acme, **extra)
     _apply_limits(cfg, data, limits or {})
+    _apply_observe(cfg, data, observe or {})
     return cfg
+
+
+def _apply_observe(cfg: RelayConfig, data: dict, options: dict) -> None:
+    """The access log and the admin endpoint: ``observe`` holds the options ``access_log``,
+    ``log_format``, ``admin``, ``admin_token``, ``admin_token_file`` (None: unset; the
+    TOML keys of the same name apply) and ``access_log_default`` (the CLI's ``-``)."""
+    def pick(key):
+        value = options.get(key)
+        return data.get(key) if value is None else value
+
+    access_log = pick("access_log") or options.get("access_log_default")
+    if access_log is not None:
+        if not isinstance(access_log, str) or not access_log:
+            raise ConfigError("access_log", f"bad value {access_log!r}",
+                              'a file name, "-" (standard output) or "off"')
+        cfg.access_log = None if access_log == "off" else access_log
+    fmt = pick("log_format")
+    if fmt is not None:
+        if fmt not in ("text", "json"):
+            raise ConfigError("--log-format", f"bad value {fmt!r}", "text or json")
+        cfg.log_format = fmt
+    admin = pick("admin")
+    if admin is None:
+        return
+    if not isinstance(admin, str):
+        raise ConfigError("admin", f"bad value {admin!r}", 'e.g. admin = "127.0.0.1:4041"')
+    if admin.startswith(":"):
+        admin = "127.0.0.1" + admin
+    host, port = parse_hostport(admin, key="--admin", default_host="127.0.0.1")
+    token = options.get("admin_token")
+    token_file = options.get("admin_token_file") or _path(data.get("admin_token_file"),
+                                                          "admin_token_file")
+    if token is None and token_file:
+        token = read_secret_file(token_file, "--admin-token-file")
+    if not _loopback(host) and not token:
+        raise ConfigError("--admin", f"{host} is not a loopback address and no token is set",
+                          "add --admin-token-file FILE (or --admin-token T), or listen on 127.0.0.1")
+    import importlib.util
+
+    missing = [m for m in ("aiohttp", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError("--admin", f"needs {' and '.join(missing)}, not installed",
+                          "pip install 'kite-relay[admin]'")
+    cfg.admin = (host, port)
+    cfg.admin_token = token or None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 # -- connection and stream limits: TOML key -> (type, minimum) ----------------------------------

@@ -196,8 +196,13 @@ class Dispatcher:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- first bytes ----------------------------------------------------------------------------
-    def refuse(self, pv: PendingVisitor, reason: str, answer: bytes, consume: bool = True) -> None:
+    def refuse(self, pv: PendingVisitor, reason: str, answer: bytes, consume: bool = True, *,
+               kite: str = "", proto: str = "", result: str = "refused", head: bytes = b"") -> None:
+        """Answer ``answer`` and close; the access log says ``result`` (``refused``,
+        ``offline``, ``quota``) with ``reason``."""
         log.info("visitor %s refused: %s", pv.peer(), reason)
+        if self.state.access_log is not None:
+            self.state.access_log.refused(pv.peer(), kite, proto, reason, result, head=head)
         sock = pv.detach()
         _send_and_close(sock, answer, _peek_length(sock, MAX_PEEK) if consume else 0)
 
@@ -224,7 +229,8 @@ class Dispatcher:
             return
         if self.state.is_reserved(host):
             self.refuse(pv, f"HTTP for the relay's own name {host}",
-                        http_error(404, host, json_wanted=result.wants_json))
+                        http_error(404, host, json_wanted=result.wants_json),
+                        kite=host, proto="http", head=data)
             return
         bare: tuple[str, ...] = ("websocket", "http") if result.websocket else ("http",)
         protos = tuple(f"{p}-{pv.port}" for p in bare) + bare
@@ -236,15 +242,18 @@ class Dispatcher:
             want_json = result.wants_json
             if self.state.has_grant("http", host):
                 self.refuse(pv, f"kite http:{host} is offline",
-                            http_error(503, host, json_wanted=want_json))
+                            http_error(503, host, json_wanted=want_json),
+                            kite=host, proto="http", result="offline", head=data)
             else:
                 self.refuse(pv, f"no kite http:{host}",
-                            http_error(404, host, json_wanted=want_json))
+                            http_error(404, host, json_wanted=want_json),
+                            kite=host, proto="http", head=data)
             return
         try:
             sid = tunnel.new_sid()
         except TooManyStreams as exc:
-            self.refuse(pv, str(exc), http_error(503, host, json_wanted=result.wants_json))
+            self.refuse(pv, str(exc), http_error(503, host, json_wanted=result.wants_json),
+                        kite=host, proto="http", head=data)
             return
         self._open_stream(pv, tunnel, sid, bare_proto(proto), host, pv.port, payload=data,
                           skip=len(data))
@@ -264,7 +273,7 @@ class Dispatcher:
                 try:
                     sid = tunnel.new_sid()
                 except TooManyStreams as exc:
-                    self.refuse(pv, str(exc), b"")
+                    self.refuse(pv, str(exc), b"", kite=sni, proto="https")
                     return
                 self._open_stream(pv, tunnel, sid, "https", sni, pv.port, payload=data,
                                   skip=len(data))
@@ -272,9 +281,11 @@ class Dispatcher:
             if self._hand_over(pv, protos, sni, "https", pv.port):
                 return
         if sni and self.state.has_grant("https", sni):
-            self.refuse(pv, f"kite https:{sni} is offline", TLS_ALERT_INTERNAL_ERROR)
+            self.refuse(pv, f"kite https:{sni} is offline", TLS_ALERT_INTERNAL_ERROR,
+                        kite=sni, proto="https", result="offline")
         else:
-            self.refuse(pv, f"no https kite for SNI {sni!r}", TLS_ALERT_UNRECOGNIZED_NAME)
+            self.refuse(pv, f"no https kite for SNI {sni!r}", TLS_ALERT_UNRECOGNIZED_NAME,
+                        kite=sni or "", proto="https")
 
     def _dispatch_connect(self, pv: PendingVisitor, result, data: bytes) -> None:
         host, port = result.host, result.port
@@ -289,12 +300,14 @@ class Dispatcher:
             if self._hand_over_connect(pv, result, host, port):
                 return
             answer, reason = refusal
-            self.refuse(pv, reason, answer)
+            self.refuse(pv, reason, answer, kite=host, proto="raw",
+                        result="offline" if reason.endswith("kite offline") else "refused")
             return
         try:
             sid = tunnel.new_sid()
         except TooManyStreams as exc:
-            self.refuse(pv, str(exc), connect_refused(503, f"kite {host}:{port} is busy"))
+            self.refuse(pv, str(exc), connect_refused(503, f"kite {host}:{port} is busy"),
+                        kite=host, proto=proto)
             return
         sock = _answer_connect(pv, result.head_length, VISITOR_CONNECT_OK)
         if sock is None:
@@ -440,6 +453,9 @@ class Dispatcher:
         if tunnel is None:
             answer, reason = refusal
             log.info("visitor %s refused: %s", peer, reason)
+            if self.state.access_log is not None:
+                self.state.access_log.refused(peer, host, proto or "raw", reason,
+                                              "quota" if reason == "account blocked" else "refused")
             transport.write(answer)
             transport.close()
             return
@@ -468,6 +484,8 @@ class Dispatcher:
         tunnel.announce_window(stream)
         if self.state.registry is not None:
             self.state.registry.opened(stream, len(leftover))
+        if self.state.access_log is not None:
+            self.state.access_log.opened(stream, peeked=len(leftover))
         protocol = StreamProtocol(tunnel, stream, 0)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
@@ -477,12 +495,19 @@ class Dispatcher:
                      port: int, *, payload: bytes, skip: int,
                      sock: Optional[socket.socket] = None) -> None:
         """A visitor becomes stream ``sid`` (from ``tunnel.new_sid()``, just before)."""
-        refusal = self.state.registry and self.state.registry.refusal(host, pv.addr[0])
+        registry = self.state.registry
+        refusal = registry and registry.refusal(host, pv.addr[0])
         if refusal:  # the account is out of quota, expired or disabled
+            assert registry is not None
+            result = "quota" if registry.reason(host) else "refused"
             if sock is not None:
                 sock.close()
+                if self.state.access_log is not None:
+                    self.state.access_log.refused(pv.peer(), host, proto, refusal, result)
             else:
-                self.refuse(pv, refusal, http_error(403, refusal) if proto == "http" else b"")
+                self.refuse(pv, refusal, http_error(403, refusal) if proto == "http" else b"",
+                            kite=host, proto=proto, result=result,
+                            head=payload)
             return
         if sock is None:
             sock = pv.detach()
@@ -493,6 +518,8 @@ class Dispatcher:
         tunnel.announce_window(stream)
         if self.state.registry is not None:
             self.state.registry.opened(stream, len(payload))
+        if self.state.access_log is not None:
+            self.state.access_log.opened(stream, head=payload, peeked=len(payload))
         self._spawn(self._connect_visitor(sock, tunnel, stream, skip))
 
     async def _connect_visitor(self, sock, tunnel, stream: Stream, skip: int) -> None:
@@ -529,4 +556,5 @@ class Dispatcher:
                     lambda: RelayTunnel(self.state, peer, tls=False), sock=sock)
         except (OSError, asyncio.TimeoutError) as exc:
             log.info("tunnel from %s: TLS handshake failed: %s", peer, exc or type(exc).__name__)
+            self.state.count_handshake("tls")
             sock.close()

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
+from ..net.accesslog import AccessLog, open_access_log
 from ..net.limits import StreamLimits
 from ..proto.handshake import (
     AuthReply,
@@ -91,6 +92,14 @@ class RelayState:
         self.guard = AuthGuard()  # failed signatures per source address
         self._listeners: list[PresenceListener] = []
         self._replacing: set = set()  # during authorize(): tunnels the requester replaces
+        # -- observability: the access log (also the stream totals /metrics reads), handshake
+        # outcomes by result; None when neither a log nor the admin endpoint wants them
+        self.started = time.time()
+        self.access_log: Optional[AccessLog] = open_access_log(
+            config.access_log or "off", config.log_format, inbound="sent")
+        if self.access_log is None and config.admin is not None:
+            self.access_log = AccessLog(None, inbound="sent")
+        self.handshakes: dict[str, int] = {}
         # every visitor stream shares these (kite.net.limits)
         self.limits = StreamLimits(
             max_streams=config.max_streams, idle_timeout=config.idle_timeout,
@@ -110,6 +119,11 @@ class RelayState:
             except Exception:  # a listener's bug must not cost the tunnel
                 log.exception("presence listener %r failed on %s", listener, event)
 
+    def count_handshake(self, result: str) -> None:
+        """One tunnel handshake (or kite request) ended with ``result``: ``ok``, a refusal
+        reason (``signature``, ``unauthorized``, ``duplicate``, ``quota``...), ``tls``..."""
+        self.handshakes[result] = self.handshakes.get(result, 0) + 1
+
     # -- tunnels ------------------------------------------------------------------------------
     def tunnel_opened(self, tunnel) -> None:
         self.tunnels.add(tunnel)
@@ -126,6 +140,8 @@ class RelayState:
         for proto, domain in list(tunnel.kites):
             if self.routes.remove(proto, domain, tunnel):
                 log.info("kite offline: %s:%s", proto, domain)
+                if self.access_log is not None:
+                    self.access_log.event("kite-offline", kite=f"{proto}:{domain}")
                 self._emit(proto, domain, False)
 
     def replace_sessions(self, session_ids: Iterable[str], tunnel) -> list[str]:
@@ -198,15 +214,18 @@ class RelayState:
                 tunnel.kites.remove((proto, domain))
             for stream in list(tunnel.streams.values()):
                 if domain_matches(domain, stream.host):
-                    self.cut_stream(stream)
+                    self.cut_stream(stream, "offline", reason)
             if self.routes.remove(proto, domain, tunnel):
                 log.info("kite offline: %s:%s (%s)", proto, domain, reason)
                 self._emit(proto, domain, False)
             if not tunnel.kites:
                 tunnel.close(reason)
 
-    def cut_stream(self, stream) -> None:
-        """End a visitor's stream now (RST to the visitor: a cut, not a clean end)."""
+    def cut_stream(self, stream, result: str = "quota", reason: str = "") -> None:
+        """End a visitor's stream now (RST to the visitor: a cut, not a clean end);
+        ``result``: what the access log says (``quota``: its account is blocked)."""
+        if self.access_log is not None:
+            self.access_log.mark(stream, result, reason)
         transport = stream.transport
         stream.tunnel.discard(stream, close_local=False)
         if transport is not None and not transport.is_closing():
@@ -229,6 +248,9 @@ class RelayState:
                 continue
             tunnel.kites.append(key)
             log.info("kite online: %s:%s via %s", kite.proto, kite.domain, tunnel.peer)
+            if self.access_log is not None:
+                self.access_log.event("kite-flying", kite=f"{kite.proto}:{kite.domain}",
+                                      peer=tunnel.peer)
             if self.routes.add(kite.proto, kite.domain, tunnel):
                 self._emit(kite.proto, kite.domain, True)
         waiting = self.replace_sessions(replace, tunnel) if replace and tunnel.kites else list(replace)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Optional
 
 from ..errors import HandshakeError, TooManyStreams
@@ -54,6 +55,7 @@ class RelayTunnel(TunnelProtocol):
         self._replace: list[str] = []  # X-PageKite-Replace ids not honoured yet
         self._next_sid = 0
         self._reg_handle: Optional[asyncio.TimerHandle] = None
+        self.opened_at = time.time()  # for /api/status
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -95,6 +97,7 @@ class RelayTunnel(TunnelProtocol):
             req = handshake.parse_tunnel_request(head)
         except HandshakeError as exc:
             log.warning("%s: bad tunnel request: %s", self.name, exc)
+            self.state.count_handshake("bad_request")
             transport.write(handshake.TUNNEL_UNAVAILABLE)
             self.close(f"bad tunnel request: {exc}")
             return
@@ -105,6 +108,7 @@ class RelayTunnel(TunnelProtocol):
         state = self.state
         blocked = state.blocked(self.addr)
         if blocked:
+            self.state.count_handshake("blocked")
             transport.write(handshake.TUNNEL_UNAVAILABLE)
             self.abort(f"too many failed signatures from {self.addr}: refused for {blocked:.0f} s")
             return
@@ -121,6 +125,9 @@ class RelayTunnel(TunnelProtocol):
             return
         log.info("tunnel up from %s (%s%s)", self.peer, "TLS" if self.tls else "plain",
                  ", kite peer" if self.kite_peer else f", {req.version or 'unknown version'}")
+        if state.access_log is not None:
+            state.access_log.event("tunnel-up", peer=self.peer, tls=self.tls,
+                                   version=req.version or "")
         self.start_chunks(leftover, kite_peer=self.kite_peer, inflate=True)
 
     def on_kite_message(self, event) -> None:
@@ -136,6 +143,9 @@ class RelayTunnel(TunnelProtocol):
             self.close("no kite accepted")
 
     def _register(self, reply, how: str) -> None:
+        for d in reply.decisions:  # challenges are a step, not an outcome
+            if d.outcome != "signthis":
+                self.state.count_handshake("ok" if d.outcome == "ok" else d.reason or d.outcome)
         for d in reply.refused:
             if d.outcome == "duplicate":
                 log.info("%s: kite %s refused: a backend already flies it (single)", self.name,
@@ -173,6 +183,14 @@ class RelayTunnel(TunnelProtocol):
     def on_stream_closed(self, stream) -> None:
         if self.state.registry is not None:
             self.state.registry.count(stream, final=True)
+        if self.state.access_log is not None:
+            self.state.access_log.closed(stream)
+
+    def cut_local(self, stream, transport) -> None:
+        if self.state.access_log is not None:
+            self.state.access_log.mark(
+                stream, "reset", f"tunnel closed: {self.close_reason}" if self.closed else "cut")
+        super().cut_local(stream, transport)
 
     def on_closed(self, reason: str) -> None:
         if self._reg_handle is not None:
@@ -180,3 +198,5 @@ class RelayTunnel(TunnelProtocol):
         self.state.tunnel_closed(self)
         if self.kites or self.session_id:
             log.info("tunnel from %s closed: %s", self.peer, reason)
+            if self.state.access_log is not None:
+                self.state.access_log.event("tunnel-down", peer=self.peer, reason=reason)
