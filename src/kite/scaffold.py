@@ -104,8 +104,8 @@ def init_relay(directory: str, *, names: list, domain: Optional[str], force: boo
             raise ConfigError(p, "already exists", "pass --force to overwrite, or use another --dir")
     pin = generate_self_signed(cert, key, names)
     secret = secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")
-    _write(conf, f'''# kite relay configuration (kite relay --config {conf}); docs/config.md lists every key.
-# Relative file names are relative to this file's folder.
+    _write(conf, f'''# kite relay configuration (kite relay --config {conf});
+# docs/config.md lists every key.  Relative file names are relative to this file's folder.
 # Visitors type http://NAME/ (port 80) and https://NAME/ (443); backends tunnel to 443.
 # Ports below 1024 need root or CAP_NET_BIND_SERVICE (see README, "Low ports").
 listen = ["0.0.0.0:80", "0.0.0.0:443"]
@@ -178,8 +178,8 @@ def init_backend(directory: str, *, force: bool, relay: Optional[str] = None,
     conf = os.path.join(directory, "backend.toml")
     new = secret is None
     secret = secret or secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")
-    _write(conf, f'''# kite backend configuration (kite expose --config {conf}); docs/config.md lists every key.
-# Relative file names are relative to this file's folder.
+    _write(conf, f'''# kite backend configuration (kite expose --config {conf});
+# docs/config.md lists every key.  Relative file names are relative to this file's folder.
 [defaults]
 secret = {_toml_str(secret)}      # the relay must allow it: --kite '*:{kite}:<secret>'
 {check}
