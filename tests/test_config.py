@@ -249,3 +249,29 @@ def test_backend_response_timeout_keys(tmp_path, fresh_warnings):
     with pytest.raises(ConfigError) as info:
         kconfig.load_backend_config(str(path))
     assert info.value.key == "kite[0].response_timeout"
+
+
+def test_docs_config_shows_every_key_in_a_valid_example():
+    """docs/config.md: a TOML example holds every key of each file, and no unknown one."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from kite.relay import config as rconfig
+
+    text = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    blocks = [tomllib.loads(b) for b in re.findall(r"```toml\n(.*?)```", text, re.S)]
+    relay, backend = blocks
+    kconfig.check_keys(relay, rconfig.RELAY_KEYS, "")
+    kconfig.check_keys(backend, kconfig.BACKEND_KEYS, "")
+    commented = set(re.findall(r"^# (\w+) = ", text, re.M))  # alternatives, shown commented
+    assert set(rconfig.RELAY_KEYS) - commented <= set(relay)
+    grant_keys = set().union(*(k.keys() for k in relay["kite"]))
+    assert grant_keys == rconfig._GRANT_KEYS
+    for k in relay["kite"]:
+        kconfig.check_keys(k, rconfig._GRANT_KEYS, "kite")
+    assert kconfig._DEFAULTS_KEYS - commented <= set(backend["defaults"])
+    assert set().union(*(r.keys() for r in backend["relay"])) | {
+        k for k in kconfig._TLS_KEYS if k in backend["defaults"] or k in commented} \
+        >= kconfig._RELAY_KEYS
+    assert set().union(*(k.keys() for k in backend["kite"])) | commented >= kconfig._KITE_KEYS

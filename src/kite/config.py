@@ -1,7 +1,9 @@
 """Configuration: command-line values and TOML files, validated into plain dataclasses.
 
 Every problem raises :class:`~kite.errors.ConfigError` naming the key and the fix; the CLI
-prints it on one line and exits 2.
+prints it on one line and exits 2.  An unknown key is such a problem (the error names the
+nearest known key); relative file names in a file are relative to the file's folder.  Every
+key, with an example: docs/config.md.
 
 Backend file (``kite expose --config FILE``)::
 
@@ -24,6 +26,7 @@ Backend file (``kite expose --config FILE``)::
     public_port = 22        # tcp kites: the port visitors CONNECT to (default: the target's)
     proxy_protocol = 1      # raw/https kites: prepend a PROXY v1/v2 header
     relays = ["relay.example.com:443"]  # default: every relay
+    response_timeout = 60   # http kites: s until the local server's first byte, then 504 (0: off)
 
 Relay file (``kite relay --config FILE``)::
 
