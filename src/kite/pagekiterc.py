@@ -96,7 +96,8 @@ UNSUPPORTED = {
     "webaccess": "pagekite.py's built-in HTTP server",
     "webindexes": "pagekite.py's built-in HTTP server",
     "uiport": "pagekite.py's web UI",
-    "errorurl": "kite relays serve their own error pages",
+    "errorurl": "kite relays serve their own error pages; your own: error_pages = \"DIR\" "
+                "(templates, docs/config.md)",
     "torify": "kite does not tunnel through Tor/SOCKS",
     "socksify": "kite does not tunnel through Tor/SOCKS",
     "proxy": "kite does not use proxies to reach the relay",
