@@ -314,3 +314,30 @@ def test_second_backend_of_a_kite_is_logged_and_shown(tmp_path, loop_kind, caplo
         server.close()
 
     run(main, loop_kind)
+
+
+def test_relay_502_page_from_the_template_folder(tmp_path, loop_kind):
+    """The tunnel goes away before the kite answered: the relay's own 502.html."""
+    async def main():
+        held = []
+
+        async def silent(reader, writer):
+            held.append(writer)
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pages = {"502": "<p>{kite}: {status} {reason}</p>"}
+        async with kite_env(tmp_path, [http_kite("gone.test.kite", port, response_timeout=None)],
+                            error_pages=pages) as env:
+            visit = asyncio.ensure_future(http_get(env.port, "gone.test.kite"))
+            while not held:  # the request reached the local server
+                await asyncio.sleep(0.01)
+            await env.backends[0].close()
+            head, body = await visit
+            assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+            assert body == b"<p>gone.test.kite: 502 Bad Gateway</p>"
+        for w in held:
+            w.close()
+        server.close()
+
+    run(main, loop_kind)

@@ -151,7 +151,13 @@ def init_backend(directory: str, *, force: bool, relay: Optional[str] = None,
                  fingerprint: Optional[str] = None) -> list:
     """A backend config for ``relay`` (HOST:PORT) with ``secret`` (a new one if None), flying
     ``name`` from ``target``; the relay checked with ``ca`` or ``fingerprint``."""
-    from .config import check_kite_name, check_tls_mode, parse_hostport, parse_target
+    from .config import (
+        check_kite_name,
+        check_tls_mode,
+        parse_hostport,
+        parse_target,
+        warn_short_secret,
+    )
     from .net.tls import normalize_fingerprint
 
     check_tls_mode(ca=ca, fingerprint=fingerprint)
@@ -164,6 +170,8 @@ def init_backend(directory: str, *, force: bool, relay: Optional[str] = None,
                                any(c.isspace() or not c.isprintable() for c in secret)):
         raise ConfigError("--secret", "empty, or with ':', whitespace or control characters",
                           "give the secret the relay printed")
+    if secret is not None:
+        warn_short_secret(secret, "--secret")
     kite = check_kite_name(name, "--name") if name else "app.example.com"
     parse_target(target, key="--target")
     if ca is not None:

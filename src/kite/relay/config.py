@@ -97,7 +97,7 @@ RELAY_KEYS = frozenset(_RELAY_KEYS | NAMES_KEYS)
 
 #: The pages ``--error-pages DIR`` may replace (``NAME.html``); see docs/config.md.
 ERROR_PAGE_NAMES = ("400", "403", "403-quota", "403-nodays", "403-unauthorized", "403-limits",
-                    "404", "503")
+                    "404", "502", "503")
 #: Bound on one page template, in bytes.
 MAX_ERROR_PAGE = 65536
 
