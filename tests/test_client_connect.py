@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shlex
 import subprocess
 import sys
 
@@ -597,7 +598,8 @@ def test_cli_ssh_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == (
         "Host box.example.com\n    HostName box.example.com\n    Port 22\n    User me\n"
-        f"    ProxyCommand kite connect %h %p --relay relay.example.com:443 --tls --ca {ca}\n")
+        f"    ProxyCommand {shlex.quote(sys.executable)} -m kite connect %h %p "
+        f"--relay relay.example.com:443 --tls --ca {ca}\n")
     proc = subprocess.run(KITE + ["ssh-config", "box.example.com", "--relay", "r:443",
                                   "--insecure"], capture_output=True, text=True, env=CLI_ENV)
     assert proc.returncode == 2 and "add --tls" in proc.stderr

@@ -200,7 +200,8 @@ def test_ssh_config_block_works(env):
     out = env.run(KITE + ["ssh-config", KITE_NAME, "--relay", env.relay, "--user", "root"])
     assert out.returncode == 0, out.stderr.decode()
     block = out.stdout.decode()
-    assert f"ProxyCommand kite connect %h %p --relay {env.relay}\n" in block
+    # the kite that wrote it, by its absolute path (here: this Python, -m kite)
+    assert f"ProxyCommand {sys.executable} -m kite connect %h %p --relay {env.relay}\n" in block
     cfg = env.tmp / "ssh_config"
     cfg.write_text(block + f"    IdentityFile {env.key}\n    StrictHostKeyChecking no\n"
                    "    UserKnownHostsFile /dev/null\n    BatchMode yes\n    LogLevel ERROR\n")

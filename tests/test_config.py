@@ -152,3 +152,126 @@ def test_backend_toml_secret_file(tmp_path, fresh_warnings):
                     f'[[kite]]\nname = "b.example.com"\ntarget = 8081\nsecret = "{LONG}x"\n')
     cfg = kconfig.load_backend_config(str(conf))
     assert [k.secret for k in cfg.relays[0].kites] == [LONG, LONG + "x"]
+
+
+# -- unknown keys, relative paths ----------------------------------------------------------------
+BACKEND_OK = ('[defaults]\nsecret = "' + LONG + '"\nplain = true\n[[relay]]\n'
+              'address = "127.0.0.1:1"\n[[kite]]\nname = "a.x.kite"\ntarget = "8080"\n')
+RELAY_OK = '[[kite]]\ndomain = "*.x.kite"\nsecret = "' + LONG + '"\n'
+
+
+@pytest.mark.parametrize("text, key, nearest", [
+    ("keepalve = 30\n" + BACKEND_OK, "keepalve", "keepalive"),
+    (BACKEND_OK.replace("plain = true", "fingerprnt = \"ab\""), "defaults.fingerprnt",
+     "fingerprint"),
+    (BACKEND_OK.replace("address =", "adress ="), "relay[0].adress", "address"),
+    (BACKEND_OK + "traget = \"8080\"\n", "kite[0].traget", "target"),
+    (BACKEND_OK + "zzz = 1\n", "kite[0].zzz", None),
+])
+def test_backend_unknown_key_names_the_nearest(tmp_path, fresh_warnings, text, key, nearest):
+    path = tmp_path / "backend.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        kconfig.load_backend_config(str(path))
+    assert info.value.key == key and info.value.problem == "unknown key"
+    if nearest:
+        assert info.value.fix.startswith(f"did you mean {nearest!r}? known keys: ")
+    else:
+        assert info.value.fix.startswith("known keys: ")
+
+
+@pytest.mark.parametrize("text, key, nearest", [
+    ("tls_crt = \"a.pem\"\n" + RELAY_OK, "tls_crt", "tls_cert"),
+    ("zones = \"k.example.com\"\n" + RELAY_OK, "zones", "zone"),  # a names key
+    ("max_stream = 5\n" + RELAY_OK, "max_stream", "max_streams"),
+    (RELAY_OK + "protcols = \"*\"\n", "kite[0].protcols", "protos"),
+    (RELAY_OK + "singel = true\n", "kite[0].singel", "single"),
+])
+def test_relay_unknown_key_names_the_nearest(tmp_path, fresh_warnings, text, key, nearest):
+    path = tmp_path / "relay.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        build_relay_config(config_file=str(path))
+    assert info.value.key == key and info.value.problem == "unknown key"
+    assert info.value.fix.startswith(f"did you mean {nearest!r}?")
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path, fresh_warnings, monkeypatch):
+    from support import make_certs
+
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    certs = make_certs(conf)
+    _file(conf, LONG + "\n", name="kite.secret")
+    (conf / "pages").mkdir()
+    (conf / "pages" / "503.html").write_text("<p>{kite} is away</p>\n")
+    (conf / "relay.toml").write_text(
+        'tls_cert = "relay.crt"\ntls_key = "relay.key"\nsecret_file = "kite.secret"\n'
+        'error_pages = "pages"\n[[kite]]\ndomain = "*.x.kite"\n'
+        '[[kite]]\ndomain = "*.y.kite"\nsecret_file = "kite.secret"\n')
+    (conf / "backend.toml").write_text(
+        '[defaults]\nsecret_file = "kite.secret"\nca = "relay.crt"\n[[relay]]\n'
+        'address = "127.0.0.1:1"\n[[kite]]\nname = "a.x.kite"\ntarget = "8080"\n')
+    monkeypatch.chdir(tmp_path)  # elsewhere: the names must not be taken from here
+    cfg = build_relay_config(config_file="etc/relay.toml")
+    assert cfg.tls_cert == certs.cert and cfg.tls_key == certs.key
+    assert [g.secret for g in cfg.grants] == [LONG, LONG]
+    assert cfg.error_pages == {"503": "<p>{kite} is away</p>\n"}
+    backend = kconfig.load_backend_config("etc/backend.toml")
+    assert backend.relays[0].ca == certs.cert and backend.relays[0].kites[0].secret == LONG
+
+
+def test_relay_allow_plain_and_error_pages_keys(tmp_path, fresh_warnings):
+    path = tmp_path / "relay.toml"
+    path.write_text("allow_plain = true\n" + RELAY_OK)
+    assert build_relay_config(config_file=str(path)).allow_plain is True
+    assert build_relay_config(kites=[f"*:*.x.kite:{LONG}"]).allow_plain is False
+    path.write_text('allow_plain = "yes"\n' + RELAY_OK)
+    with pytest.raises(ConfigError, match="allow_plain"):
+        build_relay_config(config_file=str(path))
+    path.write_text('error_pages = "missing"\n' + RELAY_OK)
+    with pytest.raises(ConfigError, match="is not a folder"):
+        build_relay_config(config_file=str(path))
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    (pages / "404.html").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        build_relay_config(kites=[f"*:*.x.kite:{LONG}"], error_pages=str(pages))
+
+
+def test_backend_response_timeout_keys(tmp_path, fresh_warnings):
+    path = tmp_path / "backend.toml"
+    path.write_text(BACKEND_OK.replace("plain = true", "plain = true\nresponse_timeout = 5")
+                    + "[[kite]]\nname = \"b.x.kite\"\ntarget = \"8081\"\nresponse_timeout = 0\n")
+    kites = kconfig.load_backend_config(str(path)).relays[0].kites
+    assert [k.response_timeout for k in kites] == [5.0, None]
+    path.write_text(BACKEND_OK + "response_timeout = -2\n")
+    with pytest.raises(ConfigError) as info:
+        kconfig.load_backend_config(str(path))
+    assert info.value.key == "kite[0].response_timeout"
+
+
+def test_docs_config_shows_every_key_in_a_valid_example():
+    """docs/config.md: a TOML example holds every key of each file, and no unknown one."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from kite.relay import config as rconfig
+
+    text = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    blocks = [tomllib.loads(b) for b in re.findall(r"```toml\n(.*?)```", text, re.S)]
+    relay, backend = blocks
+    kconfig.check_keys(relay, rconfig.RELAY_KEYS, "")
+    kconfig.check_keys(backend, kconfig.BACKEND_KEYS, "")
+    commented = set(re.findall(r"^# (\w+) = ", text, re.M))  # alternatives, shown commented
+    assert set(rconfig.RELAY_KEYS) - commented <= set(relay)
+    grant_keys = set().union(*(k.keys() for k in relay["kite"]))
+    assert grant_keys == rconfig._GRANT_KEYS
+    for k in relay["kite"]:
+        kconfig.check_keys(k, rconfig._GRANT_KEYS, "kite")
+    assert kconfig._DEFAULTS_KEYS - commented <= set(backend["defaults"])
+    assert set().union(*(r.keys() for r in backend["relay"])) | {
+        k for k in kconfig._TLS_KEYS if k in backend["defaults"] or k in commented} \
+        >= kconfig._RELAY_KEYS
+    assert set().union(*(k.keys() for k in backend["kite"])) | commented >= kconfig._KITE_KEYS

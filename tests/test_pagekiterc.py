@@ -181,12 +181,14 @@ def test_frontend_rc_becomes_a_kite_relay_config(tmp_path):
     assert cfg.tls_cert == cfg.tls_key == str(pem)
     assert cfg.tls_names == ["fe.example.com"]
     assert cfg.zchunks  # pagekite.py frontends ask for ZChunks by default
+    assert cfg.allow_plain  # ... and take plain tunnels beside TLS ones
     wild = cfg.grants.find("http", "www.example.com")
     assert wild is not None and wild.allows("raw-22") and not wild.allows("websocket")
     chat = cfg.grants.find("http", "chat.example.org")
     assert chat is not None and chat.protos == frozenset({"http"})
     text = "\n".join(report.lines())
     assert "irc" in text and "authdomain" in text and "logfile" in text
+    assert "note: allow_plain = true" in text
     for s in SECRETS:
         assert s not in text
 

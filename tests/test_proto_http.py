@@ -231,3 +231,14 @@ def test_tls_alert_records():
 
     assert sniff.TLS_ALERT_UNRECOGNIZED_NAME == b"\x15\x03\x03\x00\x02\x02\x70"
     assert sniff.TLS_ALERT_INTERNAL_ERROR == b"\x15\x03\x03\x00\x02\x02\x50"
+
+
+def test_error_page_template_fills_in_escaped_fields():
+    from kite.proto.http import render_template
+
+    out = render_template("<h1>{status} {reason}</h1><p>{message}</p>{kite}<style>a{}</style>",
+                          503, "Service Unavailable", "<i>a</i>.x", "it's \"off\"")
+    assert out == ("<h1>503 Service Unavailable</h1><p>it&#x27;s &quot;off&quot;</p>"
+                   "&lt;i&gt;a&lt;/i&gt;.x<style>a{}</style>")
+    page = http_error(404, "a.x", template="<p>{kite}</p>")
+    assert page.endswith(b"\r\n\r\n<p>a.x</p>") and b"Content-Length: 10\r\n" in page

@@ -1,7 +1,9 @@
 """Configuration: command-line values and TOML files, validated into plain dataclasses.
 
 Every problem raises :class:`~kite.errors.ConfigError` naming the key and the fix; the CLI
-prints it on one line and exits 2.
+prints it on one line and exits 2.  An unknown key is such a problem (the error names the
+nearest known key); relative file names in a file are relative to the file's folder.  Every
+key, with an example: docs/config.md.
 
 Backend file (``kite expose --config FILE``)::
 
@@ -25,6 +27,7 @@ Backend file (``kite expose --config FILE``)::
     proxy_protocol = 1      # raw/https kites: prepend a PROXY v1/v2 header
     relays = ["relay.example.com:443"]  # default: every relay
     basic_auth = "alice:long-password"  # http kites: visitors must log in (or a list of pairs)
+    response_timeout = 60   # http kites: s until the local server's first byte, then 504 (0: off)
 
 Relay file (``kite relay --config FILE``)::
 
@@ -42,13 +45,14 @@ Relay file (``kite relay --config FILE``)::
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import logging
 import os
 import stat
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Collection, Optional
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -76,6 +80,12 @@ __all__ = [
     "BackendConfig",
     "load_toml",
     "load_backend_config",
+    "check_keys",
+    "check_response_timeout",
+    "config_dir",
+    "resolve_paths",
+    "BACKEND_KEYS",
+    "DEFAULT_RESPONSE_TIMEOUT",
 ]
 
 
@@ -104,6 +114,18 @@ def check_seconds(value: object, key: str, *, low: float, high: float,
 def check_keepalive(value: object, key: str = "--keepalive") -> float:
     """Seconds of tunnel silence before a PING: MIN_KEEPALIVE..MAX_KEEPALIVE, or 0 (off)."""
     return check_seconds(value, key, low=MIN_KEEPALIVE, high=MAX_KEEPALIVE, zero_ok=True)
+
+
+#: http kites: seconds a local server may take to send the first byte of its answer before
+#: the visitor gets a 504 page (0: wait for ever).
+DEFAULT_RESPONSE_TIMEOUT = 60.0
+
+
+def check_response_timeout(value: object, key: str = "--response-timeout") -> Optional[float]:
+    """Seconds until the first response byte (0 or None: no limit) -> seconds or None."""
+    if value is None:
+        return None
+    return check_seconds(value, key, low=0.1, high=86400, zero_ok=True) or None
 
 
 def _port_number(text: str, key: str, *, min_port: int = 1) -> int:
@@ -232,6 +254,8 @@ class KiteSpec:
     #: http kites: "USER:PASS" pairs a visitor must give (HTTP basic auth, checked by the
     #: backend on every request); empty: no check.
     basic_auth: tuple = field(default=(), repr=False)
+    # http: seconds until the local server's first response byte, then a 504 (None: no limit)
+    response_timeout: Optional[float] = DEFAULT_RESPONSE_TIMEOUT
 
     @property
     def name(self) -> str:
@@ -402,18 +426,41 @@ def _tls_opts(d: dict, where: str) -> dict:
 
 
 _TLS_KEYS = {"ca", "fingerprint", "server_name", "connect_name", "insecure", "plain"}
-_DEFAULTS_KEYS = _TLS_KEYS | {"secret", "secret_file"}
+_DEFAULTS_KEYS = _TLS_KEYS | {"secret", "secret_file", "response_timeout"}
 _RELAY_KEYS = _TLS_KEYS | {"address"}
 _KITE_KEYS = {"name", "target", "public_port", "proxy_protocol", "forwarded", "relays", "secret",
-              "secret_file", "basic_auth"}
+              "secret_file", "basic_auth", "response_timeout"}
+#: The top-level keys of a backend file.
+BACKEND_KEYS = {"defaults", "relay", "kite", "keepalive", "zchunks"}
+#: Keys holding file names: relative to the config file's folder.
+_PATH_KEYS = ("ca", "secret_file")
 
 
-def check_keys(table: dict, known: set, where: str) -> None:
-    """Every key of ``table`` is one of ``known`` (a misspelt key is not silently ignored)."""
+def check_keys(table: dict, known: Collection[str], where: str) -> None:
+    """Every key of ``table`` is one of ``known`` (a misspelt key is not silently ignored):
+    the error names the key and the nearest known one."""
     for k in table:
         if k not in known:
             name = f"{where}.{k}" if where else k
-            raise ConfigError(name, "unknown key", f"known keys: {', '.join(sorted(known))}")
+            close = difflib.get_close_matches(str(k), sorted(known), n=1, cutoff=0.6)
+            fix = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(name, "unknown key", f"{fix}known keys: {', '.join(sorted(known))}")
+
+
+def resolve_paths(table: dict, keys: Collection[str], base: str) -> None:
+    """Make the file names under ``keys`` in ``table`` absolute: a relative name is relative
+    to ``base``, the folder of the config file it was written in (``~`` is expanded).
+    Values that are not strings are left for the type checks."""
+    for k in keys:
+        value = table.get(k)
+        if isinstance(value, str) and value:
+            value = os.path.expanduser(value)
+            table[k] = value if os.path.isabs(value) else os.path.join(base, value)
+
+
+def config_dir(path: str) -> str:
+    """The folder relative file names in config file ``path`` are resolved against."""
+    return os.path.dirname(os.path.abspath(path))
 
 
 def tables(data: dict, key: str) -> list:
@@ -479,19 +526,24 @@ def load_backend_config(path: str) -> BackendConfig:
     from .net.tls import normalize_fingerprint
 
     data = load_toml(path)
-    check_keys(data, {"defaults", "relay", "kite", "keepalive", "zchunks"}, "")
+    base = config_dir(path)
+    check_keys(data, BACKEND_KEYS, "")
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
         raise ConfigError("defaults", "must be a table", "write [defaults]")
     check_keys(defaults, _DEFAULTS_KEYS, "defaults")
+    resolve_paths(defaults, _PATH_KEYS, base)
     d_tls = _tls_opts(defaults, "defaults")
     d_secret = pick_secret(defaults.get("secret"), defaults.get("secret_file"),
                            key="defaults.secret", file_key="defaults.secret_file")
     d_secret = d_secret or os.environ.get("KITE_SECRET")
+    d_timeout = check_response_timeout(defaults.get("response_timeout", DEFAULT_RESPONSE_TIMEOUT),
+                                       "defaults.response_timeout")
     relays: dict = {}
     for i, r in enumerate(tables(data, "relay")):
         where = f"relay[{i}]"
         check_keys(r, _RELAY_KEYS, where)
+        resolve_paths(r, _PATH_KEYS, base)
         if "address" not in r:
             raise ConfigError(f"{where}.address", "missing", "e.g. address = \"relay.example.com:443\"")
         host, port = parse_hostport(r["address"], key=f"{where}.address", default_port=443,
@@ -513,6 +565,7 @@ def load_backend_config(path: str) -> BackendConfig:
     for i, k in enumerate(kites):
         where = f"kite[{i}]"
         check_keys(k, _KITE_KEYS, where)
+        resolve_paths(k, _PATH_KEYS, base)
         for req in ("name", "target"):
             if req not in k:
                 raise ConfigError(f"{where}.{req}", "missing", "every [[kite]] needs name and target")
@@ -532,6 +585,9 @@ def load_backend_config(path: str) -> BackendConfig:
             target=target,
             proxy_protocol=pp,
             forwarded=check_bool(k.get("forwarded", True), f"{where}.forwarded"),
+            response_timeout=check_response_timeout(k["response_timeout"],
+                                                    f"{where}.response_timeout")
+            if "response_timeout" in k else d_timeout,
         )
         if "basic_auth" in k:
             kite_spec.basic_auth = check_basic_auth(k["basic_auth"], f"{where}.basic_auth",

@@ -96,7 +96,8 @@ UNSUPPORTED = {
     "webaccess": "pagekite.py's built-in HTTP server",
     "webindexes": "pagekite.py's built-in HTTP server",
     "uiport": "pagekite.py's web UI",
-    "errorurl": "kite relays serve their own error pages",
+    "errorurl": "kite relays serve their own error pages; your own: error_pages = \"DIR\" "
+                "(templates, docs/config.md)",
     "torify": "kite does not tunnel through Tor/SOCKS",
     "socksify": "kite does not tunnel through Tor/SOCKS",
     "proxy": "kite does not use proxies to reach the relay",
@@ -464,7 +465,9 @@ def _convert_backend(lines: list, report: Report, source: str) -> tuple[str, set
             tls_lines.append(f"ca = {_q(ca_certs[0])}")
     else:
         tls_lines = ["plain = true   # pagekite.py's default: a plain TCP tunnel "
-                     "(add connect_name + ca for TLS)"]
+                     "(add connect_name + ca for TLS)",
+                     "# a kite relay with a certificate takes plain tunnels only with "
+                     "--allow-plain"]
         if ca_certs:
             report.ignored.append((ca_certs[1], "ca_certs without fe_certname: the tunnel is "
                                                 "plain TCP"))
@@ -570,6 +573,12 @@ def _convert_frontend(lines: list, report: Report, source: str) -> tuple[str, se
                                                    "is used; put every name in it"))
         out.append("tls_names = [" + ", ".join(_q(e[0]) for e in endpoints
                                                if e[1] == pem) + "]")
+        # pagekite.py frontends take plain tunnels beside TLS ones; a kite relay with a
+        # certificate only when told: backends without --fe_certname tunnel in plain TCP.
+        out.append("allow_plain = true   # pagekite.py backends without --fe_certname tunnel "
+                   "in plain TCP; drop it once every backend uses TLS")
+        report.notes.append((None, "allow_plain = true: the relay takes plain tunnels like "
+                                   "pagekite.py did; remove it when every backend uses TLS"))
     if keepalive is not None:
         out.append(f"keepalive = {keepalive:g}")
     out.append(f"zchunks = {'true' if zchunks else 'false'}   # pagekite.py frontends ask "

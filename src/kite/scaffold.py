@@ -104,10 +104,13 @@ def init_relay(directory: str, *, names: list, domain: Optional[str], force: boo
             raise ConfigError(p, "already exists", "pass --force to overwrite, or use another --dir")
     pin = generate_self_signed(cert, key, names)
     secret = secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")
-    _write(conf, f'''# kite relay configuration (kite relay --config {conf})
-listen = ["0.0.0.0:443"]
-tls_cert = {_toml_str(os.path.abspath(cert))}
-tls_key = {_toml_str(os.path.abspath(key))}
+    _write(conf, f'''# kite relay configuration (kite relay --config {conf});
+# docs/config.md lists every key.  Relative file names are relative to this file's folder.
+# Visitors type http://NAME/ (port 80) and https://NAME/ (443); backends tunnel to 443.
+# Ports below 1024 need root or CAP_NET_BIND_SERVICE (see README, "Low ports").
+listen = ["0.0.0.0:80", "0.0.0.0:443"]
+tls_cert = {_toml_str(os.path.basename(cert))}
+tls_key = {_toml_str(os.path.basename(key))}
 {_dns_block(zone, list(public_ips)) if zone else ""}
 [[kite]]
 domain = {_toml_str(kite_domain)}
@@ -117,27 +120,87 @@ secret = "{secret}"
     lines = []
     if zone and not public_ips:
         lines.append(f"edit public_ips in {conf}: the addresses the names of {zone} point at")
+    relay_name = next((n for n in names if not n.startswith("*")), "localhost")
+    relay_addr = f"[{relay_name}]:443" if ":" in relay_name else f"{relay_name}:443"
+    kite = "app." + kite_domain[2:] if kite_domain.startswith("*.") else kite_domain
+    conf_abs = os.path.abspath(conf)
     return lines + [
-        f"wrote {cert}, {key} and {conf} (it holds the secret; mode 0600)",
+        f"wrote {cert}, {key} and {conf}",
+        f"the kite secret is in {conf_abs} ([[kite]] secret; mode 0600): backends need it",
         f"relay certificate SHA-256 fingerprint: {pin}",
-        "backends verify it with:  --ca relay.crt   or   --fingerprint " + pin,
+        "",
+        "next:",
+        "  1. start the relay (ports 80 and 443: as root, or see README \"Low ports\"):",
+        f"       kite relay --config {conf_abs}",
+        "  2. on the machine with the server (here: port 8080), fly a kite:",
+        f"       kite expose 8080 {kite} --relay {relay_addr} --fingerprint {pin} "
+        f"--secret {secret}",
+        f"     (or --ca with a copy of {os.path.basename(cert)}; --secret-file FILE keeps the "
+        "secret out of ps; kite init backend --relay ... writes a config)",
+        "  3. visit it:",
+        f"       curl http://{kite}/",
+        "",
+        "low ports without root: sudo sysctl -w net.ipv4.ip_unprivileged_port_start=80, or as "
+        "a systemd service with AmbientCapabilities=CAP_NET_BIND_SERVICE",
     ]
 
 
-def init_backend(directory: str, *, force: bool) -> list:
+def init_backend(directory: str, *, force: bool, relay: Optional[str] = None,
+                 secret: Optional[str] = None, name: Optional[str] = None,
+                 target: str = "8080", ca: Optional[str] = None,
+                 fingerprint: Optional[str] = None) -> list:
+    """A backend config for ``relay`` (HOST:PORT) with ``secret`` (a new one if None), flying
+    ``name`` from ``target``; the relay checked with ``ca`` or ``fingerprint``."""
+    from .config import (
+        check_kite_name,
+        check_tls_mode,
+        parse_hostport,
+        parse_target,
+        warn_short_secret,
+    )
+    from .net.tls import normalize_fingerprint
+
+    check_tls_mode(ca=ca, fingerprint=fingerprint)
+    if relay is not None:
+        host, port = parse_hostport(relay, key="--relay", default_port=443, min_port=1)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    else:
+        address = "relay.example.com:443"
+    if secret is not None and (not secret or ":" in secret or
+                               any(c.isspace() or not c.isprintable() for c in secret)):
+        raise ConfigError("--secret", "empty, or with ':', whitespace or control characters",
+                          "give the secret the relay printed")
+    if secret is not None:
+        warn_short_secret(secret, "--secret")
+    kite = check_kite_name(name, "--name") if name else "app.example.com"
+    parse_target(target, key="--target")
+    if ca is not None:
+        if not os.path.isfile(ca):
+            raise ConfigError("--ca", f"no such file {ca!r}", "give the relay's certificate")
+        check = f"ca = {_toml_str(os.path.abspath(ca))}"
+    elif fingerprint is not None:
+        check = f"fingerprint = \"{normalize_fingerprint(fingerprint)}\""
+    else:
+        check = "# ca = \"relay.crt\"       # verify the relay; or fingerprint = \"...\"; or insecure = true"
     _mkdir(directory)
     conf = os.path.join(directory, "backend.toml")
-    secret = secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")
-    _write(conf, f'''# kite backend configuration (kite expose --config {conf})
+    new = secret is None
+    secret = secret or secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")
+    _write(conf, f'''# kite backend configuration (kite expose --config {conf});
+# docs/config.md lists every key.  Relative file names are relative to this file's folder.
 [defaults]
-secret = "{secret}"      # the relay must allow it: --kite '*:app.example.com:<secret>'
-# ca = "relay.crt"       # verify the relay; or fingerprint = "..."; or insecure = true
+secret = {_toml_str(secret)}      # the relay must allow it: --kite '*:{kite}:<secret>'
+{check}
 
 [[relay]]
-address = "relay.example.com:443"
+address = {_toml_str(address)}
 
 [[kite]]
-name = "app.example.com"
-target = "http://127.0.0.1:8080"
+name = {_toml_str(kite)}
+target = {_toml_str(target)}
 ''', force, 0o600)
-    return [f"wrote {conf} (it holds a new secret; mode 0600): edit the relay address and kites"]
+    what = "a new secret" if new else "the secret"
+    todo = ": edit the relay address and kites" if relay is None else ""
+    return [f"wrote {conf} (it holds {what}; mode 0600){todo}",
+            f"check it:  kite expose --check-config {os.path.abspath(conf)}",
+            f"run it:    kite expose --config {os.path.abspath(conf)}"]

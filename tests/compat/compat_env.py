@@ -231,7 +231,7 @@ async def kite_relay(certs: CompatCerts, *, zchunks: bool = False, keepalive: fl
                       grants=GrantTable([parse_grant(g) for g in grants]),
                       tls_cert=certs.fe_cert, tls_key=certs.fe_key, tls_names=[FE_NAME],
                       keepalive=keepalive, ping_timeout=ping_timeout, zchunks=zchunks,
-                      drain_timeout=1.0)
+                      drain_timeout=1.0, allow_plain=True)  # pagekite.py's plain tunnels
     relay = RelayServer(cfg)
     (_host, relay.port), = await relay.start()
     try:

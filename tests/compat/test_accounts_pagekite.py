@@ -25,7 +25,8 @@ def test_pagekite_backend_quota_and_refusals(pagekite, certs, tmp_path):
     async def main():
         svc = await start_services(certs)
         cfg = RelayConfig(listen=[("127.0.0.1", 0)], tls_cert=certs.fe_cert,
-                          tls_key=certs.fe_key, tls_names=[FE_NAME], db=db, drain_timeout=1.0)
+                          tls_key=certs.fe_key, tls_names=[FE_NAME], db=db, drain_timeout=1.0,
+                          allow_plain=True)  # the pagekite.py backend tunnels in plain
         relay = RelayServer(cfg)
         (_host, port), = await relay.start()
         try:

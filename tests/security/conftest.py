@@ -66,8 +66,9 @@ def relay_process(tmp_path):
 
     def start(*args: str, grants=("*:*.test.kite:" + SECRET,), env: Optional[dict] = None,
               preexec=None, name: str = "relay", listen: str = "127.0.0.1:0") -> RelayProcess:
+        # --allow-plain: pkpeer's Peer speaks the tunnel protocol over plain TCP
         argv = [*KITE, "relay", "--listen", listen, "--tls-cert", certs.cert,
-                "--tls-key", certs.key, "-v"]
+                "--tls-key", certs.key, "--allow-plain", "-v"]
         for g in grants:
             argv += ["--kite", g]
         proc = Proc([*argv, *args], tmp_path, f"{name}{len(procs)}", env=env, preexec_fn=preexec)

@@ -128,6 +128,7 @@ class BackendTunnel(TunnelProtocol):
         self.handshake_done: asyncio.Future = self.loop.create_future()
         self.flying: list = []
         self._inband_pending = False
+        self._response_timers: dict = {}  # sid -> TimerHandle, until the first response byte
 
     # -- handshake ----------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -216,6 +217,35 @@ class BackendTunnel(TunnelProtocol):
                     f"{exc.strerror or exc}")
             if not stream.closed:
                 self._refuse_stream(stream, 502)
+            return
+        if spec.response_timeout and stream.proto in HTTP_PROTOS and not stream.closed:
+            self._arm_response_timer(stream, spec.response_timeout, stream.delivered)
+
+    # -- the 504 timer: one per http stream, until the local server's first byte --------------
+    def _arm_response_timer(self, stream: Stream, timeout: float, mark: int) -> None:
+        self._response_timers[stream.sid] = self.loop.call_later(
+            timeout, self._response_overdue, stream, timeout, mark)
+
+    def _response_overdue(self, stream: Stream, timeout: float, mark: int) -> None:
+        """``timeout`` s after the visitor's last byte reached the local server (``mark``
+        bytes delivered then), it has not sent one: the visitor gets a 504 page.  Bytes still
+        going to it (a slow upload) start the wait afresh."""
+        self._response_timers.pop(stream.sid, None)
+        if stream.closed or stream.slot.sent:
+            return
+        if stream.delivered != mark:
+            self._arm_response_timer(stream, timeout, stream.delivered)
+            return
+        log.info("%s: stream %d (%s, visitor %s): the local server sent nothing for %g s; "
+                 "answered 504", self.name, stream.sid, stream.host, stream.peer, timeout)
+        self._refuse_stream(stream, 504)
+
+    def on_stream_closed(self, stream: Stream) -> None:
+        timer = self._response_timers.pop(stream.sid, None)
+        if timer is not None:
+            timer.cancel()
+        if self.connector.access_log is not None:
+            self.connector.access_log.closed(stream)
 
     def _refuse_stream(self, stream: Stream, status: int) -> None:
         """Tell the visitor, in its protocol, that the local side is not there: an answer
@@ -231,10 +261,6 @@ class BackendTunnel(TunnelProtocol):
         self.writer.cancel_data_buffer()
         self.writer.write_data(stream.slot, answer)
         stream.finish()
-
-    def on_stream_closed(self, stream: Stream) -> None:
-        if self.connector.access_log is not None:
-            self.connector.access_log.closed(stream)
 
     def cut_local(self, stream: Stream, transport: asyncio.Transport) -> None:
         if self.connector.access_log is not None:

@@ -8,6 +8,7 @@ import os
 from typing import Optional, Sequence
 
 from ..config import (
+    DEFAULT_RESPONSE_TIMEOUT,
     BackendConfig,
     KiteSpec,
     RelaySpec,
@@ -17,6 +18,7 @@ from ..config import (
     check_keepalive,
     check_kite_name,
     check_port,
+    check_response_timeout,
     check_tls_mode,
     kite_proto_for,
     load_backend_config,
@@ -44,12 +46,14 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
                          connect_name: Optional[str] = None, zchunks: bool = False,
                          config_file: Optional[str] = None,
                          secret_file: Optional[str] = None,
-                         basic_auth: Sequence[str] = ()) -> BackendConfig:
+                         basic_auth: Sequence[str] = (),
+                         response_timeout: Optional[float] = None) -> BackendConfig:
     """Validate ``kite expose``'s options (or its ``--config`` file) into a BackendConfig.
 
     The secret: ``secret`` (``--secret``) or ``secret_file``, not both; without either, the
     ``KITE_SECRET`` environment variable.  ``basic_auth``: ``USER:PASS`` pairs visitors of
-    an http kite must give.
+    an http kite must give.  ``response_timeout``: http kites' seconds until the local
+    server's first response byte (None: the default, 0: no limit).
     """
     keepalive = check_keepalive(keepalive, "--keepalive")
     if public_port is not None:
@@ -61,11 +65,19 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
         if basic_auth:
             raise ConfigError("--basic-auth", "not used with --config",
                               "put basic_auth = \"USER:PASS\" in the config's [[kite]]")
+        if relays:
+            raise ConfigError("--relay", "not used with --config",
+                              "put the relays in the config's [[relay]] tables")
         if secret or secret_file:
             raise ConfigError("--secret-file" if secret_file else "--secret",
                               "not used with --config",
                               "put secret_file = \"...\" in the config's [defaults] or [[kite]]")
         cfg = load_backend_config(config_file)
+        if response_timeout is not None:
+            timeout = check_response_timeout(response_timeout)
+            for r in cfg.relays:
+                for k in r.kites:
+                    k.response_timeout = timeout
         cfg.keepalive = keepalive if keepalive != 30.0 else cfg.keepalive
         cfg.zchunks = cfg.zchunks or zchunks
         if connect_name:
@@ -95,7 +107,9 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
         secret = saved_secret(domain)  # from an earlier kite expose --signup
     kite = KiteSpec(domain=domain, proto=kite_proto_for(t, public_port),
                     secret=_check_secret(secret, "--secret"), target=t,
-                    proxy_protocol=proxy_protocol, forwarded=forwarded)
+                    proxy_protocol=proxy_protocol, forwarded=forwarded,
+                    response_timeout=check_response_timeout(
+                        DEFAULT_RESPONSE_TIMEOUT if response_timeout is None else response_timeout))
     if basic_auth:
         kite.basic_auth = check_basic_auth(list(basic_auth), "--basic-auth", kite.proto)
     specs = []

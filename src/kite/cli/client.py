@@ -87,7 +87,7 @@ def forward(listen, kite, relay, tls, ca, fingerprint, insecure, server_name, ti
 @click.option("--server-name", help="ProxyCommand's --server-name.")
 def ssh_config(name, relay, port, user, tls, ca, fingerprint, insecure, server_name):
     """Print the ~/.ssh/config block that reaches raw kite NAME with `kite connect`."""
-    from ..client.sshconfig import ssh_config_block
+    from ..client.sshconfig import running_kite_command, ssh_config_block
 
     with config_errors():
         target = _target(name, port, relay, tls, ca, fingerprint, insecure, server_name, 20.0,
@@ -106,5 +106,5 @@ def ssh_config(name, relay, port, user, tls, ca, fingerprint, insecure, server_n
         tls_args += ["--server-name", server_name]
     with config_errors():
         block = ssh_config_block(name, target.relay, port=port, user=user,
-                                 tls_args=tuple(tls_args))
+                                 tls_args=tuple(tls_args), command=running_kite_command())
     click.echo(block, nl=False)

@@ -47,10 +47,16 @@ from .run import config_errors, fail, serve, setup_logging
 @keepalive_option
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML file with many kites on several relays.")
+@click.option("--response-timeout", type=float, default=None, metavar="SECONDS",
+              help="http kites: a visitor gets a 504 page when the local server has not begun "
+                   "to answer within SECONDS (0: wait for ever).  [default: 60]")
+@click.option("--check-config", "check_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Validate the config FILE and exit: 0 and 'ok: ...', or 2 and the error.")
 @common_options
 def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure, plain, server_name,
            connect_name, zchunks, public_port, proxy_protocol, no_forwarded, basic_auth, signup,
-           access_log, log_format, keepalive, config_file, verbose, quiet, loop_kind):
+           access_log, log_format, keepalive, config_file, response_timeout, check_file,
+           verbose, quiet, loop_kind):
     """Fly NAME on the relay(s), serving it from TARGET (port, host:port or URL).
 
     The kite secret: --secret-file FILE, or the KITE_SECRET environment variable (--secret
@@ -59,6 +65,10 @@ def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure,
     setup_logging(verbose, quiet)
     from ..backend.main import build_backend_config, serve_backend
 
+    if check_file:
+        if config_file:
+            fail("--check-config takes the config file itself; drop --config")
+        config_file = check_file
     if signup:
         secret = _signup(signup, name, relays, ca, fingerprint, insecure, plain, server_name,
                          connect_name)
@@ -68,9 +78,16 @@ def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure,
             fingerprint=fingerprint, insecure=insecure, plain=plain, server_name=server_name,
             public_port=public_port, proxy_protocol=proxy_protocol, forwarded=not no_forwarded,
             keepalive=keepalive, connect_name=connect_name, zchunks=zchunks,
-            config_file=config_file, secret_file=secret_file, basic_auth=basic_auth)
+            config_file=config_file, secret_file=secret_file, basic_auth=basic_auth,
+            response_timeout=response_timeout)
     cfg.access_log = None if access_log == "off" else access_log
     cfg.log_format = log_format
+    if check_file:
+        kites = {k.name for r in cfg.relays for k in r.kites}
+        click.echo(f"ok: {len(kites)} kite{'s' if len(kites) != 1 else ''} on "
+                   f"{len(cfg.relays)} relay{'s' if len(cfg.relays) != 1 else ''} "
+                   f"({', '.join(r.address for r in cfg.relays)})")
+        return
     serve(lambda stop: serve_backend(cfg, stop), loop_kind)
 
 

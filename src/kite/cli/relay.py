@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .options import _apply, common_options, keepalive_option
-from .run import config_errors, serve, setup_logging
+from .run import config_errors, fail, serve, setup_logging
 
 
 def dns_options(f):
@@ -116,6 +116,16 @@ def acme_options(f):
               help="Bearer token for the admin endpoint (env KITE_ADMIN_TOKEN; shows in `ps`).")
 @click.option("--admin-token-file", type=click.Path(dir_okay=False),
               help="Read the admin token from FILE (its first line).")
+@click.option("--allow-plain", is_flag=True,
+              help="With --tls-cert: take plain (unencrypted) tunnels too, e.g. from "
+                   "pagekite.py backends without TLS.  Without a certificate every tunnel is "
+                   "plain.")
+@click.option("--error-pages", type=click.Path(file_okay=False), metavar="DIR",
+              help="Folder of page templates (404.html, 503.html, 403-quota.html ...; "
+                   "docs/config.md); missing ones are the built-in pages.")
+@click.option("--check-config", "check_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Validate the config FILE (with the other options) and exit: 0 and 'ok: "
+                   "...', or 2 and the error.")
 @dns_options
 @acme_options
 @common_options
@@ -124,27 +134,62 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, 
           max_connections,
           max_pending, max_streams, idle_timeout, buffer_budget, slow_reader_timeout,
           access_log, log_format, admin, admin_token, admin_token_file,
-          verbose, quiet, loop_kind, **dns):
-    """Run the public relay: tunnels and visitors on one port."""
+          allow_plain, error_pages, check_file, verbose, quiet, loop_kind, **dns):
+    """Run the public relay: tunnels and visitors on one port.
+
+    SIGHUP re-reads the config: new kites and secrets take effect, removed ones stop
+    flying, nothing else drops; a bad config is logged and the running one kept.
+    """
     setup_logging(verbose, quiet)
     from ..relay.main import build_relay_config, serve_relay
 
+    if check_file and config_file:
+        fail("--check-config takes the config file itself; drop --config")
     acme = {k: dns.pop(k) for k in ACME_OPTIONS}  # **dns gathers every grouped option
+
+    def load():
+        return build_relay_config(
+            config_file=check_file or config_file, listen=listen, tls_cert=tls_cert,
+            tls_key=tls_key, tls_names=tls_name, kites=kites, single=single,
+            keepalive=keepalive, zchunks=zchunks, drain_timeout=drain_timeout,
+            secret_file=secret_file,
+            limits={"max_connections": max_connections, "max_pending": max_pending,
+                    "max_streams": max_streams, "idle_timeout": idle_timeout,
+                    "buffer_budget": buffer_budget, "slow_reader_timeout": slow_reader_timeout},
+            dns_options=dict(dns), db=db, signup=signup, signup_quota=signup_quota,
+            redis=redis_url, relay_id=relay_id, acme_options=acme,
+            observe={"access_log": access_log, "access_log_default": "-",
+                     "log_format": log_format, "admin": admin, "admin_token": admin_token,
+                     "admin_token_file": admin_token_file},
+            allow_plain=allow_plain, error_pages=error_pages)
+
     with config_errors():
-        cfg = build_relay_config(config_file=config_file, listen=listen, tls_cert=tls_cert,
-                                 tls_key=tls_key, tls_names=tls_name, kites=kites, single=single,
-                                 keepalive=keepalive, zchunks=zchunks, drain_timeout=drain_timeout,
-                                 secret_file=secret_file,
-                                 limits={"max_connections": max_connections,
-                                         "max_pending": max_pending, "max_streams": max_streams,
-                                         "idle_timeout": idle_timeout,
-                                         "buffer_budget": buffer_budget,
-                                         "slow_reader_timeout": slow_reader_timeout},
-                                 dns_options=dns, db=db, signup=signup,
-                                 signup_quota=signup_quota, redis=redis_url,
-                                 relay_id=relay_id, acme_options=acme,
-                                 observe={"access_log": access_log, "access_log_default": "-",
-                                          "log_format": log_format, "admin": admin,
-                                          "admin_token": admin_token,
-                                          "admin_token_file": admin_token_file})
-    serve(lambda stop: serve_relay(cfg, stop), loop_kind)
+        cfg = load()
+        if check_file:
+            click.echo(_summary(cfg))
+            return
+    serve(lambda stop: serve_relay(cfg, stop, reload=load), loop_kind)
+
+
+def _summary(cfg) -> str:
+    """``kite relay --check-config``: the one line that says what the config would run,
+    after loading its certificate as the relay would."""
+    import ssl
+
+    from ..errors import ConfigError
+    from ..net.tls import server_context
+
+    tls = "no TLS (plain tunnels)"
+    if cfg.tls_cert:
+        try:
+            server_context(cfg.tls_cert, cfg.tls_key or cfg.tls_cert)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("tls_cert", f"cannot load {cfg.tls_cert!r} with its key: {exc}",
+                              "give a PEM certificate and its key") from None
+        tls = "TLS tunnels" + (" and plain ones" if cfg.allow_plain else "")
+    listen = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in cfg.listen)
+    n = len(cfg.grants)
+    extra = "" if not cfg.db else f", accounts in {cfg.db}"
+    dns = "" if cfg.names is None else ", DNS on"
+    return (f"ok: {n} kite{'s' if n != 1 else ''} granted{extra}; listening on {listen}; "
+            f"{tls}{dns}")

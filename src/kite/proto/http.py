@@ -36,6 +36,8 @@ __all__ = [
     "has_control",
     "http_error",
     "parse_connect_reply",
+    "render_template",
+    "TEMPLATE_FIELDS",
 ]
 
 Buffer = bytes | bytearray | memoryview
@@ -174,23 +176,44 @@ _REASONS = {
     404: "Not Found",
     502: "Bad Gateway",
     503: "Service Unavailable",
+    504: "Gateway Timeout",
 }
 
 _TEXT = {
     404: "There is no kite called {name} on this relay.",
     503: "The kite {name} is offline: its backend is not connected to this relay right now.",
     502: "The kite {name} is online, but its local server did not answer.",
+    504: "The kite {name} is online, but its local server took too long to answer.",
     400: "The request could not be understood: {name}",
     403: "{name}",
 }
 
 
+#: The placeholders a page template (``kite relay --error-pages DIR``) may use; each is
+#: replaced by its value, HTML-escaped.
+TEMPLATE_FIELDS = ("{status}", "{reason}", "{kite}", "{message}")
+
+
+def render_template(template: str, status: int, reason: str, name: str, message: str) -> str:
+    """``template`` with :data:`TEMPLATE_FIELDS` filled in (other braces are left alone, so
+    CSS and scripts need no escaping)."""
+    values = {"{status}": str(status), "{reason}": reason, "{kite}": name, "{message}": message}
+    out = template
+    for field_, value in values.items():
+        out = out.replace(field_, html.escape(value))
+    return out
+
+
 def http_error(status: int, name: str, *, json_wanted: bool = False,
-               extra_headers: bytes = b"") -> bytes:
-    """A complete ``Connection: close`` HTTP/1.1 error response, HTML or JSON."""
+               extra_headers: bytes = b"", template: str | None = None) -> bytes:
+    """A complete ``Connection: close`` HTTP/1.1 error response, HTML or JSON; ``template``
+    replaces the built-in HTML page (see :func:`render_template`)."""
     reason = _REASONS.get(status, "Error")
     text = _TEXT.get(status, "{name}").format(name=name)
-    if json_wanted:
+    if template is not None and not json_wanted:
+        body_b = render_template(template, status, reason, name, text).encode()
+        ctype = b"text/html; charset=utf-8"
+    elif json_wanted:
         body = json.dumps({"error": status, "reason": reason, "kite": name, "message": text})
         body_b = (body + "\n").encode()
         ctype = b"application/json"

@@ -133,7 +133,7 @@ class PendingVisitor:
         try:
             result = sniff_first_bytes(data)
         except SniffError as exc:
-            dispatcher.refuse(self, f"unrecognised first bytes: {exc}", b"")
+            dispatcher.unrecognised(self, exc, data)
             return
         except Exception:  # a bug must cost this visitor, never the relay
             log.exception("visitor %s: sniffing failed", self.peer())

@@ -14,10 +14,12 @@ from ..config import (
     check_keepalive,
     check_keys,
     check_seconds,
+    config_dir,
     load_toml,
     parse_hostport,
     pick_secret,
     read_secret_file,
+    resolve_paths,
     tables,
     warn_short_secret,
 )
@@ -32,7 +34,8 @@ from ..net.limits import (
 from ..proto.names import valid_domain
 from .grants import GrantTable, parse_grant
 
-__all__ = ["RelayConfig", "build_relay_config", "LIMIT_KEYS"]
+__all__ = ["RelayConfig", "build_relay_config", "load_error_pages", "LIMIT_KEYS", "RELAY_KEYS",
+           "ERROR_PAGE_NAMES"]
 
 
 @dataclass
@@ -68,6 +71,8 @@ class RelayConfig:
     log_format: str = "text"  # access log lines: text or json
     admin: Optional[tuple] = None  # (host, port) of /metrics, /api/status and the dashboard
     admin_token: Optional[str] = None  # Bearer token the admin endpoint requires
+    allow_plain: bool = False  # with a certificate: take unencrypted tunnels too (--allow-plain)
+    error_pages: dict = field(default_factory=dict)  # page name (404, 403-quota) -> template
 
 
 def _cert_names(path: str) -> list:
@@ -93,8 +98,51 @@ _RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive"
                "secret_file", "db", "redis", "signup", "signup_quota", "signup_per_hour",
                "relay_id",
                "max_connections", "max_pending", "max_streams", "idle_timeout", "buffer_budget",
-               "slow_reader_timeout", "access_log", "log_format", "admin", "admin_token_file"}
+               "slow_reader_timeout", "access_log", "log_format", "admin", "admin_token_file",
+               "allow_plain", "error_pages"}
+#: Keys holding file names: relative to the config file's folder.
+_PATH_KEYS = ("tls_cert", "tls_key", "secret_file", "db", "tsig_file", "error_pages",
+              "admin_token_file")
 _GRANT_KEYS = {"domain", "protos", "secret", "secret_file", "single"}
+
+
+#: Every top-level key of a relay file.
+RELAY_KEYS = frozenset(_RELAY_KEYS | NAMES_KEYS)
+
+#: The pages ``--error-pages DIR`` may replace (``NAME.html``); see docs/config.md.
+ERROR_PAGE_NAMES = ("400", "403", "403-quota", "403-nodays", "403-unauthorized", "403-limits",
+                    "404", "502", "503")
+#: Bound on one page template, in bytes.
+MAX_ERROR_PAGE = 65536
+
+
+def load_error_pages(directory: str) -> dict:
+    """The templates in ``directory`` (``404.html``, ...): name -> text.  Missing files are
+    left out (the built-in page is used); other files are ignored.  An unreadable folder, a
+    page that is not UTF-8 or larger than MAX_ERROR_PAGE is a ConfigError."""
+    if not os.path.isdir(directory):
+        raise ConfigError("error_pages", f"{directory!r} is not a folder",
+                          "give a folder with files such as 404.html and 503.html")
+    pages = {}
+    for name in ERROR_PAGE_NAMES:
+        path = os.path.join(directory, f"{name}.html")
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_ERROR_PAGE + 1)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError("error_pages", f"cannot read {path!r}: {exc.strerror or exc}",
+                              "make the page readable") from None
+        if len(raw) > MAX_ERROR_PAGE:
+            raise ConfigError("error_pages", f"{path!r} is larger than {MAX_ERROR_PAGE} bytes",
+                              "keep pages small (link to images, do not inline them)")
+        try:
+            pages[name] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError("error_pages", f"{path!r} is not UTF-8 text",
+                              "save it as UTF-8") from None
+    return pages
 
 
 def _strings(value: object, key: str, example: str) -> list:
@@ -152,7 +200,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                        redis: Optional[str] = None,
                        relay_id: Optional[str] = None,
                        acme_options: Optional[dict] = None,
-                       observe: Optional[dict] = None) -> RelayConfig:
+                       observe: Optional[dict] = None, allow_plain: bool = False,
+                       error_pages: Optional[str] = None) -> RelayConfig:
     """Validate the options and the TOML file (options win) into a RelayConfig.
 
     A grant's secret comes from ``PROTO:DOMAIN:SECRET``, or, for ``PROTO:DOMAIN`` and a
@@ -175,7 +224,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     per_hour: object = 5
     if config_file:
         data = load_toml(config_file)
-        check_keys(data, _RELAY_KEYS | NAMES_KEYS | ACME_KEYS, "")
+        check_keys(data, RELAY_KEYS | ACME_KEYS, "")
+        resolve_paths(data, _PATH_KEYS, config_dir(config_file))
     if secret_file is None:
         secret_file = _path(data.get("secret_file"), "secret_file")
     default_secret = (read_secret_file(secret_file, "--secret-file") if secret_file
@@ -197,9 +247,12 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
         per_hour = data.get("signup_per_hour", 5)
         if relay_id is None and "relay_id" in data:
             relay_id = check_relay_id(data["relay_id"], "relay_id")
+        allow_plain = allow_plain or check_bool(data.get("allow_plain", False), "allow_plain")
+        error_pages = error_pages or _path(data.get("error_pages"), "error_pages")
         for i, k in enumerate(tables(data, "kite")):
             where = f"kite[{i}]"
             check_keys(k, _GRANT_KEYS, where)
+            resolve_paths(k, ("secret_file",), config_dir(config_file or "."))
             if "domain" not in k:
                 raise ConfigError(where, "needs domain, and secret or secret_file",
                                   "e.g. domain = \"*.example.com\", secret_file = \"kite.secret\"")
@@ -252,7 +305,9 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     cfg = RelayConfig(listen=addrs, grants=grants, tls_cert=tls_cert, tls_key=tls_key,
                       tls_names=names, keepalive=keepalive or None, zchunks=zchunks,
                       drain_timeout=drain_timeout, single_backend=single_set,
-                      names=names_cfg, db=db, acme=acme, **extra)
+                      names=names_cfg, db=db, acme=acme,
+                      allow_plain=allow_plain,
+                      error_pages=load_error_pages(error_pages) if error_pages else {}, **extra)
     _apply_limits(cfg, data, limits or {})
     _apply_observe(cfg, data, observe or {})
     return cfg

@@ -108,6 +108,30 @@ def _peek_length(sock: socket.socket, limit: int) -> int:
         return 0
 
 
+#: Request methods the 400 page is sent for (RFC 9110 §9 and WebDAV's common ones).
+_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ",
+            b"TRACE ", b"PROPFIND ", b"MKCOL ", b"COPY ", b"MOVE ", b"LOCK ", b"UNLOCK ")
+
+
+def _looks_like_http(data: bytes) -> bool:
+    return data.startswith(_METHODS)
+
+
+def _why_bad(exc: Exception) -> str:
+    """The visitor-facing reason for a 400 (never the raw bytes it sent)."""
+    text = str(exc)
+    if "without Host" in text:
+        return "it has no Host header, so the relay cannot tell which kite it is for " \
+               "(HTTP/1.0 clients must send one)"
+    if "conflicting Host" in text:
+        return "it has several different Host headers"
+    if "host" in text.lower():
+        return "its Host header is not a host name"
+    if "longer than" in text:
+        return "its head is too long"
+    return "it is not a valid HTTP/1.x request"
+
+
 class TlsEntry(asyncio.Protocol):
     """The first protocol inside a TLS connection the relay terminated: reads one head and
     hands the connection on, to a :class:`RelayTunnel` or as a CONNECT visitor."""
@@ -206,12 +230,35 @@ class Dispatcher:
         sock = pv.detach()
         _send_and_close(sock, answer, _peek_length(sock, MAX_PEEK) if consume else 0)
 
+    def page(self, status: int, name: str, *, json_wanted: bool = False,
+             variant: str = "") -> bytes:
+        """An HTTP refusal page: the relay's template ``STATUS-VARIANT.html`` or
+        ``STATUS.html`` (``--error-pages``), else the built-in one."""
+        pages = self.state.error_pages
+        template = (variant and pages.get(f"{status}-{variant}")) or pages.get(str(status))
+        return http_error(status, name, json_wanted=json_wanted, template=template)
+
+    def unrecognised(self, pv: PendingVisitor, exc: Exception, data: bytes) -> None:
+        """First bytes no kite can take: an HTTP request (a method and a space first) gets a
+        400 page naming the problem, anything else a plain close."""
+        answer = b""
+        if _looks_like_http(data):
+            answer = self.page(400, _why_bad(exc))
+        self.refuse(pv, f"unrecognised first bytes: {exc}", answer)
+
     def dispatch(self, pv: PendingVisitor, result, data: bytes) -> None:
         kind = result.kind
         if kind == "ping":
             sock = pv.detach()
             _send_and_close(sock, build_ping_reply(self.state.uuid), len(data))
         elif kind == "tunnel":
+            if self.ssl_context is not None and not self.state.config.allow_plain:
+                # A relay with a certificate carries secrets and visitors' bytes encrypted
+                # only, unless told otherwise (pagekite.py backends without TLS need it).
+                self.refuse(pv, "plain (unencrypted) tunnel refused: this relay takes TLS "
+                            "tunnels (start it with --allow-plain to take plain ones too)",
+                            handshake.TUNNEL_FORBIDDEN)
+                return
             self._start_tunnel(pv.detach(), pv.addr, tls=False)
         elif kind == "connect":
             self._dispatch_connect(pv, result, data)
@@ -229,7 +276,7 @@ class Dispatcher:
             return
         if self.state.is_reserved(host):
             self.refuse(pv, f"HTTP for the relay's own name {host}",
-                        http_error(404, host, json_wanted=result.wants_json),
+                        self.page(404, host, json_wanted=result.wants_json),
                         kite=host, proto="http", head=data)
             return
         bare: tuple[str, ...] = ("websocket", "http") if result.websocket else ("http",)
@@ -242,17 +289,17 @@ class Dispatcher:
             want_json = result.wants_json
             if self.state.has_grant("http", host):
                 self.refuse(pv, f"kite http:{host} is offline",
-                            http_error(503, host, json_wanted=want_json),
+                            self.page(503, host, json_wanted=want_json),
                             kite=host, proto="http", result="offline", head=data)
             else:
                 self.refuse(pv, f"no kite http:{host}",
-                            http_error(404, host, json_wanted=want_json),
+                            self.page(404, host, json_wanted=want_json),
                             kite=host, proto="http", head=data)
             return
         try:
             sid = tunnel.new_sid()
         except TooManyStreams as exc:
-            self.refuse(pv, str(exc), http_error(503, host, json_wanted=result.wants_json),
+            self.refuse(pv, str(exc), self.page(503, host, json_wanted=result.wants_json),
                         kite=host, proto="http", head=data)
             return
         self._open_stream(pv, tunnel, sid, bare_proto(proto), host, pv.port, payload=data,
@@ -505,9 +552,11 @@ class Dispatcher:
                 if self.state.access_log is not None:
                     self.state.access_log.refused(pv.peer(), host, proto, refusal, result)
             else:
-                self.refuse(pv, refusal, http_error(403, refusal) if proto == "http" else b"",
-                            kite=host, proto=proto, result=result,
-                            head=payload)
+                registry = self.state.registry
+                why = (registry.reason(host) if registry is not None else None) or "limits"
+                self.refuse(pv, refusal,
+                            self.page(403, refusal, variant=why) if proto == "http" else b"",
+                            kite=host, proto=proto, result=result, head=payload)
             return
         if sock is None:
             sock = pv.detach()

@@ -1,9 +1,16 @@
-"""``kite relay``: run a relay from a :class:`~kite.relay.config.RelayConfig` until told to stop."""
+"""``kite relay``: run a relay from a :class:`~kite.relay.config.RelayConfig` until told to stop.
+
+SIGHUP reloads: ``reload()`` builds the config again (the same options, the file re-read);
+the running relay takes it (:meth:`RelayServer.reload`), or, if it is bad, logs why in one
+line and keeps the old one.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+from typing import Callable, Optional
 
 from .config import RelayConfig, build_relay_config
 from .server import RelayServer
@@ -13,7 +20,8 @@ log = logging.getLogger("kite.relay")
 __all__ = ["build_relay_config", "serve_relay"]
 
 
-async def serve_relay(cfg: RelayConfig, stop: asyncio.Event) -> int:
+async def serve_relay(cfg: RelayConfig, stop: asyncio.Event,
+                      reload: Optional[Callable[[], RelayConfig]] = None) -> int:
     server = RelayServer(cfg)
     await server.start()
     admin = None
@@ -24,7 +32,26 @@ async def serve_relay(cfg: RelayConfig, stop: asyncio.Event) -> int:
         # cert_expiries: a RelayServer with a certificate store sets this attribute
         admin = await start_admin(server, host=host, port=port, token=cfg.admin_token,
                                   cert_expiries=getattr(server, "cert_expiries", None))
+    loop = asyncio.get_running_loop()
+    if reload is not None:
+        def on_hup() -> None:
+            try:
+                new = reload()
+            except Exception as err:  # ConfigError, or a file that vanished meanwhile
+                log.error("reload refused, keeping the running config: %s", err)
+                return
+            server.reload(new)
+
+        try:
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
+        except (NotImplementedError, RuntimeError, AttributeError):  # pragma: no cover
+            pass
     await stop.wait()
+    if reload is not None:
+        try:
+            loop.remove_signal_handler(signal.SIGHUP)
+        except (NotImplementedError, RuntimeError, AttributeError):  # pragma: no cover
+            pass
     log.info("relay stopping: draining streams (up to %g s)", cfg.drain_timeout)
     await server.close()
     if admin is not None:

@@ -71,6 +71,8 @@ class RelayServer:
         self._acme_names: list = []
         self.addresses: list = []
         self.closing = False
+        if ssl_context is not None:
+            self.state.on_reload.append(self._reload_certificate)
         self.trimmer = MemoryTrimmer()  # freed visitor buffers go back to the OS
         self.fleet: Optional[FleetPresence] = None  # when the registry is in Redis
 
@@ -144,6 +146,27 @@ class RelayServer:
             return self.config.relay_id
         return socket.gethostname() if self.config.db and is_redis_url(self.config.db) \
             else "relay"
+
+    def reload(self, config: RelayConfig) -> None:
+        """Take a new config (SIGHUP): grants, ``--single``, plain tunnels, error pages and
+        the certificate (:meth:`RelayState.reload`); other keys need a restart."""
+        old = self.config
+        for key in ("listen", "db", "names", "signup_zone", "max_connections", "max_pending",
+                    "max_streams", "idle_timeout", "buffer_budget", "slow_reader_timeout",
+                    "keepalive", "zchunks"):
+            if getattr(old, key) != getattr(config, key):
+                log.warning("reload: %s changed; it takes effect at the next restart", key)
+        if bool(old.tls_cert) != bool(config.tls_cert):
+            log.warning("reload: TLS turned on or off; it takes effect at the next restart")
+        dropped = self.state.reload(config)
+        log.info("reload: %d kite grants%s", len(config.grants),
+                 f"; stopped flying: {', '.join(dropped)}" if dropped else "")
+
+    def _reload_certificate(self, config: RelayConfig) -> None:
+        """New handshakes use the certificate files of ``config`` (same context)."""
+        ctx = self.dispatcher.ssl_context
+        if ctx is not None and config.tls_cert:
+            ctx.load_cert_chain(config.tls_cert, config.tls_key or config.tls_cert)
 
     async def close(self, drain_timeout: Optional[float] = None) -> None:
         """Stop accepting, let open streams finish (up to ``drain_timeout``), close tunnels."""

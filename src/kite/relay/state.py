@@ -13,6 +13,11 @@ Presence is an event: when a kite starts flying (its first tunnel registers it) 
 (its last tunnel closes), every listener given to :meth:`RelayState.subscribe` is called
 with a :class:`PresenceEvent`, synchronously, in the order of the changes.  Listeners must
 not raise; one that does is logged and the others still run.
+
+Reload (SIGHUP): :meth:`RelayState.reload` takes the grants, the ``--single`` kites, the
+plain-tunnel rule and the error pages of a new config; kites it no longer grants with the
+same secret stop flying (like an account's kite removed), nothing else drops.  Then every
+hook in :attr:`RelayState.on_reload` is called (certificates reload there).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from ..net.accesslog import AccessLog, open_access_log
 from ..net.limits import StreamLimits
@@ -104,6 +109,10 @@ class RelayState:
         self.limits = StreamLimits(
             max_streams=config.max_streams, idle_timeout=config.idle_timeout,
             buffer_budget=config.buffer_budget, slow_reader_timeout=config.slow_reader_timeout)
+        self.error_pages: dict = dict(config.error_pages)  # --error-pages: name -> template
+        #: Called with the new RelayConfig after a reload took it (e.g. CertStore.reload);
+        #: a hook that raises is logged, the others still run.
+        self.on_reload: list[Callable[[RelayConfig], Any]] = []
 
     # -- presence -----------------------------------------------------------------------------
     def subscribe(self, listener: PresenceListener) -> Callable[[], None]:
@@ -253,6 +262,11 @@ class RelayState:
                                       peer=tunnel.peer)
             if self.routes.add(kite.proto, kite.domain, tunnel):
                 self._emit(kite.proto, kite.domain, True)
+            else:
+                log.warning("kite %s:%s: another backend joined from %s; %d backends share "
+                            "its visitors (--single %s refuses the second)", kite.proto,
+                            kite.domain, tunnel.peer,
+                            len(self.routes.tunnels(kite.proto, kite.domain)), kite.domain)
         waiting = self.replace_sessions(replace, tunnel) if replace and tunnel.kites else list(replace)
         if reply.session_id and tunnel.kites:
             if tunnel.session_id:
@@ -270,6 +284,35 @@ class RelayState:
         for t in others:
             t.request_ping()  # a stale tunnel that does not answer is closed soon
         return bool(others)
+
+    def shared_kites(self) -> dict[str, list[str]]:
+        """Kites more than one backend flies now (balanced): ``proto:domain`` -> the peers."""
+        return {f"{p}:{d}": [t.peer for t in self.routes.tunnels(p, d)]
+                for p, d in self.routes.kites() if len(self.routes.tunnels(p, d)) > 1}
+
+    # -- reload -------------------------------------------------------------------------------
+    def reload(self, config: RelayConfig) -> list[str]:
+        """Take ``config``'s grants, ``--single`` kites, plain-tunnel rule and error pages
+        (listeners, limits, DNS and the registry stay as started).  A flying kite whose
+        secret is gone or changed stops flying; returns the kites dropped."""
+        before = {k: self.authorizer.find_secret(*k) for k in self.routes.kites()}
+        cfg = self.config
+        cfg.grants = self.grants = config.grants
+        cfg.single_backend = set(config.single_backend)
+        cfg.allow_plain = config.allow_plain
+        cfg.error_pages = config.error_pages
+        self.error_pages = dict(config.error_pages)
+        dropped = []
+        for (proto, domain), secret in before.items():
+            if self.authorizer.find_secret(proto, domain) != secret:
+                self.drop_kite(proto, domain, "kite removed from the relay config")
+                dropped.append(f"{proto}:{domain}")
+        for hook in list(self.on_reload):
+            try:
+                hook(config)
+            except Exception:  # a hook's bug must not undo the reload
+                log.exception("reload hook %r failed", hook)
+        return dropped
 
     # -- names --------------------------------------------------------------------------------
     def is_relay_name(self, name: Optional[str]) -> bool:

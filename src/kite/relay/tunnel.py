@@ -13,11 +13,12 @@ import time
 from typing import Optional
 
 from ..errors import HandshakeError, TooManyStreams
+from ..net.sockets import close_gracefully
 from ..net.tunnel import TUNNEL_HIGH_WATER, TUNNEL_LOW_WATER, TunnelProtocol
 from ..proto import control, handshake
 from ..proto.flow import KITE_FLOW_FEATURE
-from ..proto.http import find_head_end
-from ..proto.names import KITE_PROTOS
+from ..proto.http import find_head_end, http_error
+from ..proto.names import HTTP_PROTOS, KITE_PROTOS
 from .state import RelayState
 
 log = logging.getLogger("kite.relay")
@@ -180,17 +181,24 @@ class RelayTunnel(TunnelProtocol):
                 return sid
         raise TooManyStreams(f"{self.name}: no free stream id")  # pragma: no cover
 
+    def cut_local(self, stream, transport) -> None:
+        """The 502 page of a visitor whose response never started: the relay's template
+        (``--error-pages``: 502.html) when it has one; the access log says ``reset``."""
+        if self.state.access_log is not None:
+            self.state.access_log.mark(
+                stream, "reset", f"tunnel closed: {self.close_reason}" if self.closed else "cut")
+        template = self.state.error_pages.get("502")
+        if template is not None and not stream.delivered and stream.proto in HTTP_PROTOS:
+            transport.write(http_error(502, stream.host, template=template))
+            close_gracefully(transport)
+        else:
+            super().cut_local(stream, transport)
+
     def on_stream_closed(self, stream) -> None:
         if self.state.registry is not None:
             self.state.registry.count(stream, final=True)
         if self.state.access_log is not None:
             self.state.access_log.closed(stream)
-
-    def cut_local(self, stream, transport) -> None:
-        if self.state.access_log is not None:
-            self.state.access_log.mark(
-                stream, "reset", f"tunnel closed: {self.close_reason}" if self.closed else "cut")
-        super().cut_local(stream, transport)
 
     def on_closed(self, reason: str) -> None:
         if self._reg_handle is not None:
