@@ -213,6 +213,11 @@ def test_txt_values_are_pushed_added_and_removed(knot_manual_txt, loop_kind):
             with pytest.raises(LocalProtocolError):
                 svc.publish_txt(CHALLENGE, ["x" * 256])
             assert svc.updater is not None and svc.updater.failures == 0
+            svc.publish_txt(CHALLENGE, ["at-close"])
+            await knot_has(knot, CHALLENGE, "TXT", ['"at-close"', '"by-hand"'])
+            await svc.close()  # a relay stopping takes its TXT values with it
+            assert await asyncio.to_thread(knot.query, CHALLENGE, "TXT") == ['"by-hand"']
+            assert registry_txt(knot) == []
         finally:
             await svc.close()
 

@@ -75,7 +75,7 @@ class NegativeAnswers:
         zone = self.zone
         self._version = zone.version
         self._suffix = "." + zone.name
-        soa = zone._soa
+        soa = zone.soa
         rd = soa[0]
         self._ttl_class = struct.pack("!HHI", dns.rdatatype.SOA, _IN, soa.ttl)
         self._mname = _name_parts(rd.mname)
@@ -145,7 +145,7 @@ class NegativeAnswers:
             wire = _HEADER.pack(qid, out_flags | _REFUSED, 1, 0, 0, 1 if ar else 0) \
                 + question + (_OPT_RR if ar else b"")
         else:
-            if zone._exists(key, zone._has_addresses(key, None)):  # type: ignore[arg-type]
+            if zone.exists(key):
                 return None  # an answer or NODATA: dnspython renders it (and it is cached)
             dotted = "." + key
             shape = (len(key), *[d for d in self._below if dotted.endswith(d)])

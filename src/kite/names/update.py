@@ -9,8 +9,9 @@ configured) over TCP with ``dns.asyncquery``: never on the relay's critical path
 blocking the event loop.  A flying kite's name gets its A and AAAA RRsets *replaced* by the
 ``--public-ip`` set; a stopped one has both deleted.  A published TXT value
 (:meth:`DnsUpdater.publish_txt`, e.g. an ACME DNS-01 challenge; several per name) is added to
-its name's TXT RRset and a withdrawn one deleted, value by value: TXT values at the same name
-that the relay did not publish are left alone.  Changes that pile up while an update is on
+its name's TXT RRset and a withdrawn one deleted, value by value (all of them at
+:meth:`DnsUpdater.close`): TXT values at the same name that the relay did not publish are
+left alone.  Changes that pile up while an update is on
 the wire go out together in the next one.
 
 Which records are the relay's: the RRset ``_kite-relay.ZONE TXT`` lists them, changed in the
@@ -193,10 +194,12 @@ class DnsUpdater:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self, flush_timeout: float = 2.0) -> None:
-        """Stop; first give pending changes (kites that went offline) ``flush_timeout``
-        seconds to reach the server."""
+        """Stop; first withdraw every published TXT value and give pending changes (these,
+        kites that went offline) ``flush_timeout`` seconds to reach the server."""
         if self._task is None:
             return
+        for name in list(self._txt):
+            self.withdraw_txt(name)
         if (self._dirty or self._txt_dirty) and not self._resync and self._idle is not None:
             self._idle.clear()
             try:

@@ -206,7 +206,17 @@ class Zone:
         """A kite flies on ``qname`` (or a wildcard above it), or it is the relay's."""
         return self._has_addresses(_key(qname), qname)
 
-    def _has_addresses(self, key: str, qname: dns.name.Name) -> bool:
+    def exists(self, key: str) -> bool:
+        """Does the name ``key`` exist (a kite, an own name, TXT, the apex or an empty
+        non-terminal)?  ``key``: lower case, no final dot, in dnspython's text form."""
+        return self._exists(key, self._has_addresses(key, None))
+
+    @property
+    def soa(self) -> dns.rrset.RRset:
+        """The apex SOA RRset (the negative answers' authority), current serial."""
+        return self._soa
+
+    def _has_addresses(self, key: str, qname: Optional[dns.name.Name]) -> bool:
         kites = self._kites
         if key in kites or key in self.own:
             return True
@@ -219,6 +229,8 @@ class Zone:
                 if "*." + rest in kites:
                     return True
             return False
+        if qname is None:
+            qname = dns.name.from_text(key)  # the text form round-trips (escapes and all)
         labels = qname.canonicalize().labels
         for i in range(1, len(labels) - 1):
             if "*." + dns.name.Name(labels[i:]).to_text(omit_final_dot=True) in kites:
