@@ -13,12 +13,13 @@ dnspython renders for the same query (``tests/test_names_negative.py`` checks it
 compression included: the SOA's names point into the question as dnspython's compressor
 would.
 
-A query is a plain case when it is a standard query (QR clear, opcode QUERY), one question
-and nothing else but maybe one OPT (version 0, extended rcode 0, no options but a well-formed COOKIE), the
-question's name uncompressed with labels of letters, digits, ``-`` and ``_`` only, its type
-neither a zone transfer nor a metatype other than ANY, and the message ends where the
-question (or the OPT) does.  Everything else -- and every answer that would not fit the
-client's UDP limit -- is None here, and the server gives it to dnspython.
+A query is a plain case when it is a standard query (QR clear, opcode QUERY) with one
+question and nothing else but maybe one OPT (version 0, extended rcode 0, no option but
+maybe one well-formed COOKIE); the question's name is uncompressed, with labels of letters,
+digits, ``-`` and ``_`` only; its type is neither a zone transfer nor a metatype other than
+ANY; and the message ends where the question (or the OPT) does.  Everything else -- a name
+that exists, and an answer that would not fit the client's UDP limit -- is None here, and
+the server gives it to dnspython.
 """
 
 from __future__ import annotations
