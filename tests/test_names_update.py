@@ -1,19 +1,27 @@
 """RFC 2136 push against a real Knot DNS: a real ``kite relay --dns-update`` and real
 ``kite expose`` processes; the kite's A/AAAA appear in Knot's zone when it flies and go when
 it stops; a wrong TSIG key is refused and logged; the relay resyncs after Knot was down and
-at its own start (stale names of a killed relay)."""
+at its own start (stale names of a killed relay).  The TXT values a NameService publishes
+(ACME DNS-01 challenges) are pushed, withdrawn value by value and resynced the same way."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
 import signal
 import time
 from pathlib import Path
 
+import dns.exception
 import pytest
 
+from kite.errors import LocalProtocolError
+from kite.names.config import NamesConfig, parse_tsig
+from kite.names.service import NameService
 from knotd import Knot
-from support import KITE, SECRET, Proc, make_certs
+from support import KITE, SECRET, Proc, make_certs, run
 
 IPS = ["192.0.2.7", "2001:db8::7"]
 REGISTRY = "_kite-relay.test.kite"
@@ -141,3 +149,122 @@ def test_resync_at_start_removes_what_a_killed_relay_left(knot, kites):
     second, _ = kites.relay(*update_args(knot, key))
     second.wait_for("1 stale removed", timeout=20)
     assert knot.query("stale.test.kite") == [] and knot.query(REGISTRY, "TXT") == []
+
+
+# -- TXT values (ACME DNS-01 challenges) pushed by an in-process NameService -----------------
+CHALLENGE = "_acme-challenge.app.test.kite"
+
+
+def updater_service(knot: Knot, **kw) -> NameService:
+    cfg = NamesConfig(public_ips=list(IPS), update_server=("127.0.0.1", knot.port),
+                      update_zone="test.kite", tsig=parse_tsig(knot.tsig), **kw)
+    return NameService(cfg)
+
+
+async def knot_has(knot: Knot, name: str, rdtype: str, want: list, timeout: float = 20.0) -> None:
+    """Poll Knot (in a thread: the loop keeps pushing) until ``name rdtype`` is ``want``."""
+    deadline = time.monotonic() + timeout
+    got: list = []
+    while time.monotonic() < deadline:
+        try:
+            got = await asyncio.to_thread(knot.query, name, rdtype)
+        except (OSError, dns.exception.DNSException) as exc:
+            got = [repr(exc)]
+        if got == want:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"knot: {name} {rdtype} is {got}, not {want} after {timeout} s")
+
+
+def registry_txt(knot: Knot) -> list:
+    return knot.query(REGISTRY, "TXT")
+
+
+@pytest.fixture
+def knot_manual_txt(tmp_path):
+    """Knot whose zone has a TXT value at CHALLENGE that the relay did not publish."""
+    k = Knot(tmp_path, extra='_acme-challenge.app IN TXT "by-hand"')
+    k.start()
+    yield k
+    k.stop()
+
+
+def test_txt_values_are_pushed_added_and_removed(knot_manual_txt, loop_kind):
+    knot = knot_manual_txt
+
+    async def main():
+        svc = updater_service(knot)
+        await svc.start()
+        try:
+            svc.publish_txt(CHALLENGE, ["token-a", "token-b"])  # several values on one name
+            await knot_has(knot, CHALLENGE, "TXT", ['"by-hand"', '"token-a"', '"token-b"'])
+            assert '"txt" "_acme-challenge.app.test.kite" "token-a"' in registry_txt(knot)
+            svc.withdraw_txt(CHALLENGE, ["token-a"])
+            await knot_has(knot, CHALLENGE, "TXT", ['"by-hand"', '"token-b"'])
+            svc.publish_txt("Other.Test.Kite.", ["x y \"z\""])  # spaces and quotes survive
+            await knot_has(knot, "other.test.kite", "TXT", ['"x y \\"z\\""'])
+            svc.withdraw_txt(CHALLENGE)
+            svc.withdraw_txt("other.test.kite")
+            await knot_has(knot, CHALLENGE, "TXT", ['"by-hand"'])  # not ours: left alone
+            await knot_has(knot, "other.test.kite", "TXT", [])
+            assert registry_txt(knot) == []
+            with pytest.raises(LocalProtocolError):
+                svc.publish_txt("app.elsewhere.kite", ["v"])  # outside the update zone
+            with pytest.raises(LocalProtocolError):
+                svc.publish_txt(CHALLENGE, ["x" * 256])
+            assert svc.updater is not None and svc.updater.failures == 0
+            svc.publish_txt(CHALLENGE, ["at-close"])
+            await knot_has(knot, CHALLENGE, "TXT", ['"at-close"', '"by-hand"'])
+            await svc.close()  # a relay stopping takes its TXT values with it
+            assert await asyncio.to_thread(knot.query, CHALLENGE, "TXT") == ['"by-hand"']
+            assert registry_txt(knot) == []
+        finally:
+            await svc.close()
+
+    run(main, loop_kind)
+
+
+def test_txt_resync_after_knot_was_down_and_at_start(knot, caplog):
+    async def main():
+        svc = updater_service(knot)
+        await svc.start()
+        try:
+            svc.publish_txt(CHALLENGE, ["one", "two"])
+            await knot_has(knot, CHALLENGE, "TXT", ['"one"', '"two"'])
+            await asyncio.to_thread(knot.stop)
+            svc.withdraw_txt(CHALLENGE, ["one"])
+            svc.publish_txt(CHALLENGE, ["three"])
+            svc.publish_txt("_acme-challenge.b.test.kite", ["four"])
+            updater = svc.updater
+            assert updater is not None
+            deadline = time.monotonic() + 20
+            while not updater.failures and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert updater.failures  # the update server is unreachable: it failed, it goes on
+            await asyncio.to_thread(knot.start)  # its zone still has "one" and "two"
+            await knot_has(knot, CHALLENGE, "TXT", ['"three"', '"two"'], timeout=45)
+            await knot_has(knot, "_acme-challenge.b.test.kite", "TXT", ['"four"'])
+        finally:
+            updater_task = svc.updater._task if svc.updater else None
+            if updater_task is not None:  # as if the relay was killed: nothing withdrawn
+                updater_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await updater_task
+        # a new relay publishing nothing: its resync at start removes what the last one left
+        fresh = updater_service(knot)
+        await fresh.start()
+        try:
+            fresh.publish_txt(CHALLENGE, ["five"])
+            await knot_has(knot, CHALLENGE, "TXT", ['"five"'])
+            await knot_has(knot, "_acme-challenge.b.test.kite", "TXT", [])
+            assert registry_txt(knot) == ['"txt" "_acme-challenge.app.test.kite" "five"']
+        finally:
+            await fresh.close()
+
+    with caplog.at_level(logging.INFO, logger="kite.names"):
+        run(main, "asyncio")
+    text = caplog.text
+    assert "unreachable" in text and "1 stale TXT values removed" in text  # "one"
+    assert "3 stale TXT values removed" in text  # "two", "three", "four" of the killed one
+    for secret in (knot.secret, "one", "three", "four", "five"):
+        assert f'"{secret}"' not in text and f" {secret} " not in text  # values are not logged

@@ -230,6 +230,30 @@ def test_service_publishes_txt_and_takes_presence_events():
     assert default.zone.ns_names == ["relay.test.kite"] and "relay.test.kite" in default.zone.own
 
 
+def test_txt_goes_to_the_zone_the_updater_or_both():
+    both = NameService(NamesConfig(zone="test.kite", public_ips=[V4], update_server=("127.0.0.1", 53),
+                                   update_zone="kites.test.kite"))
+    both.publish_txt("_acme-challenge.app.kites.test.kite", ["t1", "t2"])  # in both zones
+    both.publish_txt("_acme-challenge.test.kite", ["t3"])  # served only
+    assert both.zone.txt("_acme-challenge.app.kites.test.kite") == ["t1", "t2"]
+    assert both.updater.txt("_acme-challenge.app.kites.test.kite") == ["t1", "t2"]
+    assert both.zone.txt("_acme-challenge.test.kite") == ["t3"]
+    assert both.updater.txt("_acme-challenge.test.kite") == []
+    both.withdraw_txt("_acme-challenge.app.kites.test.kite", ["t1"])
+    assert both.updater.txt("_acme-challenge.app.kites.test.kite") == ["t2"]
+    push = NameService(NamesConfig(public_ips=[V4], update_server=("127.0.0.1", 53),
+                                   update_zone="test.kite"))  # --dns-update only: no zone served
+    push.publish_txt("_Acme-Challenge.App.Test.Kite.", ["v"])
+    assert push.zone is None and push.updater.txt("_acme-challenge.app.test.kite") == ["v"]
+    for bad in ("_acme-challenge.example.com", "bad name.test.kite", "*.test.kite"):
+        with pytest.raises(LocalProtocolError, match="not a name in the zone"):
+            push.publish_txt(bad, ["v"])
+    with pytest.raises(LocalProtocolError):
+        push.publish_txt("x.test.kite", [f"v{i}" for i in range(33)])
+    with pytest.raises(LocalProtocolError, match="no --zone"):
+        NameService(NamesConfig()).publish_txt("x.test.kite", ["v"])
+
+
 # -- the query path ----------------------------------------------------------------------------
 def make_server(**kw) -> DnsServer:
     zone = make_zone()

@@ -2,7 +2,8 @@
 kite.net: it may import kite.net, kite.proto, kite.config and kite.errors, never a role).
 
 ``zone`` (which names exist, the answers, dnspython), ``server`` (UDP and TCP, rate limit,
-answer cache), ``update`` (RFC 2136 push), ``config`` (options and keys), ``service``
+answer cache), ``negative`` (NXDOMAIN and REFUSED from templates, without dnspython),
+``update`` (RFC 2136 push), ``config`` (options and keys), ``service``
 (:class:`NameService`, what the relay builds and feeds with presence events).
 """
 

@@ -5,7 +5,10 @@ Theory of operation
 :meth:`DnsServer.handle` is the whole query path, for both transports: bounds (a message of
 fewer than 12 or more than :data:`MAX_QUERY` bytes is dropped), the per-address rate limit
 (:class:`RateLimiter`: past N queries per second an address is ignored until the next
-second), then the answer cache, then dnspython: :func:`dns.message.from_wire`, the zone's
+second), then the answer cache, then the negative answers rendered from templates
+(:class:`~kite.names.negative.NegativeAnswers`: a plain query for a name that does not exist
+or is outside the zone, answered byte for byte as dnspython would, without parsing), then
+dnspython: :func:`dns.message.from_wire`, the zone's
 :meth:`~kite.names.zone.Zone.respond`, ``to_wire`` (over UDP truncated to the client's limit
 with TC set, so it retries over TCP).  A message dnspython cannot parse is answered FORMERR
 with its header only; a response (QR set) is never answered.  Nothing raised inside leaves
@@ -16,7 +19,8 @@ transport), until the zone changes: so the rendered answer is kept under those b
 repeated query (a resolver asking again, with a new ID) is answered by copying its ID in
 front of the stored bytes, without parsing.  Any change of the zone (:attr:`Zone.version`)
 empties the cache, so presence changes are visible at once.  It holds at most
-:data:`CACHE_SIZE` answers and is emptied when full (random names cannot grow it).
+:data:`CACHE_SIZE` answers and is emptied when full; the template negative answers are not
+kept in it (a flood of random names would only push the useful answers out).
 
 TCP (RFC 7766): two-byte length framing, several queries per connection answered in order,
 :data:`TCP_IDLE` seconds of silence closes it, at most :data:`MAX_TCP` at once, and a
@@ -40,6 +44,7 @@ import dns.opcode
 import dns.rcode
 
 from ..errors import KiteError
+from .negative import NegativeAnswers
 from .zone import EDNS_PAYLOAD, Zone
 
 log = logging.getLogger("kite.names")
@@ -227,13 +232,14 @@ class DnsServer:
     """Answers queries for ``zone`` on every ``(host, port)`` of ``addresses``, UDP and TCP."""
 
     def __init__(self, zone: Zone, addresses: list, *, rate_limit: int = 100,
-                 cache_size: int = CACHE_SIZE) -> None:
+                 cache_size: int = CACHE_SIZE, fast_negative: bool = True) -> None:
         self.zone = zone
         self.addresses = list(addresses)
         self.limiter = RateLimiter(rate_limit)
         self.cache_size = cache_size
         self._caches: tuple[dict, dict] = ({}, {})  # UDP, TCP: query[2:] -> answer[2:]
         self._version = zone.version
+        self.negative: Optional[NegativeAnswers] = NegativeAnswers(zone) if fast_negative else None
         self.streams: set = set()
         self._udp: list = []
         self._tcp: list = []
@@ -306,6 +312,10 @@ class DnsServer:
             rcodes[rcode] = rcodes.get(rcode, 0) + 1
             return data[:2] + hit
         try:
+            if self.negative is not None:
+                answer = self.negative.answer(data, tcp)
+                if answer is not None:  # not cached: random names would only churn the cache
+                    return answer
             answer = self._answer(data, tcp)
         except Exception:  # a bug: costs this query only
             stats["failed"] += 1

@@ -3,9 +3,9 @@
 :class:`NameService` is what a role sees: built from a :class:`~kite.names.config.NamesConfig`
 and the relay's own names, started and closed with the relay, told about presence changes
 (:meth:`NameService.presence`, or :meth:`NameService.on_presence` given a presence event) and
-asked to publish TXT records (:meth:`NameService.publish_txt`).  A presence change reaches the
-served zone before ``presence`` returns (the next query sees it) and is on its way to the
-update server at once.
+asked to publish TXT records (:meth:`NameService.publish_txt`: served, pushed, or both).  A
+presence or TXT change reaches the served zone before the call returns (the next query sees
+it) and is on its way to the update server at once.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 from typing import Iterable, Optional
 
 from ..errors import LocalProtocolError
+from ..proto.names import valid_domain
 from .config import NamesConfig, hostnames, in_zone
 from .server import DnsServer
 from .update import DnsUpdater
@@ -74,15 +75,33 @@ class NameService:
 
     # -- TXT ----------------------------------------------------------------------------------
     def publish_txt(self, name: str, values: Iterable[str]) -> None:
-        """Serve ``values`` (added to those already there) as the TXT RRset of ``name``, a
-        name in the zone (e.g. ``_acme-challenge.app.ZONE`` for ACME DNS-01)."""
-        self._zone().publish_txt(name, values)
+        """Publish ``values`` (added to those already there) in the TXT RRset of ``name``
+        (e.g. ``_acme-challenge.app.ZONE`` for ACME DNS-01): served if ``name`` is in the zone
+        (``--zone``), pushed if it is in the update zone (``--dns-update-zone``), or both."""
+        n, targets = self._txt_targets(name)
+        vals = list(values)
+        for t in targets:
+            t.publish_txt(n, vals)
 
     def withdraw_txt(self, name: str, values: Optional[Iterable[str]] = None) -> None:
-        """Stop serving ``values`` (default: every value) at ``name``."""
-        self._zone().withdraw_txt(name, values)
+        """Stop publishing ``values`` (default: every value) at ``name``."""
+        n, targets = self._txt_targets(name)
+        vals = None if values is None else list(values)
+        for t in targets:
+            t.withdraw_txt(n, vals)
 
-    def _zone(self) -> Zone:
-        if self.zone is None:
-            raise LocalProtocolError("TXT records need a zone (--zone)")
-        return self.zone
+    def _txt_targets(self, name: str) -> tuple:
+        """``name`` (lower case, no final dot) and what publishes its TXT: the served zone,
+        the updater, or both; LocalProtocolError if neither covers it."""
+        n = name.lower().rstrip(".") if isinstance(name, str) else ""
+        targets: list = []
+        if valid_domain(n, wildcard=False):
+            if self.zone is not None and in_zone(n, self.zone.name):
+                targets.append(self.zone)
+            if self.updater is not None and in_zone(n, self.updater.zone):
+                targets.append(self.updater)
+        if not targets:
+            zones = [z for z in (self.zone and self.zone.name, self.updater and self.updater.zone) if z]
+            raise LocalProtocolError(f"{name!r} is not a name in the zone "
+                                     f"{' or '.join(repr(z) for z in zones) or '(none: no --zone)'}")
+        return n, targets

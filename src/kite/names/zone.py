@@ -36,7 +36,7 @@ from ..errors import LocalProtocolError
 from ..proto.names import valid_domain
 from .config import in_zone
 
-__all__ = ["Zone", "EDNS_PAYLOAD"]
+__all__ = ["Zone", "EDNS_PAYLOAD", "merge_txt"]
 
 #: The UDP payload size we advertise and never exceed (DNS flag day 2020).
 EDNS_PAYLOAD = 1232
@@ -54,6 +54,20 @@ A, AAAA, TXT, NS, SOA, ANY = (dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype
 #: ANY gets the first of these the name has (RFC 8482: one RRset, never the lot).
 ANY_ORDER = (A, AAAA, TXT, SOA)
 ZONE_TRANSFERS = (dns.rdatatype.AXFR, dns.rdatatype.IXFR)
+
+
+def merge_txt(name: str, current: list, values: Iterable[str]) -> list:
+    """``current`` TXT values of ``name`` with ``values`` added (in order, no repeats);
+    LocalProtocolError if a value is not a string of at most MAX_TXT_VALUE bytes or there
+    would be more than MAX_TXT_VALUES."""
+    vals = list(values)
+    for v in vals:
+        if not isinstance(v, str) or len(v.encode()) > MAX_TXT_VALUE:
+            raise LocalProtocolError(f"a TXT value is a string of at most {MAX_TXT_VALUE} bytes")
+    merged = list(dict.fromkeys([*current, *vals]))
+    if len(merged) > MAX_TXT_VALUES:
+        raise LocalProtocolError(f"at most {MAX_TXT_VALUES} TXT values on {name!r}")
+    return merged
 
 
 def _key(name: dns.name.Name) -> str:
@@ -152,14 +166,8 @@ class Zone:
     def publish_txt(self, name: str, values: Iterable[str]) -> None:
         """Add ``values`` to the TXT RRset of ``name`` (in the zone; several at once)."""
         n = self._txt_name(name)
-        vals = list(values)
-        for v in vals:
-            if not isinstance(v, str) or len(v.encode()) > MAX_TXT_VALUE:
-                raise LocalProtocolError(f"a TXT value is a string of at most {MAX_TXT_VALUE} bytes")
         current = self._txt.get(n, [])
-        merged = list(dict.fromkeys([*current, *vals]))
-        if len(merged) > MAX_TXT_VALUES:
-            raise LocalProtocolError(f"at most {MAX_TXT_VALUES} TXT values on {n!r}")
+        merged = merge_txt(n, current, values)
         if merged == current:
             return
         if not current:
@@ -198,7 +206,17 @@ class Zone:
         """A kite flies on ``qname`` (or a wildcard above it), or it is the relay's."""
         return self._has_addresses(_key(qname), qname)
 
-    def _has_addresses(self, key: str, qname: dns.name.Name) -> bool:
+    def exists(self, key: str) -> bool:
+        """Does the name ``key`` exist (a kite, an own name, TXT, the apex or an empty
+        non-terminal)?  ``key``: lower case, no final dot, in dnspython's text form."""
+        return self._exists(key, self._has_addresses(key, None))
+
+    @property
+    def soa(self) -> dns.rrset.RRset:
+        """The apex SOA RRset (the negative answers' authority), current serial."""
+        return self._soa
+
+    def _has_addresses(self, key: str, qname: Optional[dns.name.Name]) -> bool:
         kites = self._kites
         if key in kites or key in self.own:
             return True
@@ -211,6 +229,8 @@ class Zone:
                 if "*." + rest in kites:
                     return True
             return False
+        if qname is None:
+            qname = dns.name.from_text(key)  # the text form round-trips (escapes and all)
         labels = qname.canonicalize().labels
         for i in range(1, len(labels) - 1):
             if "*." + dns.name.Name(labels[i:]).to_text(omit_final_dot=True) in kites:
