@@ -31,6 +31,8 @@ __all__ = [
     "DnsUpdateRejected",
     "StoreError",
     "SignupFailed",
+    "PermanentFailure",
+    "InspectorError",
 ]
 
 
@@ -154,3 +156,15 @@ class StoreError(KiteError):
 class SignupFailed(KiteError):
     """``kite expose --signup``: the relay refused the sign-up (its JSON error is the
     message) or could not be asked."""
+
+
+# -- kite expose ------------------------------------------------------------------------------
+class PermanentFailure(KiteError):
+    """A relay keeps refusing us for a reason retrying does not change (a wrong secret, a
+    name it does not allow, a certificate that fails the check, an address that is not a
+    relay): ``kite expose`` reports it with the fix and exits 1."""
+
+
+class InspectorError(KiteError):
+    """``kite expose --inspect``: a recorded request cannot be replayed (gone, cut at the
+    body limit, or the local server did not answer)."""

@@ -36,21 +36,34 @@ from .run import config_errors, fail, serve, setup_logging
 @click.option("--signup", metavar="EMAIL",
               help="Sign up for NAME on the (first) relay first, and save the secret (mode 0600) "
                    "for the next kite expose.")
+@click.option("--inspect", "inspect", is_flag=False, flag_value="127.0.0.1:4040", default=None,
+              metavar="[HOST:PORT]",
+              help="http kites: record the last requests and serve them, with replay, on "
+                   "this address (alone: 127.0.0.1:4040).  Put it after TARGET NAME, or "
+                   "write --inspect=HOST:PORT.  Needs pip install 'kite-relay[admin]'.")
+@click.option("--inspect-keep", type=click.IntRange(1, 100_000), default=50, show_default=True,
+              help="Requests the inspector keeps.")
+@click.option("--inspect-token-file", type=click.Path(dir_okay=False),
+              help="File whose first line is the inspector's token (required off loopback; "
+                   "default: the KITE_INSPECT_TOKEN environment variable).")
 @keepalive_option
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML file with many kites on several relays.")
 @common_options
 def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure, plain, server_name,
-           connect_name, zchunks, public_port, proxy_protocol, no_forwarded, signup, keepalive,
-           config_file, verbose, quiet, loop_kind):
+           connect_name, zchunks, public_port, proxy_protocol, no_forwarded, signup, inspect,
+           inspect_keep, inspect_token_file, keepalive, config_file, verbose, quiet, loop_kind):
     """Fly NAME on the relay(s), serving it from TARGET (port, host:port or URL).
 
     The kite secret: --secret-file FILE, or the KITE_SECRET environment variable (--secret
     shows in `ps`); with --config, secret_file = "..." in the file.
     """
     setup_logging(verbose, quiet)
-    from ..backend.main import build_backend_config, serve_backend
+    from ..backend.main import build_backend_config, build_inspect_config, serve_backend
 
+    with config_errors():
+        inspect_cfg = build_inspect_config(inspect, keep=inspect_keep,
+                                           token_file=inspect_token_file)
     if signup:
         secret = _signup(signup, name, relays, ca, fingerprint, insecure, plain, server_name,
                          connect_name)
@@ -61,7 +74,7 @@ def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure,
             public_port=public_port, proxy_protocol=proxy_protocol, forwarded=not no_forwarded,
             keepalive=keepalive, connect_name=connect_name, zchunks=zchunks,
             config_file=config_file, secret_file=secret_file)
-    serve(lambda stop: serve_backend(cfg, stop), loop_kind)
+    serve(lambda stop: serve_backend(cfg, stop, inspect_cfg), loop_kind)
 
 
 def _signup(email, name, relays, ca, fingerprint, insecure, plain, server_name,
