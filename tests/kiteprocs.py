@@ -118,11 +118,11 @@ class _OriginHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.hits.append(("GET", self.path, dict(self.headers)))
         self._answer(b"hello from the origin " + self.path.encode() + b"\n")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         n = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(n)
         self.hits.append(("POST", self.path, dict(self.headers), body))

@@ -74,10 +74,10 @@ def test_requests_are_recorded_masked_and_replayed(inspected):
     assert first["method"] == "GET" and first["status"] == 200 and first["replayable"]
 
     _, ex = _get(f"{api}/{first['id']}")
-    req_headers = dict((n.lower(), v) for n, v in ex["request"]["headers"])
+    req_headers = {n.lower(): v for n, v in ex["request"]["headers"]}
     assert req_headers["authorization"] == "Bearer ***"
     assert req_headers["cookie"] == "session=***; theme=***"
-    resp_headers = dict((n.lower(), v) for n, v in ex["response"]["headers"])
+    resp_headers = {n.lower(): v for n, v in ex["response"]["headers"]}
     assert resp_headers["set-cookie"] == "session=***; Path=/; HttpOnly"
     assert ex["response"]["body"] == "hello from the origin /hello?x=1\n"
     dump = json.dumps(ex)

@@ -418,7 +418,7 @@ class RelayConnector:
                     self.on_failure()
                     return
                 wait = failures.PERMANENT_RETRY * 2 ** (strikes - 1)
-                log.info("relay %s: %s; attempt %d of %d failed for good, trying again in %g s",
+                log.info("relay %s: %s; attempt %d of %d (this does not fix itself); again in %g s",
                          self.spec.address, outcome, strikes, failures.PERMANENT_ATTEMPTS, wait)
                 await asyncio.sleep(wait)
                 continue
