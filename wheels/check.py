@@ -53,7 +53,8 @@ def package_modules() -> set[str]:
     """The package's modules and data as the wheel must hold them (``kite/...``)."""
     files = {p.relative_to(SRC).as_posix() for p in (SRC / "kite").rglob("*.py")
              if "__pycache__" not in p.parts}
-    return files | {"kite/_fastpath.pyi", "kite/py.typed"}
+    pages = {p.relative_to(SRC).as_posix() for p in (SRC / "kite").rglob("static/*.html")}
+    return files | pages | {"kite/_fastpath.pyi", "kite/py.typed"}
 
 
 def source_files() -> set[str]:
@@ -62,8 +63,9 @@ def source_files() -> set[str]:
                                                       "src/kite/_fastpath.pxd"}
 
 
-# Never in a wheel or the sdist: build leftovers and code that is not kite.
-FORBIDDEN = re.compile(r"(\.pyc$|__pycache__/|\.c$|\.html$|\.o$|(^|/)tests?/|(^|/)bench/"
+# Never in a wheel or the sdist: build leftovers (Cython's annotation page among them) and
+# code that is not kite.  The pages under static/ are package data.
+FORBIDDEN = re.compile(r"(\.pyc$|__pycache__/|\.c$|_fastpath\.html$|\.o$|(^|/)tests?/|(^|/)bench/"
                        r"|(^|/)\.ci/|(^|/)wheels/|(^|/)docs/|\.egg-info/)")
 
 
