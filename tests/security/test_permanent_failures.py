@@ -87,3 +87,42 @@ def test_a_relay_restart_is_waited_for(relay_process, expose_process, http_origi
     relay2.proc.wait_for("kite online: http:app.test.kite", timeout=30)
     assert expose.proc.poll() is None
     assert "kite: error" not in expose.output()
+
+
+def test_relay_by_ip_without_that_ip_in_its_certificate(tmp_path):
+    """The certificate names only localhost; the backend dials 127.0.0.1 with the right CA:
+    the hint is --server-name, and with it the kite flies."""
+    certs = make_certs(tmp_path, names=("localhost",), stem="named")
+    relay = Proc([*KITE, "relay", "--listen", "127.0.0.1:0", "--tls-cert", certs.cert,
+                  "--tls-key", certs.key, "--kite", "*:*.test.kite:" + SECRET], tmp_path,
+                 "relay")
+    try:
+        port = int(re.search(r"relay listening on 127\.0\.0\.1:(\d+)",
+                             relay.wait_for("relay listening on")).group(1))
+        out = _exits_1(_expose(tmp_path, "app.test.kite", port, "--ca", certs.cert))
+        assert "IP address mismatch" in out and "--server-name NAME" in out, out
+        ok = _expose(tmp_path, "app.test.kite", port, "--ca", certs.cert, "--server-name",
+                     "localhost", tag="named")
+        try:
+            ok.wait_for("kite flying")
+        finally:
+            ok.stop(signal.SIGKILL)
+    finally:
+        relay.stop(signal.SIGKILL)
+
+
+def test_what_counts_as_permanent():
+    from kite.backend.failures import explain_not_a_relay, explain_refusal
+    from kite.config import RelaySpec
+
+    relay = RelaySpec(host="relay.example.com", port=443)
+    # A relay's bare 503 (an address blocked for a while) is no proof of "not a relay".
+    assert explain_not_a_relay(relay, 503, "Unavailable", []) is None
+    assert explain_not_a_relay(relay, 200, "OK", []) is None
+    assert explain_not_a_relay(relay, 403, "Forbidden", [("X-PageKite-Invalid", "x")]) is None
+    assert "not a kite relay" in explain_not_a_relay(relay, 404, "Not Found", [])
+    # Quota and days run out and come back: never permanent; one such reason is enough.
+    assert explain_refusal(relay, [("http:a", "quota")]) is None
+    assert explain_refusal(relay, [("http:a", "signature"), ("http:b", "nodays")]) is None
+    assert explain_refusal(relay, []) is None
+    assert "secret is wrong" in explain_refusal(relay, [("http:a", "signature")])

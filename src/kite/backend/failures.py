@@ -4,9 +4,9 @@ A *permanent* failure is one that retrying does not change: the relay refused ev
 for a wrong secret (``signature``), a name or protocol it does not carry (``unauthorized``,
 ``port``, ``proto``, ``reserved``), the relay's certificate failed the check, or the address
 is not a kite relay at all (it answered the TLS hello with plain text - OpenSSL's
-``WRONG_VERSION_NUMBER`` - or the tunnel request with an HTTP answer without a PageKite
-header).  The connector retries those :data:`PERMANENT_ATTEMPTS` times, then ``kite expose``
-exits 1 with the message made here.  Everything else (refused connections, resets, timeouts,
+``WRONG_VERSION_NUMBER`` - or the tunnel request with an HTTP answer, other than 503,
+without a PageKite header).  The connector makes :data:`PERMANENT_ATTEMPTS` attempts, then
+``kite expose`` exits 1 with the message made here.  Everything else (refused connections, resets, timeouts,
 a relay restarting, ``quota``/``nodays`` that a top-up lifts, a duplicate) is transient and
 retried forever.
 """
@@ -77,6 +77,9 @@ def explain_ssl_error(relay: RelaySpec, exc: ssl.SSLError) -> Optional[str]:
         if _is_ip(relay.host) and not relay.server_name and not relay.fingerprint:
             fix += ("; the relay address is an IP address, so the certificate must name that "
                     "IP: give the name it carries with --server-name NAME")
+        elif "mismatch" in why.lower() and not relay.fingerprint:
+            fix = ("the certificate does not carry the name dialed: give the name it carries "
+                   "with --server-name NAME")
         return f"relay {relay.address}: the certificate check failed: {why} ({fix})"
     if getattr(exc, "reason", None) in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST",
                                         "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"):
@@ -89,8 +92,10 @@ def explain_ssl_error(relay: RelaySpec, exc: ssl.SSLError) -> Optional[str]:
 def explain_not_a_relay(relay: RelaySpec, status: Optional[int], phrase: str,
                         headers: list) -> Optional[str]:
     """The report for a tunnel request answered by something other than a relay (an HTTP
-    answer without a single PageKite header), or None."""
-    if status == 200 or any(name.lower().startswith("x-pagekite") for name, _ in headers):
+    answer without a single PageKite header), or None.  ``503`` is no proof: relays answer
+    it bare to a request they will not take now (pagekite.py's HTTP_ConnectBad, a kite
+    relay blocking an address after failed signatures)."""
+    if status in (200, 503) or any(name.lower().startswith("x-pagekite") for name, _ in headers):
         return None
     answer = f"{status} {phrase}".strip() if status is not None else "no HTTP status"
     return (f"relay {relay.address} answered {answer!r} to the tunnel request: it is not a "
