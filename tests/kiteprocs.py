@@ -105,7 +105,8 @@ def expose_process(tmp_path):
 
 
 class _OriginHandler(http.server.BaseHTTPRequestHandler):
-    """GET: a small page with a cookie; POST/PUT: echoes the body; every answer counts."""
+    """GET: a small page with a cookie; POST: echoes the body (chunked or not); every
+    request is noted in ``hits``."""
 
     protocol_version = "HTTP/1.1"
     hits: list = []
@@ -122,9 +123,22 @@ class _OriginHandler(http.server.BaseHTTPRequestHandler):
         self.hits.append(("GET", self.path, dict(self.headers)))
         self._answer(b"hello from the origin " + self.path.encode() + b"\n")
 
+    def do_HEAD(self) -> None:
+        self.hits.append(("HEAD", self.path, dict(self.headers)))
+        self.send_response(200)
+        self.send_header("Content-Length", "1234")
+        self.end_headers()
+
     def do_POST(self) -> None:
-        n = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(n)
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            body = b""
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.hits.append(("POST", self.path, dict(self.headers), body))
         self._answer(body, "application/octet-stream")
 

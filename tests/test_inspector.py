@@ -208,3 +208,29 @@ def test_inspector_port_taken_is_exit_1(relay_process, tmp_path, http_origin):
 ])
 def test_mask_header(name, value, shown):
     assert mask_header(name, value) == shown
+
+
+def test_head_requests_are_recorded(inspected):
+    relay, base, _origin, _expose = inspected
+    subprocess.run(["curl", "-sS", "-I", "--max-time", "20", "--resolve",
+                    f"app.test.kite:{relay.port}:127.0.0.1",
+                    f"http://app.test.kite:{relay.port}/head"], check=True,
+                   capture_output=True, timeout=30)
+    head, = _wait_for(f"{base}/api/requests",
+                      lambda r: r["path"] == "/head" and r["state"] == "complete")
+    assert head["method"] == "HEAD"
+
+
+def test_a_chunked_upload_is_replayed_with_a_content_length(inspected):
+    relay, base, origin, _expose = inspected
+    assert _curl(relay.port, "/chunked", "-H", "Transfer-Encoding: chunked",
+                 "--data-binary", "piece by piece") == b"piece by piece"
+    api = f"{base}/api/requests"
+    rec, = _wait_for(api, lambda r: r["path"] == "/chunked" and r["state"] == "complete")
+    _, ex = _get(f"{api}/{rec['id']}")
+    assert ex["request"]["body"] == "piece by piece"
+    status, replayed = _post(f"{api}/{rec['id']}/replay")
+    assert status == 201 and replayed["response"]["body"] == "piece by piece"
+    method, path, headers, body = origin.hits[-1]
+    assert (method, path, body) == ("POST", "/chunked", b"piece by piece")
+    assert headers["Content-Length"] == "14" and "Transfer-Encoding" not in headers

@@ -9,7 +9,9 @@ they are read into the tunnel writer (:class:`TappedStreamProtocol`).  Without
 ``--inspect`` nothing of this runs: no call is added to the data path.
 
 Each direction goes through httptools; every request and its response make one
-:class:`Exchange` (pipelined requests are paired in order).  An exchange keeps the heads
+:class:`Exchange` (pipelined requests are paired in order; after an answer to HEAD,
+whose body length httptools cannot know, the rest of that stream is not recorded).  An
+exchange keeps the heads
 and the first :data:`BODY_LIMIT` bytes of each body; the last ``keep`` exchanges are kept
 (:class:`Recorder`).  Authorization, Proxy-Authorization, Cookie and Set-Cookie values are
 masked in everything shown (:func:`mask_header`); the request as it came is kept in memory
@@ -54,6 +56,9 @@ DEFAULT_KEEP = 50
 DEFAULT_ADDRESS = ("127.0.0.1", 4040)
 #: Seconds a replay may take (connect, send, the whole answer).
 REPLAY_TIMEOUT = 30.0
+#: Requests of one stream recorded ahead of their answers (pipelining) before the stream
+#: is no longer recorded: the recording's memory stays bounded whatever a visitor sends.
+MAX_PIPELINED = 64
 #: Headers whose values are never shown.
 MASKED = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 MASK = "***"
@@ -292,6 +297,9 @@ class StreamTap:
 
     # -- requests (visitor -> local) -------------------------------------------------------
     def _request_head(self, msg: _Message) -> None:
+        if len(self.waiting) >= MAX_PIPELINED:
+            self.active = False  # a visitor far ahead of its answers: stop recording
+            return
         ex = self.inspector.recorder.new(self.kite, self.visitor, self.target)
         ex.request = msg
         self._current = ex
@@ -302,8 +310,16 @@ class StreamTap:
 
     # -- responses (local -> visitor) ------------------------------------------------------
     def _response_head(self, msg: _Message) -> None:
-        if self.waiting:
-            self.waiting[0].response = msg
+        if not self.waiting:
+            return
+        ex = self.waiting[0]
+        ex.response = msg
+        if ex.request.first and ex.request.first[0] == "HEAD":
+            # The answer to HEAD has no body whatever its Content-Length says, which
+            # httptools cannot be told: this exchange is whole, and the stream is no
+            # longer recorded (its next answers would not parse).
+            self._response_done(msg)
+            self.closed()
 
     def _response_done(self, msg: _Message) -> None:
         status = msg.first[1] if msg.first else 0
