@@ -37,7 +37,6 @@ import logging
 import os
 import random
 import ssl
-import sys
 import time
 from collections.abc import Callable
 from typing import Optional
@@ -440,21 +439,16 @@ class RelayConnector:
             t.cancel()
 
 
-def _print_line(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 class Backend:
     """All connectors of one ``kite expose``.
 
     When a kite starts flying, the addresses visitors reach it by (kite.backend.urls) go to
-    ``announce`` (default: one line each on stdout), each line once per run: a reconnect
-    prints nothing new.  A connector's permanent failure sets ``failed``.
+    ``announce`` (``kite expose``: one line each on stdout), each line once per run: a
+    reconnect announces nothing new.  A connector's permanent failure sets ``failed``.
     """
 
     def __init__(self, config: BackendConfig, *, inspector=None,
-                 announce: Callable[[str], None] = _print_line) -> None:
+                 announce: Optional[Callable[[str], None]] = None) -> None:
         self.config = config
         self.connectors = [RelayConnector(config, r) for r in config.relays if r.kites]
         self._tasks: list = []
@@ -474,7 +468,8 @@ class Backend:
                                          ssl_ok=k.name in ssl_ok):
                     if line not in self.announced:
                         self.announced.add(line)
-                        self.announce(line)
+                        if self.announce is not None:
+                            self.announce(line)
         return flying
 
     def failures(self) -> list:

@@ -100,6 +100,11 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
     return BackendConfig(relays=specs, keepalive=keepalive, zchunks=zchunks)
 
 
+def _say(line: str) -> None:
+    """One line for the user on stdout (the visitor URLs, the inspector's address)."""
+    print(line, flush=True)
+
+
 def build_inspect_config(address: Optional[str], *, keep: int = 50,
                          token_file: Optional[str] = None):
     """``--inspect [HOST:PORT]`` (None: off), ``--inspect-keep``, ``--inspect-token-file``
@@ -125,8 +130,8 @@ async def serve_backend(cfg: BackendConfig, stop: asyncio.Event, inspect=None) -
 
         inspector = Inspector(inspect)
         host, port = await inspector.start()
-        print(f"inspector: http://{host}:{port}/", flush=True)
-    backend = Backend(cfg, inspector=inspector)
+        _say(f"inspector: http://{host}:{port}/")
+    backend = Backend(cfg, inspector=inspector, announce=_say)
     await backend.start()
     stop_wait = asyncio.ensure_future(stop.wait())
     failed_wait = asyncio.ensure_future(backend.failed.wait())
