@@ -234,3 +234,12 @@ def test_a_chunked_upload_is_replayed_with_a_content_length(inspected):
     method, path, headers, body = origin.hits[-1]
     assert (method, path, body) == ("POST", "/chunked", b"piece by piece")
     assert headers["Content-Length"] == "14" and "Transfer-Encoding" not in headers
+
+
+def test_inspect_before_target_says_where_to_put_it(tmp_path):
+    e = dict(os.environ, KITE_SECRET=SECRET)
+    out = subprocess.run([*KITE, "expose", "--inspect", "8080", "app.test.kite", "--relay",
+                          "127.0.0.1:1", "--insecure"], capture_output=True, text=True,
+                         env=e, timeout=60)
+    assert out.returncode == 2, out
+    assert "put --inspect after TARGET NAME" in out.stderr

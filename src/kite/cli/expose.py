@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..errors import ConfigError
 from .options import common_options, keepalive_option
 from .run import config_errors, fail, serve, setup_logging
 
@@ -62,6 +63,11 @@ def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure,
     from ..backend.main import build_backend_config, build_inspect_config, serve_backend
 
     with config_errors():
+        if inspect and target and not name and not config_file and ":" not in inspect:
+            # `--inspect 8080 app.example.com`: click gave TARGET to --inspect.
+            raise ConfigError("--inspect", f"took {inspect!r} as its address, so NAME is "
+                              "missing", "put --inspect after TARGET NAME, or write "
+                              "--inspect=HOST:PORT")
         inspect_cfg = build_inspect_config(inspect, keep=inspect_keep,
                                            token_file=inspect_token_file)
     if signup:
