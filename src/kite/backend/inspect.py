@@ -336,7 +336,7 @@ class StreamTap:
             return
         parser = self._req.parser if request_side else self._resp.parser
         try:
-            parser.feed_data(bytes(data))
+            parser.feed_data(data)  # httptools takes any buffer: no copy of a view
         except httptools.HttpParserUpgrade:
             self.active = False  # WebSocket & co: not HTTP from here on
         except httptools.HttpParserError as exc:
