@@ -243,3 +243,33 @@ def test_inspect_before_target_says_where_to_put_it(tmp_path):
                          env=e, timeout=60)
     assert out.returncode == 2, out
     assert "put --inspect after TARGET NAME" in out.stderr
+
+
+REQS = (b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /b HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello")
+RESPS = (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+         b"HTTP/1.1 100 Continue\r\n\r\n"
+         b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nyes\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize("step", [None, 1, 7])
+def test_pipelined_exchanges_pair_up_in_any_cut(step):
+    """Both directions fed whole, a byte at a time and in odd pieces: two exchanges, paired
+    in order, the interim 100 skipped."""
+    from kite.backend.inspect import InspectConfig, Inspector, StreamTap
+
+    tap = StreamTap(Inspector(InspectConfig()), "http:x", "192.0.2.1:1234", ("127.0.0.1", 1))
+
+    def feed(side, data):
+        n = step or len(data)
+        for i in range(0, len(data), n):
+            tap.feed(side, memoryview(data)[i:i + n])
+
+    feed(True, REQS)
+    feed(False, RESPS)
+    a, b = tap.inspector.recorder.exchanges.values()
+    assert (a.summary()["path"], a.summary()["status"], a.state) == ("/a", 200, "complete")
+    assert (b.summary()["method"], b.summary()["status"], b.state) == ("POST", 201, "complete")
+    assert bytes(b.request.body) == b"hello" and bytes(b.response.body) == b"yes"
+    assert b.to_json()["response"]["reason"] == "Created"
+    assert b.request_bytes().endswith(b"Content-Length: 5\r\n\r\nhello")
