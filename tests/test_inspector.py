@@ -273,3 +273,26 @@ def test_pipelined_exchanges_pair_up_in_any_cut(step):
     assert bytes(b.request.body) == b"hello" and bytes(b.response.body) == b"yes"
     assert b.to_json()["response"]["reason"] == "Created"
     assert b.request_bytes().endswith(b"Content-Length: 5\r\n\r\nhello")
+
+
+def test_other_sites_cannot_use_the_inspector(inspected):
+    """DNS rebinding (a foreign Host) and cross-site POSTs (a foreign Origin) get 403."""
+    relay, base, _origin, _expose = inspected
+    _curl(relay.port, "/x")
+    rec, = _wait_for(f"{base}/api/requests", lambda r: r["path"] == "/x")
+
+    def status(method, path, **headers):
+        req = urllib.request.Request(base + path, method=method, headers=headers,
+                                     data=b"" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(req, timeout=20) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert status("GET", "/api/requests", Host="evil.example:4040") == 403
+    assert status("GET", "/", Host="attacker.example") == 403
+    replay = f"/api/requests/{rec['id']}/replay"
+    assert status("POST", replay, Origin="http://evil.example") == 403
+    assert status("GET", "/api/requests", Host="localhost:4040") == 200
+    assert status("POST", replay, Origin=base) == 201

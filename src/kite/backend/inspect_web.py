@@ -11,13 +11,19 @@ Routes:
 
 With a token (required off loopback) every route wants ``Authorization: Bearer TOKEN`` or
 ``?token=TOKEN`` (the page passes the latter on to its own requests); else 401.
+
+Other web pages open in the same browser must not reach it (403): without a token the
+``Host`` must be a loopback name or address (no DNS rebinding), and a POST that carries an
+``Origin`` must come from the inspector's own origin (no cross-site replay).
 """
 
 from __future__ import annotations
 
 import hmac
 import importlib.resources
+import ipaddress
 import logging
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -30,6 +36,17 @@ __all__ = ["InspectorWeb"]
 
 def _page() -> bytes:
     return importlib.resources.files("kite.backend").joinpath("static/inspector.html").read_bytes()
+
+
+def _loopback_host(host: str) -> bool:
+    """``host`` (a Host header: name or address, maybe with a port) is a loopback one."""
+    name = urlsplit(f"//{host}").hostname or ""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class InspectorWeb:
@@ -49,6 +66,14 @@ class InspectorWeb:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
+        host = request.host
+        if not self.token and not _loopback_host(host):
+            return web.json_response({"error": f"Host {host!r} is not this inspector"},
+                                     status=403)
+        origin = request.headers.get("Origin")
+        if request.method != "GET" and origin is not None and urlsplit(origin).netloc != host:
+            return web.json_response({"error": "requests from other sites are refused"},
+                                     status=403)
         if self.token:
             given = request.query.get("token", "")
             auth = request.headers.get("Authorization", "")

@@ -101,8 +101,12 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
 
 
 def _say(line: str) -> None:
-    """One line for the user on stdout (the visitor URLs, the inspector's address)."""
-    print(line, flush=True)
+    """One line for the user on stdout (the visitor URLs, the inspector's address); a
+    closed stdout (``| head -1``) is not the tunnel's problem."""
+    try:
+        print(line, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def build_inspect_config(address: Optional[str], *, keep: int = 50,
