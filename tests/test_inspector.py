@@ -55,11 +55,12 @@ def _wait_for(api: str, pred, timeout: float = 20.0):
 
 
 @pytest.fixture
-def inspected(relay_process, expose_process, http_origin):
+def inspected(relay_process, expose_process, http_origin, loop_kind):
+    """A relay, and kite expose --inspect on uvloop and on asyncio."""
     relay = relay_process()
     port = free_port()
     expose = expose_process(str(http_origin.port), "app.test.kite", relay,
-                            f"--inspect=127.0.0.1:{port}")
+                            f"--inspect=127.0.0.1:{port}", "--loop", loop_kind)
     expose.wait_for(f"inspector: http://127.0.0.1:{port}/")
     return relay, f"http://127.0.0.1:{port}", http_origin, expose
 
