@@ -41,6 +41,7 @@ from ..config import KiteSpec
 from ..errors import ConfigError, InspectorError
 from ..net.tunnel import Stream, StreamProtocol, TunnelProtocol
 from ..proto.http import MAX_HEAD
+from ..proto.names import HTTP_PROTOS, bare_proto
 
 log = logging.getLogger("kite.backend.inspect")
 
@@ -408,7 +409,7 @@ class Inspector:
     def tap(self, stream: Stream, spec: KiteSpec, event) -> Optional[StreamTap]:
         """Record ``stream`` if it belongs to an http kite (None otherwise): the opening
         payload now, every later chunk through its sink."""
-        if spec.proto not in ("http", "websocket") or event.proto not in ("http", "websocket"):
+        if bare_proto(spec.proto) not in HTTP_PROTOS or event.proto not in HTTP_PROTOS:
             return None
         target = (spec.target.host, spec.target.port)
         t = StreamTap(self, f"{spec.proto}:{event.host}", stream.peer, target)
