@@ -167,6 +167,7 @@ class Exchange:
         self.response: Optional[_Message] = None
         self.duration: Optional[float] = None
         self.state = "open"  # open -> complete | incomplete (stream ended first)
+        self.request_done = False  # the whole request came (its body to the end)
 
     def summary(self) -> dict:
         method, path, _version = self.request.first or ("", "", "")
@@ -197,8 +198,8 @@ class Exchange:
 
     @property
     def replayable(self) -> bool:
-        return bool(self.request.first) and self.request.size <= len(self.request.body) \
-            and self.state != "open"
+        return (self.request_done and bool(self.request.first)
+                and self.request.size <= len(self.request.body))
 
     def request_bytes(self) -> bytes:
         """The request for a replay: as received, its body with a Content-Length."""
@@ -243,7 +244,6 @@ class _Parsing:
     def __init__(self, on_head, on_complete) -> None:
         self.msg = _Message()
         self._url = b""
-        self._name = b""
         self._on_head = on_head  # called with the message once its head is complete
         self._on_complete = on_complete  # ... and once it is whole
         self.parser: Any = None  # the httptools parser that calls us
@@ -307,6 +307,8 @@ class StreamTap:
         self.waiting.append(ex)
 
     def _request_done(self, msg: _Message) -> None:
+        if self._current is not None:
+            self._current.request_done = True
         self._current = None
 
     # -- responses (local -> visitor) ------------------------------------------------------
@@ -428,9 +430,10 @@ class Inspector:
             raise InspectorError(f"request {ident} cannot be replayed: its body passed "
                                  f"{BODY_LIMIT} bytes and was not kept whole"
                                  if old.request.size > len(old.request.body)
-                                 else f"request {ident} is not complete yet")
+                                 else f"request {ident} has not come whole yet")
         ex = self.recorder.new(old.kite, "replay", old.target, replay_of=ident)
         ex.request = old.request
+        ex.request_done = True
         done = False
 
         def complete(msg: _Message) -> None:

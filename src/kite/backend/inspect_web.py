@@ -106,7 +106,8 @@ class InspectorWeb:
         old = self._find(request)
         if not old.replayable:
             return web.json_response({"error": "this request cannot be replayed (its body "
-                                      "was not kept whole, or it is not complete)"}, status=409)
+                                      "was not kept whole, or has not come whole yet)"},
+                                     status=409)
         try:
             ex = await self.inspector.replay(old.id)
         except InspectorError as exc:
