@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from fastpath_impls import FASTPATH_IMPLS, NO_EXT, REQUIRE_EXT, _load_impl  # noqa: E402,F401
+from kiteprocs import expose_process, http_origin, relay_process  # noqa: F401
 
 # Debian's pagekite package installs the pagekite module for the system Python; its code
 # is pure Python, so the test interpreter can import it.  Appended, so that the packages

@@ -53,8 +53,8 @@ def package_modules() -> set[str]:
     """The package's modules and data as the wheel must hold them (``kite/...``)."""
     files = {p.relative_to(SRC).as_posix() for p in (SRC / "kite").rglob("*.py")
              if "__pycache__" not in p.parts}
-    static = {p.relative_to(SRC).as_posix() for p in (SRC / "kite" / "relay" / "static").iterdir()}
-    return files | static | {"kite/_fastpath.pyi", "kite/py.typed"}
+    pages = {p.relative_to(SRC).as_posix() for p in (SRC / "kite").rglob("static/*.html")}
+    return files | pages | {"kite/_fastpath.pyi", "kite/py.typed"}
 
 
 def source_files() -> set[str]:
@@ -63,7 +63,8 @@ def source_files() -> set[str]:
                                                       "src/kite/_fastpath.pxd"}
 
 
-# Never in a wheel or the sdist: build leftovers and code that is not kite.
+# Never in a wheel or the sdist: build leftovers (Cython's annotation page among them) and
+# code that is not kite.  The pages under static/ are package data.
 FORBIDDEN = re.compile(r"(\.pyc$|__pycache__/|\.c$|_fastpath\.html$|\.o$|(^|/)tests?/|(^|/)bench/"
                        r"|(^|/)\.ci/|(^|/)wheels/|(^|/)docs/|\.egg-info/)")
 

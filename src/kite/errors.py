@@ -32,6 +32,8 @@ __all__ = [
     "StoreError",
     "SignupFailed",
     "AcmeFailed",
+    "PermanentFailure",
+    "InspectorError",
 ]
 
 
@@ -161,3 +163,13 @@ class SignupFailed(KiteError):
 class AcmeFailed(KiteError):
     """Getting a certificate from an ACME server failed; the message is one line, names the
     step and the server's reason, and never holds a key."""
+# -- kite expose ------------------------------------------------------------------------------
+class PermanentFailure(KiteError):
+    """A relay keeps refusing us for a reason retrying does not change (a wrong secret, a
+    name it does not allow, a certificate that fails the check, an address that is not a
+    relay): ``kite expose`` reports it with the fix and exits 1."""
+
+
+class InspectorError(KiteError):
+    """``kite expose --inspect``: a recorded request cannot be replayed (gone, cut at the
+    body limit, or the local server did not answer)."""

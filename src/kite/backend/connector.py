@@ -33,11 +33,13 @@ bytes with the shared machinery of :mod:`kite.net.tunnel`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
 import ssl
 import time
+from collections.abc import Callable
 from typing import Optional
 
 from .. import __version__
@@ -53,7 +55,9 @@ from ..proto.flow import KITE_FLOW_FEATURE
 from ..proto.http import find_head_end, http_error
 from ..proto.names import HTTP_PROTOS, bare_proto, domain_matches
 from ..proto.sniff import TLS_ALERT_INTERNAL_ERROR
+from . import failures
 from .basicauth import AuthGuard, BasicAuth
+from .urls import visitor_urls
 
 log = logging.getLogger("kite.backend")
 
@@ -173,28 +177,37 @@ class BackendTunnel(TunnelProtocol):
             record = access_log.opened(stream, head=event.payload or b"")
         if event.payload:
             stream.receive_opening(event.payload)
-        task = self.loop.create_task(self._connect_local(stream, spec, event, record))
+        # Basic auth (kite.backend.basicauth): its gate reads every request head and adds
+        # the X-Forwarded-* fields itself.
+        auth = self.connector.basic_auth.get(spec.name) if event.proto in HTTP_PROTOS else None
+        if auth is None and spec.proto in HTTP_PROTOS and spec.forwarded \
+                and event.proto in HTTP_PROTOS:
+            rewriter = forwarded.ForwardedRewriter(
+                client_ip=event.rip, proto="https" if event.rtls else "http", host=event.host)
+            stream.enable_rewriter(rewriter)
+        # --inspect: taps the stream from its first chunk on (kite.backend.inspect); None
+        # when off, so the data path is untouched.  Kites with basic auth are not recorded.
+        inspector = self.connector.inspector
+        tap = inspector.tap(stream, spec, event) if inspector is not None and auth is None \
+            else None
+        task = self.loop.create_task(self._connect_local(stream, spec, event, record, tap, auth))
         self.connector.tasks.add(task)
         task.add_done_callback(self.connector.tasks.discard)
 
     async def _connect_local(self, stream: Stream, spec: KiteSpec, event,
-                             record: Optional[AccessRecord] = None) -> None:
+                             record: Optional[AccessRecord] = None, tap=None,
+                             auth: Optional[BasicAuth] = None) -> None:
 
         target = spec.target
         factory = None
-        auth = self.connector.basic_auth.get(spec.name)
-        if auth is not None and event.proto in HTTP_PROTOS:
+        if auth is not None:
             guard = AuthGuard(self, stream, auth, client_ip=event.rip,
                               proto="https" if event.rtls else "http", host=event.host,
                               add_headers=spec.forwarded)
             if not guard.start():
                 return  # the first request had no valid credentials: 401, no local dial
             factory = guard.protocol
-        elif spec.proto in HTTP_PROTOS and spec.forwarded and event.proto in HTTP_PROTOS:
-            rewriter = forwarded.ForwardedRewriter(
-                client_ip=event.rip, proto="https" if event.rtls else "http", host=event.host)
-            stream.enable_rewriter(rewriter)
-        elif spec.proxy_protocol:
+        elif spec.proxy_protocol and stream.rewriter is None:
             maker = proxyproto.proxy_v1 if spec.proxy_protocol == 1 else proxyproto.proxy_v2
             try:
                 header = maker(event.rip or "0.0.0.0", event.rport or 0, "127.0.0.1", event.port or 0)
@@ -202,9 +215,15 @@ class BackendTunnel(TunnelProtocol):
                 header = b""
             if header:
                 stream.prepend_local(header)
-        if factory is None:  # (a basic-auth guard reads the heads itself)
-            factory = ((lambda: StreamProtocol(self, stream)) if record is None
-                       or not record.method else (lambda: _FirstResponse(self, stream, record)))
+        # The local side's protocol: one of the guard's, the inspector's, or the access
+        # log's (reads the first response's status), else the plain one.
+        if factory is None:
+            if tap is not None:
+                factory = tap.protocol_factory(self, stream)
+            elif record is not None and record.method:
+                factory = functools.partial(_FirstResponse, self, stream, record)
+            else:
+                factory = functools.partial(StreamProtocol, self, stream)
         try:
             await self.loop.create_connection(
                 factory, target.host, target.port)
@@ -282,8 +301,19 @@ class RelayConnector:
         self.session_id: Optional[str] = None
         self.tunnel: Optional[BackendTunnel] = None
         self.tasks: set = set()
+        self.inspector = None  # kite.backend.inspect.Inspector with --inspect
         self.global_secret = os.urandom(16).hex()
         self.flying = asyncio.Event()
+        self.relay_ports: list = []  # X-PageKite-Ports: where visitors reach the relay
+        #: Set when a permanent failure outlived its retries (kite.backend.failures): the
+        #: report, and ``Backend.failed`` is set.
+        self.failure: Optional[str] = None
+        self._permanent: Optional[str] = None  # the current attempt failed for good: why
+        self._reported: set = set()  # (kite, reason) refusals logged already
+        #: Hooks the Backend sets: kites started flying (with the SSL-OK ones), and
+        #: ``failure`` was set.
+        self.on_flying: Callable[[list, set], None] = lambda kites, ssl_ok: None
+        self.on_failure: Callable[[], None] = lambda: None
         #: "auto": in-band towards kite relays, re-connect towards pagekite.py (bug §13.2);
         #: "inband" / "reconnect" force one variant (tests use it to show why).
         self.registration = "auto"
@@ -337,11 +367,13 @@ class RelayConnector:
     def handle_response(self, tunnel: BackendTunnel, resp, leftover: bytes) -> None:
         if resp.session_id:
             self.session_id = resp.session_id
+        if resp.ports:
+            self.relay_ports = resp.ports
         self._log_refusals(resp)
         kite_relay = KITE_FLOW_FEATURE in resp.features
         if resp.ok:
             tunnel.start_chunks(leftover, kite_peer=kite_relay, inflate=self.config.zchunks)
-            self._flying(tunnel, resp.ok)
+            self._flying(tunnel, resp.ok, resp.ssl_ok)
             if resp.sign_this and "AddKites" in resp.features:
                 self._send_inband(tunnel, resp.sign_this)
             return
@@ -355,8 +387,18 @@ class RelayConnector:
                 self._resolve(("reconnect", self._signed_lines(resp.sign_this)))
                 tunnel.close("re-connecting with signed kites")
             return
+        self._refused(resp)
         self._resolve(("refused", None))
         tunnel.close("relay accepted none of our kites")
+
+    def _refused(self, reply) -> None:
+        """No kite flies: note whether the reasons are permanent (kite.backend.failures)."""
+        if reply.status is not None:
+            self._permanent = failures.explain_not_a_relay(
+                self.spec, reply.status, reply.reason_phrase, reply.headers)
+        if self._permanent is None and not reply.duplicate:
+            self._permanent = failures.explain_refusal(
+                self.spec, [(ref.kite, reason) for ref, reason in reply.invalid])
 
     def _send_inband(self, tunnel: BackendTunnel, challenges) -> None:
         lines = self._signed_lines(challenges)
@@ -367,19 +409,24 @@ class RelayConnector:
             self.session_id = reply.session_id
         self._log_refusals(reply)
         if reply.ok:
-            self._flying(tunnel, reply.ok)
+            self._flying(tunnel, reply.ok, reply.ssl_ok)
         elif not tunnel.flying:
+            self._refused(reply)
             self._resolve(("refused", None))
             tunnel.close("relay accepted none of our kites")
 
     def _log_refusals(self, reply) -> None:
         for ref, reason in reply.invalid:
-            log.error("relay %s refused kite %s: %s", self.spec.address, ref.kite, reason)
+            first = (ref.kite, reason) not in self._reported
+            self._reported.add((ref.kite, reason))
+            log.log(logging.ERROR if first else logging.INFO, "relay %s refused kite %s: %s",
+                    self.spec.address, ref.kite, reason)
         for ref in reply.duplicate:
             log.error("relay %s: kite %s is already flown by another backend",
                       self.spec.address, ref.kite)
 
-    def _flying(self, tunnel: BackendTunnel, refs) -> None:
+    def _flying(self, tunnel: BackendTunnel, refs, ssl_ok=()) -> None:
+        new = []
         for ref in refs:
             k = self._kite_by_what(ref.what)
             name = k.name if k else ref.kite
@@ -388,6 +435,11 @@ class RelayConnector:
                 log.info("kite flying: %s on relay %s", name, self.spec.address)
                 if self.access_log is not None:
                     self.access_log.event("kite-flying", kite=name, relay=self.spec.address)
+                if k is not None:
+                    new.append(k)
+        if new:
+            tls_terminated = {k.name for k in (self._kite_by_what(r.what) for r in ssl_ok) if k}
+            self.on_flying(new, tls_terminated)
         self.flying.set()
         self._resolve(("flying", None))
 
@@ -444,17 +496,20 @@ class RelayConnector:
 
     async def run(self) -> None:
         delay = BACKOFF_MIN
+        strikes = 0  # consecutive permanent failures
         while not self._stop:
             started = time.monotonic()
+            self._permanent = None
             try:
                 outcome = await self.run_once()
             except asyncio.CancelledError:
                 raise
-            except ssl.SSLCertVerificationError as exc:
-                outcome = f"TLS verification failed: {getattr(exc, 'verify_message', None) or exc}"
-                log.error("relay %s: %s (check --ca/--fingerprint, or --insecure)",
-                          self.spec.address, outcome)
-            except (OSError, asyncio.TimeoutError, ssl.SSLError, KiteError) as exc:
+            except ssl.SSLError as exc:
+                self._permanent = failures.explain_ssl_error(self.spec, exc)
+                outcome = f"TLS: {getattr(exc, 'verify_message', None) or exc}"
+                if self._permanent is None:
+                    log.warning("relay %s: cannot connect: %s", self.spec.address, outcome)
+            except (OSError, asyncio.TimeoutError, KiteError) as exc:
                 outcome = f"{type(exc).__name__}: {exc}"
                 log.warning("relay %s: cannot connect: %s", self.spec.address, exc)
             except Exception as exc:  # a bug must not silently end this relay's connector
@@ -462,6 +517,18 @@ class RelayConnector:
                 log.exception("relay %s: internal error; reconnecting", self.spec.address)
             if self._stop:
                 break
+            if self._permanent is not None:
+                strikes += 1
+                if strikes >= failures.PERMANENT_ATTEMPTS:
+                    self.failure = self._permanent
+                    self.on_failure()
+                    return
+                wait = failures.PERMANENT_RETRY * 2 ** (strikes - 1)
+                log.info("relay %s: %s; attempt %d of %d (this does not fix itself); again in %g s",
+                         self.spec.address, outcome, strikes, failures.PERMANENT_ATTEMPTS, wait)
+                await asyncio.sleep(wait)
+                continue
+            strikes = 0
             if time.monotonic() - started > 10.0:
                 delay = BACKOFF_MIN  # it flew for a while: start the backoff afresh
             cap = BACKOFF_REFUSED if outcome == "refused" else BACKOFF_MAX
@@ -480,9 +547,15 @@ class RelayConnector:
 
 
 class Backend:
-    """All connectors of one ``kite expose``."""
+    """All connectors of one ``kite expose``.
 
-    def __init__(self, config: BackendConfig) -> None:
+    When a kite starts flying, the addresses visitors reach it by (kite.backend.urls) go to
+    ``announce`` (``kite expose``: one line each on stdout), each line once per run: a
+    reconnect announces nothing new.  A connector's permanent failure sets ``failed``.
+    """
+
+    def __init__(self, config: BackendConfig, *, inspector=None,
+                 announce: Optional[Callable[[str], None]] = None) -> None:
         self.config = config
         self.connectors = [RelayConnector(config, r) for r in config.relays if r.kites]
         self.access_log = open_access_log(config.access_log or "off", config.log_format,
@@ -491,6 +564,28 @@ class Backend:
             c.access_log = self.access_log
         self._tasks: list = []
         self.trimmer = MemoryTrimmer()  # freed stream buffers go back to the OS
+        self.announce = announce
+        self.announced: set = set()
+        self.failed = asyncio.Event()
+        for c in self.connectors:
+            c.inspector = inspector
+            c.on_flying = self._announcer(c)
+            c.on_failure = self.failed.set
+
+    def _announcer(self, connector: RelayConnector) -> Callable[[list, set], None]:
+        def flying(kites: list, ssl_ok: set) -> None:
+            for k in kites:
+                for line in visitor_urls(k, connector.spec, ports=connector.relay_ports,
+                                         ssl_ok=k.name in ssl_ok):
+                    if line not in self.announced:
+                        self.announced.add(line)
+                        if self.announce is not None:
+                            self.announce(line)
+        return flying
+
+    def failures(self) -> list:
+        """The reports of the connectors that gave up (kite.backend.failures)."""
+        return [c.failure for c in self.connectors if c.failure]
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

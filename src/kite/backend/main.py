@@ -25,13 +25,14 @@ from ..config import (
     parse_hostport,
     parse_target,
     pick_secret,
+    read_secret_file,
 )
-from ..errors import ConfigError
+from ..errors import ConfigError, PermanentFailure
 from .connector import Backend
 
 log = logging.getLogger("kite.backend")
 
-__all__ = ["build_backend_config", "serve_backend"]
+__all__ = ["build_backend_config", "build_inspect_config", "serve_backend"]
 
 #: On SIGTERM, how long open streams may take to finish before the tunnels close.
 DRAIN_TIMEOUT = 10.0
@@ -121,14 +122,59 @@ def build_backend_config(*, target: Optional[str], name: Optional[str], relays: 
     return BackendConfig(relays=specs, keepalive=keepalive, zchunks=zchunks)
 
 
-async def serve_backend(cfg: BackendConfig, stop: asyncio.Event) -> int:
-    backend = Backend(cfg)
+def _say(line: str) -> None:
+    """One line for the user on stdout (the visitor URLs, the inspector's address); a
+    closed stdout (``| head -1``) is not the tunnel's problem."""
+    try:
+        print(line, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def build_inspect_config(address: Optional[str], *, keep: int = 50,
+                         token_file: Optional[str] = None):
+    """``--inspect [HOST:PORT]`` (None: off), ``--inspect-keep``, ``--inspect-token-file``
+    (default: the KITE_INSPECT_TOKEN environment variable) into an InspectConfig, checked
+    (kite.backend.inspect.check_inspect_config)."""
+    if address is None:
+        return None
+    from .inspect import DEFAULT_ADDRESS, InspectConfig, check_inspect_config
+
+    host, port = parse_hostport(address, key="--inspect", default_host=DEFAULT_ADDRESS[0],
+                                default_port=DEFAULT_ADDRESS[1])
+    token = (read_secret_file(token_file, "--inspect-token-file") if token_file
+             else os.environ.get("KITE_INSPECT_TOKEN") or None)
+    return check_inspect_config(InspectConfig(host=host, port=port, keep=keep, token=token))
+
+
+async def serve_backend(cfg: BackendConfig, stop: asyncio.Event, inspect=None) -> int:
+    """Fly ``cfg``'s kites until ``stop``; ``inspect`` (kite.backend.inspect.InspectConfig)
+    serves the request inspector.  Raises PermanentFailure when a relay refused us for good."""
+    inspector = None
+    if inspect is not None:
+        from .inspect import Inspector
+
+        inspector = Inspector(inspect)
+        host, port = await inspector.start()
+        _say(f"inspector: http://{host}:{port}/")
+    backend = Backend(cfg, inspector=inspector, announce=_say)
     await backend.start()
-    await stop.wait()
+    stop_wait = asyncio.ensure_future(stop.wait())
+    failed_wait = asyncio.ensure_future(backend.failed.wait())
+    await asyncio.wait({stop_wait, failed_wait}, return_when=asyncio.FIRST_COMPLETED)
+    stop_wait.cancel()
+    failed_wait.cancel()
+    if backend.failed.is_set():
+        await backend.close()
+        if inspector is not None:
+            await inspector.close()
+        raise PermanentFailure("; ".join(backend.failures()))
     if backend.open_streams():
         log.info("backend stopping: draining %d open streams (up to %g s)",
                  backend.open_streams(), DRAIN_TIMEOUT)
         await backend.drain(DRAIN_TIMEOUT)
     log.info("backend stopping")
     await backend.close()
+    if inspector is not None:
+        await inspector.close()
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..errors import ConfigError
 from .options import common_options, keepalive_option
 from .run import config_errors, fail, serve, setup_logging
 
@@ -44,6 +45,16 @@ from .run import config_errors, fail, serve, setup_logging
               help="Where the access log goes: a file, - (standard output) or off.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Access log lines as text or JSON.")
+@click.option("--inspect", "inspect", is_flag=False, flag_value="127.0.0.1:4040", default=None,
+              metavar="[HOST:PORT]",
+              help="http kites: record the last requests and serve them, with replay, on "
+                   "this address (alone: 127.0.0.1:4040).  Put it after TARGET NAME, or "
+                   "write --inspect=HOST:PORT.  Needs pip install 'kite-relay[admin]'.")
+@click.option("--inspect-keep", type=click.IntRange(1, 100_000), default=50, show_default=True,
+              help="Requests the inspector keeps.")
+@click.option("--inspect-token-file", type=click.Path(dir_okay=False),
+              help="File whose first line is the inspector's token (required off loopback; "
+                   "default: the KITE_INSPECT_TOKEN environment variable).")
 @keepalive_option
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML file with many kites on several relays.")
@@ -55,20 +66,28 @@ from .run import config_errors, fail, serve, setup_logging
 @common_options
 def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure, plain, server_name,
            connect_name, zchunks, public_port, proxy_protocol, no_forwarded, basic_auth, signup,
-           access_log, log_format, keepalive, config_file, response_timeout, check_file,
-           verbose, quiet, loop_kind):
+           access_log, log_format, inspect, inspect_keep, inspect_token_file, keepalive,
+           config_file, response_timeout, check_file, verbose, quiet, loop_kind):
     """Fly NAME on the relay(s), serving it from TARGET (port, host:port or URL).
 
     The kite secret: --secret-file FILE, or the KITE_SECRET environment variable (--secret
     shows in `ps`); with --config, secret_file = "..." in the file.
     """
     setup_logging(verbose, quiet)
-    from ..backend.main import build_backend_config, serve_backend
+    from ..backend.main import build_backend_config, build_inspect_config, serve_backend
 
     if check_file:
         if config_file:
             fail("--check-config takes the config file itself; drop --config")
         config_file = check_file
+    with config_errors():
+        if inspect and target and not name and not config_file and ":" not in inspect:
+            # `--inspect 8080 app.example.com`: click gave TARGET to --inspect.
+            raise ConfigError("--inspect", f"took {inspect!r} as its address, so NAME is "
+                              "missing", "put --inspect after TARGET NAME, or write "
+                              "--inspect=HOST:PORT")
+        inspect_cfg = build_inspect_config(inspect, keep=inspect_keep,
+                                           token_file=inspect_token_file)
     if signup:
         secret = _signup(signup, name, relays, ca, fingerprint, insecure, plain, server_name,
                          connect_name)
@@ -88,7 +107,7 @@ def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure,
                    f"{len(cfg.relays)} relay{'s' if len(cfg.relays) != 1 else ''} "
                    f"({', '.join(r.address for r in cfg.relays)})")
         return
-    serve(lambda stop: serve_backend(cfg, stop), loop_kind)
+    serve(lambda stop: serve_backend(cfg, stop, inspect_cfg), loop_kind)
 
 
 def _signup(email, name, relays, ca, fingerprint, insecure, plain, server_name,

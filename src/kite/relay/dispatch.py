@@ -132,6 +132,26 @@ def _why_bad(exc: Exception) -> str:
     return "it is not a valid HTTP/1.x request"
 
 
+
+def tls_failure_reason(exc: BaseException) -> str:
+    """Why a TLS handshake with the relay failed, in words (never empty)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no handshake within {TLS_HANDSHAKE_TIMEOUT:g} s"
+    reason = getattr(exc, "reason", None)
+    if isinstance(exc, ssl.SSLError) and reason:
+        if "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
+            return (f"the peer rejected the relay's certificate ({reason}): it does not trust "
+                    f"it (the backend needs --ca or --fingerprint)")
+        if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNSUPPORTED_PROTOCOL",
+                      "VERSION_TOO_LOW"):
+            return f"the peer does not speak a TLS version the relay takes ({reason})"
+        return reason
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, EOFError)) or not str(exc):
+        what = type(exc).__name__
+        return (f"the peer closed the connection during the handshake ({what}; a backend "
+                f"that does not trust the relay's certificate does this)")
+    return f"{type(exc).__name__}: {exc}"
+
 class TlsEntry(asyncio.Protocol):
     """The first protocol inside a TLS connection the relay terminated: reads one head and
     hands the connection on, to a :class:`RelayTunnel` or as a CONNECT visitor."""
@@ -604,6 +624,6 @@ class Dispatcher:
                 await self.loop.connect_accepted_socket(
                     lambda: RelayTunnel(self.state, peer, tls=False), sock=sock)
         except (OSError, asyncio.TimeoutError) as exc:
-            log.info("tunnel from %s: TLS handshake failed: %s", peer, exc or type(exc).__name__)
+            log.info("tunnel from %s: TLS handshake failed: %s", peer, tls_failure_reason(exc))
             self.state.count_handshake("tls")
             sock.close()
