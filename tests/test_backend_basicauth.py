@@ -195,3 +195,35 @@ def test_pipelined_requests_get_their_answers_in_order_then_401(tmp_path, loop_k
         server.close()
 
     run(main, loop_kind)
+
+
+def test_answer_back_before_the_relay_attached_the_visitor(tmp_path, loop_kind, monkeypatch):
+    """The backend's 401 and its end reach the relay before the relay has attached the
+    visitor's socket (slow on a fresh relay): the visitor still gets the answer, not a
+    reset (kite.net.tunnel StreamProtocol: a stream that ended well delivers late)."""
+    from kite.relay.dispatch import Dispatcher
+
+    original = Dispatcher._connect_visitor
+    attached = []
+
+    async def slow_attach(self, sock, tunnel, stream, skip):
+        for _ in range(100):  # until the stream is over on the relay's side
+            if stream.closed:
+                break
+            await asyncio.sleep(0.01)
+        attached.append(stream.closed)
+        await original(self, sock, tunnel, stream, skip)
+
+    monkeypatch.setattr(Dispatcher, "_connect_visitor", slow_attach)
+
+    async def main():
+        seen: list = []
+        server, port = await _recording_server(seen)
+        kite = http_kite("auth.test.kite", port, basic_auth=("bob:hunter2:with-colon",))
+        async with kite_env(tmp_path, [kite], tls=False) as env:
+            out = await _exchange(env.port, b"GET / HTTP/1.1\r\nHost: auth.test.kite\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 401 Unauthorized\r\n") and seen == []
+            assert attached == [True]
+        server.close()
+
+    run(main, loop_kind)
