@@ -84,7 +84,8 @@ def test_gate_checks_every_head_and_drops_everything_after_a_refusal():
 
 def test_gate_refuses_a_chunked_upload_without_forwarding_its_body():
     gate, refused = _gate(add_headers=False)
-    out = gate.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    out = gate.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"5\r\nhello\r\n0\r\n\r\n")
     assert out == b"" and refused == [1]
 
 
@@ -103,6 +104,31 @@ def test_bad_credentials_are_config_errors_that_do_not_echo_them(value):
     assert "kite[0].basic_auth" in str(exc.value)
     if isinstance(value, str) and ":" in value:
         assert value not in str(exc.value)
+
+
+def test_import_pagekiterc_maps_password_to_basic_auth():
+    """pagekite.py's ``+password/USER=PASS`` (after a service line) and ``service_cfg =
+    KITE/PORT:password/USER:PASS`` (``user/`` is its alias) become basic_auth; the passwords
+    are masked in the report."""
+    import tomllib
+
+    from kite.pagekiterc import convert
+
+    rc = """frontend = relay.example.com:443
+service_on = http:app.example.com:localhost:8080:SECRETSECRETSECRET1
++password/Bob=hunter2
+service_on = raw/22:app.example.com:localhost:22:SECRETSECRETSECRET1
++password/eve=on-raw-kite
+service_cfg = app.example.com/80 : user/carol : pw:3
+"""
+    kind, text, report = convert(rc)
+    kites = tomllib.loads(text)["kite"]
+    assert kind == "backend"
+    assert kites[0]["basic_auth"] == ["Bob:hunter2", "carol:pw:3"]
+    assert "basic_auth" not in kites[1]
+    lines = report.lines()
+    assert any("only http kites" in line for line in lines)
+    assert not any("on-raw-kite" in line or "hunter2" in line for line in lines)
 
 
 def test_basic_auth_needs_an_http_kite():
@@ -166,6 +192,38 @@ def test_pipelined_requests_get_their_answers_in_order_then_401(tmp_path, loop_k
             seen.clear()
             out = await _exchange(env.port, b"GET / HTTP/1.1\r\nHost: auth.test.kite\r\n\r\n")
             assert out.startswith(b"HTTP/1.1 401 Unauthorized\r\n") and seen == []
+        server.close()
+
+    run(main, loop_kind)
+
+
+def test_answer_back_before_the_relay_attached_the_visitor(tmp_path, loop_kind, monkeypatch):
+    """The backend's 401 and its end reach the relay before the relay has attached the
+    visitor's socket (slow on a fresh relay): the visitor still gets the answer, not a
+    reset (kite.net.tunnel StreamProtocol: a stream that ended well delivers late)."""
+    from kite.relay.dispatch import Dispatcher
+
+    original = Dispatcher._connect_visitor
+    attached = []
+
+    async def slow_attach(self, sock, tunnel, stream, skip):
+        for _ in range(100):  # until the stream is over on the relay's side
+            if stream.closed:
+                break
+            await asyncio.sleep(0.01)
+        attached.append(stream.closed)
+        await original(self, sock, tunnel, stream, skip)
+
+    monkeypatch.setattr(Dispatcher, "_connect_visitor", slow_attach)
+
+    async def main():
+        seen: list = []
+        server, port = await _recording_server(seen)
+        kite = http_kite("auth.test.kite", port, basic_auth=("bob:hunter2:with-colon",))
+        async with kite_env(tmp_path, [kite], tls=False) as env:
+            out = await _exchange(env.port, b"GET / HTTP/1.1\r\nHost: auth.test.kite\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 401 Unauthorized\r\n") and seen == []
+            assert attached == [True]
         server.close()
 
     run(main, loop_kind)

@@ -32,6 +32,7 @@ import logging
 import re
 from typing import Callable, Optional, Sequence
 
+from ..errors import KiteError
 from ..net.tunnel import Stream, StreamProtocol, StreamState, TunnelProtocol
 from ..proto import forwarded
 from ..proto.forwarded import ForwardedRewriter
@@ -146,7 +147,7 @@ class AuthGuard:
         try:
             self.gate = AuthGate(auth, on_refused=self._refused, add_headers=add_headers,
                                  client_ip=client_ip or "unknown", proto=proto, host=host)
-        except Exception:  # a relay-supplied address or host we cannot write: no forwarding
+        except KiteError:  # a relay-supplied address or host we cannot write: no forwarding
             self.gate = AuthGate(auth, on_refused=self._refused, add_headers=False,
                                  client_ip="unknown", proto=proto, host=None)
 

@@ -1,5 +1,6 @@
 """Sign-up on the relay's own name (``kite relay --signup ZONE``): ``POST /api/signup``.
 
+pagekite.py's own sign-up (XML-RPC at ``POST /xmlrpc/``) is :mod:`kite.relay.xmlrpc`'s.
 A visitor of the relay's own HTTP(S) name posts ``{"email": .., "kite": "NAME.ZONE"}`` and
 gets ``{"secret": .., "kite": .., "quota_bytes": ..}``: a new account with the starter quota
 and that one kite, written in one transaction (:meth:`kite.store.Store.signup`).  Every
@@ -19,6 +20,7 @@ from typing import Optional
 from ..errors import HeadTooLong, StoreError
 from ..proto.http import MAX_HEAD, find_head_end
 from ..store import DEFAULT_PROTOS, check_email, check_name
+from .xmlrpc import XMLRPC_PATHS, XmlRpcService
 
 log = logging.getLogger("kite.relay")
 
@@ -48,6 +50,7 @@ class SignupService:
         self.quota = quota
         self.per_hour = per_hour
         self._recent: dict[str, list[float]] = {}  # client address -> sign-up times
+        self.xmlrpc = XmlRpcService(self)  # pagekite.py's sign-up calls
 
     def _limited(self, ip: str, now: float) -> bool:
         if len(self._recent) > 100_000:  # bounded memory under a flood of addresses
@@ -55,6 +58,15 @@ class SignupService:
         times = [t for t in self._recent.get(ip, ()) if t > now - 3600]
         self._recent[ip] = times
         return len(times) >= self.per_hour
+
+    async def respond(self, head: bytes, body: bytes, ip: str) -> bytes:
+        """The whole HTTP response: pagekite.py's XML-RPC at /xmlrpc/, else JSON."""
+        line = head.split(b"\r\n", 1)[0].split(b" ")
+        if len(line) >= 2 and line[0] == b"POST" and line[1].split(b"?")[0] in XMLRPC_PATHS:
+            doc = await self.xmlrpc.answer(body, ip)
+            return (b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n"
+                    b"Cache-Control: no-store\r\nConnection: close\r\n\r\n" % len(doc)) + doc
+        return json_response(*await self.handle(head, body, ip))
 
     async def handle(self, head: bytes, body: bytes, ip: str) -> tuple[int, dict]:
         line = head.split(b"\r\n", 1)[0].split(b" ")
@@ -157,14 +169,18 @@ class SignupProtocol(asyncio.Protocol):
             return
         body = bytes(self.buf[end:end + length])
         self.done = True
-        task = asyncio.get_running_loop().create_task(self.service.handle(head, body, self.ip))
+        task = asyncio.get_running_loop().create_task(self.service.respond(head, body, self.ip))
         task.add_done_callback(self._handled)
 
     def _handled(self, task: asyncio.Task) -> None:
         if task.cancelled() or task.exception() is not None:
             self._answer(503, {"error": "internal error"})
             return
-        self._answer(*task.result())
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.transport is not None:
+            self.transport.write(task.result())
+            self.transport.close()
 
     def eof_received(self) -> bool:
         return False
