@@ -144,6 +144,28 @@ def test_presence_wildcards_and_empty_non_terminals():
     assert z.flying() == ["*.w.test.kite"]
 
 
+def test_fleet_addresses_of_other_relays():
+    """A fleet: a name answers with the addresses of every relay flying its kite."""
+    z = make_zone()
+    assert z.fleet("app.test.kite", ["192.0.2.20", "2001:db8::20"])  # on another relay only
+    assert addresses(ask(z, "app.test.kite")) == ["192.0.2.20"]
+    assert addresses(ask(z, "app.test.kite", "AAAA")) == ["2001:db8::20"]
+    assert not z.fleet("app.test.kite", ["2001:db8::20", "192.0.2.20"])  # same set
+    z.presence("http", "app.test.kite", True)  # and here
+    assert addresses(ask(z, "app.test.kite")) == sorted(["192.0.2.20", V4])
+    serial = z.serial
+    assert z.fleet("app.test.kite", []) and z.serial > serial  # the other relay is gone
+    assert addresses(ask(z, "app.test.kite")) == [V4]
+    z.presence("http", "app.test.kite", False)
+    assert ask(z, "app.test.kite").rcode() == dns.rcode.NXDOMAIN
+    z.fleet("*.w.test.kite", ["192.0.2.21"])  # wildcards and their parents, as for presence
+    assert addresses(ask(z, "a.w.test.kite")) == ["192.0.2.21"]
+    assert ask(z, "w.test.kite").rcode() == dns.rcode.NOERROR
+    z.fleet("*.w.test.kite", [])
+    assert ask(z, "w.test.kite").rcode() == dns.rcode.NXDOMAIN
+    assert not z.fleet("app.other.kite", ["192.0.2.22"])  # not in the zone
+
+
 def test_a_wildcard_above_the_zone_covers_it():
     z = make_zone()
     z.presence("http", "*.kite", True)

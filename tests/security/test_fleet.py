@@ -1,7 +1,8 @@
 """A fleet of relays on one real redis-server (``kite relay --redis --relay-id``): a kite
-flying on relay A is served to a visitor who reached relay B (B hands the connection to A
-over TLS, A's certificate pinned; the visitor's address reaches the origin), and once A is
-killed with ``kill -9`` relay B forgets it and stops handing visitors over.  (issue 16)"""
+flying on relay A is found in relay B's DNS with A's address (``dig``) and served to a
+visitor who reached relay B (B hands the connection to A over TLS, A's certificate pinned;
+the visitor's address reaches the origin); once A is killed with ``kill -9``, relay B's DNS
+and hand-over forget it within 30 s.  (issue 16)"""
 
 from __future__ import annotations
 
@@ -71,16 +72,28 @@ def until(pred, timeout: float, what: str):
         time.sleep(0.1)
 
 
+def dig(host: str, port: int, name: str = KITE) -> list:
+    out = subprocess.run(["dig", f"@{host}", "-p", str(port), name, "A", "+short", "+tries=1",
+                          "+time=2"], capture_output=True, text=True, timeout=30)
+    return sorted(out.stdout.split())
+
+
 @pytest.mark.slow
 def test_visitor_handed_over_and_dead_relay_forgotten(redis_url, echo, relay_process,
                                                       expose_process):
     grant = (f"http:{KITE}:{SECRET}",)
-    a = relay_process("--redis", redis_url, "--relay-id", "relay-a", grants=grant,
-                      listen="127.0.0.2:0", name="a")
-    b = relay_process("--redis", redis_url, "--relay-id", "relay-b", grants=grant,
-                      listen="127.0.0.3:0", name="b")
+    dns_a, dns_b = free_port(), free_port()
+    a = relay_process("--redis", redis_url, "--relay-id", "relay-a", "--dns",
+                      f"127.0.0.2:{dns_a}", "--zone", "fleet.test.kite", "--public-ip",
+                      "192.0.2.1", grants=grant, listen="127.0.0.2:0", name="a")
+    b = relay_process("--redis", redis_url, "--relay-id", "relay-b", "--dns",
+                      f"127.0.0.3:{dns_b}", "--zone", "fleet.test.kite", "--public-ip",
+                      "192.0.2.2", grants=grant, listen="127.0.0.3:0", name="b")
+    assert dig("127.0.0.3", dns_b) == []  # no relay flies it yet
     expose_process(f"http://127.0.0.1:{echo}", KITE, a)
     assert get(a)[0] == 200
+    assert dig("127.0.0.2", dns_a) == ["192.0.2.1"]
+    until(lambda: dig("127.0.0.3", dns_b) == ["192.0.2.1"], 5, "B's DNS names relay A")
     # B learns from the fleet's channel that A flies the kite, and hands the visitor over.
     code, body = until(lambda: (lambda r: r if r[0] == 200 else None)(get(b, "/via-b")), 5,
                        "relay B serves the kite of relay A")
@@ -89,4 +102,5 @@ def test_visitor_handed_over_and_dead_relay_forgotten(redis_url, echo, relay_pro
     # kill -9 A: its entry expires and B stops sending visitors there (TTL + resync).
     a.proc.stop(signal.SIGKILL)
     until(lambda: get(b)[0] in (404, 503), 30, "relay B forgets relay A")
+    assert dig("127.0.0.3", dns_b) == []
     assert b.alive()

@@ -69,6 +69,13 @@ class NameService:
         if self.updater is not None:
             self.updater.presence(proto, domain, online)
 
+    def fleet(self, domain: str, addresses: Iterable[str]) -> None:
+        """The other relays of a fleet flying kite ``domain`` have ``addresses`` (empty: no
+        other relay flies it): the served zone answers with them too."""
+        if self.zone is not None and self.zone.fleet(domain, addresses):
+            log.debug("dns: %s on other relays: %s (serial %d)", domain,
+                      ", ".join(addresses) or "none", self.zone.serial)
+
     def on_presence(self, event) -> None:
         """A presence listener: ``event`` has ``proto``, ``domain`` and ``online``."""
         self.presence(event.proto, event.domain, event.online)

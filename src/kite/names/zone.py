@@ -92,6 +92,8 @@ class Zone:
         self.own = {n.lower().rstrip(".") for n in [*own_names, *self.ns_names]}
         self.own = {n for n in self.own if in_zone(n, self.name) and valid_domain(n, wildcard=False)}
         self._kites: dict[str, set] = {}  # kite domain -> the protocols flying it
+        # kite domain -> (A rdatas, AAAA rdatas) of the other relays of a fleet flying it
+        self._fleet: dict[str, tuple] = {}
         self._txt: dict[str, list] = {}  # name -> published TXT values
         self._nodes: dict[str, int] = {}  # empty non-terminals -> names below them
         for n in self.own:
@@ -159,6 +161,32 @@ class Zone:
         self._changed()
         return True
 
+    def fleet(self, domain: str, addresses: Iterable[str]) -> bool:
+        """The other relays of a fleet that fly kite ``domain`` have ``addresses`` (none:
+        no other relay flies it); True if the zone changed.  A name answers with these and,
+        if the kite flies here too, this relay's own."""
+        d = domain.lower().rstrip(".")
+        if not self._relevant(d):
+            return False
+        addrs = sorted(set(addresses))
+        v4 = tuple(dns.rdata.from_text(IN, A, a) for a in addrs if ":" not in a)
+        v6 = tuple(dns.rdata.from_text(IN, AAAA, a) for a in addrs if ":" in a)
+        old = self._fleet.get(d)
+        if (v4 or v6) and old == (v4, v6):
+            return False
+        if not (v4 or v6):
+            if old is None:
+                return False
+            del self._fleet[d]
+            if d not in self._kites:
+                self._remove_node(d)
+        else:
+            if old is None and d not in self._kites:
+                self._add_node(d)
+            self._fleet[d] = (v4, v6)
+        self._changed()
+        return True
+
     def flying(self) -> list:
         """The kite domains that give names in this zone addresses now."""
         return sorted(self._kites)
@@ -217,25 +245,47 @@ class Zone:
         return self._soa
 
     def _has_addresses(self, key: str, qname: Optional[dns.name.Name]) -> bool:
-        kites = self._kites
-        if key in kites or key in self.own:
+        if key in self.own:
             return True
+        return self._kite_of(key, qname, self._kites) is not None or (
+            bool(self._fleet) and self._kite_of(key, qname, self._fleet) is not None)
+
+    @staticmethod
+    def _kite_of(key: str, qname: Optional[dns.name.Name], kites: dict) -> Optional[str]:
+        """The kite domain of ``kites`` that gives ``key`` addresses (itself, or a wildcard
+        above it), or None."""
+        if key in kites:
+            return key
         if not kites:
-            return False
+            return None
         if "\\" not in key:  # plain labels: the text splits where the name does
             rest = key
             while "." in rest:
                 rest = rest.split(".", 1)[1]
                 if "*." + rest in kites:
-                    return True
-            return False
+                    return "*." + rest
+            return None
         if qname is None:
             qname = dns.name.from_text(key)  # the text form round-trips (escapes and all)
         labels = qname.canonicalize().labels
         for i in range(1, len(labels) - 1):
-            if "*." + dns.name.Name(labels[i:]).to_text(omit_final_dot=True) in kites:
-                return True
-        return False
+            wild = "*." + dns.name.Name(labels[i:]).to_text(omit_final_dot=True)
+            if wild in kites:
+                return wild
+        return None
+
+    def _addresses(self, key: str, qname: dns.name.Name, v6: bool) -> list:
+        """The A (or AAAA) rdatas of ``key``: this relay's if a kite flies here or the name
+        is its own, and those of the fleet's other relays that fly its kite."""
+        own = self._v6 if v6 else self._v4
+        local = key in self.own or self._kite_of(key, qname, self._kites) is not None
+        if not self._fleet:
+            return own if local else []
+        kite = self._kite_of(key, qname, self._fleet)
+        other = list(self._fleet[kite][1 if v6 else 0]) if kite is not None else []
+        if not local:
+            return other
+        return list(dict.fromkeys([*own, *other]))
 
     def _exists(self, key: str, addresses: bool) -> bool:
         return addresses or key == self.name or key in self._txt or key in self._nodes
@@ -251,9 +301,9 @@ class Zone:
         rdatas: list = []
         ttl = self.ttl
         if rdtype == A and addresses:
-            rdatas = self._v4
+            rdatas = self._addresses(key, qname, False)
         elif rdtype == AAAA and addresses:
-            rdatas = self._v6
+            rdatas = self._addresses(key, qname, True)
         elif rdtype == TXT and key in self._txt:
             rdatas = [dns.rdtypes.ANY.TXT.TXT(IN, TXT, (v.encode(),)) for v in self._txt[key]]
         elif rdtype == SOA and key == self.name:

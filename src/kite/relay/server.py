@@ -125,8 +125,12 @@ class RelayServer:
         assert self.config.db is not None
         names = self.config.names
         ips = list(names.public_ips) if names is not None else []
+        # Where other relays hand visitors over: the first listening address, or when it
+        # is a wildcard (0.0.0.0, ::), the first public address on its port.
         host, port = self.addresses[0][:2]
-        forward = f"{ips[0] if ips else host}:{port}"
+        if host in ("0.0.0.0", "::") and ips:
+            host = ips[0]
+        forward = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         fingerprint = None
         if self.config.tls_cert:
             with open(self.config.tls_cert, "rb") as f:
@@ -134,8 +138,13 @@ class RelayServer:
                     x509.load_pem_x509_certificate(f.read()).public_bytes(Encoding.DER))
         self.fleet = FleetPresence(self.config.db, self.relay_id, ips, forward=forward,
                                    fingerprint=fingerprint)
-        await self.fleet.start()
-        self.state.subscribe(self.fleet.on_presence)
+        fleet = self.fleet
+        service = self.names
+        if service is not None:
+            fleet.subscribe(
+                lambda _proto, name: service.fleet(name, fleet.remote_addresses(name)))
+        await fleet.start()
+        self.state.subscribe(fleet.on_presence)
         self.state.fleet_link = FleetLink(self.fleet, self.fleet.secret)
 
     @property

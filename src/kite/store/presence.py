@@ -101,6 +101,14 @@ class FleetPresence:
                 ips.update(self.relays.get(rid, {}).get("ips", ()))
         return sorted(ips)
 
+    def remote_addresses(self, name: str) -> list:
+        """Public addresses of the other relays that fly any kite ``name`` (sorted)."""
+        ips: set = set()
+        for rid, kites in self.remote.items():
+            if any(m.split(" ", 1)[1] == name for m in kites):
+                ips.update(self.relays.get(rid, {}).get("ips", ()))
+        return sorted(ips)
+
     def subscribe(self, listener: ChangeListener) -> None:
         """``listener(proto, name)`` after the set of relays holding a kite changed."""
         self._listeners.append(listener)
