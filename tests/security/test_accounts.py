@@ -43,7 +43,8 @@ def curl(port: int, path: str, *args: str, host: str = NAME) -> tuple[int, int, 
     return out.returncode, int(code), body[:400].decode(errors="replace"), int(size)
 
 
-def slow_get(port: int, path: str, rate: int, host: str = NAME) -> tuple[bool, int]:
+def slow_get(port: int, path: str, rate: int, host: str = NAME,
+             addr: str = "127.0.0.1") -> tuple[bool, int]:
     """(whether the response ended well, bytes received) of GET path, read at ``rate`` bytes
     a second through a 64 KiB receive buffer.  The small buffer (curl's autotunes, up to
     tcp_rmem's maximum: 32 MiB on some hosts) bounds what can sit between the relay and
@@ -52,7 +53,7 @@ def slow_get(port: int, path: str, rate: int, host: str = NAME) -> tuple[bool, i
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connect
         sock.settimeout(30)
-        sock.connect(("127.0.0.1", port))
+        sock.connect((addr, port))
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
                      .encode())
         got = 0

@@ -9,11 +9,14 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+from test_accounts import MB, NAME, site, slow_get  # noqa: F401 - site: a fixture
 
 from redisd import RedisServer
+from support import KITE as KITE_CMD
 from support import SECRET, Proc, free_port
 
 KITE = "app.fleet.test.kite"
@@ -104,3 +107,69 @@ def test_visitor_handed_over_and_dead_relay_forgotten(redis_url, echo, relay_pro
     until(lambda: get(b)[0] in (404, 503), 30, "relay B forgets relay A")
     assert dig("127.0.0.3", dns_b) == []
     assert b.alive()
+
+
+def accounts(url: str, *args: str) -> str:
+    out = subprocess.run([*KITE_CMD, "accounts", "--redis", url, *args], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_fleet_quota_and_failover(redis_url, site, relay_process, expose_process):  # noqa: F811
+    """One backend on relays A and C of a fleet: an account made through ``kite accounts
+    --redis`` flies on both; downloads through both at once cross its quota and both relays
+    cut it off; after a top-up, ``kill -9`` of A leaves C serving, and the usage of both
+    relays adds up in the account."""
+    import json
+
+    info = json.loads(accounts(redis_url, "add", "a@x.org", "--quota", "20MB", "--json"))
+    accounts(redis_url, "kite", "a@x.org", NAME, "--protos", "http")
+    a = relay_process("--redis", redis_url, "--relay-id", "a", grants=(),
+                      listen="127.0.0.2:0", name="a")
+    c = relay_process("--redis", redis_url, "--relay-id", "c", grants=(),
+                      listen="127.0.0.4:0", name="c")
+    backend = expose_process(f"127.0.0.1:{site}", NAME, a, "--relay", f"{c.host}:{c.port}",
+                             secret=info["secret"])
+    until(lambda: a.log().count("kite online: http:" + NAME) and
+          c.log().count("kite online: http:" + NAME), 10, "the kite flies on A and C")
+    # 2 MB/s through each: 20 MB are crossed after ~5 s; alone, neither relay would cut
+    # before its own download ended.  Both must stop well before 20 MB each.
+    got: dict = {}
+
+    def fetch(relay):
+        got[relay.host] = slow_get(relay.port, "/f20", 2 * MB, addr=relay.host)
+
+    threads = [threading.Thread(target=fetch, args=(r,)) for r in (a, c)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    print(f"\ncut after {got[a.host][1] / MB:.1f} MB through A, {got[c.host][1] / MB:.1f} MB "
+          "through C (20 MB quota)")
+    for host, (ended_well, size) in got.items():
+        assert not ended_well and size < 18 * MB, (host, size)
+    for relay in (a, c):
+        code, body = get_kite(relay, "/f1")
+        assert code == 403 and "quota" in body, (relay.host, code, body)
+    accounts(redis_url, "quota", "a@x.org", "+100MB")
+    for relay in (a, c):
+        until(lambda r=relay: get_kite(r, "/f1")[0] == 200, 5, "the top-up reaches " + relay.host)
+
+    a.proc.stop(signal.SIGKILL)
+    for _ in range(3):
+        code, _ = get_kite(c, "/f1")
+        assert code == 200
+    assert backend.proc.poll() is None
+    # Usage: what A flushed before it died plus what C counts, all in the account.
+    until(lambda: json.loads(accounts(redis_url, "show", "a@x.org", "--json"))["total_bytes"]
+          >= 20 * MB + 3 * MB, 10, "C's counts reach the account")
+
+
+def get_kite(relay, path: str) -> tuple[int, str]:
+    out = subprocess.run(["curl", "-s", "-H", f"Host: {NAME}", "-w", "\n%{http_code}",
+                          f"http://{relay.host}:{relay.port}{path}"], capture_output=True,
+                         timeout=30)
+    body, _, code = out.stdout.rpartition(b"\n")
+    return int(code or 0), body[:400].decode(errors="replace")
