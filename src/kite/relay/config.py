@@ -107,7 +107,7 @@ _GRANT_KEYS = {"domain", "protos", "secret", "secret_file", "single"}
 
 
 #: Every top-level key of a relay file.
-RELAY_KEYS = frozenset(_RELAY_KEYS | NAMES_KEYS)
+RELAY_KEYS = frozenset(_RELAY_KEYS | NAMES_KEYS | ACME_KEYS)
 
 #: The pages ``--error-pages DIR`` may replace (``NAME.html``); see docs/config.md.
 ERROR_PAGE_NAMES = ("400", "403", "403-quota", "403-nodays", "403-unauthorized", "403-limits",
@@ -224,7 +224,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     per_hour: object = 5
     if config_file:
         data = load_toml(config_file)
-        check_keys(data, RELAY_KEYS | ACME_KEYS, "")
+        check_keys(data, RELAY_KEYS, "")
         resolve_paths(data, _PATH_KEYS, config_dir(config_file))
     if secret_file is None:
         secret_file = _path(data.get("secret_file"), "secret_file")
