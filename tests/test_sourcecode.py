@@ -33,7 +33,7 @@ LAYERS = {
     "kite.errors": 0, "kite.fastpath": 0, "kite._fastpath": 0, "kite._fastpath_py": 0,
     "kite.proto": 1,
     "kite.net": 2, "kite.config": 2, "kite.names": 2.5,
-    "kite.store": 2.5,
+    "kite.store": 2.5, "kite.certs": 2.5,
     "kite.relay": 3, "kite.backend": 3, "kite.client": 3, "kite.scaffold": 3,
     "kite.pagekiterc": 3,
     "kite.demo": 4,

@@ -39,6 +39,9 @@ class RelayConfig:
     grants: GrantTable = field(default_factory=GrantTable)
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
+    # every (cert, key) pair, the first being tls_cert/tls_key; empty: just that one
+    tls_pairs: list = field(default_factory=list)
+    redirect_http: bool = False  # 308 plain-HTTP visitors of a kite with HTTPS to https://
     tls_names: list = field(default_factory=list)  # SNI names that mean "the relay itself"
     keepalive: Optional[float] = 30.0
     ping_timeout: float = 10.0
@@ -78,7 +81,8 @@ def _cert_names(path: str) -> list:
     return names
 
 
-_RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive", "zchunks",
+_RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls", "redirect_http", "tls_names", "kite",
+               "keepalive", "zchunks",
                "secret_file", "db", "signup", "signup_quota", "signup_per_hour",
                "max_connections", "max_pending", "max_streams", "idle_timeout", "buffer_budget",
                "slow_reader_timeout"}
@@ -114,8 +118,41 @@ def _relay_name(value: str, key: str) -> str:
     return name
 
 
+def _tls_pairs(certs: Sequence[str], keys: Sequence[str], data: dict) -> list:
+    """The (cert, key) pairs: the options' (``--tls-cert``/``--tls-key`` in pairs), else the
+    file's ``tls_cert``/``tls_key`` then its ``[[tls]]`` tables."""
+    if len(certs) != len(keys):
+        raise ConfigError("--tls-cert/--tls-key", f"{len(certs)} certificate(s) but "
+                          f"{len(keys)} key(s)", "give them in pairs: --tls-cert C --tls-key K")
+    pairs = list(zip(certs, keys, strict=True))
+    if pairs:
+        return pairs
+    cert, key = _path(data.get("tls_cert"), "tls_cert"), _path(data.get("tls_key"), "tls_key")
+    if bool(cert) != bool(key):
+        raise ConfigError("tls_cert/tls_key", "give both or neither",
+                          "`kite init relay` writes relay.crt and relay.key")
+    if cert and key:
+        pairs.append((cert, key))
+    for i, t in enumerate(tables(data, "tls")):
+        where = f"tls[{i}]"
+        check_keys(t, {"cert", "key"}, where)
+        cert, key = _path(t.get("cert"), f"{where}.cert"), _path(t.get("key"), f"{where}.key")
+        if not cert or not key:
+            raise ConfigError(where, "needs cert and key",
+                              'e.g. cert = "wild.crt", key = "wild.key"')
+        pairs.append((cert, key))
+    return pairs
+
+
+def _seq(value) -> list:
+    """An option given once (a string) or repeated (a sequence)."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[str] = (),
-                       tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+                       tls_cert=None, tls_key=None, redirect_http: bool = False,
                        tls_names: Sequence[str] = (), kites: Sequence[str] = (),
                        single: Sequence[str] = (), keepalive: float = 30.0,
                        zchunks: bool = False, drain_timeout: float = 10.0,
@@ -154,8 +191,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     if data:
         if not listen:
             listen = _strings(data.get("listen", []), "listen", 'listen = ["0.0.0.0:443"]')
-        tls_cert = tls_cert or _path(data.get("tls_cert"), "tls_cert")
-        tls_key = tls_key or _path(data.get("tls_key"), "tls_key")
+        redirect_http = redirect_http or check_bool(data.get("redirect_http", False),
+                                                    "redirect_http")
         names += [_relay_name(n, "tls_names") for n in
                   _strings(data.get("tls_names", []), "tls_names", 'tls_names = ["relay.example.com"]')]
         if "keepalive" in data:
@@ -197,17 +234,20 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     for g in grants:
         warn_short_secret(g.secret, f"kite {g.domain}")
     extra = _signup_options(db, signup, signup_quota, per_hour)
-    if bool(tls_cert) != bool(tls_key):
-        raise ConfigError("--tls-cert/--tls-key", "give both or neither",
-                          "`kite init relay` writes relay.crt and relay.key")
-    if tls_cert and tls_key:
-        for p in (tls_cert, tls_key):
+    pairs = _tls_pairs(_seq(tls_cert), _seq(tls_key), data)
+    for pair in pairs:
+        for p in pair:
             if not os.path.exists(p):
                 raise ConfigError("--tls-cert/--tls-key", f"no such file {p!r}", "check the path")
-        if not names:
-            names = _cert_names(tls_cert)
-    cfg = RelayConfig(listen=addrs, grants=grants, tls_cert=tls_cert, tls_key=tls_key,
-                      tls_names=names, keepalive=keepalive or None, zchunks=zchunks,
+    if pairs and not names:
+        names = _cert_names(pairs[0][0])  # the first certificate's names mean the relay
+    if redirect_http and not pairs:
+        raise ConfigError("--redirect-http", "there is no certificate to serve https with",
+                          "add --tls-cert and --tls-key")
+    first = pairs[0] if pairs else (None, None)
+    cfg = RelayConfig(listen=addrs, grants=grants, tls_cert=first[0], tls_key=first[1],
+                      tls_pairs=pairs, redirect_http=redirect_http, tls_names=names,
+                      keepalive=keepalive or None, zchunks=zchunks,
                       drain_timeout=drain_timeout, single_backend=single_set,
                       names=build_names_config(data, dns_options), db=db, **extra)
     _apply_limits(cfg, data, limits or {})

@@ -6,6 +6,10 @@
   layer, which reads that very hello from the socket; inside, :class:`TlsEntry` reads the
   first head: ``CONNECT PageKite:`` makes a tunnel, ``CONNECT host:port`` a visitor of
   ``kite connect --tls``;
+* a ClientHello whose SNI names an http kite (and no https kite) that one of the relay's
+  certificates covers is terminated here (:class:`TlsVisitor`): once the handshake is done
+  the decrypted bytes become an ``http`` stream with ``RTLS: 1``, from which the backend
+  writes ``X-Forwarded-Proto: https`` (kite and pagekite.py alike);
 * ``CONNECT PageKite:`` is a plain tunnel, ``CONNECT host:port`` a proxy visitor for a raw
   or https kite (or pagekite.py's ``CONNECT relay-name:443`` before a TLS tunnel), anything
   else HTTP routed by ``Host``; the pagekite ``HEAD /ping`` probe gets its 503 at once.
@@ -24,6 +28,7 @@ import socket
 import ssl
 from typing import TYPE_CHECKING, Callable, Optional
 
+from ..certs import CertStore
 from ..errors import SniffError, TooManyStreams
 from ..net.tunnel import Stream, StreamProtocol
 from ..proto import control, handshake
@@ -35,6 +40,7 @@ from ..proto.http import (
     connect_refused,
     find_head_end,
     http_error,
+    https_redirect,
 )
 from ..proto.names import bare_proto
 from ..proto.sniff import (
@@ -54,7 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("kite.relay")
 
-__all__ = ["Dispatcher", "TlsEntry"]
+__all__ = ["Dispatcher", "TlsEntry", "TlsVisitor"]
 
 #: Seconds a TLS handshake with the relay itself may take.
 TLS_HANDSHAKE_TIMEOUT = 10.0
@@ -167,12 +173,42 @@ class TlsEntry(asyncio.Protocol):
         self._done()
 
 
+class TlsVisitor(asyncio.BufferedProtocol):
+    """A visitor of an http kite whose TLS the relay terminates: when the handshake is
+    done it becomes a stream of the kite's tunnel, and hands the transport to that
+    stream's :class:`StreamProtocol` (plaintext is decrypted straight into the tunnel
+    writer's buffer)."""
+
+    def __init__(self, dispatcher: Dispatcher, addr, port: int, host: str) -> None:
+        self.dispatcher = dispatcher
+        self.addr = addr
+        self.port = port
+        self.host = host
+
+    def connection_made(self, transport) -> None:
+        protocol = self.dispatcher.terminated_stream(transport, self.addr, self.port, self.host)
+        if protocol is not None:
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+
+    # Never called: the stream's protocol replaces this one in connection_made, or the
+    # transport is closing.
+    def get_buffer(self, sizehint: int) -> memoryview:  # pragma: no cover
+        return memoryview(bytearray(max(sizehint, 1024)))
+
+    def buffer_updated(self, nbytes: int) -> None:  # pragma: no cover
+        pass
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        pass
+
+
 class Dispatcher:
     """Routes classified connections (see the module docstring); owns the tasks it starts."""
 
-    def __init__(self, state: RelayState, ssl_context: Optional[ssl.SSLContext]) -> None:
+    def __init__(self, state: RelayState, certs: Optional[CertStore]) -> None:
         self.state = state
-        self.ssl_context = ssl_context
+        self.certs = certs
         self.loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task] = set()
         self.tls_waiting = 0  # TLS connections to the relay whose first head has not come
@@ -238,6 +274,10 @@ class Dispatcher:
                 self.refuse(pv, f"no kite http:{host}",
                             http_error(404, host, json_wanted=want_json))
             return
+        if self.state.config.redirect_http and self.has_https(host, pv.port):
+            self.refuse(pv, f"plain HTTP for {host}: redirected to https",
+                        https_redirect(host, pv.port, result.path))
+            return
         try:
             sid = tunnel.new_sid()
         except TooManyStreams as exc:
@@ -246,18 +286,27 @@ class Dispatcher:
         self._open_stream(pv, tunnel, sid, bare_proto(proto), host, pv.port, payload=data,
                           skip=len(data))
 
+    def has_https(self, host: str, port: int) -> bool:
+        """Visitors can reach ``host`` over https: an https kite flies, or a certificate
+        covers the name (the relay terminates TLS for its http kite)."""
+        if self.certs is not None and self.certs.covers(host):
+            return True
+        return self.state.routes.lookup((f"https-{port}", "https"), host)[0] is not None
+
     def _dispatch_tls(self, pv: PendingVisitor, result, data: bytes) -> None:
         sni = result.sni
+        certs = self.certs
         # The relay's own names first: they are never kites (a wildcard kite above them
         # must not receive the ClientHellos of tunnels).
-        if self.ssl_context is not None and (sni is None or self.state.is_relay_name(sni)):
-            self._start_tunnel(pv.detach(), pv.addr, tls=True)
+        if certs is not None and (sni is None or self.state.is_relay_name(sni)):
+            context = certs.context_for(sni) or certs.default.context
+            self._start_tunnel(pv.detach(), pv.addr, tls=True, context=context)
             return
         if sni and not self.state.is_reserved(sni):
             protos = (f"https-{pv.port}", "https")
             tunnel: Optional[RelayTunnel]
             tunnel, _ = self.state.routes.lookup(protos, sni)  # type: ignore[assignment]
-            if tunnel is not None:
+            if tunnel is not None:  # end to end: never decrypted here
                 try:
                     sid = tunnel.new_sid()
                 except TooManyStreams as exc:
@@ -266,18 +315,77 @@ class Dispatcher:
                 self._open_stream(pv, tunnel, sid, "https", sni, pv.port, payload=data,
                                   skip=len(data))
                 return
+            terminate = certs.context_for(sni) if certs is not None else None
+            if terminate is not None and self._http_route(sni, pv.port)[0] is not None:
+                self._spawn(self._terminate(pv.detach(), pv.addr, pv.port, sni, terminate))
+                return
         if sni and self.state.has_grant("https", sni):
             self.refuse(pv, f"kite https:{sni} is offline", TLS_ALERT_INTERNAL_ERROR)
         else:
             self.refuse(pv, f"no https kite for SNI {sni!r}", TLS_ALERT_UNRECOGNIZED_NAME)
 
+    def _http_route(self, host: str, port: int):
+        """The tunnel and protocol of the http kite ``host`` for a visitor on ``port``."""
+        return self.state.routes.lookup((f"http-{port}", "http"), host)
+
+    async def _terminate(self, sock: socket.socket, addr, port: int, host: str,
+                         context: ssl.SSLContext) -> None:
+        """TLS for a visitor of the http kite ``host``, then a stream (TlsVisitor)."""
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: TlsVisitor(self, addr, port, host), sock=sock, ssl=context,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.info("visitor %s:%s of %s: TLS handshake failed: %s", addr[0], addr[1], host,
+                     exc or type(exc).__name__)
+            sock.close()
+
+    def terminated_stream(self, transport, addr, port: int, host: str) -> Optional[StreamProtocol]:
+        """The handshake with a visitor of the http kite ``host`` is done: open its stream
+        (``RTLS: 1``) and return the protocol for the transport; None after answering a
+        refusal (the kite went offline meanwhile, too many streams, account blocked)."""
+        peer = f"{addr[0]}:{addr[1]}"
+        tunnel: Optional[RelayTunnel]
+        tunnel, proto = self._http_route(host, port)
+        refusal: Optional[bytes] = None
+        reason = ""
+        sid = 0
+        if tunnel is None or proto is None:
+            reason = f"kite http:{host} is offline"
+            refusal = http_error(503, host)
+        else:
+            blocked = self.state.registry and self.state.registry.refusal(host, addr[0])
+            if blocked:
+                reason, refusal = blocked, http_error(403, blocked)
+            else:
+                try:
+                    sid = tunnel.new_sid()
+                except TooManyStreams as exc:
+                    reason, refusal = str(exc), http_error(503, host)
+        if refusal is not None or tunnel is None:
+            log.info("TLS visitor %s refused: %s", peer, reason)
+            transport.write(refusal or b"")
+            transport.close()
+            return None
+        proto = bare_proto(proto)
+        stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=peer)
+        tunnel.add_stream(stream, announce=False)
+        header, _ = control.build_stream_open(sid, proto, host, port, addr[0], addr[1],
+                                              rtls=True)
+        tunnel.write_chunk(header)
+        tunnel.announce_window(stream)
+        if self.state.registry is not None:
+            self.state.registry.opened(stream, 0)
+        return StreamProtocol(tunnel, stream, 0)
+
     def _dispatch_connect(self, pv: PendingVisitor, result, data: bytes) -> None:
         host, port = result.host, result.port
-        if port == 443 and self.ssl_context is not None and self.state.is_relay_name(host):
+        if port == 443 and self.certs is not None and self.state.is_relay_name(host):
             # pagekite.py's --fe_certname: plain CONNECT to the relay's own name, then TLS.
             sock = _answer_connect(pv, result.head_length, TUNNEL_CONNECT_OK)
             if sock is not None:
-                self._start_tunnel(sock, pv.addr, tls=True)
+                context = self.certs.context_for(host) or self.certs.default.context
+                self._start_tunnel(sock, pv.addr, tls=True, context=context)
             return
         tunnel, proto, refusal = self.route_connect(host, port)
         if tunnel is None:
@@ -427,15 +535,17 @@ class Dispatcher:
             sock.close()
 
     # -- tunnels --------------------------------------------------------------------------------
-    def _start_tunnel(self, sock: socket.socket, addr, *, tls: bool) -> None:
-        self._spawn(self._connect_tunnel(sock, addr, tls))
+    def _start_tunnel(self, sock: socket.socket, addr, *, tls: bool,
+                      context: Optional[ssl.SSLContext] = None) -> None:
+        self._spawn(self._connect_tunnel(sock, addr, context if tls else None))
 
-    async def _connect_tunnel(self, sock: socket.socket, addr, tls: bool) -> None:
+    async def _connect_tunnel(self, sock: socket.socket, addr,
+                              context: Optional[ssl.SSLContext]) -> None:
         peer = f"{addr[0]}:{addr[1]}"
         try:
-            if tls:
+            if context is not None:
                 await self.loop.connect_accepted_socket(
-                    lambda: TlsEntry(self, peer), sock=sock, ssl=self.ssl_context,
+                    lambda: TlsEntry(self, peer), sock=sock, ssl=context,
                     ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
             else:
                 await self.loop.connect_accepted_socket(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 from .config import RelayConfig, build_relay_config
 from .server import RelayServer
@@ -16,7 +17,13 @@ __all__ = ["build_relay_config", "serve_relay"]
 async def serve_relay(cfg: RelayConfig, stop: asyncio.Event) -> int:
     server = RelayServer(cfg)
     await server.start()
+    loop = asyncio.get_running_loop()
+    certs = server.certs
+    if certs is not None:  # SIGHUP: load every certificate file again
+        loop.add_signal_handler(signal.SIGHUP, certs.reload)
     await stop.wait()
+    if certs is not None:
+        loop.remove_signal_handler(signal.SIGHUP)
     log.info("relay stopping: draining streams (up to %g s)", cfg.drain_timeout)
     await server.close()
     return 0

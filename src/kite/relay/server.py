@@ -13,10 +13,10 @@ import asyncio
 import logging
 from typing import Optional
 
+from ..certs import CertStore
 from ..names import NameService
 from ..net.memory import MemoryTrimmer
 from ..net.sockets import raise_nofile_limit
-from ..net.tls import server_context
 from .accept import Acceptor, default_max_connections, default_max_pending
 from .config import RelayConfig
 from .dispatch import Dispatcher
@@ -39,10 +39,13 @@ class RelayServer:
         self.config = config
         self.loop = asyncio.get_running_loop()
         self.state = RelayState(config)
-        ssl_context = None
-        if config.tls_cert:
-            ssl_context = server_context(config.tls_cert, config.tls_key or config.tls_cert)
-        self.dispatcher = Dispatcher(self.state, ssl_context)
+        # the relay's certificates, chosen by SNI (kite.certs); None: no TLS at all
+        self.certs: Optional[CertStore] = None
+        pairs = config.tls_pairs or ([(config.tls_cert, config.tls_key)] if config.tls_cert
+                                     else [])
+        if pairs:
+            self.certs = CertStore(pairs)
+        self.dispatcher = Dispatcher(self.state, self.certs)
         self.acceptor = Acceptor(self.dispatcher)
         self.dispatcher.note_silent = self.acceptor.note_silent
         self.names: Optional[NameService] = None  # DNS for the kites (kite.names), if configured
@@ -67,6 +70,8 @@ class RelayServer:
                  f"up to {limits.buffer_budget // (1 << 20)} MiB" if limits.buffer_budget
                  else "unlimited")
         self.trimmer.start()
+        if self.certs is not None:
+            self.certs.start()  # reloads changed certificate files
         if self.names is not None:
             await self.names.start()
         if self.config.db:
@@ -90,6 +95,8 @@ class RelayServer:
             return
         self.closing = True
         self.trimmer.stop()
+        if self.certs is not None:
+            self.certs.stop()
         self.acceptor.close()
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         deadline = self.loop.time() + timeout
