@@ -44,7 +44,9 @@ from ..proto.http import (
 )
 from ..proto.names import bare_proto
 from ..proto.sniff import (
+    TLS_1_2,
     TLS_ALERT_INTERNAL_ERROR,
+    TLS_ALERT_PROTOCOL_VERSION,
     TLS_ALERT_UNRECOGNIZED_NAME,
     ProxyConnect,
     SniffResult,
@@ -299,6 +301,9 @@ class Dispatcher:
         # The relay's own names first: they are never kites (a wildcard kite above them
         # must not receive the ClientHellos of tunnels).
         if certs is not None and (sni is None or self.state.is_relay_name(sni)):
+            if result.max_version < TLS_1_2:
+                self._refuse_old_tls(pv, result)
+                return
             context = certs.context_for(sni) or certs.default.context
             self._start_tunnel(pv.detach(), pv.addr, tls=True, context=context)
             return
@@ -317,12 +322,21 @@ class Dispatcher:
                 return
             terminate = certs.context_for(sni) if certs is not None else None
             if terminate is not None and self._http_route(sni, pv.port)[0] is not None:
+                if result.max_version < TLS_1_2:
+                    self._refuse_old_tls(pv, result)
+                    return
                 self._spawn(self._terminate(pv.detach(), pv.addr, pv.port, sni, terminate))
                 return
         if sni and self.state.has_grant("https", sni):
             self.refuse(pv, f"kite https:{sni} is offline", TLS_ALERT_INTERNAL_ERROR)
         else:
             self.refuse(pv, f"no https kite for SNI {sni!r}", TLS_ALERT_UNRECOGNIZED_NAME)
+
+    def _refuse_old_tls(self, pv: PendingVisitor, result) -> None:
+        """TLS the relay terminates is 1.2 or newer: an older client gets the alert now
+        (the TLS layer would only close the connection)."""
+        self.refuse(pv, f"TLS version 0x{result.max_version:04x} for {result.sni or 'no SNI'}: "
+                        "TLS 1.2 or newer needed", TLS_ALERT_PROTOCOL_VERSION)
 
     def _http_route(self, host: str, port: int):
         """The tunnel and protocol of the http kite ``host`` for a visitor on ``port``."""

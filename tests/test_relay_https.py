@@ -1,0 +1,324 @@
+"""TLS termination at the relay for http kites: a real ``kite relay`` process with three
+certificates (its own, ``*.test.kite`` ECDSA, ``rsa.test.kite`` RSA), real ``kite expose``
+processes, curl, Python's ssl and the websockets client as visitors.
+
+The relay's own names are those of its first certificate (relay.test.kite); the others
+serve https for the http kites they cover; an https kite still passes through untouched.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+
+from kite.net.tls import generate_self_signed
+from support import KITE, SECRET, Proc
+
+ZONE = "test.kite"
+RELAY_NAME = f"relay.{ZONE}"
+
+
+class EchoHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with the request line and the headers it received."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        body = (f"{self.requestline}\r\n{self.headers}").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class EchoServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # visitors that hang up early (handshake-only tests) are not errors here
+
+
+class Certs:
+    def __init__(self, d):
+        self.dir = d
+        self.relay = self.make("relay", [RELAY_NAME, "127.0.0.1"])
+        self.wild = self.make("wild", [f"*.{ZONE}"])
+        self.rsa = self.make("rsa", [f"rsa.{ZONE}"], key_type="rsa")
+        self.secure = self.make("secure", [f"secure.{ZONE}"])  # the https kite's own
+
+    def make(self, stem, names, key_type="ec"):
+        cert, key = str(self.dir / f"{stem}.crt"), str(self.dir / f"{stem}.key")
+        fp = generate_self_signed(cert, key, names, key_type=key_type)
+        return cert, key, fp
+
+
+@pytest.fixture
+def origin():
+    """An HTTP server on a thread that echoes request heads; yields its port."""
+    server = EchoServer(("127.0.0.1", 0), EchoHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def https_origin(tmp_path):
+    """A TLS server with its own certificate (secure.test.kite): the https kite's."""
+    certs = Certs.__new__(Certs)
+    certs.dir = tmp_path
+    cert, key, _ = certs.make("origin", [f"secure.{ZONE}"])
+    server = EchoServer(("127.0.0.1", 0), EchoHandler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], cert
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def ws_origin():
+    """A websocket echo server (the websockets package, sync API) on a thread."""
+    from websockets.sync.server import serve
+
+    def echo(ws):
+        for msg in ws:
+            ws.send(f"echo {msg} via {ws.request.headers.get('X-Forwarded-Proto')}")
+
+    server = serve(echo, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.socket.getsockname()[1]
+    server.shutdown()
+
+
+@pytest.fixture
+def https_relay(tmp_path):
+    """``https_relay(*extra)``: a kite relay process with the three certificates; returns
+    (port, Certs).  ``kites(...)`` then starts ``kite expose`` processes and waits until
+    each flies."""
+    certs = Certs(tmp_path)
+    procs: list[Proc] = []
+
+    def start(*extra):
+        argv = [*KITE, "relay", "--listen", "127.0.0.1:0", "-v", "--kite", f"*:*.{ZONE}"]
+        for cert, key, _ in (certs.relay, certs.wild, certs.rsa):
+            argv += ["--tls-cert", cert, "--tls-key", key]
+        proc = Proc([*argv, *extra], tmp_path, f"relay{len(procs)}",
+                    env={"KITE_SECRET": SECRET})
+        procs.append(proc)
+        out = proc.wait_for("relay listening on", timeout=30)
+        port = int(out.split("relay listening on 127.0.0.1:")[1].split()[0])
+        return port, certs, proc
+
+    def expose(port, target, name):
+        argv = [*KITE, "expose", target, name, "--relay", f"127.0.0.1:{port}",
+                "--fingerprint", certs.relay[2], "-v"]
+        proc = Proc(argv, tmp_path, f"expose{len(procs)}", env={"KITE_SECRET": SECRET})
+        procs.append(proc)
+        proc.wait_for("flying", timeout=30)
+        return proc
+
+    start.expose = expose  # type: ignore[attr-defined]
+    yield start
+    for p in procs:
+        p.stop(signal.SIGKILL)
+
+
+def curl(port, name, path="/", *, cacert, extra=()):
+    if not shutil.which("curl"):
+        pytest.skip("curl is not installed")
+    out = subprocess.run(
+        ["curl", "-sS", "-i", "--max-time", "20", "--cacert", cacert, "--resolve",
+         f"{name}:{port}:127.0.0.1", *extra, f"https://{name}:{port}{path}"],
+        capture_output=True, timeout=30)
+    return out.returncode, out.stdout.decode(errors="replace"), out.stderr.decode(errors="replace")
+
+
+def tls_connect(port, server_hostname, *, ca=None, alpn=None, version=None):
+    """A TLS handshake with the relay; returns the SSLSocket (the caller closes it)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca:
+        ctx.load_verify_locations(ca)
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    if version:
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # let this client offer old versions at all
+        ctx.minimum_version = ctx.maximum_version = version
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    try:
+        return ctx.wrap_socket(sock, server_hostname=server_hostname)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def pem_der(path):
+    return ssl.PEM_cert_to_DER_cert(open(path).read())
+
+
+def test_terminates_tls_for_an_http_kite(https_relay, origin):
+    port, certs, _ = https_relay()
+    https_relay.expose(port, f"http://127.0.0.1:{origin}", f"app.{ZONE}")
+    rc, out, err = curl(port, f"app.{ZONE}", "/hello?x=1", cacert=certs.wild[0])
+    assert rc == 0, err
+    assert out.startswith("HTTP/1.1 200"), out
+    assert "GET /hello?x=1 HTTP/1.1" in out
+    assert "X-Forwarded-Proto: https" in out, out
+    assert "X-Forwarded-For: 127.0.0.1" in out, out
+    # ALPN: http/1.1 even when the visitor prefers h2
+    with tls_connect(port, f"app.{ZONE}", ca=certs.wild[0], alpn=["h2", "http/1.1"]) as s:
+        assert s.selected_alpn_protocol() == "http/1.1"
+        assert s.version() in ("TLSv1.2", "TLSv1.3")
+    # plain HTTP still works, and says so
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: app.{ZONE}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and b"X-Forwarded-Proto: http\n" in data
+
+
+def test_two_certificates_chosen_by_sni(https_relay, origin):
+    port, certs, _ = https_relay()
+    https_relay.expose(port, f"http://127.0.0.1:{origin}", f"*.{ZONE}")
+    with tls_connect(port, f"rsa.{ZONE}", ca=certs.rsa[0]) as s:
+        assert s.getpeercert(binary_form=True) == pem_der(certs.rsa[0])
+    with tls_connect(port, f"www.{ZONE}", ca=certs.wild[0]) as s:
+        assert s.getpeercert(binary_form=True) == pem_der(certs.wild[0])
+    for name, ca in ((f"rsa.{ZONE}", certs.rsa[0]), (f"www.{ZONE}", certs.wild[0])):
+        rc, out, err = curl(port, name, cacert=ca)
+        assert rc == 0, err
+        assert f"Host: {name}" in out and "X-Forwarded-Proto: https" in out, out
+
+
+def test_passthrough_still_wins_when_an_https_kite_flies(https_relay, origin, https_origin):
+    tls_port, origin_cert = https_origin
+    port, certs, _ = https_relay()
+    https_relay.expose(port, f"http://127.0.0.1:{origin}", f"*.{ZONE}")
+    https_relay.expose(port, f"https://127.0.0.1:{tls_port}", f"secure.{ZONE}")
+    # *.test.kite covers secure.test.kite, but the https kite gets the TLS end to end
+    rc, out, err = curl(port, f"secure.{ZONE}", "/e2e", cacert=origin_cert)
+    assert rc == 0, err
+    assert "GET /e2e HTTP/1.1" in out
+    assert "X-Forwarded-Proto" not in out  # the relay never saw the plaintext
+
+
+def test_no_sni_gets_the_relay_certificate(https_relay):
+    port, certs, _ = https_relay()
+    with tls_connect(port, None) as s:
+        assert s.getpeercert(binary_form=True) == pem_der(certs.relay[0])
+    with tls_connect(port, RELAY_NAME, ca=certs.relay[0]) as s:
+        assert s.getpeercert(binary_form=True) == pem_der(certs.relay[0])
+
+
+def test_unknown_sni_gets_an_alert(https_relay, origin):
+    port, certs, _ = https_relay()
+    https_relay.expose(port, f"http://127.0.0.1:{origin}", f"app.{ZONE}")
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        tls_connect(port, "nope.example.org")  # no kite, no certificate
+    # granted (*.test.kite) but not flying, and no certificate covers it: "offline"
+    with pytest.raises(ssl.SSLError, match="INTERNAL_ERROR"):
+        tls_connect(port, f"a.b.{ZONE}")
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
+def test_old_tls_versions_are_refused(https_relay, origin, version):
+    port, certs, proc = https_relay()
+    https_relay.expose(port, f"http://127.0.0.1:{origin}", f"app.{ZONE}")
+    for name in (None, f"app.{ZONE}"):  # the relay's own TLS, and a terminated kite
+        try:
+            tls_connect(port, name, version=version).close()
+        except ssl.SSLError as exc:
+            if "NO_PROTOCOLS_AVAILABLE" in str(exc):
+                pytest.skip(f"this OpenSSL cannot even offer {version.name}")
+            assert "PROTOCOL_VERSION" in str(exc), exc  # the alert, not just a close
+        else:
+            raise AssertionError(f"{version.name} handshake with the relay succeeded")
+    proc.wait_for("TLS 1.2 or newer needed", timeout=10)
+    # the relay still serves
+    rc, out, err = curl(port, f"app.{ZONE}", cacert=certs.wild[0])
+    assert rc == 0 and "X-Forwarded-Proto: https" in out, err
+
+
+def test_redirect_http_gives_308(https_relay, origin):
+    port, certs, _ = https_relay("--redirect-http")
+    https_relay.expose(port, f"http://127.0.0.1:{origin}", f"app.{ZONE}")
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(f"GET /a/b?c=1 HTTP/1.1\r\nHost: app.{ZONE}\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head = data.decode()
+    assert head.startswith("HTTP/1.1 308"), head
+    assert f"Location: https://app.{ZONE}:{port}/a/b?c=1\r\n" in head
+    # ... and the https URL works
+    rc, out, err = curl(port, f"app.{ZONE}", "/a/b?c=1", cacert=certs.wild[0])
+    assert rc == 0 and out.startswith("HTTP/1.1 200"), err
+
+
+def test_websocket_over_wss_terminated_at_the_relay(https_relay, ws_origin):
+    from websockets.sync.client import connect
+
+    port, certs, _ = https_relay()
+    https_relay.expose(port, f"http://127.0.0.1:{ws_origin}", f"ws.{ZONE}")
+    ctx = ssl.create_default_context(cafile=certs.wild[0])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    with connect(f"wss://ws.{ZONE}:{port}/chat", sock=sock, ssl=ctx,
+                 server_hostname=f"ws.{ZONE}", open_timeout=20) as ws:
+        for i in range(3):
+            ws.send(f"hello {i}")
+            assert ws.recv(timeout=20) == f"echo hello {i} via https"
+
+
+def test_certificate_replaced_on_disk_is_served_without_restart(https_relay, origin, tmp_path):
+    port, certs, proc = https_relay()
+    https_relay.expose(port, f"http://127.0.0.1:{origin}", f"app.{ZONE}")
+    old = pem_der(certs.wild[0])
+    with tls_connect(port, f"app.{ZONE}") as s:
+        assert s.getpeercert(binary_form=True) == old
+    new_cert, new_key, _ = Certs.make(certs, "wild2", [f"*.{ZONE}", "extra.org"])
+    os.replace(new_key, certs.wild[1])  # key first: a poll in between sees a mismatch
+    os.replace(new_cert, certs.wild[0])
+    new = pem_der(certs.wild[0])
+    deadline = time.monotonic() + 30
+    while True:
+        with tls_connect(port, f"app.{ZONE}") as s:
+            if s.getpeercert(binary_form=True) == new:
+                break
+        assert time.monotonic() < deadline, proc.output()
+        time.sleep(0.2)
+    rc, out, err = curl(port, f"app.{ZONE}", cacert=certs.wild[0])
+    assert rc == 0 and "X-Forwarded-Proto: https" in out, err
+    assert proc.proc.poll() is None
+
+
+def test_sighup_reloads_and_a_bad_file_keeps_the_old_pair(https_relay, origin):
+    port, certs, proc = https_relay()
+    https_relay.expose(port, f"http://127.0.0.1:{origin}", f"*.{ZONE}")
+    old = pem_der(certs.rsa[0])
+    with open(certs.rsa[0], "w") as f:
+        f.write("-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+    os.kill(proc.pid, signal.SIGHUP)
+    proc.wait_for("reload failed, still serving the old one", timeout=30)
+    with tls_connect(port, f"rsa.{ZONE}") as s:  # the old pair, still
+        assert s.getpeercert(binary_form=True) == old
+    assert proc.proc.poll() is None
