@@ -1,8 +1,9 @@
 """TLS material and contexts: self-signed certificates, server and client contexts, pinning.
 
 The relay terminates TLS for tunnels, and for visitors of http kites its certificates cover
-(:mod:`kite.certs`); the TLS of https kites passes through untouched, routed by SNI.  The backend verifies the relay's certificate against a CA file, or pins its SHA-256
-fingerprint, unless the user explicitly says ``--insecure``.
+(:mod:`kite.certs`); the TLS of https kites passes through untouched, routed by SNI.  The
+backend verifies the relay's certificate against a CA file, or pins its SHA-256 fingerprint,
+unless the user explicitly says ``--insecure``.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ from ..proto.sniff import (
     TLS_ALERT_INTERNAL_ERROR,
     TLS_ALERT_PROTOCOL_VERSION,
     TLS_ALERT_UNRECOGNIZED_NAME,
+    HttpRequest,
     ProxyConnect,
     SniffResult,
 )
@@ -166,7 +167,11 @@ class TlsEntry(asyncio.Protocol):
             return
         data_, self.buf = bytes(self.buf), bytearray()
         self._done()
-        self.dispatcher.tls_head(transport, self.peer, data_, end)
+        self.head_received(transport, data_, end)
+
+    def head_received(self, transport: asyncio.Transport, data: bytes, end: int) -> None:
+        """The first head is ``data[:end]`` (the rest follows it)."""
+        self.dispatcher.tls_head(transport, self.peer, data, end)
 
     def eof_received(self) -> bool:
         return False
@@ -175,34 +180,25 @@ class TlsEntry(asyncio.Protocol):
         self._done()
 
 
-class TlsVisitor(asyncio.BufferedProtocol):
-    """A visitor of an http kite whose TLS the relay terminates: when the handshake is
-    done it becomes a stream of the kite's tunnel, and hands the transport to that
-    stream's :class:`StreamProtocol` (plaintext is decrypted straight into the tunnel
-    writer's buffer)."""
+class TlsVisitor(TlsEntry):
+    """A visitor of an http kite whose TLS the relay terminates: its first request head
+    (read like :class:`TlsEntry` does: bounded in size and time) opens a stream of the
+    kite's tunnel as the stream-open payload - pagekite.py backends read the request from
+    it - and the transport goes to that stream's :class:`StreamProtocol` (from then on
+    plaintext is decrypted straight into the tunnel writer's buffer)."""
 
     def __init__(self, dispatcher: Dispatcher, addr, port: int, host: str) -> None:
-        self.dispatcher = dispatcher
+        super().__init__(dispatcher, f"{addr[0]}:{addr[1]}")
         self.addr = addr
         self.port = port
         self.host = host
 
-    def connection_made(self, transport) -> None:
-        protocol = self.dispatcher.terminated_stream(transport, self.addr, self.port, self.host)
+    def head_received(self, transport: asyncio.Transport, data: bytes, end: int) -> None:
+        protocol = self.dispatcher.terminated_stream(transport, self.addr, self.port,
+                                                     self.host, data, end)
         if protocol is not None:
             transport.set_protocol(protocol)
             protocol.connection_made(transport)
-
-    # Never called: the stream's protocol replaces this one in connection_made, or the
-    # transport is closing.
-    def get_buffer(self, sizehint: int) -> memoryview:  # pragma: no cover
-        return memoryview(bytearray(max(sizehint, 1024)))
-
-    def buffer_updated(self, nbytes: int) -> None:  # pragma: no cover
-        pass
-
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        pass
 
 
 class Dispatcher:
@@ -354,29 +350,41 @@ class Dispatcher:
                      exc or type(exc).__name__)
             sock.close()
 
-    def terminated_stream(self, transport, addr, port: int, host: str) -> Optional[StreamProtocol]:
-        """The handshake with a visitor of the http kite ``host`` is done: open its stream
-        (``RTLS: 1``) and return the protocol for the transport; None after answering a
-        refusal (the kite went offline meanwhile, too many streams, account blocked)."""
+    def terminated_stream(self, transport: asyncio.Transport, addr, port: int, host: str,
+                          data: bytes, end: int) -> Optional[StreamProtocol]:
+        """The first request head ``data[:end]`` of a visitor of the http kite ``host``
+        whose TLS the relay terminated: open its stream (``RTLS: 1``, ``data`` as payload)
+        and return the protocol for the transport; None after answering a refusal (not
+        HTTP, the kite went offline meanwhile, too many streams, account blocked)."""
         peer = f"{addr[0]}:{addr[1]}"
-        tunnel: Optional[RelayTunnel]
-        tunnel, proto = self._http_route(host, port)
         refusal: Optional[bytes] = None
         reason = ""
+        tunnel: Optional[RelayTunnel] = None
+        proto: Optional[str] = None
         sid = 0
-        if tunnel is None or proto is None:
-            reason = f"kite http:{host} is offline"
-            refusal = http_error(503, host)
+        try:
+            result = sniff_first_bytes(data[:end])
+        except SniffError as exc:
+            result = None
+            reason = str(exc)
+        if not isinstance(result, HttpRequest):
+            reason = reason or "not an HTTP request"
+            refusal = http_error(400, "not an HTTP/1.x request")
         else:
+            bare: tuple[str, ...] = ("websocket", "http") if result.websocket else ("http",)
+            tunnel, proto = self.state.routes.lookup(  # type: ignore[assignment]
+                tuple(f"{p}-{port}" for p in bare) + bare, host)
             blocked = self.state.registry and self.state.registry.refusal(host, addr[0])
-            if blocked:
+            if tunnel is None or proto is None:
+                reason, refusal = f"kite http:{host} is offline", http_error(503, host)
+            elif blocked:
                 reason, refusal = blocked, http_error(403, blocked)
             else:
                 try:
                     sid = tunnel.new_sid()
                 except TooManyStreams as exc:
                     reason, refusal = str(exc), http_error(503, host)
-        if refusal is not None or tunnel is None:
+        if refusal is not None or tunnel is None or proto is None:
             log.info("TLS visitor %s refused: %s", peer, reason)
             transport.write(refusal or b"")
             transport.close()
@@ -386,10 +394,10 @@ class Dispatcher:
         tunnel.add_stream(stream, announce=False)
         header, _ = control.build_stream_open(sid, proto, host, port, addr[0], addr[1],
                                               rtls=True)
-        tunnel.write_chunk(header)
+        tunnel.write_chunk(header, data)
         tunnel.announce_window(stream)
         if self.state.registry is not None:
-            self.state.registry.opened(stream, 0)
+            self.state.registry.opened(stream, len(data))
         return StreamProtocol(tunnel, stream, 0)
 
     def _dispatch_connect(self, pv: PendingVisitor, result, data: bytes) -> None:
