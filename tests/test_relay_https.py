@@ -8,6 +8,7 @@ serve https for the http kites they cover; an https kite still passes through un
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import os
 import shutil
@@ -24,6 +25,7 @@ from kite.net.tls import generate_self_signed
 from support import KITE, SECRET, Proc
 
 ZONE = "test.kite"
+BLOB = os.urandom(1 << 20)
 RELAY_NAME = f"relay.{ZONE}"
 
 
@@ -33,7 +35,28 @@ class EchoHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
+        if self.path.startswith("/blob/"):  # N bytes of BLOB
+            size = int(self.path[6:])
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            for i in range(0, size, len(BLOB)):
+                self.wfile.write(BLOB[: min(len(BLOB), size - i)])
+            return
         body = (f"{self.requestline}\r\n{self.headers}").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):  # noqa: N802
+        left = int(self.headers["Content-Length"])
+        h = hashlib.sha256()
+        while left:
+            chunk = self.rfile.read(min(left, 1 << 20))
+            h.update(chunk)
+            left -= len(chunk)
+        body = h.hexdigest().encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -194,6 +217,31 @@ def test_terminates_tls_for_an_http_kite(https_relay, origin):
         while chunk := s.recv(65536):
             data += chunk
     assert data.startswith(b"HTTP/1.1 200") and b"X-Forwarded-Proto: http\n" in data
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_bulk_both_ways_through_termination(https_relay, origin, tmp_path, loop):
+    port, certs, _ = https_relay("--loop", loop)
+    https_relay.expose(port, f"http://127.0.0.1:{origin}", f"app.{ZONE}")
+    size = 24 << 20
+    out = tmp_path / "down.bin"
+    rc, _, err = curl(port, f"app.{ZONE}", f"/blob/{size}", cacert=certs.wild[0],
+                      extra=("-o", str(out)))
+    assert rc == 0, err
+    expected = hashlib.sha256(BLOB * (size // len(BLOB))).hexdigest()
+    head, _, body = out.read_bytes().partition(b"\r\n\r\n")  # curl -i: the head too
+    assert head.startswith(b"HTTP/1.1 200") and len(body) == size, head
+    assert hashlib.sha256(body).hexdigest() == expected
+    up = tmp_path / "up.bin"
+    up.write_bytes(BLOB * 16)
+    rc, body, err = curl(port, f"app.{ZONE}", "/up", cacert=certs.wild[0],
+                         extra=("--data-binary", f"@{up}", "-H", "Content-Type: x/y"))
+    assert rc == 0, err
+    assert body.endswith(hashlib.sha256(BLOB * 16).hexdigest()), body[-200:]
+    # keep-alive: several requests on one TLS connection (curl reuses it)
+    rc, body, err = curl(port, f"app.{ZONE}", "/one", cacert=certs.wild[0],
+                         extra=(f"https://app.{ZONE}:{port}/two",))
+    assert rc == 0 and "GET /one " in body and "GET /two " in body, err
 
 
 def test_two_certificates_chosen_by_sni(https_relay, origin):
