@@ -152,3 +152,52 @@ def test_backend_toml_secret_file(tmp_path, fresh_warnings):
                     f'[[kite]]\nname = "b.example.com"\ntarget = 8081\nsecret = "{LONG}x"\n')
     cfg = kconfig.load_backend_config(str(conf))
     assert [k.secret for k in cfg.relays[0].kites] == [LONG, LONG + "x"]
+
+
+# -- the relay's certificates (kite.certs): --tls-cert/--tls-key pairs, [[tls]] ------------------
+def _cert(tmp_path, stem, names):
+    from kite.net.tls import generate_self_signed
+
+    cert, key = str(tmp_path / f"{stem}.crt"), str(tmp_path / f"{stem}.key")
+    generate_self_signed(cert, key, names)
+    return cert, key
+
+
+def test_relay_tls_pairs_from_options_and_the_first_names_the_relay(tmp_path):
+    relay = _cert(tmp_path, "relay", ["relay.example.com"])
+    wild = _cert(tmp_path, "wild", ["*.example.com"])
+    cfg = build_relay_config(listen=["127.0.0.1:0"], kites=[f"*:*.example.com:{LONG}"],
+                             tls_cert=[relay[0], wild[0]], tls_key=[relay[1], wild[1]],
+                             redirect_http=True)
+    assert cfg.tls_pairs == [relay, wild]
+    assert (cfg.tls_cert, cfg.tls_key) == relay
+    assert cfg.tls_names == ["relay.example.com"]  # not the wildcard's
+    assert cfg.redirect_http
+    with pytest.raises(ConfigError, match=r"--tls-cert/--tls-key: 2 certificate\(s\) but 1 key"):
+        build_relay_config(listen=["127.0.0.1:0"], kites=[f"*:*.example.com:{LONG}"],
+                           tls_cert=[relay[0], wild[0]], tls_key=[relay[1]])
+    with pytest.raises(ConfigError, match="--redirect-http"):
+        build_relay_config(listen=["127.0.0.1:0"], kites=[f"*:*.example.com:{LONG}"],
+                           redirect_http=True)
+
+
+def test_relay_toml_tls_tables_follow_the_single_keys(tmp_path):
+    relay = _cert(tmp_path, "relay", ["relay.example.com"])
+    wild = _cert(tmp_path, "wild", ["*.example.com"])
+    conf = tmp_path / "relay.toml"
+    conf.write_text(f'tls_cert = "{relay[0]}"\ntls_key = "{relay[1]}"\nredirect_http = true\n'
+                    f'[[kite]]\ndomain = "*.example.com"\nsecret = "{LONG}"\n'
+                    f'[[tls]]\ncert = "{wild[0]}"\nkey = "{wild[1]}"\n')
+    cfg = build_relay_config(config_file=str(conf))
+    assert cfg.tls_pairs == [relay, wild] and cfg.redirect_http
+    # options replace the file's certificates
+    cfg = build_relay_config(config_file=str(conf), tls_cert=[wild[0]], tls_key=[wild[1]])
+    assert cfg.tls_pairs == [wild]
+    conf.write_text(f'[[kite]]\ndomain = "*.example.com"\nsecret = "{LONG}"\n'
+                    f'[[tls]]\ncert = "{wild[0]}"\n')
+    with pytest.raises(ConfigError, match=r"tls\[0\]: needs cert and key"):
+        build_relay_config(config_file=str(conf))
+    conf.write_text(f'[[kite]]\ndomain = "*.example.com"\nsecret = "{LONG}"\n'
+                    f'[[tls]]\ncert = "{wild[0]}"\nkey = "{wild[1]}"\nkeyfile = "x"\n')
+    with pytest.raises(ConfigError, match="keyfile"):
+        build_relay_config(config_file=str(conf))
