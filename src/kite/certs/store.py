@@ -176,7 +176,9 @@ class CertStore:
     # -- changing -------------------------------------------------------------------------------
     def install(self, cert_path: str, key_path: str) -> CertPair:
         """Add a pair, or replace the one loaded from ``cert_path``; raises ConfigError if it
-        does not load (the old pair stays)."""
+        does not load (the old pair stays).  Call it on the event loop's thread (from a
+        worker thread: ``loop.call_soon_threadsafe``), like every method that changes the
+        store; new handshakes use the pair at once, open connections keep theirs."""
         pair = load_pair(cert_path, key_path)
         self._put(pair)
         log.info("certificate %s installed: %s, expires in %.1f days", cert_path,

@@ -285,11 +285,13 @@ class Dispatcher:
                           skip=len(data))
 
     def has_https(self, host: str, port: int) -> bool:
-        """Visitors can reach ``host`` over https: an https kite flies, or a certificate
-        covers the name (the relay terminates TLS for its http kite)."""
+        """Visitors of ``host`` on plain-HTTP ``port`` can reach it over https (on 443 for
+        80 and 443, else on the same port): a certificate covers the name (the relay
+        terminates TLS for its http kite), or an https kite flies."""
         if self.certs is not None and self.certs.covers(host):
             return True
-        return self.state.routes.lookup((f"https-{port}", "https"), host)[0] is not None
+        tls_port = 443 if port in (80, 443) else port
+        return self.state.routes.lookup((f"https-{tls_port}", "https"), host)[0] is not None
 
     def _dispatch_tls(self, pv: PendingVisitor, result, data: bytes) -> None:
         sni = result.sni
