@@ -108,3 +108,12 @@ def test_expiries(tmp_path):
     exp = store.expiries()
     assert list(exp) == [a[0]]
     assert 800 * 86400 < exp[a[0]] - time.time() < 826 * 86400
+
+
+def test_an_empty_store_serves_nothing_until_a_pair_is_installed(tmp_path):
+    store = CertStore()
+    assert store.default is None and not store.covers("a.zone") and store.expiries() == {}
+    assert store.reload() == 0
+    a = pair(tmp_path, "a", ["*.zone"])
+    store.install(*a)
+    assert store.default.cert_path == a[0] and store.covers("x.zone")

@@ -34,7 +34,7 @@ class EchoHandler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self):  # noqa: N802 (http.server's naming)
+    def do_GET(self):
         if self.path.startswith("/blob/"):  # N bytes of BLOB
             size = int(self.path[6:])
             self.send_response(200)
@@ -49,7 +49,7 @@ class EchoHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         left = int(self.headers["Content-Length"])
         h = hashlib.sha256()
         while left:
@@ -71,18 +71,20 @@ class EchoServer(http.server.ThreadingHTTPServer):
         pass  # visitors that hang up early (handshake-only tests) are not errors here
 
 
-class Certs:
-    def __init__(self, d):
-        self.dir = d
-        self.relay = self.make("relay", [RELAY_NAME, "127.0.0.1"])
-        self.wild = self.make("wild", [f"*.{ZONE}"])
-        self.rsa = self.make("rsa", [f"rsa.{ZONE}"], key_type="rsa")
-        self.secure = self.make("secure", [f"secure.{ZONE}"])  # the https kite's own
+def make_pair(directory, stem, names, key_type="ec"):
+    """A self-signed certificate and key in ``directory``: (cert, key, SHA-256 pin)."""
+    cert, key = str(directory / f"{stem}.crt"), str(directory / f"{stem}.key")
+    fp = generate_self_signed(cert, key, names, key_type=key_type)
+    return cert, key, fp
 
-    def make(self, stem, names, key_type="ec"):
-        cert, key = str(self.dir / f"{stem}.crt"), str(self.dir / f"{stem}.key")
-        fp = generate_self_signed(cert, key, names, key_type=key_type)
-        return cert, key, fp
+
+class Certs:
+    """The relay's three pairs: its own (first), ``*.test.kite`` (ECDSA), ``rsa.test.kite``."""
+
+    def __init__(self, d):
+        self.relay = make_pair(d, "relay", [RELAY_NAME, "127.0.0.1"])
+        self.wild = make_pair(d, "wild", [f"*.{ZONE}"])
+        self.rsa = make_pair(d, "rsa", [f"rsa.{ZONE}"], key_type="rsa")
 
 
 @pytest.fixture
@@ -99,9 +101,7 @@ def origin():
 @pytest.fixture
 def https_origin(tmp_path):
     """A TLS server with its own certificate (secure.test.kite): the https kite's."""
-    certs = Certs.__new__(Certs)
-    certs.dir = tmp_path
-    cert, key, _ = certs.make("origin", [f"secure.{ZONE}"])
+    cert, key, _ = make_pair(tmp_path, "origin", [f"secure.{ZONE}"])
     server = EchoServer(("127.0.0.1", 0), EchoHandler)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
@@ -343,7 +343,7 @@ def test_certificate_replaced_on_disk_is_served_without_restart(https_relay, ori
     old = pem_der(certs.wild[0])
     with tls_connect(port, f"app.{ZONE}") as s:
         assert s.getpeercert(binary_form=True) == old
-    new_cert, new_key, _ = Certs.make(certs, "wild2", [f"*.{ZONE}", "extra.org"])
+    new_cert, new_key, _ = make_pair(tmp_path, "wild2", [f"*.{ZONE}", "extra.org"])
     os.replace(new_key, certs.wild[1])  # key first: a poll in between sees a mismatch
     os.replace(new_cert, certs.wild[0])
     new = pem_der(certs.wild[0])
@@ -370,3 +370,33 @@ def test_sighup_reloads_and_a_bad_file_keeps_the_old_pair(https_relay, origin):
     with tls_connect(port, f"rsa.{ZONE}") as s:  # the old pair, still
         assert s.getpeercert(binary_form=True) == old
     assert proc.proc.poll() is None
+
+
+def test_a_pair_installed_at_run_time_serves_https(tmp_path):
+    """A relay that started without certificates (plain tunnels) gets one later
+    (``CertStore.install``, what automatic certificates call): HTTPS for its http kite."""
+    import asyncio
+
+    from support import http_kite, kite_env, run, start_http_server
+
+    cert, key, _ = make_pair(tmp_path, "late", [f"*.{ZONE}"])
+
+    async def main():
+        server, origin_port = await start_http_server(echo_headers=True)
+        async with kite_env(tmp_path, [http_kite(f"app.{ZONE}", origin_port)], tls=False) as env:
+            ctx = ssl.create_default_context(cafile=cert)
+            with pytest.raises(ssl.SSLError):  # no certificate yet: an alert
+                await asyncio.open_connection("127.0.0.1", env.port, ssl=ctx,
+                                              server_hostname=f"app.{ZONE}")
+            env.relay.certs.install(cert, key)
+            reader, writer = await asyncio.open_connection("127.0.0.1", env.port, ssl=ctx,
+                                                           server_hostname=f"app.{ZONE}")
+            writer.write(f"GET /late HTTP/1.1\r\nHost: app.{ZONE}\r\nConnection: close\r\n\r\n"
+                         .encode())
+            data = await asyncio.wait_for(reader.read(), 20)
+            writer.close()
+            assert data.startswith(b"HTTP/1.1 200"), data
+            assert b"X-Forwarded-Proto: https\r\n" in data, data
+        server.close()
+
+    run(main, "uvloop")

@@ -121,12 +121,12 @@ def load_pair(cert_path: str, key_path: Optional[str] = None) -> CertPair:
 
 
 class CertStore:
-    """Several pairs, chosen by SNI; the first one's is the relay's own (no SNI)."""
+    """Several pairs, chosen by SNI; the first one is the relay's own (no SNI)."""
 
-    def __init__(self, pairs: Sequence[tuple], *, poll_interval: float = POLL_INTERVAL) -> None:
-        """Load ``pairs`` of (cert path, key path or None); a bad one is a ConfigError."""
-        if not pairs:
-            raise ConfigError("tls-cert", "no certificate", "give --tls-cert and --tls-key")
+    def __init__(self, pairs: Sequence[tuple] = (), *,
+                 poll_interval: float = POLL_INTERVAL) -> None:
+        """Load ``pairs`` of (cert path, key path or None); a bad one is a ConfigError.
+        A store may start empty (no TLS until :meth:`install` adds a pair)."""
         self.pairs: list[CertPair] = [load_pair(c, k) for c, k in pairs]
         self.poll_interval = poll_interval
         self._failed: dict[str, tuple] = {}  # cert path -> stamp that failed to load
@@ -148,9 +148,10 @@ class CertStore:
 
     # -- choosing -------------------------------------------------------------------------------
     @property
-    def default(self) -> CertPair:
-        """The first pair: ClientHellos without SNI, and the relay's own names."""
-        return self.pairs[0]
+    def default(self) -> Optional[CertPair]:
+        """The first pair: ClientHellos without SNI, and the relay's own names (None: the
+        store is empty)."""
+        return self.pairs[0] if self.pairs else None
 
     def pair_for(self, name: Optional[str]) -> Optional[CertPair]:
         """The pair covering ``name``: exact, then ``*.parent``; None if none does."""

@@ -204,7 +204,7 @@ class TlsVisitor(TlsEntry):
 class Dispatcher:
     """Routes classified connections (see the module docstring); owns the tasks it starts."""
 
-    def __init__(self, state: RelayState, certs: Optional[CertStore]) -> None:
+    def __init__(self, state: RelayState, certs: CertStore) -> None:
         self.state = state
         self.certs = certs
         self.loop = asyncio.get_running_loop()
@@ -288,7 +288,7 @@ class Dispatcher:
         """Visitors of ``host`` on plain-HTTP ``port`` can reach it over https (on 443 for
         80 and 443, else on the same port): a certificate covers the name (the relay
         terminates TLS for its http kite), or an https kite flies."""
-        if self.certs is not None and self.certs.covers(host):
+        if self.certs.covers(host):
             return True
         tls_port = 443 if port in (80, 443) else port
         return self.state.routes.lookup((f"https-{tls_port}", "https"), host)[0] is not None
@@ -296,13 +296,14 @@ class Dispatcher:
     def _dispatch_tls(self, pv: PendingVisitor, result, data: bytes) -> None:
         sni = result.sni
         certs = self.certs
+        default = certs.default
         # The relay's own names first: they are never kites (a wildcard kite above them
         # must not receive the ClientHellos of tunnels).
-        if certs is not None and (sni is None or self.state.is_relay_name(sni)):
+        if default is not None and (sni is None or self.state.is_relay_name(sni)):
             if result.max_version < TLS_1_2:
                 self._refuse_old_tls(pv, result)
                 return
-            context = certs.context_for(sni) or certs.default.context
+            context = certs.context_for(sni) or default.context
             self._start_tunnel(pv.detach(), pv.addr, tls=True, context=context)
             return
         if sni and not self.state.is_reserved(sni):
@@ -318,7 +319,7 @@ class Dispatcher:
                 self._open_stream(pv, tunnel, sid, "https", sni, pv.port, payload=data,
                                   skip=len(data))
                 return
-            terminate = certs.context_for(sni) if certs is not None else None
+            terminate = certs.context_for(sni)
             if terminate is not None and self._http_route(sni, pv.port)[0] is not None:
                 if result.max_version < TLS_1_2:
                     self._refuse_old_tls(pv, result)
@@ -404,11 +405,12 @@ class Dispatcher:
 
     def _dispatch_connect(self, pv: PendingVisitor, result, data: bytes) -> None:
         host, port = result.host, result.port
-        if port == 443 and self.certs is not None and self.state.is_relay_name(host):
+        default = self.certs.default
+        if port == 443 and default is not None and self.state.is_relay_name(host):
             # pagekite.py's --fe_certname: plain CONNECT to the relay's own name, then TLS.
             sock = _answer_connect(pv, result.head_length, TUNNEL_CONNECT_OK)
             if sock is not None:
-                context = self.certs.context_for(host) or self.certs.default.context
+                context = self.certs.context_for(host) or default.context
                 self._start_tunnel(sock, pv.addr, tls=True, context=context)
             return
         tunnel, proto, refusal = self.route_connect(host, port)

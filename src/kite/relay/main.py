@@ -18,12 +18,12 @@ async def serve_relay(cfg: RelayConfig, stop: asyncio.Event) -> int:
     server = RelayServer(cfg)
     await server.start()
     loop = asyncio.get_running_loop()
-    certs = server.certs
-    if certs is not None:  # SIGHUP: load every certificate file again
-        loop.add_signal_handler(signal.SIGHUP, certs.reload)
+    try:  # SIGHUP: load every certificate file again
+        loop.add_signal_handler(signal.SIGHUP, server.certs.reload)
+    except (NotImplementedError, RuntimeError, ValueError):
+        pass  # not the main thread, or no signals here: the files are still polled
     await stop.wait()
-    if certs is not None:
-        loop.remove_signal_handler(signal.SIGHUP)
+    loop.remove_signal_handler(signal.SIGHUP)
     log.info("relay stopping: draining streams (up to %g s)", cfg.drain_timeout)
     await server.close()
     return 0

@@ -39,12 +39,11 @@ class RelayServer:
         self.config = config
         self.loop = asyncio.get_running_loop()
         self.state = RelayState(config)
-        # the relay's certificates, chosen by SNI (kite.certs); None: no TLS at all
-        self.certs: Optional[CertStore] = None
+        # the relay's certificates, chosen by SNI (kite.certs); empty: no TLS until a pair
+        # is installed (CertStore.install)
         pairs = config.tls_pairs or ([(config.tls_cert, config.tls_key)] if config.tls_cert
                                      else [])
-        if pairs:
-            self.certs = CertStore(pairs)
+        self.certs = CertStore(pairs)
         self.dispatcher = Dispatcher(self.state, self.certs)
         self.acceptor = Acceptor(self.dispatcher)
         self.dispatcher.note_silent = self.acceptor.note_silent
@@ -70,8 +69,7 @@ class RelayServer:
                  f"up to {limits.buffer_budget // (1 << 20)} MiB" if limits.buffer_budget
                  else "unlimited")
         self.trimmer.start()
-        if self.certs is not None:
-            self.certs.start()  # reloads changed certificate files
+        self.certs.start()  # reloads changed certificate files
         if self.names is not None:
             await self.names.start()
         if self.config.db:
@@ -95,8 +93,7 @@ class RelayServer:
             return
         self.closing = True
         self.trimmer.stop()
-        if self.certs is not None:
-            self.certs.stop()
+        self.certs.stop()
         self.acceptor.close()
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         deadline = self.loop.time() + timeout
