@@ -400,3 +400,22 @@ def test_a_pair_installed_at_run_time_serves_https(tmp_path):
         server.close()
 
     run(main, "uvloop")
+
+
+def test_hsts_on_the_first_response_of_each_terminated_connection(https_relay, origin):
+    port, certs, _ = https_relay("--hsts", "600")
+    https_relay.expose(port, f"http://127.0.0.1:{origin}", f"app.{ZONE}")
+    rc, out, err = curl(port, f"app.{ZONE}", "/one", cacert=certs.wild[0],
+                        extra=(f"https://app.{ZONE}:{port}/two",))  # one connection, two requests
+    assert rc == 0, err
+    first, _, second = out.partition("HTTP/1.1 200 OK\r\n")[2].partition("HTTP/1.1 200 OK\r\n")
+    assert "Strict-Transport-Security: max-age=600\r\n" in first, out
+    assert "GET /two " in first and "GET /one " in second  # curl's order: extra URL first
+    assert "Strict-Transport-Security" not in second  # later responses pass untouched
+    # plain HTTP never gets it
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: app.{ZONE}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and b"Strict-Transport" not in data

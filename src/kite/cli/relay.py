@@ -47,6 +47,9 @@ def dns_options(f):
               help="SNI names that mean the relay itself (default: the first certificate's names).")
 @click.option("--redirect-http", is_flag=True,
               help="Send plain-HTTP visitors of a kite that has HTTPS a 308 to its https:// URL.")
+@click.option("--hsts", type=click.IntRange(min=0), default=None, metavar="SECONDS",
+              help="Strict-Transport-Security max-age on HTTPS the relay terminates (first "
+                   "response of each connection; the server's own header wins).")
 @click.option("--kite", "kites", multiple=True, metavar="PROTO:DOMAIN[:SECRET]",
               help="Allow backends with the secret to fly DOMAIN (PROTO * = all; *.dom "
                    "wildcards).  Without :SECRET the secret is --secret-file's or KITE_SECRET's; "
@@ -85,7 +88,7 @@ def dns_options(f):
                    "[default: 30]")
 @dns_options
 @common_options
-def relay(config_file, listen, tls_cert, tls_key, tls_name, redirect_http, kites, secret_file,
+def relay(config_file, listen, tls_cert, tls_key, tls_name, redirect_http, hsts, kites, secret_file,
           single, db,
           signup, signup_quota, keepalive, zchunks, drain_timeout, max_connections,
           max_pending, max_streams, idle_timeout, buffer_budget, slow_reader_timeout,
@@ -97,7 +100,8 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, redirect_http, kites
     with config_errors():
         cfg = build_relay_config(config_file=config_file, listen=listen, tls_cert=tls_cert,
                                  tls_key=tls_key, tls_names=tls_name,
-                                 redirect_http=redirect_http, kites=kites, single=single,
+                                 redirect_http=redirect_http, hsts=hsts, kites=kites,
+                                 single=single,
                                  keepalive=keepalive, zchunks=zchunks, drain_timeout=drain_timeout,
                                  secret_file=secret_file,
                                  limits={"max_connections": max_connections,

@@ -33,6 +33,7 @@ __all__ = [
     "build_connect_request",
     "connect_refused",
     "https_redirect",
+    "add_response_header",
     "find_head_end",
     "has_control",
     "http_error",
@@ -231,3 +232,15 @@ def https_redirect(host: str, port: int, target: str) -> bytes:
     location = f"https://{netloc}{path}".encode("ascii", "replace")
     return (b"HTTP/1.1 308 Permanent Redirect\r\nLocation: %s\r\nContent-Length: 0\r\n"
             b"Cache-Control: no-store\r\nConnection: close\r\n\r\n" % location)
+
+
+def add_response_header(data: bytes, end: int, name: bytes, value: bytes) -> bytes:
+    """``data`` with ``name: value`` right after the status line of the response head
+    ``data[:end]`` (what follows the head is kept as it is); ``data`` unchanged when the
+    head is no HTTP/1.x response or has that field already (the server's own wins)."""
+    head = data[:end]
+    if not head.startswith(b"HTTP/1.") or re.search(
+            rb"\n" + re.escape(name) + rb"[ \t]*:", head, re.IGNORECASE):
+        return data
+    cut = head.index(b"\n") + 1
+    return data[:cut] + name + b": " + value + b"\r\n" + data[cut:]

@@ -42,6 +42,7 @@ class RelayConfig:
     # every (cert, key) pair, the first being tls_cert/tls_key; empty: just that one
     tls_pairs: list = field(default_factory=list)
     redirect_http: bool = False  # 308 plain-HTTP visitors of a kite with HTTPS to https://
+    hsts: Optional[int] = None  # Strict-Transport-Security max-age on terminated HTTPS
     tls_names: list = field(default_factory=list)  # SNI names that mean "the relay itself"
     keepalive: Optional[float] = 30.0
     ping_timeout: float = 10.0
@@ -81,7 +82,7 @@ def _cert_names(path: str) -> list:
     return names
 
 
-_RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls", "redirect_http", "tls_names", "kite",
+_RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls", "redirect_http", "hsts", "tls_names", "kite",
                "keepalive", "zchunks",
                "secret_file", "db", "signup", "signup_quota", "signup_per_hour",
                "max_connections", "max_pending", "max_streams", "idle_timeout", "buffer_budget",
@@ -153,6 +154,7 @@ def _seq(value) -> list:
 
 def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[str] = (),
                        tls_cert=None, tls_key=None, redirect_http: bool = False,
+                       hsts: Optional[int] = None,
                        tls_names: Sequence[str] = (), kites: Sequence[str] = (),
                        single: Sequence[str] = (), keepalive: float = 30.0,
                        zchunks: bool = False, drain_timeout: float = 10.0,
@@ -193,6 +195,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
             listen = _strings(data.get("listen", []), "listen", 'listen = ["0.0.0.0:443"]')
         redirect_http = redirect_http or check_bool(data.get("redirect_http", False),
                                                     "redirect_http")
+        if hsts is None:
+            hsts = data.get("hsts")
         names += [_relay_name(n, "tls_names") for n in
                   _strings(data.get("tls_names", []), "tls_names", 'tls_names = ["relay.example.com"]')]
         if "keepalive" in data:
@@ -244,9 +248,13 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     if redirect_http and not pairs:
         raise ConfigError("--redirect-http", "there is no certificate to serve https with",
                           "add --tls-cert and --tls-key")
+    if hsts is not None and (isinstance(hsts, bool) or not isinstance(hsts, int)
+                             or not 0 <= hsts <= 10 ** 9):
+        raise ConfigError("hsts", f"bad value {hsts!r}",
+                          "seconds browsers keep to https, e.g. 31536000 (a year)")
     first = pairs[0] if pairs else (None, None)
     cfg = RelayConfig(listen=addrs, grants=grants, tls_cert=first[0], tls_key=first[1],
-                      tls_pairs=pairs, redirect_http=redirect_http, tls_names=names,
+                      tls_pairs=pairs, redirect_http=redirect_http, hsts=hsts, tls_names=names,
                       keepalive=keepalive or None, zchunks=zchunks,
                       drain_timeout=drain_timeout, single_backend=single_set,
                       names=build_names_config(data, dns_options), db=db, **extra)

@@ -54,6 +54,7 @@ from ..proto.sniff import (
 )
 from ..proto.sniff import sniff as sniff_first_bytes
 from .accept import FIRST_BYTES_TIMEOUT, MAX_PEEK
+from .hsts import HSTS_FIELD, FirstResponseHeader
 from .signup import SignupProtocol
 from .state import RelayState
 from .tunnel import RelayTunnel
@@ -399,6 +400,9 @@ class Dispatcher:
                                               rtls=True)
         tunnel.write_chunk(header, data)
         tunnel.announce_window(stream)
+        hsts = self.state.config.hsts
+        if hsts is not None:
+            FirstResponseHeader(stream, HSTS_FIELD, b"max-age=%d" % hsts)
         if self.state.registry is not None:
             self.state.registry.opened(stream, len(data))
         return StreamProtocol(tunnel, stream, 0)
