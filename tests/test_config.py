@@ -201,3 +201,14 @@ def test_relay_toml_tls_tables_follow_the_single_keys(tmp_path):
                     f'[[tls]]\ncert = "{wild[0]}"\nkey = "{wild[1]}"\nkeyfile = "x"\n')
     with pytest.raises(ConfigError, match="keyfile"):
         build_relay_config(config_file=str(conf))
+
+
+def test_relay_hsts_option_and_key(tmp_path):
+    conf = tmp_path / "relay.toml"
+    conf.write_text(f'hsts = 600\n[[kite]]\ndomain = "*.example.com"\nsecret = "{LONG}"\n')
+    assert build_relay_config(config_file=str(conf)).hsts == 600
+    assert build_relay_config(config_file=str(conf), hsts=5).hsts == 5  # the option wins
+    for bad in ("true", '"1y"', "-1"):
+        conf.write_text(f'hsts = {bad}\n[[kite]]\ndomain = "*.example.com"\nsecret = "{LONG}"\n')
+        with pytest.raises(ConfigError, match="hsts: bad value"):
+            build_relay_config(config_file=str(conf))
