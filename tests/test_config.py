@@ -176,9 +176,6 @@ def test_relay_tls_pairs_from_options_and_the_first_names_the_relay(tmp_path):
     with pytest.raises(ConfigError, match=r"--tls-cert/--tls-key: 2 certificate\(s\) but 1 key"):
         build_relay_config(listen=["127.0.0.1:0"], kites=[f"*:*.example.com:{LONG}"],
                            tls_cert=[relay[0], wild[0]], tls_key=[relay[1]])
-    with pytest.raises(ConfigError, match="--redirect-http"):
-        build_relay_config(listen=["127.0.0.1:0"], kites=[f"*:*.example.com:{LONG}"],
-                           redirect_http=True)
 
 
 def test_relay_toml_tls_tables_follow_the_single_keys(tmp_path):
@@ -212,3 +209,16 @@ def test_relay_hsts_option_and_key(tmp_path):
         conf.write_text(f'hsts = {bad}\n[[kite]]\ndomain = "*.example.com"\nsecret = "{LONG}"\n')
         with pytest.raises(ConfigError, match="hsts: bad value"):
             build_relay_config(config_file=str(conf))
+
+
+def test_relay_per_kite_redirect_and_hsts(tmp_path):
+    conf = tmp_path / "relay.toml"
+    conf.write_text(f'[[kite]]\ndomain = "*.example.com"\nsecret = "{LONG}"\nhsts = 60\n'
+                    f'[[kite]]\ndomain = "app.example.com"\nsecret = "{LONG}"\n'
+                    f'redirect_http = true\nhsts = 0\n')
+    cfg = build_relay_config(config_file=str(conf))
+    assert cfg.redirect_kites == {"app.example.com"} and not cfg.redirect_http
+    assert cfg.hsts_kites == {"*.example.com": 60, "app.example.com": 0} and cfg.hsts is None
+    conf.write_text(f'[[kite]]\ndomain = "a.example.com"\nsecret = "{LONG}"\nhsts = "1y"\n')
+    with pytest.raises(ConfigError, match=r"kite\[0\]\.hsts: bad value"):
+        build_relay_config(config_file=str(conf))

@@ -419,3 +419,28 @@ def test_hsts_on_the_first_response_of_each_terminated_connection(https_relay, o
         while chunk := s.recv(65536):
             data += chunk
     assert data.startswith(b"HTTP/1.1 200") and b"Strict-Transport" not in data
+
+
+def test_redirect_and_hsts_per_kite(https_relay, origin, tmp_path):
+    conf = tmp_path / "relay.toml"
+    conf.write_text(f'[[kite]]\ndomain = "app.{ZONE}"\nsecret_file = "{tmp_path / "s"}"\n'
+                    'redirect_http = true\nhsts = 5\n')
+    (tmp_path / "s").write_text(SECRET + "\n")
+    os.chmod(tmp_path / "s", 0o600)
+    port, certs, _ = https_relay("--config", str(conf))
+    https_relay.expose(port, f"http://127.0.0.1:{origin}", f"*.{ZONE}")
+
+    def plain(name):
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            s.sendall(f"GET /p HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return data.decode(errors="replace")
+
+    assert plain(f"app.{ZONE}").startswith("HTTP/1.1 308")
+    assert plain(f"other.{ZONE}").startswith("HTTP/1.1 200")  # no redirect for it
+    rc, out, err = curl(port, f"app.{ZONE}", cacert=certs.wild[0])
+    assert rc == 0 and "Strict-Transport-Security: max-age=5\r\n" in out, err
+    rc, out, err = curl(port, f"other.{ZONE}", cacert=certs.wild[0])
+    assert rc == 0 and "Strict-Transport-Security" not in out, err

@@ -43,6 +43,9 @@ class RelayConfig:
     tls_pairs: list = field(default_factory=list)
     redirect_http: bool = False  # 308 plain-HTTP visitors of a kite with HTTPS to https://
     hsts: Optional[int] = None  # Strict-Transport-Security max-age on terminated HTTPS
+    # per kite ([[kite]] redirect_http / hsts), by grant domain (a *.parent covers below it)
+    redirect_kites: set = field(default_factory=set)
+    hsts_kites: dict = field(default_factory=dict)
     tls_names: list = field(default_factory=list)  # SNI names that mean "the relay itself"
     keepalive: Optional[float] = 30.0
     ping_timeout: float = 10.0
@@ -87,7 +90,7 @@ _RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls", "redirect_http", "hsts", 
                "secret_file", "db", "signup", "signup_quota", "signup_per_hour",
                "max_connections", "max_pending", "max_streams", "idle_timeout", "buffer_budget",
                "slow_reader_timeout"}
-_GRANT_KEYS = {"domain", "protos", "secret", "secret_file", "single"}
+_GRANT_KEYS = {"domain", "protos", "secret", "secret_file", "single", "redirect_http", "hsts"}
 
 
 def _strings(value: object, key: str, example: str) -> list:
@@ -145,6 +148,14 @@ def _tls_pairs(certs: Sequence[str], keys: Sequence[str], data: dict) -> list:
     return pairs
 
 
+def _hsts(value: object, key: str) -> int:
+    """A Strict-Transport-Security max-age in seconds."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10 ** 9:
+        raise ConfigError(key, f"bad value {value!r}",
+                          "seconds browsers keep to https, e.g. 31536000 (a year)")
+    return value
+
+
 def _seq(value) -> list:
     """An option given once (a string) or repeated (a sequence)."""
     if value is None:
@@ -174,6 +185,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     listen = list(listen)
     names = [_relay_name(n, "--tls-name") for n in tls_names]
     single_set = set()
+    redirect_kites: set = set()
+    hsts_kites: dict = {}
     for s in single:
         domain = s.lower().rstrip(".")
         if not valid_domain(domain):
@@ -225,6 +238,10 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
             g = parse_grant(f"{protos}:{k['domain']}:{secret}", key=where)
             if check_bool(k.get("single", False), f"{where}.single"):
                 single_set.add(g.domain)
+            if check_bool(k.get("redirect_http", False), f"{where}.redirect_http"):
+                redirect_kites.add(g.domain)
+            if "hsts" in k:
+                hsts_kites[g.domain] = _hsts(k["hsts"], f"{where}.hsts")
             grants.add(g)
     listen_key = "--listen" if list(listen_option) else "listen"
     addrs = [parse_hostport(v, key=listen_key, default_host="0.0.0.0")
@@ -245,16 +262,11 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                 raise ConfigError("--tls-cert/--tls-key", f"no such file {p!r}", "check the path")
     if pairs and not names:
         names = _cert_names(pairs[0][0])  # the first certificate's names mean the relay
-    if redirect_http and not pairs:
-        raise ConfigError("--redirect-http", "there is no certificate to serve https with",
-                          "add --tls-cert and --tls-key")
-    if hsts is not None and (isinstance(hsts, bool) or not isinstance(hsts, int)
-                             or not 0 <= hsts <= 10 ** 9):
-        raise ConfigError("hsts", f"bad value {hsts!r}",
-                          "seconds browsers keep to https, e.g. 31536000 (a year)")
+    hsts = _hsts(hsts, "hsts") if hsts is not None else None
     first = pairs[0] if pairs else (None, None)
     cfg = RelayConfig(listen=addrs, grants=grants, tls_cert=first[0], tls_key=first[1],
-                      tls_pairs=pairs, redirect_http=redirect_http, hsts=hsts, tls_names=names,
+                      tls_pairs=pairs, redirect_http=redirect_http, hsts=hsts,
+                      redirect_kites=redirect_kites, hsts_kites=hsts_kites, tls_names=names,
                       keepalive=keepalive or None, zchunks=zchunks,
                       drain_timeout=drain_timeout, single_backend=single_set,
                       names=build_names_config(data, dns_options), db=db, **extra)

@@ -42,7 +42,7 @@ from ..proto.http import (
     http_error,
     https_redirect,
 )
-from ..proto.names import bare_proto
+from ..proto.names import bare_proto, domain_matches
 from ..proto.sniff import (
     TLS_1_2,
     TLS_ALERT_INTERNAL_ERROR,
@@ -273,7 +273,7 @@ class Dispatcher:
                 self.refuse(pv, f"no kite http:{host}",
                             http_error(404, host, json_wanted=want_json))
             return
-        if self.state.config.redirect_http and self.has_https(host, pv.port):
+        if self._redirects(host) and self.has_https(host, pv.port):
             self.refuse(pv, f"plain HTTP for {host}: redirected to https",
                         https_redirect(host, pv.port, result.path))
             return
@@ -284,6 +284,24 @@ class Dispatcher:
             return
         self._open_stream(pv, tunnel, sid, bare_proto(proto), host, pv.port, payload=data,
                           skip=len(data))
+
+    def _redirects(self, host: str) -> bool:
+        """``--redirect-http`` for the relay, or ``redirect_http`` of a ``[[kite]]`` table
+        covering ``host``."""
+        cfg = self.state.config
+        return cfg.redirect_http or bool(cfg.redirect_kites) and any(
+            domain_matches(d, host) for d in cfg.redirect_kites)
+
+    def _hsts(self, host: str) -> Optional[int]:
+        """The HSTS max-age for ``host``: its ``[[kite]]`` table's (exact before wildcard),
+        else the relay's ``--hsts``, else None."""
+        cfg = self.state.config
+        if cfg.hsts_kites:
+            score, value = max(((domain_matches(d, host), v) for d, v in cfg.hsts_kites.items()),
+                               key=lambda sv: sv[0])
+            if score:
+                return value
+        return cfg.hsts
 
     def has_https(self, host: str, port: int) -> bool:
         """Visitors of ``host`` on plain-HTTP ``port`` can reach it over https (on 443 for
@@ -400,7 +418,7 @@ class Dispatcher:
                                               rtls=True)
         tunnel.write_chunk(header, data)
         tunnel.announce_window(stream)
-        hsts = self.state.config.hsts
+        hsts = self._hsts(host)
         if hsts is not None:
             FirstResponseHeader(stream, HSTS_FIELD, b"max-age=%d" % hsts)
         if self.state.registry is not None:
