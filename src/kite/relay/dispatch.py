@@ -7,9 +7,11 @@
   first head: ``CONNECT PageKite:`` makes a tunnel, ``CONNECT host:port`` a visitor of
   ``kite connect --tls``;
 * a ClientHello whose SNI names an http kite (and no https kite) that one of the relay's
-  certificates covers is terminated here (:class:`TlsVisitor`): once the handshake is done
-  the decrypted bytes become an ``http`` stream with ``RTLS: 1``, from which the backend
-  writes ``X-Forwarded-Proto: https`` (kite and pagekite.py alike);
+  certificates covers is terminated here (:class:`TlsVisitor`): the first decrypted request
+  head opens an ``http`` stream with ``RTLS: 1`` (as its payload), and the rest of the
+  connection's plaintext follows; the backend writes ``X-Forwarded-Proto: https`` (kite
+  and pagekite.py alike).  TLS the relay terminates is 1.2 or newer: older ClientHellos
+  get a protocol_version alert;
 * ``CONNECT PageKite:`` is a plain tunnel, ``CONNECT host:port`` a proxy visitor for a raw
   or https kite (or pagekite.py's ``CONNECT relay-name:443`` before a TLS tunnel), anything
   else HTTP routed by ``Host``; the pagekite ``HEAD /ping`` probe gets its 503 at once.
@@ -241,7 +243,7 @@ class Dispatcher:
             sock = pv.detach()
             _send_and_close(sock, build_ping_reply(self.state.uuid), len(data))
         elif kind == "tunnel":
-            self._start_tunnel(pv.detach(), pv.addr, tls=False)
+            self._start_tunnel(pv.detach(), pv.addr)
         elif kind == "connect":
             self._dispatch_connect(pv, result, data)
         elif kind == "http":
@@ -323,7 +325,7 @@ class Dispatcher:
                 self._refuse_old_tls(pv, result)
                 return
             context = certs.context_for(sni) or default.context
-            self._start_tunnel(pv.detach(), pv.addr, tls=True, context=context)
+            self._start_tunnel(pv.detach(), pv.addr, context)
             return
         if sni and not self.state.is_reserved(sni):
             protos = (f"https-{pv.port}", "https")
@@ -433,7 +435,7 @@ class Dispatcher:
             sock = _answer_connect(pv, result.head_length, TUNNEL_CONNECT_OK)
             if sock is not None:
                 context = self.certs.context_for(host) or default.context
-                self._start_tunnel(sock, pv.addr, tls=True, context=context)
+                self._start_tunnel(sock, pv.addr, context)
             return
         tunnel, proto, refusal = self.route_connect(host, port)
         if tunnel is None:
@@ -583,9 +585,10 @@ class Dispatcher:
             sock.close()
 
     # -- tunnels --------------------------------------------------------------------------------
-    def _start_tunnel(self, sock: socket.socket, addr, *, tls: bool,
+    def _start_tunnel(self, sock: socket.socket, addr,
                       context: Optional[ssl.SSLContext] = None) -> None:
-        self._spawn(self._connect_tunnel(sock, addr, context if tls else None))
+        """A tunnel (or ``kite connect --tls`` visitor) in TLS with ``context``, or plain."""
+        self._spawn(self._connect_tunnel(sock, addr, context))
 
     async def _connect_tunnel(self, sock: socket.socket, addr,
                               context: Optional[ssl.SSLContext]) -> None:

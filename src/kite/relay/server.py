@@ -44,6 +44,7 @@ class RelayServer:
         pairs = config.tls_pairs or ([(config.tls_cert, config.tls_key)] if config.tls_cert
                                      else [])
         self.certs = CertStore(pairs)
+        self.state.certs = self.certs  # expiries for metrics; install() for ACME
         self.dispatcher = Dispatcher(self.state, self.certs)
         self.acceptor = Acceptor(self.dispatcher)
         self.dispatcher.note_silent = self.acceptor.note_silent
