@@ -238,6 +238,17 @@ def test_bulk_both_ways_through_termination(https_relay, origin, tmp_path, loop)
                          extra=("--data-binary", f"@{up}", "-H", "Content-Type: x/y"))
     assert rc == 0, err
     assert body.endswith(hashlib.sha256(BLOB * 16).hexdigest()), body[-200:]
+    # head and a large body in one write: the first decrypted read is longer than a
+    # stream-open payload takes
+    body = BLOB[: 300 * 1024]
+    with tls_connect(port, f"app.{ZONE}", ca=certs.wild[0]) as s:
+        s.sendall(f"POST /big HTTP/1.1\r\nHost: app.{ZONE}\r\nContent-Length: {len(body)}\r\n"
+                  "Connection: close\r\n\r\n".encode() + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    assert data.endswith(hashlib.sha256(body).hexdigest().encode())
     # keep-alive: several requests on one TLS connection (curl reuses it)
     rc, body, err = curl(port, f"app.{ZONE}", "/one", cacert=certs.wild[0],
                          extra=(f"https://app.{ZONE}:{port}/two",))
@@ -444,3 +455,42 @@ def test_redirect_and_hsts_per_kite(https_relay, origin, tmp_path):
     assert rc == 0 and "Strict-Transport-Security: max-age=5\r\n" in out, err
     rc, out, err = curl(port, f"other.{ZONE}", cacert=certs.wild[0])
     assert rc == 0 and "Strict-Transport-Security" not in out, err
+
+
+def test_a_long_first_read_is_split_between_stream_open_and_data():
+    """TlsVisitor: the stream-open payload stays within MAX_PEEK; what the first decrypted
+    read held beyond it reaches the stream's protocol as data, in order (no network)."""
+    import asyncio
+
+    from kite.relay.accept import MAX_PEEK
+    from kite.relay.dispatch import TlsVisitor
+
+    got: dict = {"opened": None, "data": bytearray()}
+
+    class Recorder(asyncio.BufferedProtocol):
+        def connection_made(self, transport):
+            pass
+
+        def get_buffer(self, sizehint):
+            self.buf = bytearray(1000)  # smaller than the rest: several loans
+            return self.buf
+
+        def buffer_updated(self, n):
+            got["data"] += self.buf[:n]
+
+    class Dispatcher:
+        def terminated_stream(self, transport, addr, port, host, data, end):
+            got["opened"] = (data, end)
+            return Recorder()
+
+    class Transport:
+        def set_protocol(self, protocol):
+            self.protocol = protocol
+
+    head = f"POST / HTTP/1.1\r\nHost: app.{ZONE}\r\nContent-Length: 50000\r\n\r\n".encode()
+    data = head + BLOB[:50000]
+    TlsVisitor(Dispatcher(), ("127.0.0.1", 5), 443, f"app.{ZONE}").head_received(
+        Transport(), data, len(head))
+    opened, end = got["opened"]
+    assert end == len(head) and opened == data[:MAX_PEEK]
+    assert bytes(got["data"]) == data[MAX_PEEK:]

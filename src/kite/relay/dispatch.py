@@ -197,11 +197,26 @@ class TlsVisitor(TlsEntry):
         self.host = host
 
     def head_received(self, transport: asyncio.Transport, data: bytes, end: int) -> None:
+        # The stream-open payload is as large as a peeked plain request at most (the head,
+        # and what else fits); a longer first read goes the way of all later data.
+        cut = max(end, MAX_PEEK)
         protocol = self.dispatcher.terminated_stream(transport, self.addr, self.port,
-                                                     self.host, data, end)
+                                                     self.host, data[:cut], end)
         if protocol is not None:
             transport.set_protocol(protocol)
             protocol.connection_made(transport)
+            if len(data) > cut:
+                _feed(protocol, memoryview(data)[cut:])
+
+
+def _feed(protocol: asyncio.BufferedProtocol, view: memoryview) -> None:
+    """Hand ``view`` to ``protocol`` as if its transport had read it."""
+    while view:
+        buf = memoryview(protocol.get_buffer(len(view)))
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        protocol.buffer_updated(n)
+        view = view[n:]
 
 
 class Dispatcher:
