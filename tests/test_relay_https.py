@@ -494,3 +494,18 @@ def test_a_long_first_read_is_split_between_stream_open_and_data():
     opened, end = got["opened"]
     assert end == len(head) and opened == data[:MAX_PEEK]
     assert bytes(got["data"]) == data[MAX_PEEK:]
+
+
+def test_sessions_resume_with_tickets(https_relay, origin):
+    port, certs, _ = https_relay()
+    https_relay.expose(port, f"http://127.0.0.1:{origin}", f"app.{ZONE}")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(certs.wild[0])
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # the session is there after the handshake
+    session = None
+    for attempt in range(2):
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+            with ctx.wrap_socket(raw, server_hostname=f"app.{ZONE}", session=session) as s:
+                assert s.session_reused == (attempt == 1)
+                session = s.session
+                assert session is not None and session.has_ticket
