@@ -117,3 +117,16 @@ def test_an_empty_store_serves_nothing_until_a_pair_is_installed(tmp_path):
     a = pair(tmp_path, "a", ["*.zone"])
     store.install(*a)
     assert store.default.cert_path == a[0] and store.covers("x.zone")
+
+
+def test_an_encrypted_key_is_an_error_not_a_prompt(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    cert, key = pair(tmp_path, "enc", ["enc.zone"])
+    private = serialization.load_pem_private_key(open(key, "rb").read(), None)
+    with open(key, "wb") as f:
+        f.write(private.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.BestAvailableEncryption(b"passphrase")))
+    with pytest.raises(ConfigError, match="cannot load"):
+        CertStore([(cert, key)])

@@ -55,8 +55,14 @@ def tls_server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
     # Clients that offer no ALPN, or only protocols other than http/1.1 (a tunnel), get
     # none: CPython's selection callback answers "no acknowledgement", not a failure.
     ctx.set_alpn_protocols(ALPN)
-    ctx.load_cert_chain(cert_path, key_path)
+    # An encrypted key would make OpenSSL ask for a passphrase on the terminal (a relay
+    # that hangs at start or on reload): an empty one fails with an error instead.
+    ctx.load_cert_chain(cert_path, key_path, password=_no_passphrase)
     return ctx
+
+
+def _no_passphrase() -> bytes:
+    return b""
 
 
 def _file_stamp(path: str) -> tuple:
