@@ -161,6 +161,38 @@ def test_harness_runs_direct_and_kite(tmp_path):
     assert not os.path.exists(meta["work_dir"])
 
 
+def test_harness_runs_the_https_systems(tmp_path):
+    """``--systems https``: kite terminating TLS beside nginx and stunnel doing it (each
+    that is installed), visitors over TLS, the check intact both ways."""
+    jsonl = tmp_path / "relay.jsonl"
+    argv = [sys.executable, str(HARNESS), "--systems", "https", "--rounds", "1",
+            "--workloads", "bulk,c50,newconn", "--bulk-size", "4M", "--check-size", "256K",
+            "--bulk-cap", "20", "--wrk-duration", "1", "--newconn-duration", "1",
+            "--json", str(jsonl), "--png", "", "--no-progress"]
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+                          cwd=str(tmp_path))
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    errors = [r for r in records if r["type"] == "error"]
+    assert not errors, errors
+    meta = next(r for r in records if r["type"] == "meta")
+    assert "kite-tls" in meta["systems"]
+    checks = {r["system"]: r for r in records if r["type"] == "check"}
+    assert set(checks) == set(meta["systems"])
+    for c in checks.values():
+        assert c["ok"] and c["down_intact"] and c["up_intact"]
+    kc = checks["kite-tls"]
+    if "tunnel_bytes_down" in kc:  # the decrypted bytes crossed the tunnel
+        assert kc["tunnel_bytes_down"] >= 256 * 1024
+    samples = {(r["system"], r["workload"]): r["metrics"] for r in records if r["type"] == "sample"}
+    assert samples[("kite-tls", "bulk")]["down_MBps"] > 0
+    if meta["wrk"]:
+        assert samples[("kite-tls", "c50")]["rps"] > 0
+        assert samples[("kite-tls", "newconn")]["cps"] > 0
+    assert _harness_processes(meta["work_dir"]) == []
+
+
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_builtin_origin_serves_and_stores_files(tmp_path, loop):
     """bench/origin.py, the origin when nginx is missing: a file larger than one write

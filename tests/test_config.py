@@ -275,3 +275,71 @@ def test_docs_config_shows_every_key_in_a_valid_example():
         k for k in kconfig._TLS_KEYS if k in backend["defaults"] or k in commented} \
         >= kconfig._RELAY_KEYS
     assert set().union(*(k.keys() for k in backend["kite"])) | commented >= kconfig._KITE_KEYS
+# -- the relay's certificates (kite.certs): --tls-cert/--tls-key pairs, [[tls]] ------------------
+def _cert(tmp_path, stem, names):
+    from kite.net.tls import generate_self_signed
+
+    cert, key = str(tmp_path / f"{stem}.crt"), str(tmp_path / f"{stem}.key")
+    generate_self_signed(cert, key, names)
+    return cert, key
+
+
+def test_relay_tls_pairs_from_options_and_the_first_names_the_relay(tmp_path):
+    relay = _cert(tmp_path, "relay", ["relay.example.com"])
+    wild = _cert(tmp_path, "wild", ["*.example.com"])
+    cfg = build_relay_config(listen=["127.0.0.1:0"], kites=[f"*:*.example.com:{LONG}"],
+                             tls_cert=[relay[0], wild[0]], tls_key=[relay[1], wild[1]],
+                             redirect_http=True)
+    assert cfg.tls_pairs == [relay, wild]
+    assert (cfg.tls_cert, cfg.tls_key) == relay
+    assert cfg.tls_names == ["relay.example.com"]  # not the wildcard's
+    assert cfg.redirect_http
+    with pytest.raises(ConfigError, match=r"--tls-cert/--tls-key: 2 certificate\(s\) but 1 key"):
+        build_relay_config(listen=["127.0.0.1:0"], kites=[f"*:*.example.com:{LONG}"],
+                           tls_cert=[relay[0], wild[0]], tls_key=[relay[1]])
+
+
+def test_relay_toml_tls_tables_follow_the_single_keys(tmp_path):
+    relay = _cert(tmp_path, "relay", ["relay.example.com"])
+    wild = _cert(tmp_path, "wild", ["*.example.com"])
+    conf = tmp_path / "relay.toml"
+    conf.write_text(f'tls_cert = "{relay[0]}"\ntls_key = "{relay[1]}"\nredirect_http = true\n'
+                    f'[[kite]]\ndomain = "*.example.com"\nsecret = "{LONG}"\n'
+                    f'[[tls]]\ncert = "{wild[0]}"\nkey = "{wild[1]}"\n')
+    cfg = build_relay_config(config_file=str(conf))
+    assert cfg.tls_pairs == [relay, wild] and cfg.redirect_http
+    # options replace the file's certificates
+    cfg = build_relay_config(config_file=str(conf), tls_cert=[wild[0]], tls_key=[wild[1]])
+    assert cfg.tls_pairs == [wild]
+    conf.write_text(f'[[kite]]\ndomain = "*.example.com"\nsecret = "{LONG}"\n'
+                    f'[[tls]]\ncert = "{wild[0]}"\n')
+    with pytest.raises(ConfigError, match=r"tls\[0\]: needs cert and key"):
+        build_relay_config(config_file=str(conf))
+    conf.write_text(f'[[kite]]\ndomain = "*.example.com"\nsecret = "{LONG}"\n'
+                    f'[[tls]]\ncert = "{wild[0]}"\nkey = "{wild[1]}"\nkeyfile = "x"\n')
+    with pytest.raises(ConfigError, match="keyfile"):
+        build_relay_config(config_file=str(conf))
+
+
+def test_relay_hsts_option_and_key(tmp_path):
+    conf = tmp_path / "relay.toml"
+    conf.write_text(f'hsts = 600\n[[kite]]\ndomain = "*.example.com"\nsecret = "{LONG}"\n')
+    assert build_relay_config(config_file=str(conf)).hsts == 600
+    assert build_relay_config(config_file=str(conf), hsts=5).hsts == 5  # the option wins
+    for bad in ("true", '"1y"', "-1"):
+        conf.write_text(f'hsts = {bad}\n[[kite]]\ndomain = "*.example.com"\nsecret = "{LONG}"\n')
+        with pytest.raises(ConfigError, match="hsts: bad value"):
+            build_relay_config(config_file=str(conf))
+
+
+def test_relay_per_kite_redirect_and_hsts(tmp_path):
+    conf = tmp_path / "relay.toml"
+    conf.write_text(f'[[kite]]\ndomain = "*.example.com"\nsecret = "{LONG}"\nhsts = 60\n'
+                    f'[[kite]]\ndomain = "app.example.com"\nsecret = "{LONG}"\n'
+                    f'redirect_http = true\nhsts = 0\n')
+    cfg = build_relay_config(config_file=str(conf))
+    assert cfg.redirect_kites == {"app.example.com"} and not cfg.redirect_http
+    assert cfg.hsts_kites == {"*.example.com": 60, "app.example.com": 0} and cfg.hsts is None
+    conf.write_text(f'[[kite]]\ndomain = "a.example.com"\nsecret = "{LONG}"\nhsts = "1y"\n')
+    with pytest.raises(ConfigError, match=r"kite\[0\]\.hsts: bad value"):
+        build_relay_config(config_file=str(conf))

@@ -242,3 +242,30 @@ def test_error_page_template_fills_in_escaped_fields():
                    "&lt;i&gt;a&lt;/i&gt;.x<style>a{}</style>")
     page = http_error(404, "a.x", template="<p>{kite}</p>")
     assert page.endswith(b"\r\n\r\n<p>a.x</p>") and b"Content-Length: 10\r\n" in page
+def test_https_redirect():
+    from kite.proto.http import https_redirect
+
+    r = https_redirect("app.example.com", 80, "/a/b?c=1")
+    assert r.startswith(b"HTTP/1.1 308 Permanent Redirect\r\n")
+    assert b"\r\nLocation: https://app.example.com/a/b?c=1\r\n" in r
+    assert b"Location: https://app.example.com:8080/\r\n" in https_redirect(
+        "app.example.com", 8080, "http://elsewhere.example/x")  # absolute form: the root
+    assert b"Location: https://app.example.com/\r\n" in https_redirect("app.example.com", 443, "*")
+
+
+def test_add_response_header():
+    from kite.proto.http import add_response_header
+
+    name, value = b"Strict-Transport-Security", b"max-age=60"
+    data = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi" + b"HTTP/1.1 200 OK\r\n"
+    end = find_head_end(data)
+    out = add_response_header(data, end, name, value)
+    assert out == (b"HTTP/1.1 200 OK\r\nStrict-Transport-Security: max-age=60\r\n"
+                   b"Content-Length: 2\r\n\r\nhi" + b"HTTP/1.1 200 OK\r\n")
+    own = b"HTTP/1.1 200 OK\r\nstrict-transport-security: max-age=1\r\n\r\n"
+    assert add_response_header(own, len(own), name, value) == own  # the server's wins
+    bare = b"HTTP/1.0 204 No Content\n\n"
+    assert add_response_header(bare, len(bare), name, value) == (
+        b"HTTP/1.0 204 No Content\nStrict-Transport-Security: max-age=60\r\n\n")
+    junk = b"SSH-2.0-x\r\n\r\n"
+    assert add_response_header(junk, len(junk), name, value) == junk

@@ -201,7 +201,7 @@ def test_bad_proxy_targets(target):
 
 def test_tls_hello_with_sni():
     assert sniff(HELLO_SNI) == TlsHello("foo.testkite.local", len(HELLO_SNI))
-    assert sniff(HELLO_TLS12) == TlsHello("app.example.com", len(HELLO_TLS12))
+    assert sniff(HELLO_TLS12) == TlsHello("app.example.com", len(HELLO_TLS12), 0x0303)
     # trailing bytes (e.g. early data) are not part of the hello
     assert sniff(HELLO_SNI + b"\x17\x03\x03\x00\x01x").length == len(HELLO_SNI)
 
@@ -228,7 +228,29 @@ def test_hello_without_extensions():
     body = b"\x03\x03" + b"r" * 32 + b"\x00" + b"\x00\x02\x00\x2f" + b"\x01\x00"
     message = b"\x01" + len(body).to_bytes(3, "big") + body
     record = b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
-    assert sniff(record) == TlsHello(None, len(record))
+    assert sniff(record) == TlsHello(None, len(record), 0x0303)
+
+
+def _hello_with_versions(legacy: bytes, ext: bytes = b"") -> bytes:
+    body = legacy + b"r" * 32 + b"\x00" + b"\x00\x02\x00\x2f" + b"\x01\x00"
+    if ext:
+        body += len(ext).to_bytes(2, "big") + ext
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
+
+
+def test_hello_max_version():
+    # legacy_version alone (TLS 1.0, 1.1 clients), then supported_versions over it
+    assert sniff(_hello_with_versions(b"\x03\x01")).max_version == 0x0301
+    assert sniff(_hello_with_versions(b"\x03\x02")).max_version == 0x0302
+    sv = b"\x00\x2b\x00\x07\x06\x7a\x7a\x03\x04\x03\x03"  # GREASE, 1.3, 1.2
+    assert sniff(_hello_with_versions(b"\x03\x03", sv)).max_version == 0x0304
+    sv_old = b"\x00\x2b\x00\x05\x04\x03\x02\x03\x01"
+    assert sniff(_hello_with_versions(b"\x03\x03", sv_old)).max_version == 0x0302
+    for bad in (b"\x00\x2b\x00\x01\x00", b"\x00\x2b\x00\x02\x01\x03",
+                b"\x00\x2b\x00\x04\x02\x03\x03\x00"):
+        with pytest.raises(SniffError, match="supported_versions"):
+            sniff(_hello_with_versions(b"\x03\x03", bad))
 
 
 def _hello_with_sni_ext(ext: bytes) -> bytes:

@@ -30,7 +30,7 @@ from .report import (
     print_targets,
     targets,
 )
-from .systems import ALL_SYSTEMS, DEFAULT_SYSTEMS, SYSTEMS, System
+from .systems import ALL_SYSTEMS, DEFAULT_SYSTEMS, HTTPS_SYSTEMS, SYSTEMS, System
 from .workloads import WORKLOADS, check_system, w_bulk, w_c50, w_idle, w_newconn, w_seq
 
 
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                + " (the check always runs first).  Sizes take K, M, G suffixes (binary).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
-                   help="comma-separated (default: all but kite-base)")
+                   help="comma-separated (default: all but kite-base, kite-acct and the https "
+                        "systems; 'https' = " + ",".join(HTTPS_SYSTEMS) + ": HTTPS visitors)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 round, 64 MiB bulk, 3 s wrk, 2 s seq/newconn, 200 idle conns")
@@ -98,7 +99,8 @@ def resolve_args(args) -> None:
         if getattr(args, k) is None:
             setattr(args, k, quick if q else full)
     args.idle_conns = [int(x) for x in (args.idle_conns or ("200" if q else "1000,10000")).split(",") if x]
-    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    args.systems = [x for s in args.systems.split(",") if s.strip()
+                    for x in (HTTPS_SYSTEMS if s.strip() == "https" else (s.strip(),))]
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for s in args.systems:
         if s not in SYSTEMS:
@@ -122,7 +124,7 @@ def run_rounds(ctx: Ctx, res: Results, systems: list[str]) -> None:
         for i, name in enumerate(order, 1):
             system = ALL_SYSTEMS[name]()
             prog.prefix = f"round {rnd}/{a.rounds} · {name} ({i}/{len(order)}) · "
-            if run_checked(ctx, res, system, rnd) and "idle" in a.workloads:
+            if run_checked(ctx, res, system, rnd) and "idle" in a.workloads and not system.https:
                 run_idle_levels(ctx, res, system, rnd)
 
 

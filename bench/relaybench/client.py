@@ -7,16 +7,38 @@ import hashlib
 import os
 import select
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
 from .common import HOST, BenchError, MiB
 
+_TLS_CLIENT: ssl.SSLContext | None = None
 
-def connect(port: int, timeout: float = 10.0) -> socket.socket:
-    """A blocking TCP connection to HOST:port, with TCP_NODELAY."""
+
+def _tls_client() -> ssl.SSLContext:
+    """TLS 1.2+, no certificate check (wrk checks none either: the check compares content)."""
+    global _TLS_CLIENT
+    if _TLS_CLIENT is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.set_alpn_protocols(["http/1.1"])
+        _TLS_CLIENT = ctx
+    return _TLS_CLIENT
+
+
+def connect(port: int, timeout: float = 10.0, tls_name: str | None = None) -> socket.socket:
+    """A blocking TCP connection to HOST:port, with TCP_NODELAY; with ``tls_name``, TLS to
+    it (SNI ``tls_name``): an HTTPS visitor."""
     s = socket.create_connection((HOST, port), timeout=timeout)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls_name:
+        try:
+            return _tls_client().wrap_socket(s, server_hostname=tls_name)
+        except BaseException:
+            s.close()
+            raise
     return s
 
 
@@ -93,6 +115,8 @@ def http_put_file(sock: socket.socket, host: str, path: str, file_path: str, siz
                  % (path.encode(), host.encode(), size))
     sent = 0
     piece = 8 * MiB
+    if isinstance(sock, ssl.SSLSocket):  # no sendfile through TLS: read and send
+        return _put_tls(sock, path, file_path, size, deadline, tick)
     # os.sendfile on a non-blocking socket, so that the deadline is honoured to within one
     # select() (socket.sendfile's timeout is per wait, not for the whole transfer).
     sock.setblocking(False)
@@ -126,10 +150,40 @@ def http_put_file(sock: socket.socket, host: str, path: str, file_path: str, siz
     return {"status": status, "bytes_sent": sent, "complete": True}
 
 
-def python_seq(port: int, host: str, path: str, duration: float) -> dict:
+def _put_tls(sock: ssl.SSLSocket, path: str, file_path: str, size: int, deadline: float,
+             tick: Callable[[int, int], None] | None) -> dict:
+    """The body of a PUT over TLS, 1 MiB at a time; stops at ``deadline``."""
+    sent = 0
+    with open(file_path, "rb") as f:
+        while sent < size:
+            now = time.monotonic()
+            if now >= deadline:
+                return {"status": None, "bytes_sent": sent, "complete": False}
+            piece = f.read(min(MiB, size - sent))
+            if not piece:
+                raise BenchError(f"PUT {path}: {file_path} ended at {sent} of {size}")
+            sock.settimeout(deadline - now)
+            try:
+                sock.sendall(piece)
+            except TimeoutError:
+                return {"status": None, "bytes_sent": sent, "complete": False}
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError) as exc:
+                return {"status": None, "bytes_sent": sent, "complete": False,
+                        "error": f"{type(exc).__name__} after {sent} bytes sent"}
+            sent += len(piece)
+            if tick:
+                tick(sent, size)
+    status, _, _ = read_head(sock, bytearray(), deadline + 30.0)
+    if status not in (200, 201, 204):
+        raise BenchError(f"PUT {path}: status {status}")
+    return {"status": status, "bytes_sent": sent, "complete": True}
+
+
+def python_seq(port: int, host: str, path: str, duration: float,
+               tls_name: str | None = None) -> dict:
     """Sequential GETs on one connection for ``duration`` s (used when wrk is missing)."""
     lat = []
-    sock = connect(port)
+    sock = connect(port, tls_name=tls_name)
     req = b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path.encode(), host.encode())
     t_end = time.monotonic() + duration
     try:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 
-from .common import BENCH, HOST, PK_FE_NAME, REPO, BenchError, MiB
+from .common import BENCH, HOST, PK_FE_NAME, REPO, TLS_NAME, BenchError, MiB
 from .measure import tool_version
 from .procs import Procs, free_port, log_has, port_open, raise_nofile, wait_for
 from .progress import Progress
@@ -91,6 +91,7 @@ class Ctx:
         (localhost, 127.0.0.1), and ``pk_pem`` (key and certificate in one file) for the
         pagekite.py frontend (PK_FE_NAME).  Made by kite's own code, else by openssl."""
         self.cert, self.key = os.path.join(self.work, "relay.crt"), os.path.join(self.work, "relay.key")
+        self._make_https_certs()
         pk_crt, pk_key = os.path.join(self.work, "pk-fe.crt"), os.path.join(self.work, "pk-fe.key")
         self.pk_pem = os.path.join(self.work, "pk-fe.pem")
         gen = ("import sys; from kite.net.tls import generate_self_signed as g; "
@@ -110,6 +111,21 @@ class Ctx:
             for part in (pk_key, pk_crt):
                 with open(part) as f:
                     out.write(f.read())
+
+    def _make_https_certs(self) -> None:
+        """For the https systems: ``site_cert``/``site_key``, ECDSA P-256 for TLS_NAME (what
+        visitors see from every terminator), and ``tls_relay_cert``/``tls_relay_key`` for the
+        kite relay's own name (127.0.0.1 only, so that TLS_NAME is a kite name)."""
+        w = self.work
+        self.site_cert, self.site_key = os.path.join(w, "site.crt"), os.path.join(w, "site.key")
+        self.tls_relay_cert = os.path.join(w, "tls-relay.crt")
+        self.tls_relay_key = os.path.join(w, "tls-relay.key")
+        for crt, key, cn, san in ((self.site_cert, self.site_key, TLS_NAME, f"DNS:{TLS_NAME}"),
+                                  (self.tls_relay_cert, self.tls_relay_key, HOST, f"IP:{HOST}")):
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                            "ec_paramgen_curve:P-256", "-nodes", "-days", "30", "-subj", f"/CN={cn}",
+                            "-addext", f"subjectAltName={san}", "-keyout", key, "-out", crt],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     # origin --------------------------------------------------------------------------------
     def start_origin(self) -> None:

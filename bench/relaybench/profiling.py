@@ -67,7 +67,7 @@ def profile_load(ctx: Ctx, run: Running, workload: str, seconds: float, label: s
     t0 = time.monotonic()
     while time.monotonic() < t_end:
         ctx.progress.tick(f"{label}: {time.monotonic() - t0:.0f}/{seconds:g} s")
-        with connect(run.port, timeout=30) as sock:
+        with connect(run.port, timeout=30, tls_name=run.tls_name) as sock:
             if workload == "bulk-down":
                 moved += http_get(sock, run.host, "/bulk.bin", deadline=t_end)["bytes"]
             else:

@@ -152,7 +152,8 @@ def print_table(res: Results, systems: list[str], args, out=sys.stdout) -> None:
 
 
 def targets(res: Results, args) -> list[dict]:
-    """The issue's targets for kite (compiled, uvloop), from the medians of this run."""
+    """The issues' targets for kite (compiled, uvloop; kite-tls for HTTPS visitors), from the
+    medians of this run."""
     out = []
 
     def ratio(metric_sys, workload, key, ref_sys, need, title, higher=True):
@@ -177,6 +178,9 @@ def targets(res: Results, args) -> list[dict]:
         if kib is not None:
             out.append({"target": f"idle {n}: <= 8 KiB per connection (relay + backend)",
                         "kite": kib, "need": 8.0, "met": kib <= 8.0})
+    # HTTPS visitors (issue 14): kite terminating TLS against nginx terminating TLS
+    ratio("kite-tls", "bulk", "down_MBps", "nginx-tls", 0.8, "https bulk down >= 0.8x nginx-tls")
+    ratio("kite-tls", "c50", "rps", "nginx-tls", 0.8, f"https c{args.wrk_conns} req/s >= 0.8x nginx-tls")
     for d in ("down", "up"):
         k = [res.median("kite", "bulk", f"{r}_cpu_s_per_GB_{d}") for r in ("relay", "backend")]
         s = [res.median("stunnel", "bulk", f"{r}_cpu_s_per_GB_{d}") for r in ("relay", "backend")]

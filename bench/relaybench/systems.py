@@ -13,7 +13,7 @@ import time
 from typing import ClassVar
 
 from .client import connect, http_get
-from .common import HOST, KITE_DOMAIN, KITE_NAME, PK_FE_NAME, SECRET, BenchError
+from .common import HOST, KITE_DOMAIN, KITE_NAME, PK_FE_NAME, SECRET, TLS_NAME, BenchError
 from .context import Ctx
 from .measure import tool_version
 from .procs import free_port, log_has, port_open, wait_for
@@ -26,7 +26,7 @@ class Running:
 
     def __init__(self, system: System, port: int, host: str, procs: dict[str, subprocess.Popen],
                  dialer: str | None = None, tunnel_port: int | None = None,
-                 fds_per_conn: int = 1):
+                 fds_per_conn: int = 1, tls_name: str | None = None):
         self.system = system
         self.port = port
         self.host = host
@@ -34,6 +34,7 @@ class Running:
         self.dialer = dialer  # the role whose sockets to tunnel_port carry the tunnel
         self.tunnel_port = tunnel_port
         self.fds_per_conn = fds_per_conn  # per visitor connection, in the busiest process
+        self.tls_name = tls_name  # HTTPS visitors: TLS with this SNI (None: plain HTTP)
 
     @property
     def pids(self) -> dict[str, int]:
@@ -51,6 +52,8 @@ class System:
 
     name = ""
     title = ""
+    #: Visitors speak HTTPS to it (bulk, c50, seq, newconn over TLS; no idle workload).
+    https = False
     #: role -> [(substring of /proc/PID/maps, expected present?)]
     maps: ClassVar[dict[str, list]] = {}
 
@@ -305,12 +308,152 @@ class KiteBaseline(Kite):
         return super().unavailable(ctx)
 
 
+# -- HTTPS visitors: TLS terminated in front of the origin (ECDSA P-256 certificate for
+#    TLS_NAME, ctx.site_cert) ------------------------------------------------------------------
+class KiteTls(Kite):
+    """kite relay terminating the visitors' TLS for its http kite TLS_NAME (its second
+    certificate), the decrypted stream through the tunnel to kite expose."""
+
+    name = "kite-tls"
+    title = "HTTPS visitors: kite relay terminates TLS for an http kite, tunnel to kite expose"
+    https = True
+
+    def start(self, ctx, tag):
+        port = free_port()
+        env = dict(ctx.kite_env)
+        env.update(self.extra_env)
+        rlog, blog = ctx.logfile(f"{self.name}-relay-{tag}"), ctx.logfile(f"{self.name}-expose-{tag}")
+        relay = ctx.procs.start("kite-relay", [
+            sys.executable, "-m", "kite", "relay", "--listen", f"{HOST}:{port}",
+            "--tls-cert", ctx.tls_relay_cert, "--tls-key", ctx.tls_relay_key,
+            "--tls-cert", ctx.site_cert, "--tls-key", ctx.site_key,
+            "--kite", f"*:{TLS_NAME}:{SECRET}", "--drain-timeout", "1", "--loop", self.loop],
+            env=env, log=rlog, cpus=ctx.system_cpus, cwd=ctx.work)
+        try:
+            wait_for("kite relay", log_has(rlog, r"relay listening on "), 20, [relay], [rlog])
+            backend = ctx.procs.start("kite-expose", [
+                sys.executable, "-m", "kite", "expose", f"http://{HOST}:{ctx.origin_port}", TLS_NAME,
+                "--relay", f"{HOST}:{port}", "--ca", ctx.tls_relay_cert, "--secret", SECRET,
+                "--loop", self.loop], env=env, log=blog, cpus=ctx.system_cpus, cwd=ctx.work)
+        except BaseException:
+            ctx.procs.stop(relay)
+            raise
+        run = Running(self, port, TLS_NAME, {"relay": relay, "backend": backend},
+                      dialer="backend", tunnel_port=port, tls_name=TLS_NAME)
+        try:
+            wait_for("kite expose", log_has(blog, r"kite flying"), 20, [relay, backend], [rlog, blog])
+            wait_until_served(run, 20)
+        except BaseException:
+            ctx.procs.stop(backend, relay)
+            raise
+        return run
+
+
+class NginxTls(System):
+    """nginx terminating TLS and proxying to the origin over keep-alive connections."""
+
+    name = "nginx-tls"
+    title = "HTTPS visitors: nginx terminates TLS, proxy_pass to the origin (1 worker)"
+    https = True
+
+    def _exe(self):
+        return shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+
+    def unavailable(self, ctx):
+        return None if self._exe() else "nginx not installed (apt-get install nginx-light)"
+
+    def version(self, ctx):
+        return tool_version([self._exe(), "-v"])
+
+    def start(self, ctx, tag):
+        port = free_port()
+        prefix = os.path.join(ctx.work, f"nginx-tls-{tag}")
+        os.makedirs(prefix, exist_ok=True)
+        conf = os.path.join(prefix, "nginx.conf")
+        errlog = ctx.logfile(f"nginx-tls-error-{tag}")
+        with open(conf, "w") as f:
+            f.write(f"""# kite relay benchmark: nginx terminating HTTPS in front of the origin
+daemon off;
+master_process off;
+worker_rlimit_nofile {ctx.nofile};
+error_log {errlog} warn;
+pid {prefix}/nginx.pid;
+events {{ worker_connections {max(1024, ctx.nofile - 200)}; multi_accept on; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix};
+    proxy_temp_path {prefix};
+    keepalive_timeout 3600s;
+    keepalive_requests 100000000;
+    client_max_body_size 0;
+    upstream origin {{ server {HOST}:{ctx.origin_port}; keepalive 256; }}
+    server {{
+        listen {HOST}:{port} ssl backlog=4096;
+        ssl_certificate {ctx.site_cert};
+        ssl_certificate_key {ctx.site_key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_tickets on;
+        location / {{
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-Proto https;
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+""")
+        log = ctx.logfile(f"nginx-tls-{tag}")
+        proc = ctx.procs.start("nginx-tls", [self._exe(), "-p", prefix, "-e", errlog, "-c", conf],
+                               log=log, cpus=ctx.system_cpus)
+        run = Running(self, port, TLS_NAME, {"relay": proc}, tls_name=TLS_NAME, fds_per_conn=2)
+        try:
+            wait_for("nginx-tls", lambda: port_open(port), 15, [proc], [log, errlog])
+            wait_until_served(run, 15)
+        except BaseException:
+            ctx.procs.stop(proc)
+            raise
+        return run
+
+
+class StunnelTls(Stunnel):
+    """stunnel's server alone: TLS from the visitor, plain TCP to the origin."""
+
+    name = "stunnel-tls"
+    title = "HTTPS visitors: stunnel server terminates TLS, TCP to the origin"
+    https = True
+
+    def start(self, ctx, tag):
+        port = free_port()
+        conf = os.path.join(ctx.work, f"stunnel-tls-{tag}.conf")
+        with open(conf, "w") as f:
+            f.write("foreground = yes\npid =\nsyslog = no\ndebug = 3\n"
+                    f"[https]\naccept = {HOST}:{port}\nconnect = {HOST}:{ctx.origin_port}\n"
+                    f"cert = {ctx.site_cert}\nkey = {ctx.site_key}\nsslVersionMin = TLSv1.2\n")
+        log = ctx.logfile(f"stunnel-tls-{tag}")
+        proc = ctx.procs.start("stunnel-tls", [self._exe(), conf], log=log, cpus=ctx.system_cpus)
+        run = Running(self, port, TLS_NAME, {"relay": proc}, tls_name=TLS_NAME, fds_per_conn=2)
+        try:
+            wait_for("stunnel-tls", lambda: port_open(port), 15, [proc], [log])
+            wait_until_served(run, 15)
+        except BaseException:
+            ctx.procs.stop(proc)
+            raise
+        return run
+
+
 ALL_SYSTEMS = {cls.name: cls for cls in (Direct, Stunnel, Pagekite, PagekiteTuned, Kite, KitePy,
-                                          KiteAsyncio, KiteAccounts, KiteObserved, KiteBaseline)}
+                                          KiteAsyncio, KiteAccounts, KiteObserved, KiteBaseline,
+                                          KiteTls, NginxTls, StunnelTls)}
 SYSTEMS = tuple(ALL_SYSTEMS)
-#: What a run compares unless --systems says otherwise (kite-base needs KITE_BASELINE_SRC).
-DEFAULT_SYSTEMS = tuple(n for n in SYSTEMS
-                        if n not in (KiteBaseline.name, KiteAccounts.name, KiteObserved.name))
+#: The HTTPS-visitor comparison: ``--systems https`` (a shorthand for these).
+HTTPS_SYSTEMS = (KiteTls.name, NginxTls.name, StunnelTls.name)
+#: What a run compares unless --systems says otherwise (kite-base needs KITE_BASELINE_SRC;
+#: the https systems are their own comparison).
+DEFAULT_SYSTEMS = tuple(n for n in SYSTEMS if n not in (KiteBaseline.name, KiteAccounts.name,
+                                                        KiteObserved.name, *HTTPS_SYSTEMS))
 
 
 def wait_until_served(run: Running, timeout: float) -> None:
@@ -322,7 +465,7 @@ def wait_until_served(run: Running, timeout: float) -> None:
         if dead:
             raise BenchError(f"{run.system.name}: " + "; ".join(dead))
         try:
-            with connect(run.port, timeout=5) as s:
+            with connect(run.port, timeout=5, tls_name=run.tls_name) as s:
                 http_get(s, run.host, "/1k.bin", deadline=time.monotonic() + 5)
                 return
         except (OSError, BenchError) as exc:

@@ -36,7 +36,7 @@ def check_system(ctx: Ctx, run: Running) -> dict:
     size = ctx.args.check_size
     res: dict = {"size": size, "notes": []}
     before = tcp_sockets() if run.dialer else None
-    sock = connect(run.port, timeout=30)
+    sock = connect(run.port, timeout=30, tls_name=run.tls_name)
     try:
         my_port = sock.getsockname()[1]
         t0 = time.monotonic()
@@ -53,7 +53,15 @@ def check_system(ctx: Ctx, run: Running) -> dict:
         else:
             visitor = [s for s in after if s["local_port"] == run.port and s["peer_port"] == my_port]
             to_origin = [s for s in after if s["peer_port"] == ctx.origin_port]
-            if run.procs:
+            if run.procs and "backend" not in run.procs:
+                # one process terminates the visitor's TLS in front of the origin
+                pid = run.pids["relay"]
+                if not any(pid in s["pids"] for s in visitor):
+                    raise BenchError(f"the visitor connection is not held by pid {pid}")
+                if not any(pid in s["pids"] for s in to_origin):
+                    raise BenchError(f"no connection from pid {pid} to the origin")
+                res["notes"].append(f"{run.system.name}: no tunnel")
+            elif run.procs:
                 relay_pid, backend_pid = run.pids["relay"], run.pids["backend"]
                 if not any(relay_pid in s["pids"] for s in visitor):
                     raise BenchError(f"the visitor connection is not held by the relay (pid {relay_pid})")
@@ -123,7 +131,7 @@ def w_bulk(ctx: Ctx, run: Running) -> dict:
             prog.tick(f"bulk {d}: {done / MiB:.0f}/{total / MiB:.0f} MiB")
         cpu0 = proc_cpu(run)
         ocpu0 = cpu_seconds(origin_pid)
-        sock = connect(run.port, timeout=30)
+        sock = connect(run.port, timeout=30, tls_name=run.tls_name)
         try:
             t0 = time.monotonic()
             deadline = t0 + a.bulk_cap
@@ -171,11 +179,12 @@ def w_seq(ctx, run):
     """One connection, sequential requests (wrk -c1, or the Python client without wrk)."""
     if ctx.wrk:
         return run_wrk(ctx, run, 1, ctx.args.seq_duration, label="seq wrk -c1")
-    return python_seq(run.port, run.host, "/1k.bin", ctx.args.seq_duration)
+    return python_seq(run.port, run.host, "/1k.bin", ctx.args.seq_duration, run.tls_name)
 
 
 def w_newconn(ctx, run):
-    """wrk with Connection: close: connections per second."""
+    """wrk with Connection: close: connections per second (https systems: each one a full
+    TLS handshake, wrk resumes no sessions)."""
     r = run_wrk(ctx, run, ctx.args.newconn_conns, ctx.args.newconn_duration, close=True,
                 label="newconn wrk")
     r["cps"] = r.pop("rps")

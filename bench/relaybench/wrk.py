@@ -52,7 +52,9 @@ def run_wrk(ctx: Ctx, run: Running, conns: int, duration: int, *, close: bool = 
             label: str = "wrk") -> dict:
     """wrk -t1 with ``conns`` connections for ``duration`` s fetching /1k.bin from ``run``
     (``close``: one request per connection), pinned to the client CPUs if any."""
-    url = f"http://{HOST}:{run.port}/1k.bin"
+    # https: wrk sends its URL's host as SNI (and does a full handshake per connection)
+    url = (f"https://{run.tls_name}:{run.port}/1k.bin" if run.tls_name
+           else f"http://{HOST}:{run.port}/1k.bin")
     argv = [ctx.wrk, "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "--timeout", "5s",
             "-H", f"Host: {run.host}"]
     if close:

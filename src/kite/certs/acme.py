@@ -229,7 +229,7 @@ class AcmeManager:
     def __init__(self, directory_url: str, email: str, *, state_dir: str, names: Iterable[str],
                  publish_txt: Callable[[str, list], None],
                  withdraw_txt: Callable[[str, list], None],
-                 on_certificate: Callable[[str, str], None],
+                 on_certificate: Callable[[str, str], object],
                  ca_file: Optional[str] = None, clock: Callable[[], float] = time.time,
                  retry_first: float = RETRY_FIRST, retry_max: float = RETRY_MAX) -> None:
         self.directory_url = directory_url

@@ -58,10 +58,18 @@ def acme_options(f):
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Relay TOML config.")
 @click.option("--listen", multiple=True, metavar="HOST:PORT",
               help="Address to serve tunnels and visitors on (repeatable). Default 0.0.0.0:443.")
-@click.option("--tls-cert", type=click.Path(dir_okay=False), help="Certificate PEM for TLS tunnels.")
-@click.option("--tls-key", type=click.Path(dir_okay=False), help="Key PEM for --tls-cert.")
+@click.option("--tls-cert", multiple=True, type=click.Path(dir_okay=False),
+              help="Certificate PEM (repeatable, each with a --tls-key): the first is the "
+                   "relay's own; any certificate also serves https for the http kites it covers.")
+@click.option("--tls-key", multiple=True, type=click.Path(dir_okay=False),
+              help="Key PEM of the --tls-cert in the same position.")
 @click.option("--tls-name", multiple=True, metavar="NAME",
-              help="SNI names that mean the relay itself (default: the certificate's names).")
+              help="SNI names that mean the relay itself (default: the first certificate's names).")
+@click.option("--redirect-http", is_flag=True,
+              help="Send plain-HTTP visitors of a kite that has HTTPS a 308 to its https:// URL.")
+@click.option("--hsts", type=click.IntRange(min=0), default=None, metavar="SECONDS",
+              help="Strict-Transport-Security max-age on HTTPS the relay terminates (first "
+                   "response of each connection; the server's own header wins).")
 @click.option("--kite", "kites", multiple=True, metavar="PROTO:DOMAIN[:SECRET]",
               help="Allow backends with the secret to fly DOMAIN (PROTO * = all; *.dom "
                    "wildcards).  Without :SECRET the secret is --secret-file's or KITE_SECRET's; "
@@ -129,9 +137,9 @@ def acme_options(f):
 @dns_options
 @acme_options
 @common_options
-def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, single, db,
-          redis_url, relay_id, signup, signup_quota, keepalive, zchunks, drain_timeout,
-          max_connections,
+def relay(config_file, listen, tls_cert, tls_key, tls_name, redirect_http, hsts, kites,
+          secret_file, single, db, redis_url, relay_id, signup, signup_quota, keepalive, zchunks,
+          drain_timeout, max_connections,
           max_pending, max_streams, idle_timeout, buffer_budget, slow_reader_timeout,
           access_log, log_format, admin, admin_token, admin_token_file,
           allow_plain, error_pages, check_file, verbose, quiet, loop_kind, **dns):
@@ -150,7 +158,8 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, kites, secret_file, 
     def load():
         return build_relay_config(
             config_file=check_file or config_file, listen=listen, tls_cert=tls_cert,
-            tls_key=tls_key, tls_names=tls_name, kites=kites, single=single,
+            tls_key=tls_key, tls_names=tls_name, redirect_http=redirect_http, hsts=hsts,
+            kites=kites, single=single,
             keepalive=keepalive, zchunks=zchunks, drain_timeout=drain_timeout,
             secret_file=secret_file,
             limits={"max_connections": max_connections, "max_pending": max_pending,

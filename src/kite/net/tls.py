@@ -1,8 +1,9 @@
 """TLS material and contexts: self-signed certificates, server and client contexts, pinning.
 
-The relay terminates TLS for *tunnels* only (visitors' TLS passes through untouched, routed by
-SNI).  The backend verifies the relay's certificate against a CA file, or pins its SHA-256
-fingerprint, unless the user explicitly says ``--insecure``.
+The relay terminates TLS for tunnels, and for visitors of http kites its certificates cover
+(:mod:`kite.certs`); the TLS of https kites passes through untouched, routed by SNI.  The
+backend verifies the relay's certificate against a CA file, or pins its SHA-256 fingerprint,
+unless the user explicitly says ``--insecure``.
 """
 
 from __future__ import annotations
@@ -33,18 +34,23 @@ def generate_self_signed(
     names: Sequence[str],
     *,
     days: int = 825,
+    key_type: str = "ec",
 ) -> str:
     """Write a self-signed certificate (its own CA) for ``names``; return its SHA-256 pin.
 
-    Uses an EC P-256 key: fast handshakes, small certificates.  The key file is created
-    with mode 0600.
+    ``key_type`` "ec" (the default): an EC P-256 key, fast handshakes, small certificates;
+    "rsa": RSA 2048.  The key file is created with mode 0600.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.x509.oid import NameOID
 
-    key = ec.generate_private_key(ec.SECP256R1())
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    if key_type == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     alt: list[x509.GeneralName] = []
     for name in names:

@@ -32,6 +32,8 @@ __all__ = [
     "authority",
     "build_connect_request",
     "connect_refused",
+    "https_redirect",
+    "add_response_header",
     "find_head_end",
     "has_control",
     "http_error",
@@ -239,3 +241,29 @@ def connect_refused(status: int, message: str) -> bytes:
         b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
         b"Connection: close\r\n\r\n" % (status, reason.encode(), len(body))
     ) + body
+
+
+def https_redirect(host: str, port: int, target: str) -> bytes:
+    """``308 Permanent Redirect`` to the https URL of a plain-HTTP request for ``host``
+    (a kite name) received on public ``port``; ``target`` is its request target.
+
+    The https URL keeps the port, except 80 and 443 (80 becomes https's own 443); an
+    absolute-form or odd target becomes ``/``.  308 keeps the method and body (RFC 9110
+    §15.4.9), so a POST is repeated over https."""
+    path = target if target.startswith("/") and not has_control(target) else "/"
+    netloc = host if port in (80, 443) else f"{host}:{port}"
+    location = f"https://{netloc}{path}".encode("ascii", "replace")
+    return (b"HTTP/1.1 308 Permanent Redirect\r\nLocation: %s\r\nContent-Length: 0\r\n"
+            b"Cache-Control: no-store\r\nConnection: close\r\n\r\n" % location)
+
+
+def add_response_header(data: bytes, end: int, name: bytes, value: bytes) -> bytes:
+    """``data`` with ``name: value`` right after the status line of the response head
+    ``data[:end]`` (what follows the head is kept as it is); ``data`` unchanged when the
+    head is no HTTP/1.x response or has that field already (the server's own wins)."""
+    head = data[:end]
+    if not head.startswith(b"HTTP/1.") or re.search(
+            rb"\n" + re.escape(name) + rb"[ \t]*:", head, re.IGNORECASE):
+        return data
+    cut = head.index(b"\n") + 1
+    return data[:cut] + name + b": " + value + b"\r\n" + data[cut:]

@@ -38,6 +38,8 @@ __all__ = [
     "MAX_HELLO",
     "TLS_ALERT_UNRECOGNIZED_NAME",
     "TLS_ALERT_INTERNAL_ERROR",
+    "TLS_ALERT_PROTOCOL_VERSION",
+    "TLS_1_2",
     "PING_PEEK",
     "NeedMore",
     "NEED_MORE",
@@ -60,6 +62,10 @@ PING_PEEK = 64  # pagekite.py FastPingHelper: recv(64, MSG_PEEK)
 # for names the relay does not know, 80 internal_error for a known kite that is offline.
 TLS_ALERT_UNRECOGNIZED_NAME = b"\x15\x03\x03\x00\x02\x02\x70"
 TLS_ALERT_INTERNAL_ERROR = b"\x15\x03\x03\x00\x02\x02\x50"
+# ... 70 protocol_version for a client that offers nothing newer than TLS 1.1 (in a TLS 1.0
+# record, which such clients read; RFC 8446 §D.2).
+TLS_ALERT_PROTOCOL_VERSION = b"\x15\x03\x01\x00\x02\x02\x46"
+TLS_1_2 = 0x0303  # the wire value of TLS 1.2 (1.3 is 0x0304)
 
 _PING_MARK = b"\nHost: ping.pagekite"
 _TUNNEL_PREFIX = b"connect pagekite:"
@@ -127,12 +133,15 @@ class HttpRequest:
 @dataclass(frozen=True)
 class TlsHello:
     """A TLS ClientHello; ``sni`` is its server_name host_name (lower-case, no trailing dot)
-    or None; ``length`` is the size of the records that carry it."""
+    or None; ``length`` is the size of the records that carry it; ``max_version`` the
+    newest protocol version it offers (supported_versions, else legacy_version; GREASE
+    values ignored): 0x0303 TLS 1.2, 0x0304 TLS 1.3."""
 
     kind: ClassVar[str] = "tls"
 
     sni: Optional[str]
     length: int
+    max_version: int = 0x0304
 
 
 SniffResult = Union[NeedMore, PingProbe, TunnelConnect, ProxyConnect, HttpRequest, TlsHello]
@@ -378,13 +387,15 @@ def _sniff_tls(data: bytes, max_hello: int) -> SniffResult:
             if 4 + body_len > max_hello:
                 raise SniffError(f"TLS ClientHello of {body_len} bytes is longer than {max_hello}")
             if len(handshake) >= 4 + body_len:
-                sni = _client_hello_sni(bytes(handshake[4 : 4 + body_len]))
-                return TlsHello(sni=sni, length=pos)
+                sni, version = _client_hello_fields(bytes(handshake[4 : 4 + body_len]))
+                return TlsHello(sni=sni, length=pos, max_version=version)
 
 
-def _client_hello_sni(body: bytes) -> Optional[str]:
+def _client_hello_fields(body: bytes) -> tuple[Optional[str], int]:
+    """The SNI host name and the newest version a ClientHello body offers."""
     r = _Reader(body)
-    r.take(2 + 32, "version and random")
+    version = int.from_bytes(r.take(2, "version"), "big")
+    r.take(32, "random")
     session_id_len = r.u8("session id length")
     if session_id_len > 32:
         raise SniffError(f"TLS ClientHello session id of {session_id_len} bytes")
@@ -398,7 +409,7 @@ def _client_hello_sni(body: bytes) -> Optional[str]:
         raise SniffError("TLS ClientHello without compression methods")
     r.take(compression_len, "compression methods")
     if r.remaining == 0:
-        return None  # no extensions at all (old clients)
+        return None, version  # no extensions at all (old clients)
     extensions_len = r.u16("extensions length")
     if extensions_len != r.remaining:
         raise SniffError(f"TLS ClientHello extensions length {extensions_len} != {r.remaining}")
@@ -420,7 +431,15 @@ def _client_hello_sni(body: bytes) -> Optional[str]:
                 name = names.take(names.u16("server name length"), "server name")
                 if name_type == 0 and sni is None:
                     sni = _sni_host(name)
-    return sni
+        elif ext_type == 43:  # supported_versions, RFC 8446 §4.2.1
+            versions = ext.sub(ext.u8("supported versions length"), "supported versions")
+            if ext.remaining or not versions.remaining or versions.remaining % 2:
+                raise SniffError("malformed TLS supported_versions extension")
+            offered = [versions.u16("version") for _ in range(versions.remaining // 2)]
+            # GREASE values (RFC 8701) are 0x?a?a: never a real version
+            real = [v for v in offered if v & 0x0F0F != 0x0A0A]
+            version = max(real, default=version)
+    return sni, version
 
 
 def _sni_host(name: bytes) -> str:

@@ -44,6 +44,13 @@ class RelayConfig:
     grants: GrantTable = field(default_factory=GrantTable)
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
+    # every (cert, key) pair, the first being tls_cert/tls_key; empty: just that one
+    tls_pairs: list = field(default_factory=list)
+    redirect_http: bool = False  # 308 plain-HTTP visitors of a kite with HTTPS to https://
+    hsts: Optional[int] = None  # Strict-Transport-Security max-age on terminated HTTPS
+    # per kite ([[kite]] redirect_http / hsts), by grant domain (a *.parent covers below it)
+    redirect_kites: set = field(default_factory=set)
+    hsts_kites: dict = field(default_factory=dict)
     tls_names: list = field(default_factory=list)  # SNI names that mean "the relay itself"
     keepalive: Optional[float] = 30.0
     ping_timeout: float = 10.0
@@ -94,7 +101,8 @@ def _cert_names(path: str) -> list:
     return names
 
 
-_RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive", "zchunks",
+_RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls", "redirect_http", "hsts", "tls_names",
+               "kite", "keepalive", "zchunks",
                "secret_file", "db", "redis", "signup", "signup_quota", "signup_per_hour",
                "relay_id",
                "max_connections", "max_pending", "max_streams", "idle_timeout", "buffer_budget",
@@ -103,7 +111,7 @@ _RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls_names", "kite", "keepalive"
 #: Keys holding file names: relative to the config file's folder.
 _PATH_KEYS = ("tls_cert", "tls_key", "secret_file", "db", "tsig_file", "error_pages",
               "admin_token_file")
-_GRANT_KEYS = {"domain", "protos", "secret", "secret_file", "single"}
+_GRANT_KEYS = {"domain", "protos", "secret", "secret_file", "single", "redirect_http", "hsts"}
 
 
 #: Every top-level key of a relay file.
@@ -187,8 +195,50 @@ def check_relay_id(value: object, key: str) -> str:
     return value
 
 
+def _tls_pairs(certs: Sequence[str], keys: Sequence[str], data: dict) -> list:
+    """The (cert, key) pairs: the options' (``--tls-cert``/``--tls-key`` in pairs), else the
+    file's ``tls_cert``/``tls_key`` then its ``[[tls]]`` tables."""
+    if len(certs) != len(keys):
+        raise ConfigError("--tls-cert/--tls-key", f"{len(certs)} certificate(s) but "
+                          f"{len(keys)} key(s)", "give them in pairs: --tls-cert C --tls-key K")
+    pairs = list(zip(certs, keys, strict=True))
+    if pairs:
+        return pairs
+    cert, key = _path(data.get("tls_cert"), "tls_cert"), _path(data.get("tls_key"), "tls_key")
+    if bool(cert) != bool(key):
+        raise ConfigError("tls_cert/tls_key", "give both or neither",
+                          "`kite init relay` writes relay.crt and relay.key")
+    if cert and key:
+        pairs.append((cert, key))
+    for i, t in enumerate(tables(data, "tls")):
+        where = f"tls[{i}]"
+        check_keys(t, {"cert", "key"}, where)
+        cert, key = _path(t.get("cert"), f"{where}.cert"), _path(t.get("key"), f"{where}.key")
+        if not cert or not key:
+            raise ConfigError(where, "needs cert and key",
+                              'e.g. cert = "wild.crt", key = "wild.key"')
+        pairs.append((cert, key))
+    return pairs
+
+
+def _hsts(value: object, key: str) -> int:
+    """A Strict-Transport-Security max-age in seconds."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10 ** 9:
+        raise ConfigError(key, f"bad value {value!r}",
+                          "seconds browsers keep to https, e.g. 31536000 (a year)")
+    return value
+
+
+def _seq(value) -> list:
+    """An option given once (a string) or repeated (a sequence)."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[str] = (),
-                       tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+                       tls_cert=None, tls_key=None, redirect_http: bool = False,
+                       hsts: Optional[int] = None,
                        tls_names: Sequence[str] = (), kites: Sequence[str] = (),
                        single: Sequence[str] = (), keepalive: float = 30.0,
                        zchunks: bool = False, drain_timeout: float = 10.0,
@@ -213,6 +263,8 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     listen = list(listen)
     names = [_relay_name(n, "--tls-name") for n in tls_names]
     single_set = set()
+    redirect_kites: set = set()
+    hsts_kites: dict = {}
     for s in single:
         domain = s.lower().rstrip(".")
         if not valid_domain(domain):
@@ -233,8 +285,10 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     if data:
         if not listen:
             listen = _strings(data.get("listen", []), "listen", 'listen = ["0.0.0.0:443"]')
-        tls_cert = tls_cert or _path(data.get("tls_cert"), "tls_cert")
-        tls_key = tls_key or _path(data.get("tls_key"), "tls_key")
+        redirect_http = redirect_http or check_bool(data.get("redirect_http", False),
+                                                    "redirect_http")
+        if hsts is None:
+            hsts = data.get("hsts")
         names += [_relay_name(n, "tls_names") for n in
                   _strings(data.get("tls_names", []), "tls_names", 'tls_names = ["relay.example.com"]')]
         if "keepalive" in data:
@@ -269,6 +323,10 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
             g = parse_grant(f"{protos}:{k['domain']}:{secret}", key=where)
             if check_bool(k.get("single", False), f"{where}.single"):
                 single_set.add(g.domain)
+            if check_bool(k.get("redirect_http", False), f"{where}.redirect_http"):
+                redirect_kites.add(g.domain)
+            if "hsts" in k:
+                hsts_kites[g.domain] = _hsts(k["hsts"], f"{where}.hsts")
             grants.add(g)
     listen_key = "--listen" if list(listen_option) else "listen"
     addrs = [parse_hostport(v, key=listen_key, default_host="0.0.0.0")
@@ -284,15 +342,15 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
         warn_short_secret(g.secret, f"kite {g.domain}")
     extra = _signup_options(db, signup, signup_quota, per_hour)
     extra["relay_id"] = check_relay_id(relay_id, "--relay-id") if relay_id is not None else None
-    if bool(tls_cert) != bool(tls_key):
-        raise ConfigError("--tls-cert/--tls-key", "give both or neither",
-                          "`kite init relay` writes relay.crt and relay.key")
-    if tls_cert and tls_key:
-        for p in (tls_cert, tls_key):
+    pairs = _tls_pairs(_seq(tls_cert), _seq(tls_key), data)
+    for pair in pairs:
+        for p in pair:
             if not os.path.exists(p):
                 raise ConfigError("--tls-cert/--tls-key", f"no such file {p!r}", "check the path")
-        if not names:
-            names = _cert_names(tls_cert)
+    if pairs and not names:
+        names = _cert_names(pairs[0][0])  # the first certificate's names mean the relay
+    hsts = _hsts(hsts, "hsts") if hsts is not None else None
+    first = pairs[0] if pairs else (None, None)
     names_cfg = build_names_config(data, dns_options)
     acme = build_acme_config(data, acme_options, zone=names_cfg.zone if names_cfg else None,
                              dns_served=bool(names_cfg and names_cfg.listen), db=db)
@@ -302,8 +360,10 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
         for n in names_cfg.ns_names or [f"relay.{acme.zone}"]:
             if n.endswith("." + acme.zone) and n not in names:
                 names.append(n)
-    cfg = RelayConfig(listen=addrs, grants=grants, tls_cert=tls_cert, tls_key=tls_key,
-                      tls_names=names, keepalive=keepalive or None, zchunks=zchunks,
+    cfg = RelayConfig(listen=addrs, grants=grants, tls_cert=first[0], tls_key=first[1],
+                      tls_pairs=pairs, redirect_http=redirect_http, hsts=hsts,
+                      redirect_kites=redirect_kites, hsts_kites=hsts_kites, tls_names=names,
+                      keepalive=keepalive or None, zchunks=zchunks,
                       drain_timeout=drain_timeout, single_backend=single_set,
                       names=names_cfg, db=db, acme=acme,
                       allow_plain=allow_plain,

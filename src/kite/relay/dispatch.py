@@ -6,6 +6,12 @@
   layer, which reads that very hello from the socket; inside, :class:`TlsEntry` reads the
   first head: ``CONNECT PageKite:`` makes a tunnel, ``CONNECT host:port`` a visitor of
   ``kite connect --tls``;
+* a ClientHello whose SNI names an http kite (and no https kite) that one of the relay's
+  certificates covers is terminated here (:class:`TlsVisitor`): the first decrypted request
+  head opens an ``http`` stream with ``RTLS: 1`` (as its payload), and the rest of the
+  connection's plaintext follows; the backend writes ``X-Forwarded-Proto: https`` (kite
+  and pagekite.py alike).  TLS the relay terminates is 1.2 or newer: older ClientHellos
+  get a protocol_version alert;
 * ``CONNECT PageKite:`` is a plain tunnel, ``CONNECT host:port`` a proxy visitor for a raw
   or https kite (or pagekite.py's ``CONNECT relay-name:443`` before a TLS tunnel), anything
   else HTTP routed by ``Host``; the pagekite ``HEAD /ping`` probe gets its 503 at once.
@@ -24,6 +30,7 @@ import socket
 import ssl
 from typing import TYPE_CHECKING, Callable, Optional
 
+from ..certs import CertStore
 from ..errors import RemoteProtocolError, SniffError, TooManyStreams
 from ..net.tunnel import Stream, StreamProtocol
 from ..proto import control, handshake
@@ -36,16 +43,21 @@ from ..proto.http import (
     connect_refused,
     find_head_end,
     http_error,
+    https_redirect,
 )
-from ..proto.names import bare_proto
+from ..proto.names import bare_proto, domain_matches
 from ..proto.sniff import (
+    TLS_1_2,
     TLS_ALERT_INTERNAL_ERROR,
+    TLS_ALERT_PROTOCOL_VERSION,
     TLS_ALERT_UNRECOGNIZED_NAME,
+    HttpRequest,
     ProxyConnect,
     SniffResult,
 )
 from ..proto.sniff import sniff as sniff_first_bytes
 from .accept import FIRST_BYTES_TIMEOUT, MAX_PEEK
+from .hsts import HSTS_FIELD, FirstResponseHeader
 from .signup import SignupProtocol
 from .state import RelayState
 from .tunnel import RelayTunnel
@@ -55,7 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("kite.relay")
 
-__all__ = ["Dispatcher", "TlsEntry"]
+__all__ = ["Dispatcher", "TlsEntry", "TlsVisitor"]
 
 #: Seconds a TLS handshake with the relay itself may take.
 TLS_HANDSHAKE_TIMEOUT = 10.0
@@ -203,7 +215,11 @@ class TlsEntry(asyncio.Protocol):
             return
         data_, self.buf = bytes(self.buf), bytearray()
         self._done()
-        self.dispatcher.tls_head(transport, self.peer, data_, end)
+        self.head_received(transport, data_, end)
+
+    def head_received(self, transport: asyncio.Transport, data: bytes, end: int) -> None:
+        """The first head is ``data[:end]`` (the rest follows it)."""
+        self.dispatcher.tls_head(transport, self.peer, data, end)
 
     def eof_received(self) -> bool:
         return False
@@ -212,12 +228,48 @@ class TlsEntry(asyncio.Protocol):
         self._done()
 
 
+class TlsVisitor(TlsEntry):
+    """A visitor of an http kite whose TLS the relay terminates: its first request head
+    (read like :class:`TlsEntry` does: bounded in size and time) opens a stream of the
+    kite's tunnel as the stream-open payload - pagekite.py backends read the request from
+    it - and the transport goes to that stream's :class:`StreamProtocol` (from then on
+    plaintext is decrypted straight into the tunnel writer's buffer)."""
+
+    def __init__(self, dispatcher: Dispatcher, addr, port: int, host: str) -> None:
+        super().__init__(dispatcher, f"{addr[0]}:{addr[1]}")
+        self.addr = addr
+        self.port = port
+        self.host = host
+
+    def head_received(self, transport: asyncio.Transport, data: bytes, end: int) -> None:
+        # The stream-open payload is as large as a peeked plain request at most (the head,
+        # and what else fits); a longer first read goes the way of all later data.
+        cut = max(end, MAX_PEEK)
+        protocol = self.dispatcher.terminated_stream(transport, self.addr, self.port,
+                                                     self.host, data[:cut], end)
+        if protocol is not None:
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+            if len(data) > cut:
+                _feed(protocol, memoryview(data)[cut:])
+
+
+def _feed(protocol: asyncio.BufferedProtocol, view: memoryview) -> None:
+    """Hand ``view`` to ``protocol`` as if its transport had read it."""
+    while view:
+        buf = memoryview(protocol.get_buffer(len(view)))
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        protocol.buffer_updated(n)
+        view = view[n:]
+
+
 class Dispatcher:
     """Routes classified connections (see the module docstring); owns the tasks it starts."""
 
-    def __init__(self, state: RelayState, ssl_context: Optional[ssl.SSLContext]) -> None:
+    def __init__(self, state: RelayState, certs: CertStore) -> None:
         self.state = state
-        self.ssl_context = ssl_context
+        self.certs = certs
         self.loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task] = set()
         self.tls_waiting = 0  # TLS connections to the relay whose first head has not come
@@ -272,14 +324,14 @@ class Dispatcher:
             sock = pv.detach()
             _send_and_close(sock, build_ping_reply(self.state.uuid), len(data))
         elif kind == "tunnel":
-            if self.ssl_context is not None and not self.state.config.allow_plain:
+            if self.certs.default is not None and not self.state.config.allow_plain:
                 # A relay with a certificate carries secrets and visitors' bytes encrypted
                 # only, unless told otherwise (pagekite.py backends without TLS need it).
                 self.refuse(pv, "plain (unencrypted) tunnel refused: this relay takes TLS "
                             "tunnels (start it with --allow-plain to take plain ones too)",
                             handshake.TUNNEL_FORBIDDEN)
                 return
-            self._start_tunnel(pv.detach(), pv.addr, tls=False)
+            self._start_tunnel(pv.detach(), pv.addr)
         elif kind == "connect":
             self._dispatch_connect(pv, result, data)
         elif kind == "http":
@@ -316,6 +368,10 @@ class Dispatcher:
                             self.page(404, host, json_wanted=want_json),
                             kite=host, proto="http", head=data)
             return
+        if self._redirects(host) and self.has_https(host, pv.port):
+            self.refuse(pv, f"plain HTTP for {host}: redirected to https",
+                        https_redirect(host, pv.port, result.path))
+            return
         try:
             sid = tunnel.new_sid()
         except TooManyStreams as exc:
@@ -325,18 +381,51 @@ class Dispatcher:
         self._open_stream(pv, tunnel, sid, bare_proto(proto), host, pv.port, payload=data,
                           skip=len(data))
 
+    def _redirects(self, host: str) -> bool:
+        """``--redirect-http`` for the relay, or ``redirect_http`` of a ``[[kite]]`` table
+        covering ``host``."""
+        cfg = self.state.config
+        return cfg.redirect_http or bool(cfg.redirect_kites) and any(
+            domain_matches(d, host) for d in cfg.redirect_kites)
+
+    def _hsts(self, host: str) -> Optional[int]:
+        """The HSTS max-age for ``host``: its ``[[kite]]`` table's (exact before wildcard),
+        else the relay's ``--hsts``, else None."""
+        cfg = self.state.config
+        if cfg.hsts_kites:
+            score, value = max(((domain_matches(d, host), v) for d, v in cfg.hsts_kites.items()),
+                               key=lambda sv: sv[0])
+            if score:
+                return value
+        return cfg.hsts
+
+    def has_https(self, host: str, port: int) -> bool:
+        """Visitors of ``host`` on plain-HTTP ``port`` can reach it over https (on 443 for
+        80 and 443, else on the same port): a certificate covers the name (the relay
+        terminates TLS for its http kite), or an https kite flies."""
+        if self.certs.covers(host):
+            return True
+        tls_port = 443 if port in (80, 443) else port
+        return self.state.routes.lookup((f"https-{tls_port}", "https"), host)[0] is not None
+
     def _dispatch_tls(self, pv: PendingVisitor, result, data: bytes) -> None:
         sni = result.sni
+        certs = self.certs
+        default = certs.default
         # The relay's own names first: they are never kites (a wildcard kite above them
         # must not receive the ClientHellos of tunnels).
-        if self.ssl_context is not None and (sni is None or self.state.is_relay_name(sni)):
-            self._start_tunnel(pv.detach(), pv.addr, tls=True)
+        if default is not None and (sni is None or self.state.is_relay_name(sni)):
+            if result.max_version < TLS_1_2:
+                self._refuse_old_tls(pv, result)
+                return
+            context = certs.context_for(sni) or default.context
+            self._start_tunnel(pv.detach(), pv.addr, context)
             return
         if sni and not self.state.is_reserved(sni):
             protos = (f"https-{pv.port}", "https")
             tunnel: Optional[RelayTunnel]
             tunnel, _ = self.state.routes.lookup(protos, sni)  # type: ignore[assignment]
-            if tunnel is not None:
+            if tunnel is not None:  # end to end: never decrypted here
                 try:
                     sid = tunnel.new_sid()
                 except TooManyStreams as exc:
@@ -344,6 +433,13 @@ class Dispatcher:
                     return
                 self._open_stream(pv, tunnel, sid, "https", sni, pv.port, payload=data,
                                   skip=len(data))
+                return
+            terminate = certs.context_for(sni)
+            if terminate is not None and self._http_route(sni, pv.port)[0] is not None:
+                if result.max_version < TLS_1_2:
+                    self._refuse_old_tls(pv, result)
+                    return
+                self._spawn(self._terminate(pv.detach(), pv.addr, pv.port, sni, terminate))
                 return
             if self._hand_over(pv, protos, sni, "https", pv.port):
                 return
@@ -354,13 +450,90 @@ class Dispatcher:
             self.refuse(pv, f"no https kite for SNI {sni!r}", TLS_ALERT_UNRECOGNIZED_NAME,
                         kite=sni or "", proto="https")
 
+    def _refuse_old_tls(self, pv: PendingVisitor, result) -> None:
+        """TLS the relay terminates is 1.2 or newer: an older client gets the alert now
+        (the TLS layer would only close the connection)."""
+        self.refuse(pv, f"TLS version 0x{result.max_version:04x} for {result.sni or 'no SNI'}: "
+                        "TLS 1.2 or newer needed", TLS_ALERT_PROTOCOL_VERSION)
+
+    def _http_route(self, host: str, port: int):
+        """The tunnel and protocol of the http kite ``host`` for a visitor on ``port``."""
+        return self.state.routes.lookup((f"http-{port}", "http"), host)
+
+    async def _terminate(self, sock: socket.socket, addr, port: int, host: str,
+                         context: ssl.SSLContext) -> None:
+        """TLS for a visitor of the http kite ``host``, then a stream (TlsVisitor)."""
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: TlsVisitor(self, addr, port, host), sock=sock, ssl=context,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.info("visitor %s:%s of %s: TLS handshake failed: %s", addr[0], addr[1], host,
+                     exc or type(exc).__name__)
+            sock.close()
+
+    def terminated_stream(self, transport: asyncio.Transport, addr, port: int, host: str,
+                          data: bytes, end: int) -> Optional[StreamProtocol]:
+        """The first request head ``data[:end]`` of a visitor of the http kite ``host``
+        whose TLS the relay terminated: open its stream (``RTLS: 1``, ``data`` as payload)
+        and return the protocol for the transport; None after answering a refusal (not
+        HTTP, the kite went offline meanwhile, too many streams, account blocked)."""
+        peer = f"{addr[0]}:{addr[1]}"
+        refusal: Optional[bytes] = None
+        reason = ""
+        tunnel: Optional[RelayTunnel] = None
+        proto: Optional[str] = None
+        sid = 0
+        try:
+            result = sniff_first_bytes(data[:end])
+        except SniffError as exc:
+            result = None
+            reason = str(exc)
+        if not isinstance(result, HttpRequest):
+            reason = reason or "not an HTTP request"
+            refusal = http_error(400, "not an HTTP/1.x request")
+        else:
+            bare: tuple[str, ...] = ("websocket", "http") if result.websocket else ("http",)
+            tunnel, proto = self.state.routes.lookup(  # type: ignore[assignment]
+                tuple(f"{p}-{port}" for p in bare) + bare, host)
+            blocked = self.state.registry and self.state.registry.refusal(host, addr[0])
+            if tunnel is None or proto is None:
+                reason, refusal = f"kite http:{host} is offline", http_error(503, host)
+            elif blocked:
+                reason, refusal = blocked, http_error(403, blocked)
+            else:
+                try:
+                    sid = tunnel.new_sid()
+                except TooManyStreams as exc:
+                    reason, refusal = str(exc), http_error(503, host)
+        if refusal is not None or tunnel is None or proto is None:
+            log.info("TLS visitor %s refused: %s", peer, reason)
+            transport.write(refusal or b"")
+            transport.close()
+            return None
+        proto = bare_proto(proto)
+        stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=peer)
+        tunnel.add_stream(stream, announce=False)
+        header, _ = control.build_stream_open(sid, proto, host, port, addr[0], addr[1],
+                                              rtls=True)
+        tunnel.write_chunk(header, data)
+        tunnel.announce_window(stream)
+        hsts = self._hsts(host)
+        if hsts is not None:
+            FirstResponseHeader(stream, HSTS_FIELD, b"max-age=%d" % hsts)
+        if self.state.registry is not None:
+            self.state.registry.opened(stream, len(data))
+        return StreamProtocol(tunnel, stream, 0)
+
     def _dispatch_connect(self, pv: PendingVisitor, result, data: bytes) -> None:
         host, port = result.host, result.port
-        if port == 443 and self.ssl_context is not None and self.state.is_relay_name(host):
+        default = self.certs.default
+        if port == 443 and default is not None and self.state.is_relay_name(host):
             # pagekite.py's --fe_certname: plain CONNECT to the relay's own name, then TLS.
             sock = _answer_connect(pv, result.head_length, TUNNEL_CONNECT_OK)
             if sock is not None:
-                self._start_tunnel(sock, pv.addr, tls=True)
+                context = self.certs.context_for(host) or default.context
+                self._start_tunnel(sock, pv.addr, context)
             return
         tunnel, proto, refusal = self.route_connect(host, port)
         if tunnel is None:
@@ -610,15 +783,18 @@ class Dispatcher:
             sock.close()
 
     # -- tunnels --------------------------------------------------------------------------------
-    def _start_tunnel(self, sock: socket.socket, addr, *, tls: bool) -> None:
-        self._spawn(self._connect_tunnel(sock, addr, tls))
+    def _start_tunnel(self, sock: socket.socket, addr,
+                      context: Optional[ssl.SSLContext] = None) -> None:
+        """A tunnel (or ``kite connect --tls`` visitor) in TLS with ``context``, or plain."""
+        self._spawn(self._connect_tunnel(sock, addr, context))
 
-    async def _connect_tunnel(self, sock: socket.socket, addr, tls: bool) -> None:
+    async def _connect_tunnel(self, sock: socket.socket, addr,
+                              context: Optional[ssl.SSLContext]) -> None:
         peer = f"{addr[0]}:{addr[1]}"
         try:
-            if tls:
+            if context is not None:
                 await self.loop.connect_accepted_socket(
-                    lambda: TlsEntry(self, peer), sock=sock, ssl=self.ssl_context,
+                    lambda: TlsEntry(self, peer), sock=sock, ssl=context,
                     ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
             else:
                 await self.loop.connect_accepted_socket(

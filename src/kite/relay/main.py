@@ -29,29 +29,32 @@ async def serve_relay(cfg: RelayConfig, stop: asyncio.Event,
         from .admin import start_admin
 
         host, port = cfg.admin
-        # cert_expiries: a RelayServer with a certificate store sets this attribute
         admin = await start_admin(server, host=host, port=port, token=cfg.admin_token,
-                                  cert_expiries=getattr(server, "cert_expiries", None))
+                                  cert_expiries=server.certs.expiries)
     loop = asyncio.get_running_loop()
-    if reload is not None:
-        def on_hup() -> None:
-            try:
-                new = reload()
-            except Exception as err:  # ConfigError, or a file that vanished meanwhile
-                log.error("reload refused, keeping the running config: %s", err)
-                return
-            server.reload(new)
 
+    def on_hup() -> None:
+        """SIGHUP: the config anew (grants, secrets, pages) and every certificate file."""
+        if reload is None:
+            server.certs.reload()
+            return
         try:
-            loop.add_signal_handler(signal.SIGHUP, on_hup)
-        except (NotImplementedError, RuntimeError, AttributeError):  # pragma: no cover
-            pass
+            new = reload()
+        except Exception as err:  # ConfigError, or a file that vanished meanwhile
+            log.error("reload refused, keeping the running config: %s", err)
+            server.certs.reload()
+            return
+        server.reload(new)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError):  # pragma: no cover
+        pass  # not the main thread, or no signals here: the certificate files are still polled
     await stop.wait()
-    if reload is not None:
-        try:
-            loop.remove_signal_handler(signal.SIGHUP)
-        except (NotImplementedError, RuntimeError, AttributeError):  # pragma: no cover
-            pass
+    try:
+        loop.remove_signal_handler(signal.SIGHUP)
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError):  # pragma: no cover
+        pass
     log.info("relay stopping: draining streams (up to %g s)", cfg.drain_timeout)
     await server.close()
     if admin is not None:

@@ -13,20 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import ssl
 from typing import TYPE_CHECKING, Callable, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from ..certs import CertStore
 from ..certs.acme import AcmeManager
 from ..names import NameService
 from ..net.memory import MemoryTrimmer
 from ..net.sockets import raise_nofile_limit
-from ..net.tls import cert_fingerprint, server_context
+from ..net.tls import cert_fingerprint
 from ..store.opener import is_redis_url
 from .accept import Acceptor, default_max_connections, default_max_pending
-from .config import RelayConfig, _cert_names
+from .config import RelayConfig
 from .dispatch import Dispatcher
 from .fleetlink import FleetLink
 from .registry import Registry
@@ -51,10 +51,13 @@ class RelayServer:
         self.config = config
         self.loop = asyncio.get_running_loop()
         self.state = RelayState(config)
-        ssl_context = None
-        if config.tls_cert:
-            ssl_context = server_context(config.tls_cert, config.tls_key or config.tls_cert)
-        self.dispatcher = Dispatcher(self.state, ssl_context)
+        # the relay's certificates, chosen by SNI (kite.certs); empty: no TLS until a pair
+        # is installed (CertStore.install)
+        pairs = config.tls_pairs or ([(config.tls_cert, config.tls_key)] if config.tls_cert
+                                     else [])
+        self.certs = CertStore(pairs)
+        self.state.certs = self.certs  # expiries for metrics; install() for ACME
+        self.dispatcher = Dispatcher(self.state, self.certs)
         self.acceptor = Acceptor(self.dispatcher)
         self.dispatcher.note_silent = self.acceptor.note_silent
         self.names: Optional[NameService] = None  # DNS for the kites (kite.names), if configured
@@ -63,16 +66,12 @@ class RelayServer:
             self.state.subscribe(self.names.on_presence)
         self.acme: Optional[AcmeManager] = None  # automatic certificates (--acme), if configured
         #: Where each new certificate goes, as ``hook(cert_path, key_path)`` (ACME calls it at
-        #: start with a stored certificate and after each renewal).
-        # INTEGRATION: point this at the certificate store's CertStore.install.
-        self.certificate_hook: Callable[[str, str], None] = self.install_certificate
-        self._own_names = _cert_names(config.tls_cert) if config.tls_cert else []
-        self._acme_context: Optional[ssl.SSLContext] = None
-        self._acme_names: list = []
+        #: start with a stored certificate and after each renewal): the store, where SNI
+        #: picks it for the names it covers (the first pair stays the relay's own).
+        self.certificate_hook: Callable[[str, str], object] = self.certs.install
         self.addresses: list = []
         self.closing = False
-        if ssl_context is not None:
-            self.state.on_reload.append(self._reload_certificate)
+        self.state.on_reload.append(lambda _config: self.certs.reload())
         self.trimmer = MemoryTrimmer()  # freed visitor buffers go back to the OS
         self.fleet: Optional[FleetPresence] = None  # when the registry is in Redis
 
@@ -90,6 +89,7 @@ class RelayServer:
                  f"up to {limits.buffer_budget // (1 << 20)} MiB" if limits.buffer_budget
                  else "unlimited")
         self.trimmer.start()
+        self.certs.start()  # reloads changed certificate files
         if self.names is not None:
             await self.names.start()
             if cfg.acme is not None:
@@ -171,18 +171,13 @@ class RelayServer:
         log.info("reload: %d kite grants%s", len(config.grants),
                  f"; stopped flying: {', '.join(dropped)}" if dropped else "")
 
-    def _reload_certificate(self, config: RelayConfig) -> None:
-        """New handshakes use the certificate files of ``config`` (same context)."""
-        ctx = self.dispatcher.ssl_context
-        if ctx is not None and config.tls_cert:
-            ctx.load_cert_chain(config.tls_cert, config.tls_key or config.tls_cert)
-
     async def close(self, drain_timeout: Optional[float] = None) -> None:
         """Stop accepting, let open streams finish (up to ``drain_timeout``), close tunnels."""
         if self.closing:
             return
         self.closing = True
         self.trimmer.stop()
+        self.certs.stop()
         self.acceptor.close()
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         deadline = self.loop.time() + timeout
@@ -202,30 +197,3 @@ class RelayServer:
             await self.fleet.close()  # other relays stop answering with this one at once
         if self.state.registry is not None:
             await self.state.registry.close()  # the last counts, on SIGTERM too
-
-    # -- certificates ---------------------------------------------------------------------------
-    def install_certificate(self, cert_path: str, key_path: str) -> None:
-        """Serve a new certificate (ACME's) from the next TLS handshake on; open connections
-        keep theirs.  Without a certificate of its own (``--tls-cert``) the relay serves this
-        one for its names; with one, this one answers the SNI names it covers that the own
-        certificate does not (the own one keeps its pins)."""
-        context = server_context(cert_path, key_path)
-        names = _cert_names(cert_path)
-        if not self.config.tls_cert:
-            self.dispatcher.ssl_context = context  # read at each handshake
-            return
-        self._acme_context, self._acme_names = context, names
-        base = self.dispatcher.ssl_context
-        if base is not None and base.sni_callback is None:
-            base.sni_callback = self._pick_certificate
-
-    def _pick_certificate(self, sslobj, server_name, _context) -> None:
-        name = (server_name or "").lower()
-        if name and self._acme_context is not None and not _matches(self._own_names, name) \
-                and _matches(self._acme_names, name):
-            sslobj.context = self._acme_context
-
-
-def _matches(cert_names: list, name: str) -> bool:
-    """``name`` is one of ``cert_names`` or under one of its ``*.`` names by one label."""
-    return name in cert_names or ("." in name and "*." + name.split(".", 1)[1] in cert_names)

@@ -4,9 +4,10 @@ Theory of operation
 -------------------
 :class:`RelayState` owns the grants (who may fly which kite), the routes (which tunnels fly
 which kite now), the open tunnels, the session ids backends reconnect with, the kite
-authorizer and the relay's own names.  The accept loop and the dispatcher read it to route
-visitors; each :class:`~kite.relay.tunnel.RelayTunnel` is given it (never the server) and
-tells it when it opens, registers kites and closes.  Later parts of the service (names,
+authorizer, the relay's own names and its certificates (:class:`~kite.certs.CertStore`).
+The accept loop and the dispatcher read it to route visitors; each
+:class:`~kite.relay.tunnel.RelayTunnel` is given it (never the server) and tells it when it
+opens, registers kites and closes.  Later parts of the service (names,
 accounts, usage, a fleet store) plug in here too, not into the accept loop.
 
 Presence is an event: when a kite starts flying (its first tunnel registers it) or stops
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
+from ..certs import CertStore
 from ..net.accesslog import AccessLog, open_access_log
 from ..net.limits import StreamLimits
 from ..proto.handshake import (
@@ -84,6 +86,7 @@ class RelayState:
         self.registry: Optional[Registry] = None  # accounts (kite relay --db), set by the server
         self.fleet_link: Optional[FleetLink] = None  # kites of other relays (--redis)
         self.signup: Optional[SignupService] = None  # --signup: set by the server
+        self.certs: Optional[CertStore] = None  # the relay's certificates: set by the server
         self.authorizer = KiteAuthorizer(
             lookup_secret=self.exact_secret,
             challenge_secret=self.secret,

@@ -1,0 +1,243 @@
+"""The relay's certificates: several (certificate, key) pairs, chosen by SNI, reloaded from disk.
+
+Theory of operation
+-------------------
+Each pair is loaded into an ``ssl.SSLContext`` of its own (TLS 1.2 and 1.3 only, ALPN
+``http/1.1``, session tickets on: OpenSSL's default, left on).  The relay peeks at the
+ClientHello before any TLS layer owns the socket, so it knows the SNI already and asks
+:meth:`CertStore.context_for` for the context to hand the socket to: no SNI callback runs
+during handshakes.
+
+Choice by name: an exact name in a certificate's SAN first, then a wildcard ``*.zone`` one
+label deep (``*.zone`` covers ``app.zone``, not ``zone`` nor ``a.b.zone``, as RFC 6125 says
+browsers match).  Where two pairs claim a name, the pair given first wins.  ECDSA and RSA
+keys both work; a name served with both needs two pairs (the first listed is used).
+
+Reload: every ``poll_interval`` seconds the store compares the files' modification times
+and sizes with those it loaded; a pair whose files changed is loaded again.  A pair that
+fails to load (a half-written file, a key that does not match) is logged once per change
+and the old pair stays in service.  :meth:`CertStore.reload` (SIGHUP) reloads every pair
+at once; :meth:`CertStore.install` adds or replaces a pair at run time (ACME).
+
+Contexts are replaced, never changed: a handshake under way keeps the context it started
+with.  Session tickets of a reloaded pair stop resuming (a new context has new ticket
+keys); clients just do a full handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from ..errors import ConfigError
+
+log = logging.getLogger("kite.certs")
+
+__all__ = ["CertPair", "CertStore", "load_pair", "tls_server_context", "POLL_INTERVAL"]
+
+#: Seconds between two looks at the certificate files.
+POLL_INTERVAL = 3.0
+#: What terminated visitors may speak inside TLS (the relay forwards HTTP/1.1 streams).
+ALPN = ["http/1.1"]
+
+
+def tls_server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
+    """A server context for one pair: TLS 1.2+, ALPN http/1.1, tickets on (raises
+    ``ssl.SSLError`` or ``OSError`` when the files do not load)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # Clients that offer no ALPN, or only protocols other than http/1.1 (a tunnel), get
+    # none: CPython's selection callback answers "no acknowledgement", not a failure.
+    ctx.set_alpn_protocols(ALPN)
+    # An encrypted key would make OpenSSL ask for a passphrase on the terminal (a relay
+    # that hangs at start or on reload): an empty one fails with an error instead.
+    ctx.load_cert_chain(cert_path, key_path, password=_no_passphrase)
+    return ctx
+
+
+def _no_passphrase() -> bytes:
+    return b""
+
+
+def _file_stamp(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (None, None)
+    return (st.st_mtime_ns, st.st_size)
+
+
+@dataclass(frozen=True)
+class CertPair:
+    """One loaded pair: its files, the names it covers, when it expires, its context."""
+
+    cert_path: str
+    key_path: str
+    names: tuple  # lower-case DNS names and IP addresses of the SAN (CN without a SAN)
+    not_after: float  # UNIX time the certificate expires
+    context: ssl.SSLContext
+    stamp: tuple  # (mtime_ns, size) of cert and key when loaded
+
+    def covers(self, name: str) -> bool:
+        name = name.lower().rstrip(".")
+        if name in self.names:
+            return True
+        parent = name.partition(".")[2]
+        return bool(parent) and f"*.{parent}" in self.names
+
+
+def _cert_info(cert_path: str) -> tuple[tuple, float]:
+    """The names and the expiry of the first certificate in a PEM file."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    with open(cert_path, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    names: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names += [n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName)]
+        names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        names += [str(a.value).lower() for a in
+                  cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return tuple(dict.fromkeys(names)), cert.not_valid_after_utc.timestamp()
+
+
+def load_pair(cert_path: str, key_path: Optional[str] = None) -> CertPair:
+    """Load one pair (``key_path`` None: the key is in the certificate file); raises
+    :class:`~kite.errors.ConfigError` naming the file and the problem."""
+    key_path = key_path or cert_path
+    stamp = _file_stamp(cert_path) + _file_stamp(key_path)
+    try:
+        names, not_after = _cert_info(cert_path)
+        context = tls_server_context(cert_path, key_path)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        raise ConfigError(
+            "tls-cert", f"cannot load {cert_path!r} / {key_path!r}: {exc}",
+            "give a PEM certificate (chain) and its key; `kite init relay` writes a pair",
+        ) from None
+    return CertPair(cert_path, key_path, names, not_after, context, stamp)
+
+
+class CertStore:
+    """Several pairs, chosen by SNI; the first one is the relay's own (no SNI)."""
+
+    def __init__(self, pairs: Sequence[tuple] = (), *,
+                 poll_interval: float = POLL_INTERVAL) -> None:
+        """Load ``pairs`` of (cert path, key path or None); a bad one is a ConfigError.
+        A store may start empty (no TLS until :meth:`install` adds a pair)."""
+        self.pairs: list[CertPair] = [load_pair(c, k) for c, k in pairs]
+        self.poll_interval = poll_interval
+        self._failed: dict[str, tuple] = {}  # cert path -> stamp that failed to load
+        self._exact: dict[str, CertPair] = {}
+        self._wild: dict[str, CertPair] = {}  # "zone" -> the pair with "*.zone"
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._index()
+
+    def _index(self) -> None:
+        exact: dict[str, CertPair] = {}
+        wild: dict[str, CertPair] = {}
+        for pair in self.pairs:
+            for name in pair.names:
+                if name.startswith("*."):
+                    wild.setdefault(name[2:], pair)
+                else:
+                    exact.setdefault(name, pair)
+        self._exact, self._wild = exact, wild
+
+    # -- choosing -------------------------------------------------------------------------------
+    @property
+    def default(self) -> Optional[CertPair]:
+        """The first pair: ClientHellos without SNI, and the relay's own names (None: the
+        store is empty)."""
+        return self.pairs[0] if self.pairs else None
+
+    def pair_for(self, name: Optional[str]) -> Optional[CertPair]:
+        """The pair covering ``name``: exact, then ``*.parent``; None if none does."""
+        if not name:
+            return None
+        name = name.lower()
+        pair = self._exact.get(name)
+        if pair is None:
+            pair = self._wild.get(name.partition(".")[2])
+        return pair
+
+    def context_for(self, name: Optional[str]) -> Optional[ssl.SSLContext]:
+        pair = self.pair_for(name)
+        return pair.context if pair is not None else None
+
+    def covers(self, name: Optional[str]) -> bool:
+        return self.pair_for(name) is not None
+
+    def expiries(self) -> dict[str, float]:
+        """Certificate file -> UNIX time it expires (for metrics)."""
+        return {p.cert_path: p.not_after for p in self.pairs}
+
+    # -- changing -------------------------------------------------------------------------------
+    def install(self, cert_path: str, key_path: str) -> CertPair:
+        """Add a pair, or replace the one loaded from ``cert_path``; raises ConfigError if it
+        does not load (the old pair stays).  Call it on the event loop's thread (from a
+        worker thread: ``loop.call_soon_threadsafe``), like every method that changes the
+        store; new handshakes use the pair at once, open connections keep theirs."""
+        pair = load_pair(cert_path, key_path)
+        self._put(pair)
+        log.info("certificate %s installed: %s, expires in %.1f days", cert_path,
+                 ", ".join(pair.names), (pair.not_after - time.time()) / 86400)
+        return pair
+
+    def _put(self, pair: CertPair) -> None:
+        for i, old in enumerate(self.pairs):
+            if old.cert_path == pair.cert_path:
+                self.pairs[i] = pair
+                break
+        else:
+            self.pairs.append(pair)
+        self._failed.pop(pair.cert_path, None)
+        self._index()
+
+    def reload(self, *, changed_only: bool = False) -> int:
+        """Load the pairs again (only those whose files changed, with ``changed_only``);
+        a pair that fails is logged and kept as it was.  Returns how many were replaced."""
+        replaced = 0
+        for old in list(self.pairs):
+            stamp = _file_stamp(old.cert_path) + _file_stamp(old.key_path)
+            if changed_only and (stamp == old.stamp or stamp == self._failed.get(old.cert_path)):
+                continue
+            try:
+                pair = load_pair(old.cert_path, old.key_path)
+            except ConfigError as exc:
+                self._failed[old.cert_path] = stamp
+                log.warning("certificate %s: reload failed, still serving the old one "
+                            "(expires in %.1f days): %s", old.cert_path,
+                            (old.not_after - time.time()) / 86400, exc.problem)
+                continue
+            self._put(pair)
+            replaced += 1
+            log.info("certificate %s reloaded: %s", pair.cert_path, ", ".join(pair.names))
+        return replaced
+
+    # -- watching the files ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Look at the files every ``poll_interval`` seconds (on the running loop)."""
+        if self._timer is None and self.poll_interval > 0:
+            self._timer = asyncio.get_running_loop().call_later(self.poll_interval, self._poll)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _poll(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self.reload(changed_only=True)
+        except Exception:  # a bug here must not stop the watching, nor the relay
+            log.exception("certificate reload failed")
+        self._timer = loop.call_later(self.poll_interval, self._poll)
