@@ -315,6 +315,8 @@ class DnsServer:
             if self.negative is not None:
                 answer = self.negative.answer(data, tcp)
                 if answer is not None:  # not cached: random names would only churn the cache
+                    rcode = answer[3] & 15
+                    rcodes[rcode] = rcodes.get(rcode, 0) + 1
                     return answer
             answer = self._answer(data, tcp)
         except Exception:  # a bug: costs this query only
