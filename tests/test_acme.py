@@ -453,3 +453,45 @@ def test_relay_toml_keys_and_the_default_state_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     assert build_relay_config(config_file=str(toml)).acme.state_dir == str(tmp_path / "xdg" / "kite")
     assert build_relay_config(kites=[f"*:*.{ZONE}:{SECRET}"]).acme is None
+
+
+# -- a fleet: one relay orders, the fleet's DNS answers, every relay serves it ----------------
+def test_fleet_orders_once_and_every_relay_serves_the_certificate(tmp_path, pebble):
+    """Three relays on one redis-server.  Pebble asks relay B's DNS, but relay A orders: the
+    TXT values reach B through the fleet (confirmed before A answers the challenge).  Relay
+    C, started later with --acme too, places no order: it installs the fleet's certificate."""
+    from redisd import RedisServer
+
+    redis_server = RedisServer(tmp_path)
+    url = redis_server.url(3)
+    dns_a, dns_b, dns_c = free_port(), free_port(), free_port()
+    peb = pebble(dns_b)
+    root = peb.root(tmp_path)
+    procs = []
+
+    def relay(name: str, dns_port: int, *extra: str) -> Proc:
+        args = [*KITE, "relay", "--listen", "127.0.0.1:0", "--kite", f"*:*.{ZONE}:{SECRET}",
+                "--dns", f"127.0.0.1:{dns_port}", "--zone", ZONE, "--public-ip", "127.0.0.1",
+                "--redis", url, "--relay-id", name, "-v", *extra]
+        p = Proc(args, tmp_path, name)
+        procs.append(p)
+        return p
+
+    acme = ("--acme", peb.directory, "--acme-email", "ops@" + ZONE, "--acme-ca", peb.ca)
+    try:
+        b = relay("b", dns_b)  # no --acme: it only answers the CA's questions
+        b.wait_for("fleet: relay b")
+        a = relay("a", dns_a, *acme, "--state-dir", str(tmp_path / "state-a"))
+        out = a.wait_for("acme: certificate for", timeout=90)
+        assert out.count("acme: ordering a certificate") == 1
+        assert "relays confirmed" not in out  # B confirmed the TXT values in time
+        assert f"TXT values at {CHALLENGE} not applied" not in b.output()
+        serial = served_serial(relay_port(a.wait_for("relay listening on")), root)
+        c = relay("c", dns_c, *acme, "--state-dir", str(tmp_path / "state-c"))
+        out = c.wait_for("acme: installed the fleet's certificate", timeout=60)
+        assert "acme: ordering" not in c.output()
+        assert served_serial(relay_port(out), root) == serial
+    finally:
+        for p in procs:
+            p.stop(signal.SIGKILL)
+        redis_server.stop()

@@ -43,7 +43,7 @@ import time
 from typing import Any, Callable, Iterable, Optional, TypeVar
 from urllib.parse import urlsplit
 
-from ..errors import AcmeFailed, ConfigError
+from ..errors import AcmeFailed, ConfigError, StoreError
 
 log = logging.getLogger("kite.certs")
 
@@ -68,6 +68,8 @@ ORDER_DEADLINE = 180.0
 NETWORK_TIMEOUT = 30
 #: A reason in the log is cut to this many characters.
 MAX_REASON = 300
+#: In a fleet, while another relay orders: look at the shared certificate this often.
+SHARE_WAIT = 15.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,17 @@ class StoredCertificate:
 
 def _when(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _validity(chain_pem: str) -> tuple:
+    """(not_after, not_before) of the first certificate of a PEM chain, or (None, None)."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificates(chain_pem.encode())[0]
+    except (ValueError, IndexError):
+        return None, None
+    return cert.not_valid_after_utc.timestamp(), cert.not_valid_before_utc.timestamp()
 
 
 def covers(cert_names: Iterable[str], wanted: Iterable[str]) -> bool:
@@ -231,7 +244,8 @@ class AcmeManager:
                  withdraw_txt: Callable[[str, list], None],
                  on_certificate: Callable[[str, str], object],
                  ca_file: Optional[str] = None, clock: Callable[[], float] = time.time,
-                 retry_first: float = RETRY_FIRST, retry_max: float = RETRY_MAX) -> None:
+                 retry_first: float = RETRY_FIRST, retry_max: float = RETRY_MAX,
+                 share: Any = None) -> None:
         self.directory_url = directory_url
         self.email = email
         self.ca_file = ca_file
@@ -242,6 +256,10 @@ class AcmeManager:
         self.clock = clock
         self.retry_first = retry_first
         self.retry_max = retry_max
+        #: A fleet's shared certificate (kite.store.fleetcerts.FleetCertificates): one relay
+        #: orders under its lock, the others install what it offers; None: order alone.
+        self.share = share
+        self._shared_txt: list = []  # (name, values) published fleet-wide right now
         host = urlsplit(directory_url).hostname or "acme"
         digest = hashlib.sha256(directory_url.encode()).hexdigest()[:12]
         self.state_dir = state_dir
@@ -316,8 +334,23 @@ class AcmeManager:
         wait = self.due()
         if wait > 0:
             return wait
+        share = self.share
+        if share is not None:
+            try:
+                adopted = await self._adopt_shared()
+                if adopted is not None:
+                    return max(MIN_INTERVAL, adopted.renew_at - self.clock())
+                if not await share.claim():
+                    log.info("acme: another relay of the fleet is ordering; looking again in "
+                             "%d s", SHARE_WAIT)
+                    return SHARE_WAIT
+            except StoreError as exc:
+                log.warning("acme: %s; looking again in %d s", exc, SHARE_WAIT)
+                return SHARE_WAIT
         try:
             new = await self.renew()
+            if share is not None:
+                await share.offer(*await _in_thread(self._read_stored, new))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any failure: keep serving, log one line, back off
@@ -334,8 +367,44 @@ class AcmeManager:
             log.warning("acme: no certificate from %s: %s; %s; retry %d in %d s",
                         self.directory_url, _reason(exc), keeping, self.failures + 1, delay)
             return delay
+        finally:
+            if share is not None:
+                await share.release()
         self.failures = 0
         return max(MIN_INTERVAL, new.renew_at - self.clock())
+
+    async def _adopt_shared(self) -> Optional[StoredCertificate]:
+        """Install the fleet's certificate if it covers the names, is newer than ours and not
+        due itself; returns it, or None."""
+        got = await self.share.latest()
+        if got is None:
+            return None
+        chain_pem, key_pem = got
+        ends, begins = _validity(chain_pem)
+        if ends is None or begins is None:
+            return None
+        cur = self.current
+        if begins + RENEW_AT * (ends - begins) <= self.clock() or \
+                (cur is not None and ends <= cur.not_after):
+            return None  # due as well, or not newer than what we serve
+        try:
+            stored = await _in_thread(self._store, chain_pem, key_pem)
+        except AcmeFailed as exc:
+            log.warning("acme: the fleet's certificate is not usable here: %s", exc)
+            return None
+        self.current = stored
+        log.info("acme: installed the fleet's certificate for %s (serial %x, valid until %s)",
+                 ", ".join(sorted(stored.names)), stored.serial, stored.until())
+        self._install(stored)
+        return stored
+
+    @staticmethod
+    def _read_stored(stored: StoredCertificate) -> tuple:
+        with open(stored.cert_path, encoding="ascii") as f:
+            chain = f.read()
+        with open(stored.key_path, "rb") as k:
+            key = k.read()
+        return chain, key
 
     async def renew(self) -> StoredCertificate:
         """Order a certificate now, store it and install it (raises on failure)."""
@@ -350,11 +419,15 @@ class AcmeManager:
             for name, values in by_name.items():
                 self.publish_txt(name, values)  # all values of one name at once
                 self._published.append((name, values))
+                if self.share is not None:  # and on every relay of the fleet, confirmed
+                    self._shared_txt.append((name, values))
+                    await self.share.publish_txt(name, values)
                 log.info("acme: dns-01: serving %d TXT value%s at %s", len(values),
                          "" if len(values) == 1 else "s", name)
             chain_pem = await _in_thread(self._finish_order, session)
         finally:
             self._withdraw()
+            await self._withdraw_shared()
         stored = await _in_thread(self._store, chain_pem, session["key_pem"])
         self.current = stored
         log.info("acme: certificate for %s installed (serial %x, valid until %s, renewal from %s)",
@@ -368,6 +441,15 @@ class AcmeManager:
             self.on_certificate(stored.cert_path, stored.key_path)
         except Exception as exc:
             log.error("acme: installing %s failed: %s", stored.cert_path, _reason(exc))
+
+    async def _withdraw_shared(self) -> None:
+        while self._shared_txt:
+            name, values = self._shared_txt.pop()
+            try:
+                await self.share.withdraw_txt(name, values)
+            except Exception as exc:
+                log.warning("acme: withdrawing the fleet's TXT values at %s failed: %s", name,
+                            _reason(exc))
 
     def _withdraw(self) -> None:
         while self._published:

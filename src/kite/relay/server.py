@@ -92,14 +92,6 @@ class RelayServer:
         self.certs.start()  # reloads changed certificate files
         if self.names is not None:
             await self.names.start()
-            if cfg.acme is not None:
-                a = cfg.acme
-                self.acme = AcmeManager(
-                    a.directory, a.email, state_dir=a.state_dir, ca_file=a.ca_file,
-                    names=[a.zone, "*." + a.zone], publish_txt=self.names.publish_txt,
-                    withdraw_txt=self.names.withdraw_txt,
-                    on_certificate=lambda cert, key: self.certificate_hook(cert, key))
-                await self.acme.start()
         if self.config.db:
             from ..store.opener import open_registry
 
@@ -116,7 +108,24 @@ class RelayServer:
             self.state.public_ports.append(bound[1])
         if self.config.db and is_redis_url(self.config.db):
             await self._join_fleet()
+        if cfg.acme is not None and self.names is not None:
+            await self._start_acme(cfg.acme, self.names)
         return self.addresses
+
+    async def _start_acme(self, a, names: NameService) -> None:
+        """Keep the zone's certificate fresh (kite.certs.acme); in a fleet, one relay orders
+        and every relay serves it (kite.store.fleetcerts)."""
+        wanted = [a.zone, "*." + a.zone]
+        share = None
+        if self.fleet is not None:
+            from ..store.fleetcerts import FleetCertificates
+
+            share = FleetCertificates(self.fleet, wanted)
+        self.acme = AcmeManager(
+            a.directory, a.email, state_dir=a.state_dir, ca_file=a.ca_file, names=wanted,
+            publish_txt=names.publish_txt, withdraw_txt=names.withdraw_txt,
+            on_certificate=lambda cert, key: self.certificate_hook(cert, key), share=share)
+        await self.acme.start()
 
     async def _join_fleet(self) -> None:
         """Share this relay's presence with the fleet on the registry's Redis."""
@@ -143,6 +152,9 @@ class RelayServer:
         if service is not None:
             fleet.subscribe(
                 lambda _proto, name: service.fleet(name, fleet.remote_addresses(name)))
+        if service is not None:
+            fleet.subscribe_txt(lambda name, values, add: (
+                service.publish_txt if add else service.withdraw_txt)(name, values))
         await fleet.start()
         self.state.subscribe(fleet.on_presence)
         self.state.fleet_link = FleetLink(self.fleet, self.fleet.secret)

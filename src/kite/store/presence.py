@@ -50,6 +50,8 @@ HEARTBEAT = 5.0
 RESYNC = 10.0
 #: Seconds a Redis command may take.
 TIMEOUT = 3.0
+#: Seconds to wait for every relay to confirm TXT values (ACME DNS-01) before answering.
+TXT_ACK_TIMEOUT = 5.0
 
 ChangeListener = Callable[[str, str], None]  # (proto, name): who holds it changed
 
@@ -74,11 +76,13 @@ class FleetPresence:
         self.remote: dict = {}  # relay id -> set of "PROTO NAME"
         self.relays: dict = {}  # relay id -> info (ips, forward)
         self._listeners: list = []
+        self._txt_listeners: list = []  # (name, values, add) from other relays (ACME DNS-01)
         self._pending: list = []  # (member, online) not yet written
         self._wake = asyncio.Event()
         self._dirty = True  # write the whole local set at the next chance
         self._healthy = True
         self._tasks: list = []
+        self._acks: set = set()
         self.r = aioredis.Redis.from_url(url, socket_timeout=TIMEOUT,
                                          socket_connect_timeout=TIMEOUT, decode_responses=True)
 
@@ -108,6 +112,32 @@ class FleetPresence:
             if any(m.split(" ", 1)[1] == name for m in kites):
                 ips.update(self.relays.get(rid, {}).get("ips", ()))
         return sorted(ips)
+
+    def subscribe_txt(self, listener: Callable[[str, list, bool], None]) -> None:
+        """``listener(name, values, add)`` when another relay publishes (``add``) or withdraws
+        TXT values: every relay's DNS serves the fleet's ACME DNS-01 challenges."""
+        self._txt_listeners.append(listener)
+
+    async def share_txt(self, name: str, values: list, add: bool,
+                        timeout: float = TXT_ACK_TIMEOUT) -> int:
+        """Publish (or withdraw) TXT ``values`` at ``name`` on every other live relay and wait
+        until each has applied it (at most ``timeout`` s); returns how many did."""
+        nonce = secrets.token_hex(8)
+        others = [r for r in self.relays if r != self.relay_id]
+        await self.r.publish(self._k("events"), json.dumps(
+            {"relay": self.relay_id, "txt": name, "values": list(values), "add": add,
+             "ack": nonce}))
+        key = self._k(f"txt-ack:{nonce}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            acks = int(await self.r.scard(key))
+            if acks >= len(others) or loop.time() >= deadline:
+                if acks < len(others):
+                    log.warning("fleet: %d of %d relays confirmed the TXT values at %s",
+                                acks, len(others), name)
+                return acks
+            await asyncio.sleep(0.05)
 
     def subscribe(self, listener: ChangeListener) -> None:
         """``listener(proto, name)`` after the set of relays holding a kite changed."""
@@ -266,6 +296,33 @@ class FleetPresence:
             changed |= before.get(rid, set()) ^ remote.get(rid, set())
         self._notify(changed)
 
+    def _txt_event(self, ev: dict) -> None:
+        try:
+            name, values, add = str(ev["txt"]), [str(v) for v in ev["values"]], bool(ev["add"])
+        except (KeyError, TypeError, ValueError):
+            log.warning("fleet: ignored a malformed TXT event")
+            return
+        for listener in self._txt_listeners:
+            try:
+                listener(name, values, add)
+            except Exception as exc:  # e.g. a name outside this relay's zone
+                log.warning("fleet: TXT values at %s not applied: %s", name, exc)
+        nonce = ev.get("ack")
+        if isinstance(nonce, str) and nonce.isalnum():
+            task = asyncio.get_running_loop().create_task(self._ack(nonce))
+            self._acks.add(task)
+            task.add_done_callback(self._acks.discard)
+
+    async def _ack(self, nonce: str) -> None:
+        key = self._k(f"txt-ack:{nonce}")
+        try:
+            pipe = self.r.pipeline(transaction=True)
+            pipe.sadd(key, self.relay_id)
+            pipe.expire(key, 60)
+            await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self._failed("acknowledge", exc)
+
     def _notify(self, members: Iterable[str]) -> None:
         for member in members:
             proto, _, name = member.partition(" ")
@@ -305,6 +362,9 @@ class FleetPresence:
             log.warning("fleet: ignored a malformed event on the channel")
             return
         if rid == self.relay_id:
+            return
+        if "txt" in ev:
+            self._txt_event(ev)
             return
         kites = self.remote.get(rid, set())
         if ev.get("gone"):
