@@ -19,7 +19,9 @@ from support import KITE
 
 
 def _stdout(proc) -> list:
-    return proc.out_path.read_text().splitlines()
+    """What ``kite expose`` printed on stdout besides its access log (time-stamped lines)."""
+    return [line for line in proc.out_path.read_text().splitlines()
+            if not line[:4].isdigit()]
 
 
 def _wait_lines(proc, n: int, timeout: float = 20.0) -> list:

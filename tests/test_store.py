@@ -189,7 +189,7 @@ def test_relay_config_db(tmp_path):
     p = tmp_path / "relay.toml"
     p.write_text('db = "accounts.db"\nlisten = ["127.0.0.1:0"]\n')
     cfg = build_relay_config(config_file=str(p))
-    assert cfg.db == "accounts.db" and not len(cfg.grants)  # no static grant needed
+    assert cfg.db == str(tmp_path / "accounts.db") and not len(cfg.grants)  # beside the file
     assert build_relay_config(db="x.db", kites=["http:a.example.com:s"]).db == "x.db"
     with pytest.raises(ConfigError, match="--db"):
         build_relay_config()

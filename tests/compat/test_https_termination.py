@@ -28,7 +28,7 @@ async def terminating_relay(certs, wild):
                       grants=GrantTable([parse_grant(f"*:*.{ZONE}:{SECRET}")]),
                       tls_cert=certs.fe_cert, tls_key=certs.fe_key,
                       tls_pairs=[(certs.fe_cert, certs.fe_key), wild], tls_names=[FE_NAME],
-                      drain_timeout=1.0)
+                      drain_timeout=1.0, allow_plain=True)  # the plain-tunnel case
     relay = RelayServer(cfg)
     (_host, relay.port), = await relay.start()
     try:

@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""The fleet on Redis: what a hand-over costs, how fast a registry change is seen, and what
+presence writes to Redis.  One run, loopback only, a redis-server of its own.
+
+* **hand-over**: relay A (127.0.0.2) flies the kite, relay B (127.0.0.3) hands its visitors
+  to A over TLS.  Keep-alive requests per second (wrk, ``--conns`` connections) and a bulk
+  download (MB/s) through B against the same through A, in interleaved rounds; medians and
+  the ratio B/A (the target is >= 0.7).
+* **change**: a registry of ``--kites`` kites in Redis; a new kite added with ``kite
+  accounts``' store is looked for at the relay until it is known (503, offline, instead of
+  404); p50/p99 of ``--changes`` changes, and the relay's start time and RSS.
+* **presence**: Redis' own command counters over 10 s of an idle fleet of two relays: what
+  heartbeats and full reads of the map cost (a kite change costs one MULTI of SADD/SREM,
+  EXPIRE and PUBLISH on top).
+
+    python bench/fleet_bench.py                     # about 2 minutes
+    python bench/fleet_bench.py --rounds 5 --kites 100000
+
+It measures, it does not assert (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from relaybench.common import REPO  # noqa: E402
+from relaybench.procs import Procs, raise_nofile, wait_for  # noqa: E402
+
+KITE_NAME = "app.fleet.bench"
+SECRET = "fleet-bench-secret-0123456789"
+PY = sys.executable
+KITE = [PY, "-m", "kite"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def listening(log: str, host: str) -> int:
+    text = open(log, errors="replace").read()
+    m = re.search(r"relay listening on " + re.escape(host) + r":(\d+)", text)
+    return int(m.group(1)) if m else 0
+
+
+def wrk(url: str, host: str, conns: int, seconds: float) -> float:
+    out = subprocess.run(["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "-H", f"Host: {host}",
+                          url], capture_output=True, text=True, timeout=seconds + 60).stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    return float(m.group(1)) if m else 0.0
+
+
+def bulk(url: str, host: str) -> float:
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-H", f"Host: {host}", "-w",
+                          "%{speed_download}", url], capture_output=True, text=True, timeout=300)
+    return float(out.stdout or 0) / 1e6
+
+
+def redis_commands(port: int) -> dict:
+    out = subprocess.run(["redis-cli", "-p", str(port), "info", "commandstats"],
+                         capture_output=True, text=True, timeout=10).stdout
+    return {m.group(1): int(m.group(2))
+            for m in re.finditer(r"cmdstat_(\w+):calls=(\d+)", out)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0, help="wrk duration per round")
+    ap.add_argument("--conns", type=int, default=50)
+    ap.add_argument("--bulk-mb", type=int, default=256)
+    ap.add_argument("--kites", type=int, default=100_000, help="registry size for 'change'")
+    ap.add_argument("--changes", type=int, default=30)
+    ap.add_argument("--json", help="append the results as one JSON line to this file")
+    args = ap.parse_args()
+    for tool in ("redis-server", "redis-cli", "wrk", "curl"):
+        if not shutil.which(tool):
+            print(f"fleet_bench: {tool} is missing", file=sys.stderr)
+            return 2
+    raise_nofile()
+    work = tempfile.mkdtemp(prefix="kite-fleet-bench-")
+    procs = Procs()
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
+    results: dict = {"args": vars(args)}
+    try:
+        rport = free_port()
+        procs.start("redis", ["redis-server", "--port", str(rport), "--bind", "127.0.0.1",
+                              "--save", "", "--appendonly", "no", "--dir", work],
+                    log=os.path.join(work, "redis.log"))
+        wait_for("redis", lambda: subprocess.run(["redis-cli", "-p", str(rport), "ping"],
+                                                 capture_output=True).returncode == 0, 10, [])
+        url = f"redis://127.0.0.1:{rport}/0"
+        www = os.path.join(work, "www")
+        os.makedirs(www)
+        with open(os.path.join(www, "small"), "wb") as f:
+            f.write(b"x" * 1024)
+        with open(os.path.join(www, "big"), "wb") as f:
+            f.truncate(args.bulk_mb << 20)
+        oport = free_port()
+        procs.start("origin", [PY, os.path.join(HERE, "origin.py"), "--port", str(oport),
+                               "--root", www], log=os.path.join(work, "origin.log"), env=env)
+        wait_for("origin", lambda: "listening" in open(os.path.join(work, "origin.log")).read(),
+                 15, [])
+        relays = {}
+        for rid, host in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
+            log = os.path.join(work, f"relay-{rid}.log")
+            procs.start(f"relay-{rid}", [*KITE, "relay", "--listen", f"{host}:0", "--kite",
+                                         f"http:{KITE_NAME}:{SECRET}", "--redis", url,
+                                         "--relay-id", rid, "--access-log", "off",
+                                         "--tls-cert", CERT, "--tls-key", KEY],
+                        log=log, env=env)
+            wait_for(f"relay-{rid}", lambda log=log, host=host: listening(log, host) > 0, 30, [])
+            relays[rid] = (host, listening(log, host))
+        a_host, a_port = relays["a"]
+        procs.start("backend", [*KITE, "expose", f"http://127.0.0.1:{oport}", KITE_NAME,
+                                "--relay", f"{a_host}:{a_port}", "--insecure", "--secret",
+                                SECRET, "--access-log", "off"],
+                    log=os.path.join(work, "backend.log"), env=env)
+        wait_for("backend", lambda: "flying" in open(os.path.join(work, "backend.log")).read(),
+                 30, [])
+        b_host, b_port = relays["b"]
+        wait_for("hand-over", lambda: subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", f"Host: {KITE_NAME}",
+             f"http://{b_host}:{b_port}/small"], capture_output=True, text=True).stdout == "200",
+            15, [])
+        # -- hand-over ------------------------------------------------------------------
+        rps: dict = {"a": [], "b": []}
+        mbs: dict = {"a": [], "b": []}
+        for _ in range(args.rounds):
+            for rid in ("a", "b"):
+                host, port = relays[rid]
+                rps[rid].append(wrk(f"http://{host}:{port}/small", KITE_NAME, args.conns,
+                                    args.seconds))
+                mbs[rid].append(bulk(f"http://{host}:{port}/big", KITE_NAME))
+        med = {k: statistics.median(v) for k, v in rps.items()}
+        medb = {k: statistics.median(v) for k, v in mbs.items()}
+        results["handover"] = {"rps": rps, "mbs": mbs, "rps_ratio": med["b"] / med["a"],
+                               "mbs_ratio": medb["b"] / medb["a"]}
+        print(f"hand-over: c{args.conns} req/s direct {med['a']:.0f}, via B {med['b']:.0f} "
+              f"({med['b'] / med['a']:.2f}x); bulk MB/s direct {medb['a']:.0f}, via B "
+              f"{medb['b']:.0f} ({medb['b'] / medb['a']:.2f}x)")
+        # -- presence writes --------------------------------------------------------------
+        before = redis_commands(rport)
+        t0 = time.monotonic()
+        time.sleep(10.0)  # a measuring window, not a wait: the idle rate of heartbeats and reads
+        idle = {k: v - before.get(k, 0) for k, v in redis_commands(rport).items()}
+        idle_rate = sum(idle.values()) / (time.monotonic() - t0)
+        results["presence_idle"] = {"per_s": idle_rate, "by_command": idle}
+        print(f"presence, idle fleet of 2: {idle_rate:.1f} Redis commands/s "
+              f"({', '.join(f'{k} {v}' for k, v in sorted(idle.items()) if v)})")
+        # -- change to visible ----------------------------------------------------------
+        sys.path.insert(0, os.path.join(REPO, "src"))
+        from kite.store.redis import RedisStore
+
+        store = RedisStore(f"redis://127.0.0.1:{rport}/1")
+        t0 = time.monotonic()
+        pipe = store.r.pipeline(transaction=False)
+        accounts = max(1, args.kites // 10)
+        for i in range(accounts):
+            pipe.hset("kite:accounts", i + 1, json.dumps(
+                {"email": f"u{i}@x.org", "secret": f"s{i:024d}", "disabled": False,
+                 "expires": None, "created": 0}))
+            pipe.hset("kite:emails", f"u{i}@x.org", i + 1)
+            pipe.hset("kite:quota", i + 1, 10**12)
+        for i in range(args.kites):
+            pipe.hset("kite:kites", f"k{i}.u{i % accounts}.reg.bench",
+                      json.dumps({"account": i % accounts + 1, "protos": ["http"]}))
+            if i % 10000 == 0:
+                pipe.execute()
+        pipe.execute()
+        store.r.set("kite:next_id", accounts)
+        fill = time.monotonic() - t0
+        log = os.path.join(work, "relay-c.log")
+        t0 = time.monotonic()
+        procs.start("relay-c", [*KITE, "relay", "--listen", "127.0.0.4:0", "--redis",
+                                f"redis://127.0.0.1:{rport}/1", "--relay-id", "c",
+                                "--access-log", "off"], log=log, env=env)
+        wait_for("relay-c", lambda: listening(log, "127.0.0.4") > 0, 60, [])
+        started = time.monotonic() - t0
+        c_port = listening(log, "127.0.0.4")
+        rss = 0
+        for line in open(f"/proc/{procs_pid(procs, 'relay-c')}/status"):
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) // 1024
+        lat = []
+        for n in range(args.changes):
+            name = f"new{n}.u7.reg.bench"
+            t0 = time.monotonic()
+            store.set_kite("u7@x.org", name, frozenset({"http"}))
+            while True:
+                code = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                       "-H", f"Host: {name}", f"http://127.0.0.4:{c_port}/"],
+                                      capture_output=True, text=True).stdout
+                if code == "503":
+                    break
+                if time.monotonic() - t0 > 30:
+                    raise SystemExit("a change was not seen within 30 s")
+            lat.append(time.monotonic() - t0)
+        lat.sort()
+        p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        results["change"] = {"kites": args.kites, "fill_s": fill, "start_s": started,
+                             "rss_mib": rss, "p50_s": p50, "p99_s": p99}
+        print(f"registry of {args.kites:,} kites in Redis: relay start {started:.2f} s, RSS "
+              f"{rss} MiB; change visible p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms "
+              f"({args.changes} changes)")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(results) + "\n")
+        return 0
+    finally:
+        procs.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def procs_pid(procs: Procs, label: str) -> int:
+    for pid, info in procs.live.items():
+        if info[0] == label:
+            return pid
+    raise KeyError(label)
+
+
+CERT = KEY = ""
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(REPO, "src"))
+    from kite.net.tls import generate_self_signed
+
+    _d = tempfile.mkdtemp(prefix="kite-fleet-cert-")
+    CERT, KEY = os.path.join(_d, "relay.crt"), os.path.join(_d, "relay.key")
+    generate_self_signed(CERT, KEY, ["localhost", "127.0.0.2", "127.0.0.3"])
+    try:
+        sys.exit(main())
+    finally:
+        shutil.rmtree(_d, ignore_errors=True)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
