@@ -60,7 +60,7 @@ def listening(log: str, host: str) -> int:
 
 
 def wrk(url: str, host: str, conns: int, seconds: float) -> float:
-    out = subprocess.run(["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "-H", f"Host: {host}",
+    out = subprocess.run(["wrk", "-t2", f"-c{conns}", f"-d{max(1, round(seconds))}s", "-H", f"Host: {host}",
                           url], capture_output=True, text=True, timeout=seconds + 60).stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     return float(m.group(1)) if m else 0.0
