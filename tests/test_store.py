@@ -270,3 +270,30 @@ def test_cli_bad_relay_id_is_one_line_exit_2(tmp_path, bad):
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "--relay-id" in lines[0], out.stderr
+
+
+def test_redis_changes_since_gives_only_what_changed(redis_server):
+    """The Redis store logs what each change touched: a relay at version V reads only that."""
+    import redis as redis_py
+
+    from kite.store.redis import RedisStore
+
+    url = redis_server.url(6)
+    redis_py.Redis.from_url(url).flushdb()
+    s = RedisStore(url)
+    a = s.add_account("a@x.org", 100, None)
+    s.set_kite("a@x.org", "a.example.com", frozenset({"http"}))
+    s.set_kite("a@x.org", "b.example.com", frozenset({"http"}))
+    v = s.data_version()
+    assert s.changes_since(v) == (v, {}, {})
+    s.set_quota("a@x.org", 500, add=False)
+    s.remove_kite("a@x.org", "b.example.com")
+    now, accounts, kites = s.changes_since(v)
+    assert now == s.data_version() == v + 2
+    assert accounts[a.id].quota_bytes == 500 and kites == {"b.example.com": None}
+    s.remove_account("a@x.org")
+    _, accounts, kites = s.changes_since(now)
+    assert accounts == {a.id: None} and kites == {"a.example.com": None}
+    redis_py.Redis.from_url(url).flushdb()  # a replaced registry: read it whole
+    assert s.changes_since(now) is None
+    s.close()

@@ -242,7 +242,13 @@ class Registry:
         self._enforce()
 
     async def reload(self) -> None:
-        """Read a new snapshot and apply it (removed kites stop flying)."""
+        """Read a new snapshot and apply it (removed kites stop flying).  A store that keeps
+        a log of its changes (Redis) gives only what changed since our version."""
+        if self.version is not None and hasattr(self.store, "changes_since"):
+            delta = await self.db_call(self.store.changes_since, self.version)
+            if delta is not None:
+                self._apply_changes(*delta)
+                return
         while True:
             flushes = self._flushes
             version = await self.db_call(self.store.data_version)
@@ -251,6 +257,26 @@ class Registry:
                 break
         self.snap = snap
         self.version = version
+        self._drop_removed()
+        self._enforce()
+
+    def _apply_changes(self, version: int, accounts: dict, kites: dict) -> None:
+        """Apply a store's changes (None: removed) to the snapshot, as a reload would."""
+        snap = self.snap
+        for aid, acct in accounts.items():
+            if acct is None:
+                snap.accounts.pop(aid, None)
+            else:
+                snap.accounts[aid] = acct  # (charges in flight: left() subtracts them)
+        for name, kite in kites.items():
+            if kite is None:
+                snap.kites.pop(name, None)
+            else:
+                snap.kites[name] = kite
+        self.version = version
+        if accounts or kites:
+            log.info("registry: %d accounts and %d kites changed (version %d)", len(accounts),
+                     len(kites), version)
         self._drop_removed()
         self._enforce()
 

@@ -18,6 +18,7 @@ Keys (prefix ``kite:``), each a hash so that a snapshot is one ``MULTI`` of ``HG
 ``kite:flushes``       relay id -> last applied flush number
 ``kite:online``        "relay proto name" -> since (presence as each relay reports it)
 ``kite:version``       counter, bumped by every registry change (not by flushes)
+``kite:changes``       sorted set: "a:ID" / "k:NAME" -> the version that last changed it
 ``kite:next_id``       the last account id given
 =====================  =========================================================
 
@@ -25,7 +26,10 @@ A change is one ``MULTI``/``EXEC`` under ``WATCH`` of the keys it checked (an op
 transaction, retried when another writer got in between), so concurrent ``kite accounts``
 commands never lose an update and a name still belongs to one account.  A usage flush is
 one Lua script: it applies a flush number once (a retried flush changes nothing), like the
-SQLite store's ``flushes`` table.
+SQLite store's ``flushes`` table.  Each change also records what it touched, scored with
+the version it made (one script in the same transaction), so a relay that knows version V
+reads only what changed since (:meth:`RedisStore.changes_since`) instead of the whole
+registry.
 """
 
 from __future__ import annotations
@@ -85,6 +89,14 @@ return 1
 """
 
 
+# KEYS: version, changes; ARGV: the entities touched.  Runs inside the change's MULTI.
+_LOG = """
+local v = redis.call('INCR', KEYS[1])
+for _, m in ipairs(ARGV) do redis.call('ZADD', KEYS[2], v, m) end
+return v
+"""
+
+
 def open_redis_store(url: str) -> RedisStore:
     return RedisStore(url)
 
@@ -97,6 +109,7 @@ class RedisStore:
             raise StoreError("--redis needs the redis client: pip install 'kite-relay[fleet]'")
         self.url = url
         self.p = prefix
+        self._touched: list = []  # what the change being made touches (see _change)
         try:
             self.r = redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT,
                                           socket_connect_timeout=SOCKET_TIMEOUT,
@@ -135,8 +148,10 @@ class RedisStore:
                 for _ in range(_RETRIES):
                     try:
                         pipe.watch(*keys)
+                        self._touched = []
                         result = body(pipe)
-                        pipe.incr(self._k("version"))
+                        pipe.eval(_LOG, 2, self._k("version"), self._k("changes"),
+                                  *self._touched)
                         pipe.execute()
                         return result
                     except redis.WatchError:
@@ -144,6 +159,10 @@ class RedisStore:
                 raise StoreError("the registry is busy (too many concurrent changes); try again")
 
         return self._call(attempt)
+
+    def _touch(self, kind: str, key) -> None:
+        """Record that this change touches account ``key`` (kind "a") or kite (kind "k")."""
+        self._touched.append(f"{kind}:{key}")
 
     def _account_id(self, r, email: str) -> int:
         aid = r.hget(self._k("emails"), check_email(email))
@@ -176,11 +195,41 @@ class RedisStore:
             snap.accounts[aid] = _account(aid, json.loads(data), quota.get(key),
                                           period.get(key), total.get(key))
         for name, data in kites.items():
-            d = json.loads(data)
-            limits = Limits.from_json(json.dumps(d["limits"])) if d.get("limits") else NO_LIMITS
-            snap.kites[name] = Kite(name, int(d["account"]), frozenset(d["protos"]),
-                                    int(kitebytes.get(name, 0)), limits)
+            snap.kites[name] = _kite(name, json.loads(data), kitebytes.get(name))
         return snap
+
+    def changes_since(self, version: int) -> Optional[tuple]:
+        """What changed after ``version``: ``(new version, {account id: Account or None},
+        {kite name: Kite or None})`` (None: removed), read in one transaction."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.get(self._k("version"))
+        pipe.zrangebyscore(self._k("changes"), f"({version}", "+inf")
+        now, members = self._call(pipe.execute)
+        now = int(now or 0)
+        if now < version:
+            return None  # the registry was emptied or replaced: read it whole
+        aids = sorted({int(m[2:]) for m in members if m.startswith("a:")})
+        names = sorted({m[2:] for m in members if m.startswith("k:")})
+        pipe = self.r.pipeline(transaction=True)
+        for aid in aids:
+            pipe.hget(self._k("accounts"), aid)
+            for h in ("quota", "period", "total"):
+                pipe.hget(self._k(h), aid)
+        for name in names:
+            pipe.hget(self._k("kites"), name)
+            pipe.hget(self._k("kitebytes"), name)
+        got = self._call(pipe.execute) if (aids or names) else []
+        accounts: dict = {}
+        for i, aid in enumerate(aids):
+            data, quota, period, total = got[4 * i:4 * i + 4]
+            accounts[aid] = None if data is None else _account(aid, json.loads(data), quota,
+                                                              period, total)
+        kites: dict = {}
+        base = 4 * len(aids)
+        for i, name in enumerate(names):
+            data, nbytes = got[base + 2 * i:base + 2 * i + 2]
+            kites[name] = None if data is None else _kite(name, json.loads(data), nbytes)
+        return now, accounts, kites
 
     def quotas(self) -> dict:
         """Bytes left per account id, as every relay's flushes left them (one read): how a
@@ -226,6 +275,7 @@ class RedisStore:
             aid = self._next_id(pipe)
             entry = self._check_kite(kites, aid, name)
             self._add_account(pipe, email, quota, None, aid=aid)
+            self._touch("k", name)
             pipe.hset(self._k("kites"), name, _kite_json(aid, protos, entry))
             return aid
 
@@ -246,6 +296,7 @@ class RedisStore:
         data = {"email": email, "secret": secrets.token_urlsafe(24), "disabled": False,
                 "expires": now + days * 86400 if days is not None else None, "created": now}
         pipe.multi()
+        self._touch("a", aid)
         pipe.hset(self._k("accounts"), aid, json.dumps(data))
         pipe.hset(self._k("emails"), email, aid)
         pipe.hset(self._k("quota"), aid, quota)
@@ -280,6 +331,7 @@ class RedisStore:
             aid = self._account_id(pipe, email)
             entry = self._check_kite(pipe.hgetall(self._k("kites")), aid, name)
             pipe.multi()
+            self._touch("k", name)
             pipe.hset(self._k("kites"), name, _kite_json(aid, protos, entry))
             return aid
 
@@ -298,6 +350,7 @@ class RedisStore:
         def body(pipe):
             self._own_kite(pipe, email, name)
             pipe.multi()
+            self._touch("k", name)
             pipe.hdel(self._k("kites"), name)
             pipe.hdel(self._k("kitebytes"), name)
 
@@ -310,6 +363,7 @@ class RedisStore:
             aid, entry = self._own_kite(pipe, email, name)
             entry["limits"] = json.loads(limits.to_json())
             pipe.multi()
+            self._touch("k", name)
             pipe.hset(self._k("kites"), name, json.dumps(entry))
 
         self._change(["emails", "kites"], body)
@@ -319,6 +373,7 @@ class RedisStore:
             aid = self._account_id(pipe, email)
             left = int(pipe.hget(self._k("quota"), aid) or 0)
             pipe.multi()
+            self._touch("a", aid)
             if add:
                 pipe.hset(self._k("quota"), aid, max(left, 0) + size)
             else:
@@ -335,6 +390,7 @@ class RedisStore:
             data = json.loads(pipe.hget(self._k("accounts"), aid))
             data["disabled"] = bool(disabled)
             pipe.multi()
+            self._touch("a", aid)
             pipe.hset(self._k("accounts"), aid, json.dumps(data))
             return aid
 
@@ -346,6 +402,9 @@ class RedisStore:
             names = [n for n, d in pipe.hgetall(self._k("kites")).items()
                      if int(json.loads(d)["account"]) == aid]
             pipe.multi()
+            self._touch("a", aid)
+            for n in names:
+                self._touch("k", n)
             pipe.hdel(self._k("emails"), check_email(email))
             for h in ("accounts", "quota", "period", "total"):
                 pipe.hdel(self._k(h), aid)
@@ -399,6 +458,11 @@ class RedisStore:
 def _account(aid: int, data: dict, quota, period, total) -> Account:
     return Account(aid, data["email"], data["secret"], int(quota or 0), data.get("expires"),
                    bool(data.get("disabled")), int(period or 0), int(total or 0))
+
+
+def _kite(name: str, d: dict, nbytes) -> Kite:
+    limits = Limits.from_json(json.dumps(d["limits"])) if d.get("limits") else NO_LIMITS
+    return Kite(name, int(d["account"]), frozenset(d["protos"]), int(nbytes or 0), limits)
 
 
 def _kite_json(aid: int, protos: frozenset, entry: Optional[dict]) -> str:
