@@ -12,6 +12,10 @@ presence writes to Redis.  One run, loopback only, a redis-server of its own.
 * **presence**: Redis' own command counters over 10 s of an idle fleet of two relays: what
   heartbeats and full reads of the map cost (a kite change costs one MULTI of SADD/SREM,
   EXPIRE and PUBLISH on top).
+* **storm**: ``--storm`` backends (plain tunnels with one kite each, from one asyncio
+  process speaking kite's own protocol layer, ``--storm-parallel`` handshakes at a time)
+  connect to one relay of the fleet: how long until all fly, the relay's RSS per tunnel, and
+  the Redis commands their presence cost.
 
     python bench/fleet_bench.py                     # about 2 minutes
     python bench/fleet_bench.py --rounds 5 --kites 100000
@@ -22,6 +26,7 @@ It measures, it does not assert (bench/README.md).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -87,6 +92,8 @@ def main() -> int:
     ap.add_argument("--bulk-mb", type=int, default=256)
     ap.add_argument("--kites", type=int, default=100_000, help="registry size for 'change'")
     ap.add_argument("--changes", type=int, default=30)
+    ap.add_argument("--storm", type=int, default=10_000, help="tunnels of the connect storm")
+    ap.add_argument("--storm-parallel", type=int, default=200)
     ap.add_argument("--json", help="append the results as one JSON line to this file")
     args = ap.parse_args()
     for tool in ("redis-server", "redis-cli", "wrk", "curl"):
@@ -164,6 +171,42 @@ def main() -> int:
         results["presence_idle"] = {"per_s": idle_rate, "by_command": idle}
         print(f"presence, idle fleet of 2: {idle_rate:.1f} Redis commands/s "
               f"({', '.join(f'{k} {v}' for k, v in sorted(idle.items()) if v)})")
+        # -- connect storm ----------------------------------------------------------------
+        if args.storm:
+            log = os.path.join(work, "relay-s.log")
+            procs.start("relay-s", [*KITE, "relay", "--listen", "127.0.0.5:0", "--kite",
+                                    f"http:*.storm.bench:{SECRET}", "--redis", url,
+                                    "--relay-id", "s", "--access-log", "off"], log=log, env=env)
+            wait_for("relay-s", lambda: listening(log, "127.0.0.5") > 0, 30, [])
+            s_port = listening(log, "127.0.0.5")
+            pid = procs_pid(procs, "relay-s")
+            rss0 = rss_mib(pid)
+            before = redis_commands(rport)
+            marks: dict = {}
+
+            def flown():
+                marks["flown"] = time.monotonic()
+                marks["rss"] = rss_mib(pid)
+
+            def in_redis(count: int) -> bool:
+                return subprocess.run(["redis-cli", "-p", str(rport), "scard",
+                                       "kite:fleet:kites:s"], capture_output=True,
+                                      text=True).stdout.strip() == str(count)
+
+            t0 = time.monotonic()
+            flying, at = asyncio.run(storm(s_port, args.storm, args.storm_parallel, flown,
+                                           in_redis))
+            took, seen = marks["flown"] - t0, at - t0
+            spent = {k: v - before.get(k, 0) for k, v in redis_commands(rport).items()}
+            rss1 = marks["rss"]
+            results["storm"] = {"tunnels": flying, "seconds": took, "in_redis_s": seen,
+                                "rss_mib": [rss0, rss1], "redis": spent}
+            print(f"connect storm: {flying:,} tunnels flying in {took:.1f} s "
+                  f"({flying / took:.0f}/s), all in Redis after {seen:.1f} s; relay RSS "
+                  f"{rss0} -> {rss1} MiB ({(rss1 - rss0) * 1024 / max(flying, 1):.1f} KiB a "
+                  f"tunnel); Redis commands {sum(spent.values()):,} "
+                  f"({sum(spent.values()) / max(flying, 1):.2f} a kite: "
+                  f"{', '.join(f'{k} {v}' for k, v in sorted(spent.items()) if v)})")
         # -- change to visible ----------------------------------------------------------
         sys.path.insert(0, os.path.join(REPO, "src"))
         from kite.store.redis import RedisStore
@@ -226,6 +269,71 @@ def main() -> int:
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def rss_mib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+async def storm(port: int, n: int, parallel: int, flown, in_redis) -> tuple:
+    """``n`` plain tunnels to 127.0.0.5:port, one kite each, ``parallel`` handshakes at a
+    time; ``flown()`` is called when all handshakes are done; the tunnels stay open until
+    ``in_redis(count)`` (or a minute).  Returns (how many flew, when Redis had them)."""
+    from kite.fastpath import ChunkWriter, Demux
+    from kite.proto import control, handshake, signing
+    from kite.proto.http import find_head_end
+
+    gate = asyncio.Semaphore(parallel)
+    writers: list = []
+
+    async def one(i: int) -> bool:
+        async with gate:
+            reader, writer = await asyncio.open_connection("127.0.0.5", port)
+            writers.append(writer)
+            domain = f"k{i}.storm.bench"
+            bsalt = signing.make_bsalt("bench", f"127.0.0.5:{port}", SECRET)
+            line = handshake.KiteLine.signed("http", domain, bsalt, SECRET, "")
+            writer.write(handshake.build_tunnel_request([line], zchunks=False))
+            buf = b""
+            while (end := find_head_end(buf)) is None:
+                data = await reader.read(65536)
+                if not data:
+                    return False
+                buf += data
+            first = handshake.parse_tunnel_response(buf[:end])
+            events: list = []
+            demux = Demux(lambda h, p: events.extend(control.parse_chunk(h, p)))
+            if buf[end:]:
+                demux.feed_data(buf[end:])
+            w = ChunkWriter()
+            w.write_chunk(*handshake.build_inband_request(
+                [first.sign_this[0].answer(SECRET)]))
+            writer.write(w.flush())
+            while not any(isinstance(e, control.KiteReply) for e in events):
+                data = await reader.read(65536)
+                if not data:
+                    return False
+                demux.feed_data(data)
+            reply = next(e for e in events if isinstance(e, control.KiteReply)).reply
+            return bool(reply.ok)
+
+    got = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+    flown()
+    ok = sum(1 for g in got if g is True)
+    if ok < n:
+        errors = [g for g in got if g is not True][:3]
+        print(f"storm: {n - ok} of {n} tunnels did not fly: {errors}", file=sys.stderr)
+    try:
+        deadline = time.monotonic() + 60
+        while not in_redis(ok) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # the tunnels stay up while the relay writes presence
+        return ok, time.monotonic()
+    finally:
+        for w in writers:
+            w.close()
 
 
 def procs_pid(procs: Procs, label: str) -> int:
