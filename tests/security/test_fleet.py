@@ -1,6 +1,6 @@
 """A fleet of relays on one real redis-server (``kite relay --redis --relay-id``): a kite
-flying on relay A is found in relay B's DNS with A's address (``dig``) and served to a
-visitor who reached relay B (B hands the connection to A over TLS, A's certificate pinned;
+flying on relay A is found in relays B's and C's DNS with A's address (``dig``) and served to
+a visitor who reached relay B or C (B hands the connection to A over TLS, A's certificate pinned;
 the visitor's address reaches the origin); once A is killed with ``kill -9``, relay B's DNS
 and hand-over forget it within 30 s.  (issue 16)"""
 
@@ -92,11 +92,17 @@ def test_visitor_handed_over_and_dead_relay_forgotten(redis_url, echo, relay_pro
     b = relay_process("--redis", redis_url, "--relay-id", "relay-b", "--dns",
                       f"127.0.0.3:{dns_b}", "--zone", "fleet.test.kite", "--public-ip",
                       "192.0.2.2", grants=grant, listen="127.0.0.3:0", name="b")
+    dns_c = free_port()
+    c = relay_process("--redis", redis_url, "--relay-id", "relay-c", "--dns",
+                      f"127.0.0.4:{dns_c}", "--zone", "fleet.test.kite", "--public-ip",
+                      "192.0.2.3", grants=grant, listen="127.0.0.4:0", name="c")
     assert dig("127.0.0.3", dns_b) == []  # no relay flies it yet
     expose_process(f"http://127.0.0.1:{echo}", KITE, a)
     assert get(a)[0] == 200
     assert dig("127.0.0.2", dns_a) == ["192.0.2.1"]
     until(lambda: dig("127.0.0.3", dns_b) == ["192.0.2.1"], 5, "B's DNS names relay A")
+    until(lambda: dig("127.0.0.4", dns_c) == ["192.0.2.1"], 5, "C's DNS names relay A")
+    assert get(c)[0] == 200  # C hands its visitors to A too
     # B learns from the fleet's channel that A flies the kite, and hands the visitor over.
     code, body = until(lambda: (lambda r: r if r[0] == 200 else None)(get(b, "/via-b")), 5,
                        "relay B serves the kite of relay A")
@@ -105,8 +111,9 @@ def test_visitor_handed_over_and_dead_relay_forgotten(redis_url, echo, relay_pro
     # kill -9 A: its entry expires and B stops sending visitors there (TTL + resync).
     a.proc.stop(signal.SIGKILL)
     until(lambda: get(b)[0] in (404, 503), 30, "relay B forgets relay A")
+    until(lambda: dig("127.0.0.4", dns_c) == [], 5, "relay C's DNS forgets relay A")
     assert dig("127.0.0.3", dns_b) == []
-    assert b.alive()
+    assert b.alive() and c.alive()
 
 
 def accounts(url: str, *args: str) -> str:
@@ -162,6 +169,14 @@ def test_fleet_quota_and_failover(redis_url, site, relay_process, expose_process
         code, _ = get_kite(c, "/f1")
         assert code == 200
     assert backend.proc.poll() is None
+    # A comes back on its address: the backend flies there again within 2 s (its backoff
+    # is at most 1.5 s), and A serves the kite.
+    a = relay_process("--redis", redis_url, "--relay-id", "a", grants=(),
+                      listen=f"{a.host}:{a.port}", name="a-again")
+    t0 = time.monotonic()
+    until(lambda: "kite online: http:" + NAME in a.log(), 10, "the backend rejoins relay A")
+    print(f"rejoined relay A {time.monotonic() - t0:.2f} s after it listened again")
+    assert get_kite(a, "/f1")[0] == 200
     # Usage: what A flushed before it died plus what C counts, all in the account.
     until(lambda: json.loads(accounts(redis_url, "show", "a@x.org", "--json"))["total_bytes"]
           >= 20 * MB + 3 * MB, 10, "C's counts reach the account")
