@@ -207,7 +207,8 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path, fresh_warnings
     (conf / "pages" / "503.html").write_text("<p>{kite} is away</p>\n")
     (conf / "relay.toml").write_text(
         'tls_cert = "relay.crt"\ntls_key = "relay.key"\nsecret_file = "kite.secret"\n'
-        'error_pages = "pages"\n[[kite]]\ndomain = "*.x.kite"\n'
+        'error_pages = "pages"\n[[tls]]\ncert = "relay.crt"\nkey = "relay.key"\n'
+        '[[kite]]\ndomain = "*.x.kite"\n'
         '[[kite]]\ndomain = "*.y.kite"\nsecret_file = "kite.secret"\n')
     (conf / "backend.toml").write_text(
         '[defaults]\nsecret_file = "kite.secret"\nca = "relay.crt"\n[[relay]]\n'
@@ -215,6 +216,7 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path, fresh_warnings
     monkeypatch.chdir(tmp_path)  # elsewhere: the names must not be taken from here
     cfg = build_relay_config(config_file="etc/relay.toml")
     assert cfg.tls_cert == certs.cert and cfg.tls_key == certs.key
+    assert cfg.tls_pairs[1] == (certs.cert, certs.key)  # [[tls]] tables too
     assert [g.secret for g in cfg.grants] == [LONG, LONG]
     assert cfg.error_pages == {"503": "<p>{kite} is away</p>\n"}
     backend = kconfig.load_backend_config("etc/backend.toml")

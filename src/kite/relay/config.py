@@ -278,6 +278,9 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
         data = load_toml(config_file)
         check_keys(data, RELAY_KEYS, "")
         resolve_paths(data, _PATH_KEYS, config_dir(config_file))
+        for t in data.get("tls", []) if isinstance(data.get("tls"), list) else []:
+            if isinstance(t, dict):
+                resolve_paths(t, ("cert", "key"), config_dir(config_file))
     if secret_file is None:
         secret_file = _path(data.get("secret_file"), "secret_file")
     default_secret = (read_secret_file(secret_file, "--secret-file") if secret_file

@@ -83,6 +83,7 @@ class Registry:
         self._urgent = False  # an account was just blocked: flush now (before any top-up)
         self._next_flush = 0.0
         self._next_quotas = 0.0  # next look at the quotas other relays charged (a fleet)
+        self._quiet_until = 0.0  # store errors are logged at most once a minute
         self._flushes = 0  # flushes committed (a snapshot read across one is stale)
         self._open: dict = {}  # kite name -> open visitor streams
         self._rate: dict = {}  # (kite name, visitor address) -> (second, new connections)
@@ -224,7 +225,10 @@ class Registry:
                 self._next_quotas = self._loop.time() + FLUSH_INTERVAL
                 self._apply_quotas(await self.db_call(self.store.quotas))
         except StoreError as exc:
-            log.warning("registry: %s (serving with the last good registry)", exc)
+            now = self._loop.time()
+            if now >= self._quiet_until:  # one line a minute while the store is away
+                self._quiet_until = now + 60.0
+                log.warning("registry: %s (serving with the last good registry)", exc)
         if self._urgent or self._loop.time() >= self._next_flush:
             self._urgent = False
             self._next_flush = self._loop.time() + FLUSH_INTERVAL
