@@ -26,7 +26,6 @@ It measures, it does not assert (bench/README.md).  Every process it starts is s
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import time
@@ -35,7 +34,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 
-from relaybench.cli import build_parser, resolve_args  # noqa: E402
+from relaybench.cli import build_parser, clean_up, resolve_args  # noqa: E402
 from relaybench.common import RESULTS, BenchError  # noqa: E402
 from relaybench.context import Ctx  # noqa: E402
 from relaybench.dnsload import (  # noqa: E402
@@ -243,16 +242,7 @@ def main(argv=None) -> int:
         print(f"dns_under_load.py: {exc}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup must not be cut short
-        procs.stop_all()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        res.close()
-        if ctx is not None:
-            if args.keep:
-                print(f"work directory kept: {ctx.work}", file=sys.stderr)
-            else:
-                shutil.rmtree(ctx.work, ignore_errors=True)
+        clean_up(procs, res, ctx, args.keep)
 
 
 if __name__ == "__main__":

@@ -246,6 +246,21 @@ def describe_run(ctx: Ctx, argv: list[str], systems: list[str], skipped: dict) -
     }
 
 
+def clean_up(procs: Procs, res: Results, ctx, keep: bool) -> None:
+    """After a run, whatever happened: stop every process (SIGINT cannot cut this short),
+    close the results, and remove the work directory unless ``keep``."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    procs.stop_all()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    res.close()
+    if ctx is not None:
+        if keep:
+            print(f"work directory kept: {ctx.work}", file=sys.stderr)
+        else:
+            shutil.rmtree(ctx.work, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     """The whole run; every process started is stopped at the end, also on Ctrl-C or SIGTERM."""
     argv = sys.argv[1:] if argv is None else argv
@@ -317,13 +332,4 @@ def main(argv=None) -> int:
         print(f"relay_bench.py: {exc}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup must not be cut short
-        procs.stop_all()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        res.close()
-        if ctx is not None:
-            if args.keep:
-                print(f"work directory kept: {ctx.work}", file=sys.stderr)
-            else:
-                shutil.rmtree(ctx.work, ignore_errors=True)
+        clean_up(procs, res, ctx, args.keep)

@@ -72,6 +72,7 @@ __all__ = [
     "check_basic_auth",
     "check_seconds",
     "parse_hostport",
+    "is_loopback",
     "parse_target",
     "check_tls_mode",
     "Target",
@@ -151,6 +152,17 @@ def _check_host(host: str, value: str, key: str) -> str:
         raise ConfigError(key, f"bad host name in {value!r}",
                           "use a DNS name or an IP address, e.g. relay.example.com:443")
     return h
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (a listening address: ``localhost``, an IP, maybe in brackets) is loopback:
+    an endpoint there is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_hostport(value: str, *, key: str, default_host: Optional[str] = None,

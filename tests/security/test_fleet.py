@@ -14,6 +14,7 @@ import time
 
 import pytest
 from test_accounts import MB, NAME, site, slow_get  # noqa: F401 - site: a fixture
+from test_accounts import wait_until as until
 
 from redisd import RedisServer
 from support import KITE as KITE_CMD
@@ -62,17 +63,6 @@ def get(relay, path: str = "/", source: str = "127.0.0.9") -> tuple[int, str]:
                          capture_output=True, text=True, timeout=30)
     body, _, code = out.stdout.rpartition("\n")
     return int(code or 0), body
-
-
-def until(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.1)
 
 
 def dig(host: str, port: int, name: str = KITE) -> list:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import ipaddress
 import logging
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from typing import Any, Optional
 
 import httptools
 
-from ..config import KiteSpec
+from ..config import KiteSpec, is_loopback
 from ..errors import ConfigError, InspectorError
 from ..net.tunnel import Stream, StreamProtocol, TunnelProtocol
 from ..proto.http import MAX_HEAD
@@ -75,14 +74,6 @@ class InspectConfig:
     token: Optional[str] = field(default=None, repr=False)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
 
 def check_inspect_config(cfg: InspectConfig) -> InspectConfig:
     """The rules of ``--inspect``: aiohttp installed, a token for a non-loopback address,
@@ -92,7 +83,7 @@ def check_inspect_config(cfg: InspectConfig) -> InspectConfig:
     except ImportError:
         raise ConfigError("--inspect", "needs aiohttp, which is not installed",
                           "pip install 'kite-relay[admin]'") from None
-    if not _is_loopback(cfg.host) and not cfg.token:
+    if not is_loopback(cfg.host) and not cfg.token:
         raise ConfigError("--inspect", f"{cfg.host} is not a loopback address and no token "
                           "guards it", "add --inspect-token-file FILE (or KITE_INSPECT_TOKEN), "
                           "or listen on 127.0.0.1")

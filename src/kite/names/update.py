@@ -47,7 +47,7 @@ import dns.update
 
 from ..errors import DnsUpdateRejected
 from .config import TsigKey, in_zone
-from .zone import merge_txt
+from .zone import merge_txt, without_txt
 
 log = logging.getLogger("kite.names")
 
@@ -165,12 +165,8 @@ class DnsUpdater:
     def withdraw_txt(self, name: str, values: Optional[Iterable[str]] = None) -> None:
         """Stop publishing ``values`` (default: every value) at ``name``."""
         n = name.lower().rstrip(".")
-        current = self._txt.get(n)
-        if not current:
-            return
-        drop = set(current if values is None else values)
-        left = [v for v in current if v not in drop]
-        if left == current:
+        left = without_txt(self._txt.get(n, []), values)
+        if left is None:
             return
         if left:
             self._txt[n] = left
@@ -310,17 +306,21 @@ class DnsUpdater:
         sent = {n: self._txt_ops(upd, n, self._txt_sent.get(n, set())) for n in txt_names}
         await self._exchange(upd)
         self.updates += 1
-        for n, values in sent.items():
-            if values:
-                self._txt_sent[n] = values
-            else:
-                self._txt_sent.pop(n, None)
+        self._note_sent(sent)
         for name in names:
             log.info("dns update: %s %s at %s", name,
                      "-> " + " ".join(self.v4 + self.v6) if name in self._protos else "removed",
                      self.where)
         for n in txt_names:  # the values may be secrets of a kind (challenges): counted only
             log.info("dns update: %s TXT: %d values at %s", n, len(self._txt.get(n, [])), self.where)
+
+    def _note_sent(self, sent: dict) -> None:
+        """The server now holds ``sent`` (name -> TXT values; empty: none at the name)."""
+        for n, values in sent.items():
+            if values:
+                self._txt_sent[n] = values
+            else:
+                self._txt_sent.pop(n, None)
 
     async def _registered(self) -> tuple:
         """What the registry RRset at the server lists: kite names, and name -> TXT values."""
@@ -365,11 +365,7 @@ class DnsUpdater:
                     self._add_ops(upd, name, name in wanted)
             await self._exchange(upd)
             self.updates += 1
-            for n, values in sent.items():
-                if values:
-                    self._txt_sent[n] = values
-                else:
-                    self._txt_sent.pop(n, None)
+            self._note_sent(sent)
         stale_txt = sum(len(v - set(self._txt.get(n, []))) for n, v in owned_txt.items())
         log.info("dns update: resynced the zone %s at %s: %d names flying, %d stale removed, "
                  "%d TXT values published, %d stale TXT values removed", self.zone, self.where,

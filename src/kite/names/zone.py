@@ -36,7 +36,7 @@ from ..errors import LocalProtocolError
 from ..proto.names import valid_domain
 from .config import in_zone
 
-__all__ = ["Zone", "EDNS_PAYLOAD", "merge_txt"]
+__all__ = ["Zone", "EDNS_PAYLOAD", "merge_txt", "without_txt"]
 
 #: The UDP payload size we advertise and never exceed (DNS flag day 2020).
 EDNS_PAYLOAD = 1232
@@ -68,6 +68,16 @@ def merge_txt(name: str, current: list, values: Iterable[str]) -> list:
     if len(merged) > MAX_TXT_VALUES:
         raise LocalProtocolError(f"at most {MAX_TXT_VALUES} TXT values on {name!r}")
     return merged
+
+
+def without_txt(current: list, values: Optional[Iterable[str]]) -> Optional[list]:
+    """``current`` TXT values without ``values`` (None: all of them); None if nothing of
+    ``values`` was there (no change)."""
+    if not current:
+        return None
+    drop = set(current if values is None else values)
+    left = [v for v in current if v not in drop]
+    return None if left == current else left
 
 
 def _key(name: dns.name.Name) -> str:
@@ -206,12 +216,8 @@ class Zone:
     def withdraw_txt(self, name: str, values: Optional[Iterable[str]] = None) -> None:
         """Remove ``values`` (default: all) from the TXT RRset of ``name``."""
         n = self._txt_name(name)
-        current = self._txt.get(n)
-        if not current:
-            return
-        drop = set(current if values is None else values)
-        left = [v for v in current if v not in drop]
-        if left == current:
+        left = without_txt(self._txt.get(n, []), values)
+        if left is None:
             return
         if left:
             self._txt[n] = left

@@ -15,7 +15,22 @@ log = logging.getLogger("kite")
 
 T = TypeVar("T")
 
-__all__ = ["new_event_loop", "run", "loop_name"]
+__all__ = ["feed_protocol", "new_event_loop", "run", "loop_name"]
+
+
+def feed_protocol(protocol: asyncio.BaseProtocol, data) -> None:
+    """Hand ``data`` to ``protocol`` as if its transport had read it (through
+    ``get_buffer``/``buffer_updated`` for a BufferedProtocol, else ``data_received``)."""
+    if not isinstance(protocol, asyncio.BufferedProtocol):
+        protocol.data_received(bytes(data))  # type: ignore[attr-defined]
+        return
+    view = memoryview(data)
+    while view:
+        buf = memoryview(protocol.get_buffer(len(view)))
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        protocol.buffer_updated(n)
+        view = view[n:]
 
 
 def new_event_loop(kind: Optional[str] = None) -> asyncio.AbstractEventLoop:

@@ -55,6 +55,7 @@ from ..proto.http import (
     build_connect_request,
     parse_connect_reply,
 )
+from .aio import feed_protocol
 from .sockets import set_nodelay
 from .tls import ClientTLS
 
@@ -223,19 +224,6 @@ class _Holding(asyncio.Protocol):
         self.exc = exc
 
 
-def _deliver(protocol: asyncio.BaseProtocol, data: bytes) -> None:
-    if isinstance(protocol, asyncio.BufferedProtocol):
-        view = memoryview(data)
-        while view:
-            buf = memoryview(protocol.get_buffer(len(view)))
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            protocol.buffer_updated(n)
-            view = view[n:]
-    else:
-        protocol.data_received(data)  # type: ignore[attr-defined]
-
-
 def _hand_over(transport, holding: _Holding, protocol: asyncio.BaseProtocol) -> None:
     """Attach ``protocol`` to a transport the holding protocol kept, as if it had been there."""
     transport.set_protocol(protocol)
@@ -244,7 +232,7 @@ def _hand_over(transport, holding: _Holding, protocol: asyncio.BaseProtocol) -> 
     for data in holding.data:
         if transport.is_closing():
             break
-        _deliver(protocol, data)
+        feed_protocol(protocol, data)
     holding.data.clear()
     if (holding.eof and not transport.is_closing()
             and not protocol.eof_received()):  # type: ignore[attr-defined]

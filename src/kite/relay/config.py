@@ -15,6 +15,7 @@ from ..config import (
     check_keys,
     check_seconds,
     config_dir,
+    is_loopback,
     load_toml,
     parse_hostport,
     pick_secret,
@@ -408,7 +409,7 @@ def _apply_observe(cfg: RelayConfig, data: dict, options: dict) -> None:
                                                           "admin_token_file")
     if token is None and token_file:
         token = read_secret_file(token_file, "--admin-token-file")
-    if not _loopback(host) and not token:
+    if not is_loopback(host) and not token:
         raise ConfigError("--admin", f"{host} is not a loopback address and no token is set",
                           "add --admin-token-file FILE (or --admin-token T), or listen on 127.0.0.1")
     import importlib.util
@@ -420,14 +421,6 @@ def _apply_observe(cfg: RelayConfig, data: dict, options: dict) -> None:
     cfg.admin = (host, port)
     cfg.admin_token = token or None
 
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 # -- connection and stream limits: TOML key -> (type, minimum) ----------------------------------

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from ..certs import CertStore
 from ..errors import RemoteProtocolError, SniffError, TooManyStreams
+from ..net.aio import feed_protocol
 from ..net.tunnel import Stream, StreamProtocol
 from ..proto import control, handshake
 from ..proto.fleet import FLEET_METHOD, parse_forward_head
@@ -251,17 +252,7 @@ class TlsVisitor(TlsEntry):
             transport.set_protocol(protocol)
             protocol.connection_made(transport)
             if len(data) > cut:
-                _feed(protocol, memoryview(data)[cut:])
-
-
-def _feed(protocol: asyncio.BufferedProtocol, view: memoryview) -> None:
-    """Hand ``view`` to ``protocol`` as if its transport had read it."""
-    while view:
-        buf = memoryview(protocol.get_buffer(len(view)))
-        n = min(len(buf), len(view))
-        buf[:n] = view[:n]
-        protocol.buffer_updated(n)
-        view = view[n:]
+                feed_protocol(protocol, memoryview(data)[cut:])
 
 
 class Dispatcher:
