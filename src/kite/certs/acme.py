@@ -1,6 +1,9 @@
-"""Automatic certificates: ACME DNS-01, answered by the relay's own DNS.
+"""Automatic certificates: ACME DNS-01, answered by the relay's own DNS (or HTTP-01).
 
-:class:`AcmeManager` keeps one certificate for ``ZONE`` and ``*.ZONE`` (RFC 8555) fresh.
+:class:`AcmeManager` keeps one certificate for ``ZONE`` and ``*.ZONE`` (RFC 8555) fresh;
+with ``challenge="http-01"`` it keeps one for a kite's own name (:mod:`kite.certs.ondemand`
+runs one manager per such name: the steps below are the same, step 2 publishes
+``name/.well-known/acme-challenge/TOKEN`` and its key authorization instead of TXT values).
 
 Theory of operation.  The event loop schedules; the ``acme`` package (certbot's client,
 synchronous) runs in a daemon thread, one blocking step at a time, so a slow CA never
@@ -25,7 +28,8 @@ is still served.
 
 Files, under ``STATE_DIR/acme/<directory host>-<hash of the directory URL>/`` (folders 0700,
 files 0600): ``account.key`` (PEM), ``account.json`` (the account URI and contact),
-``cert.pem`` (the full chain) and ``cert.key``.  A new directory URL (staging -> production)
+``cert.pem`` (the full chain) and ``cert.key`` (on-demand certificates: in a folder of their
+own, ``cert_dir``; the account is shared).  A new directory URL (staging -> production)
 gets its own folder, so nothing of one CA is used with another.
 """
 
@@ -47,7 +51,7 @@ from ..errors import AcmeFailed, ConfigError, StoreError
 
 log = logging.getLogger("kite.certs")
 
-__all__ = ["AcmeManager", "StoredCertificate", "load_certificate", "covers",
+__all__ = ["AcmeManager", "StoredCertificate", "load_certificate", "covers", "directory_folder",
            "RENEW_AT", "RETRY_FIRST", "RETRY_MAX"]
 
 T = TypeVar("T")
@@ -70,6 +74,12 @@ NETWORK_TIMEOUT = 30
 MAX_REASON = 300
 #: In a fleet, while another relay orders: look at the shared certificate this often.
 SHARE_WAIT = 15.0
+#: The challenge types a manager can answer (RFC 8555 section 8).
+CHALLENGES = ("dns-01", "http-01")
+
+# Managers of one directory share the account (key and URI): one thread at a time reads or
+# makes it, so two first orders cannot register two keys.
+_ACCOUNT_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +115,14 @@ def _validity(chain_pem: str) -> tuple:
     except (ValueError, IndexError):
         return None, None
     return cert.not_valid_after_utc.timestamp(), cert.not_valid_before_utc.timestamp()
+
+
+def directory_folder(state_dir: str, directory_url: str) -> str:
+    """``STATE_DIR/acme/<directory host>-<hash of the URL>``: the account and certificates of
+    one ACME directory."""
+    host = urlsplit(directory_url).hostname or "acme"
+    digest = hashlib.sha256(directory_url.encode()).hexdigest()[:12]
+    return os.path.join(state_dir, "acme", f"{host}-{digest}")
 
 
 def covers(cert_names: Iterable[str], wanted: Iterable[str]) -> bool:
@@ -222,8 +240,8 @@ async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
 
 @dataclasses.dataclass
 class _Challenge:
-    name: str  # _acme-challenge.ZONE
-    value: str  # the TXT value
+    name: str  # dns-01: _acme-challenge.ZONE; http-01: NAME/.well-known/acme-challenge/TOKEN
+    value: str  # dns-01: the TXT value; http-01: the key authorization
     challb: Any  # acme.messages.ChallengeBody
     response: Any  # its DNS01Response
 
@@ -233,10 +251,14 @@ class AcmeManager:
 
     ``publish_txt(name, values)`` and ``withdraw_txt(name, values)`` serve and stop serving
     TXT values in the relay's zone (:meth:`kite.names.NameService.publish_txt` semantics:
-    values are added to those already there); they are called on the event loop.
+    values are added to those already there); they are called on the event loop.  With
+    ``challenge="http-01"`` they serve and stop serving the key authorization (``values``,
+    one) at ``NAME/.well-known/acme-challenge/TOKEN`` (``name``).
     ``on_certificate(cert_path, key_path)`` is called on the event loop with the stored
     certificate at start (when usable) and after each new one.  ``clock`` gives POSIX
-    seconds (tests move it).
+    seconds (tests move it).  ``cert_dir``: where ``cert.pem`` and ``cert.key`` go (default:
+    the directory's folder, beside the account).  ``allow_order()``, when given, is asked
+    before each order: 0 lets it go (and counts it), a positive number of seconds defers it.
     """
 
     def __init__(self, directory_url: str, email: str, *, state_dir: str, names: Iterable[str],
@@ -245,7 +267,12 @@ class AcmeManager:
                  on_certificate: Callable[[str, str], object],
                  ca_file: Optional[str] = None, clock: Callable[[], float] = time.time,
                  retry_first: float = RETRY_FIRST, retry_max: float = RETRY_MAX,
-                 share: Any = None) -> None:
+                 share: Any = None, challenge: str = "dns-01", cert_dir: Optional[str] = None,
+                 allow_order: Optional[Callable[[], float]] = None) -> None:
+        if challenge not in CHALLENGES:
+            raise ValueError(f"challenge {challenge!r} is not one of {CHALLENGES}")
+        self.challenge = challenge
+        self.allow_order = allow_order
         self.directory_url = directory_url
         self.email = email
         self.ca_file = ca_file
@@ -260,14 +287,13 @@ class AcmeManager:
         #: orders under its lock, the others install what it offers; None: order alone.
         self.share = share
         self._shared_txt: list = []  # (name, values) published fleet-wide right now
-        host = urlsplit(directory_url).hostname or "acme"
-        digest = hashlib.sha256(directory_url.encode()).hexdigest()[:12]
         self.state_dir = state_dir
-        self.dir = os.path.join(state_dir, "acme", f"{host}-{digest}")
+        self.dir = directory_folder(state_dir, directory_url)
         self.account_key_path = os.path.join(self.dir, "account.key")
         self.account_path = os.path.join(self.dir, "account.json")
-        self.cert_path = os.path.join(self.dir, "cert.pem")
-        self.key_path = os.path.join(self.dir, "cert.key")
+        self.cert_dir = cert_dir or self.dir
+        self.cert_path = os.path.join(self.cert_dir, "cert.pem")
+        self.key_path = os.path.join(self.cert_dir, "cert.key")
         self.current: Optional[StoredCertificate] = None  # what is being served
         self.failures = 0  # failed orders in a row
         self.orders = 0  # orders placed by this manager
@@ -279,13 +305,16 @@ class AcmeManager:
     # -- lifecycle ------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Create the state folders (0700); a folder that cannot be made is a ConfigError."""
-        for d in (self.state_dir, os.path.join(self.state_dir, "acme"), self.dir):
+        folders = [self.state_dir, os.path.join(self.state_dir, "acme"), self.dir]
+        if self.cert_dir != self.dir:
+            folders += [os.path.dirname(self.cert_dir), self.cert_dir]
+        for d in folders:
             try:
                 os.makedirs(d, mode=0o700, exist_ok=True)
             except OSError as exc:
                 raise ConfigError("--state-dir", f"cannot create {d!r}: {exc.strerror}",
                                   "give a folder the relay may write") from None
-        for d in (os.path.join(self.state_dir, "acme"), self.dir):
+        for d in folders[1:]:
             os.chmod(d, 0o700)
 
     def load_stored(self) -> Optional[StoredCertificate]:
@@ -334,6 +363,10 @@ class AcmeManager:
         wait = self.due()
         if wait > 0:
             return wait
+        if self.allow_order is not None:
+            wait = self.allow_order()
+            if wait > 0:
+                return wait
         share = self.share
         if share is not None:
             try:
@@ -422,8 +455,11 @@ class AcmeManager:
                 if self.share is not None:  # and on every relay of the fleet, confirmed
                     self._shared_txt.append((name, values))
                     await self.share.publish_txt(name, values)
-                log.info("acme: dns-01: serving %d TXT value%s at %s", len(values),
-                         "" if len(values) == 1 else "s", name)
+                if self.challenge == "dns-01":
+                    log.info("acme: dns-01: serving %d TXT value%s at %s", len(values),
+                             "" if len(values) == 1 else "s", name)
+                else:
+                    log.info("acme: http-01: serving the key authorization at %s", name)
             chain_pem = await _in_thread(self._finish_order, session)
         finally:
             self._withdraw()
@@ -464,6 +500,18 @@ class AcmeManager:
         """The ACME client with the stored (or a new) account key; returns (client, jwk)."""
         import josepy as jose
         from acme import client as acme_client
+
+        with _ACCOUNT_LOCK:
+            key = self._account_key()
+        jwk = jose.JWKEC(key=key)
+        verify: Any = self.ca_file or True  # requests takes a CA file where a bool is typed
+        net = acme_client.ClientNetwork(jwk, alg=jose.ES256, verify_ssl=verify,
+                                        user_agent="kite-relay", timeout=NETWORK_TIMEOUT)
+        directory = acme_client.ClientV2.get_directory(self.directory_url, net)
+        return acme_client.ClientV2(directory, net), jwk
+
+    def _account_key(self) -> Any:
+        """The stored account key, else a new one (stored, and the account forgotten)."""
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -480,12 +528,7 @@ class AcmeManager:
             self._forget_account()
         except ValueError:
             raise AcmeFailed(f"{self.account_key_path} is not a PEM private key") from None
-        jwk = jose.JWKEC(key=key)
-        verify: Any = self.ca_file or True  # requests takes a CA file where a bool is typed
-        net = acme_client.ClientNetwork(jwk, alg=jose.ES256, verify_ssl=verify,
-                                        user_agent="kite-relay", timeout=NETWORK_TIMEOUT)
-        directory = acme_client.ClientV2.get_directory(self.directory_url, net)
-        return acme_client.ClientV2(directory, net), jwk
+        return key
 
     def _forget_account(self) -> None:
         try:
@@ -495,7 +538,6 @@ class AcmeManager:
 
     def _account(self, client: Any, *, fresh: bool = False) -> None:
         """Point ``client`` at our account: the stored URI, else register (or find) it."""
-        from acme import errors as acme_errors
         from acme import messages
 
         uri = None
@@ -508,6 +550,14 @@ class AcmeManager:
         if uri:
             client.net.account = messages.RegistrationResource(uri=uri, body=messages.Registration())
             return
+        with _ACCOUNT_LOCK:
+            self._register(client)
+
+    def _register(self, client: Any) -> None:
+        """Register the key's account (or find it) and store its URI."""
+        from acme import errors as acme_errors
+        from acme import messages
+
         client.net.account = None
         reg = messages.NewRegistration.from_data(email=self.email, terms_of_service_agreed=True)
         try:
@@ -521,7 +571,7 @@ class AcmeManager:
             {"uri": uri, "email": self.email, "directory": self.directory_url}).encode())
 
     def _begin_order(self) -> dict:
-        """Account, certificate key, CSR and ``newOrder``; the DNS-01 values to publish."""
+        """Account, certificate key, CSR and ``newOrder``; the challenge values to publish."""
         from acme import challenges, messages
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
@@ -548,18 +598,24 @@ class AcmeManager:
             self._account(client, fresh=True)
             orderr = client.new_order(csr_pem)
         found = []
+        dns = self.challenge == "dns-01"
         for authzr in orderr.authorizations:
             if authzr.body.status == messages.STATUS_VALID:
                 continue  # the CA reused a valid authorization
             ident = authzr.body.identifier.value
             for challb in authzr.body.challenges:
-                if isinstance(challb.chall, challenges.DNS01):
-                    found.append(_Challenge(challb.chall.validation_domain_name(ident),
-                                            challb.chall.validation(jwk), challb,
-                                            challb.response(jwk)))
-                    break
+                chall = challb.chall
+                if dns and isinstance(chall, challenges.DNS01):
+                    where = chall.validation_domain_name(ident)
+                elif not dns and isinstance(chall, challenges.HTTP01):
+                    where = ident.lower() + chall.path
+                else:
+                    continue
+                found.append(_Challenge(where, chall.validation(jwk), challb,
+                                        challb.response(jwk)))
+                break
             else:
-                raise AcmeFailed(f"the CA offers no dns-01 challenge for {ident!r}")
+                raise AcmeFailed(f"the CA offers no {self.challenge} challenge for {ident!r}")
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
         return {"client": client, "order": orderr, "challenges": found, "key_pem": key_pem}

@@ -35,7 +35,8 @@ def dns_options(f):
 
 
 #: The options of acme_options: they reach build_relay_config as ``acme_options``.
-ACME_OPTIONS = ("acme", "acme_email", "acme_ca", "state_dir")
+ACME_OPTIONS = ("acme", "acme_email", "acme_ca", "state_dir", "acme_on_demand",
+                "acme_on_demand_per_hour")
 
 
 def acme_options(f):
@@ -44,13 +45,19 @@ def acme_options(f):
     return _apply([
         click.option("--acme", metavar="DIRECTORY_URL",
                      help="Get and renew a certificate for ZONE and *.ZONE from this ACME "
-                          "directory (DNS-01 in the relay's own DNS; needs --dns and --zone)."),
+                          "directory (DNS-01 in the relay's own DNS; needs --dns and --zone, except "
+                          "with --acme-on-demand alone)."),
         click.option("--acme-email", metavar="EMAIL", help="The ACME account's contact address."),
         click.option("--acme-ca", type=click.Path(dir_okay=False), metavar="PEM",
                      help="CA file that verifies the ACME server's HTTPS (default: the system's)."),
         click.option("--state-dir", type=click.Path(file_okay=False), metavar="DIR",
                      help="Where the relay keeps its ACME account and certificates (mode 0700; "
                           "default: the folder of --db, else $XDG_STATE_HOME/kite)."),
+        click.option("--acme-on-demand", is_flag=True, default=None,
+                     help="Also get certificates for kite names outside the zone when visited "
+                          "(HTTP-01 on the relay's port 80; only names its kites fly)."),
+        click.option("--acme-on-demand-per-hour", type=int, default=None, metavar="N",
+                     help="At most N on-demand orders per hour [10]."),
     ], f)
 
 

@@ -358,7 +358,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
     names_cfg = build_names_config(data, dns_options)
     acme = build_acme_config(data, acme_options, zone=names_cfg.zone if names_cfg else None,
                              dns_served=bool(names_cfg and names_cfg.listen), db=db)
-    if acme is not None and names_cfg is not None:
+    if acme is not None and acme.zone and names_cfg is not None:
         # The relay's names in the zone (its NS names, default relay.ZONE) name the relay:
         # the ACME certificate (*.ZONE) covers them.
         for n in names_cfg.ns_names or [f"relay.{acme.zone}"]:

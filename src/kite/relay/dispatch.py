@@ -12,6 +12,10 @@
   connection's plaintext follows; the backend writes ``X-Forwarded-Proto: https`` (kite
   and pagekite.py alike).  TLS the relay terminates is 1.2 or newer: older ClientHellos
   get a protocol_version alert;
+* with certificates on demand (:mod:`kite.certs.ondemand`), a ClientHello for an http kite
+  that no certificate covers starts an order for its name and waits for it (bounded); a
+  plain ``GET /.well-known/acme-challenge/TOKEN`` the CA sends for a pending order is
+  answered before any kite routing;
 * ``CONNECT PageKite:`` is a plain tunnel, ``CONNECT host:port`` a proxy visitor for a raw
   or https kite (or pagekite.py's ``CONNECT relay-name:443`` before a TLS tunnel), anything
   else HTTP routed by ``Host``; the pagekite ``HEAD /ping`` probe gets its 503 at once.
@@ -31,6 +35,7 @@ import ssl
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..certs import CertStore
+from ..certs.ondemand import ACME_CHALLENGE_PATH, FIRST_VISITOR_WAIT
 from ..errors import RemoteProtocolError, SniffError, TooManyStreams
 from ..net.aio import feed_protocol
 from ..net.tunnel import Stream, StreamProtocol
@@ -64,6 +69,7 @@ from .state import RelayState
 from .tunnel import RelayTunnel
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..certs.ondemand import OnDemandCertificates
     from .accept import PendingVisitor
 
 log = logging.getLogger("kite.relay")
@@ -265,6 +271,8 @@ class Dispatcher:
         self._tasks: set[asyncio.Task] = set()
         self.tls_waiting = 0  # TLS connections to the relay whose first head has not come
         self.note_silent: Optional[Callable[[], None]] = None  # the acceptor counts timeouts
+        #: Certificates on demand for kite names (--acme-on-demand), set by the server.
+        self.on_demand: Optional[OnDemandCertificates] = None
 
     def setting_up(self) -> int:
         """Connections being set up (TLS handshakes, hand-overs, TLS heads awaited)."""
@@ -334,6 +342,14 @@ class Dispatcher:
 
     def _dispatch_http(self, pv: PendingVisitor, result, data: bytes) -> None:
         host = result.host
+        on_demand = self.on_demand
+        if on_demand is not None and result.path.startswith(ACME_CHALLENGE_PATH):
+            answer = on_demand.http01(host, result.path)
+            if answer is not None:  # the CA checks an order under way: before the kites
+                log.info("acme: http-01: answered %s for %s", pv.peer(), host)
+                sock = pv.detach()
+                _send_and_close(sock, answer, _peek_length(sock, MAX_PEEK))
+                return
         if self.state.is_relay_name(host) and self.state.signup is not None:
             self._spawn(self._serve_relay_http(pv.detach(), pv.addr[0]))
             return
@@ -359,6 +375,8 @@ class Dispatcher:
                             self.page(404, host, json_wanted=want_json),
                             kite=host, proto="http", head=data)
             return
+        if on_demand is not None and not self.certs.covers(host):
+            on_demand.request(host)  # plain visitors start the order; they are served as ever
         if self._redirects(host) and self.has_https(host, pv.port):
             self.refuse(pv, f"plain HTTP for {host}: redirected to https",
                         https_redirect(host, pv.port, result.path))
@@ -432,6 +450,16 @@ class Dispatcher:
                     return
                 self._spawn(self._terminate(pv.detach(), pv.addr, pv.port, sni, terminate))
                 return
+            if terminate is None and self.on_demand is not None and \
+                    self._http_route(sni, pv.port)[0] is not None:
+                waiter = self.on_demand.request(sni)
+                if waiter is not None:
+                    if result.max_version < TLS_1_2:
+                        self._refuse_old_tls(pv, result)
+                        return
+                    self._spawn(self._terminate_when_certified(pv.detach(), pv.addr, pv.port,
+                                                               sni, waiter))
+                    return
             if self._hand_over(pv, protos, sni, "https", pv.port):
                 return
         if sni and self.state.has_grant("https", sni):
@@ -462,6 +490,36 @@ class Dispatcher:
             log.info("visitor %s:%s of %s: TLS handshake failed: %s", addr[0], addr[1], host,
                      exc or type(exc).__name__)
             sock.close()
+
+    async def _terminate_when_certified(self, sock: socket.socket, addr, port: int, host: str,
+                                        waiter: asyncio.Future) -> None:
+        """A TLS visitor of the http kite ``host`` whose certificate is being ordered: wait
+        for the order (FIRST_VISITOR_WAIT s at most; the ClientHello waits unread in the
+        socket), then terminate its TLS, or send the unrecognized_name alert."""
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), FIRST_VISITOR_WAIT)
+        except asyncio.TimeoutError:
+            pass
+        except BaseException:
+            sock.close()
+            raise
+        context = self.certs.context_for(host)
+        if context is None or self._http_route(host, port)[0] is None:
+            peer = f"{addr[0]}:{addr[1]}"
+            reason = f"no certificate for {host} yet (ordered on demand)"
+            log.info("visitor %s refused: %s", peer, reason)
+            if self.state.access_log is not None:
+                self.state.access_log.refused(peer, host, "http", reason, "refused")
+            _send_and_close(sock, TLS_ALERT_UNRECOGNIZED_NAME, _peek_length(sock, MAX_PEEK))
+            return
+        await self._terminate(sock, addr, port, host, context)
+
+    def flies_http(self, name: str) -> bool:
+        """An http kite of this relay flies exactly ``name`` (not a wildcard above it), on
+        any of its ports."""
+        routes = self.state.routes
+        return bool(routes.tunnels("http", name)) or any(
+            routes.tunnels(f"http-{p}", name) for p in self.state.public_ports)
 
     def terminated_stream(self, transport: asyncio.Transport, addr, port: int, host: str,
                           data: bytes, end: int) -> Optional[StreamProtocol]:

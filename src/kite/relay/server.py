@@ -34,6 +34,7 @@ from .signup import SignupService
 from .state import RelayState
 
 if TYPE_CHECKING:
+    from ..certs.ondemand import OnDemandCertificates
     from ..store.presence import FleetPresence
 
 log = logging.getLogger("kite.relay")
@@ -65,6 +66,7 @@ class RelayServer:
             self.names = NameService(config.names, self.state.tls_names)
             self.state.subscribe(self.names.on_presence)
         self.acme: Optional[AcmeManager] = None  # automatic certificates (--acme), if configured
+        self.on_demand: Optional[OnDemandCertificates] = None  # --acme-on-demand
         #: Where each new certificate goes, as ``hook(cert_path, key_path)`` (ACME calls it at
         #: start with a stored certificate and after each renewal): the store, where SNI
         #: picks it for the names it covers (the first pair stays the relay's own).
@@ -108,9 +110,23 @@ class RelayServer:
             self.state.public_ports.append(bound[1])
         if self.config.db and is_redis_url(self.config.db):
             await self._join_fleet()
-        if cfg.acme is not None and self.names is not None:
+        if cfg.acme is not None and cfg.acme.zone and self.names is not None:
             await self._start_acme(cfg.acme, self.names)
+        if cfg.acme is not None and cfg.acme.on_demand:
+            await self._start_on_demand(cfg.acme)
         return self.addresses
+
+    async def _start_on_demand(self, a) -> None:
+        """Certificates for the kites' own names, when visited (kite.certs.ondemand)."""
+        from ..certs.ondemand import OnDemandCertificates
+
+        self.on_demand = OnDemandCertificates(
+            a.directory, a.email, state_dir=a.state_dir, ca_file=a.ca_file,
+            per_hour=a.on_demand_per_hour, zone=a.zone, flies=self.dispatcher.flies_http,
+            covered=self.certs.covers,
+            on_certificate=lambda cert, key: self.certificate_hook(cert, key))
+        await self.on_demand.start()
+        self.dispatcher.on_demand = self.on_demand
 
     async def _start_acme(self, a, names: NameService) -> None:
         """Keep the zone's certificate fresh (kite.certs.acme); in a fleet, one relay orders
@@ -201,6 +217,9 @@ class RelayServer:
         await self.dispatcher.close()
         if self.acme is not None:
             await self.acme.close()
+        if self.on_demand is not None:
+            self.dispatcher.on_demand = None
+            await self.on_demand.close()
         if self.names is not None:
             await self.names.close()
         if self.state.fleet_link is not None:
