@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from ..errors import ConfigError
 from .acme import MAX_SLEEP, RETRY_FIRST, RETRY_MAX, AcmeManager, directory_folder
 
 log = logging.getLogger("kite.certs")
@@ -130,7 +131,17 @@ class OnDemandCertificates:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Install the stored certificates that are still valid; schedule their renewal."""
+        """Install the stored certificates that are still valid; schedule their renewal (a
+        state folder that cannot be made is a ConfigError)."""
+        base = os.path.dirname(self.folder)
+        for d in (self.state_dir, os.path.dirname(base), base, self.folder):
+            try:
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                if d != self.state_dir:
+                    os.chmod(d, 0o700)
+            except OSError as exc:
+                raise ConfigError("--state-dir", f"cannot create {d!r}: {exc.strerror}",
+                                  "give a folder the relay may write") from None
         try:
             stored = sorted(os.listdir(self.folder))
         except OSError:
@@ -257,6 +268,14 @@ class OnDemandCertificates:
     async def _run(self, name: str, entry: _Name) -> None:
         manager = entry.manager
         loop = asyncio.get_running_loop()
+        try:
+            manager.prepare()
+        except ConfigError as exc:
+            log.error("acme: on-demand: %s: %s", name, exc)
+            if entry.waiter is not None and not entry.waiter.done():
+                entry.waiter.set_result(False)
+            entry.waiter = None
+            return
         while True:
             if entry.waiter is None and manager.due() == 0:
                 entry.waiter = loop.create_future()  # visitors of an order under way wait
