@@ -52,7 +52,7 @@ def any_name_dns():
         while not stop.is_set():
             try:
                 data, addr = sock.recvfrom(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
