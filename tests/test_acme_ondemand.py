@@ -279,3 +279,19 @@ def test_on_demand_options_and_keys(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and \
         "--acme-on-demand: only means something with --acme" in lines[0], r.stderr
+
+
+def test_an_on_demand_certificate_never_becomes_the_relays_own(tmp_path):
+    """Installed ``kite_only``, a kite's certificate answers its name by SNI, but a relay
+    without a certificate of its own stays without one (plain tunnels, no-SNI hellos)."""
+    from kite.certs import CertStore
+
+    kite = make_certs(tmp_path, names=(OWN,), stem="kite")
+    relay = make_certs(tmp_path, names=("relay.example.net",), stem="relay")
+    store = CertStore()
+    store.install(kite.cert, kite.key, kite_only=True)
+    assert store.default is None and store.covers(OWN) and store.context_for(OWN) is not None
+    assert store.reload() == 1 and store.default is None  # still kite-only when reloaded
+    store.install(relay.cert, relay.key)
+    assert store.default is not None and store.default.cert_path == relay.cert
+    assert store.pair_for(OWN).cert_path == kite.cert

@@ -61,7 +61,7 @@ FIRST_VISITOR_WAIT = 10.0
 #: The hourly bound's window.
 WINDOW = 3600.0
 #: A renewal due while no kite flies the name: look again this much later.
-NOT_FLYING_WAIT = 3600.0
+NOT_FLYING_WAIT = 600.0
 #: At most one log line per this many seconds says that the hourly bound deferred orders.
 BOUND_LOG_INTERVAL = 60.0
 #: The folder of the on-demand certificates, in the directory's folder.

@@ -17,7 +17,9 @@ Reload: every ``poll_interval`` seconds the store compares the files' modificati
 and sizes with those it loaded; a pair whose files changed is loaded again.  A pair that
 fails to load (a half-written file, a key that does not match) is logged once per change
 and the old pair stays in service.  :meth:`CertStore.reload` (SIGHUP) reloads every pair
-at once; :meth:`CertStore.install` adds or replaces a pair at run time (ACME).
+at once; :meth:`CertStore.install` adds or replaces a pair at run time (ACME).  A pair
+installed ``kite_only`` (an on-demand certificate for one kite's name) is chosen by SNI like
+the others but never becomes the relay's own (:attr:`CertStore.default`).
 
 Contexts are replaced, never changed: a handshake under way keeps the context it started
 with.  Session tickets of a reloaded pair stop resuming (a new context has new ticket
@@ -138,6 +140,8 @@ class CertStore:
         self._failed: dict[str, tuple] = {}  # cert path -> stamp that failed to load
         self._exact: dict[str, CertPair] = {}
         self._wild: dict[str, CertPair] = {}  # "zone" -> the pair with "*.zone"
+        self._kite_only: set[str] = set()  # cert paths of pairs that never become the default
+        self._default: Optional[CertPair] = None
         self._timer: Optional[asyncio.TimerHandle] = None
         self._index()
 
@@ -151,13 +155,14 @@ class CertStore:
                 else:
                     exact.setdefault(name, pair)
         self._exact, self._wild = exact, wild
+        self._default = next((p for p in self.pairs if p.cert_path not in self._kite_only), None)
 
     # -- choosing -------------------------------------------------------------------------------
     @property
     def default(self) -> Optional[CertPair]:
-        """The first pair: ClientHellos without SNI, and the relay's own names (None: the
-        store is empty)."""
-        return self.pairs[0] if self.pairs else None
+        """The first pair (not installed ``kite_only``): ClientHellos without SNI, and the
+        relay's own names (None: the store has no such pair)."""
+        return self._default
 
     def pair_for(self, name: Optional[str]) -> Optional[CertPair]:
         """The pair covering ``name``: exact, then ``*.parent``; None if none does."""
@@ -181,12 +186,15 @@ class CertStore:
         return {p.cert_path: p.not_after for p in self.pairs}
 
     # -- changing -------------------------------------------------------------------------------
-    def install(self, cert_path: str, key_path: str) -> CertPair:
+    def install(self, cert_path: str, key_path: str, *, kite_only: bool = False) -> CertPair:
         """Add a pair, or replace the one loaded from ``cert_path``; raises ConfigError if it
-        does not load (the old pair stays).  Call it on the event loop's thread (from a
+        does not load (the old pair stays).  ``kite_only``: the pair serves the names it
+        covers, never as the relay's own certificate.  Call it on the event loop's thread (from a
         worker thread: ``loop.call_soon_threadsafe``), like every method that changes the
         store; new handshakes use the pair at once, open connections keep theirs."""
         pair = load_pair(cert_path, key_path)
+        if kite_only:
+            self._kite_only.add(cert_path)
         self._put(pair)
         log.info("certificate %s installed: %s, expires in %.1f days", cert_path,
                  ", ".join(pair.names), (pair.not_after - time.time()) / 86400)

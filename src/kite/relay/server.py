@@ -124,7 +124,7 @@ class RelayServer:
             a.directory, a.email, state_dir=a.state_dir, ca_file=a.ca_file,
             per_hour=a.on_demand_per_hour, zone=a.zone, flies=self.dispatcher.flies_http,
             covered=self.certs.covers,
-            on_certificate=lambda cert, key: self.certificate_hook(cert, key))
+            on_certificate=lambda cert, key: self.certs.install(cert, key, kite_only=True))
         await self.on_demand.start()
         self.dispatcher.on_demand = self.on_demand
 
