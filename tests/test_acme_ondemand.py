@@ -30,6 +30,7 @@ from test_relay_https import origin  # noqa: F401  (the fixture)
 
 OWN = "www.example.org"  # a kite under its user's own domain
 SECOND = "shop.example.org"  # another kite flying here
+THIRD = "blog.example.org"  # and a third
 IDLE = "idle.example.org"  # granted, but no backend flies it
 WILD = "*.wild.example.net"  # a wildcard kite: its names are never ordered
 
@@ -75,6 +76,13 @@ def any_name_dns():
     sock.close()
 
 
+def curl_plain(port: int, name: str, path: str = "/"):
+    out = subprocess.run(["curl", "-sS", "-i", "--max-time", "30", "--resolve",
+                          f"{name}:{port}:127.0.0.1", f"http://{name}:{port}{path}"],
+                         capture_output=True, timeout=40)
+    return out.returncode, out.stdout.decode(errors="replace"), out.stderr.decode(errors="replace")
+
+
 def curl(port: int, name: str, cacert: str):
     out = subprocess.run(["curl", "-sS", "-i", "--max-time", "30", "--cacert", cacert,
                           "--resolve", f"{name}:{port}:127.0.0.1", f"https://{name}:{port}/"],
@@ -90,9 +98,9 @@ def mode(path: str) -> int:
 def test_kite_under_its_own_domain_gets_a_certificate_on_demand(tmp_path, pebble,  # noqa: F811
                                                                  any_name_dns, origin):  # noqa: F811
     """The first TLS visitor of www.example.org waits for the order and is served with the
-    new certificate (verified against Pebble's root); names no kite of the relay flies, a
-    wildcard kite's names and names over the hourly bound get no order; a restart serves the
-    stored certificate without one."""
+    new certificate (verified against Pebble's root); a plain visitor's Host starts an order
+    too; names no kite of the relay flies, a wildcard kite's names and names over the hourly
+    bound get no order; a restart serves the stored certificate without one."""
     peb = pebble(any_name_dns)
     port = json.loads(peb.config.read_text())["pebble"]["httpPort"]  # where the CA asks
     root = peb.root(tmp_path)
@@ -101,8 +109,8 @@ def test_kite_under_its_own_domain_gets_a_certificate_on_demand(tmp_path, pebble
     argv = [*KITE, "relay", "--listen", f"127.0.0.1:{port}", "--tls-cert", own.cert,
             "--tls-key", own.key, "-v", "--acme", peb.directory, "--acme-email",
             "ops@example.org", "--acme-ca", peb.ca, "--acme-on-demand",
-            "--acme-on-demand-per-hour", "1", "--state-dir", str(state)]
-    for name in (OWN, SECOND, IDLE, WILD):
+            "--acme-on-demand-per-hour", "2", "--state-dir", str(state)]
+    for name in (OWN, SECOND, THIRD, IDLE, WILD):
         argv += ["--kite", f"http:{name}:{SECRET}"]
     procs: list[Proc] = []
 
@@ -114,7 +122,7 @@ def test_kite_under_its_own_domain_gets_a_certificate_on_demand(tmp_path, pebble
     try:
         relay = start("relay", argv)
         relay.wait_for("relay listening on", timeout=30)
-        for i, name in enumerate((OWN, SECOND, WILD)):
+        for i, name in enumerate((OWN, SECOND, THIRD, WILD)):
             start(f"expose{i}", [*KITE, "expose", f"http://127.0.0.1:{origin}", name,
                                  "--relay", f"127.0.0.1:{port}", "--fingerprint",
                                  own.fingerprint, "-v"]).wait_for("flying", timeout=30)
@@ -132,16 +140,26 @@ def test_kite_under_its_own_domain_gets_a_certificate_on_demand(tmp_path, pebble
             assert mode(os.path.join(folder, f)) == 0o600, f
         assert mode(folder) == 0o700
         assert "PRIVATE KEY" not in log
+        # Once the order is over, the challenge path is the kite's again.
+        rc, out, _ = curl_plain(port, OWN, ACME_CHALLENGE_PATH + "abc")
+        assert rc == 0 and f"GET {ACME_CHALLENGE_PATH}abc HTTP/1.1" in out, out
+
+        # A plain visitor is served as ever, and its Host starts the order.
+        rc, out, _ = curl_plain(port, SECOND)
+        assert rc == 0 and out.startswith("HTTP/1.1 200"), out
+        relay.wait_for(f"acme: certificate for {SECOND} installed", timeout=60)
+        rc, out, err = curl(port, SECOND, root)
+        assert rc == 0 and "X-Forwarded-Proto: https" in out, err
 
         # No order for names no kite of the relay flies, for a wildcard kite's names, nor
-        # past the hourly bound (1): those visitors get the alert at once.
-        for name in ("nokite.example.org", IDLE, "a.wild.example.net", SECOND):
+        # past the hourly bound (2): those visitors get the alert at once.
+        for name in ("nokite.example.org", IDLE, "a.wild.example.net", THIRD):
             rc, _, err = curl(port, name, root)
             assert rc != 0 and "unrecognized name" in err.lower(), (name, err)
         log = relay.output()
-        assert log.count("acme: ordering a certificate") == 1, log
-        assert "acme_on_demand_per_hour = 1): no order for shop.example.org" in log
-        assert curl(port, OWN, root)[0] == 0  # the certificate stays in service
+        assert log.count("acme: ordering a certificate") == 2, log
+        assert f"acme_on_demand_per_hour = 2): no order for {THIRD}" in log
+        assert curl(port, OWN, root)[0] == 0  # the certificates stay in service
 
         # A restart installs the stored certificate: served at once, no order.
         relay.stop(signal.SIGTERM)
