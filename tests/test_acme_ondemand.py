@@ -175,6 +175,45 @@ def test_kite_under_its_own_domain_gets_a_certificate_on_demand(tmp_path, pebble
             p.stop(signal.SIGKILL)
 
 
+@pytest.mark.slow
+def test_renewed_at_two_thirds_and_renewals_count_toward_the_bound(tmp_path, pebble,  # noqa: F811
+                                                                   any_name_dns, origin):  # noqa: F811
+    """Pebble issues 20-second certificates: the on-demand one is renewed at 13 s and new
+    handshakes get the new one; the next renewal is the third order of the hour, over the
+    bound (2): deferred, in one warning."""
+    from test_acme import served_serial
+
+    peb = pebble(any_name_dns, validity=20)
+    port = json.loads(peb.config.read_text())["pebble"]["httpPort"]
+    root = peb.root(tmp_path)
+    own = make_certs(tmp_path)
+    procs = [Proc([*KITE, "relay", "--listen", f"127.0.0.1:{port}", "--tls-cert", own.cert,
+                   "--tls-key", own.key, "-v", "--acme", peb.directory, "--acme-email",
+                   "ops@example.org", "--acme-ca", peb.ca, "--acme-on-demand",
+                   "--acme-on-demand-per-hour", "2", "--state-dir", str(tmp_path / "state"),
+                   "--kite", f"http:{OWN}:{SECRET}"], tmp_path, "relay")]
+    try:
+        relay = procs[0]
+        relay.wait_for("relay listening on", timeout=30)
+        procs.append(Proc([*KITE, "expose", f"http://127.0.0.1:{origin}", OWN, "--relay",
+                           f"127.0.0.1:{port}", "--fingerprint", own.fingerprint, "-v"],
+                          tmp_path, "expose", env={"KITE_SECRET": SECRET}))
+        procs[1].wait_for("flying", timeout=30)
+        assert curl(port, OWN, root)[0] == 0
+        first = served_serial(port, root, OWN)
+        installed = f"acme: certificate for {OWN} installed"
+        deadline = time.monotonic() + 60
+        while relay.output().count(installed) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert relay.output().count(installed) == 2, relay.output()
+        assert served_serial(port, root, OWN) != first
+        out = relay.wait_for(f"acme_on_demand_per_hour = 2): no order for {OWN}", timeout=60)
+        assert out.count("acme: ordering a certificate") == 2
+    finally:
+        for p in procs:
+            p.stop(signal.SIGKILL)
+
+
 # -- the rules, in process (no CA: every order fails at once) ----------------------------------
 class Clock:
     def __init__(self) -> None:
