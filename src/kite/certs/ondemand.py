@@ -229,9 +229,10 @@ class OnDemandCertificates:
         self.deferred += 1
         now = time.monotonic()
         if now - self._bound_logged >= BOUND_LOG_INTERVAL:
-            log.warning("acme: on-demand: %d orders began in the last hour, the bound "
+            n = len(self._begun)
+            log.warning("acme: on-demand: %d order%s began in the last hour, the bound "
                         "(acme_on_demand_per_hour = %d): no order for %s now (%d held back)",
-                        len(self._begun), self.per_hour, name, self.deferred)
+                        n, "" if n == 1 else "s", self.per_hour, name, self.deferred)
             self._bound_logged = now
             self.deferred = 0
 
