@@ -12,6 +12,7 @@ import sys
 import tempfile
 
 from .common import BENCH, HOST, PK_FE_NAME, REPO, TLS_NAME, BenchError, MiB
+from .limits import ports_per_destination
 from .measure import tool_version
 from .procs import Procs, free_port, log_has, port_open, raise_nofile, wait_for
 from .progress import Progress
@@ -25,7 +26,8 @@ class Ctx:
         self.args = args
         self.procs = procs
         self.progress = progress
-        self.nofile = raise_nofile()
+        self.nofile = raise_nofile(getattr(args, "want_nofile", 0))
+        self.ports_per_destination = ports_per_destination()
         self.work = tempfile.mkdtemp(prefix="kite-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self.www = os.path.join(self.work, "www")
         self.logs = os.path.join(self.work, "logs")

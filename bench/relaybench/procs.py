@@ -34,11 +34,24 @@ def port_open(port: int) -> bool:
         return False
 
 
-def raise_nofile() -> int:
-    """Raise the soft limit of open files to the hard one (children inherit it); return it."""
+def raise_nofile(want: int = 0) -> int:
+    """Raise the soft limit of open files to the hard one, or both to ``want`` (at most
+    fs.nr_open) where the process may raise its hard limit (CAP_SYS_RESOURCE); children
+    inherit it.  Return the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
+    if want > hard:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                want = min(want, int(f.read()))
+        except (OSError, ValueError):
+            pass
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (OSError, ValueError):
+            pass  # not privileged: the hard limit stays
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard

@@ -56,6 +56,17 @@ class System:
     https = False
     #: role -> [(substring of /proc/PID/maps, expected present?)]
     maps: ClassVar[dict[str, list]] = {}
+    #: Descriptors one idle visitor holds in the busiest process of the system.
+    idle_fds_per_conn = 1
+    #: The system's own connections to the origin all leave from HOST to one address and
+    #: port, so they share one ephemeral port range (only ``direct``, whose client is the
+    #: bench's, spreads over several source addresses).
+    origin_from_one_address = True
+
+    def idle_fd_cap(self, nofile: int) -> tuple[int, str]:
+        """The most idle visitors it can hold with RLIMIT_NOFILE ``nofile``, and why."""
+        return ((nofile - 200) // self.idle_fds_per_conn,
+                f"{self.idle_fds_per_conn} descriptor(s) per visitor, RLIMIT_NOFILE {nofile}")
 
     def unavailable(self, ctx: Ctx) -> str | None:
         """Why this system cannot run here (not installed, ...), or None."""
@@ -72,6 +83,7 @@ class System:
 class Direct(System):
     name = "direct"
     title = "client -> origin"
+    origin_from_one_address = False
 
     def start(self, ctx, tag):
         return Running(self, ctx.origin_port, "origin.bench", {})
@@ -80,6 +92,13 @@ class Direct(System):
 class Stunnel(System):
     name = "stunnel"
     title = "stunnel client -> TLS -> stunnel server (C reference)"
+    idle_fds_per_conn = 2
+
+    def idle_fd_cap(self, nofile):
+        # stunnel refuses clients beyond max_clients = 125/256 of its RLIMIT_NOFILE (2
+        # descriptors per client, plus headroom); keep room for the latency probe.
+        return (nofile * 125 // 256 - 50,
+                f"stunnel's max_clients is 125/256 of RLIMIT_NOFILE ({nofile})")
 
     def _exe(self):
         return shutil.which("stunnel4") or shutil.which("stunnel")
@@ -113,6 +132,62 @@ class Stunnel(System):
                      [server, client], [slog, clog])
         except BaseException:
             ctx.procs.stop(client, server)
+            raise
+        return run
+
+
+class Haproxy(System):
+    """haproxy relaying plain TCP (``mode tcp``) to the origin: one process, one thread, no
+    TLS; the C reference for a relay's cost per request without a tunnel."""
+
+    name = "haproxy"
+    title = "client -> haproxy (mode tcp, nbthread 1, no TLS) -> origin"
+    idle_fds_per_conn = 2
+
+    def _exe(self):
+        exe = "/usr/sbin/haproxy"  # not on a non-root user's PATH
+        return shutil.which("haproxy") or (exe if os.path.exists(exe) else None)
+
+    def unavailable(self, ctx):
+        return None if self._exe() else "haproxy not installed (apt-get install haproxy)"
+
+    def version(self, ctx):
+        return tool_version([self._exe(), "-v"], r"HAProxy version \S+")
+
+    def start(self, ctx, tag):
+        port = free_port()
+        conf = os.path.join(ctx.work, f"haproxy-{tag}.cfg")
+        # Two descriptors per visitor (its socket and the one to the origin), plus headroom.
+        maxconn = max(100, (ctx.nofile - 200) // 2)
+        with open(conf, "w") as f:
+            f.write(f"""# kite relay benchmark: haproxy relaying plain TCP to the origin
+global
+    nbthread 1
+    maxconn {maxconn}
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+
+frontend visitors
+    bind {HOST}:{port} backlog 4096
+    maxconn {maxconn}
+    default_backend origin
+
+backend origin
+    server origin {HOST}:{ctx.origin_port} maxconn {maxconn}
+""")
+        log = ctx.logfile(f"haproxy-{tag}")
+        proc = ctx.procs.start("haproxy", [self._exe(), "-db", "-f", conf], log=log,
+                               cpus=ctx.system_cpus)
+        run = Running(self, port, KITE_NAME, {"relay": proc}, fds_per_conn=2)
+        try:
+            wait_for("haproxy", lambda: port_open(port), 15, [proc], [log])
+            wait_until_served(run, 15)
+        except BaseException:
+            ctx.procs.stop(proc)
             raise
         return run
 
@@ -444,7 +519,7 @@ class StunnelTls(Stunnel):
         return run
 
 
-ALL_SYSTEMS = {cls.name: cls for cls in (Direct, Stunnel, Pagekite, PagekiteTuned, Kite, KitePy,
+ALL_SYSTEMS = {cls.name: cls for cls in (Direct, Haproxy, Stunnel, Pagekite, PagekiteTuned, Kite, KitePy,
                                           KiteAsyncio, KiteAccounts, KiteObserved, KiteBaseline,
                                           KiteTls, NginxTls, StunnelTls)}
 SYSTEMS = tuple(ALL_SYSTEMS)
