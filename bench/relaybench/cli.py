@@ -252,7 +252,7 @@ def run_idle_levels(ctx: Ctx, res: Results, system: System, rnd: int) -> None:
     for n in a.idle_conns:
         n_eff, why, skip = level_plan(n, idle_caps(ctx, system))
         if skip:
-            msg = f"skipped: {n} visitors exceed what this machine allows: {why}"
+            msg = f"skipped: {n:,} visitors are more than this machine allows: {why}"
             prog.note(f"{name} round {rnd} idle {n}: {msg}")
             res.emit({"type": "skip", "round": rnd, "system": name,
                       "workload": f"idle-{n}", "reason": msg})
@@ -274,7 +274,7 @@ def run_idle_levels(ctx: Ctx, res: Results, system: System, rnd: int) -> None:
             if m.get("ok") and m.get("open_s"):
                 open_rate = m["ok"] / m["open_s"]
             if n_eff < n:
-                m["note"] = f"capped at {n_eff}: {why}" + ("; " + m["note"] if "note" in m else "")
+                m["note"] = f"capped at {n_eff:,}: {why}" + ("; " + m["note"] if "note" in m else "")
             res.sample(rnd, name, f"idle-{n}", m)
         except BenchError as exc:
             prog.note(f"{name} round {rnd} idle {n}: {exc}")
@@ -286,23 +286,22 @@ def run_idle_levels(ctx: Ctx, res: Results, system: System, rnd: int) -> None:
 
 
 def idle_caps(ctx: Ctx, system: System) -> list[tuple[int, str]]:
-    """How many idle visitors ``system`` can hold here, and why: its descriptors (the
-    origin and the idle client hold one per visitor), and the ephemeral ports of its
-    connections to the origin when they all leave from one address (the visitors spread
-    over 127.0.0.x themselves)."""
+    """How many idle visitors ``system`` can hold here, and why: the descriptors of its
+    busiest process (the origin and the idle client need one per visitor, never more), and
+    the ephemeral ports of its connections to the origin when they all leave from one
+    address (the idle client spreads the visitors over 127.0.0.x itself)."""
     fd_cap, fd_why = system.idle_fd_cap(ctx.nofile)
-    fix = ("; raise the hard RLIMIT_NOFILE (ulimit -Hn, systemd LimitNOFILE=, limits.conf), or run "
-           "with CAP_SYS_RESOURCE and the script raises it (up to fs.nr_open)")
-    caps = [(fd_cap, fd_why + ("" if system.name == "stunnel" else fix)),
-            (ctx.nofile - 200, f"the origin and the idle client hold one descriptor per visitor, "
-                               f"RLIMIT_NOFILE {ctx.nofile}{fix}")]
+    if system.name != "stunnel":
+        fd_why += (" (raise the hard limit: ulimit -Hn, systemd LimitNOFILE=, limits.conf; or "
+                   "run with CAP_SYS_RESOURCE and the script raises it, up to fs.nr_open)")
+    caps = [(fd_cap, fd_why)]
     if system.origin_from_one_address:
         lo, hi = port_range()
         caps.append((ctx.ports_per_destination - PORT_MARGIN,
                      f"{system.name}'s connections to the origin all leave from one address for "
-                     f"one address and port: {ctx.ports_per_destination} ephemeral ports "
-                     f"(net.ipv4.ip_local_port_range {lo} {hi}; widest 1024 65535), less "
-                     f"{PORT_MARGIN} kept free"))
+                     f"one address and port: {ctx.ports_per_destination:,} ephemeral ports "
+                     f"(net.ipv4.ip_local_port_range {lo} {hi}; the widest, 1024 65535, gives "
+                     f"64,512), {PORT_MARGIN:,} kept free"))
     return caps
 
 

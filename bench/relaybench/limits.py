@@ -67,9 +67,10 @@ def source_addresses(n: int, per_address: int) -> list[str]:
 
 def level_plan(n: int, caps: list[tuple[int, str]]) -> tuple[int, str | None, bool]:
     """``n`` visitors under the limits ``caps`` ((most visitors, why) each): the count to
-    run, the reason when it is less than ``n``, and whether to skip the level instead (its
-    limit is below CAP_SHARE of it)."""
-    limit, why = min(caps, default=(n, None), key=lambda c: c[0])
-    if limit >= n:
+    run, every limit below ``n`` (tightest first, "; "-joined) when it is less than ``n``,
+    and whether to skip the level instead (the tightest is below CAP_SHARE of it)."""
+    short = sorted((c for c in caps if c[0] < n), key=lambda c: c[0])
+    if not short:
         return n, None, False
-    return max(0, limit), why, limit < CAP_SHARE * n
+    limit = max(0, short[0][0])
+    return limit, "; ".join(f"at most {max(0, c):,}: {why}" for c, why in short), limit < CAP_SHARE * n

@@ -183,7 +183,7 @@ CURVE_METRICS = [
     ("scale-conns", "p99_ms", "p99 latency, ms"),
     ("scale-downloads", "MBps", "aggregate download MB/s"),
     ("scale-downloads", "jain", "fairness: Jain's index over bytes per download"),
-    ("idle", "KiB_per_conn", "idle: RSS KiB per visitor, relay + backend"),
+    ("idle", "KiB_per_conn", "RSS KiB per visitor, relay + backend"),
 ]
 
 
