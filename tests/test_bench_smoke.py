@@ -145,6 +145,39 @@ def test_limits_plan_idle_levels_and_sources():
     assert wrk_threads(5000, 8) == 5
 
 
+def test_idle_client_spreads_visitors_over_source_addresses(tmp_path):
+    """Beyond one port range the idle client binds 127.0.0.2, .3, ... in turn: every
+    visitor is served, and the origin sees them from those addresses."""
+    root = tmp_path / "www"
+    (root / "up").mkdir(parents=True)
+    (root / "1k.bin").write_bytes(os.urandom(1024))
+    origin = subprocess.Popen([sys.executable, str(REPO / "bench" / "origin.py"), "--port", "0",
+                               "--root", str(root)], stderr=subprocess.PIPE)
+    client = None
+    try:
+        line = origin.stderr.readline().decode()
+        port = int(line.rsplit(":", 1)[1])
+        client = subprocess.Popen([sys.executable, str(HARNESS), "_idle-client", "--port", str(port),
+                                   "--host", "o", "--conns", "40", "--timeout", "20",
+                                   "--sources", "127.0.0.2,127.0.0.3"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        report = json.loads(client.stdout.readline())
+        assert report["ok"] == 40 and report["failed"] == 0, report
+        socks = _relaybench("measure").tcp_sockets()
+        if socks is not None:  # ss installed: where the client's connections come from
+            mine = [s["local"].rsplit(":", 1)[0] for s in socks
+                    if s["peer_port"] == port and client.pid in s["pids"]]
+            assert sorted(mine) == ["127.0.0.2"] * 20 + ["127.0.0.3"] * 20
+    finally:
+        if client is not None:
+            client.stdin.close()
+            client.wait(30)
+            client.stdout.close()
+        origin.kill()
+        origin.wait(10)
+        origin.stderr.close()
+
+
 def test_harness_runs_the_curves(tmp_path):
     """scale-conns and scale-downloads at small levels on direct and haproxy (skipped with
     a note where haproxy is not installed): a sample per level, the curve tables."""

@@ -367,6 +367,10 @@ def draw_curves_png(res: Results, systems: list[str], args, path: str, meta: dic
             ax.set_ylim(0, 1.05)
         else:
             ax.set_yscale("log")
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _: fmt(v))
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="y", which="both", labelsize=7)
         ax.set_xlabel(what, fontsize=8)
         ax.set_title(f"{curve}: {title}", fontsize=9)
         ax.grid(which="both", alpha=0.3)

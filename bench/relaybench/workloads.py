@@ -201,6 +201,7 @@ def w_scale_conns(ctx: Ctx, run: Running, n: int) -> dict:
     """wrk with ``n`` keep-alive connections (threads by wrk_threads) for --wrk-duration s,
     1 KiB file: req/s, p50, p99, and CPU per request."""
     threads = wrk_threads(n, os.cpu_count() or 1)
+    wait_until_served(run, 30)  # done with the previous level's connections
     r = run_wrk(ctx, run, n, ctx.args.wrk_duration, label=f"scale-conns {n}", threads=threads)
     r["conns"], r["wrk_threads"] = n, threads
     return r
@@ -210,6 +211,7 @@ def w_scale_downloads(ctx: Ctx, run: Running, n: int) -> dict:
     """``n`` concurrent downloads of the bulk file (again and again, keep-alive) for
     --download-duration s: aggregate MB/s, Jain's index over the bytes per download, and
     the CPU seconds per GB of relay and backend."""
+    wait_until_served(run, 30)  # done with the previous level's connections
     ctx.progress.tick(f"scale-downloads {n}: {ctx.args.download_duration:g} s")
     cpu0 = proc_cpu(run)
     r = concurrent_downloads(run.port, run.host, "/bulk.bin", n, ctx.args.download_duration)
