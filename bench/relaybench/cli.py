@@ -171,8 +171,9 @@ def levels(option: str, text: str) -> list[int]:
     except ValueError:
         out = []
     if not out or min(out) < 1:
-        raise SystemExit(f"relay_bench.py: {option} wants positive integers separated by commas, "
-                         f"e.g. 1,10,100 (got {text!r})")
+        print(f"relay_bench.py: {option} wants positive integers separated by commas, "
+              f"e.g. 1,10,100 (got {text!r})", file=sys.stderr)
+        raise SystemExit(2)
     return out
 
 
