@@ -178,6 +178,29 @@ def test_idle_client_spreads_visitors_over_source_addresses(tmp_path):
         origin.stderr.close()
 
 
+def test_harness_idle_level_beyond_one_port_range(tmp_path):
+    """An idle level larger than --ports-per-address: the visitors come from 127.0.0.2, .3,
+    and kite flies one kite per origin address, so every visitor is served."""
+    kite_sys = _kite_system()
+    jsonl = tmp_path / "relay.jsonl"
+    argv = [sys.executable, str(HARNESS), "--systems", f"direct,{kite_sys}", "--rounds", "1",
+            "--workloads", "idle", "--idle-levels", "50", "--ports-per-address", "20",
+            "--idle-probe", "1", "--bulk-size", "4M", "--check-size", "256K",
+            "--json", str(jsonl), "--png", "", "--no-progress"]
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+                          cwd=str(tmp_path))
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert not [r for r in records if r["type"] in ("error", "skip")]
+    samples = {(r["system"], r["workload"]): r["metrics"] for r in records if r["type"] == "sample"}
+    for system in ("direct", kite_sys):
+        m = samples[(system, "idle-50")]
+        assert m["ok"] == 50 and m["sources"] == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    assert samples[(kite_sys, "idle-50")]["kites"] == ["app.bench.kite", "app2.bench.kite",
+                                                        "app3.bench.kite"]
+
+
 def test_harness_runs_the_curves(tmp_path):
     """scale-conns and scale-downloads at small levels on direct and haproxy (skipped with
     a note where haproxy is not installed): a sample per level, the curve tables."""

@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated idle visitor counts (default {IDLE_LEVELS}; --curves "
                         f"{CURVE_IDLE_LEVELS}; --quick 200); a level beyond the descriptor or "
                         "port limits is skipped with a note (bench/README.md)")
+    p.add_argument("--ports-per-address", type=int,
+                   help="idle levels: connections one source address opens to one destination "
+                        f"before the next address is used (default: the ephemeral port range less "
+                        f"{PORT_MARGIN}; lower it to try the spreading on a small level)")
     p.add_argument("--idle-timeout", type=float, help="seconds to open the idle connections (default 30; --quick 20); a level that would take more than twice that at the rate of the previous level is skipped")
     p.add_argument("--idle-probe", type=int, help="seconds of the latency probe during idle (default 2)")
     p.add_argument("--origin", choices=["auto", "nginx", "python"], default="auto",
@@ -268,7 +272,11 @@ def run_idle_levels(ctx: Ctx, res: Results, system: System, rnd: int) -> None:
         prog.step(f"idle {n}: starting a fresh instance")
         run = None
         try:
-            run = system.start(ctx, f"r{rnd}-idle{n}")
+            ctx.idle_level = n_eff
+            try:
+                run = system.start(ctx, f"r{rnd}-idle{n}")
+            finally:
+                ctx.idle_level = None
             watch = Interference([*run.pids.values(), ctx.origin_proc.pid])
             m = w_idle(ctx, run, n_eff)
             m.update(watch.result())
@@ -298,11 +306,22 @@ def idle_caps(ctx: Ctx, system: System) -> list[tuple[int, str]]:
     caps = [(fd_cap, fd_why)]
     if system.origin_from_one_address:
         lo, hi = port_range()
-        caps.append((ctx.ports_per_destination - PORT_MARGIN,
-                     f"{system.name}'s connections to the origin all leave from one address for "
-                     f"one address and port: {ctx.ports_per_destination:,} ephemeral ports "
-                     f"(net.ipv4.ip_local_port_range {lo} {hi}; the widest, 1024 65535, gives "
-                     f"64,512), {PORT_MARGIN:,} kept free"))
+        per = ctx.per_address
+        ranges = (f"{per:,} connections per source address and destination (of "
+                  f"{ctx.ports_per_destination:,} ephemeral ports: net.ipv4.ip_local_port_range "
+                  f"{lo} {hi}, the widest 1024 65535 gives 64,512; {PORT_MARGIN:,} kept free, "
+                  f"or --ports-per-address)")
+        if system.origin_spread and len(ctx.origin_hosts) > 1:
+            caps.append((per * len(ctx.origin_hosts),
+                         f"{system.name}'s connections to the origin leave from one address, spread "
+                         f"over the origin's {len(ctx.origin_hosts)} addresses: {ranges}"))
+        elif system.origin_spread:
+            caps.append((per, f"{system.name}'s connections to the origin leave from one address "
+                              f"for the origin's one address and port: {ranges} (the nginx origin "
+                              f"listens on more addresses when a level needs them)"))
+        else:
+            caps.append((per, f"{system.name}'s connections to the origin all leave from one "
+                              f"address for one address and port: {ranges}"))
     return caps
 
 

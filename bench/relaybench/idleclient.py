@@ -36,20 +36,20 @@ async def _open(port: int, source: str | None):
     return await asyncio.open_connection(sock=sock)
 
 
-async def _idle_client_main(port: int, host: str, n: int, timeout: float, concurrency: int,
+async def _idle_client_main(port: int, hosts: list[str], n: int, timeout: float, concurrency: int,
                             sources: list[str]) -> None:
     loop = asyncio.get_running_loop()
     sem = asyncio.Semaphore(concurrency)
     keep = []
     errors: collections.Counter = collections.Counter()
-    req = b"GET /1k.bin HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode()
+    reqs = [b"GET /1k.bin HTTP/1.1\r\nHost: %s\r\n\r\n" % h.encode() for h in hosts]
 
     async def one(k: int):
         writer = None
         async with sem:
             try:
                 reader, writer = await _open(port, sources[k % len(sources)] if sources else None)
-                writer.write(req)
+                writer.write(reqs[k % len(reqs)])
                 head = await reader.readuntil(b"\r\n\r\n")
                 if not head.startswith(b"HTTP/1.1 200"):
                     raise ValueError("status " + head[:20].decode("latin-1"))
@@ -87,7 +87,7 @@ def idle_client(argv: list[str]) -> None:
     """Hidden subcommand: hold N idle visitor connections until stdin closes."""
     p = argparse.ArgumentParser(prog="relay_bench.py _idle-client")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--host", required=True)
+    p.add_argument("--host", required=True, help="Host header; comma-separated: each in turn")
     p.add_argument("--conns", type=int, required=True)
     p.add_argument("--timeout", type=float, default=60)
     p.add_argument("--concurrency", type=int, default=100)
@@ -101,4 +101,5 @@ def idle_client(argv: list[str]) -> None:
     except ImportError:
         pass
     sources = [x for x in a.sources.split(",") if x]
-    asyncio.run(_idle_client_main(a.port, a.host, a.conns, a.timeout, a.concurrency, sources))
+    hosts = [x for x in a.host.split(",") if x]
+    asyncio.run(_idle_client_main(a.port, hosts, a.conns, a.timeout, a.concurrency, sources))

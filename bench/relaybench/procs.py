@@ -151,6 +151,19 @@ def wait_for(what: str, predicate: Callable[[], bool], timeout: float,
     raise BenchError(f"{what}: not ready after {timeout:g} s\n" + "\n".join(tail(lg) for lg in logs))
 
 
+def log_count(path: str, pattern: str, n: int) -> Callable[[], bool]:
+    """A predicate for wait_for: the regular expression ``pattern`` occurs ``n`` times in the file."""
+    rx = re.compile(pattern)
+
+    def check() -> bool:
+        try:
+            with open(path, "rb") as f:
+                return len(rx.findall(f.read().decode("utf-8", "replace"))) >= n
+        except OSError:
+            return False
+    return check
+
+
 def log_has(path: str, pattern: str) -> Callable[[], bool]:
     """A predicate for wait_for: the regular expression ``pattern`` occurs in the file."""
     rx = re.compile(pattern)

@@ -16,9 +16,10 @@ from .client import connect, http_get
 from .common import HOST, KITE_DOMAIN, KITE_NAME, PK_FE_NAME, SECRET, TLS_NAME, BenchError
 from .context import Ctx
 from .measure import tool_version
-from .procs import free_port, log_has, port_open, wait_for
+from .procs import free_port, log_count, log_has, port_open, wait_for
 
 PAGEKITE_TUNING = ["--select_loop_min_ms=0", "--max_read_bytes=262144"]
+DEFAULT_MAX_STREAMS = 16384  # kite relay's --max-streams (visitors per tunnel)
 
 
 class Running:
@@ -26,10 +27,12 @@ class Running:
 
     def __init__(self, system: System, port: int, host: str, procs: dict[str, subprocess.Popen],
                  dialer: str | None = None, tunnel_port: int | None = None,
-                 fds_per_conn: int = 1, tls_name: str | None = None):
+                 fds_per_conn: int = 1, tls_name: str | None = None,
+                 hosts: list[str] | None = None):
         self.system = system
         self.port = port
         self.host = host
+        self.hosts = hosts or [host]  # idle visitors: Host of each in turn (one kite per origin address)
         self.procs = procs  # role ("relay", "backend") -> process
         self.dialer = dialer  # the role whose sockets to tunnel_port carry the tunnel
         self.tunnel_port = tunnel_port
@@ -62,6 +65,9 @@ class System:
     #: port, so they share one ephemeral port range (only ``direct``, whose client is the
     #: bench's, spreads over several source addresses).
     origin_from_one_address = True
+    #: For an idle level beyond one port range, it can spread its origin connections over
+    #: the origin's several addresses (ctx.origin_hosts) when ``ctx.idle_level`` asks.
+    origin_spread = False
 
     def idle_fd_cap(self, nofile: int) -> tuple[int, str]:
         """The most idle visitors it can hold with RLIMIT_NOFILE ``nofile``, and why."""
@@ -143,6 +149,7 @@ class Haproxy(System):
     name = "haproxy"
     title = "client -> haproxy (mode tcp, nbthread 1, no TLS) -> origin"
     idle_fds_per_conn = 2
+    origin_spread = True
 
     def _exe(self):
         exe = "/usr/sbin/haproxy"  # not on a non-root user's PATH
@@ -159,6 +166,9 @@ class Haproxy(System):
         conf = os.path.join(ctx.work, f"haproxy-{tag}.cfg")
         # Two descriptors per visitor (its socket and the one to the origin), plus headroom.
         maxconn = max(100, (ctx.nofile - 200) // 2)
+        # One server per origin address the idle level needs (round robin), else one.
+        servers = "\n".join(f"    server origin{i} {addr}:{ctx.origin_port} maxconn {maxconn}"
+                             for i, addr in enumerate(ctx.origin_hosts_for_level(), 1))
         with open(conf, "w") as f:
             f.write(f"""# kite relay benchmark: haproxy relaying plain TCP to the origin
 global
@@ -177,7 +187,8 @@ frontend visitors
     default_backend origin
 
 backend origin
-    server origin {HOST}:{ctx.origin_port} maxconn {maxconn}
+    balance roundrobin
+{servers}
 """)
         log = ctx.logfile(f"haproxy-{tag}")
         proc = ctx.procs.start("haproxy", [self._exe(), "-db", "-f", conf], log=log,
@@ -247,6 +258,7 @@ class Kite(System):
     name = "kite"
     title = "kite relay + kite expose, TLS, uvloop, compiled fast path"
     loop = "uvloop"
+    origin_spread = True
     extra_env: ClassVar[dict[str, str]] = {"KITE_REQUIRE_EXTENSIONS": "1"}
     maps: ClassVar[dict[str, list]] = {
         "relay": [("_fastpath.cpython", True), ("uvloop", True)],
@@ -284,25 +296,41 @@ class Kite(System):
         env.update(self.extra_env)
         rlog, blog = ctx.logfile(f"{self.name}-relay-{tag}"), ctx.logfile(f"{self.name}-expose-{tag}")
         grant, secret = self.grant(ctx, env, tag)
+        relay_limits = []
+        if ctx.idle_level and ctx.idle_level + 1000 > DEFAULT_MAX_STREAMS:
+            relay_limits = ["--max-streams", str(ctx.idle_level + 1000)]  # one tunnel carries them all
         relay = ctx.procs.start("kite-relay", [
             sys.executable, "-m", "kite", "relay", "--listen", f"{HOST}:{port}",
-            "--tls-cert", ctx.cert, "--tls-key", ctx.key, *grant,
+            "--tls-cert", ctx.cert, "--tls-key", ctx.key, *grant, *relay_limits,
             *self.observe(ctx, tag, "relay"), "--drain-timeout", "1", "--loop", self.loop],
             env=env, log=rlog, cpus=ctx.system_cpus, cwd=ctx.work)
+        origins = ctx.origin_hosts_for_level() if self.origin_spread else [HOST]
+        names = [KITE_NAME] + [f"app{i}.{KITE_DOMAIN[2:]}" for i in range(2, len(origins) + 1)]
+        if len(origins) == 1:
+            kites = [f"http://{HOST}:{ctx.origin_port}", KITE_NAME, "--relay", f"{HOST}:{port}",
+                     "--ca", ctx.cert, "--secret", secret]
+        else:  # one kite per origin address: each has its own range of ports to the origin
+            conf = os.path.join(ctx.work, f"{self.name}-expose-{tag}.toml")
+            with open(conf, "w") as f:
+                f.write(f'[defaults]\nsecret = "{secret}"\nca = "{ctx.cert}"\n\n'
+                        f'[[relay]]\naddress = "{HOST}:{port}"\n')
+                for name, addr in zip(names, origins):
+                    f.write(f'\n[[kite]]\nname = "{name}"\ntarget = "http://{addr}:{ctx.origin_port}"\n')
+            kites = ["--config", conf]
         try:
             wait_for("kite relay", log_has(rlog, r"relay listening on "), 20, [relay], [rlog])
             backend = ctx.procs.start("kite-expose", [
-                sys.executable, "-m", "kite", "expose", f"http://{HOST}:{ctx.origin_port}", KITE_NAME,
-                "--relay", f"{HOST}:{port}", "--ca", ctx.cert, "--secret", secret,
+                sys.executable, "-m", "kite", "expose", *kites,
                 *self.observe(ctx, tag, "backend"), "--loop", self.loop],
                 env=env, log=blog, cpus=ctx.system_cpus, cwd=ctx.work)
         except BaseException:
             ctx.procs.stop(relay)
             raise
         run = Running(self, port, KITE_NAME, {"relay": relay, "backend": backend},
-                      dialer="backend", tunnel_port=port)
+                      dialer="backend", tunnel_port=port, hosts=names)
         try:
-            wait_for("kite expose", log_has(blog, r"kite flying"), 20, [relay, backend], [rlog, blog])
+            wait_for("kite expose", log_count(blog, r"kite flying", len(names)), 20, [relay, backend],
+                     [rlog, blog])
             wait_until_served(run, 20)
         except BaseException:
             ctx.procs.stop(backend, relay)
@@ -333,6 +361,7 @@ class KiteAccounts(Kite):
 
     name = "kite-acct"
     title = "kite, compiled, uvloop, kite from an account (--db: accounting on)"
+    origin_spread = False  # the account holds the one name
 
     def grant(self, ctx, env, tag):
         db = os.path.join(ctx.work, f"{self.name}-{tag}.db")
@@ -371,6 +400,7 @@ class KiteBaseline(Kite):
 
     name = "kite-base"
     title = "kite from $KITE_BASELINE_SRC (a baseline checkout), compiled, uvloop"
+    origin_spread = False  # older trees may read no --config
     extra_env: ClassVar[dict[str, str]] = {
         "KITE_REQUIRE_EXTENSIONS": "1", "PYTHONPATH": os.environ.get("KITE_BASELINE_SRC", "")}
 

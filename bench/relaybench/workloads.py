@@ -16,7 +16,7 @@ from .client import connect, http_get, http_put_file, python_seq
 from .common import ENTRY_SCRIPT, HOST, BenchError, MiB
 from .context import Ctx
 from .downloads import concurrent_downloads
-from .limits import PORT_MARGIN, source_addresses
+from .limits import source_addresses
 from .measure import cpu_seconds, mapped_files, rss_kib, tcp_sockets
 from .procs import tail
 from .systems import Running, wait_until_served
@@ -227,7 +227,7 @@ def w_scale_downloads(ctx: Ctx, run: Running, n: int) -> dict:
 def idle_client_argv(run: Running, n: int, timeout: float, sources: list[str]) -> list[str]:
     """The helper process that holds the idle connections (relaybench.idleclient)."""
     argv = [sys.executable, ENTRY_SCRIPT, "_idle-client", "--port", str(run.port),
-            "--host", run.host, "--conns", str(n), "--timeout", str(timeout)]
+            "--host", ",".join(run.hosts), "--conns", str(n), "--timeout", str(timeout)]
     if sources:
         argv += ["--sources", ",".join(sources)]
     return argv
@@ -238,9 +238,11 @@ def w_idle(ctx: Ctx, run: Running, n: int) -> dict:
     Beyond one port range of visitors they connect from several loopback addresses."""
     a = ctx.args
     out: dict = {"requested": n}
-    sources = source_addresses(n, ctx.ports_per_destination - PORT_MARGIN)
+    sources = source_addresses(n, ctx.per_address)
     if sources != [HOST]:
         out["sources"] = sources
+    if len(run.hosts) > 1:
+        out["kites"] = run.hosts  # one per origin address: the origin connections' port ranges
     wait_until_served(run, 10)  # warm: the first stream's one-time allocations are baseline
     time.sleep(0.3)
     rss0 = {role: rss_kib(pid) for role, pid in run.pids.items()}
