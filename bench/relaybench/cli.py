@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="idle levels: connections one source address opens to one destination "
                         f"before the next address is used (default: the ephemeral port range less "
                         f"{PORT_MARGIN}; lower it to try the spreading on a small level)")
-    p.add_argument("--idle-timeout", type=float, help="seconds to open the idle connections (default 30; --quick 20); a level that would take more than twice that at the rate of the previous level is skipped")
+    p.add_argument("--idle-timeout", type=float, help="seconds to open the idle connections (default 30; --curves 120; --quick 20); a level that would take more than twice that at the rate of the previous level is skipped")
     p.add_argument("--idle-probe", type=int, help="seconds of the latency probe during idle (default 2)")
     p.add_argument("--origin", choices=["auto", "nginx", "python"], default="auto",
                    help="origin server (auto: nginx if installed, else bench/origin.py)")
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(args) -> None:
     """Fill in the defaults (full or --quick), split the comma-separated lists, check names."""
     q = args.quick
+    if args.curves and args.idle_timeout is None and not q:
+        args.idle_timeout = 120.0  # 100,000 visitors open at some thousands per second
     defaults = {"rounds": (3, 1), "bulk_size": (1 * GiB, 64 * MiB), "bulk_cap": (10.0, 8.0),
                 "check_size": (1 * MiB, 256 * KiB), "wrk_duration": (5, 3), "seq_duration": (3, 2),
                 "newconn_duration": (3, 2), "idle_timeout": (30.0, 20.0), "idle_probe": (2, 2),
