@@ -16,7 +16,7 @@ from . import __doc__ as PACKAGE_DOC
 from .common import RESULTS, BenchError, GiB, KiB, MiB
 from .context import Ctx
 from .idleclient import idle_client
-from .limits import PORT_MARGIN, kernel_limits, level_plan, port_range
+from .limits import MAX_SOURCES, PORT_MARGIN, kernel_limits, level_plan, port_range
 from .measure import Interference, cpu_model, loadavg, tool_version
 from .procs import Procs
 from .profiling import profile_kite
@@ -305,7 +305,9 @@ def idle_caps(ctx: Ctx, system: System) -> list[tuple[int, str]]:
     if system.name != "stunnel":
         fd_why += (" (raise the hard limit: ulimit -Hn, systemd LimitNOFILE=, limits.conf; or "
                    "run with CAP_SYS_RESOURCE and the script raises it, up to fs.nr_open)")
-    caps = [(fd_cap, fd_why)]
+    caps = [(fd_cap, fd_why),
+            (MAX_SOURCES * ctx.per_address, f"the visitors' {MAX_SOURCES} source addresses "
+                                            f"127.0.0.2-254, {ctx.per_address:,} each")]
     if system.origin_from_one_address:
         lo, hi = port_range()
         per = ctx.per_address

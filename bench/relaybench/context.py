@@ -12,7 +12,7 @@ import sys
 import tempfile
 
 from .common import BENCH, HOST, PK_FE_NAME, REPO, TLS_NAME, BenchError, MiB
-from .limits import PORT_MARGIN, ports_per_destination, source_addresses
+from .limits import MAX_SOURCES, PORT_MARGIN, ports_per_destination, source_addresses
 from .measure import tool_version
 from .procs import Procs, free_port, log_has, port_open, raise_nofile, wait_for
 from .progress import Progress
@@ -164,7 +164,7 @@ class Ctx:
         conf = os.path.join(self.work, "nginx.conf")
         conns = max(1024, self.nofile - 200)
         a = self.args
-        most = max(a.idle_conns) if "idle" in a.workloads else 0
+        most = min(max(a.idle_conns) if "idle" in a.workloads else 0, MAX_SOURCES * self.per_address)
         need = source_addresses(most, self.per_address)
         self.origin_hosts = [HOST] if need == [HOST] else [HOST, *need]
         listens = "".join(f"        listen {addr}:{port} backlog=4096;\n" for addr in self.origin_hosts)

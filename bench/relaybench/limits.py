@@ -13,6 +13,8 @@ from .common import HOST
 PORT_MARGIN = 1000
 #: A level whose limit is within this share of it runs capped (noted); below, it is skipped.
 CAP_SHARE = 0.9
+#: Source addresses the visitors may use: 127.0.0.2 to 127.0.0.254.
+MAX_SOURCES = 253
 
 
 def _read(path: str) -> str | None:
@@ -60,8 +62,8 @@ def source_addresses(n: int, per_address: int) -> list[str]:
     if n <= per_address:
         return [HOST]
     k = math.ceil(n / per_address)
-    if k > 253:
-        raise ValueError(f"{n} visitors need {k} source addresses; 127.0.0.2-254 holds 253")
+    if k > MAX_SOURCES:
+        raise ValueError(f"{n} visitors need {k} source addresses; 127.0.0.2-254 holds {MAX_SOURCES}")
     return [f"127.0.0.{2 + i}" for i in range(k)]
 
 
