@@ -325,6 +325,11 @@ def draw_png(res: Results, systems: list[str], args, path: str, meta: dict) -> s
     return None
 
 
+def _tick(v: float) -> str:
+    """An axis label: 20,000 or 0.5."""
+    return f"{v:,.0f}" if v >= 1 else f"{v:g}"
+
+
 def draw_curves_png(res: Results, systems: list[str], args, path: str, meta: dict) -> str | None:
     """The curves: one panel per curve and metric, a line per system through the medians,
     bars min..max, levels on a log x axis."""
@@ -367,9 +372,12 @@ def draw_curves_png(res: Results, systems: list[str], args, path: str, meta: dic
             ax.set_ylim(0, 1.05)
         else:
             ax.set_yscale("log")
-            plain = matplotlib.ticker.FuncFormatter(lambda v, _: fmt(v))
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _tick(v)))
+
+            def minor(v, _, ax=ax):  # every one within a decade, else 2x and 5x only
+                lo, hi = ax.get_ylim()
+                return _tick(v) if hi < 10 * lo or f"{v:e}"[0] in "25" else ""
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(minor))
             ax.tick_params(axis="y", which="both", labelsize=7)
         ax.set_xlabel(what, fontsize=8)
         ax.set_title(f"{curve}: {title}", fontsize=9)
