@@ -105,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="idle levels: connections one source address opens to one destination "
                         f"before the next address is used (default: the ephemeral port range less "
                         f"{PORT_MARGIN}; lower it to try the spreading on a small level)")
-    p.add_argument("--idle-timeout", type=float, help="seconds to open the idle connections (default 30; --curves 120; --quick 20); a level that would take more than twice that at the rate of the previous level is skipped")
+    p.add_argument("--idle-timeout", type=float,
+                   help="seconds to open the idle connections (default 30; --curves 120; --quick "
+                        "20); a level that would take more than twice that at the rate of the "
+                        "previous level is skipped")
     p.add_argument("--idle-probe", type=int, help="seconds of the latency probe during idle (default 2)")
     p.add_argument("--origin", choices=["auto", "nginx", "python"], default="auto",
                    help="origin server (auto: nginx if installed, else bench/origin.py)")
