@@ -1,4 +1,4 @@
-"""Relay benchmark: kite against a direct connection, a stunnel pair and pagekite.py, on loopback.
+"""Relay benchmark: kite against a direct connection, haproxy, a stunnel pair and pagekite.py, on loopback.
 
 The entry script; the code is the package ``relaybench/`` beside it (bench/README.md).
 

@@ -60,7 +60,8 @@ def test_help_lists_systems_and_workloads():
     out = subprocess.run([sys.executable, str(HARNESS), "--help"], stdout=subprocess.PIPE,
                          timeout=30, check=True).stdout.decode()
     for word in ("--systems", "--workloads", "--quick", "stunnel", "pagekite-tuned", "kite-asyncio",
-                 "newconn", "idle"):
+                 "newconn", "idle", "haproxy", "scale-conns", "scale-downloads", "--curves",
+                 "--idle-levels", "--conn-levels", "--download-levels"):
         assert word in out
 
 
@@ -90,6 +91,147 @@ Transfer/sec:     45.81MB
     assert r["requests"] == 122700
     assert r["errors"] == 7
     assert parse_size("64M") == 64 << 20 and parse_size("1G") == 1 << 30
+
+
+def test_jain_index():
+    jain = _relaybench("downloads").jain_index
+    assert jain([5.0, 5.0, 5.0, 5.0]) == pytest.approx(1.0)
+    assert jain([8.0, 0.0, 0.0, 0.0]) == pytest.approx(0.25)  # one got all: 1/n
+    assert jain([3.0, 1.0]) == pytest.approx(16 / 20)
+    assert jain([]) is None and jain([0, 0]) is None
+
+
+def test_download_counts_body_bytes_across_chunks_and_asks_again():
+    """The scale-downloads client: heads split across reads, a body that ends inside a read,
+    the next GET sent at each end; only body bytes count."""
+    import socket
+
+    _Download = _relaybench("downloads")._Download
+    a, b = socket.socketpair()
+    try:
+        d = _Download(a, b"GET /f HTTP/1.1\r\nHost: h\r\n\r\n")
+        d.send_request()
+        assert b.recv(100).startswith(b"GET /f ")
+        stream = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789"
+        for piece in (stream[:7], stream[7:40], stream[40:45], stream[45:]):
+            d.received(memoryview(piece), len(piece))
+        assert d.bytes == 10 and d.responses == 1
+        assert b.recv(100).startswith(b"GET /f ")  # asked again at the end of the body
+        d.received(memoryview(stream[:-3]), len(stream) - 3)
+        assert d.bytes == 17 and d.responses == 1 and d.left == 3
+        with pytest.raises(_relaybench("common").BenchError):
+            bad = b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n"
+            d.left = -1
+            d.received(memoryview(bad), len(bad))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_limits_plan_idle_levels_and_sources():
+    limits = _relaybench("limits")
+    # within one port range: no binding; beyond: enough of 127.0.0.2, .3, ...
+    assert limits.source_addresses(20_000, 27_232) == ["127.0.0.1"]
+    assert limits.source_addresses(100_000, 27_232) == [f"127.0.0.{i}" for i in (2, 3, 4, 5)]
+    with pytest.raises(ValueError):
+        limits.source_addresses(10_000, 10)
+    assert limits.level_plan(1000, [(19_800, "fds")]) == (1000, None, False)
+    n, why, skip = limits.level_plan(10_000, [(9_715, "max_clients"), (27_232, "ports")])
+    assert (n, skip) == (9_715, False) and "max_clients" in why and "ports" not in why
+    n, why, skip = limits.level_plan(100_000, [(19_800, "fds"), (27_232, "ports")])
+    assert (n, skip) == (19_800, True) and why.index("fds") < why.index("ports")
+    wrk_threads = _relaybench("wrk").wrk_threads
+    assert [wrk_threads(c, 2) for c in (1, 50, 1000, 5000)] == [1, 1, 1, 2]
+    assert wrk_threads(5000, 8) == 5
+
+
+def test_idle_client_spreads_visitors_over_source_addresses(tmp_path):
+    """Beyond one port range the idle client binds 127.0.0.2, .3, ... in turn: every
+    visitor is served, and the origin sees them from those addresses."""
+    root = tmp_path / "www"
+    (root / "up").mkdir(parents=True)
+    (root / "1k.bin").write_bytes(os.urandom(1024))
+    origin = subprocess.Popen([sys.executable, str(REPO / "bench" / "origin.py"), "--port", "0",
+                               "--root", str(root)], stderr=subprocess.PIPE)
+    client = None
+    try:
+        line = origin.stderr.readline().decode()
+        port = int(line.rsplit(":", 1)[1])
+        client = subprocess.Popen([sys.executable, str(HARNESS), "_idle-client", "--port", str(port),
+                                   "--host", "o", "--conns", "40", "--timeout", "20",
+                                   "--sources", "127.0.0.2,127.0.0.3"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        report = json.loads(client.stdout.readline())
+        assert report["ok"] == 40 and report["failed"] == 0, report
+        socks = _relaybench("measure").tcp_sockets()
+        if socks is not None:  # ss installed: where the client's connections come from
+            mine = [s["local"].rsplit(":", 1)[0] for s in socks
+                    if s["peer_port"] == port and client.pid in s["pids"]]
+            assert sorted(mine) == ["127.0.0.2"] * 20 + ["127.0.0.3"] * 20
+    finally:
+        if client is not None:
+            client.stdin.close()
+            client.wait(30)
+            client.stdout.close()
+        origin.kill()
+        origin.wait(10)
+        origin.stderr.close()
+
+
+def test_harness_idle_level_beyond_one_port_range(tmp_path):
+    """An idle level larger than --ports-per-address: the visitors come from 127.0.0.2, .3,
+    and kite flies one kite per origin address, so every visitor is served."""
+    kite_sys = _kite_system()
+    jsonl = tmp_path / "relay.jsonl"
+    argv = [sys.executable, str(HARNESS), "--systems", f"direct,{kite_sys}", "--rounds", "1",
+            "--workloads", "idle", "--idle-levels", "50", "--ports-per-address", "20",
+            "--idle-probe", "1", "--bulk-size", "4M", "--check-size", "256K",
+            "--json", str(jsonl), "--png", "", "--no-progress"]
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+                          cwd=str(tmp_path))
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert not [r for r in records if r["type"] in ("error", "skip")]
+    samples = {(r["system"], r["workload"]): r["metrics"] for r in records if r["type"] == "sample"}
+    for system in ("direct", kite_sys):
+        m = samples[(system, "idle-50")]
+        assert m["ok"] == 50 and m["sources"] == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    assert samples[(kite_sys, "idle-50")]["kites"] == ["app.bench.kite", "app2.bench.kite",
+                                                        "app3.bench.kite"]
+
+
+def test_harness_runs_the_curves(tmp_path):
+    """scale-conns and scale-downloads at small levels on direct and haproxy (skipped with
+    a note where haproxy is not installed): a sample per level, the curve tables."""
+    jsonl = tmp_path / "relay.jsonl"
+    argv = [sys.executable, str(HARNESS), "--systems", "direct,haproxy", "--rounds", "1",
+            "--workloads", "scale-conns,scale-downloads", "--conn-levels", "1,20",
+            "--download-levels", "1,3", "--download-duration", "1", "--wrk-duration", "1",
+            "--bulk-size", "4M", "--check-size", "256K",
+            "--json", str(jsonl), "--png", "", "--no-progress"]
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+                          cwd=str(tmp_path))
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert not [r for r in records if r["type"] == "error"]
+    meta = next(r for r in records if r["type"] == "meta")
+    assert "direct" in meta["systems"]
+    assert "haproxy" in meta["systems"] or "haproxy" in meta["skipped"]
+    assert meta["limits"]["ip_local_port_range"][0] > 0
+    samples = {(r["system"], r["workload"]): r["metrics"] for r in records if r["type"] == "sample"}
+    for system in meta["systems"]:
+        for n in (1, 3):
+            d = samples[(system, f"scale-downloads-{n}")]
+            assert d["conns"] == n and len(d["per_conn_bytes"]) == n and d["bytes"] > 0
+            assert 0 < d["jain"] <= 1.0 + 1e-9
+        if meta["wrk"]:
+            assert samples[(system, "scale-conns-20")]["rps"] > 0
+    assert "scale-downloads: aggregate download MB/s, by concurrent downloads" in out
+    summaries = {(r["system"], r["workload"], r["metric"]) for r in records if r["type"] == "summary"}
+    assert ("direct", "scale-downloads-3", "jain") in summaries
+    assert _harness_processes(meta["work_dir"]) == []
 
 
 def test_harness_runs_direct_and_kite(tmp_path):

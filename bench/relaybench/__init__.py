@@ -1,10 +1,11 @@
-"""Relay benchmark: kite against a direct connection, a stunnel pair and pagekite.py, on loopback.
+"""Relay benchmark: kite against a direct connection, haproxy, a stunnel pair and pagekite.py, on loopback.
 
 Every system is started by this script on 127.0.0.1 in front of the same origin (nginx with
 its own config and its files in /dev/shm, sendfile on; ``bench/origin.py`` when nginx is
 missing), and visitors reach the origin through it:
 
   direct          client -> origin
+  haproxy         client -> haproxy (mode tcp, nbthread 1, no TLS) -> origin
   stunnel         client -> stunnel (client mode) -> TLS -> stunnel (server mode) -> origin
                   (the C reference: a TLS tunnel of the same shape as kite, one TLS connection
                   per visitor connection)
@@ -35,6 +36,14 @@ Workloads (each started on a fresh instance of the system, after the check):
            open and idle: RSS per connection of relay + backend, and meanwhile one
            connection's sequential-request latency (p50, p99)
 
+The scaling curves (not run by default; --workloads, or --curves for these and idle):
+
+  scale-conns      wrk at each of --conn-levels keep-alive connections: req/s, p50, p99
+  scale-downloads  each of --download-levels concurrent downloads of the bulk file for
+                   --download-duration s: aggregate MB/s, Jain's index over the per-download bytes
+  idle             at --idle-levels up to 100,000 (several 127.0.0.x source addresses beyond
+                   one port range; a level beyond the descriptor or port limits is skipped)
+
 Each figure is the median of --rounds interleaved rounds (every system once per round, in a
 rotated order), shown with min..max.  Output: a table on stdout (progress on stderr), JSON
 lines (--json) and a PNG chart (--png, needs matplotlib).  Benchmarks are not tests: nothing
@@ -45,9 +54,10 @@ Ctrl-C or an error.
     python bench/relay_bench.py --quick          # a smoke run: 1 round, 64 MiB, 3 s wrk, 200 idle
     python bench/relay_bench.py --systems kite,stunnel --workloads bulk,c50
     python bench/relay_bench.py --profile        # plus py-spy profiles of kite during c50
+    python bench/relay_bench.py --curves         # the scaling curves
 
 The code, one job per module (imports go one way: cli -> workloads, report, profiling ->
-systems -> context -> client, wrk, measure, procs -> common):
+systems -> context -> client, wrk, downloads, limits, measure, procs -> common):
 
   common      paths, the loopback address, names, units, BenchError
   progress    the progress line on stderr and the notes for the report
@@ -55,11 +65,13 @@ systems -> context -> client, wrk, measure, procs -> common):
   measure     /proc and ss: CPU time, RSS, mapped files, interference and steal, TCP sockets
   client      the HTTP client: connect, read_head, http_get, http_put_file, python_seq
   wrk         run wrk, parse its output
+  downloads   the scale-downloads client (one thread, a selector loop) and Jain's index
+  limits      the kernel's limits, source addresses for many visitors, run/cap/skip a level
   context     Ctx: work directory, files, certificates, origin, which kite
-  systems     Direct, Stunnel, Pagekite, PagekiteTuned, Kite, KitePy, KiteAsyncio; Running
-  workloads   the check, bulk, c50, seq, newconn, idle
+  systems     Direct, Haproxy, Stunnel, Pagekite, PagekiteTuned, Kite, KitePy, KiteAsyncio; Running
+  workloads   the check, bulk, c50, seq, newconn, idle, scale-conns, scale-downloads
   idleclient  the idle workload's helper process (relay_bench.py _idle-client)
-  report      Results, the table, notes, targets, the PNG chart
+  report      Results, the tables, notes, targets, the PNG charts
   profiling   --profile: py-spy on relay and backend
   cli         options, the interleaved rounds, main
 """

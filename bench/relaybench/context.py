@@ -12,6 +12,7 @@ import sys
 import tempfile
 
 from .common import BENCH, HOST, PK_FE_NAME, REPO, TLS_NAME, BenchError, MiB
+from .limits import MAX_SOURCES, PORT_MARGIN, ports_per_destination, source_addresses
 from .measure import tool_version
 from .procs import Procs, free_port, log_has, port_open, raise_nofile, wait_for
 from .progress import Progress
@@ -25,7 +26,15 @@ class Ctx:
         self.args = args
         self.procs = procs
         self.progress = progress
-        self.nofile = raise_nofile()
+        self.nofile = raise_nofile(getattr(args, "want_nofile", 0))
+        self.ports_per_destination = ports_per_destination()
+        #: Connections one source address opens to one destination (--ports-per-address).
+        self.per_address = (getattr(args, "ports_per_address", None)
+                            or self.ports_per_destination - PORT_MARGIN)
+        #: Where the origin listens (one port): HOST, and 127.0.0.2, ... when an idle level
+        #: needs more connections to it than one port range holds (--idle-levels).
+        self.origin_hosts = [HOST]
+        self.idle_level: int | None = None  # set while an idle level's instance starts
         self.work = tempfile.mkdtemp(prefix="kite-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self.www = os.path.join(self.work, "www")
         self.logs = os.path.join(self.work, "logs")
@@ -128,6 +137,14 @@ class Ctx:
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     # origin --------------------------------------------------------------------------------
+    def origin_hosts_for_level(self) -> list[str]:
+        """The origin addresses a system that can spread its origin connections uses for
+        the idle level starting now (``idle_level``): as many as its ports need, else HOST."""
+        if not self.idle_level:
+            return [HOST]
+        need = len(source_addresses(self.idle_level, self.per_address))
+        return [HOST] if need <= 1 else self.origin_hosts[:need]
+
     def start_origin(self) -> None:
         """nginx with its own config (--origin auto/nginx), else bench/origin.py."""
         kind = self.args.origin
@@ -146,6 +163,11 @@ class Ctx:
         port = free_port()
         conf = os.path.join(self.work, "nginx.conf")
         conns = max(1024, self.nofile - 200)
+        a = self.args
+        most = min(max(a.idle_conns) if "idle" in a.workloads else 0, MAX_SOURCES * self.per_address)
+        need = source_addresses(most, self.per_address)
+        self.origin_hosts = [HOST] if need == [HOST] else [HOST, *need]
+        listens = "".join(f"        listen {addr}:{port} backlog=4096;\n" for addr in self.origin_hosts)
         with open(conf, "w") as f:
             f.write(f"""# kite relay benchmark origin: one process, files in {self.www}
 daemon off;
@@ -166,8 +188,7 @@ http {{
     client_body_buffer_size 1m;
     client_body_temp_path {self.upload_tmp};
     server {{
-        listen {HOST}:{port} backlog=4096;
-        root {self.www};
+{listens}        root {self.www};
         location /up/ {{
             dav_methods PUT;
             dav_access user:rw;

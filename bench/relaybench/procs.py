@@ -34,11 +34,24 @@ def port_open(port: int) -> bool:
         return False
 
 
-def raise_nofile() -> int:
-    """Raise the soft limit of open files to the hard one (children inherit it); return it."""
+def raise_nofile(want: int = 0) -> int:
+    """Raise the soft limit of open files to the hard one, or both to ``want`` (at most
+    fs.nr_open) where the process may raise its hard limit (CAP_SYS_RESOURCE); children
+    inherit it.  Return the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
+    if want > hard:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                want = min(want, int(f.read()))
+        except (OSError, ValueError):
+            pass
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (OSError, ValueError):
+            pass  # not privileged: the hard limit stays
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
@@ -136,6 +149,19 @@ def wait_for(what: str, predicate: Callable[[], bool], timeout: float,
                                  + "\n".join(tail(lg) for lg in logs))
         time.sleep(0.05)
     raise BenchError(f"{what}: not ready after {timeout:g} s\n" + "\n".join(tail(lg) for lg in logs))
+
+
+def log_count(path: str, pattern: str, n: int) -> Callable[[], bool]:
+    """A predicate for wait_for: the regular expression ``pattern`` occurs ``n`` times in the file."""
+    rx = re.compile(pattern)
+
+    def check() -> bool:
+        try:
+            with open(path, "rb") as f:
+                return len(rx.findall(f.read().decode("utf-8", "replace"))) >= n
+        except OSError:
+            return False
+    return check
 
 
 def log_has(path: str, pattern: str) -> Callable[[], bool]:

@@ -1,5 +1,5 @@
-"""Results: the samples and JSON lines, medians with min..max, the table, the notes under
-it, kite's targets, and the PNG chart."""
+"""Results: the samples and JSON lines, medians with min..max, the table, the curves'
+tables, the notes under them, kite's targets, and the PNG charts."""
 
 from __future__ import annotations
 
@@ -49,6 +49,12 @@ COLUMNS = {
                ("backend_sys_us_per_req", "backend sys", False)],
     "seq": [("rps", "req/s", True), ("p50_ms", "p50 ms", False), ("p99_ms", "p99 ms", False)],
     "newconn": [("cps", "conns/s", True), ("p50_ms", "p50 ms", False), ("p99_ms", "p99 ms", False)],
+    "scale-conns": [("rps", "req/s", True), ("p50_ms", "p50 ms", False), ("p99_ms", "p99 ms", False),
+                    ("errors", "wrk errors", False)],
+    "scale-downloads": [("MBps", "MB/s", True), ("jain", "Jain's index", True),
+                        ("min_conn_MBps", "slowest MB/s", True),
+                        ("relay_cpu_s_per_GB", "relay s/GB", False),
+                        ("backend_cpu_s_per_GB", "backend s/GB", False)],
     "idle": [("ok", "conns", True), ("KiB_per_conn", "KiB/conn r+b", False),
              ("relay_KiB_per_conn", "relay KiB/c", False),
              ("backend_KiB_per_conn", "backend KiB/c", False),
@@ -116,6 +122,14 @@ def workload_sections(args) -> list[tuple]:
     if "newconn" in args.workloads:
         secs.append(((f"newconn: one request per connection (Connection: close), "
                       f"{args.newconn_conns} at a time, {args.newconn_duration} s"), "newconn", "newconn"))
+    if "scale-conns" in args.workloads:
+        for n in args.conn_levels:
+            secs.append(((f"scale-conns {n}: wrk, {n} keep-alive connections, 1 KiB file, "
+                          f"{args.wrk_duration} s"), f"scale-conns-{n}", "scale-conns"))
+    if "scale-downloads" in args.workloads:
+        for n in args.download_levels:
+            secs.append(((f"scale-downloads {n}: {n} concurrent downloads of the bulk file for "
+                          f"{args.download_duration:g} s"), f"scale-downloads-{n}", "scale-downloads"))
     if "idle" in args.workloads:
         for n in args.idle_conns:
             secs.append(((f"idle {n}: idle keep-alive visitors; RSS growth per connection of relay + "
@@ -149,6 +163,62 @@ def print_table(res: Results, systems: list[str], args, out=sys.stdout) -> None:
         print("-" * len(header), file=out)
         for s, cells in rows:
             print(f"{s:<{w_sys}}" + "".join(f"  {c:>{w}}" for c, w in zip(cells, widths)), file=out)
+
+
+def curve_levels(args) -> list[tuple[str, list[int], str]]:
+    """(curve, its levels, what a level counts) for each curve of the run."""
+    out = []
+    if "scale-conns" in args.workloads:
+        out.append(("scale-conns", args.conn_levels, "keep-alive connections"))
+    if "scale-downloads" in args.workloads:
+        out.append(("scale-downloads", args.download_levels, "concurrent downloads"))
+    if "idle" in args.workloads:
+        out.append(("idle", args.idle_conns, "idle visitors"))
+    return out
+
+
+#: (curve, metric, title) of the curves' tables and the panels of their chart.
+CURVE_METRICS = [
+    ("scale-conns", "rps", "requests/s, 1 KiB file, keep-alive"),
+    ("scale-conns", "p99_ms", "p99 latency, ms"),
+    ("scale-downloads", "MBps", "aggregate download MB/s"),
+    ("scale-downloads", "jain", "fairness: Jain's index over bytes per download"),
+    ("idle", "KiB_per_conn", "RSS KiB per visitor, relay + backend"),
+]
+
+
+def print_curves(res: Results, systems: list[str], args, out=sys.stdout) -> None:
+    """One table per curve and metric: a row per system, a column per level, each cell the
+    median (min..max) of the rounds."""
+    sizes = {c: n for c, _, n in curve_levels(args)}
+    for curve, lv, _ in curve_levels(args):
+        for c, key, title in CURVE_METRICS:
+            if c != curve:
+                continue
+            rows = []
+            for s in systems:
+                cells = []
+                for n in lv:
+                    sm = res.summary(s, f"{curve}-{n}", key)
+                    if sm is None:
+                        cells.append("-")
+                    elif sm["n"] == 1 or sm["min"] == sm["max"]:
+                        cells.append(fmt(sm["median"]))
+                    else:
+                        cells.append(f"{fmt(sm['median'])} ({fmt(sm['min'])}..{fmt(sm['max'])})")
+                if any(x != "-" for x in cells):
+                    rows.append((s, cells))
+            if not rows:
+                continue
+            heads = [f"{n:,}" for n in lv]
+            widths = [max(len(h), *(len(r[1][i]) for r in rows)) for i, h in enumerate(heads)]
+            w_sys = max(14, max(len(s) for s in systems) + 1)
+            print(f"\n{curve}: {title}, by {sizes[curve]}", file=out)
+            header = f"{'system':<{w_sys}}" + "".join(f"  {h:>{w}}" for h, w in zip(heads, widths))
+            print(header, file=out)
+            print("-" * len(header), file=out)
+            for s, cells in rows:
+                print(f"{s:<{w_sys}}" + "".join(f"  {x:>{w}}" for x, w in zip(cells, widths)), file=out)
 
 
 def targets(res: Results, args) -> list[dict]:
@@ -255,6 +325,73 @@ def draw_png(res: Results, systems: list[str], args, path: str, meta: dict) -> s
     return None
 
 
+def _tick(v: float) -> str:
+    """An axis label: 20,000 or 0.5."""
+    return f"{v:,.0f}" if v >= 1 else f"{v:g}"
+
+
+def draw_curves_png(res: Results, systems: list[str], args, path: str, meta: dict) -> str | None:
+    """The curves: one panel per curve and metric, a line per system through the medians,
+    bars min..max, levels on a log x axis."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return "matplotlib not installed: no chart (pip install matplotlib)"
+    lv = {c: (levels, what) for c, levels, what in curve_levels(args)}
+    panels = [(c, key, title) for c, key, title in CURVE_METRICS if c in lv
+              and any(res.summary(s, f"{c}-{n}", key) for s in systems for n in lv[c][0])]
+    if not panels:
+        return "no curve has a result"
+    cols = min(3, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (curve, key, title) in zip(axes.flat, panels):
+        levels, what = lv[curve]
+        for s in systems:
+            xs, meds, lo, hi = [], [], [], []
+            for n in levels:
+                sm = res.summary(s, f"{curve}-{n}", key)
+                if sm:
+                    xs.append(n)
+                    meds.append(sm["median"])
+                    lo.append(sm["median"] - sm["min"])
+                    hi.append(sm["max"] - sm["median"])
+            if xs:
+                ax.errorbar(xs, meds, yerr=[lo, hi], marker="o", markersize=4, capsize=3,
+                            linewidth=1.2, label=s)
+        ax.set_xscale("log")
+        ax.set_xticks(levels)
+        ax.set_xticklabels([f"{n:,}" for n in levels], fontsize=7)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        if key == "jain":
+            ax.set_ylim(0, 1.05)
+        else:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _tick(v)))
+
+            def minor(v, _, ax=ax):  # every one within a decade, else 2x and 5x only
+                lo, hi = ax.get_ylim()
+                return _tick(v) if hi < 10 * lo or f"{v:e}"[0] in "25" else ""
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(minor))
+            ax.tick_params(axis="y", which="both", labelsize=7)
+        ax.set_xlabel(what, fontsize=8)
+        ax.set_title(f"{curve}: {title}", fontsize=9)
+        ax.grid(which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"kite relay benchmark, scaling curves, loopback, {meta['cpus']} CPUs, origin "
+                 f"{meta['origin']}: median of {args.rounds} rounds, bars min..max", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
 def print_header(meta: dict, out=sys.stdout) -> None:
     """What ran where: machine, origin, kite, the systems run and skipped."""
     print(f"kite relay benchmark: {meta['time']}, {meta['cpus']} CPUs ({meta['cpu_model']}), "
@@ -287,7 +424,8 @@ def print_notes(res: Results, args, notes: list[str], out=sys.stdout) -> None:
             print(f"  note: {where}: the machine was shared: other processes used "
                   f"{m['foreign_cpu_s']:.1f} CPU-s and the hypervisor stole {m['steal_s']:.1f} s in "
                   f"{m['wall_s']:.1f} s", file=out)
-        elif (s["workload"] in ("c50", "seq", "newconn") or s["workload"].startswith("idle")) \
+        elif (s["workload"] in ("c50", "seq", "newconn")
+              or s["workload"].startswith(("idle", "scale-conns"))) \
                 and m.get("steal_s", 0.0) > 0.02 * m.get("wall_s", 1e9):
             # Steal comes in pauses of milliseconds that every connection waits out, so a few
             # percent of stolen time shows in the p99.
@@ -297,7 +435,8 @@ def print_notes(res: Results, args, notes: list[str], out=sys.stdout) -> None:
             print(f"  note: {where}: {m['note']}", file=out)
         if m.get("failed"):
             print(f"  note: {where}: {m['failed']} connections failed: {m.get('errors')}", file=out)
-        if m.get("errors") and s["workload"] in ("c50", "seq", "newconn"):
+        if m.get("errors") and (s["workload"] in ("c50", "seq", "newconn")
+                                or s["workload"].startswith("scale-conns")):
             print(f"  note: {where}: {m['errors']} wrk errors {m.get('socket_errors', '')}", file=out)
     for text in notes:
         print(f"  note: {text.splitlines()[0]}", file=out)
@@ -313,9 +452,12 @@ def emit_summaries(res: Results, systems: list[str], args) -> None:
                 sm = res.summary(sys_name, w, key)
                 if sm:
                     res.emit({"type": "summary", "system": sys_name, "workload": w, "metric": key, **sm})
-        for n in args.idle_conns:
-            for key, _, _ in COLUMNS["idle"]:
-                sm = res.summary(sys_name, f"idle-{n}", key)
+        levels = [("idle", n) for n in args.idle_conns]
+        levels += [("scale-conns", n) for n in args.conn_levels]
+        levels += [("scale-downloads", n) for n in args.download_levels]
+        for kind, n in levels:
+            for key, _, _ in COLUMNS[kind]:
+                sm = res.summary(sys_name, f"{kind}-{n}", key)
                 if sm:
-                    res.emit({"type": "summary", "system": sys_name, "workload": f"idle-{n}",
-                              "metric": key, **sm})
+                    res.emit({"type": "summary", "system": sys_name, "workload": f"{kind}-{n}",
+                              "metric": key, "level": n, **sm})

@@ -16,9 +16,10 @@ from .client import connect, http_get
 from .common import HOST, KITE_DOMAIN, KITE_NAME, PK_FE_NAME, SECRET, TLS_NAME, BenchError
 from .context import Ctx
 from .measure import tool_version
-from .procs import free_port, log_has, port_open, wait_for
+from .procs import free_port, log_count, log_has, port_open, wait_for
 
 PAGEKITE_TUNING = ["--select_loop_min_ms=0", "--max_read_bytes=262144"]
+DEFAULT_MAX_STREAMS = 16384  # kite relay's --max-streams (visitors per tunnel)
 
 
 class Running:
@@ -26,10 +27,12 @@ class Running:
 
     def __init__(self, system: System, port: int, host: str, procs: dict[str, subprocess.Popen],
                  dialer: str | None = None, tunnel_port: int | None = None,
-                 fds_per_conn: int = 1, tls_name: str | None = None):
+                 fds_per_conn: int = 1, tls_name: str | None = None,
+                 hosts: list[str] | None = None):
         self.system = system
         self.port = port
         self.host = host
+        self.hosts = hosts or [host]  # idle visitors: Host of each in turn (one kite per origin address)
         self.procs = procs  # role ("relay", "backend") -> process
         self.dialer = dialer  # the role whose sockets to tunnel_port carry the tunnel
         self.tunnel_port = tunnel_port
@@ -56,6 +59,20 @@ class System:
     https = False
     #: role -> [(substring of /proc/PID/maps, expected present?)]
     maps: ClassVar[dict[str, list]] = {}
+    #: Descriptors one idle visitor holds in the busiest process of the system.
+    idle_fds_per_conn = 1
+    #: The system's own connections to the origin all leave from HOST to one address and
+    #: port, so they share one ephemeral port range (only ``direct``, whose client is the
+    #: bench's, spreads over several source addresses).
+    origin_from_one_address = True
+    #: For an idle level beyond one port range, it can spread its origin connections over
+    #: the origin's several addresses (ctx.origin_hosts) when ``ctx.idle_level`` asks.
+    origin_spread = False
+
+    def idle_fd_cap(self, nofile: int) -> tuple[int, str]:
+        """The most idle visitors it can hold with RLIMIT_NOFILE ``nofile``, and why."""
+        return ((nofile - 200) // self.idle_fds_per_conn,
+                f"{self.idle_fds_per_conn} descriptor(s) per visitor, RLIMIT_NOFILE {nofile}")
 
     def unavailable(self, ctx: Ctx) -> str | None:
         """Why this system cannot run here (not installed, ...), or None."""
@@ -72,6 +89,7 @@ class System:
 class Direct(System):
     name = "direct"
     title = "client -> origin"
+    origin_from_one_address = False
 
     def start(self, ctx, tag):
         return Running(self, ctx.origin_port, "origin.bench", {})
@@ -80,6 +98,13 @@ class Direct(System):
 class Stunnel(System):
     name = "stunnel"
     title = "stunnel client -> TLS -> stunnel server (C reference)"
+    idle_fds_per_conn = 2
+
+    def idle_fd_cap(self, nofile):
+        # stunnel refuses clients beyond max_clients = 125/256 of its RLIMIT_NOFILE (2
+        # descriptors per client, plus headroom); keep room for the latency probe.
+        return (nofile * 125 // 256 - 50,
+                f"stunnel's max_clients is 125/256 of RLIMIT_NOFILE ({nofile})")
 
     def _exe(self):
         return shutil.which("stunnel4") or shutil.which("stunnel")
@@ -113,6 +138,67 @@ class Stunnel(System):
                      [server, client], [slog, clog])
         except BaseException:
             ctx.procs.stop(client, server)
+            raise
+        return run
+
+
+class Haproxy(System):
+    """haproxy relaying plain TCP (``mode tcp``) to the origin: one process, one thread, no
+    TLS; the C reference for a relay's cost per request without a tunnel."""
+
+    name = "haproxy"
+    title = "client -> haproxy (mode tcp, nbthread 1, no TLS) -> origin"
+    idle_fds_per_conn = 2
+    origin_spread = True
+
+    def _exe(self):
+        exe = "/usr/sbin/haproxy"  # not on a non-root user's PATH
+        return shutil.which("haproxy") or (exe if os.path.exists(exe) else None)
+
+    def unavailable(self, ctx):
+        return None if self._exe() else "haproxy not installed (apt-get install haproxy)"
+
+    def version(self, ctx):
+        return tool_version([self._exe(), "-v"], r"HAProxy version \S+")
+
+    def start(self, ctx, tag):
+        port = free_port()
+        conf = os.path.join(ctx.work, f"haproxy-{tag}.cfg")
+        # Two descriptors per visitor (its socket and the one to the origin), plus headroom.
+        maxconn = max(100, (ctx.nofile - 200) // 2)
+        # One server per origin address the idle level needs (round robin), else one.
+        servers = "\n".join(f"    server origin{i} {addr}:{ctx.origin_port} maxconn {maxconn}"
+                             for i, addr in enumerate(ctx.origin_hosts_for_level(), 1))
+        with open(conf, "w") as f:
+            f.write(f"""# kite relay benchmark: haproxy relaying plain TCP to the origin
+global
+    nbthread 1
+    maxconn {maxconn}
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+
+frontend visitors
+    bind {HOST}:{port} backlog 4096
+    maxconn {maxconn}
+    default_backend origin
+
+backend origin
+    balance roundrobin
+{servers}
+""")
+        log = ctx.logfile(f"haproxy-{tag}")
+        proc = ctx.procs.start("haproxy", [self._exe(), "-db", "-f", conf], log=log,
+                               cpus=ctx.system_cpus)
+        run = Running(self, port, KITE_NAME, {"relay": proc}, fds_per_conn=2)
+        try:
+            wait_for("haproxy", lambda: port_open(port), 15, [proc], [log])
+            wait_until_served(run, 15)
+        except BaseException:
+            ctx.procs.stop(proc)
             raise
         return run
 
@@ -172,6 +258,7 @@ class Kite(System):
     name = "kite"
     title = "kite relay + kite expose, TLS, uvloop, compiled fast path"
     loop = "uvloop"
+    origin_spread = True
     extra_env: ClassVar[dict[str, str]] = {"KITE_REQUIRE_EXTENSIONS": "1"}
     maps: ClassVar[dict[str, list]] = {
         "relay": [("_fastpath.cpython", True), ("uvloop", True)],
@@ -209,25 +296,41 @@ class Kite(System):
         env.update(self.extra_env)
         rlog, blog = ctx.logfile(f"{self.name}-relay-{tag}"), ctx.logfile(f"{self.name}-expose-{tag}")
         grant, secret = self.grant(ctx, env, tag)
+        relay_limits = []
+        if ctx.idle_level and ctx.idle_level + 1000 > DEFAULT_MAX_STREAMS:
+            relay_limits = ["--max-streams", str(ctx.idle_level + 1000)]  # one tunnel carries them all
         relay = ctx.procs.start("kite-relay", [
             sys.executable, "-m", "kite", "relay", "--listen", f"{HOST}:{port}",
-            "--tls-cert", ctx.cert, "--tls-key", ctx.key, *grant,
+            "--tls-cert", ctx.cert, "--tls-key", ctx.key, *grant, *relay_limits,
             *self.observe(ctx, tag, "relay"), "--drain-timeout", "1", "--loop", self.loop],
             env=env, log=rlog, cpus=ctx.system_cpus, cwd=ctx.work)
+        origins = ctx.origin_hosts_for_level() if self.origin_spread else [HOST]
+        names = [KITE_NAME] + [f"app{i}.{KITE_DOMAIN[2:]}" for i in range(2, len(origins) + 1)]
+        if len(origins) == 1:
+            kites = [f"http://{HOST}:{ctx.origin_port}", KITE_NAME, "--relay", f"{HOST}:{port}",
+                     "--ca", ctx.cert, "--secret", secret]
+        else:  # one kite per origin address: each has its own range of ports to the origin
+            conf = os.path.join(ctx.work, f"{self.name}-expose-{tag}.toml")
+            with open(conf, "w") as f:
+                f.write(f'[defaults]\nsecret = "{secret}"\nca = "{ctx.cert}"\n\n'
+                        f'[[relay]]\naddress = "{HOST}:{port}"\n')
+                for name, addr in zip(names, origins):
+                    f.write(f'\n[[kite]]\nname = "{name}"\ntarget = "http://{addr}:{ctx.origin_port}"\n')
+            kites = ["--config", conf]
         try:
             wait_for("kite relay", log_has(rlog, r"relay listening on "), 20, [relay], [rlog])
             backend = ctx.procs.start("kite-expose", [
-                sys.executable, "-m", "kite", "expose", f"http://{HOST}:{ctx.origin_port}", KITE_NAME,
-                "--relay", f"{HOST}:{port}", "--ca", ctx.cert, "--secret", secret,
+                sys.executable, "-m", "kite", "expose", *kites,
                 *self.observe(ctx, tag, "backend"), "--loop", self.loop],
                 env=env, log=blog, cpus=ctx.system_cpus, cwd=ctx.work)
         except BaseException:
             ctx.procs.stop(relay)
             raise
         run = Running(self, port, KITE_NAME, {"relay": relay, "backend": backend},
-                      dialer="backend", tunnel_port=port)
+                      dialer="backend", tunnel_port=port, hosts=names)
         try:
-            wait_for("kite expose", log_has(blog, r"kite flying"), 20, [relay, backend], [rlog, blog])
+            wait_for("kite expose", log_count(blog, r"kite flying", len(names)), 20, [relay, backend],
+                     [rlog, blog])
             wait_until_served(run, 20)
         except BaseException:
             ctx.procs.stop(backend, relay)
@@ -258,6 +361,7 @@ class KiteAccounts(Kite):
 
     name = "kite-acct"
     title = "kite, compiled, uvloop, kite from an account (--db: accounting on)"
+    origin_spread = False  # the account holds the one name
 
     def grant(self, ctx, env, tag):
         db = os.path.join(ctx.work, f"{self.name}-{tag}.db")
@@ -296,6 +400,7 @@ class KiteBaseline(Kite):
 
     name = "kite-base"
     title = "kite from $KITE_BASELINE_SRC (a baseline checkout), compiled, uvloop"
+    origin_spread = False  # older trees may read no --config
     extra_env: ClassVar[dict[str, str]] = {
         "KITE_REQUIRE_EXTENSIONS": "1", "PYTHONPATH": os.environ.get("KITE_BASELINE_SRC", "")}
 
@@ -444,7 +549,7 @@ class StunnelTls(Stunnel):
         return run
 
 
-ALL_SYSTEMS = {cls.name: cls for cls in (Direct, Stunnel, Pagekite, PagekiteTuned, Kite, KitePy,
+ALL_SYSTEMS = {cls.name: cls for cls in (Direct, Haproxy, Stunnel, Pagekite, PagekiteTuned, Kite, KitePy,
                                           KiteAsyncio, KiteAccounts, KiteObserved, KiteBaseline,
                                           KiteTls, NginxTls, StunnelTls)}
 SYSTEMS = tuple(ALL_SYSTEMS)

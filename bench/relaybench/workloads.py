@@ -1,5 +1,5 @@
 """The check and the workloads, each run on a started system: check, bulk, c50, seq,
-newconn, idle."""
+newconn, idle, and the scaling curves scale-conns and scale-downloads."""
 
 from __future__ import annotations
 
@@ -13,14 +13,20 @@ import sys
 import time
 
 from .client import connect, http_get, http_put_file, python_seq
-from .common import ENTRY_SCRIPT, BenchError, MiB
+from .common import ENTRY_SCRIPT, HOST, BenchError, MiB
 from .context import Ctx
+from .downloads import concurrent_downloads
+from .limits import source_addresses
 from .measure import cpu_seconds, mapped_files, rss_kib, tcp_sockets
 from .procs import tail
 from .systems import Running, wait_until_served
-from .wrk import run_wrk
+from .wrk import run_wrk, wrk_threads
 
-WORKLOADS = ("bulk", "c50", "seq", "newconn", "idle")  # the check always runs first
+#: The default set, in the order they run (the check always runs first).
+WORKLOADS = ("bulk", "c50", "seq", "newconn", "idle")
+#: The scaling curves: selected by name or by --curves, never by default.
+CURVES = ("scale-conns", "scale-downloads")
+ALL_WORKLOADS = WORKLOADS + CURVES
 
 
 def tunnel_bytes(socks: list[dict], run: Running) -> int:
@@ -191,21 +197,58 @@ def w_newconn(ctx, run):
     return r
 
 
-def idle_client_argv(run: Running, n: int, timeout: float) -> list[str]:
+def w_scale_conns(ctx: Ctx, run: Running, n: int) -> dict:
+    """wrk with ``n`` keep-alive connections (threads by wrk_threads) for --wrk-duration s,
+    1 KiB file: req/s, p50, p99, and CPU per request."""
+    threads = wrk_threads(n, os.cpu_count() or 1)
+    wait_until_served(run, 30)  # done with the previous level's connections
+    r = run_wrk(ctx, run, n, ctx.args.wrk_duration, label=f"scale-conns {n}", threads=threads)
+    r["conns"], r["wrk_threads"] = n, threads
+    return r
+
+
+def w_scale_downloads(ctx: Ctx, run: Running, n: int) -> dict:
+    """``n`` concurrent downloads of the bulk file (again and again, keep-alive) for
+    --download-duration s: aggregate MB/s, Jain's index over the bytes per download, and
+    the CPU seconds per GB of relay and backend."""
+    wait_until_served(run, 30)  # done with the previous level's connections
+    ctx.progress.tick(f"scale-downloads {n}: {ctx.args.download_duration:g} s")
+    cpu0 = proc_cpu(run)
+    r = concurrent_downloads(run.port, run.host, "/bulk.bin", n, ctx.args.download_duration)
+    cpu1 = proc_cpu(run)
+    gb = r["bytes"] / 1e9
+    for role in run.pids:
+        if cpu0[role] is not None and cpu1[role] is not None and gb:
+            r[f"{role}_cpu_s_per_GB"] = (cpu1[role] - cpu0[role]) / gb
+    time.sleep(0.3)  # the cut downloads' buffers drain before the next level
+    return r
+
+
+def idle_client_argv(run: Running, n: int, timeout: float, sources: list[str]) -> list[str]:
     """The helper process that holds the idle connections (relaybench.idleclient)."""
-    return [sys.executable, ENTRY_SCRIPT, "_idle-client", "--port", str(run.port),
-            "--host", run.host, "--conns", str(n), "--timeout", str(timeout)]
+    argv = [sys.executable, ENTRY_SCRIPT, "_idle-client", "--port", str(run.port),
+            "--host", ",".join(run.hosts), "--conns", str(n), "--timeout", str(timeout)]
+    if sources:
+        argv += ["--sources", ",".join(sources)]
+    return argv
 
 
 def w_idle(ctx: Ctx, run: Running, n: int) -> dict:
-    """``n`` idle keep-alive visitors (each fetched 1 KiB first): RSS growth, latency meanwhile."""
+    """``n`` idle keep-alive visitors (each fetched 1 KiB first): RSS growth, latency meanwhile.
+    Beyond one port range of visitors they connect from several loopback addresses."""
     a = ctx.args
     out: dict = {"requested": n}
+    sources = source_addresses(n, ctx.per_address)
+    if sources != [HOST]:
+        out["sources"] = sources
+    if len(run.hosts) > 1:
+        out["kites"] = run.hosts  # one per origin address: the origin connections' port ranges
     wait_until_served(run, 10)  # warm: the first stream's one-time allocations are baseline
     time.sleep(0.3)
     rss0 = {role: rss_kib(pid) for role, pid in run.pids.items()}
     log = ctx.logfile("idle-client")
-    client = ctx.procs.start("idle-client", idle_client_argv(run, n, a.idle_timeout),
+    client = ctx.procs.start("idle-client", idle_client_argv(run, n, a.idle_timeout,
+                                                              sources if sources != [HOST] else []),
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, log=log,
                              cpus=ctx.client_cpus)
     try:

@@ -48,14 +48,20 @@ def parse_wrk(out: str) -> dict:
     return res
 
 
+def wrk_threads(conns: int, cpus: int) -> int:
+    """wrk threads for ``conns`` connections: one per full thousand, at least one, at most
+    one per CPU (on a small machine more client threads only take CPU from the systems)."""
+    return max(1, min(cpus, conns // 1000, conns))
+
+
 def run_wrk(ctx: Ctx, run: Running, conns: int, duration: int, *, close: bool = False,
-            label: str = "wrk") -> dict:
-    """wrk -t1 with ``conns`` connections for ``duration`` s fetching /1k.bin from ``run``
-    (``close``: one request per connection), pinned to the client CPUs if any."""
+            label: str = "wrk", threads: int = 1) -> dict:
+    """wrk -t``threads`` with ``conns`` connections for ``duration`` s fetching /1k.bin from
+    ``run`` (``close``: one request per connection), pinned to the client CPUs if any."""
     # https: wrk sends its URL's host as SNI (and does a full handshake per connection)
     url = (f"https://{run.tls_name}:{run.port}/1k.bin" if run.tls_name
            else f"http://{HOST}:{run.port}/1k.bin")
-    argv = [ctx.wrk, "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "--timeout", "5s",
+    argv = [ctx.wrk, f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--latency", "--timeout", "5s",
             "-H", f"Host: {run.host}"]
     if close:
         argv += ["-H", "Connection: close"]
@@ -75,7 +81,7 @@ def run_wrk(ctx: Ctx, run: Running, conns: int, duration: int, *, close: bool = 
                     p.wait(0.25)
                 except subprocess.TimeoutExpired:
                     pass
-                if time.monotonic() - t0 > duration + 30:
+                if time.monotonic() - t0 > duration + 30 + conns / 500:
                     raise BenchError("wrk did not finish")
         finally:
             ctx.procs.stop(p)

@@ -1,0 +1,121 @@
+"""The scale-downloads client: N concurrent downloads of one big file for a fixed time, in
+one thread (a ``selectors`` loop over non-blocking sockets), counting the bytes each
+connection received; and Jain's fairness index over those counts."""
+
+from __future__ import annotations
+
+import re
+import selectors
+import socket
+import time
+
+from .common import HOST, BenchError
+
+_LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)\s*$")
+
+
+def jain_index(values: list[float]) -> float | None:
+    """Jain's fairness index (sum x)^2 / (n * sum x^2): 1.0 when all are equal, 1/n when one
+    connection got everything; None for no values or all zero."""
+    n = len(values)
+    sq = sum(v * v for v in values)
+    if not n or not sq:
+        return None
+    return sum(values) ** 2 / (n * sq)
+
+
+class _Download:
+    """One keep-alive connection that GETs ``path`` again whenever a response ends."""
+
+    def __init__(self, sock: socket.socket, request: bytes):
+        self.sock = sock
+        self.request = request
+        self.head = bytearray()
+        self.left = -1  # body bytes still due; -1 while reading a head
+        self.bytes = 0  # body bytes received in the window
+        self.responses = 0
+
+    def send_request(self) -> None:
+        # A GET is far smaller than the socket buffer: it goes out at once.
+        self.sock.sendall(self.request)
+        self.head.clear()
+        self.left = -1
+
+    def received(self, view: memoryview, n: int) -> None:
+        """``n`` new bytes in ``view``: count body bytes, parse heads, ask again at an end."""
+        i = 0
+        while i < n:
+            if self.left < 0:
+                self.head += view[i:n]
+                end = self.head.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self.head) > 65536:
+                        raise BenchError("response head longer than 64 KiB")
+                    return
+                head = bytes(self.head[:end])
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise BenchError(f"download: {head[:40]!r}")
+                m = _LENGTH.search(head)
+                if not m:
+                    raise BenchError("download: no Content-Length")
+                consumed = end + 4 - (len(self.head) - (n - i))
+                i += consumed
+                self.head.clear()
+                self.left = int(m.group(1))
+            take = min(self.left, n - i)
+            self.bytes += take
+            self.left -= take
+            i += take
+            if self.left == 0:
+                self.responses += 1
+                if i < n:
+                    raise BenchError("download: bytes after the end of a response")
+                self.send_request()
+
+
+def concurrent_downloads(port: int, host: str, path: str, conns: int, duration: float) -> dict:
+    """``conns`` connections each download ``path`` over and over (keep-alive) for
+    ``duration`` s from the moment the first request goes out; return the bytes each
+    received in that window, their sum, the aggregate MB/s and Jain's index."""
+    sel = selectors.DefaultSelector()
+    request = (b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: kite-bench\r\n\r\n"
+               % (path.encode(), host.encode()))
+    downloads: list[_Download] = []
+    try:
+        for _ in range(conns):
+            s = socket.create_connection((HOST, port), timeout=30)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            d = _Download(s, request)
+            downloads.append(d)
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        t0 = time.monotonic()
+        for d in downloads:
+            d.send_request()
+            d.sock.setblocking(False)
+            sel.register(d.sock, selectors.EVENT_READ, d)
+        t_end = t0 + duration
+        while True:
+            now = time.monotonic()
+            if now >= t_end:
+                break
+            for key, _ in sel.select(t_end - now):
+                d = key.data
+                try:
+                    n = d.sock.recv_into(view)
+                except BlockingIOError:
+                    continue
+                if not n:
+                    raise BenchError(f"download: connection closed after {d.bytes} bytes")
+                d.received(view, n)
+        elapsed = time.monotonic() - t0
+    finally:
+        sel.close()
+        for d in downloads:
+            d.sock.close()
+    per = [d.bytes for d in downloads]
+    total = sum(per)
+    return {"conns": conns, "elapsed_s": elapsed, "bytes": total, "MBps": total / 1e6 / elapsed,
+            "jain": jain_index(per), "min_conn_MBps": min(per) / 1e6 / elapsed,
+            "max_conn_MBps": max(per) / 1e6 / elapsed,
+            "responses": sum(d.responses for d in downloads), "per_conn_bytes": per}
