@@ -1,7 +1,8 @@
 """``kite bench``: run the relay benchmark, ``bench/relay_bench.py`` of the source checkout.
 
-The benchmark is not part of the installed package: it starts nginx, stunnel, pagekite.py and
-wrk, which a wheel cannot bring along, and it lives next to the other benchmarks in ``bench/``.
+The benchmark is not part of the installed package: it starts nginx, stunnel, haproxy,
+pagekite.py and wrk, which a wheel cannot bring along, and it lives next to the other
+benchmarks in ``bench/``.
 This command finds the script (``$KITE_BENCH_SCRIPT``, the checkout this ``kite`` was
 installed from in development mode, or ``./bench/relay_bench.py``) and runs it with this
 Python, passing every argument through; ``kite bench --help`` shows the benchmark's own
@@ -44,14 +45,14 @@ def find_script() -> Path | None:
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args) -> None:
-    """Relay benchmark against direct, stunnel and pagekite.py (options: kite bench --help)."""
+    """Relay benchmark against direct, stunnel, haproxy and pagekite.py (kite bench --help)."""
     script = find_script()
     if script is None:
         fail("the relay benchmark (bench/relay_bench.py) is not in this installation; "
              "it runs from a source checkout of kite: cd to the checkout and run "
              "`python bench/relay_bench.py --help` (or set KITE_BENCH_SCRIPT to its path). "
-             "It needs nginx-light, stunnel4, pagekite and wrk (apt-get install) and matplotlib "
-             "for the chart (pip install matplotlib); missing ones are skipped with a note.")
+             "It needs nginx-light, stunnel4, haproxy, pagekite and wrk (apt-get install) and "
+             "matplotlib for the chart (pip install matplotlib); missing ones are skipped with a note.")
     argv = [sys.executable, str(script), *args]
     sys.stdout.flush()
     sys.stderr.flush()
