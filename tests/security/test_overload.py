@@ -63,6 +63,32 @@ def test_flood_beyond_the_descriptor_limit(relay_process, expose_process, caps):
     srv.close()
 
 
+def test_a_burst_beyond_max_pending_waits_and_is_served(relay_process, expose_process):
+    """More visitors connect at once than --max-pending allows before any of them speaks:
+    the relay pauses accepting (they wait in the listen queue) instead of resetting them,
+    and every one of them is served."""
+    srv = LocalServer(mode="http", size=100).start()
+    relay = relay_process("--max-pending", "4")
+    expose_process(f"http://127.0.0.1:{srv.port}", HOST, relay)
+    wait_until(lambda: _serves(relay.port), 15, "the kite flies")
+    burst = [socket.create_connection(("127.0.0.1", relay.port), timeout=10) for _ in range(40)]
+    try:
+        wait_until(lambda: "accepting paused" in relay.log(), 10, "the relay pauses accepting")
+        for sock in burst:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+                         % HOST.encode())
+        for sock in burst:
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200") and data.endswith(bytes(100)), data[:200]
+    finally:
+        for sock in burst:
+            sock.close()
+    assert "reset" not in relay.log()
+    srv.close()
+
+
 def test_tls_connection_that_says_nothing_is_closed(tmp_path, loop_kind, monkeypatch):
     """After the relay's own TLS handshake, the first head is awaited like first bytes are:
     counted as being set up, and closed after FIRST_BYTES_TIMEOUT (here shortened)."""

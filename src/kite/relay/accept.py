@@ -8,9 +8,13 @@ TLS visitors passed through untouched, plain tunnels, CONNECT and HTTP visitors.
 :class:`~kite.relay.dispatch.Dispatcher`.
 
 Overload (docs in the constants below): the relay caps the connections it holds open
-(``max_connections``: pending, being set up, tunnels, visitors) and those not yet classified
-(``max_pending``); a connection beyond a cap is accepted and reset at once, so the listen
-queue keeps moving and nothing spins.  When ``accept`` itself fails for lack of resources
+(``max_connections``: pending, being set up, tunnels, visitors); a connection beyond it is
+accepted and reset at once, so the listen queue keeps moving and nothing spins.  Connections
+not yet classified are capped too (``max_pending``), but reaching that cap pauses accepting
+instead: a burst of visitors (a browser's six connections times many, a benchmark's
+thousands at once) waits in the kernel's listen queue for the few milliseconds the relay
+needs to read their first bytes, and accepting resumes as soon as the pending ones drop
+below the cap (they say what they are, or close, or time out after FIRST_BYTES_TIMEOUT).  When ``accept`` itself fails for lack of resources
 (EMFILE, ENFILE, ENOBUFS, ENOMEM) the listeners are unregistered and tried again after a
 pause growing from ``ACCEPT_PAUSE_MIN`` to ``ACCEPT_PAUSE_MAX``: a level-triggered listener
 left registered would fire again at once, forever.  Either way at most one log line per
@@ -102,7 +106,10 @@ class PendingVisitor:
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None
-        self.acceptor.pending.discard(self)
+        acceptor = self.acceptor
+        acceptor.pending.discard(self)
+        if acceptor.pending_full:
+            acceptor.pending_left()
         return self.sock
 
     def close(self) -> None:
@@ -173,7 +180,8 @@ class Acceptor:
         self._listeners: list[tuple[socket.socket, int]] = []
         self.max_connections = max_connections
         self.max_pending = max_pending
-        self.accepting = True  # False while paused after a resource error
+        self.accepting = True  # False while paused (a resource error, or pending_full)
+        self.pending_full = False  # paused: max_pending connections await their first bytes
         self._pause = ACCEPT_PAUSE_MIN
         self._retry: Optional[asyncio.TimerHandle] = None
         # what was dropped since the last overload line (and in total, for tests)
@@ -211,6 +219,9 @@ class Acceptor:
 
     def _on_accept(self, lsock: socket.socket, port: int) -> None:
         for _ in range(ACCEPT_BATCH):
+            if len(self.pending) >= self.max_pending:
+                self._pause_while_pending()
+                return
             try:
                 conn, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
@@ -221,10 +232,6 @@ class Acceptor:
                 self._stop_accepting(exc)
                 return
             self._pause = ACCEPT_PAUSE_MIN
-            if len(self.pending) >= self.max_pending:
-                self.over_pending += 1
-                self._drop(conn)
-                continue
             if self.connections() >= self.max_connections:
                 self.over_connections += 1
                 self._drop(conn)
@@ -251,6 +258,24 @@ class Acceptor:
         self.dropped_total += 1
         self._report()
 
+    def _pause_while_pending(self) -> None:
+        """max_pending connections await their first bytes: accept nothing more (the rest
+        wait in the listen queue) until one of them leaves (:meth:`pending_left`)."""
+        self.over_pending += 1
+        self.pending_full = True
+        if self.accepting:
+            self.accepting = False
+            for lsock, _ in self._listeners:
+                self.loop.remove_reader(lsock.fileno())
+        self._report()
+
+    def pending_left(self) -> None:
+        """A pending connection was classified or closed: accept again if paused for it."""
+        if len(self.pending) < self.max_pending:
+            self.pending_full = False
+            if self._retry is None:  # else the resource pause resumes when it is over
+                self._resume_accepting()
+
     def _stop_accepting(self, exc: OSError) -> None:
         """accept() failed (EMFILE, ENFILE, ENOBUFS, ENOMEM, or anything unexpected): unregister every
         listener and try again after a growing pause - never spin on a ready listener."""
@@ -267,7 +292,7 @@ class Acceptor:
 
     def _resume_accepting(self) -> None:
         self._retry = None
-        if self.accepting or not self._listeners:
+        if self.accepting or self.pending_full or not self._listeners:
             return
         self.accepting = True
         for lsock, port in self._listeners:
@@ -292,8 +317,8 @@ class Acceptor:
             parts.append(f"{self.over_connections} connection(s) reset over --max-connections "
                          f"({self.max_connections})")
         if self.over_pending:
-            parts.append(f"{self.over_pending} connection(s) reset over --max-pending "
-                         f"({self.max_pending})")
+            parts.append(f"accepting paused {self.over_pending} time(s) while --max-pending "
+                         f"({self.max_pending}) connections had not said what they are")
         if self.accept_errors:
             parts.append(f"accept failed {self.accept_errors} time(s) ({self._last_error}): "
                          f"paused accepting, up to {ACCEPT_PAUSE_MAX:g} s at a time")
