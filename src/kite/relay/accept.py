@@ -14,11 +14,12 @@ not yet classified are capped too (``max_pending``), but reaching that cap pause
 instead: a burst of visitors (a browser's six connections times many, a benchmark's
 thousands at once) waits in the kernel's listen queue for the few milliseconds the relay
 needs to read their first bytes, and accepting resumes as soon as the pending ones drop
-below the cap (they say what they are, or close, or time out after FIRST_BYTES_TIMEOUT).  When ``accept`` itself fails for lack of resources
-(EMFILE, ENFILE, ENOBUFS, ENOMEM) the listeners are unregistered and tried again after a
-pause growing from ``ACCEPT_PAUSE_MIN`` to ``ACCEPT_PAUSE_MAX``: a level-triggered listener
-left registered would fire again at once, forever.  Either way at most one log line per
-``OVERLOAD_LOG_INTERVAL`` says what was dropped.
+below the cap (they say what they are, or close, or time out after FIRST_BYTES_TIMEOUT).
+When ``accept`` itself fails for lack of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM) the
+listeners are unregistered and tried again after a pause growing from ``ACCEPT_PAUSE_MIN``
+to ``ACCEPT_PAUSE_MAX``: a level-triggered listener left registered would fire again at
+once, forever.  Either way at most one log line per ``OVERLOAD_LOG_INTERVAL`` says what was
+dropped or paused.
 """
 
 from __future__ import annotations
