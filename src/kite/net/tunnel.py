@@ -713,7 +713,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         except (OSError, AttributeError, ValueError):
             self._tcp = None
 
-    def _unsent(self) -> int:
+    def kernel_unsent(self) -> int:
         """The kernel's unsent bytes (TCP_INFO), fed to the target's rate estimate; 0
         without a TCP socket."""
         sock = self._tcp
@@ -744,7 +744,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         if transport is not None:
             queued += transport.get_write_buffer_size()
         if queued < self.send_queue.target:
-            queued += self._unsent()
+            queued += self.kernel_unsent()
         self.queued = queued
         return queued >= self.send_queue.target
 
@@ -756,16 +756,16 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.held.append(stream)
         if self._pace_handle is None and not self.closed:
             self._pace_handle = self.loop.call_later(self.send_queue.delay(self.queued),
-                                                     self._pace_tick)
+                                                     self.pace_tick)
 
-    def _pace_tick(self) -> None:
+    def pace_tick(self) -> None:
         """Give held streams their turns, one quantum each, as far as the queue has room;
         look again when it has drained to about half the target."""
         self._pace_handle = None
         if self.closed:
             return
         transport = self.transport
-        queued = self.writer.pending + self._unsent()
+        queued = self.writer.pending + self.kernel_unsent()
         if transport is not None:
             queued += transport.get_write_buffer_size()
         self.queued = queued
@@ -782,7 +782,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
             stream.last_read = now
             stream.resume(PAUSE_QUEUE)
         if held:
-            self._pace_handle = self.loop.call_later(sq.delay(queued), self._pace_tick)
+            self._pace_handle = self.loop.call_later(sq.delay(queued), self.pace_tick)
 
     # During the handshake, bytes go to a small buffer; in chunk mode, to the demux.
     def get_buffer(self, sizehint: int) -> memoryview:
