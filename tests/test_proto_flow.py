@@ -200,10 +200,12 @@ def test_send_queue_starts_small_and_follows_the_measured_rate():
     q = SendQueue(quantum_max=128 * 1024)
     assert (q.target, q.quantum, q.rate) == (QUEUE_MIN, SendQueue.QUANTUM_MIN, 0.0)
     q.sample(10.0, 0, 5000)
-    q.sample(10.1, 125_000, 5000)  # 10 Mbit/s: the floor holds
-    assert q.rate == pytest.approx(1.25e6)
+    q.sample(10.1, 12_500, 5000)  # 1 Mbit/s: the floor holds
+    assert q.rate == pytest.approx(125_000)
     assert q.target == QUEUE_MIN
-    q.sample(10.2, 125_000 + 100_000_000, 5000)  # 1 GB/s: QUEUE_DELAY of it, capped
+    q.sample(10.2, 12_500 + 125_000, 5000)  # 10 Mbit/s: QUEUE_DELAY of it
+    assert q.target == int(1.25e6 * QUEUE_DELAY)
+    q.sample(10.3, 137_500 + 100_000_000, 5000)  # 1 GB/s: QUEUE_DELAY of it, capped
     assert q.target == min(QUEUE_MAX, int(q.rate * QUEUE_DELAY))
     assert q.quantum == 128 * 1024  # never more than one read
 

@@ -21,7 +21,7 @@ local socket.  When the tunnel transport itself pushes back (``pause_writing``),
 stream stops reading until it drains.
 
 Scheduling: the bytes written and not yet sent (the writer's buffer, the TLS layer, the
-transport's buffer, the kernel's send queue, seen through ``TCP_INFO``) are one FIFO, so the
+transport's buffer, the kernel's send queue, seen by ``ioctl``) are one FIFO, so the
 tunnel keeps them near a target of a few milliseconds of its measured delivery rate
 (:class:`~kite.proto.flow.SendQueue`); the kernel's own part is bounded by
 ``TCP_NOTSENT_LOWAT``.  A stream that has sent more than one quantum in its current burst
@@ -49,10 +49,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import fcntl
 import logging
 import os
 import socket
 import struct
+import termios
 import time
 from collections import deque
 from typing import Optional
@@ -127,7 +129,8 @@ FRESH_GAP = 0.01
 #: refuses what the target lets through (bytes it refused would wait in the transport,
 #: out of the scheduler's sight).
 LOWAT_SLACK = 64 * 1024
-_TCP_INFO_LEN = 152  # struct tcp_info up to tcpi_min_rtt (Linux 4.6 and later)
+_SIOCOUTQNSD = 0x894B  # Linux: a TCP socket's bytes not sent yet (SIOCOUTQ: and unacked)
+_INT = b"\0\0\0\0"
 
 
 class StreamState(enum.IntEnum):
@@ -681,7 +684,11 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.held: deque[Stream] = deque()  # streams held by the scheduler, in turn order
         self.queued = 0  # bytes below the scheduler at the latest look
         self._pace_handle: Optional[asyncio.TimerHandle] = None
-        self._tcp: Optional[socket.socket] = None  # the tunnel's TCP socket, for TCP_INFO
+        self._tcp: Optional[socket.socket] = None  # the tunnel's TCP socket ...
+        self._fd = -1  # ... and its descriptor, for its queue's size (ioctl)
+        self.bytes_out = 0  # bytes handed to the transport in chunk mode
+        self._unsent_seen = 0  # kernel_unsent() at the latest look ...
+        self._out_seen = 0  # ... and bytes_out then
         self._lowat = 0  # TCP_NOTSENT_LOWAT in force (0: none)
 
     @property
@@ -699,6 +706,10 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             self._tcp = sock
+            try:
+                self._fd = sock.fileno()
+            except (OSError, AttributeError, ValueError):
+                self._fd = -1
             self._set_lowat(QUEUE_MIN)
 
     # -- the scheduler: the queue below it, held streams (see "Scheduling" above) --------------
@@ -714,39 +725,49 @@ class TunnelProtocol(asyncio.BufferedProtocol):
             self._tcp = None
 
     def kernel_unsent(self) -> int:
-        """The kernel's unsent bytes (TCP_INFO), fed to the target's rate estimate; 0
-        without a TCP socket."""
-        sock = self._tcp
-        if sock is None:
+        """The kernel's unsent bytes (SIOCOUTQNSD); 0 without a TCP socket.  Feeds the
+        target's rate estimate with the bytes that have left: those handed to the
+        transport less what it and the kernel still hold (SIOCOUTQ; counted on the wire,
+        TLS records and all, so off by a fraction of a percent of the queue)."""
+        fd = self._fd
+        if fd < 0:
             return 0
         try:
-            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-        except (OSError, AttributeError, ValueError):
-            self._tcp = None
+            (outq,) = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, _INT))
+            (unsent,) = struct.unpack("i", fcntl.ioctl(fd, _SIOCOUTQNSD, _INT))
+        except OSError:
+            self._fd = -1  # not a TCP socket after all: user-space queues only
             return 0
-        if len(info) < _TCP_INFO_LEN:
-            self._tcp = None  # a kernel before 4.6: user-space queues only
-            return 0
-        (acked,) = struct.unpack_from("=Q", info, 120)  # tcpi_bytes_acked
-        (unsent,) = struct.unpack_from("=I", info, 144)  # tcpi_notsent_bytes
+        gone = self.bytes_out - outq
+        if self.transport is not None:
+            gone -= self.transport.get_write_buffer_size()
+        self._unsent_seen, self._out_seen = unsent, self.bytes_out
         sq = self.send_queue
         target = sq.target
-        sq.sample(self.loop.time(), acked, unsent)
+        sq.sample(self.loop.time(), gone, unsent)
         if sq.target != target:
             self._set_lowat(sq.target)
         return unsent
 
     def queue_full(self) -> bool:
         """True while the bytes below the scheduler (writer, TLS layer, transport, kernel)
-        reach the target; sets :attr:`queued`."""
+        reach the target; sets :attr:`queued`.
+
+        The kernel is asked only when what it may hold could fill the queue: at most what
+        it held at the latest look and all handed over since - so on a fast link once per
+        target's worth of bytes, not once per read."""
         transport = self.transport
         queued = self.writer.pending
         if transport is not None:
             queued += transport.get_write_buffer_size()
-        if queued < self.send_queue.target:
-            queued += self.kernel_unsent()
+        target = self.send_queue.target
+        if queued < target:
+            kernel = self._unsent_seen + self.bytes_out - self._out_seen
+            if queued + kernel >= target:
+                kernel = self.kernel_unsent()
+            queued += kernel
         self.queued = queued
-        return queued >= self.send_queue.target
+        return queued >= target
 
     def hold(self, stream: Stream) -> None:
         """Hold ``stream`` until its turn comes (it read while the queue was full)."""
@@ -940,6 +961,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         writer.cancel_data_buffer()
         data = writer.flush()
         if data is not None and self.transport is not None and not self.closed:
+            self.bytes_out += len(data)
             self.transport.write(data)
 
     def _flush(self) -> None:
@@ -950,6 +972,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self._chunks_flushed = writer.chunks_written
         data = writer.flush()
         if data is not None and self.transport is not None and not self.closed:
+            self.bytes_out += len(data)
             budget = self.frame_budget
             if budget is None:
                 self.transport.write(data)

@@ -54,8 +54,8 @@ its socket delivers at (bytes the peer's TCP acknowledged per second while data 
 waiting), never under ``QUEUE_MIN``; a stream that has sent more than one quantum in its
 current burst reads its local socket only while the queue is under that target, and held
 streams take turns, one quantum each.  The rest of a bulk transfer waits in its own local
-socket, where it delays nobody.  On a 10 Mbit/s uplink the target is ``QUEUE_MIN`` (16 KiB,
-13 ms); on loopback it is megabytes, and bulk transfers read as before.
+socket, where it delays nobody.  On a 10 Mbit/s uplink the target is ~12 KB (10 ms); on
+loopback it is megabytes, and bulk transfers read as before.
 
 Sans-IO: these classes only count; the tunnel pauses and resumes transports.
 """
@@ -236,7 +236,7 @@ class AckPolicy:
 
 
 #: Unsent bytes a tunnel keeps queued below its stream scheduler: at least this much ...
-QUEUE_MIN = 16 * 1024
+QUEUE_MIN = 8 * 1024
 #: ... at most this much (the tunnel transport's high-water mark) ...
 QUEUE_MAX = 4 * 1024 * 1024
 #: ... and else this many seconds of the rate its socket delivers at.
@@ -265,7 +265,7 @@ class SendQueue:
     #: measures less than the link does, so one sample must not shrink the target
     RATE_DECAY = 0.97
     #: a held stream's turn: never under this
-    QUANTUM_MIN = 8 * 1024
+    QUANTUM_MIN = 4 * 1024
     #: how soon and how late the tunnel looks at its queue again while streams are held
     DELAY_MIN = 0.001
     DELAY_MAX = 0.02
