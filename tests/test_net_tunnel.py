@@ -284,18 +284,11 @@ def data_chunks(wire: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-@pytest.fixture
-def clock(loop):
-    """The loop's clock, moved by the test only: bursts do not depend on machine speed."""
-    now = [1000.0]
-    loop.time = lambda: now[0]
-    return now
-
-
-def test_small_stream_skips_a_bulk_streams_backlog(tunnel, clock):
-    """A bulk stream is held once the queue below the scheduler is full; a new stream's
-    first bytes are read at once and leave with only that short queue ahead of them,
-    while the bulk stream's rest waits in its own local socket."""
+def test_small_stream_skips_a_bulk_streams_backlog(tunnel):
+    """A bulk stream (its reads fill the buffer: more is waiting) is held once the queue
+    below the scheduler is full; a small stream's bytes (a short read) are read at once and
+    leave with only that short queue ahead of them, while the bulk stream's rest waits in
+    its own local socket."""
     transport = tunnel.transport
     bulk, bulk_proto, bulk_local = open_stream(tunnel, 1)
     backlog = bytes(range(256)) * 4096  # 1 MiB offered by the bulk stream's local socket
@@ -310,7 +303,6 @@ def test_small_stream_skips_a_bulk_streams_backlog(tunnel, clock):
     transport.buffered = 10 * sq.target  # the peer is slow: the queue stays full
 
     small, small_proto, _ = open_stream(tunnel, 3)
-    clock[0] += 0.05
     assert read_local(small_proto, b"s" * 1024) == 1024
     assert not small.paused and list(tunnel.held) == [bulk]
     tunnel.flush_now()
@@ -321,7 +313,6 @@ def test_small_stream_skips_a_bulk_streams_backlog(tunnel, clock):
 
     # The queue drains: the bulk stream's turn; it reads on until the queue is full again.
     transport.buffered = 0
-    clock[0] += 0.001
     tunnel.pace_tick()
     assert bulk.paused == 0 and bulk_local.calls[-1] == "resume_reading"
     before = offered
@@ -333,7 +324,7 @@ def test_small_stream_skips_a_bulk_streams_backlog(tunnel, clock):
     assert payload == backlog[:offered]  # in order, nothing lost
 
 
-def test_held_streams_take_turns(tunnel, clock):
+def test_held_streams_take_turns(tunnel):
     """With room for one quantum per look, held streams are released one at a time, in
     the order they were held; a released stream that fills the queue again goes last."""
     transport = tunnel.transport
@@ -356,7 +347,7 @@ def test_held_streams_take_turns(tunnel, clock):
     assert [s.sid for s, _, _ in streams if not s.paused] == [3]
 
 
-def test_a_closed_held_stream_loses_its_turn(tunnel, clock):
+def test_a_closed_held_stream_loses_its_turn(tunnel):
     transport = tunnel.transport
     (a, pa, _), (b, pb, _) = open_stream(tunnel, 1), open_stream(tunnel, 3)
     for stream, proto in ((a, pa), (b, pb)):
@@ -397,3 +388,15 @@ def test_tunnel_socket_keeps_the_kernels_unsent_queue_short(loop):
             server.close()
 
     loop.run_until_complete(main())
+
+
+def test_request_response_streams_are_never_held(tunnel):
+    """Reads that drain the local socket (a response at a time) each start a new burst:
+    with the queue full, such a stream still sends, however much it sent before."""
+    transport = tunnel.transport
+    stream, proto, _ = open_stream(tunnel, 1)
+    transport.buffered = 10 * tunnel.send_queue.target
+    for _ in range(100):
+        assert read_local(proto, b"r" * 3000) == 3000  # short: the socket is drained
+        assert not stream.paused
+    assert stream.slot.sent == 300_000 and not tunnel.held

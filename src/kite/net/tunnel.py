@@ -25,7 +25,8 @@ transport's buffer, the kernel's send queue, seen by ``ioctl``) are one FIFO, so
 tunnel keeps them near a target of a few milliseconds of its measured delivery rate
 (:class:`~kite.proto.flow.SendQueue`); the kernel's own part is bounded by
 ``TCP_NOTSENT_LOWAT``.  A stream that has sent more than one quantum in its current burst
-(reads less than ``FRESH_GAP`` apart) reads on only while the queue is under the target;
+(a burst: reads that filled the buffer lent, so more was waiting in the local socket; a
+short read ends it) reads on only while the queue is under the target;
 otherwise it is held (``PAUSE_QUEUE``), its bytes wait in its own local socket, and held
 streams take turns, one quantum per turn, as the queue drains.  A new or small stream is
 never held: its first quantum goes straight behind the short queue, not behind a bulk
@@ -121,9 +122,6 @@ WRITE_DEADLINE = 30.0
 #: A tunnel closed gracefully whose peer has not taken its last bytes after this many
 #: seconds is aborted.
 CLOSE_DEADLINE = 10.0
-#: A stream's reads less than this many seconds apart are one burst; a burst's first
-#: quantum is never held (see "Scheduling" above).
-FRESH_GAP = 0.01
 #: The kernel's part of the queue (TCP_NOTSENT_LOWAT): twice the scheduler's target and
 #: this much for control chunks and the first quanta of new streams, so the kernel never
 #: refuses what the target lets through (bytes it refused would wait in the transport,
@@ -170,7 +168,7 @@ class Stream:
         "tunnel", "sid", "slot", "transport", "proto", "host", "port", "peer",
         "send_window", "ack", "pending", "delivered", "next_ack", "state", "paused",
         "local_full", "inflated", "rewriter", "fd", "idle_mark", "idle_since", "burst_from",
-        "last_read", "__weakref__",
+        "in_burst", "__weakref__",
     )
 
     def __init__(self, tunnel: TunnelProtocol, sid: int, *, proto: str = "", host: str = "",
@@ -197,7 +195,7 @@ class Stream:
         self.idle_mark: Optional[tuple] = None  # activity() at the last idle check ...
         self.idle_since = 0.0  # ... and when it last changed (loop time)
         self.burst_from = 0  # slot.sent when the current burst of reads began ...
-        self.last_read = float("-inf")  # ... and the loop time of its latest read
+        self.in_burst = False  # ... and whether the latest read filled its buffer
 
     @property
     def closed(self) -> bool:
@@ -536,7 +534,7 @@ class StreamProtocol(asyncio.BufferedProtocol):
     stream-open chunk; or they are a CONNECT head).
     """
 
-    __slots__ = ("tunnel", "stream", "skip", "_writer", "_slot", "_scratch")
+    __slots__ = ("tunnel", "stream", "skip", "_writer", "_slot", "_scratch", "_lent")
 
     def __init__(self, tunnel: TunnelProtocol, stream: Stream, skip: int = 0) -> None:
         self.tunnel = tunnel
@@ -545,6 +543,7 @@ class StreamProtocol(asyncio.BufferedProtocol):
         self._writer = tunnel.writer
         self._slot = stream.slot
         self._scratch: Optional[bytearray] = None
+        self._lent = 0  # size of the latest buffer lent for a read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         limits = self.tunnel.limits
@@ -592,7 +591,9 @@ class StreamProtocol(asyncio.BufferedProtocol):
             # view) lets the writer hand its buffer over without a copy.  Small reads from
             # many streams are still coalesced into one flush per tick.
             self.tunnel.flush_now()
-        return writer.get_data_buffer(self._slot, sizehint)
+        buf = writer.get_data_buffer(self._slot, sizehint)
+        self._lent = len(buf)
+        return buf
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.skip:
@@ -606,10 +607,9 @@ class StreamProtocol(asyncio.BufferedProtocol):
             tunnel.schedule_flush()
         stream = self.stream
         sent = self._slot.sent
-        now = tunnel.loop.time()
-        if now - stream.last_read > FRESH_GAP:
+        if not stream.in_burst:
             stream.burst_from = sent - nbytes
-        stream.last_read = now
+        stream.in_burst = nbytes >= self._lent  # a short read: the local socket is drained
         if sent >= stream.send_window.clear_below and stream.send_window.blocked(sent):
             stream.pause(PAUSE_WINDOW)
         elif tunnel.write_paused:
@@ -793,14 +793,13 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         sq = self.send_queue
         room = sq.target - queued
         held = self.held
-        now = self.loop.time()
         while held and room > 0:
             stream = held.popleft()
             if stream.state is _CLOSED:
                 continue
             room -= sq.quantum
             stream.burst_from = stream.slot.sent - sq.quantum  # its next read is looked at
-            stream.last_read = now
+            stream.in_burst = True
             stream.resume(PAUSE_QUEUE)
         if held:
             self._pace_handle = self.loop.call_later(sq.delay(queued), self.pace_tick)
