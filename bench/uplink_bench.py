@@ -70,9 +70,11 @@ PK_TUNING = ["--select_loop_min_ms=0", "--max_read_bytes=262144"]
 
 
 # -- the shaper (run as a subprocess: python uplink_bench.py --shaper PORT TARGET RATE DELAY) --
-async def _shape(reader, writer, rate, delay):
-    """Copy reader -> writer, at ``rate`` bytes/s if rate, each piece ``delay`` s late."""
-    queue: asyncio.Queue = asyncio.Queue(maxsize=64)
+async def _shape(reader, writer, rate, delay, pieces=64):
+    """Copy reader -> writer, at ``rate`` bytes/s if rate, each piece ``delay`` s late, with
+    at most ``pieces`` pieces on their way (they must cover ``delay`` of the link: a
+    smaller bound makes the proxy a bottleneck of its own, queueing in its socket)."""
+    queue: asyncio.Queue = asyncio.Queue(maxsize=pieces)
 
     async def sender():
         while True:
@@ -160,7 +162,9 @@ def delayer_main(ns, addr, port, target, delay):
         except OSError:
             w1.close()
             return
-        await asyncio.gather(_shape(r1, w2, 0.0, delay), _shape(r2, w1, 0.0, delay),
+        # Pieces are whatever one read returns (a few segments at 100 Mbit/s): room for
+        # far more than a delay's worth, which the htb upstream bounds anyway.
+        await asyncio.gather(_shape(r1, w2, 0.0, delay, 8192), _shape(r2, w1, 0.0, delay, 8192),
                              return_exceptions=True)
 
     async def main():
