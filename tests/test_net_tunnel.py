@@ -4,11 +4,14 @@ local protocol and its tunnel report, against recording transports."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
 from kite.net.tunnel import (
+    LOWAT_SLACK,
     PAUSE_PEER_CLOSED,
+    PAUSE_QUEUE,
     PAUSE_TUNNEL,
     PAUSE_WINDOW,
     Stream,
@@ -16,6 +19,7 @@ from kite.net.tunnel import (
     StreamState,
     TunnelProtocol,
 )
+from kite.proto.flow import QUEUE_MIN
 
 
 class FakeTransport:
@@ -256,3 +260,143 @@ def test_connection_made_on_closed_stream_resets_transport(tunnel):
     local = FakeTransport()
     protocol.connection_made(local)
     assert local.calls == ["abort"]
+
+
+# -- the scheduler: bulk streams are held once the queue below it is full ---------------------
+def read_local(protocol, data: bytes) -> int:
+    """One read of the local socket: ``data`` lands in the buffer the protocol lends."""
+    buf = protocol.get_buffer(-1)
+    n = min(len(buf), len(data))
+    buf[:n] = data[:n]
+    protocol.buffer_updated(n)
+    return n
+
+
+def data_chunks(wire: bytes) -> list[tuple[int, bytes]]:
+    """(sid, payload) of each data chunk in ``wire`` (the writer's output), in order."""
+    out = []
+    while wire:
+        size, _, rest = wire.partition(b"\r\n")
+        n = int(size, 16)
+        chunk, wire = rest[:n], rest[n:]
+        head, _, payload = chunk.partition(b"\r\n\r\n")
+        out.append((int(head.split(b":")[1]), payload))
+    return out
+
+
+def test_small_stream_skips_a_bulk_streams_backlog(tunnel):
+    """A bulk stream (its reads fill the buffer: more is waiting) is held once the queue
+    below the scheduler is full; a small stream's bytes (a short read) are read at once and
+    leave with only that short queue ahead of them, while the bulk stream's rest waits in
+    its own local socket."""
+    transport = tunnel.transport
+    bulk, bulk_proto, bulk_local = open_stream(tunnel, 1)
+    backlog = bytes(range(256)) * 4096  # 1 MiB offered by the bulk stream's local socket
+    offered = 0
+    while not bulk.paused:
+        offered += read_local(bulk_proto, backlog[offered:])
+    assert bulk.paused == PAUSE_QUEUE and list(tunnel.held) == [bulk]
+    assert bulk_local.calls == ["pause_reading"]
+    sq = tunnel.send_queue
+    assert offered <= sq.target + 2 * sq.quantum  # the rest waits in the local socket
+    tunnel.flush_now()
+    transport.buffered = 10 * sq.target  # the peer is slow: the queue stays full
+
+    small, small_proto, _ = open_stream(tunnel, 3)
+    assert read_local(small_proto, b"s" * 1024) == 1024
+    assert not small.paused and list(tunnel.held) == [bulk]
+    tunnel.flush_now()
+    chunks = data_chunks(b"".join(transport.written))
+    assert chunks[-1] == (3, b"s" * 1024)
+    ahead = sum(len(p) for sid, p in chunks if sid == 1)
+    assert ahead == offered < len(backlog) // 4
+
+    # The queue drains: the bulk stream's turn; it reads on until the queue is full again.
+    transport.buffered = 0
+    tunnel.pace_tick()
+    assert bulk.paused == 0 and bulk_local.calls[-1] == "resume_reading"
+    before = offered
+    while not bulk.paused:
+        offered += read_local(bulk_proto, backlog[offered:])
+    assert offered - before <= sq.target + sq.quantum
+    tunnel.flush_now()
+    payload = b"".join(p for sid, p in data_chunks(b"".join(transport.written)) if sid == 1)
+    assert payload == backlog[:offered]  # in order, nothing lost
+
+
+def test_held_streams_take_turns(tunnel):
+    """With room for one quantum per look, held streams are released one at a time, in
+    the order they were held; a released stream that fills the queue again goes last."""
+    transport = tunnel.transport
+    streams = [open_stream(tunnel, sid) for sid in (1, 3, 5)]
+    data = b"x" * (1 << 20)
+    for stream, proto, _ in streams:
+        while not stream.paused:
+            read_local(proto, data)
+        tunnel.flush_now()
+    assert [s.sid for s in tunnel.held] == [1, 3, 5]
+    sq = tunnel.send_queue
+    transport.buffered = sq.target - 1  # room for one turn
+    tunnel.pace_tick()
+    assert [s.sid for s, _, _ in streams if not s.paused] == [1]
+    assert [s.sid for s in tunnel.held] == [3, 5]
+    read_local(streams[0][1], data)  # its one read fills the queue: held again, at the end
+    assert [s.sid for s in tunnel.held] == [3, 5, 1]
+    tunnel.flush_now()  # it left (the transport's buffer stays where it was)
+    tunnel.pace_tick()
+    assert [s.sid for s, _, _ in streams if not s.paused] == [3]
+
+
+def test_a_closed_held_stream_loses_its_turn(tunnel):
+    transport = tunnel.transport
+    (a, pa, _), (b, pb, _) = open_stream(tunnel, 1), open_stream(tunnel, 3)
+    for stream, proto in ((a, pa), (b, pb)):
+        while not stream.paused:
+            read_local(proto, b"y" * 65536)
+    a.cut()
+    transport.buffered = 0
+    tunnel.flush_now()
+    tunnel.pace_tick()
+    assert not b.paused and not tunnel.held
+
+
+def test_tunnel_socket_keeps_the_kernels_unsent_queue_short(loop):
+    """On a real TCP socket the tunnel sets TCP_NOTSENT_LOWAT: with a peer that reads
+    nothing, the kernel holds at most about that much unsent, and the rest stays in the
+    transport, where the scheduler sees it."""
+    async def main():
+        server = socket.create_server(("127.0.0.1", 0))
+        server.setblocking(False)
+        port = server.getsockname()[1]
+        transport, tunnel = await loop.create_connection(
+            lambda: TunnelProtocol(loop=loop), "127.0.0.1", port)
+        peer, _ = await loop.sock_accept(server)
+        try:
+            sock = transport.get_extra_info("socket")
+            lowat = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+            assert lowat == 2 * QUEUE_MIN + LOWAT_SLACK
+            transport.write(b"z" * (8 << 20))
+            deadline = loop.time() + 10
+            while tunnel.kernel_unsent() < lowat // 2:
+                assert loop.time() < deadline, "the kernel never queued unsent bytes"
+                await asyncio.sleep(0.01)
+            assert tunnel.kernel_unsent() <= lowat + 128 * 1024  # one more segment at most
+            assert tunnel.queue_full() and tunnel.queued > lowat
+        finally:
+            transport.abort()
+            peer.close()
+            server.close()
+
+    loop.run_until_complete(main())
+
+
+def test_request_response_streams_are_never_held(tunnel):
+    """Reads that drain the local socket (a response at a time) each start a new burst:
+    with the queue full, such a stream still sends, however much it sent before."""
+    transport = tunnel.transport
+    stream, proto, _ = open_stream(tunnel, 1)
+    transport.buffered = 10 * tunnel.send_queue.target
+    for _ in range(100):
+        assert read_local(proto, b"r" * 3000) == 3000  # short: the socket is drained
+        assert not stream.paused
+    assert stream.slot.sent == 300_000 and not tunnel.held

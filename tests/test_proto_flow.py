@@ -13,7 +13,11 @@ from kite.proto.flow import (
     KITE_RATE_FLOOR,
     KITE_TUNNEL_BUDGET,
     PAGEKITE_WINDOW,
+    QUEUE_DELAY,
+    QUEUE_MAX,
+    QUEUE_MIN,
     AckPolicy,
+    SendQueue,
     SendWindow,
     WindowPolicy,
 )
@@ -189,3 +193,50 @@ def test_clear_below_never_hides_a_blocked_stream(steps):
             if probe < w.clear_below:
                 assert not w.blocked(probe)
         assert w.clear_below == w.acked + p.rate_floor
+
+
+# -- SendQueue: the target for the queue below a tunnel's scheduler ----------------------------
+def test_send_queue_starts_small_and_follows_the_measured_rate():
+    q = SendQueue(quantum_max=128 * 1024)
+    assert (q.target, q.quantum, q.rate) == (QUEUE_MIN, SendQueue.QUANTUM_MIN, 0.0)
+    q.sample(10.0, 0, 5000)
+    q.sample(10.1, 12_500, 5000)  # 1 Mbit/s: the floor holds
+    assert q.rate == pytest.approx(125_000)
+    assert q.target == QUEUE_MIN
+    q.sample(10.2, 12_500 + 125_000, 5000)  # 10 Mbit/s: QUEUE_DELAY of it
+    assert q.target == int(1.25e6 * QUEUE_DELAY)
+    q.sample(10.3, 137_500 + 100_000_000, 5000)  # 1 GB/s: QUEUE_DELAY of it, capped
+    assert q.target == min(QUEUE_MAX, int(q.rate * QUEUE_DELAY))
+    assert q.quantum == 128 * 1024  # never more than one read
+
+
+def test_send_queue_lower_samples_decay_the_estimate_only_while_busy():
+    q = SendQueue()
+    q.sample(0.0, 0, 1)
+    q.sample(1.0, 10_000_000, 1)
+    assert q.rate == 10_000_000
+    q.sample(2.0, 10_000_000, 0)  # ran dry: nothing was offered, the link is as fast
+    assert q.rate == 10_000_000
+    q.sample(3.0, 11_000_000, 1)  # began empty: may have run dry, counts as offered only
+    assert q.rate == 10_000_000
+    q.sample(4.0, 12_000_000, 1)  # queued throughout and slower: decays, not at once
+    assert q.rate == pytest.approx(10_000_000 * SendQueue.RATE_DECAY)
+
+
+def test_send_queue_ignores_short_intervals_and_counter_resets():
+    q = SendQueue()
+    q.sample(0.0, 1000, 1)
+    q.sample(0.001, 900_000, 1)  # under RATE_INTERVAL: no sample
+    assert q.rate == 0.0
+    q.sample(0.1, 10, 1)  # a smaller count (a new socket): starts over
+    assert q.rate == 0.0
+
+
+def test_send_queue_delay_looks_again_at_half_the_target():
+    q = SendQueue()
+    assert q.delay(10**9) == SendQueue.DELAY_MIN  # no rate yet: look soon
+    q.sample(0.0, 0, 1)
+    q.sample(1.0, 1_250_000, 1)
+    assert q.delay(q.target) == pytest.approx(q.target / 2 / 1_250_000)
+    assert q.delay(0) == SendQueue.DELAY_MIN
+    assert q.delay(10**9) == SendQueue.DELAY_MAX

@@ -20,6 +20,18 @@ a window ahead of the peer's SKB acknowledgements, and acknowledges what it wrot
 local socket.  When the tunnel transport itself pushes back (``pause_writing``), every
 stream stops reading until it drains.
 
+Scheduling: the bytes written and not yet sent (the writer's buffer, the TLS layer, the
+transport's buffer, the kernel's send queue, seen by ``ioctl``) are one FIFO, so the
+tunnel keeps them near a target of a few milliseconds of its measured delivery rate
+(:class:`~kite.proto.flow.SendQueue`); the kernel's own part is bounded by
+``TCP_NOTSENT_LOWAT``.  A stream that has sent more than one quantum in its current burst
+(a burst: reads that filled the buffer lent, so more was waiting in the local socket; a
+short read ends it) reads on only while the queue is under the target;
+otherwise it is held (``PAUSE_QUEUE``), its bytes wait in its own local socket, and held
+streams take turns, one quantum per turn, as the queue drains.  A new or small stream is
+never held: its first quantum goes straight behind the short queue, not behind a bulk
+stream's backlog.
+
 Stream end (docs/protocol.md §5.3): local EOF sends ``EOF: 1R`` and keeps writing; a
 peer's ``R`` half-closes the local socket after the pending bytes; a peer's ``W`` stops
 reading; once both directions are done, or either side loses its socket, the stream is
@@ -38,9 +50,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import fcntl
 import logging
 import os
+import socket
+import struct
+import termios
 import time
+from collections import deque
 from typing import Optional
 
 from ..errors import KiteError, RemoteProtocolError
@@ -54,7 +71,9 @@ from ..proto.flow import (
     KITE_TUNNEL_BUDGET,
     PAGEKITE_ACK_STEP,
     PAGEKITE_WINDOW,
+    QUEUE_MIN,
     AckPolicy,
+    SendQueue,
     SendWindow,
     WindowPolicy,
 )
@@ -103,6 +122,13 @@ WRITE_DEADLINE = 30.0
 #: A tunnel closed gracefully whose peer has not taken its last bytes after this many
 #: seconds is aborted.
 CLOSE_DEADLINE = 10.0
+#: The kernel's part of the queue (TCP_NOTSENT_LOWAT): twice the scheduler's target and
+#: this much for control chunks and the first quanta of new streams, so the kernel never
+#: refuses what the target lets through (bytes it refused would wait in the transport,
+#: out of the scheduler's sight).
+LOWAT_SLACK = 64 * 1024
+_SIOCOUTQNSD = 0x894B  # Linux: a TCP socket's bytes not sent yet (SIOCOUTQ: and unacked)
+_INT = b"\0\0\0\0"
 
 
 class StreamState(enum.IntEnum):
@@ -127,6 +153,7 @@ _CLOSED = StreamState.CLOSED
 PAUSE_WINDOW = 1  # a window ahead of the peer's SKB acknowledgements
 PAUSE_TUNNEL = 2  # the tunnel transport pushed back (pause_writing)
 PAUSE_PEER_CLOSED = 4  # the peer sent EOF W: it cannot deliver what we read
+PAUSE_QUEUE = 8  # held by the tunnel's scheduler: the queue below it is full
 
 
 class Stream:
@@ -140,7 +167,8 @@ class Stream:
     __slots__ = (
         "tunnel", "sid", "slot", "transport", "proto", "host", "port", "peer",
         "send_window", "ack", "pending", "delivered", "next_ack", "state", "paused",
-        "local_full", "inflated", "rewriter", "fd", "idle_mark", "idle_since", "__weakref__",
+        "local_full", "inflated", "rewriter", "fd", "idle_mark", "idle_since", "burst_from",
+        "in_burst", "__weakref__",
     )
 
     def __init__(self, tunnel: TunnelProtocol, sid: int, *, proto: str = "", host: str = "",
@@ -166,6 +194,8 @@ class Stream:
         self.local_full = False  # the local transport's write buffer is above its high mark
         self.idle_mark: Optional[tuple] = None  # activity() at the last idle check ...
         self.idle_since = 0.0  # ... and when it last changed (loop time)
+        self.burst_from = 0  # slot.sent when the current burst of reads began ...
+        self.in_burst = False  # ... and whether the latest read filled its buffer
 
     @property
     def closed(self) -> bool:
@@ -504,7 +534,7 @@ class StreamProtocol(asyncio.BufferedProtocol):
     stream-open chunk; or they are a CONNECT head).
     """
 
-    __slots__ = ("tunnel", "stream", "skip", "_writer", "_slot", "_scratch")
+    __slots__ = ("tunnel", "stream", "skip", "_writer", "_slot", "_scratch", "_lent")
 
     def __init__(self, tunnel: TunnelProtocol, stream: Stream, skip: int = 0) -> None:
         self.tunnel = tunnel
@@ -513,6 +543,7 @@ class StreamProtocol(asyncio.BufferedProtocol):
         self._writer = tunnel.writer
         self._slot = stream.slot
         self._scratch: Optional[bytearray] = None
+        self._lent = 0  # size of the latest buffer lent for a read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         limits = self.tunnel.limits
@@ -549,6 +580,9 @@ class StreamProtocol(asyncio.BufferedProtocol):
                 self._scratch = bytearray(min(self.skip, _SCRATCH))
             return memoryview(self._scratch)[: self.skip]
         writer = self._writer
+        quantum = self.tunnel.send_queue.quantum
+        if sizehint <= 0 or sizehint > quantum:
+            sizehint = quantum
         if writer.pending >= self.tunnel.flush_at:
             # libuv reads a busy socket up to 32 times per loop iteration: without this the
             # corked buffer grows to megabytes before the tick's flush (large reallocations,
@@ -557,7 +591,9 @@ class StreamProtocol(asyncio.BufferedProtocol):
             # view) lets the writer hand its buffer over without a copy.  Small reads from
             # many streams are still coalesced into one flush per tick.
             self.tunnel.flush_now()
-        return writer.get_data_buffer(self._slot, sizehint)
+        buf = writer.get_data_buffer(self._slot, sizehint)
+        self._lent = len(buf)
+        return buf
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.skip:
@@ -571,10 +607,15 @@ class StreamProtocol(asyncio.BufferedProtocol):
             tunnel.schedule_flush()
         stream = self.stream
         sent = self._slot.sent
+        if not stream.in_burst:
+            stream.burst_from = sent - nbytes
+        stream.in_burst = nbytes >= self._lent  # a short read: the local socket is drained
         if sent >= stream.send_window.clear_below and stream.send_window.blocked(sent):
             stream.pause(PAUSE_WINDOW)
         elif tunnel.write_paused:
             stream.pause(PAUSE_TUNNEL)
+        elif sent - stream.burst_from > tunnel.send_queue.quantum and tunnel.queue_full():
+            tunnel.hold(stream)
 
     def eof_received(self) -> bool:
         # True keeps the write side open: the peer may still send.
@@ -639,6 +680,16 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.closed_future: asyncio.Future = self.loop.create_future()
         self.read_stopped = False  # reading paused: the peer does not take what we queue
         self._deadline: Optional[asyncio.TimerHandle] = None
+        self.send_queue = SendQueue()  # the scheduler's target for the queue below it
+        self.held: deque[Stream] = deque()  # streams held by the scheduler, in turn order
+        self.queued = 0  # bytes below the scheduler at the latest look
+        self._pace_handle: Optional[asyncio.TimerHandle] = None
+        self._tcp: Optional[socket.socket] = None  # the tunnel's TCP socket ...
+        self._fd = -1  # ... and its descriptor, for its queue's size (ioctl)
+        self.bytes_out = 0  # bytes handed to the transport in chunk mode
+        self._unsent_seen = 0  # kernel_unsent() at the latest look ...
+        self._out_seen = 0  # ... and bytes_out then
+        self._lowat = 0  # TCP_NOTSENT_LOWAT in force (0: none)
 
     @property
     def window(self) -> int:
@@ -652,6 +703,106 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         # Bigger than asyncio's 64 KiB default: the tunnel carries many streams at once.
         transport.set_write_buffer_limits(  # type: ignore[attr-defined]
             high=TUNNEL_HIGH_WATER, low=TUNNEL_LOW_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            self._tcp = sock
+            try:
+                self._fd = sock.fileno()
+            except (OSError, AttributeError, ValueError):
+                self._fd = -1
+            self._set_lowat(QUEUE_MIN)
+
+    # -- the scheduler: the queue below it, held streams (see "Scheduling" above) --------------
+    def _set_lowat(self, target: int) -> None:
+        """TCP_NOTSENT_LOWAT for ``target``; changed only when off by more than twice."""
+        want = 2 * target + LOWAT_SLACK
+        if self._tcp is None or self._lowat <= want <= 2 * self._lowat:
+            return
+        try:
+            self._tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, want)
+            self._lowat = want
+        except (OSError, AttributeError, ValueError):
+            self._tcp = None
+
+    def kernel_unsent(self) -> int:
+        """The kernel's unsent bytes (SIOCOUTQNSD); 0 without a TCP socket.  Feeds the
+        target's rate estimate with the bytes that have left: those handed to the
+        transport less what it and the kernel still hold (SIOCOUTQ; counted on the wire,
+        TLS records and all, so off by a fraction of a percent of the queue)."""
+        fd = self._fd
+        if fd < 0:
+            return 0
+        try:
+            (outq,) = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, _INT))
+            (unsent,) = struct.unpack("i", fcntl.ioctl(fd, _SIOCOUTQNSD, _INT))
+        except OSError:
+            self._fd = -1  # not a TCP socket after all: user-space queues only
+            return 0
+        gone = self.bytes_out - outq
+        if self.transport is not None:
+            gone -= self.transport.get_write_buffer_size()
+        self._unsent_seen, self._out_seen = unsent, self.bytes_out
+        sq = self.send_queue
+        target = sq.target
+        sq.sample(self.loop.time(), gone, unsent)
+        if sq.target != target:
+            self._set_lowat(sq.target)
+        return unsent
+
+    def queue_full(self) -> bool:
+        """True while the bytes below the scheduler (writer, TLS layer, transport, kernel)
+        reach the target; sets :attr:`queued`.
+
+        The kernel is asked only when what it may hold could fill the queue: at most what
+        it held at the latest look and all handed over since - so on a fast link once per
+        target's worth of bytes, not once per read."""
+        transport = self.transport
+        queued = self.writer.pending
+        if transport is not None:
+            queued += transport.get_write_buffer_size()
+        target = self.send_queue.target
+        if queued < target:
+            kernel = self._unsent_seen + self.bytes_out - self._out_seen
+            if queued + kernel >= target:
+                kernel = self.kernel_unsent()
+            queued += kernel
+        self.queued = queued
+        return queued >= target
+
+    def hold(self, stream: Stream) -> None:
+        """Hold ``stream`` until its turn comes (it read while the queue was full)."""
+        if stream.paused & PAUSE_QUEUE:
+            return
+        stream.pause(PAUSE_QUEUE)
+        self.held.append(stream)
+        if self._pace_handle is None and not self.closed:
+            self._pace_handle = self.loop.call_later(self.send_queue.delay(self.queued),
+                                                     self.pace_tick)
+
+    def pace_tick(self) -> None:
+        """Give held streams their turns, one quantum each, as far as the queue has room;
+        look again when it has drained to about half the target."""
+        self._pace_handle = None
+        if self.closed:
+            return
+        transport = self.transport
+        queued = self.writer.pending + self.kernel_unsent()
+        if transport is not None:
+            queued += transport.get_write_buffer_size()
+        self.queued = queued
+        sq = self.send_queue
+        room = sq.target - queued
+        held = self.held
+        while held and room > 0:
+            stream = held.popleft()
+            if stream.state is _CLOSED:
+                continue
+            room -= sq.quantum
+            stream.burst_from = stream.slot.sent - sq.quantum  # its next read is looked at
+            stream.in_burst = True
+            stream.resume(PAUSE_QUEUE)
+        if held:
+            self._pace_handle = self.loop.call_later(sq.delay(queued), self.pace_tick)
 
     # During the handshake, bytes go to a small buffer; in chunk mode, to the demux.
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -763,6 +914,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
                      inflate: bool = True) -> None:
         """Switch to chunk mode; ``leftover`` are bytes that followed the handshake."""
         self.kite_peer = kite_peer
+        self.send_queue = SendQueue(KITE_MAX_PAYLOAD if kite_peer else PAGEKITE_MAX_PAYLOAD)
         if kite_peer:
             self.writer = ChunkWriter(max_payload=KITE_MAX_PAYLOAD)
             self.flush_at = KITE_FLUSH_NOW
@@ -808,6 +960,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         writer.cancel_data_buffer()
         data = writer.flush()
         if data is not None and self.transport is not None and not self.closed:
+            self.bytes_out += len(data)
             self.transport.write(data)
 
     def _flush(self) -> None:
@@ -818,6 +971,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self._chunks_flushed = writer.chunks_written
         data = writer.flush()
         if data is not None and self.transport is not None and not self.closed:
+            self.bytes_out += len(data)
             budget = self.frame_budget
             if budget is None:
                 self.transport.write(data)
@@ -1035,6 +1189,10 @@ class TunnelProtocol(asyncio.BufferedProtocol):
             self._deadline = None
         if self._idle_handle is not None:
             self._idle_handle.cancel()
+        if self._pace_handle is not None:
+            self._pace_handle.cancel()
+            self._pace_handle = None
+        self.held.clear()
         for stream in list(self.streams.values()):
             stream.close()
             t = stream.transport

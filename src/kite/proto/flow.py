@@ -44,6 +44,19 @@ behind a slow uplink or a slow visitor shrinks below the floor, to ``KITE_RATE_F
 uplink that is ~375 KB, 0.3 s of the link, where the 1 MiB floor was 0.84 s
 (``bench/uplink_bench.py``).
 
+The queue below the scheduler
+-----------------------------
+Windows bound what a stream has in flight, not where it waits: whatever a tunnel has
+written and its socket has not sent yet (the TLS layer, the transport's buffer, the
+kernel's send queue) is one FIFO, and a new stream's first chunk queues behind all of it.
+So a tunnel keeps that queue short (:class:`SendQueue`): about ``QUEUE_DELAY`` of the rate
+its socket delivers at (bytes the peer's TCP acknowledged per second while data was
+waiting), never under ``QUEUE_MIN``; a stream that has sent more than one quantum in its
+current burst reads its local socket only while the queue is under that target, and held
+streams take turns, one quantum each.  The rest of a bulk transfer waits in its own local
+socket, where it delays nobody.  On a 10 Mbit/s uplink the target is ~12 KB (10 ms); on
+loopback it is megabytes, and bulk transfers read as before.
+
 Sans-IO: these classes only count; the tunnel pauses and resumes transports.
 """
 
@@ -63,6 +76,10 @@ __all__ = [
     "WindowPolicy",
     "SendWindow",
     "AckPolicy",
+    "QUEUE_MIN",
+    "QUEUE_MAX",
+    "QUEUE_DELAY",
+    "SendQueue",
 ]
 
 #: The feature a kite peer announces: it honours large windows and acks in big steps.
@@ -216,3 +233,76 @@ class AckPolicy:
             self.last_kib = kib
             return kib
         return None
+
+
+#: Unsent bytes a tunnel keeps queued below its stream scheduler: at least this much ...
+QUEUE_MIN = 8 * 1024
+#: ... at most this much (the tunnel transport's high-water mark) ...
+QUEUE_MAX = 4 * 1024 * 1024
+#: ... and else this many seconds of the rate its socket delivers at.
+QUEUE_DELAY = 0.01
+
+
+class SendQueue:
+    """How many bytes may wait below a tunnel's stream scheduler (see "The queue below the
+    scheduler" above), from samples of its socket: ``sample(now, acked, unsent)`` with the
+    peer's TCP-acknowledged byte count and the bytes still queued.
+
+    The estimate is the highest sample, decaying by ``RATE_DECAY`` per lower sample taken
+    while bytes stayed queued (the link slowed down); a sample in which the queue ran dry
+    measured only what was offered, and can only raise it.
+
+    ``target`` follows the estimate; ``quantum`` is what a held stream sends per turn
+    (half the target, between ``QUANTUM_MIN`` and ``quantum_max``); ``delay(queued)`` is
+    when to look again: when about half the target is left.
+    """
+
+    __slots__ = ("rate", "target", "quantum", "quantum_max", "_t0", "_acked0", "_busy")
+
+    #: shortest interval a rate sample is measured over
+    RATE_INTERVAL = 0.01
+    #: what a lower sample keeps of the estimate: a queue that ran dry between two looks
+    #: measures less than the link does, so one sample must not shrink the target
+    RATE_DECAY = 0.97
+    #: a held stream's turn: never under this
+    QUANTUM_MIN = 4 * 1024
+    #: how soon and how late the tunnel looks at its queue again while streams are held
+    DELAY_MIN = 0.001
+    DELAY_MAX = 0.02
+
+    def __init__(self, quantum_max: int = 128 * 1024) -> None:
+        self.rate = 0.0  # bytes/s the socket delivers at (0: not measured yet)
+        self.quantum_max = max(self.QUANTUM_MIN, quantum_max)
+        self.target = QUEUE_MIN
+        self.quantum = self.QUANTUM_MIN
+        self._t0: Optional[float] = None
+        self._acked0 = 0
+        self._busy = True  # bytes stayed queued since the sample interval began
+
+    def sample(self, now: float, acked: int, unsent: int) -> None:
+        """The socket's peer has acknowledged ``acked`` bytes in all (monotonic) and
+        ``unsent`` bytes wait to be sent, at ``now`` (seconds, any monotonic clock)."""
+        if not unsent:
+            self._busy = False
+        t0 = self._t0
+        if t0 is None or acked < self._acked0:
+            self._t0, self._acked0, self._busy = now, acked, bool(unsent)
+            return
+        if now - t0 < self.RATE_INTERVAL:
+            return
+        rate = (acked - self._acked0) / (now - t0)
+        if rate > self.rate:
+            self.rate = rate
+        elif self._busy:  # the link slowed down, or the queue ran dry unseen: decay slowly
+            self.rate = max(rate, self.rate * self.RATE_DECAY)
+        self._t0, self._acked0, self._busy = now, acked, bool(unsent)
+        self.target = min(QUEUE_MAX, max(QUEUE_MIN, int(self.rate * QUEUE_DELAY)))
+        self.quantum = min(self.quantum_max, max(self.QUANTUM_MIN, self.target // 2))
+
+    def delay(self, queued: int) -> float:
+        """Seconds until ``queued`` bytes are down to about half the target."""
+        rate = self.rate
+        if rate <= 0:
+            return self.DELAY_MIN
+        d = (queued - self.target / 2) / rate
+        return min(self.DELAY_MAX, max(self.DELAY_MIN, d))
