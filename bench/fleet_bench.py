@@ -94,6 +94,11 @@ def main() -> int:
     ap.add_argument("--changes", type=int, default=30)
     ap.add_argument("--storm", type=int, default=10_000, help="tunnels of the connect storm")
     ap.add_argument("--storm-parallel", type=int, default=200)
+    ap.add_argument("--only", choices=("handover",),
+                    help="run only this phase (the others are skipped)")
+    ap.add_argument("--hold", type=float, default=0.0,
+                    help="seconds to keep the fleet up after the hand-over phase, its "
+                         "addresses printed (to profile or poke it by hand)")
     ap.add_argument("--json", help="append the results as one JSON line to this file")
     args = ap.parse_args()
     for tool in ("redis-server", "redis-cli", "wrk", "curl"):
@@ -162,6 +167,16 @@ def main() -> int:
         print(f"hand-over: c{args.conns} req/s direct {med['a']:.0f}, via B {med['b']:.0f} "
               f"({med['b'] / med['a']:.2f}x); bulk MB/s direct {medb['a']:.0f}, via B "
               f"{medb['b']:.0f} ({medb['b'] / medb['a']:.2f}x)")
+        if args.hold:
+            print(f"holding {args.hold:.0f} s: A http://{a_host}:{a_port} (pid "
+                  f"{procs_pid(procs, 'relay-a')}), B http://{b_host}:{b_port} (pid "
+                  f"{procs_pid(procs, 'relay-b')}), Host: {KITE_NAME}", flush=True)
+            time.sleep(args.hold)  # the fleet stays up for whoever profiles it
+        if args.only == "handover":
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(results) + "\n")
+            return 0
         # -- presence writes --------------------------------------------------------------
         before = redis_commands(rport)
         t0 = time.monotonic()
