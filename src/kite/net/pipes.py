@@ -42,6 +42,7 @@ __all__ = [
     "MemoryTransport",
     "READ_SIZE",
     "SPLICE_PIPE_SIZE",
+    "TAKE_MIN",
     "PipeEnd",
     "SplicePump",
     "StdioEnd",
@@ -59,6 +60,9 @@ LOW_WATER = 256 << 10
 READ_SIZE = 256 << 10
 #: Kernel pipe size requested for splicing (F_SETPIPE_SZ; the default is 64 KiB).
 SPLICE_PIPE_SIZE = 1 << 20
+
+#: Writes to a MemoryTransport this long or longer go to a ``take_data`` protocol as they are.
+TAKE_MIN = 16 * 1024
 
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Python 3.10+ has the name; Linux only)
 
@@ -175,7 +179,9 @@ class MemoryTransport(asyncio.Transport):
     """One end of :func:`transport_pair`.
 
     :meth:`write` hands the bytes to the other end's protocol at once (``get_buffer`` and
-    ``buffer_updated`` for a BufferedProtocol: one copy) while that end reads; while it has
+    ``buffer_updated`` for a BufferedProtocol: one copy; a write of :data:`TAKE_MIN` bytes
+    or more to a protocol with ``take_data(data)`` as it is: it may keep them, the writer
+    may not change them) while that end reads; while it has
     paused reading (or has no protocol yet) they queue here, and this end's protocol gets
     ``pause_writing`` above the high mark, ``resume_writing`` below the low mark.  An EOF
     (``write_eof``, ``close``) reaches the other end after the queued bytes; ``abort``
@@ -187,6 +193,7 @@ class MemoryTransport(asyncio.Transport):
         super().__init__(extra)
         self._loop = loop
         self._protocol: asyncio.BaseProtocol | None = None
+        self._take = None  # the protocol's take_data, if it has one
         self.other: MemoryTransport = self
         self._queue: collections.deque = collections.deque()  # written, not yet read there
         self._queued = 0
@@ -205,6 +212,7 @@ class MemoryTransport(asyncio.Transport):
 
     def set_protocol(self, protocol) -> None:
         self._protocol = protocol
+        self._take = getattr(protocol, "take_data", None)
         self.other._schedule_drain()  # bytes that waited for a protocol
 
     def is_closing(self) -> bool:
@@ -242,6 +250,10 @@ class MemoryTransport(asyncio.Transport):
             self.abort()  # nobody reads there any more: a write to a closed socket
             return
         if not self._queue and other._takes():
+            take = other._take
+            if take is not None and len(data) >= TAKE_MIN:
+                take(data)
+                return
             data = other._feed(data)
             if not data:
                 return

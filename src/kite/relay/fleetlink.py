@@ -30,9 +30,17 @@ import socket
 from typing import Callable, Optional
 
 from ..errors import KiteError, RemoteProtocolError, TooManyStreams
+from ..net.aio import feed_protocol
 from ..net.pipes import PipeEnd, transport_pair
 from ..net.tls import cert_fingerprint, client_context
-from ..net.tunnel import Stream, StreamProtocol, TunnelProtocol
+from ..net.tunnel import (
+    KITE_MAX_PAYLOAD,
+    PAUSE_TUNNEL,
+    PAUSE_WINDOW,
+    Stream,
+    StreamProtocol,
+    TunnelProtocol,
+)
 from ..proto import control
 from ..proto.fleet import (
     LINK_ANSWER,
@@ -165,6 +173,37 @@ class _LinkOut(TunnelProtocol):
             log.info("%s closed: %s", self.name, reason)
 
 
+class _LinkSide(StreamProtocol):
+    """A stream of the link at the kite's relay, as one end of the in-memory connection
+    whose other end is the visitor's stream on the kite's tunnel."""
+
+    __slots__ = ()
+
+    def take_data(self, data) -> None:
+        """A large payload (kite.net.pipes.TAKE_MIN) leaves as a data chunk's head and the
+        payload itself, after what is corked (docs/protocol.md §4: ``SIZE CRLF SID: n CRLF
+        CRLF payload``): TLS encrypts it where it is, no copy into the corked buffer."""
+        tunnel = self.tunnel
+        transport = tunnel.transport
+        if self.skip or tunnel.closed or transport is None:
+            feed_protocol(self, data)
+            return
+        tunnel.flush_now()
+        slot = self._slot
+        block = b"SID: %d\r\n\r\n" % slot.sid
+        view = memoryview(data)
+        for start in range(0, len(view), KITE_MAX_PAYLOAD):
+            piece = view[start:start + KITE_MAX_PAYLOAD]
+            transport.write(b"%x\r\n%s" % (len(block) + len(piece), block))
+            transport.write(piece)
+            slot.sent += len(piece)
+        stream = self.stream
+        if slot.sent >= stream.send_window.clear_below and stream.send_window.blocked(slot.sent):
+            stream.pause(PAUSE_WINDOW)
+        elif tunnel.write_paused:
+            stream.pause(PAUSE_TUNNEL)
+
+
 class _LinkIn(TunnelProtocol):
     """The end of a link at the relay that flies the kites: each stream is a visitor of
     the address in its stream-open chunk, handed to ``opener`` (the dispatcher's
@@ -201,7 +240,7 @@ class _LinkIn(TunnelProtocol):
             stream.receive_opening(event.payload)
         here, there = transport_pair(self.loop, {"peername": self.peer},
                                      {"peername": (rip, rport)})
-        protocol = StreamProtocol(self, stream)
+        protocol = _LinkSide(self, stream)
         here.set_protocol(protocol)
         protocol.connection_made(here)
         self.opener(there, self.peer, ForwardHead(host, proto, port, rip, rport, ""), b"")
@@ -267,7 +306,7 @@ class FleetLink:
         transport.write(LINK_ANSWER)
         self._incoming.add(link)
         link.closed_future.add_done_callback(lambda _f: self._incoming.discard(link))
-        log.info("fleet link from %s", peer)
+        log.info("fleet link up from %s", peer)
         link.start_chunks(bytes(data[end:]), kite_peer=True)
 
     async def _link(self, target: dict) -> Optional[_LinkOut]:
