@@ -23,13 +23,16 @@ import threading
 import time
 
 import pytest
+import redis as redis_lib
 
 from kite.fastpath import ChunkWriter, Demux
 from kite.net.pipes import transport_pair
+from kite.net.tls import server_context
 from kite.proto import control
 from kite.proto.fleet import LINK_ANSWER, build_link_head
+from kite.relay.fleetlink import FleetLink
 from redisd import RedisServer
-from support import SECRET, Proc, free_port
+from support import SECRET, Proc, free_port, make_certs
 
 KITE = "app.link.test.kite"
 MB = 1000 * 1000
@@ -303,8 +306,6 @@ def _read_all(s) -> bytes:
 
 def test_link_refuses_a_wrong_secret_and_a_bad_stream(fleet):
     redis, a, _ = fleet
-    import redis as redis_lib
-
     secret = redis_lib.Redis.from_url(redis.url(0)).get("kite:fleet:secret").decode()
     with _tls_to(a) as s:
         s.sendall(build_link_head("not-" + secret))
@@ -341,3 +342,83 @@ def test_link_refuses_a_wrong_secret_and_a_bad_stream(fleet):
         assert b"503" in page.split(b"\r\n", 1)[0], page[:200]
         assert not any(isinstance(e, control.Data) and e.sid == 1 for e in events)
     assert "bad stream open" in a.log()
+
+
+# -- a relay that takes no link (an older kite), in process --------------------------------
+class OldRelay(asyncio.Protocol):
+    """Answers a link head as a relay without links does (not ``KITE/1 200 Link``) and takes
+    a ``FLEET`` head's visitor: says who it is from, then echoes."""
+
+    heads: list = []
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.buf = b""
+        self.head = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.head is not None:
+            self.transport.write(data)
+            return
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        self.head, rest = self.buf[:end + 4], self.buf[end + 4:]
+        OldRelay.heads.append(self.head.split(b"\r\n", 1)[0])
+        if self.head.startswith(b"FLEET-LINK "):
+            self.transport.write(b"HTTP/1.1 503 Unavailable\r\n\r\n")
+            self.transport.close()
+            return
+        visitor = [line for line in self.head.split(b"\r\n") if line.startswith(b"X-Kite-Visitor")]
+        self.transport.write(b"from " + visitor[0].split(b": ")[1] + b"\n" + rest)
+
+
+def test_relay_without_links_gets_one_connection_a_visitor(tmp_path):
+    certs = make_certs(tmp_path)
+
+    async def visit(link, target, proto: str, send: bytes, expect: int = -1) -> bytes:
+        """What a visitor sending ``send`` (then EOF) reads: ``expect`` bytes, or until
+        the end (over TLS the EOF does not reach the other relay: an echo stays open)."""
+        loop = asyncio.get_running_loop()
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.setblocking(False)
+        reader, writer = await asyncio.open_connection(*lsock.getsockname())
+        writer.write(send)
+        await writer.drain()
+        writer.write_eof()
+        sock, _ = await loop.sock_accept(lsock)
+        lsock.close()
+        # its first bytes are waiting in the socket, as when the dispatcher hands it over
+        link.forward(sock, target, "app.link.test.kite", proto, 80, ("192.0.2.7", 4242))
+        got = await asyncio.wait_for(
+            reader.read() if expect < 0 else reader.readexactly(expect), 10)
+        writer.close()
+        return got
+
+    async def main():
+        OldRelay.heads = []
+        server = await asyncio.get_running_loop().create_server(
+            OldRelay, "127.0.0.1", 0, ssl=server_context(certs.cert, certs.key))
+        port = server.sockets[0].getsockname()[1]
+        link = FleetLink(None, "fleet-secret")
+        target = {"forward": f"127.0.0.1:{port}", "fingerprint": certs.fingerprint}
+        hello = b"from 192.0.2.7:4242\n"
+        assert await visit(link, target, "raw", b"ping", len(hello) + 4) == hello + b"ping"
+        assert await visit(link, target, "raw", b"again", len(hello) + 5) == hello + b"again"
+        # one link head, refused; then each visitor on a connection of its own
+        assert OldRelay.heads == [b"FLEET-LINK KITE/1", b"FLEET app.link.test.kite KITE/1",
+                                  b"FLEET app.link.test.kite KITE/1"]
+        # a certificate that is not the one published: no secret sent, HTTP visitors get 502
+        wrong = dict(target, fingerprint="0" * 64)
+        got = await visit(FleetLink(None, "fleet-secret"), wrong, "http", b"GET / HTTP/1.1\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 502"), got[:80]
+        assert len(OldRelay.heads) == 3
+        # nobody listening: the same
+        server.close()
+        await server.wait_closed()
+        got = await visit(FleetLink(None, "fleet-secret"), target, "http", b"GET / HTTP/1.1\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 502"), got[:80]
+        await link.close()
+
+    asyncio.run(main())

@@ -180,8 +180,8 @@ class MemoryTransport(asyncio.Transport):
 
     :meth:`write` hands the bytes to the other end's protocol at once (``get_buffer`` and
     ``buffer_updated`` for a BufferedProtocol: one copy; a write of :data:`TAKE_MIN` bytes
-    or more to a protocol with ``take_data(data)`` as it is: it may keep them, the writer
-    may not change them) while that end reads; while it has
+    or more to a protocol with ``take_data(data)`` as it is: it may keep them) while that
+    end reads; while it has
     paused reading (or has no protocol yet) they queue here, and this end's protocol gets
     ``pause_writing`` above the high mark, ``resume_writing`` below the low mark.  An EOF
     (``write_eof``, ``close``) reaches the other end after the queued bytes; ``abort``
@@ -258,7 +258,9 @@ class MemoryTransport(asyncio.Transport):
             if not data:
                 return
         elif not isinstance(data, bytes):
-            data = bytes(data)  # a borrowed view or a buffer the caller reuses
+            # A copy: a kept slice would pin the writer's receive buffer (kite's demux then
+            # allocates a new one for every read while the queue lasts).
+            data = bytes(data)
         self._queue.append(data)
         self._queued += len(data)
         if self._queued > self._high and not self._write_paused:
@@ -324,6 +326,10 @@ class MemoryTransport(asyncio.Transport):
         while self._queue and other._takes():
             data = self._queue.popleft()
             n = len(data)
+            if other._take is not None and n >= TAKE_MIN:
+                other._take(data)
+                self._queued -= n
+                continue
             rest = other._feed(data)
             if rest:
                 self._queue.appendleft(rest)

@@ -27,7 +27,7 @@ import ipaddress
 import logging
 import random
 import socket
-from typing import Callable, Optional, cast
+from typing import Callable, Optional
 
 from ..errors import KiteError, RemoteProtocolError, TooManyStreams
 from ..net.aio import feed_protocol
@@ -61,15 +61,6 @@ __all__ = ["FleetLink", "CONNECT_TIMEOUT", "LINK_RETRY"]
 CONNECT_TIMEOUT = 5.0
 #: Seconds before a relay that refused a link is asked for one again.
 LINK_RETRY = 60.0
-#: Bytes a link at the kite's relay collects in a loop tick before it writes at once.
-CORK_LIMIT = 1024 * 1024
-#: The largest data chunk a link at the kite's relay makes of consecutive payloads of one
-#: stream: one read's worth at the other relay (kite's demux takes chunks up to 1 MiB).
-RUN_LIMIT = 256 * 1024
-
-
-class _NoLink(Exception):
-    """The other relay answered the link head, but not with a link."""
 
 
 class _Held(PipeEnd):
@@ -171,83 +162,13 @@ class _LinkOut(TunnelProtocol):
 
     def on_closed(self, reason: str) -> None:
         if not self.ready.done():
-            self.ready.set_exception(_NoLink(reason) if reason.startswith("no link")
-                                     else ConnectionError(reason))
-            self.ready.exception()  # retrieved: awaited only when visitors wait for it
+            if reason.startswith("no link"):
+                self.ready.set_result(False)  # it answered, but takes no link
+            else:
+                self.ready.set_exception(ConnectionError(reason))
+                self.ready.exception()  # retrieved: awaited only while visitors wait
         else:
             log.info("%s closed: %s", self.name, reason)
-
-
-class _Cork:
-    """The TLS transport of a link at the kite's relay, corked: what is written in a loop
-    tick leaves in one ``writelines`` at its end (one TLS record train, one write(2)), or
-    at once past :data:`CORK_LIMIT` bytes.  Large payloads come by :meth:`data` as slices
-    of the kite tunnel's receive buffer and leave uncopied; consecutive ones of the same
-    stream are joined into one data chunk of up to :data:`RUN_LIMIT` bytes (fewer chunks,
-    Python calls and writes at the other relay).  Everything else is the transport's."""
-
-    def __init__(self, transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._t = transport
-        self._loop = loop
-        self._out: list = []  # bytes, and runs [sid, size, piece, ...] of one stream's data
-        self._run: Optional[list] = None  # the last entry while it is a run
-        self._bytes = 0
-        self._scheduled = False
-
-    def __getattr__(self, name: str):
-        return getattr(self._t, name)
-
-    def write(self, data) -> None:
-        if data:
-            self._out.append(data)
-            self._run = None
-            self._queued(len(data))
-
-    def data(self, sid: int, piece) -> None:
-        """Payload ``piece`` of stream ``sid`` (kept, not copied: the caller never
-        changes it)."""
-        run = self._run
-        if run is not None and run[0] == sid and run[1] + len(piece) <= RUN_LIMIT:
-            run.append(piece)
-            run[1] += len(piece)
-        else:
-            run = self._run = [sid, len(piece), piece]
-            self._out.append(run)
-        self._queued(len(piece))
-
-    def _queued(self, n: int) -> None:
-        self._bytes += n
-        if self._bytes >= CORK_LIMIT:
-            self.flush()
-        elif not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._scheduled = False
-        out, self._out, self._run, self._bytes = self._out, [], None, 0
-        if not out or self._t.is_closing():
-            return
-        pieces: list = []
-        for entry in out:
-            if type(entry) is list:  # docs/protocol.md §4: SIZE CRLF SID: n CRLF CRLF payload
-                block = b"SID: %d\r\n\r\n" % entry[0]
-                pieces.append(b"%x\r\n%s" % (len(block) + entry[1], block))
-                pieces.extend(entry[2:])
-            else:
-                pieces.append(entry)
-        self._t.writelines(pieces)
-
-    def get_write_buffer_size(self) -> int:
-        return self._t.get_write_buffer_size() + self._bytes
-
-    def close(self) -> None:
-        self.flush()
-        self._t.close()
-
-    def abort(self) -> None:
-        self._out, self._run, self._bytes = [], None, 0
-        self._t.abort()
 
 
 class _LinkSide(StreamProtocol):
@@ -257,24 +178,29 @@ class _LinkSide(StreamProtocol):
     __slots__ = ()
 
     def take_data(self, data) -> None:
-        """A large payload (kite.net.pipes.TAKE_MIN) goes to the link's :class:`_Cork`
-        after what the tunnel's writer holds: TLS encrypts it where it is."""
+        """A large payload (kite.net.pipes.TAKE_MIN) leaves at once, after what the
+        tunnel's writer holds, in one ``writelines``: data chunks made of a head and a
+        slice of the payload itself (docs/protocol.md §4: ``SIZE CRLF SID: n CRLF CRLF
+        payload``).  TLS encrypts it where it is, and nothing holds on to the slices of
+        the kite tunnel's receive buffer, which it can then reuse."""
         tunnel = self.tunnel
-        cork = tunnel.transport
-        if self.skip or tunnel.closed or not isinstance(cork, _Cork):
+        transport = tunnel.transport
+        if self.skip or tunnel.closed or transport is None:
             feed_protocol(self, data)
             return
         writer = tunnel.writer
         writer.cancel_data_buffer()
         corked = writer.flush()
-        if corked is not None:
-            cork.write(corked)
+        pieces = [] if corked is None else [corked]
         slot = self._slot
+        block = b"SID: %d\r\n\r\n" % slot.sid
         view = memoryview(data)
         for start in range(0, len(view), KITE_MAX_PAYLOAD):
             piece = view[start:start + KITE_MAX_PAYLOAD]
-            cork.data(slot.sid, piece)
+            pieces.append(b"%x\r\n%s" % (len(block) + len(piece), block))
+            pieces.append(piece)
             slot.sent += len(piece)
+        transport.writelines(pieces)
         stream = self.stream
         if slot.sent >= stream.send_window.clear_below and stream.send_window.blocked(slot.sent):
             stream.pause(PAUSE_WINDOW)
@@ -292,9 +218,6 @@ class _LinkIn(TunnelProtocol):
         self.peer = peer
         self.opener = opener
         self.name = f"fleet link from {peer}"
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(cast(asyncio.Transport, _Cork(transport, self.loop)))
 
     def handshake_data(self, buf: bytearray) -> None:  # pragma: no cover - chunks at once
         raise RemoteProtocolError("no handshake on a fleet link")
@@ -413,15 +336,16 @@ class FleetLink:
                 link.abort(f"cannot connect: {exc or type(exc).__name__}")
                 raise
         try:
-            await asyncio.wait_for(asyncio.shield(link.ready), CONNECT_TIMEOUT)
-        except _NoLink as exc:
-            log.info("relay %s takes no fleet link (%s): visitors one connection each for "
-                     "%g s", target["forward"], exc, LINK_RETRY)
-            self._no_link[key] = loop.time() + LINK_RETRY
-            return None
+            linked = await asyncio.wait_for(asyncio.shield(link.ready), CONNECT_TIMEOUT)
         except asyncio.TimeoutError:
             link.abort("no answer to the link head")
             raise
+        if not linked:
+            if key not in self._no_link or self._no_link[key] <= loop.time():
+                log.info("relay %s takes no fleet link (%s): visitors one connection each "
+                         "for %g s", target["forward"], link.close_reason, LINK_RETRY)
+            self._no_link[key] = loop.time() + LINK_RETRY
+            return None
         if link.closed:
             raise ConnectionError(link.close_reason or "link closed")
         return link
@@ -469,8 +393,18 @@ class FleetLink:
         relay.join(held)
 
     async def _refuse(self, sock: socket.socket, proto: str, host: str) -> None:
-        """The visitor cannot be handed over: an HTTP visitor gets a 502 page."""
+        """The visitor cannot be handed over: an HTTP visitor gets a 502 page.  What it sent
+        so far is read first: a socket closed with unread input resets, page and all."""
         visitor = _Held()
+        try:
+            sock.setblocking(False)
+            while sock.recv(65536):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            sock.close()
+            return
         try:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: visitor, sock=sock)
         except OSError:
