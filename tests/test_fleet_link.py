@@ -180,6 +180,12 @@ def test_memory_pair_reset_and_write_after_close():
         assert ("lost", None) in pc.events and ("lost", None) in pd.events
         d.write(b"too late")  # a write to a closed connection is dropped, never a crash
         assert pc.data == b""
+        e, f, pe, pf = pair()
+        f.pause_reading()
+        e.write(b"unread")
+        f.close()  # closed with bytes for it unread: the writer's connection resets
+        await settle()
+        assert ("lost", "ConnectionResetError") in pe.events and ("lost", None) in pf.events
 
     asyncio.run(main())
 

@@ -178,15 +178,15 @@ class PipeEnd(asyncio.Protocol):
 class MemoryTransport(asyncio.Transport):
     """One end of :func:`transport_pair`.
 
-    :meth:`write` hands the bytes to the other end's protocol at once (``get_buffer`` and
-    ``buffer_updated`` for a BufferedProtocol: one copy; a write of :data:`TAKE_MIN` bytes
-    or more to a protocol with ``take_data(data)`` as it is: it may keep them) while that
-    end reads; while it has
-    paused reading (or has no protocol yet) they queue here, and this end's protocol gets
-    ``pause_writing`` above the high mark, ``resume_writing`` below the low mark.  An EOF
-    (``write_eof``, ``close``) reaches the other end after the queued bytes; ``abort``
-    drops them and the other end's protocol loses its connection with
-    ConnectionResetError, as a reset socket does.
+    :meth:`write` hands the bytes to the other end's protocol at once while that end reads
+    (``get_buffer`` and ``buffer_updated`` for a BufferedProtocol: one copy; a write of
+    :data:`TAKE_MIN` bytes or more to a protocol with ``take_data(data)`` as it is: it may
+    keep them).  While it has paused reading (or has no protocol yet) they queue here, and
+    this end's protocol gets ``pause_writing`` above the high mark, ``resume_writing``
+    below the low mark.  An EOF (``write_eof``, ``close``) reaches the other end after the
+    queued bytes.  As with TCP, ``abort`` - and a close while bytes for this end wait
+    unread - resets: the queued bytes are dropped and the other end's protocol loses its
+    connection with ConnectionResetError.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, extra: dict) -> None:
@@ -246,7 +246,7 @@ class MemoryTransport(asyncio.Transport):
         if self._eof_out or self._lost or not data:
             return
         other = self.other
-        if other._lost or other._eof_in:
+        if other._lost:
             self.abort()  # nobody reads there any more: a write to a closed socket
             return
         if not self._queue and other._takes():
@@ -288,11 +288,15 @@ class MemoryTransport(asyncio.Transport):
         self._closing = True
         self._queue.clear()
         self._queued = 0
+        self.other._reset()
         self._finish(None)
-        other = self.other
-        if not other._lost:
-            other._closing = True
-            other._finish(ConnectionResetError("the other end of the connection reset it"))
+
+    def _reset(self) -> None:
+        """The other end reset the connection: what this end queued is dropped."""
+        if not self._lost:
+            self._queue.clear()
+            self._queued = 0
+            self._finish(ConnectionResetError("the other end of the connection reset it"))
 
     # -- between the ends ---------------------------------------------------------------------
     def _takes(self) -> bool:
@@ -366,7 +370,11 @@ class MemoryTransport(asyncio.Transport):
         if self._protocol is not None:
             self._loop.call_soon(self._protocol.connection_lost, exc)
         other = self.other
-        if other._eof_out and not other._queue and not other._lost:
+        if other._lost:
+            return
+        if other._queue:
+            other._reset()  # bytes this end will never read: a reset, as TCP's close
+        elif other._eof_out:
             other._finish(None)  # both directions ended: the other end is done too
 
 

@@ -2,21 +2,22 @@
 
 A visitor whose kite does not fly here, but on another relay of the fleet (the visitor's
 DNS answer was stale, or DNS sent it to any relay), is not refused: :meth:`FleetLink.forward`
-opens a TLS connection to a relay that flies the kite (its certificate pinned by the
-fingerprint it published with its presence), sends the head of :mod:`kite.proto.fleet`
-(the fleet's secret, the kite, the visitor's address) and joins the visitor's connection to
-it.  The relay that flies the kite takes the connection as a visitor from that address
-(:meth:`FleetLink.accepts` checks the secret) and counts its bytes; this relay only carries
-them.  Bytes the visitor sent are delivered or the visitor sees its connection close.
+hands it to a relay that flies the kite, over TLS to that relay's certificate (pinned by the
+fingerprint it published with its presence), with the fleet's secret, the kite and the
+visitor's address (kite.proto.fleet).  The relay that flies the kite takes it as a visitor
+from that address (:meth:`FleetLink.accepts` checks the secret) and counts its bytes; this
+relay only carries them.  Bytes the visitor sent are delivered or the visitor sees its
+connection close.
 
-Visitors travel over a **link** when the other relay takes one (kite.proto.fleet): one
-long-lived TLS connection per relay it hands visitors to, the same pin and secret, carrying
-every visitor as a stream in chunk mode (kite.net.tunnel: a kite peer's flow control, corked
-writes), so many visitors share TLS records and syscalls.  The relay that flies the kite
-joins each stream of the link to a stream of the kite's tunnel through an in-memory
-connection (kite.net.pipes.transport_pair), as if the visitor were connected to it.  A
-relay that answers the link head otherwise is sent visitors one connection each, as before,
-and asked for a link again after :data:`LINK_RETRY` seconds.
+* **The link** (the rule): one long-lived TLS connection to each relay visitors go to, made
+  at the first visitor, carries every visitor as a stream in chunk mode (kite.net.tunnel:
+  a kite peer's flow control, corked writes), so many visitors share TLS records and
+  syscalls.  The relay that flies the kite joins each stream of the link to a stream of
+  the kite's tunnel through an in-memory connection (kite.net.pipes.transport_pair), as if
+  the visitor were connected to it.
+* **One connection a visitor** (the ``FLEET`` head): towards a relay that answers the link
+  head otherwise (an older kite), which is asked for a link again after
+  :data:`LINK_RETRY` seconds.
 """
 
 from __future__ import annotations
