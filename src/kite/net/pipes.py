@@ -6,6 +6,10 @@
   stops reading until it is back under :data:`LOW_WATER`.
 * :class:`StdioEnd` is a pair of file descriptors (stdin, stdout) as such a peer, copying
   (the portable path: terminals, files, TLS connections).
+* :func:`transport_pair` is an in-memory connection: two :class:`MemoryTransport` objects,
+  what one end writes its peer's protocol reads, with the write-buffer marks, pause and
+  resume, half-close (``write_eof``), close and reset (``abort``) of a TCP connection.  It
+  joins two protocols written for sockets inside one process (the relay's fleet link).
 * :func:`bridge_splice` joins a connected socket and two descriptors with two
   :class:`SplicePump` objects: on Linux, with pipes or sockets on both descriptors
   (:func:`splice_usable`; what ssh gives a ProxyCommand), each direction moves through a
@@ -35,14 +39,17 @@ log = logging.getLogger("kite.net")
 __all__ = [
     "HIGH_WATER",
     "LOW_WATER",
+    "MemoryTransport",
     "READ_SIZE",
     "SPLICE_PIPE_SIZE",
+    "TAKE_MIN",
     "PipeEnd",
     "SplicePump",
     "StdioEnd",
     "bridge_splice",
     "nonblocking_ok",
     "splice_usable",
+    "transport_pair",
 ]
 
 #: Write-buffer marks of every transport and of stdout: above HIGH_WATER the side feeding
@@ -53,6 +60,9 @@ LOW_WATER = 256 << 10
 READ_SIZE = 256 << 10
 #: Kernel pipe size requested for splicing (F_SETPIPE_SZ; the default is 64 KiB).
 SPLICE_PIPE_SIZE = 1 << 20
+
+#: Writes to a MemoryTransport this long or longer go to a ``take_data`` protocol as they are.
+TAKE_MIN = 16 * 1024
 
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Python 3.10+ has the name; Linux only)
 
@@ -162,6 +172,220 @@ class PipeEnd(asyncio.Protocol):
         t = self.transport
         if t is not None:
             reset(t)
+
+
+# -- in memory ------------------------------------------------------------------------------
+class MemoryTransport(asyncio.Transport):
+    """One end of :func:`transport_pair`.
+
+    :meth:`write` hands the bytes to the other end's protocol at once while that end reads
+    (``get_buffer`` and ``buffer_updated`` for a BufferedProtocol: one copy; a write of
+    :data:`TAKE_MIN` bytes or more to a protocol with ``take_data(data)`` as it is: it may
+    keep them).  While it has paused reading (or has no protocol yet) they queue here, and
+    this end's protocol gets ``pause_writing`` above the high mark, ``resume_writing``
+    below the low mark.  An EOF (``write_eof``, ``close``) reaches the other end after the
+    queued bytes.  As with TCP, ``abort`` - and a close while bytes for this end wait
+    unread - resets: the queued bytes are dropped and the other end's protocol loses its
+    connection with ConnectionResetError.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, extra: dict) -> None:
+        super().__init__(extra)
+        self._loop = loop
+        self._protocol: asyncio.BaseProtocol | None = None
+        self._take = None  # the protocol's take_data, if it has one
+        self.other: MemoryTransport = self
+        self._queue: collections.deque = collections.deque()  # written, not yet read there
+        self._queued = 0
+        self._high, self._low = 64 * 1024, 16 * 1024
+        self._write_paused = False  # our protocol was told pause_writing
+        self._reading = True  # our protocol takes bytes (not paused)
+        self._eof_out = False  # write_eof or close: an EOF follows the queued bytes
+        self._eof_in = False  # the other end's EOF reached our protocol
+        self._closing = False
+        self._lost = False
+        self._drain_scheduled = False
+
+    # -- asyncio.Transport ------------------------------------------------------------------
+    def get_protocol(self):
+        return self._protocol
+
+    def set_protocol(self, protocol) -> None:
+        self._protocol = protocol
+        self._take = getattr(protocol, "take_data", None)
+        self.other._schedule_drain()  # bytes that waited for a protocol
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def is_reading(self) -> bool:
+        return self._reading
+
+    def pause_reading(self) -> None:
+        self._reading = False
+
+    def resume_reading(self) -> None:
+        if not self._reading:
+            self._reading = True
+            self.other._schedule_drain()
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self._high = 64 * 1024 if high is None else high
+        self._low = self._high // 4 if low is None else low
+
+    def get_write_buffer_size(self) -> int:
+        return self._queued
+
+    def get_write_buffer_limits(self) -> tuple:
+        return self._low, self._high
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write(self, data) -> None:
+        if self._eof_out or self._lost or not data:
+            return
+        other = self.other
+        if other._lost:
+            self.abort()  # nobody reads there any more: a write to a closed socket
+            return
+        if not self._queue and other._takes():
+            take = other._take
+            if take is not None and len(data) >= TAKE_MIN:
+                take(data)
+                return
+            data = other._feed(data)
+            if not data:
+                return
+        elif not isinstance(data, bytes):
+            # A copy: a kept slice would pin the writer's receive buffer (kite's demux then
+            # allocates a new one for every read while the queue lasts).
+            data = bytes(data)
+        self._queue.append(data)
+        self._queued += len(data)
+        if self._queued > self._high and not self._write_paused:
+            self._write_paused = True
+            self._call("pause_writing")
+
+    def write_eof(self) -> None:
+        if self._eof_out or self._lost:
+            return
+        self._eof_out = True
+        self._drain()
+
+    def close(self) -> None:
+        if self._closing or self._lost:
+            return
+        self._closing = True
+        self._reading = False
+        self.write_eof()
+        if not self._queue or self.other._lost:
+            self._finish(None)
+
+    def abort(self) -> None:
+        if self._lost:
+            return
+        self._closing = True
+        self._queue.clear()
+        self._queued = 0
+        self.other._reset()
+        self._finish(None)
+
+    def _reset(self) -> None:
+        """The other end reset the connection: what this end queued is dropped."""
+        if not self._lost:
+            self._queue.clear()
+            self._queued = 0
+            self._finish(ConnectionResetError("the other end of the connection reset it"))
+
+    # -- between the ends ---------------------------------------------------------------------
+    def _takes(self) -> bool:
+        """Our protocol reads now (the other end may hand it bytes)."""
+        return self._reading and self._protocol is not None and not self._lost
+
+    def _feed(self, data):
+        """Give our protocol as much of ``data`` as it takes; returns the rest (a copy)."""
+        protocol = self._protocol
+        if not isinstance(protocol, asyncio.BufferedProtocol):
+            protocol.data_received(bytes(data))  # type: ignore[union-attr]
+            return b""
+        view = memoryview(data)
+        while view and self._takes():
+            buf = memoryview(protocol.get_buffer(len(view)))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            protocol.buffer_updated(n)
+            view = view[n:]
+        return bytes(view)
+
+    def _schedule_drain(self) -> None:
+        if not self._drain_scheduled and (self._queue or self._eof_out):
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        """Queued bytes (then the EOF) to the other end while it reads."""
+        self._drain_scheduled = False
+        other = self.other
+        while self._queue and other._takes():
+            data = self._queue.popleft()
+            n = len(data)
+            if other._take is not None and n >= TAKE_MIN:
+                other._take(data)
+                self._queued -= n
+                continue
+            rest = other._feed(data)
+            if rest:
+                self._queue.appendleft(rest)
+            self._queued -= n - len(rest)
+        if self._write_paused and self._queued <= self._low and not self._lost:
+            self._write_paused = False
+            self._call("resume_writing")
+        if other._lost or other._eof_in:
+            if self._closing:  # nobody takes the rest: a closed end is done
+                self._finish(None)
+            return
+        if self._queue or not self._eof_out or other._protocol is None:
+            return  # more to come (set_protocol and resume_reading drain again)
+        other._eof_in = True
+        keep = other._call("eof_received")
+        if self._closing:
+            self._finish(None)
+        if not keep:
+            other.close()
+
+    def _call(self, name: str, *args):
+        protocol = self._protocol
+        if protocol is None:
+            return None
+        return getattr(protocol, name)(*args)
+
+    def _finish(self, exc: Exception | None) -> None:
+        """This end is gone: its protocol loses the connection (soon, as asyncio does)."""
+        if self._lost:
+            return
+        self._lost = True
+        self._closing = True
+        self._reading = False
+        if self._protocol is not None:
+            self._loop.call_soon(self._protocol.connection_lost, exc)
+        other = self.other
+        if other._lost:
+            return
+        if other._queue:
+            other._reset()  # bytes this end will never read: a reset, as TCP's close
+        elif other._eof_out:
+            other._finish(None)  # both directions ended: the other end is done too
+
+
+def transport_pair(loop: asyncio.AbstractEventLoop, extra_a: dict | None = None,
+                   extra_b: dict | None = None) -> tuple:
+    """Two joined :class:`MemoryTransport` ends, without protocols yet (``set_protocol``
+    then the protocol's ``connection_made``); ``extra_*`` answer ``get_extra_info``."""
+    a = MemoryTransport(loop, dict(extra_a or {}))
+    b = MemoryTransport(loop, dict(extra_b or {}))
+    a.other, b.other = b, a
+    return a, b
 
 
 # -- stdio ------------------------------------------------------------------------------------

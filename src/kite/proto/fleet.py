@@ -16,6 +16,18 @@ connections; A treats what follows the head as a visitor of ``PROTO:HOST`` from 
 There is no answer head: A's first bytes are already the kite's (or its refusal page, which
 C passes on to the visitor).  ``SECRET`` is the fleet's shared secret; it travels only
 inside TLS to a pinned certificate.
+
+A **link** carries many visitors over one such TLS connection: C sends ::
+
+    FLEET-LINK KITE/1\r\n
+    X-Kite-Fleet: SECRET\r\n
+    \r\n
+
+A answers ``KITE/1 200 Link`` and a blank line (or closes the connection: no link), and
+from then on both sides speak chunks (kite.proto.control, a kite peer's flow control): C
+opens one stream per visitor with the stream-open chunk (``Proto``, ``Host``, ``Port``, and
+the visitor's address as ``RIP``/``RPort``), A takes each stream as a visitor from that
+address, exactly as it takes the single visitor after a ``FLEET`` head.
 """
 
 from __future__ import annotations
@@ -26,9 +38,12 @@ from dataclasses import dataclass, field
 from ..errors import RemoteProtocolError
 from .names import valid_domain, valid_proto
 
-__all__ = ["FLEET_METHOD", "ForwardHead", "build_forward_head", "parse_forward_head"]
+__all__ = ["FLEET_METHOD", "LINK_ANSWER", "LINK_METHOD", "ForwardHead", "build_forward_head",
+           "build_link_head", "parse_forward_head", "parse_link_head"]
 
 FLEET_METHOD = b"FLEET "
+LINK_METHOD = b"FLEET-LINK "
+LINK_ANSWER = b"KITE/1 200 Link\r\n\r\n"
 _VERSION = "KITE/1"
 _MAX_SECRET = 256
 
@@ -98,3 +113,31 @@ def parse_forward_head(data: bytes) -> ForwardHead:
     if not 0 <= visitor_port < 65536:
         raise RemoteProtocolError(f"fleet head: bad X-Kite-Visitor {where[:60]!r}")
     return ForwardHead(host, proto, port, ip, visitor_port, secret)
+
+
+def build_link_head(secret: str) -> bytes:
+    return f"FLEET-LINK {_VERSION}\r\nX-Kite-Fleet: {secret}\r\n\r\n".encode("ascii")
+
+
+def parse_link_head(data: bytes) -> str:
+    """The fleet secret of a complete link head; raises RemoteProtocolError."""
+    try:
+        lines = data.decode("ascii").split("\r\n")
+    except UnicodeDecodeError:
+        raise RemoteProtocolError("fleet link head: not ASCII") from None
+    if lines[0] != f"FLEET-LINK {_VERSION}":
+        raise RemoteProtocolError(f"fleet link head: bad first line {lines[0][:80]!r}")
+    secret = None
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise RemoteProtocolError("fleet link head: a line without a colon")
+        if name.strip().lower() == "x-kite-fleet":
+            if secret is not None:
+                raise RemoteProtocolError("fleet link head: x-kite-fleet twice")
+            secret = value.strip()
+    if not secret or len(secret) > _MAX_SECRET:
+        raise RemoteProtocolError("fleet link head: bad X-Kite-Fleet")
+    return secret

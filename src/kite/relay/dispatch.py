@@ -40,7 +40,7 @@ from ..errors import RemoteProtocolError, SniffError, TooManyStreams
 from ..net.aio import feed_protocol
 from ..net.tunnel import Stream, StreamProtocol
 from ..proto import control, handshake
-from ..proto.fleet import FLEET_METHOD, parse_forward_head
+from ..proto.fleet import FLEET_METHOD, LINK_METHOD, ForwardHead, parse_forward_head
 from ..proto.handshake import build_ping_reply
 from ..proto.http import (
     MAX_HEAD,
@@ -648,6 +648,21 @@ class Dispatcher:
                         "not in a fleet" if link is None else "wrong fleet secret")
             transport.close()
             return
+        self.fleet_stream(transport, peer, head, data[end:])
+
+    def fleet_link(self, transport: asyncio.Transport, peer: str, data: bytes, end: int) -> None:
+        """A link of another relay of the fleet, carrying many visitors (kite.proto.fleet)."""
+        link = self.state.fleet_link
+        if link is None:
+            log.warning("fleet link from %s refused: not in a fleet", peer)
+            transport.close()
+            return
+        link.accept_link(transport, peer, data, end, self.fleet_stream)
+
+    def fleet_stream(self, transport: asyncio.Transport, peer: str, head: ForwardHead,
+                     leftover: bytes) -> None:
+        """``transport`` is a visitor handed over by relay ``peer`` (its secret checked),
+        ``leftover`` its first bytes: join it to the kite's tunnel, or refuse it."""
         bare: tuple[str, ...] = ("websocket", "http") if head.proto == "websocket" else (head.proto,)
         protos = tuple(f"{p}-{head.port}" for p in bare) + bare
         tunnel: Optional[RelayTunnel]
@@ -671,7 +686,7 @@ class Dispatcher:
             transport.close()
             return
         self._stream_on_transport(transport, tunnel, sid, bare_proto(proto), head.host,
-                                  head.port, visitor, data[end:], b"")
+                                  head.port, visitor, leftover, b"")
 
     def route_connect(self, host: str, port: int):
         """Which tunnel carries ``CONNECT host:port``: ``(tunnel, proto, None)``, or
@@ -712,6 +727,9 @@ class Dispatcher:
             return
         if data.startswith(FLEET_METHOD):
             self.fleet_visitor(transport, peer, data, end)
+            return
+        if data.startswith(LINK_METHOD):
+            self.fleet_link(transport, peer, data, end)
             return
         if self.state.signup is not None and data[:5] in (b"POST ", b"GET /"):
             protocol = SignupProtocol(self.state.signup, peer.rpartition(":")[0].strip("[]"), data)

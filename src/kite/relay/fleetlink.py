@@ -2,35 +2,66 @@
 
 A visitor whose kite does not fly here, but on another relay of the fleet (the visitor's
 DNS answer was stale, or DNS sent it to any relay), is not refused: :meth:`FleetLink.forward`
-opens a TLS connection to a relay that flies the kite (its certificate pinned by the
-fingerprint it published with its presence), sends the head of :mod:`kite.proto.fleet`
-(the fleet's secret, the kite, the visitor's address) and joins the visitor's connection to
-it.  The relay that flies the kite takes the connection as a visitor from that address
-(:meth:`FleetLink.accepts` checks the secret) and counts its bytes; this relay only carries
-them.  Bytes the visitor sent are delivered or the visitor sees its connection close.
+hands it to a relay that flies the kite, over TLS to that relay's certificate (pinned by the
+fingerprint it published with its presence), with the fleet's secret, the kite and the
+visitor's address (kite.proto.fleet).  The relay that flies the kite takes it as a visitor
+from that address (:meth:`FleetLink.accepts` checks the secret) and counts its bytes; this
+relay only carries them.  Bytes the visitor sent are delivered or the visitor sees its
+connection close.
+
+* **The link** (the rule): one long-lived TLS connection to each relay visitors go to, made
+  at the first visitor, carries every visitor as a stream in chunk mode (kite.net.tunnel:
+  a kite peer's flow control, corked writes), so many visitors share TLS records and
+  syscalls.  The relay that flies the kite joins each stream of the link to a stream of
+  the kite's tunnel through an in-memory connection (kite.net.pipes.transport_pair), as if
+  the visitor were connected to it.
+* **One connection a visitor** (the ``FLEET`` head): towards a relay that answers the link
+  head otherwise (an older kite), which is asked for a link again after
+  :data:`LINK_RETRY` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import random
 import socket
-from typing import Optional
+from typing import Callable, Optional
 
-from ..net.pipes import PipeEnd
+from ..errors import KiteError, RemoteProtocolError, TooManyStreams
+from ..net.aio import feed_protocol
+from ..net.pipes import PipeEnd, transport_pair
 from ..net.tls import cert_fingerprint, client_context
-from ..proto.fleet import ForwardHead, build_forward_head
-from ..proto.http import http_error
-from ..proto.names import domain_candidates
+from ..net.tunnel import (
+    KITE_MAX_PAYLOAD,
+    PAUSE_TUNNEL,
+    PAUSE_WINDOW,
+    Stream,
+    StreamProtocol,
+    TunnelProtocol,
+)
+from ..proto import control
+from ..proto.fleet import (
+    LINK_ANSWER,
+    ForwardHead,
+    build_forward_head,
+    build_link_head,
+    parse_link_head,
+)
+from ..proto.http import find_head_end, http_error
+from ..proto.names import domain_candidates, valid_domain, valid_proto
+from .tunnel import SID_LIMIT
 
 log = logging.getLogger("kite.relay")
 
-__all__ = ["FleetLink", "CONNECT_TIMEOUT"]
+__all__ = ["FleetLink", "CONNECT_TIMEOUT", "LINK_RETRY"]
 
-#: Seconds to reach the relay that flies the kite (TCP and TLS).
+#: Seconds to reach the relay that flies the kite (TCP and TLS, and the link's answer).
 CONNECT_TIMEOUT = 5.0
+#: Seconds before a relay that refused a link is asked for one again.
+LINK_RETRY = 60.0
 
 
 class _Held(PipeEnd):
@@ -84,6 +115,142 @@ class _Pinned(_Held):
         transport.write(self.head)
 
 
+class _LinkOut(TunnelProtocol):
+    """This relay's end of a link to the relay that flies the kites: one stream a visitor,
+    the visitor's connection its local side (as a relay's visitors on a backend's tunnel)."""
+
+    error_pages = True  # an HTTP visitor cut before its answer started gets a 502 page
+
+    def __init__(self, fingerprint: str, head: bytes, name: str) -> None:
+        super().__init__()
+        self.fingerprint = fingerprint
+        self.head = head
+        self.name = name
+        self.ready: asyncio.Future = self.loop.create_future()
+        self._next_sid = 0
+
+    def connection_made(self, transport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der or not hmac.compare_digest(cert_fingerprint(der), self.fingerprint):
+            transport.abort()  # never the secret to a certificate the fleet did not publish
+            self.close_reason = "its certificate is not the one it published"
+            return
+        super().connection_made(transport)
+        transport.write(self.head)
+
+    def handshake_data(self, buf: bytearray) -> None:
+        end = find_head_end(buf)
+        if end is None:
+            if len(buf) > len(LINK_ANSWER):
+                raise RemoteProtocolError("no link: an unexpected answer")
+            return
+        if bytes(buf[:end]) != LINK_ANSWER:
+            raise RemoteProtocolError(f"no link: {bytes(buf[:end])[:60]!r}")
+        self.start_chunks(bytes(buf[end:]), kite_peer=True)
+        if not self.ready.done():
+            self.ready.set_result(True)
+
+    def new_sid(self) -> int:
+        if len(self.streams) >= SID_LIMIT - 1:
+            raise TooManyStreams(f"{self.name}: {len(self.streams)} streams open")
+        sid = self._next_sid
+        while True:
+            sid = sid + 1 if sid + 1 < SID_LIMIT else 1
+            if sid not in self.streams:
+                self._next_sid = sid
+                return sid
+
+    def on_closed(self, reason: str) -> None:
+        if not self.ready.done():
+            if reason.startswith("no link"):
+                self.ready.set_result(False)  # it answered, but takes no link
+            else:
+                self.ready.set_exception(ConnectionError(reason))
+                self.ready.exception()  # retrieved: awaited only while visitors wait
+        else:
+            log.info("%s closed: %s", self.name, reason)
+
+
+class _LinkSide(StreamProtocol):
+    """A stream of the link at the kite's relay, as one end of the in-memory connection
+    whose other end is the visitor's stream on the kite's tunnel."""
+
+    __slots__ = ()
+
+    def take_data(self, data) -> None:
+        """A large payload (kite.net.pipes.TAKE_MIN) leaves at once, after what the
+        tunnel's writer holds, in one ``writelines``: data chunks made of a head and a
+        slice of the payload itself (docs/protocol.md §4: ``SIZE CRLF SID: n CRLF CRLF
+        payload``).  TLS encrypts it where it is, and nothing holds on to the slices of
+        the kite tunnel's receive buffer, which it can then reuse."""
+        tunnel = self.tunnel
+        transport = tunnel.transport
+        if self.skip or tunnel.closed or transport is None:
+            feed_protocol(self, data)
+            return
+        writer = tunnel.writer
+        writer.cancel_data_buffer()
+        corked = writer.flush()
+        pieces = [] if corked is None else [corked]
+        slot = self._slot
+        block = b"SID: %d\r\n\r\n" % slot.sid
+        view = memoryview(data)
+        for start in range(0, len(view), KITE_MAX_PAYLOAD):
+            piece = view[start:start + KITE_MAX_PAYLOAD]
+            pieces.append(b"%x\r\n%s" % (len(block) + len(piece), block))
+            pieces.append(piece)
+            slot.sent += len(piece)
+        transport.writelines(pieces)
+        stream = self.stream
+        if slot.sent >= stream.send_window.clear_below and stream.send_window.blocked(slot.sent):
+            stream.pause(PAUSE_WINDOW)
+        elif tunnel.write_paused:
+            stream.pause(PAUSE_TUNNEL)
+
+
+class _LinkIn(TunnelProtocol):
+    """The end of a link at the relay that flies the kites: each stream is a visitor of
+    the address in its stream-open chunk, handed to ``opener`` (the dispatcher's
+    ``fleet_stream``) on one end of an in-memory connection whose other end is the stream."""
+
+    def __init__(self, peer: str, opener: Callable) -> None:
+        super().__init__()
+        self.peer = peer
+        self.opener = opener
+        self.name = f"fleet link from {peer}"
+
+    def handshake_data(self, buf: bytearray) -> None:  # pragma: no cover - chunks at once
+        raise RemoteProtocolError("no handshake on a fleet link")
+
+    def on_stream_open(self, event) -> None:
+        proto, host, port, rip, rport = event.proto, event.host, event.port, event.rip, \
+            event.rport
+        try:
+            ok = (valid_proto(proto) and "-" not in proto and valid_domain(host)
+                  and port is not None and 0 < port < 65536 and rip is not None
+                  and rport is not None and 0 <= rport < 65536
+                  and bool(ipaddress.ip_address(rip)))
+        except ValueError:
+            ok = False
+        if not ok:
+            log.warning("%s: stream %d refused: bad stream open %s:%s:%s from %s:%s",
+                        self.name, event.sid, proto, host[:80], port, rip, rport)
+            self.send_eof(event.sid, "WR")
+            return
+        visitor = f"[{rip}]:{rport}" if ":" in rip else f"{rip}:{rport}"
+        stream = Stream(self, event.sid, proto=proto, host=host, port=port, peer=visitor)
+        self.add_stream(stream)
+        if event.payload:
+            stream.receive_opening(event.payload)
+        here, there = transport_pair(self.loop, {"peername": self.peer},
+                                     {"peername": (rip, rport)})
+        protocol = _LinkSide(self, stream)
+        here.set_protocol(protocol)
+        protocol.connection_made(here)
+        self.opener(there, self.peer, ForwardHead(host, proto, port, rip, rport, ""), b"")
+
+
 class FleetLink:
     """This relay's side of visitor hand-over: ``presence`` (kite.store.presence) says who
     flies what; ``secret`` is the fleet's."""
@@ -94,6 +261,9 @@ class FleetLink:
         self.forwarded = 0  # visitors handed to other relays
         self._context = client_context(insecure=True)  # verified by the pin, not a CA
         self._tasks: set = set()
+        self._links: dict = {}  # (forward address, fingerprint) -> _LinkOut
+        self._no_link: dict = {}  # (forward address, fingerprint) -> loop time to ask again
+        self._incoming: set = set()  # _LinkIn
 
     def accepts(self, secret: str) -> bool:
         return hmac.compare_digest(secret.encode(), self.secret.encode())
@@ -116,20 +286,90 @@ class FleetLink:
                 visitor: tuple) -> None:
         """Hand the visitor connected on ``sock`` (its first bytes still unread) to the
         relay ``target`` (from :meth:`holder`)."""
-        head = build_forward_head(ForwardHead(host, proto, port, visitor[0], visitor[1],
-                                              self.secret))
         task = asyncio.get_running_loop().create_task(
-            self._forward(sock, target, head, proto, host))
+            self._forward(sock, target, host, proto, port, visitor))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _forward(self, sock: socket.socket, target: dict, head: bytes, proto: str,
-                       host: str) -> None:
+    def accept_link(self, transport: asyncio.Transport, peer: str, data: bytes, end: int,
+                    opener: Callable) -> None:
+        """The link head ``data[:end]`` came from ``peer`` on ``transport``: if it has the
+        fleet's secret, the connection becomes a link whose streams go to ``opener``."""
+        try:
+            secret = parse_link_head(bytes(data[:end]))
+        except RemoteProtocolError as exc:
+            log.warning("fleet link from %s refused: %s", peer, exc)
+            transport.close()
+            return
+        if not self.accepts(secret):
+            log.warning("fleet link from %s refused: wrong fleet secret", peer)
+            transport.close()
+            return
+        link = _LinkIn(peer, opener)
+        transport.set_protocol(link)
+        link.connection_made(transport)
+        transport.write(LINK_ANSWER)
+        self._incoming.add(link)
+        link.closed_future.add_done_callback(lambda _f: self._incoming.discard(link))
+        log.info("fleet link up from %s", peer)
+        link.start_chunks(bytes(data[end:]), kite_peer=True)
+
+    async def _link(self, target: dict) -> Optional[_LinkOut]:
+        """The link to ``target`` (made if there is none); None if it takes no link.
+        Raises what connecting raises when it cannot be reached at all."""
+        loop = asyncio.get_running_loop()
+        key = (target["forward"], target["fingerprint"])
+        link = self._links.get(key)
+        if link is None or link.closed:
+            if self._no_link.get(key, 0.0) > loop.time():
+                return None
+            link = _LinkOut(target["fingerprint"], build_link_head(self.secret),
+                            f"fleet link to {target['forward']}")
+            self._links[key] = link
+            link.closed_future.add_done_callback(
+                lambda _f: self._links.pop(key, None) if self._links.get(key) is link else None)
+            fhost, _, fport = target["forward"].rpartition(":")
+            try:
+                await asyncio.wait_for(loop.create_connection(
+                    lambda: link, fhost.strip("[]"), int(fport), ssl=self._context,
+                    server_hostname=None), CONNECT_TIMEOUT)
+            except BaseException as exc:
+                link.abort(f"cannot connect: {exc or type(exc).__name__}")
+                raise
+        try:
+            linked = await asyncio.wait_for(asyncio.shield(link.ready), CONNECT_TIMEOUT)
+        except asyncio.TimeoutError:
+            link.abort("no answer to the link head")
+            raise
+        if not linked:
+            if key not in self._no_link or self._no_link[key] <= loop.time():
+                log.info("relay %s takes no fleet link (%s): visitors one connection each "
+                         "for %g s", target["forward"], link.close_reason, LINK_RETRY)
+            self._no_link[key] = loop.time() + LINK_RETRY
+            return None
+        if link.closed:
+            raise ConnectionError(link.close_reason or "link closed")
+        return link
+
+    async def _forward(self, sock: socket.socket, target: dict, host: str, proto: str,
+                       port: int, visitor: tuple) -> None:
         loop = asyncio.get_running_loop()
         peer = "%s:%s" % sock.getpeername()[:2]
-        visitor = _Held()  # what it sends waits until the other relay is there
         try:
-            await loop.connect_accepted_socket(lambda: visitor, sock=sock)
+            link = await self._link(target)
+        except (OSError, asyncio.TimeoutError, ValueError, KiteError) as exc:
+            log.warning("visitor %s of %s: relay %s unreachable: %s", peer, host,
+                        target["forward"], exc or type(exc).__name__)
+            await self._refuse(sock, proto, host)
+            return
+        if link is not None:
+            await self._over_link(link, sock, target, host, proto, port, visitor)
+            return
+        head = build_forward_head(ForwardHead(host, proto, port, visitor[0], visitor[1],
+                                              self.secret))
+        held = _Held()  # what it sends waits until the other relay is there
+        try:
+            await loop.connect_accepted_socket(lambda: held, sock=sock)
         except OSError:
             sock.close()
             return
@@ -145,15 +385,66 @@ class FleetLink:
             log.warning("visitor %s of %s: relay %s unreachable: %s", peer, host,
                         target["forward"], exc or type(exc).__name__)
             if proto in ("http", "websocket"):
-                visitor.send(http_error(502, host))
-            visitor.close()
+                held.send(http_error(502, host))
+            held.close()
             return
         self.forwarded += 1
         log.info("visitor %s of %s:%s handed to relay %s", peer, proto, host, target["forward"])
-        visitor.join(relay)
-        relay.join(visitor)
+        held.join(relay)
+        relay.join(held)
+
+    async def _refuse(self, sock: socket.socket, proto: str, host: str) -> None:
+        """The visitor cannot be handed over: an HTTP visitor gets a 502 page.  What it sent
+        so far is read first: a socket closed with unread input resets, page and all."""
+        visitor = _Held()
+        try:
+            sock.setblocking(False)
+            while sock.recv(65536):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            sock.close()
+            return
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: visitor, sock=sock)
+        except OSError:
+            sock.close()
+            return
+        if proto in ("http", "websocket"):
+            visitor.send(http_error(502, host))
+        visitor.close()
+
+    async def _over_link(self, link: _LinkOut, sock: socket.socket, target: dict, host: str,
+                         proto: str, port: int, visitor: tuple) -> None:
+        """The visitor on ``sock`` (from ``visitor``, ip and port) becomes a new stream of
+        ``link``."""
+        where = "%s:%s" % visitor[:2]
+        try:
+            sid = link.new_sid()
+        except TooManyStreams as exc:
+            log.warning("visitor %s of %s: %s", where, host, exc)
+            await self._refuse(sock, proto, host)
+            return
+        stream = Stream(link, sid, proto=proto, host=host, port=port, peer=where)
+        link.add_stream(stream, announce=False)
+        opening, _ = control.build_stream_open(sid, proto, host, port, visitor[0], visitor[1])
+        link.write_chunk(opening)  # no payload: the visitor's bytes are still in its socket
+        link.announce_window(stream)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: StreamProtocol(link, stream), sock=sock)
+        except OSError:
+            sock.close()
+            stream.cut()
+            return
+        self.forwarded += 1
+        log.info("visitor %s of %s:%s handed to relay %s (stream %d of its link)", where, proto,
+                 host, target["forward"], sid)
 
     async def close(self) -> None:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for link in list(self._links.values()) + list(self._incoming):
+            link.close("relay stopping")
