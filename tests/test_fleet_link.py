@@ -54,6 +54,8 @@ class H(BaseHTTPRequestHandler):
                 n -= len(block)
             return
         body = ("xff=%s path=%s\n" % (self.headers.get("X-Forwarded-For"), self.path)).encode()
+        if self.headers.get("X-Forwarded-Proto") == "https":
+            body = b"https " + body
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -208,6 +210,49 @@ def fleet(tmp_path, relay_process, expose_process):
     yield redis, a, b
     origin.stop(signal.SIGKILL)
     redis.stop()
+
+
+def test_https_visitor_of_an_http_kite_terminated_at_b(tmp_path, relay_process,
+                                                       expose_process):
+    """An https visitor reaches B for an http kite that flies on A: B's certificate covers
+    the name, so B terminates the TLS and hands the plaintext over on the link as an RTLS
+    stream; the backend sees X-Forwarded-Proto: https.  Without a certificate for the name
+    B has nothing to terminate with, and the visitor gets the TLS alert."""
+    redis = RedisServer(tmp_path)
+    port = free_port()
+    origin = Proc([sys.executable, "-c", ORIGIN, str(port)], tmp_path, "origin")
+    origin.wait_for("serving", timeout=20)
+    site = make_certs(tmp_path, names=(KITE,), stem="site")
+    grant = (f"http:{KITE}:{SECRET}",)
+    a = relay_process("--redis", redis.url(0), "--relay-id", "relay-a", grants=grant,
+                      listen="127.0.0.2:0", name="a")
+    b = relay_process("--redis", redis.url(0), "--relay-id", "relay-b", "--tls-cert",
+                      site.cert, "--tls-key", site.key, grants=grant, listen="127.0.0.3:0",
+                      name="b")
+    try:
+        expose_process(f"http://127.0.0.1:{port}", KITE, a)
+        until(lambda: get(b, "/ready")[0] == 200, 10, "relay B hands visitors to relay A")
+        ctx = ssl.create_default_context(cafile=site.cert)
+        ctx.set_alpn_protocols(["http/1.1"])
+        for i in range(3):  # the first over a new TLS session each time, on the one link
+            with socket.create_connection((b.host, b.port), timeout=10) as raw, \
+                    ctx.wrap_socket(raw, server_hostname=KITE) as s:
+                conn = http.client.HTTPConnection(KITE, timeout=10)
+                conn.sock = s
+                for j in range(2):  # keep-alive inside the terminated TLS
+                    conn.request("GET", f"/tls/{i}/{j}", headers={"Host": KITE})
+                    resp = conn.getresponse()
+                    assert (resp.status, resp.read()) == (
+                        200, f"https xff=127.0.0.1 path=/tls/{i}/{j}\n".encode())
+        assert "TLS terminated here" in b.log()
+        # A holds no certificate for the name: a visitor sent to A directly gets the alert
+        # (A does not terminate), which shows the TLS above really ended at B.
+        with socket.create_connection((a.host, a.port), timeout=10) as raw:
+            with pytest.raises(ssl.SSLError):
+                ctx.wrap_socket(raw, server_hostname=KITE)
+    finally:
+        origin.stop(signal.SIGKILL)
+        redis.stop()
 
 
 def get(relay, path: str, source: str = "127.0.0.9") -> tuple[int, bytes]:

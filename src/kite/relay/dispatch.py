@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from ..certs import CertStore
 from ..certs.ondemand import ACME_CHALLENGE_PATH, FIRST_VISITOR_WAIT
-from ..errors import RemoteProtocolError, SniffError, TooManyStreams
+from ..errors import KiteError, RemoteProtocolError, SniffError, TooManyStreams
 from ..net.aio import feed_protocol
+from ..net.sockets import reset_on_close
 from ..net.tunnel import Stream, StreamProtocol
 from ..proto import control, handshake
 from ..proto.fleet import FLEET_METHOD, LINK_METHOD, ForwardHead, parse_forward_head
@@ -252,13 +253,33 @@ class TlsVisitor(TlsEntry):
         # The stream-open payload is as large as a peeked plain request at most (the head,
         # and what else fits); a longer first read goes the way of all later data.
         cut = max(end, MAX_PEEK)
-        protocol = self.dispatcher.terminated_stream(transport, self.addr, self.port,
-                                                     self.host, data[:cut], end)
+        protocol = self.open_stream(transport, data[:cut], end)
         if protocol is not None:
             transport.set_protocol(protocol)
             protocol.connection_made(transport)
             if len(data) > cut:
                 feed_protocol(protocol, memoryview(data)[cut:])
+
+    def open_stream(self, transport: asyncio.Transport, data: bytes,
+                    end: int) -> Optional[StreamProtocol]:
+        return self.dispatcher.terminated_stream(transport, self.addr, self.port, self.host,
+                                                 data, end)
+
+
+class FleetTlsVisitor(TlsVisitor):
+    """A visitor of an http kite that flies on another relay of the fleet, whose TLS this
+    relay terminates (one of its certificates covers the name): the first head opens a
+    stream of the fleet link to that relay, marked ``RTLS`` like a stream of a kite's own
+    tunnel, and the decrypted bytes travel on the link."""
+
+    def __init__(self, dispatcher: Dispatcher, addr, port: int, host: str, link) -> None:
+        super().__init__(dispatcher, addr, port, host)
+        self.link = link
+
+    def open_stream(self, transport: asyncio.Transport, data: bytes,
+                    end: int) -> Optional[StreamProtocol]:
+        return self.dispatcher.terminated_hand_over(transport, self.addr, self.port,
+                                                    self.host, data, end, self.link)
 
 
 class Dispatcher:
@@ -462,6 +483,9 @@ class Dispatcher:
                     return
             if self._hand_over(pv, protos, sni, "https", pv.port):
                 return
+            if terminate is not None and result.max_version >= TLS_1_2 and \
+                    self._hand_over_terminated(pv, sni, terminate):
+                return
         if sni and self.state.has_grant("https", sni):
             self.refuse(pv, f"kite https:{sni} is offline", TLS_ALERT_INTERNAL_ERROR,
                         kite=sni, proto="https", result="offline")
@@ -618,6 +642,76 @@ class Dispatcher:
         link.forward(pv.detach(), target, host, proto, port, pv.addr)
         return True
 
+    def _hand_over_terminated(self, pv: PendingVisitor, host: str,
+                              context: ssl.SSLContext) -> bool:
+        """An https visitor of an http kite of another relay, and a certificate here covers
+        the name: terminate its TLS here and hand the plaintext over on the fleet link."""
+        link = self.state.fleet_link
+        if link is None or self.state.is_reserved(host):
+            return False
+        port = pv.port
+        target = link.holder((f"websocket-{port}", f"http-{port}", "websocket", "http"), host)
+        if target is None:
+            return False
+        self._spawn(self._terminate_for_fleet(pv.detach(), pv.addr, port, host, context,
+                                              target))
+        return True
+
+    async def _terminate_for_fleet(self, sock: socket.socket, addr, port: int, host: str,
+                                   context: ssl.SSLContext, target: dict) -> None:
+        """The link to ``target`` first (the ClientHello waits unread meanwhile), then TLS
+        for the visitor (FleetTlsVisitor).  A relay that takes no link, or cannot be
+        reached, costs the visitor its connection (logged): without a link there is no
+        stream to carry the plaintext on."""
+        fleet = self.state.fleet_link
+        assert fleet is not None
+        peer = f"{addr[0]}:{addr[1]}"
+        try:
+            link = await fleet.link_to(target)
+        except (OSError, asyncio.TimeoutError, ValueError, KiteError) as exc:
+            link, why = None, f"relay {target['forward']} unreachable: {exc or type(exc).__name__}"
+        else:
+            why = f"relay {target['forward']} takes no fleet link"
+        if link is None:
+            log.warning("TLS visitor %s of %s refused: %s", peer, host, why)
+            reset_on_close(sock)
+            sock.close()
+            return
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: FleetTlsVisitor(self, addr, port, host, link), sock=sock, ssl=context,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.info("visitor %s of %s: TLS handshake failed: %s", peer, host,
+                     exc or type(exc).__name__)
+            sock.close()
+
+    def terminated_hand_over(self, transport: asyncio.Transport, addr, port: int, host: str,
+                             data: bytes, end: int, link) -> Optional[StreamProtocol]:
+        """Like :meth:`terminated_stream`, for a kite of another relay: the first head
+        ``data[:end]`` opens an ``RTLS`` stream of the fleet ``link``; None after a refusal."""
+        peer = f"{addr[0]}:{addr[1]}"
+        fleet = self.state.fleet_link
+        try:
+            result = sniff_first_bytes(data[:end])
+        except SniffError:
+            result = None
+        refusal = reason = None
+        if not isinstance(result, HttpRequest):
+            reason, refusal = "not an HTTP request", http_error(400, "not an HTTP/1.x request")
+        elif fleet is None or link.closed:
+            reason, refusal = "the fleet link closed", http_error(502, host)
+        else:
+            proto = "websocket" if result.websocket else "http"
+            try:
+                return fleet.open_stream(link, host, proto, port, addr, data, rtls=True)
+            except TooManyStreams as exc:
+                reason, refusal = str(exc), http_error(503, host)
+        log.info("TLS visitor %s refused: %s", peer, reason)
+        transport.write(refusal)
+        transport.close()
+        return None
+
     def _hand_over_connect(self, pv: PendingVisitor, result, host: str, port: int) -> bool:
         """``CONNECT host:port`` for a kite of another relay: answered here, then handed."""
         link = self.state.fleet_link
@@ -660,9 +754,14 @@ class Dispatcher:
         link.accept_link(transport, peer, data, end, self.fleet_stream)
 
     def fleet_stream(self, transport: asyncio.Transport, peer: str, head: ForwardHead,
-                     leftover: bytes) -> None:
+                     leftover: bytes, rtls: bool = False) -> None:
         """``transport`` is a visitor handed over by relay ``peer`` (its secret checked),
-        ``leftover`` its first bytes: join it to the kite's tunnel, or refuse it."""
+        ``leftover`` its first bytes: join it to the kite's tunnel, or refuse it.  ``rtls``:
+        the other relay terminated the visitor's TLS (http and websocket kites only)."""
+        if rtls and head.proto not in ("http", "websocket"):
+            log.warning("visitor from relay %s refused: RTLS for a %s stream", peer, head.proto)
+            transport.close()
+            return
         bare: tuple[str, ...] = ("websocket", "http") if head.proto == "websocket" else (head.proto,)
         protos = tuple(f"{p}-{head.port}" for p in bare) + bare
         tunnel: Optional[RelayTunnel]
@@ -686,7 +785,7 @@ class Dispatcher:
             transport.close()
             return
         self._stream_on_transport(transport, tunnel, sid, bare_proto(proto), head.host,
-                                  head.port, visitor, leftover, b"")
+                                  head.port, visitor, leftover, b"", rtls=rtls)
 
     def route_connect(self, host: str, port: int):
         """Which tunnel carries ``CONNECT host:port``: ``(tunnel, proto, None)``, or
@@ -778,17 +877,22 @@ class Dispatcher:
 
     def _stream_on_transport(self, transport: asyncio.Transport, tunnel, sid: int, proto: str,
                              host: str, port: int, peer: str, leftover: bytes,
-                             reply: bytes) -> None:
+                             reply: bytes, rtls: bool = False) -> None:
         """The connected ``transport`` becomes stream ``sid`` of ``tunnel`` (visitor ``peer``,
-        ``leftover``: its bytes already read), after ``reply`` is written to it."""
+        ``leftover``: its bytes already read), after ``reply`` is written to it.  ``rtls``:
+        TLS was terminated for it (by another relay of the fleet)."""
         if reply:
             transport.write(reply)
         stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=peer)
         tunnel.add_stream(stream, announce=False)
         rip, _, rport = peer.rpartition(":")
         tunnel.write_chunk(*control.build_stream_open(
-            sid, proto, host, port, rip.strip("[]"), int(rport or 0), payload=leftover))
+            sid, proto, host, port, rip.strip("[]"), int(rport or 0), rtls=rtls,
+            payload=leftover))
         tunnel.announce_window(stream)
+        hsts = self._hsts(host) if rtls else None
+        if hsts is not None:
+            FirstResponseHeader(stream, HSTS_FIELD, b"max-age=%d" % hsts)
         if self.state.registry is not None:
             self.state.registry.opened(stream, len(leftover))
         if self.state.access_log is not None:

@@ -121,11 +121,12 @@ class _LinkOut(TunnelProtocol):
 
     error_pages = True  # an HTTP visitor cut before its answer started gets a 502 page
 
-    def __init__(self, fingerprint: str, head: bytes, name: str) -> None:
+    def __init__(self, fingerprint: str, head: bytes, forward: str) -> None:
         super().__init__()
         self.fingerprint = fingerprint
         self.head = head
-        self.name = name
+        self.forward = forward  # the other relay's address
+        self.name = f"fleet link to {forward}"
         self.ready: asyncio.Future = self.loop.create_future()
         self._next_sid = 0
 
@@ -248,7 +249,8 @@ class _LinkIn(TunnelProtocol):
         protocol = _LinkSide(self, stream)
         here.set_protocol(protocol)
         protocol.connection_made(here)
-        self.opener(there, self.peer, ForwardHead(host, proto, port, rip, rport, ""), b"")
+        self.opener(there, self.peer, ForwardHead(host, proto, port, rip, rport, ""), b"",
+                    rtls=event.rtls)
 
 
 class FleetLink:
@@ -314,6 +316,30 @@ class FleetLink:
         log.info("fleet link up from %s", peer)
         link.start_chunks(bytes(data[end:]), kite_peer=True)
 
+    async def link_to(self, target: dict) -> Optional[_LinkOut]:
+        """The link to ``target`` (made if there is none); None if it takes no link.
+        Raises what connecting raises when it cannot be reached at all."""
+        return await self._link(target)
+
+    def open_stream(self, link: _LinkOut, host: str, proto: str, port: int, visitor: tuple,
+                    payload: bytes = b"", *, rtls: bool = False) -> StreamProtocol:
+        """A new stream of ``link`` for the visitor ``visitor`` (ip, port) of
+        ``proto:host`` on ``port``, whose first bytes are ``payload``: the protocol for the
+        visitor's transport (the caller attaches it).  ``rtls``: this relay terminated the
+        visitor's TLS.  Raises TooManyStreams."""
+        sid = link.new_sid()
+        where = "%s:%s" % visitor[:2]
+        stream = Stream(link, sid, proto=proto, host=host, port=port, peer=where)
+        link.add_stream(stream, announce=False)
+        opening, _ = control.build_stream_open(sid, proto, host, port, visitor[0], visitor[1],
+                                               rtls=rtls)
+        link.write_chunk(opening, payload)
+        link.announce_window(stream)
+        self.forwarded += 1
+        log.info("visitor %s of %s:%s handed to relay %s (stream %d of its link)%s", where,
+                 proto, host, link.forward, sid, ", TLS terminated here" if rtls else "")
+        return StreamProtocol(link, stream)
+
     async def _link(self, target: dict) -> Optional[_LinkOut]:
         """The link to ``target`` (made if there is none); None if it takes no link.
         Raises what connecting raises when it cannot be reached at all."""
@@ -324,7 +350,7 @@ class FleetLink:
             if self._no_link.get(key, 0.0) > loop.time():
                 return None
             link = _LinkOut(target["fingerprint"], build_link_head(self.secret),
-                            f"fleet link to {target['forward']}")
+                            target["forward"])
             self._links[key] = link
             link.closed_future.add_done_callback(
                 lambda _f: self._links.pop(key, None) if self._links.get(key) is link else None)
@@ -363,7 +389,7 @@ class FleetLink:
             await self._refuse(sock, proto, host)
             return
         if link is not None:
-            await self._over_link(link, sock, target, host, proto, port, visitor)
+            await self._over_link(link, sock, host, proto, port, visitor)
             return
         head = build_forward_head(ForwardHead(host, proto, port, visitor[0], visitor[1],
                                               self.secret))
@@ -415,32 +441,21 @@ class FleetLink:
             visitor.send(http_error(502, host))
         visitor.close()
 
-    async def _over_link(self, link: _LinkOut, sock: socket.socket, target: dict, host: str,
-                         proto: str, port: int, visitor: tuple) -> None:
+    async def _over_link(self, link: _LinkOut, sock: socket.socket, host: str, proto: str,
+                         port: int, visitor: tuple) -> None:
         """The visitor on ``sock`` (from ``visitor``, ip and port) becomes a new stream of
-        ``link``."""
-        where = "%s:%s" % visitor[:2]
+        ``link`` (no payload: its bytes are still in its socket)."""
         try:
-            sid = link.new_sid()
+            protocol = self.open_stream(link, host, proto, port, visitor)
         except TooManyStreams as exc:
-            log.warning("visitor %s of %s: %s", where, host, exc)
+            log.warning("visitor %s:%s of %s: %s", visitor[0], visitor[1], host, exc)
             await self._refuse(sock, proto, host)
             return
-        stream = Stream(link, sid, proto=proto, host=host, port=port, peer=where)
-        link.add_stream(stream, announce=False)
-        opening, _ = control.build_stream_open(sid, proto, host, port, visitor[0], visitor[1])
-        link.write_chunk(opening)  # no payload: the visitor's bytes are still in its socket
-        link.announce_window(stream)
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: StreamProtocol(link, stream), sock=sock)
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, sock=sock)
         except OSError:
             sock.close()
-            stream.cut()
-            return
-        self.forwarded += 1
-        log.info("visitor %s of %s:%s handed to relay %s (stream %d of its link)", where, proto,
-                 host, target["forward"], sid)
+            protocol.stream.cut()
 
     async def close(self) -> None:
         for t in list(self._tasks):
