@@ -106,3 +106,23 @@ def test_redis_restart_loses_nothing(tmp_path):
     finally:
         for s in servers:
             s.stop()
+
+
+def test_close_right_after_a_change_leaves(redis_server):
+    """A kite that goes offline as the relay shuts down (its change wakes the writer just
+    as close() cancels it) must not keep the writer alive: close() returns and the relay
+    is gone from Redis."""
+    async def main():
+        url = redis_server.url(5)
+        a = FleetPresence(url, "A", ["192.0.2.1"], **FAST)
+        b = FleetPresence(url, "B", ["192.0.2.2"], **FAST)
+        await a.start()
+        await b.start()
+        a.presence("http", "app.example", True)
+        await until(lambda: b.holders("http", "app.example") == {"A"}, 5, "B sees A's kite")
+        a.presence("http", "app.example", False)
+        await asyncio.wait_for(a.close(), 10)  # a bound on a hang, not a measurement
+        await until(lambda: "A" not in b.relays, 5, "B sees A leave")
+        await b.close()
+
+    asyncio.run(main())

@@ -82,6 +82,7 @@ class FleetPresence:
         self._dirty = True  # write the whole local set at the next chance
         self._healthy = True
         self._tasks: list = []
+        self._closing = False
         self._acks: set = set()
         self.r = aioredis.Redis.from_url(url, socket_timeout=TIMEOUT,
                                          socket_connect_timeout=TIMEOUT, decode_responses=True)
@@ -175,6 +176,10 @@ class FleetPresence:
 
     async def close(self) -> None:
         """Leave the fleet at once (other relays stop answering with this relay)."""
+        # The writer also stops on the flag: Python 3.11's wait_for() swallows a cancel that
+        # arrives as its event is set (a kite going offline at shutdown sets it).
+        self._closing = True
+        self._wake.set()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -247,11 +252,13 @@ class FleetPresence:
     async def _writer(self) -> None:
         loop = asyncio.get_running_loop()
         next_beat = loop.time() + self.heartbeat
-        while True:
+        while not self._closing:
             try:
                 await asyncio.wait_for(self._wake.wait(), max(next_beat - loop.time(), 0))
             except asyncio.TimeoutError:
                 pass
+            if self._closing:
+                return
             self._wake.clear()
             try:
                 if self._dirty:
