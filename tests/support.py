@@ -25,6 +25,19 @@ from kite.relay.server import RelayConfig, RelayServer
 SECRET = "s3cr3t-for-tests"
 
 
+def wait_until(cond, timeout: float, what: str, step: float = 0.02):
+    """Poll ``cond()`` until it is true and return its value; fail after ``timeout`` s
+    naming ``what`` (a bound on waiting, never a measurement)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(step)
+
+
 def free_port() -> int:
     """A loopback port that was free a moment ago, for programs that need an explicit port
     (pagekite.py, ssh, socat); kite's own servers bind port 0 instead."""

@@ -33,6 +33,7 @@ from kite.proto.fleet import LINK_ANSWER, build_link_head
 from kite.relay.fleetlink import FleetLink
 from redisd import RedisServer
 from support import SECRET, Proc, free_port, make_certs
+from support import wait_until as until
 
 KITE = "app.link.test.kite"
 MB = 1000 * 1000
@@ -74,17 +75,6 @@ s = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
 print("serving", flush=True)
 s.serve_forever()
 '''
-
-
-def until(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 # -- the in-memory connection ------------------------------------------------------------------

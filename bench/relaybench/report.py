@@ -137,6 +137,15 @@ def workload_sections(args) -> list[tuple]:
     return secs
 
 
+def cell(sm: dict | None) -> str:
+    """A table cell: the median, with (min..max) when the rounds differ; "-" for none."""
+    if sm is None:
+        return "-"
+    if sm["n"] == 1 or sm["min"] == sm["max"]:
+        return fmt(sm["median"])
+    return f"{fmt(sm['median'])} ({fmt(sm['min'])}..{fmt(sm['max'])})"
+
+
 def print_table(res: Results, systems: list[str], args, out=sys.stdout) -> None:
     w_sys = max(14, max(len(s) for s in systems) + 1)
     for title, workload, colkey in workload_sections(args):
@@ -145,13 +154,7 @@ def print_table(res: Results, systems: list[str], args, out=sys.stdout) -> None:
         for s in systems:
             cells = []
             for key, _, _ in cols:
-                sm = res.summary(s, workload, key)
-                if sm is None:
-                    cells.append("-")
-                elif sm["n"] == 1 or sm["min"] == sm["max"]:
-                    cells.append(fmt(sm["median"]))
-                else:
-                    cells.append(f"{fmt(sm['median'])} ({fmt(sm['min'])}..{fmt(sm['max'])})")
+                cells.append(cell(res.summary(s, workload, key)))
             if any(c != "-" for c in cells):
                 rows.append((s, cells))
         if not rows:
@@ -199,13 +202,7 @@ def print_curves(res: Results, systems: list[str], args, out=sys.stdout) -> None
             for s in systems:
                 cells = []
                 for n in lv:
-                    sm = res.summary(s, f"{curve}-{n}", key)
-                    if sm is None:
-                        cells.append("-")
-                    elif sm["n"] == 1 or sm["min"] == sm["max"]:
-                        cells.append(fmt(sm["median"]))
-                    else:
-                        cells.append(f"{fmt(sm['median'])} ({fmt(sm['min'])}..{fmt(sm['max'])})")
+                    cells.append(cell(res.summary(s, f"{curve}-{n}", key)))
                 if any(x != "-" for x in cells):
                     rows.append((s, cells))
             if not rows:

@@ -9,23 +9,11 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 #: Bytes of the big body: far more than a test ever lets through before it kills something.
 BIG = 200 * 1024 * 1024
 _CHUNK = 64 * 1024
-
-
-def wait_until(cond: Callable[[], object], timeout: float, what: str, step: float = 0.02):
-    """Poll ``cond`` until it is true; fail after ``timeout`` s naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(step)
 
 
 def reset_socket(sock: socket.socket) -> None:

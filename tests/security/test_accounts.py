@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from support import KITE, Proc, free_port
+from support import KITE, Proc, free_port, wait_until
 
 MB = 1000 * 1000
 NAME = "alice.acct.kite"
@@ -69,17 +69,6 @@ def slow_get(port: int, path: str, rate: int, host: str = NAME,
             ahead = got / rate - (time.monotonic() - start)
             if ahead > 0:
                 time.sleep(ahead)  # pacing the reader, not waiting for an event
-
-
-def wait_until(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -14,11 +14,11 @@ import time
 
 import pytest
 from test_accounts import MB, NAME, site, slow_get  # noqa: F401 - site: a fixture
-from test_accounts import wait_until as until
 
 from redisd import RedisServer
 from support import KITE as KITE_CMD
 from support import SECRET, Proc, free_port
+from support import wait_until as until
 
 KITE = "app.fleet.test.kite"
 

@@ -9,7 +9,9 @@ import socket
 import time
 
 import pytest
-from faults import LocalServer, http_get, wait_until
+from faults import LocalServer, http_get
+
+from support import wait_until
 
 HOST = "site.test.kite"
 FDS = 64

@@ -14,9 +14,9 @@ import socket
 import time
 
 import pytest
-from faults import BIG, Download, LocalServer, Upload, reset_socket, wait_until
+from faults import BIG, Download, LocalServer, Upload, reset_socket
 
-from support import KITE, Proc, free_port
+from support import KITE, Proc, free_port, wait_until
 
 HOST = "big.test.kite"
 RAW_PORT = 2222
