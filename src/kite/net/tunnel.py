@@ -982,6 +982,18 @@ class TunnelProtocol(asyncio.BufferedProtocol):
             if self.write_paused:
                 self._check_queue()
 
+    def open_stream(self, sid: int, proto: str, host: str, port: int, rip: str, rport: int,
+                    *, peer: str, payload: bytes = b"", rtls: bool = False) -> Stream:
+        """A new stream ``sid`` towards the peer (the relay's side): added, then announced
+        with its stream-open chunk (``payload``: its first bytes; ``rtls``: TLS was
+        terminated for it) and its window."""
+        stream = Stream(self, sid, proto=proto, host=host, port=port, peer=peer)
+        self.add_stream(stream, announce=False)
+        header, _ = control.build_stream_open(sid, proto, host, port, rip, rport, rtls=rtls)
+        self.write_chunk(header, payload)
+        self.announce_window(stream)
+        return stream
+
     def write_chunk(self, header_block: bytes, payload: bytes = b"") -> None:
         w = self.writer
         w.cancel_data_buffer()

@@ -40,7 +40,7 @@ from ..errors import KiteError, RemoteProtocolError, SniffError, TooManyStreams
 from ..net.aio import feed_protocol
 from ..net.sockets import reset_on_close
 from ..net.tunnel import Stream, StreamProtocol
-from ..proto import control, handshake
+from ..proto import handshake
 from ..proto.fleet import FLEET_METHOD, LINK_METHOD, ForwardHead, parse_forward_head
 from ..proto.handshake import build_ping_reply
 from ..proto.http import (
@@ -584,13 +584,8 @@ class Dispatcher:
             transport.write(refusal or b"")
             transport.close()
             return None
-        proto = bare_proto(proto)
-        stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=peer)
-        tunnel.add_stream(stream, announce=False)
-        header, _ = control.build_stream_open(sid, proto, host, port, addr[0], addr[1],
-                                              rtls=True)
-        tunnel.write_chunk(header, data)
-        tunnel.announce_window(stream)
+        stream = tunnel.open_stream(sid, bare_proto(proto), host, port, addr[0], addr[1],
+                                    peer=peer, payload=data, rtls=True)
         hsts = self._hsts(host)
         if hsts is not None:
             FirstResponseHeader(stream, HSTS_FIELD, b"max-age=%d" % hsts)
@@ -883,13 +878,9 @@ class Dispatcher:
         TLS was terminated for it (by another relay of the fleet)."""
         if reply:
             transport.write(reply)
-        stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=peer)
-        tunnel.add_stream(stream, announce=False)
         rip, _, rport = peer.rpartition(":")
-        tunnel.write_chunk(*control.build_stream_open(
-            sid, proto, host, port, rip.strip("[]"), int(rport or 0), rtls=rtls,
-            payload=leftover))
-        tunnel.announce_window(stream)
+        stream = tunnel.open_stream(sid, proto, host, port, rip.strip("[]"), int(rport or 0),
+                                    peer=peer, payload=leftover, rtls=rtls)
         hsts = self._hsts(host) if rtls else None
         if hsts is not None:
             FirstResponseHeader(stream, HSTS_FIELD, b"max-age=%d" % hsts)
@@ -924,11 +915,8 @@ class Dispatcher:
             return
         if sock is None:
             sock = pv.detach()
-        stream = Stream(tunnel, sid, proto=proto, host=host, port=port, peer=pv.peer())
-        tunnel.add_stream(stream, announce=False)
-        tunnel.write_chunk(*control.build_stream_open(
-            sid, proto, host, port, pv.addr[0], pv.addr[1], payload=payload))
-        tunnel.announce_window(stream)
+        stream = tunnel.open_stream(sid, proto, host, port, pv.addr[0], pv.addr[1],
+                                    peer=pv.peer(), payload=payload)
         if self.state.registry is not None:
             self.state.registry.opened(stream, len(payload))
         if self.state.access_log is not None:

@@ -42,7 +42,6 @@ from ..net.tunnel import (
     StreamProtocol,
     TunnelProtocol,
 )
-from ..proto import control
 from ..proto.fleet import (
     LINK_ANSWER,
     ForwardHead,
@@ -329,12 +328,8 @@ class FleetLink:
         visitor's TLS.  Raises TooManyStreams."""
         sid = link.new_sid()
         where = "%s:%s" % visitor[:2]
-        stream = Stream(link, sid, proto=proto, host=host, port=port, peer=where)
-        link.add_stream(stream, announce=False)
-        opening, _ = control.build_stream_open(sid, proto, host, port, visitor[0], visitor[1],
-                                               rtls=rtls)
-        link.write_chunk(opening, payload)
-        link.announce_window(stream)
+        stream = link.open_stream(sid, proto, host, port, visitor[0], visitor[1], peer=where,
+                                  payload=payload, rtls=rtls)
         self.forwarded += 1
         log.info("visitor %s of %s:%s handed to relay %s (stream %d of its link)%s", where,
                  proto, host, link.forward, sid, ", TLS terminated here" if rtls else "")
