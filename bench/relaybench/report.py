@@ -272,6 +272,14 @@ def print_targets(tg: list[dict], out=sys.stdout) -> None:
         print(f"  {'met   ' if t['met'] else 'MISSED'}  {t['target']:<52} {detail}", file=out)
 
 
+def save_figure(plt, fig, path: str) -> None:
+    """Lay ``fig`` out, write it to ``path`` (its folder made if needed) and free it."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def draw_png(res: Results, systems: list[str], args, path: str, meta: dict) -> str | None:
     try:
         import matplotlib
@@ -319,10 +327,7 @@ def draw_png(res: Results, systems: list[str], args, path: str, meta: dict) -> s
             ax.legend(fontsize=8, loc="upper right", ncol=len(series))
     fig.suptitle(f"kite relay benchmark, loopback, {meta['cpus']} CPUs, origin {meta['origin']}: "
                  f"median of {args.rounds} rounds, bars min..max (log scale)", fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
     return None
 
 
@@ -386,10 +391,7 @@ def draw_curves_png(res: Results, systems: list[str], args, path: str, meta: dic
         ax.legend(fontsize=7)
     fig.suptitle(f"kite relay benchmark, scaling curves, loopback, {meta['cpus']} CPUs, origin "
                  f"{meta['origin']}: median of {args.rounds} rounds, bars min..max", fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
     return None
 
 

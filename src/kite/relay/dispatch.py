@@ -552,20 +552,11 @@ class Dispatcher:
         and return the protocol for the transport; None after answering a refusal (not
         HTTP, the kite went offline meanwhile, too many streams, account blocked)."""
         peer = f"{addr[0]}:{addr[1]}"
-        refusal: Optional[bytes] = None
-        reason = ""
         tunnel: Optional[RelayTunnel] = None
         proto: Optional[str] = None
         sid = 0
-        try:
-            result = sniff_first_bytes(data[:end])
-        except SniffError as exc:
-            result = None
-            reason = str(exc)
-        if not isinstance(result, HttpRequest):
-            reason = reason or "not an HTTP request"
-            refusal = http_error(400, "not an HTTP/1.x request")
-        else:
+        result, reason, refusal = _first_request(data, end)
+        if result is not None:
             bare: tuple[str, ...] = ("websocket", "http") if result.websocket else ("http",)
             tunnel, proto = self.state.routes.lookup(  # type: ignore[assignment]
                 tuple(f"{p}-{port}" for p in bare) + bare, host)
@@ -580,9 +571,7 @@ class Dispatcher:
                 except TooManyStreams as exc:
                     reason, refusal = str(exc), http_error(503, host)
         if refusal is not None or tunnel is None or proto is None:
-            log.info("TLS visitor %s refused: %s", peer, reason)
-            transport.write(refusal or b"")
-            transport.close()
+            _refuse_terminated(transport, peer, reason, refusal)
             return None
         stream = tunnel.open_stream(sid, bare_proto(proto), host, port, addr[0], addr[1],
                                     peer=peer, payload=data, rtls=True)
@@ -685,26 +674,17 @@ class Dispatcher:
                              data: bytes, end: int, link) -> Optional[StreamProtocol]:
         """Like :meth:`terminated_stream`, for a kite of another relay: the first head
         ``data[:end]`` opens an ``RTLS`` stream of the fleet ``link``; None after a refusal."""
-        peer = f"{addr[0]}:{addr[1]}"
         fleet = self.state.fleet_link
-        try:
-            result = sniff_first_bytes(data[:end])
-        except SniffError:
-            result = None
-        refusal = reason = None
-        if not isinstance(result, HttpRequest):
-            reason, refusal = "not an HTTP request", http_error(400, "not an HTTP/1.x request")
-        elif fleet is None or link.closed:
+        result, reason, refusal = _first_request(data, end)
+        if result is not None and (fleet is None or link.closed):
             reason, refusal = "the fleet link closed", http_error(502, host)
-        else:
+        elif result is not None and fleet is not None:
             proto = "websocket" if result.websocket else "http"
             try:
                 return fleet.open_stream(link, host, proto, port, addr, data, rtls=True)
             except TooManyStreams as exc:
                 reason, refusal = str(exc), http_error(503, host)
-        log.info("TLS visitor %s refused: %s", peer, reason)
-        transport.write(refusal)
-        transport.close()
+        _refuse_terminated(transport, f"{addr[0]}:{addr[1]}", reason, refusal)
         return None
 
     def _hand_over_connect(self, pv: PendingVisitor, result, host: str, port: int) -> bool:
@@ -962,3 +942,23 @@ class Dispatcher:
             log.info("tunnel from %s: TLS handshake failed: %s", peer, tls_failure_reason(exc))
             self.state.count_handshake("tls")
             sock.close()
+
+
+def _first_request(data: bytes, end: int) -> tuple[Optional[HttpRequest], str, Optional[bytes]]:
+    """The first head ``data[:end]`` inside TLS the relay terminated, as ``(request, "",
+    None)``; or ``(None, reason, 400 page)`` when it is not an HTTP/1.x request."""
+    try:
+        result = sniff_first_bytes(data[:end])
+    except SniffError as exc:
+        return None, str(exc), http_error(400, "not an HTTP/1.x request")
+    if not isinstance(result, HttpRequest):
+        return None, "not an HTTP request", http_error(400, "not an HTTP/1.x request")
+    return result, "", None
+
+
+def _refuse_terminated(transport: asyncio.Transport, peer: str, reason: str,
+                       refusal: Optional[bytes]) -> None:
+    """Answer a TLS visitor the relay will not serve (``refusal``, if any) and close."""
+    log.info("TLS visitor %s refused: %s", peer, reason)
+    transport.write(refusal or b"")
+    transport.close()

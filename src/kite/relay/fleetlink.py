@@ -315,11 +315,6 @@ class FleetLink:
         log.info("fleet link up from %s", peer)
         link.start_chunks(bytes(data[end:]), kite_peer=True)
 
-    async def link_to(self, target: dict) -> Optional[_LinkOut]:
-        """The link to ``target`` (made if there is none); None if it takes no link.
-        Raises what connecting raises when it cannot be reached at all."""
-        return await self._link(target)
-
     def open_stream(self, link: _LinkOut, host: str, proto: str, port: int, visitor: tuple,
                     payload: bytes = b"", *, rtls: bool = False) -> StreamProtocol:
         """A new stream of ``link`` for the visitor ``visitor`` (ip, port) of
@@ -335,7 +330,7 @@ class FleetLink:
                  proto, host, link.forward, sid, ", TLS terminated here" if rtls else "")
         return StreamProtocol(link, stream)
 
-    async def _link(self, target: dict) -> Optional[_LinkOut]:
+    async def link_to(self, target: dict) -> Optional[_LinkOut]:
         """The link to ``target`` (made if there is none); None if it takes no link.
         Raises what connecting raises when it cannot be reached at all."""
         loop = asyncio.get_running_loop()
@@ -377,7 +372,7 @@ class FleetLink:
         loop = asyncio.get_running_loop()
         peer = "%s:%s" % sock.getpeername()[:2]
         try:
-            link = await self._link(target)
+            link = await self.link_to(target)
         except (OSError, asyncio.TimeoutError, ValueError, KiteError) as exc:
             log.warning("visitor %s of %s: relay %s unreachable: %s", peer, host,
                         target["forward"], exc or type(exc).__name__)
