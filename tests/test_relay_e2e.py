@@ -9,11 +9,13 @@ import asyncio
 import hashlib
 import logging
 import os
+import socket
 import ssl
 import subprocess
 
 import pytest
 
+from kite.backend.connector import LOCAL_RCVBUF
 from kite.proto import handshake, signing
 from support import (
     SECRET,
@@ -66,6 +68,31 @@ def test_keepalive_requests_each_get_forwarded_headers(tmp_path, loop_kind):
         server.close()
 
     run(main, loop_kind)
+
+def test_local_sockets_get_one_fixed_receive_buffer(tmp_path, loop_kind):
+    """The backend fixes SO_RCVBUF of its local connections (autotuning would give the
+    streams that were read most the biggest buffers, and so the most of the tunnel); the
+    relay leaves its visitors' sockets to the kernel (they come from far away)."""
+    async def main():
+        server, port = await start_http_server()
+        async with kite_env(tmp_path, [http_kite("app.test.kite", port)]) as env:
+            reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: app.test.kite\r\n\r\n")
+            await reader.readuntil(b"\r\n\r\n")
+            tunnel = env.backends[0].connectors[0].tunnel
+            (stream,) = tunnel.streams.values()
+            sock = stream.transport.get_extra_info("socket")
+            # Linux doubles what was asked for, for its bookkeeping.
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * LOCAL_RCVBUF
+            (relay_tunnel,) = env.relay.state.tunnels
+            (visitor,) = relay_tunnel.streams.values()
+            vsock = visitor.transport.get_extra_info("socket")
+            assert vsock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) != 2 * LOCAL_RCVBUF
+            writer.close()
+        server.close()
+
+    run(main, loop_kind)
+
 
 
 def _tls_server_context(tmp_path, name):

@@ -365,6 +365,16 @@ class Stream:
         set_nodelay(transport)
         reset_on_close(transport)
         sock = transport.get_extra_info("socket")
+        rcvbuf = self.tunnel.local_rcvbuf
+        if sock is not None and rcvbuf:
+            # Autotuning grows a socket's receive buffer by how fast it was read, and the
+            # streams of one tunnel are read as fast as the tunnel takes their bytes: the
+            # sockets that were read most get the biggest buffers and then the most of the
+            # tunnel per read.  One fixed size for all keeps concurrent streams even.
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            except OSError:
+                pass
         if sock is not None and transport.get_extra_info("ssl_object") is None:
             try:
                 self.fd = sock.fileno()
@@ -650,6 +660,9 @@ class TunnelProtocol(asyncio.BufferedProtocol):
     #: the local sockets are HTTP visitors: a cut stream whose response has not started
     #: gets a 502 page instead of a reset (the relay)
     error_pages = False
+    #: SO_RCVBUF of every local socket, or None: the kernel's autotuning (see
+    #: :meth:`Stream.attach_transport`; the backend sets it, kite.backend.connector)
+    local_rcvbuf: Optional[int] = None
 
     def __init__(self, *, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         self.loop = loop or asyncio.get_running_loop()
