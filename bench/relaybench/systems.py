@@ -432,14 +432,16 @@ class KiteTls(Kite):
             sys.executable, "-m", "kite", "relay", "--listen", f"{HOST}:{port}",
             "--tls-cert", ctx.tls_relay_cert, "--tls-key", ctx.tls_relay_key,
             "--tls-cert", ctx.site_cert, "--tls-key", ctx.site_key,
-            "--kite", f"*:{TLS_NAME}:{SECRET}", "--drain-timeout", "1", "--loop", self.loop],
+            "--kite", f"*:{TLS_NAME}:{SECRET}", *self.observe(ctx, tag, "relay"),
+            "--drain-timeout", "1", "--loop", self.loop],
             env=env, log=rlog, cpus=ctx.system_cpus, cwd=ctx.work)
         try:
             wait_for("kite relay", log_has(rlog, r"relay listening on "), 20, [relay], [rlog])
             backend = ctx.procs.start("kite-expose", [
                 sys.executable, "-m", "kite", "expose", f"http://{HOST}:{ctx.origin_port}", TLS_NAME,
                 "--relay", f"{HOST}:{port}", "--ca", ctx.tls_relay_cert, "--secret", SECRET,
-                "--loop", self.loop], env=env, log=blog, cpus=ctx.system_cpus, cwd=ctx.work)
+                *self.observe(ctx, tag, "backend"), "--loop", self.loop],
+                env=env, log=blog, cpus=ctx.system_cpus, cwd=ctx.work)
         except BaseException:
             ctx.procs.stop(relay)
             raise

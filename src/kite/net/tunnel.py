@@ -473,19 +473,22 @@ class Stream:
         local transport should stay open for writing."""
         self.tunnel.writer.cancel_data_buffer()
         t = self.transport
+        keep = True
         if t is not None and not t.can_write_eof():
             # TLS: the transport closes itself after an EOF, once its bytes are out (asyncio
-            # and uvloop alike): that close is an end, not a cut.
+            # and uvloop alike): that close is an end, not a cut.  Asking it to stay open
+            # means nothing there (and both loops log a warning for it).
             reset_on_close(t, on=False)
+            keep = False
         state = self.state
         if state is _OPEN:
             self.state = StreamState.LOCAL_DONE
             self.tunnel.send_eof(self.sid, "R")
-            return True
+            return keep
         if state is StreamState.PEER_DONE:
             self.finish()
             return False
-        return True
+        return keep
 
     def on_local_lost(self) -> None:
         """The local socket is gone."""
