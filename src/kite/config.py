@@ -56,6 +56,8 @@ from typing import Collection, Optional
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .net.busypoll import DEFAULT_US as DEFAULT_BUSY_POLL
+from .net.busypoll import MAX_US as MAX_BUSY_POLL
 from .proto.names import valid_domain
 
 log = logging.getLogger("kite.config")
@@ -69,6 +71,8 @@ __all__ = [
     "MIN_KEEPALIVE",
     "MAX_KEEPALIVE",
     "check_keepalive",
+    "check_busy_poll",
+    "DEFAULT_BUSY_POLL",
     "check_basic_auth",
     "check_seconds",
     "parse_hostport",
@@ -115,6 +119,14 @@ def check_seconds(value: object, key: str, *, low: float, high: float,
 def check_keepalive(value: object, key: str = "--keepalive") -> float:
     """Seconds of tunnel silence before a PING: MIN_KEEPALIVE..MAX_KEEPALIVE, or 0 (off)."""
     return check_seconds(value, key, low=MIN_KEEPALIVE, high=MAX_KEEPALIVE, zero_ok=True)
+
+
+def check_busy_poll(value: object, key: str = "--busy-poll") -> int:
+    """Microseconds of busy polling (kite.net.busypoll): 0 (off) to MAX_BUSY_POLL."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BUSY_POLL:
+        raise ConfigError(key, f"bad value {value!r}", "give whole microseconds from 0 (off) "
+                          f"to {MAX_BUSY_POLL}, e.g. {DEFAULT_BUSY_POLL}")
+    return value
 
 
 #: http kites: seconds a local server may take to send the first byte of its answer before
@@ -299,6 +311,7 @@ class BackendConfig:
     keepalive: float = 30.0
     ping_timeout: float = 10.0
     zchunks: bool = False
+    busy_poll: int = DEFAULT_BUSY_POLL  # the longest busy poll, microseconds; 0: off
     access_log: Optional[str] = None  # "-" (stdout), a file, or None: no access log
     log_format: str = "text"  # access log lines: text or json
 
@@ -443,7 +456,7 @@ _RELAY_KEYS = _TLS_KEYS | {"address"}
 _KITE_KEYS = {"name", "target", "public_port", "proxy_protocol", "forwarded", "relays", "secret",
               "secret_file", "basic_auth", "response_timeout"}
 #: The top-level keys of a backend file.
-BACKEND_KEYS = {"defaults", "relay", "kite", "keepalive", "zchunks"}
+BACKEND_KEYS = {"defaults", "relay", "kite", "keepalive", "zchunks", "busy_poll"}
 #: Keys holding file names: relative to the config file's folder.
 _PATH_KEYS = ("ca", "secret_file")
 
@@ -614,4 +627,6 @@ def load_backend_config(path: str) -> BackendConfig:
                 relay.kites.append(kite_spec)
     keepalive = check_keepalive(data.get("keepalive", 30.0), "keepalive")
     zchunks = check_bool(data.get("zchunks", False), "zchunks")
-    return BackendConfig(relays=list(relays.values()), keepalive=keepalive, zchunks=zchunks)
+    busy_poll = check_busy_poll(data.get("busy_poll", BackendConfig.busy_poll), "busy_poll")
+    return BackendConfig(relays=list(relays.values()), keepalive=keepalive, zchunks=zchunks,
+                         busy_poll=busy_poll)

@@ -46,6 +46,7 @@ from .. import __version__
 from ..config import BackendConfig, KiteSpec, RelaySpec
 from ..errors import KiteError
 from ..net.accesslog import AccessLog, AccessRecord, open_access_log, response_status
+from ..net.busypoll import BusyPoll
 from ..net.dial import dial
 from ..net.memory import MemoryTrimmer
 from ..net.tls import ClientTLS
@@ -135,6 +136,7 @@ class BackendTunnel(TunnelProtocol):
         self.name = f"tunnel to {connector.spec.address}"
         self.keepalive = connector.config.keepalive
         self.ping_timeout = connector.config.ping_timeout
+        self.busy = connector.busy
         self.signed = signed  # re-connect round: the signed kite lines to send
         self.handshake_done: asyncio.Future = self.loop.create_future()
         self.flying: list = []
@@ -326,6 +328,7 @@ class RelayConnector:
         self.registration = "auto"
         self._stop = False
         self.access_log: Optional[AccessLog] = None  # the Backend's, shared by its connectors
+        self.busy: Optional[BusyPoll] = None  # the Backend's busy poller, shared likewise
         self._attempt_result: Optional[asyncio.Future] = None
         self.tls = None
         if not spec.plain:
@@ -567,8 +570,10 @@ class Backend:
         self.connectors = [RelayConnector(config, r) for r in config.relays if r.kites]
         self.access_log = open_access_log(config.access_log or "off", config.log_format,
                                           inbound="received")
+        busy = BusyPoll(config.busy_poll) if config.busy_poll else None
         for c in self.connectors:
             c.access_log = self.access_log
+            c.busy = busy
         self._tasks: list = []
         self.trimmer = MemoryTrimmer()  # freed stream buffers go back to the OS
         self.announce = announce

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import ConfigError
-from .options import common_options, keepalive_option
+from .options import busy_poll_option, common_options, keepalive_option
 from .run import config_errors, fail, serve, setup_logging
 
 
@@ -56,6 +56,7 @@ from .run import config_errors, fail, serve, setup_logging
               help="File whose first line is the inspector's token (required off loopback; "
                    "default: the KITE_INSPECT_TOKEN environment variable).")
 @keepalive_option
+@busy_poll_option
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML file with many kites on several relays.")
 @click.option("--response-timeout", type=float, default=None, metavar="SECONDS",
@@ -67,7 +68,7 @@ from .run import config_errors, fail, serve, setup_logging
 def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure, plain, server_name,
            connect_name, zchunks, public_port, proxy_protocol, no_forwarded, basic_auth, signup,
            access_log, log_format, inspect, inspect_keep, inspect_token_file, keepalive,
-           config_file, response_timeout, check_file, verbose, quiet, loop_kind):
+           busy_poll, config_file, response_timeout, check_file, verbose, quiet, loop_kind):
     """Fly NAME on the relay(s), serving it from TARGET (port, host:port or URL).
 
     The kite secret: --secret-file FILE, or the KITE_SECRET environment variable (--secret
@@ -75,6 +76,7 @@ def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure,
     """
     setup_logging(verbose, quiet)
     from ..backend.main import build_backend_config, build_inspect_config, serve_backend
+    from ..config import check_busy_poll
 
     if check_file:
         if config_file:
@@ -99,6 +101,8 @@ def expose(target, name, relays, secret, secret_file, ca, fingerprint, insecure,
             keepalive=keepalive, connect_name=connect_name, zchunks=zchunks,
             config_file=config_file, secret_file=secret_file, basic_auth=basic_auth,
             response_timeout=response_timeout)
+        if busy_poll is not None:
+            cfg.busy_poll = check_busy_poll(busy_poll)
     cfg.access_log = None if access_log == "off" else access_log
     cfg.log_format = log_format
     if check_file:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import click
 
-__all__ = ["common_options", "keepalive_option", "relay_options", "timeout_option"]
+__all__ = ["busy_poll_option", "common_options", "keepalive_option", "relay_options",
+           "timeout_option"]
 
 
 def _apply(options: list, f):
@@ -30,6 +31,14 @@ def keepalive_option(f):
     """``--keepalive`` of kite relay and kite expose."""
     return click.option("--keepalive", type=float, default=30.0, show_default=True,
                         help="Seconds of tunnel silence before a PING (0.1-3600; 0: none).")(f)
+
+
+def busy_poll_option(f):
+    """``--busy-poll`` of kite relay and kite expose (kite.net.busypoll)."""
+    return click.option("--busy-poll", type=int, default=None, metavar="USEC",
+                        help="After sending what may be answered at once, poll up to USEC "
+                             "microseconds instead of sleeping (adapts; yields the CPU to "
+                             "anyone who needs it; 0: off).  [default: 200]")(f)
 
 
 def relay_options(f):

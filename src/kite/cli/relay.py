@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import _apply, common_options, keepalive_option
+from .options import _apply, busy_poll_option, common_options, keepalive_option
 from .run import config_errors, fail, serve, setup_logging
 
 
@@ -98,6 +98,7 @@ def acme_options(f):
               help="Let people sign up for NAME.ZONE: POST /api/signup on the relay's name.")
 @click.option("--signup-quota", metavar="SIZE", help="Starter quota of a sign-up (2.5GB).")
 @keepalive_option
+@busy_poll_option
 @click.option("--zchunks", is_flag=True, help="Let pagekite.py backends compress (ZChunks).")
 @click.option("--drain-timeout", type=float, default=10.0, show_default=True,
               help="On SIGTERM, seconds to let open streams finish.")
@@ -145,8 +146,8 @@ def acme_options(f):
 @acme_options
 @common_options
 def relay(config_file, listen, tls_cert, tls_key, tls_name, redirect_http, hsts, kites,
-          secret_file, single, db, redis_url, relay_id, signup, signup_quota, keepalive, zchunks,
-          drain_timeout, max_connections,
+          secret_file, single, db, redis_url, relay_id, signup, signup_quota, keepalive, busy_poll,
+          zchunks, drain_timeout, max_connections,
           max_pending, max_streams, idle_timeout, buffer_budget, slow_reader_timeout,
           access_log, log_format, admin, admin_token, admin_token_file,
           allow_plain, error_pages, check_file, verbose, quiet, loop_kind, **dns):
@@ -167,8 +168,8 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, redirect_http, hsts,
             config_file=check_file or config_file, listen=listen, tls_cert=tls_cert,
             tls_key=tls_key, tls_names=tls_name, redirect_http=redirect_http, hsts=hsts,
             kites=kites, single=single,
-            keepalive=keepalive, zchunks=zchunks, drain_timeout=drain_timeout,
-            secret_file=secret_file,
+            keepalive=keepalive, busy_poll=busy_poll, zchunks=zchunks,
+            drain_timeout=drain_timeout, secret_file=secret_file,
             limits={"max_connections": max_connections, "max_pending": max_pending,
                     "max_streams": max_streams, "idle_timeout": idle_timeout,
                     "buffer_budget": buffer_budget, "slow_reader_timeout": slow_reader_timeout},

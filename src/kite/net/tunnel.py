@@ -82,6 +82,7 @@ from ..proto.framebudget import FrameBudget
 from ..proto.http import MAX_HEAD, http_error
 from ..proto.names import HTTP_PROTOS
 from ..proto.zchunks import ZInflater
+from .busypoll import BusyPoll
 from .limits import IDLE_CHECKS, StreamLimits
 from .sockets import close_gracefully, reset, reset_on_close, set_nodelay, unsent_bytes
 
@@ -237,6 +238,9 @@ class Stream:
         A slice keeps its whole buffer allocated, so small rests are copied, and once the
         buffers kept this way reach ``KEEP_LIMIT`` everything is copied until they drain.
         """
+        busy = self.tunnel.busy
+        if busy is not None:
+            busy.poke()  # a request to a local server, a response to a visitor
         fd = self.fd
         k = 0
         if fd >= 0 and not transport.get_write_buffer_size() and not transport.is_closing():
@@ -341,6 +345,9 @@ class Stream:
             return
         if out:
             transport.write(out)
+            busy = self.tunnel.busy
+            if busy is not None:
+                busy.poke()
             self.delivered += len(out)
             if self.delivered >= self.next_ack:
                 self.check_ack()
@@ -673,6 +680,8 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.demux: Optional[Demux] = None
         self.writer = ChunkWriter()
         self.flush_at = FLUSH_NOW
+        #: the process's busy poller (kite.net.busypoll), poked after each write; None: off
+        self.busy: Optional[BusyPoll] = None
         self.streams: dict[int, Stream] = {}
         self.flush_scheduled = False
         self.write_paused = False
@@ -978,6 +987,8 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         if data is not None and self.transport is not None and not self.closed:
             self.bytes_out += len(data)
             self.transport.write(data)
+            if self.busy is not None:
+                self.busy.poke()
 
     def _flush(self) -> None:
         self.flush_scheduled = False
@@ -997,6 +1008,8 @@ class TunnelProtocol(asyncio.BufferedProtocol):
                     self.transport.write(piece)
             if self.write_paused:
                 self._check_queue()
+            if self.busy is not None:
+                self.busy.poke()  # the peer's answer may follow at once
 
     def open_stream(self, sid: int, proto: str, host: str, port: int, rip: str, rport: int,
                     *, peer: str, payload: bytes = b"", rtls: bool = False) -> Stream:

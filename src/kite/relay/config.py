@@ -10,7 +10,9 @@ from typing import Optional, Sequence
 
 from ..certs.acme_config import ACME_KEYS, AcmeConfig, build_acme_config
 from ..config import (
+    DEFAULT_BUSY_POLL,
     check_bool,
+    check_busy_poll,
     check_keepalive,
     check_keys,
     check_seconds,
@@ -55,6 +57,7 @@ class RelayConfig:
     tls_names: list = field(default_factory=list)  # SNI names that mean "the relay itself"
     keepalive: Optional[float] = 30.0
     ping_timeout: float = 10.0
+    busy_poll: int = DEFAULT_BUSY_POLL  # the longest busy poll, microseconds; 0: off
     drain_timeout: float = 10.0
     zchunks: bool = False  # advertise ZChunks: ask pagekite.py backends to compress
     single_backend: set = field(default_factory=set)  # kites limited to one backend
@@ -103,7 +106,7 @@ def _cert_names(path: str) -> list:
 
 
 _RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls", "redirect_http", "hsts", "tls_names",
-               "kite", "keepalive", "zchunks",
+               "kite", "keepalive", "busy_poll", "zchunks",
                "secret_file", "db", "redis", "signup", "signup_quota", "signup_per_hour",
                "relay_id",
                "max_connections", "max_pending", "max_streams", "idle_timeout", "buffer_budget",
@@ -242,6 +245,7 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                        hsts: Optional[int] = None,
                        tls_names: Sequence[str] = (), kites: Sequence[str] = (),
                        single: Sequence[str] = (), keepalive: float = 30.0,
+                       busy_poll: Optional[int] = None,
                        zchunks: bool = False, drain_timeout: float = 10.0,
                        limits: Optional[dict] = None,
                        secret_file: Optional[str] = None,
@@ -372,6 +376,10 @@ def build_relay_config(*, config_file: Optional[str] = None, listen: Sequence[st
                       names=names_cfg, db=db, acme=acme,
                       allow_plain=allow_plain,
                       error_pages=load_error_pages(error_pages) if error_pages else {}, **extra)
+    if busy_poll is not None:
+        cfg.busy_poll = check_busy_poll(busy_poll, "--busy-poll")
+    elif "busy_poll" in data:
+        cfg.busy_poll = check_busy_poll(data["busy_poll"], "busy_poll")
     _apply_limits(cfg, data, limits or {})
     _apply_observe(cfg, data, observe or {})
     return cfg

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from ..certs import CertStore
 from ..net.accesslog import AccessLog, open_access_log
+from ..net.busypoll import BusyPoll
 from ..net.limits import StreamLimits
 from ..proto.handshake import (
     AuthReply,
@@ -113,6 +114,8 @@ class RelayState:
             max_streams=config.max_streams, idle_timeout=config.idle_timeout,
             buffer_budget=config.buffer_budget, slow_reader_timeout=config.slow_reader_timeout)
         self.error_pages: dict = dict(config.error_pages)  # --error-pages: name -> template
+        #: the process's busy poller, shared by its tunnels (kite.net.busypoll); None: off
+        self.busy: Optional[BusyPoll] = BusyPoll(config.busy_poll) if config.busy_poll else None
         #: Called with the new RelayConfig after a reload took it (e.g. CertStore.reload);
         #: a hook that raises is logged, the others still run.
         self.on_reload: list[Callable[[RelayConfig], Any]] = []

@@ -49,6 +49,7 @@ class RelayTunnel(TunnelProtocol):
         self.keepalive = state.config.keepalive
         self.ping_timeout = state.config.ping_timeout
         self.limits = state.limits
+        self.busy = state.busy
         self.kites: list = []  # (proto, domain) this tunnel flies
         self.session_id: Optional[str] = None
         self.registered_by: Optional[str] = None  # "connect" or "inband": how kites first flew
