@@ -12,7 +12,7 @@ import pytest
 
 from kite.config import check_busy_poll
 from kite.errors import ConfigError
-from kite.net.busypoll import MIN_WINDOW, BusyPoll
+from kite.net.busypoll import BUSY_HOLD, MIN_WINDOW, BusyPoll
 from support import KITE, run
 
 US = 1e-6
@@ -112,6 +112,26 @@ def test_an_answer_just_after_polling_stopped_grows_the_window(loop_kind):
         clock.now += 30 * US
         poller.poke()  # ~150 us after the last: 1.5 x that is beyond the maximum, 200
         assert poller.window == pytest.approx(200 * US)
+
+    run(main, loop_kind)
+
+
+def test_a_busy_loop_does_not_poll(loop_kind):
+    """Two answers in one turn of the loop: its reads come in batches; polling stops (and
+    the window stays, for when it is quiet again)."""
+    async def main():
+        poller, clock, turns = make(max_us=200, step_us=10)
+        poller.poke()
+        poller.poke()
+        await settle(poller)
+        assert not turns and poller.window == pytest.approx(200 * US)
+        poller.poke()  # held: no polling for BUSY_HOLD
+        assert not poller.polling
+        clock.now += BUSY_HOLD
+        poller.poke()  # one answer a turn: it polls
+        await asyncio.sleep(0)
+        assert poller.polling and turns
+        await settle(poller)
 
     run(main, loop_kind)
 
