@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 from ..errors import KiteError, RemoteProtocolError, TooManyStreams
 from ..net.aio import feed_protocol
+from ..net.busypoll import BusyPoll
 from ..net.pipes import PipeEnd, transport_pair
 from ..net.tls import cert_fingerprint, client_context
 from ..net.tunnel import (
@@ -256,9 +257,10 @@ class FleetLink:
     """This relay's side of visitor hand-over: ``presence`` (kite.store.presence) says who
     flies what; ``secret`` is the fleet's."""
 
-    def __init__(self, presence, secret: str) -> None:
+    def __init__(self, presence, secret: str, busy: Optional[BusyPoll] = None) -> None:
         self.presence = presence
         self.secret = secret
+        self.busy = busy  # the relay's busy poller, for its links' tunnels too
         self.forwarded = 0  # visitors handed to other relays
         self._context = client_context(insecure=True)  # verified by the pin, not a CA
         self._tasks: set = set()
@@ -307,6 +309,7 @@ class FleetLink:
             transport.close()
             return
         link = _LinkIn(peer, opener)
+        link.busy = self.busy
         transport.set_protocol(link)
         link.connection_made(transport)
         transport.write(LINK_ANSWER)
@@ -341,6 +344,7 @@ class FleetLink:
                 return None
             link = _LinkOut(target["fingerprint"], build_link_head(self.secret),
                             target["forward"])
+            link.busy = self.busy
             self._links[key] = link
             link.closed_future.add_done_callback(
                 lambda _f: self._links.pop(key, None) if self._links.get(key) is link else None)

@@ -173,7 +173,7 @@ class RelayServer:
                 service.publish_txt if add else service.withdraw_txt)(name, values))
         await fleet.start()
         self.state.subscribe(fleet.on_presence)
-        self.state.fleet_link = FleetLink(self.fleet, self.fleet.secret)
+        self.state.fleet_link = FleetLink(self.fleet, self.fleet.secret, self.state.busy)
 
     @property
     def relay_id(self) -> str:
