@@ -345,3 +345,25 @@ def test_relay_per_kite_redirect_and_hsts(tmp_path):
     conf.write_text(f'[[kite]]\ndomain = "a.example.com"\nsecret = "{LONG}"\nhsts = "1y"\n')
     with pytest.raises(ConfigError, match=r"kite\[0\]\.hsts: bad value"):
         build_relay_config(config_file=str(conf))
+
+
+def test_busy_poll_from_option_toml_or_default(tmp_path):
+    """``busy_poll``: the option wins over the file, the file over the default; the relay
+    and the backend give their tunnels one poller, or none at 0."""
+    from kite.config import DEFAULT_BUSY_POLL
+
+    grant = [f"*:*.example.com:{LONG}"]
+    assert build_relay_config(listen=["127.0.0.1:0"], kites=grant).busy_poll == DEFAULT_BUSY_POLL
+    conf = tmp_path / "relay.toml"
+    conf.write_text(f'listen = ["127.0.0.1:0"]\nbusy_poll = 0\n[[kite]]\n'
+                    f'domain = "*.example.com"\nsecret = "{LONG}"\n')
+    assert build_relay_config(config_file=str(conf)).busy_poll == 0
+    assert build_relay_config(config_file=str(conf), busy_poll=300).busy_poll == 300
+    conf.write_text(conf.read_text().replace("busy_poll = 0", "busy_poll = 99999"))
+    with pytest.raises(ConfigError) as info:
+        build_relay_config(config_file=str(conf))
+    assert info.value.key == "busy_poll"
+    back = tmp_path / "backend.toml"
+    back.write_text(f'busy_poll = 50\n[[relay]]\naddress = "127.0.0.1:1"\n[[kite]]\n'
+                    f'name = "a.example.com"\ntarget = "8080"\nsecret = "{LONG}"\n')
+    assert kconfig.load_backend_config(str(back)).busy_poll == 50
