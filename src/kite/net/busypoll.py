@@ -46,6 +46,10 @@ MIN_WINDOW = 10e-6
 BUSY_HOLD = 0.001
 
 
+def _no_yield() -> None:
+    pass
+
+
 class BusyPoll:
     """One per process and loop: :meth:`poke` after sending what may be answered quickly."""
 
@@ -63,7 +67,9 @@ class BusyPoll:
         self.held_until = 0.0  # busy: no polling before this time
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.clock = clock
-        self._yield = yield_cpu or os.sched_yield
+        if yield_cpu is None:
+            yield_cpu = getattr(os, "sched_yield", _no_yield)  # not on Windows
+        self._yield: Callable[[], None] = yield_cpu
 
     def poke(self) -> None:
         """Something was sent that may be answered soon: poll for the window from now."""

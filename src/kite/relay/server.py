@@ -190,7 +190,7 @@ class RelayServer:
         old = self.config
         for key in ("listen", "db", "names", "signup_zone", "max_connections", "max_pending",
                     "max_streams", "idle_timeout", "buffer_budget", "slow_reader_timeout",
-                    "keepalive", "zchunks"):
+                    "keepalive", "zchunks", "busy_poll"):
             if getattr(old, key) != getattr(config, key):
                 log.warning("reload: %s changed; it takes effect at the next restart", key)
         if bool(old.tls_cert) != bool(config.tls_cert):
