@@ -53,7 +53,7 @@ def _no_yield() -> None:
 class BusyPoll:
     """One per process and loop: :meth:`poke` after sending what may be answered quickly."""
 
-    __slots__ = ("max_window", "window", "until", "last", "polling", "pokes", "held",
+    __slots__ = ("max_window", "window", "until", "last", "polling", "pokes", "held_until",
                  "loop", "clock", "_yield")
 
     def __init__(self, max_us: float, *, clock: Callable[[], float] = time.monotonic,
@@ -64,7 +64,7 @@ class BusyPoll:
         self.last = float("-inf")  # the latest poke
         self.polling = False
         self.pokes = 0  # pokes since the latest turn: more than one, and the loop is busy
-        self.held = False  # the loop was busy: no polling for BUSY_HOLD
+        self.held_until = 0.0  # busy: no polling before this time
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.clock = clock
         if yield_cpu is None:
@@ -72,15 +72,14 @@ class BusyPoll:
         self._yield: Callable[[], None] = yield_cpu
 
     def poke(self) -> None:
-        """Something was sent that may be answered soon: poll for the window from now (the
-        next turn moves the end; on a busy loop this is all it costs)."""
+        """Something was sent that may be answered soon: poll for the window from now."""
+        now = self.clock()
         if self.polling:
             self.pokes += 1
+        elif now < self.held_until:
+            self.last = now
             return
-        if self.held:
-            return
-        now = self.clock()
-        if now - self.last <= self.max_window:
+        elif now - self.last <= self.max_window:
             # This came while the loop slept, soon after the previous one: a longer poll
             # would have caught it.
             self.window = min(self.max_window, max(self.window * 2, (now - self.last) * 1.5))
@@ -88,33 +87,27 @@ class BusyPoll:
         if self.window < MIN_WINDOW:
             return
         self.until = now + self.window
-        loop = self.loop
-        if loop is None:
-            loop = self.loop = asyncio.get_running_loop()
-        self.polling = True
-        self.pokes = 1
-        loop.call_soon(self._turn)
+        if not self.polling:
+            loop = self.loop
+            if loop is None:
+                loop = self.loop = asyncio.get_running_loop()
+            self.polling = True
+            self.pokes = 1
+            loop.call_soon(self._turn)
 
     def _turn(self) -> None:
         pokes, self.pokes = self.pokes, 0
-        loop = self.loop
-        assert loop is not None  # set by the poke that began polling
         if pokes > 1:
             # Several answers went out in one turn of the loop: it is busy, its reads come
             # in batches, and polling would only break them up.  Sleep as usual, and look
             # again in BUSY_HOLD (a turn scheduled at every answer would itself keep the
             # loop from blocking).
             self.polling = False
-            self.held = True
-            loop.call_later(BUSY_HOLD, self._unhold)
+            self.held_until = self.clock() + BUSY_HOLD
             return
-        now = self.clock()
-        if pokes:
-            self.last = now
-            self.until = now + self.window  # an answer: a whole window from it
-        if now < self.until:
+        if self.clock() < self.until:
             self._yield()
-            loop.call_soon(self._turn)
+            self.loop.call_soon(self._turn)  # type: ignore[union-attr]
             return
         # A whole window passed with nothing to answer (each answer moves ``until``):
         # poll shorter next time.
@@ -122,6 +115,3 @@ class BusyPoll:
         self.window /= 2
         if self.window < MIN_WINDOW:
             self.window = 0.0
-
-    def _unhold(self) -> None:
-        self.held = False
