@@ -136,6 +136,22 @@ def test_a_busy_loop_does_not_poll(loop_kind):
     run(main, loop_kind)
 
 
+def test_yields_that_give_the_cpu_away_stop_polling(loop_kind):
+    """Turns far apart (each yield let another process run): the CPUs are full, so the
+    poller holds off as for a busy loop."""
+    async def main():
+        poller, clock, turns = make(max_us=10_000, step_us=50)  # 50 us a turn: contended
+        poller.poke()
+        await settle(poller)
+        assert 3 <= len(turns) <= 8  # stopped long before its 10 ms window
+        assert poller.held_until > clock.now - 0.001
+        turns.clear()
+        poller.poke()  # held
+        assert not poller.polling
+
+    run(main, loop_kind)
+
+
 def test_window_bounds():
     assert MIN_WINDOW > 0
     assert check_busy_poll(0) == 0 and check_busy_poll(10_000) == 10_000

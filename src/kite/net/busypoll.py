@@ -22,7 +22,9 @@ is bounded by the window per answer (``bench/README.md``, "seq").
 A busy process does not poll: when more than one answer went out in one turn of the loop,
 its reads come in batches, which polling would break up into more system calls per
 request, so it sleeps in ``epoll_wait`` as usual, and polls again at the earliest
-``BUSY_HOLD`` later.
+``BUSY_HOLD`` later.  Nor does a process on full CPUs: when most turns come back long after
+the previous one (``SLOW_TURN``: the yield let another process run), polling would only add
+system calls to their load, and it holds off the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Optional
 
-__all__ = ["BUSY_HOLD", "BusyPoll", "DEFAULT_US", "MAX_US", "MIN_WINDOW"]
+__all__ = ["BUSY_HOLD", "BusyPoll", "DEFAULT_US", "MAX_US", "MIN_WINDOW", "SLOW_TURN"]
 
 #: The default maximum window, microseconds (KVM's default halt-polling window is 200 us).
 DEFAULT_US = 200
@@ -44,6 +46,9 @@ MAX_US = 10_000
 MIN_WINDOW = 10e-6
 #: Seconds without polling after the loop was seen busy.
 BUSY_HOLD = 0.001
+#: A turn this long after the previous one (seconds) means the yield let another process
+#: run: the CPU is wanted elsewhere.
+SLOW_TURN = 20e-6
 
 
 def _no_yield() -> None:
@@ -54,7 +59,7 @@ class BusyPoll:
     """One per process and loop: :meth:`poke` after sending what may be answered quickly."""
 
     __slots__ = ("max_window", "window", "until", "last", "polling", "pokes", "held_until",
-                 "loop", "clock", "_yield")
+                 "prev_turn", "contended", "loop", "clock", "_yield")
 
     def __init__(self, max_us: float, *, clock: Callable[[], float] = time.monotonic,
                  yield_cpu: Optional[Callable[[], None]] = None) -> None:
@@ -65,6 +70,8 @@ class BusyPoll:
         self.polling = False
         self.pokes = 0  # pokes since the latest turn: more than one, and the loop is busy
         self.held_until = 0.0  # busy: no polling before this time
+        self.prev_turn = 0.0  # when the latest turn ran
+        self.contended = 0.0  # moving share of turns whose yield gave the CPU away
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.clock = clock
         if yield_cpu is None:
@@ -93,6 +100,7 @@ class BusyPoll:
                 loop = self.loop = asyncio.get_running_loop()
             self.polling = True
             self.pokes = 1
+            self.prev_turn = now
             loop.call_soon(self._turn)
 
     def _turn(self) -> None:
@@ -105,7 +113,19 @@ class BusyPoll:
             self.polling = False
             self.held_until = self.clock() + BUSY_HOLD
             return
-        if self.clock() < self.until:
+        now = self.clock()
+        if now < self.until:
+            # A turn long after the previous one: the yield gave the CPU to another process
+            # that wanted it.  When most turns do, the CPUs are full, and polling only adds
+            # system calls to their load: hold it as for a busy loop.
+            slow = 1.0 if now - self.prev_turn > SLOW_TURN else 0.0
+            self.contended += (slow - self.contended) / 8
+            if self.contended > 0.5:
+                self.contended = 0.0
+                self.polling = False
+                self.held_until = now + BUSY_HOLD
+                return
+            self.prev_turn = now
             self._yield()
             self.loop.call_soon(self._turn)  # type: ignore[union-attr]
             return
