@@ -74,6 +74,15 @@ def test_presence_spreads_and_expires(redis_server):
     asyncio.run(main())
 
 
+async def _two_relays(url):
+    """Relays A and B sharing the registry at ``url``, started (the caller closes them)."""
+    a = FleetPresence(url, "A", ["192.0.2.1"], **FAST)
+    b = FleetPresence(url, "B", ["192.0.2.2"], **FAST)
+    await a.start()
+    await b.start()
+    return a, b
+
+
 def test_redis_restart_loses_nothing(tmp_path):
     (tmp_path / "first").mkdir()
     first = RedisServer(tmp_path / "first")
@@ -81,10 +90,7 @@ def test_redis_restart_loses_nothing(tmp_path):
 
     async def main():
         url = first.url(5)
-        a = FleetPresence(url, "A", ["192.0.2.1"], **FAST)
-        b = FleetPresence(url, "B", ["192.0.2.2"], **FAST)
-        await a.start()
-        await b.start()
+        a, b = await _two_relays(url)
         a.presence("http", "one.example.com", True)
         await until(lambda: b.holders("http", "one.example.com") == {"A"}, 5, "one up")
         first.stop()  # persistence is off: Redis comes back empty
@@ -114,10 +120,7 @@ def test_close_right_after_a_change_leaves(redis_server):
     is gone from Redis."""
     async def main():
         url = redis_server.url(5)
-        a = FleetPresence(url, "A", ["192.0.2.1"], **FAST)
-        b = FleetPresence(url, "B", ["192.0.2.2"], **FAST)
-        await a.start()
-        await b.start()
+        a, b = await _two_relays(url)
         a.presence("http", "app.example", True)
         await until(lambda: b.holders("http", "app.example") == {"A"}, 5, "B sees A's kite")
         a.presence("http", "app.example", False)
