@@ -72,6 +72,10 @@ def test_dashboard_shows_kite_and_bytes(tmp_path, browser):
     site = tmp_path / "site"
     site.mkdir()
     (site / "big.bin").write_bytes(os.urandom(3_000_000))
+    with open(site / "huge.bin", "wb") as f:
+        # The slow visitor's: more than the relay and the kernel buffer between them and
+        # the backend, so its stream is still open when the page looks.
+        f.truncate(64 << 20)
     certs = make_certs(tmp_path)
     db = str(tmp_path / "kite.db")
     added = _kite("accounts", "add", "alice@example.com", "--quota", "1GB", "--json", "--db", db)
@@ -111,10 +115,10 @@ def test_dashboard_shows_kite_and_bytes(tmp_path, browser):
         assert page.inner_text("#accounts").count("alice@example.com") == 1
         # One slow visitor while the picture is taken: the live visitors table has a row.
         slow = subprocess.Popen(["curl", "-sS", "--limit-rate", "50k", "-o", os.devnull, "-H",
-                                 "Host: app.test.kite", f"http://127.0.0.1:{port}/big.bin"],
+                                 "Host: app.test.kite", f"http://127.0.0.1:{port}/huge.bin"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            page.wait_for_selector("#visitors td:has-text('GET /big.bin')", timeout=30_000)
+            page.wait_for_selector("#visitors td:has-text('GET /huge.bin')", timeout=30_000)
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
         finally:

@@ -184,6 +184,40 @@ def test_local_socket_lost(tunnel):
     assert local.calls == []  # already gone: nothing to close
 
 
+class EndsTunnel(RecordingTunnel):
+    """Records when streams leave the tunnel and when they end for their observers."""
+
+    def on_stream_closed(self, stream) -> None:
+        self.sent.append(("closed", stream.sid))
+
+    def on_stream_ended(self, stream) -> None:
+        self.sent.append(("ended", stream.sid))
+
+
+def test_a_stream_ends_when_its_local_side_took_the_last_byte(loop):
+    """The peer is done and forgot the stream, bytes for the local side still wait in its
+    transport: the stream leaves the tunnel now (its id is free) and ends for its observers
+    (access log, live visitors, final counts) when the transport is gone, once."""
+    tunnel = EndsTunnel(loop)
+    stream, protocol, local = open_stream(tunnel)
+    local.buffered = 1_000_000  # a slow visitor of a response the relay holds
+    stream.on_peer_eof(read_closed=True, write_closed=False)
+    stream.on_peer_eof(read_closed=True, write_closed=True)
+    assert stream.state is StreamState.CLOSED and 1 not in tunnel.streams
+    assert [e for e in tunnel.sent if e[0] != "eof"] == [("closed", 1)]
+    assert local.calls == ["write_eof", "close"]
+    protocol.connection_lost(None)  # the last byte went out, the socket closed
+    protocol.connection_lost(None)
+    assert [e for e in tunnel.sent if e[0] != "eof"] == [("closed", 1), ("ended", 1)]
+    # Nothing left to write: both at once.
+    stream, protocol, local = open_stream(tunnel, sid=2)
+    stream.on_peer_eof(read_closed=True, write_closed=False)
+    stream.on_peer_eof(read_closed=True, write_closed=True)
+    assert [e for e in tunnel.sent if e[0] != "eof"][2:] == [("closed", 2), ("ended", 2)]
+    protocol.connection_lost(None)
+    assert len([e for e in tunnel.sent if e[0] != "eof"]) == 4
+
+
 def test_pause_reasons_stack(tunnel):
     stream, _, local = open_stream(tunnel)
     stream.pause(PAUSE_WINDOW)

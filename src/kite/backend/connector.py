@@ -272,6 +272,8 @@ class BackendTunnel(TunnelProtocol):
         timer = self._response_timers.pop(stream.sid, None)
         if timer is not None:
             timer.cancel()
+
+    def on_stream_ended(self, stream: Stream) -> None:
         if self.connector.access_log is not None:
             self.connector.access_log.closed(stream)
 

@@ -169,7 +169,7 @@ class Stream:
         "tunnel", "sid", "slot", "transport", "proto", "host", "port", "peer",
         "send_window", "ack", "pending", "delivered", "next_ack", "state", "paused",
         "local_full", "inflated", "rewriter", "fd", "idle_mark", "idle_since", "burst_from",
-        "in_burst", "__weakref__",
+        "in_burst", "lingering", "__weakref__",
     )
 
     def __init__(self, tunnel: TunnelProtocol, sid: int, *, proto: str = "", host: str = "",
@@ -197,6 +197,7 @@ class Stream:
         self.idle_since = 0.0  # ... and when it last changed (loop time)
         self.burst_from = 0  # slot.sent when the current burst of reads began ...
         self.in_burst = False  # ... and whether the latest read filled its buffer
+        self.lingering = False  # closed, its last bytes still on their way to the local side
 
     @property
     def closed(self) -> bool:
@@ -502,6 +503,9 @@ class Stream:
         self.tunnel.writer.cancel_data_buffer()
         if self.state is not _CLOSED:
             self.tunnel.discard(self, close_local=False)
+        elif self.lingering:
+            self.lingering = False
+            self.tunnel.on_stream_ended(self)
 
     def _write_eof(self) -> None:
         """The peer is done sending (PEER_DONE): half-close the local socket after what is
@@ -1118,9 +1122,16 @@ class TunnelProtocol(asyncio.BufferedProtocol):
             stream.pending = None  # cut before its local side came: that side is reset
         if close_local and t is not None and not t.is_closing():
             close_gracefully(t)  # writes what is buffered, then closes (FIN)
-            if self.limits is not None and t.get_write_buffer_size():
-                self.limits.watch_closing(stream)
+            if t.get_write_buffer_size():
+                # The stream ends for its observers (on_stream_ended) when its local side
+                # has taken the last byte: a slow visitor of a response the relay holds
+                # whole is still a visitor.  on_local_lost ends it.
+                stream.lingering = True
+                if self.limits is not None:
+                    self.limits.watch_closing(stream)
         self.on_stream_closed(stream)
+        if not stream.lingering:
+            self.on_stream_ended(stream)
 
     def cut_local(self, stream: Stream, transport: asyncio.Transport) -> None:
         """Reset the local socket of a cut stream - or, on the relay, answer an HTTP
@@ -1132,7 +1143,11 @@ class TunnelProtocol(asyncio.BufferedProtocol):
             reset(transport)
 
     def on_stream_closed(self, stream: Stream) -> None:
-        pass
+        """``stream`` left the tunnel (its id may be reused from now on)."""
+
+    def on_stream_ended(self, stream: Stream) -> None:
+        """``stream`` is over for its observers: closed, and its local side has taken its
+        last byte (or is gone)."""
 
     # -- idle streams -------------------------------------------------------------------------
     def _idle_tick(self) -> None:
@@ -1242,6 +1257,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
                 # error by the visitor, never as a clean end (no silent truncation).
                 self.cut_local(stream, t)
             self.on_stream_closed(stream)
+            self.on_stream_ended(stream)
         self.streams.clear()
         self.on_closed(reason)
         if not self.closed_future.done():

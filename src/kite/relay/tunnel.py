@@ -195,7 +195,7 @@ class RelayTunnel(TunnelProtocol):
         else:
             super().cut_local(stream, transport)
 
-    def on_stream_closed(self, stream) -> None:
+    def on_stream_ended(self, stream) -> None:
         if self.state.registry is not None:
             self.state.registry.count(stream, final=True)
         if self.state.access_log is not None:
