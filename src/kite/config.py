@@ -125,7 +125,7 @@ def check_busy_poll(value: object, key: str = "--busy-poll") -> int:
     """Microseconds of busy polling (kite.net.busypoll): 0 (off) to MAX_BUSY_POLL."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BUSY_POLL:
         raise ConfigError(key, f"bad value {value!r}", "give whole microseconds from 0 (off) "
-                          f"to {MAX_BUSY_POLL}, e.g. 200")
+                          f"to {MAX_BUSY_POLL}, e.g. {DEFAULT_BUSY_POLL}")
     return value
 
 

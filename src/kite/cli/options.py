@@ -38,8 +38,7 @@ def busy_poll_option(f):
     return click.option("--busy-poll", type=int, default=None, metavar="USEC",
                         help="After sending what may be answered at once, poll up to USEC "
                              "microseconds instead of sleeping (adapts; yields the CPU to "
-                             "anyone who needs it; 0: off; 200 halves one connection's latency).  "
-                             "[default: 0]")(f)
+                             "anyone who needs it; 0: off).  [default: 200]")(f)
 
 
 def relay_options(f):

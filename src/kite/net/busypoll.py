@@ -35,14 +35,10 @@ import time
 from collections.abc import Callable
 from typing import Optional
 
-__all__ = ["SUGGESTED_US", "BUSY_HOLD", "BusyPoll", "DEFAULT_US", "MAX_US", "MIN_WINDOW", "SLOW_TURN"]
+__all__ = ["BUSY_HOLD", "BusyPoll", "DEFAULT_US", "MAX_US", "MIN_WINDOW", "SLOW_TURN"]
 
-#: The default: off.  200 (KVM's default halt-polling window) is what bench/README.md
-#: measured; on by default it made a browser test of the dashboard time out now and then
-#: under a loaded test run, a cause not found yet.
-DEFAULT_US = 0
-#: The window bench/README.md measured, microseconds.
-SUGGESTED_US = 200
+#: The default maximum window, microseconds (KVM's default halt-polling window is 200 us).
+DEFAULT_US = 200
 #: The largest window a configuration may ask for, microseconds.
 MAX_US = 10_000
 #: A window shorter than this (seconds) is no window: polling stops until answers come
