@@ -8,6 +8,7 @@ It does what the benchmark's nginx configuration does, and nothing more:
 * ``PUT /up/NAME``: the body is written to ``ROOT/.tmp/`` as it arrives (so the benchmark can
   see how far a time-capped upload got), renamed to ``ROOT/up/NAME`` when complete, and
   answered ``201 Created``;
+* ``PUT /sink``: the body is read and dropped, then ``204`` (scale-uploads);
 * keep-alive unless the request says ``Connection: close``; no chunked bodies (``411``).
 
     python bench/origin.py --port 8080 --root /dev/shm/www     # logs "origin listening on ..."
@@ -73,6 +74,15 @@ class Origin:
             return False
         length = int(headers.get("content-length", "0") or 0)
         full = self._path(target)
+        if method == "PUT" and target == "/sink":  # scale-uploads: read and drop the body
+            left = length
+            while left:
+                data = await reader.read(min(left, READ_PIECE))
+                if not data:
+                    return False
+                left -= len(data)
+            await self._reply(writer, 204, b"", close=close)
+            return not close
         if method == "PUT":
             if full is None or not target.startswith("/up/"):
                 await self._reply(writer, 403, b"PUT only under /up/\n", close=True)

@@ -202,11 +202,12 @@ def test_harness_idle_level_beyond_one_port_range(tmp_path):
 
 
 def test_harness_runs_the_curves(tmp_path):
-    """scale-conns and scale-downloads at small levels on direct and haproxy (skipped with
-    a note where haproxy is not installed): a sample per level, the curve tables."""
+    """scale-conns, scale-downloads and scale-uploads at small levels on direct and haproxy
+    (skipped with a note where haproxy is not installed): a sample per level, the curve
+    tables."""
     jsonl = tmp_path / "relay.jsonl"
     argv = [sys.executable, str(HARNESS), "--systems", "direct,haproxy", "--rounds", "1",
-            "--workloads", "scale-conns,scale-downloads", "--conn-levels", "1,20",
+            "--workloads", "scale-conns,scale-downloads,scale-uploads", "--conn-levels", "1,20",
             "--download-levels", "1,3", "--download-duration", "1", "--wrk-duration", "1",
             "--bulk-size", "4M", "--check-size", "256K",
             "--json", str(jsonl), "--png", "", "--no-progress"]
@@ -226,9 +227,13 @@ def test_harness_runs_the_curves(tmp_path):
             d = samples[(system, f"scale-downloads-{n}")]
             assert d["conns"] == n and len(d["per_conn_bytes"]) == n and d["bytes"] > 0
             assert 0 < d["jain"] <= 1.0 + 1e-9
+            u = samples[(system, f"scale-uploads-{n}")]
+            assert u["conns"] == n and len(u["per_conn_bytes"]) == n and u["bytes"] > 0
+            assert 0 < u["jain"] <= 1.0 + 1e-9
         if meta["wrk"]:
             assert samples[(system, "scale-conns-20")]["rps"] > 0
     assert "scale-downloads: aggregate download MB/s, by concurrent downloads" in out
+    assert "scale-uploads: aggregate upload MB/s, by concurrent uploads" in out
     summaries = {(r["system"], r["workload"], r["metric"]) for r in records if r["type"] == "summary"}
     assert ("direct", "scale-downloads-3", "jain") in summaries
     assert _harness_processes(meta["work_dir"]) == []

@@ -41,6 +41,9 @@ The scaling curves (not run by default; --workloads, or --curves for these and i
   scale-conns      wrk at each of --conn-levels keep-alive connections: req/s, p50, p99
   scale-downloads  each of --download-levels concurrent downloads of the bulk file for
                    --download-duration s: aggregate MB/s, Jain's index over the per-download bytes
+  scale-uploads    each of --download-levels concurrent endless uploads (PUT /sink, which the
+                   origin drops), counted for --download-duration s after a 1 s warm-up:
+                   aggregate MB/s, Jain's index over the per-upload bytes
   idle             at --idle-levels up to 100,000 (several 127.0.0.x source addresses beyond
                    one port range; a level beyond the descriptor or port limits is skipped)
 
@@ -65,11 +68,13 @@ systems -> context -> client, wrk, downloads, limits, measure, procs -> common):
   measure     /proc and ss: CPU time, RSS, mapped files, interference and steal, TCP sockets
   client      the HTTP client: connect, read_head, http_get, http_put_file, python_seq
   wrk         run wrk, parse its output
-  downloads   the scale-downloads client (one thread, a selector loop) and Jain's index
+  downloads   the scale-downloads and scale-uploads clients (one thread, a selector loop)
+              and Jain's index
   limits      the kernel's limits, source addresses for many visitors, run/cap/skip a level
   context     Ctx: work directory, files, certificates, origin, which kite
   systems     Direct, Haproxy, Stunnel, Pagekite, PagekiteTuned, Kite, KitePy, KiteAsyncio; Running
-  workloads   the check, bulk, c50, seq, newconn, idle, scale-conns, scale-downloads
+  workloads   the check, bulk, c50, seq, newconn, idle, scale-conns, scale-downloads,
+              scale-uploads
   idleclient  the idle workload's helper process (relay_bench.py _idle-client)
   report      Results, the tables, notes, targets, the PNG charts
   profiling   --profile: py-spy on relay and backend

@@ -45,6 +45,7 @@ from .workloads import (
     w_newconn,
     w_scale_conns,
     w_scale_downloads,
+    w_scale_uploads,
     w_seq,
 )
 
@@ -77,15 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", help="comma-separated (default: " + ",".join(WORKLOADS)
                    + "; the curves " + ",".join(CURVES) + " only when named or with --curves)")
     p.add_argument("--curves", action="store_true",
-                   help="the scaling curves: adds scale-conns, scale-downloads and idle to "
+                   help="the scaling curves: adds scale-conns, scale-downloads, scale-uploads "
+                        "and idle to "
                         "--workloads (alone: only those), idle levels " + CURVE_IDLE_LEVELS
                         + " unless --idle-levels says otherwise")
     p.add_argument("--conn-levels", help="scale-conns: keep-alive connections per level "
                    f"(default {CONN_LEVELS}; --quick 1,50,1000)")
-    p.add_argument("--download-levels", help="scale-downloads: concurrent downloads per level "
+    p.add_argument("--download-levels", help="scale-downloads and scale-uploads: concurrent "
+                   "transfers per level "
                    f"(default {DOWNLOAD_LEVELS}; --quick 1,16)")
     p.add_argument("--download-duration", type=float,
-                   help="seconds of each scale-downloads level (default 5; --quick 2)")
+                   help="seconds of each scale-downloads and scale-uploads level (default 5; "
+                        "--quick 2)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 round, 64 MiB bulk, 3 s wrk, 2 s seq/newconn, 200 idle conns")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick 1)")
@@ -216,6 +220,9 @@ def run_checked(ctx: Ctx, res: Results, system: System, rnd: int) -> bool:
     if "scale-downloads" in a.workloads and not system.https:
         plain += [(f"scale-downloads-{n}", "scale-downloads",
                    lambda c, r, n=n: w_scale_downloads(c, r, n)) for n in a.download_levels]
+    if "scale-uploads" in a.workloads and not system.https:
+        plain += [(f"scale-uploads-{n}", "scale-uploads",
+                   lambda c, r, n=n: w_scale_uploads(c, r, n)) for n in a.download_levels]
     prog.step("starting")
     run = None
     try:
@@ -414,9 +421,10 @@ def main(argv=None) -> int:
         if not ctx.wrk and any(w in args.workloads for w in ("c50", "newconn", "scale-conns")):
             progress.note("wrk not installed (apt-get install wrk): c50, newconn and scale-conns "
                           "skipped; seq and the idle probe use a Python client")
-        if "scale-downloads" in args.workloads and any(ALL_SYSTEMS[s].https for s in systems):
-            progress.note("scale-downloads: skipped for the https systems (its client speaks "
-                          "plain HTTP only)")
+        if any(w in args.workloads for w in ("scale-downloads", "scale-uploads")) and \
+                any(ALL_SYSTEMS[s].https for s in systems):
+            progress.note("scale-downloads, scale-uploads: skipped for the https systems (their "
+                          "client speaks plain HTTP only)")
         progress.step("starting the origin")
         ctx.start_origin()
         meta = describe_run(ctx, argv, systems, skipped)

@@ -193,6 +193,9 @@ http {{
             dav_methods PUT;
             dav_access user:rw;
         }}
+        location = /sink {{
+            return 204;
+        }}
     }}
 }}
 """)

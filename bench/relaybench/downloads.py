@@ -1,6 +1,7 @@
-"""The scale-downloads client: N concurrent downloads of one big file for a fixed time, in
-one thread (a ``selectors`` loop over non-blocking sockets), counting the bytes each
-connection received; and Jain's fairness index over those counts."""
+"""The scale-downloads and scale-uploads clients: N concurrent downloads of one big file, or
+N concurrent uploads of an endless body, for a fixed time, in one thread (a ``selectors``
+loop over non-blocking sockets), counting the bytes each connection received or sent; and
+Jain's fairness index over those counts."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import selectors
 import socket
 import time
+from collections.abc import Callable
 
 from .common import HOST, BenchError
 
@@ -119,3 +121,63 @@ def concurrent_downloads(port: int, host: str, path: str, conns: int, duration: 
             "jain": jain_index(per), "min_conn_MBps": min(per) / 1e6 / elapsed,
             "max_conn_MBps": max(per) / 1e6 / elapsed,
             "responses": sum(d.responses for d in downloads), "per_conn_bytes": per}
+
+
+#: What an upload announces: more than any run sends (the origin drops it: PUT /sink).
+UPLOAD_LENGTH = 10**12
+#: Seconds of uploading before the counting starts: every buffer on the way fills first,
+#: so what a connection sends in the window is what went through.
+UPLOAD_WARMUP = 1.0
+
+
+def concurrent_uploads(port: int, host: str, conns: int, duration: float,
+                       on_count: Callable[[], None] | None = None) -> dict:
+    """``conns`` connections each PUT an endless body to ``/sink`` (the origin reads and
+    drops it); after UPLOAD_WARMUP s (then ``on_count()`` is called), count for ``duration``
+    s the bytes each sent; return them, their sum, the aggregate MB/s and Jain's index."""
+    sel = selectors.DefaultSelector()
+    head = (b"PUT /sink HTTP/1.1\r\nHost: %s\r\nUser-Agent: kite-bench\r\n"
+            b"Content-Length: %d\r\n\r\n" % (host.encode(), UPLOAD_LENGTH))
+    body = memoryview(bytes(256 * 1024))
+    socks: list[socket.socket] = []
+    sent: dict[socket.socket, int] = {}
+    try:
+        for _ in range(conns):
+            s = socket.create_connection((HOST, port), timeout=30)
+            s.sendall(head)
+            s.setblocking(False)
+            socks.append(s)
+            sent[s] = 0
+            sel.register(s, selectors.EVENT_WRITE)
+        t_count = time.monotonic() + UPLOAD_WARMUP
+        t_end = t_count + duration
+        counting = False
+        while True:
+            now = time.monotonic()
+            if now >= t_end:
+                break
+            if not counting and now >= t_count:
+                counting = True
+                if on_count is not None:
+                    on_count()
+                t0 = time.monotonic()
+                for s in socks:
+                    sent[s] = 0
+            for key, _ in sel.select(min(t_end, t_count) - now if not counting else t_end - now):
+                s = key.fileobj  # type: ignore[assignment]
+                try:
+                    sent[s] += s.send(body)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise BenchError(f"upload: connection lost after {sent[s]} bytes: {exc}") from exc
+        elapsed = time.monotonic() - t0
+    finally:
+        sel.close()
+        for s in socks:
+            s.close()
+    per = [sent[s] for s in socks]
+    total = sum(per)
+    return {"conns": conns, "elapsed_s": elapsed, "bytes": total, "MBps": total / 1e6 / elapsed,
+            "jain": jain_index(per), "min_conn_MBps": min(per) / 1e6 / elapsed,
+            "max_conn_MBps": max(per) / 1e6 / elapsed, "per_conn_bytes": per}

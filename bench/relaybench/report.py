@@ -55,6 +55,10 @@ COLUMNS = {
                         ("min_conn_MBps", "slowest MB/s", True),
                         ("relay_cpu_s_per_GB", "relay s/GB", False),
                         ("backend_cpu_s_per_GB", "backend s/GB", False)],
+    "scale-uploads": [("MBps", "MB/s", True), ("jain", "Jain's index", True),
+                      ("min_conn_MBps", "slowest MB/s", True),
+                      ("relay_cpu_s_per_GB", "relay s/GB", False),
+                      ("backend_cpu_s_per_GB", "backend s/GB", False)],
     "idle": [("ok", "conns", True), ("KiB_per_conn", "KiB/conn r+b", False),
              ("relay_KiB_per_conn", "relay KiB/c", False),
              ("backend_KiB_per_conn", "backend KiB/c", False),
@@ -130,6 +134,11 @@ def workload_sections(args) -> list[tuple]:
         for n in args.download_levels:
             secs.append(((f"scale-downloads {n}: {n} concurrent downloads of the bulk file for "
                           f"{args.download_duration:g} s"), f"scale-downloads-{n}", "scale-downloads"))
+    if "scale-uploads" in args.workloads:
+        for n in args.download_levels:
+            secs.append(((f"scale-uploads {n}: {n} concurrent endless uploads, counted for "
+                          f"{args.download_duration:g} s after 1 s"), f"scale-uploads-{n}",
+                         "scale-uploads"))
     if "idle" in args.workloads:
         for n in args.idle_conns:
             secs.append(((f"idle {n}: idle keep-alive visitors; RSS growth per connection of relay + "
@@ -175,6 +184,8 @@ def curve_levels(args) -> list[tuple[str, list[int], str]]:
         out.append(("scale-conns", args.conn_levels, "keep-alive connections"))
     if "scale-downloads" in args.workloads:
         out.append(("scale-downloads", args.download_levels, "concurrent downloads"))
+    if "scale-uploads" in args.workloads:
+        out.append(("scale-uploads", args.download_levels, "concurrent uploads"))
     if "idle" in args.workloads:
         out.append(("idle", args.idle_conns, "idle visitors"))
     return out
@@ -186,6 +197,8 @@ CURVE_METRICS = [
     ("scale-conns", "p99_ms", "p99 latency, ms"),
     ("scale-downloads", "MBps", "aggregate download MB/s"),
     ("scale-downloads", "jain", "fairness: Jain's index over bytes per download"),
+    ("scale-uploads", "MBps", "aggregate upload MB/s"),
+    ("scale-uploads", "jain", "fairness: Jain's index over bytes per upload"),
     ("idle", "KiB_per_conn", "RSS KiB per visitor, relay + backend"),
 ]
 
@@ -458,6 +471,7 @@ def emit_summaries(res: Results, systems: list[str], args) -> None:
         levels = [("idle", n) for n in args.idle_conns]
         levels += [("scale-conns", n) for n in args.conn_levels]
         levels += [("scale-downloads", n) for n in args.download_levels]
+        levels += [("scale-uploads", n) for n in args.download_levels]
         for kind, n in levels:
             for key, _, _ in COLUMNS[kind]:
                 sm = res.summary(sys_name, f"{kind}-{n}", key)

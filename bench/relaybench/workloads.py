@@ -1,5 +1,5 @@
 """The check and the workloads, each run on a started system: check, bulk, c50, seq,
-newconn, idle, and the scaling curves scale-conns and scale-downloads."""
+newconn, idle, and the scaling curves scale-conns, scale-downloads and scale-uploads."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 from .client import connect, http_get, http_put_file, python_seq
 from .common import ENTRY_SCRIPT, HOST, BenchError, MiB
 from .context import Ctx
-from .downloads import concurrent_downloads
+from .downloads import concurrent_downloads, concurrent_uploads
 from .limits import source_addresses
 from .measure import cpu_seconds, mapped_files, rss_kib, tcp_sockets
 from .procs import tail
@@ -25,7 +25,7 @@ from .wrk import run_wrk, wrk_threads
 #: The default set, in the order they run (the check always runs first).
 WORKLOADS = ("bulk", "c50", "seq", "newconn", "idle")
 #: The scaling curves: selected by name or by --curves, never by default.
-CURVES = ("scale-conns", "scale-downloads")
+CURVES = ("scale-conns", "scale-downloads", "scale-uploads")
 ALL_WORKLOADS = WORKLOADS + CURVES
 
 
@@ -221,6 +221,24 @@ def w_scale_downloads(ctx: Ctx, run: Running, n: int) -> dict:
         if cpu0[role] is not None and cpu1[role] is not None and gb:
             r[f"{role}_cpu_s_per_GB"] = (cpu1[role] - cpu0[role]) / gb
     time.sleep(0.3)  # the cut downloads' buffers drain before the next level
+    return r
+
+
+def w_scale_uploads(ctx: Ctx, run: Running, n: int) -> dict:
+    """``n`` concurrent endless uploads (PUT /sink, dropped by the origin) counted for
+    --download-duration s after a warm-up: aggregate MB/s, Jain's index over the bytes per
+    upload, and the CPU seconds per GB of relay and backend."""
+    wait_until_served(run, 30)  # done with the previous level's connections
+    ctx.progress.tick(f"scale-uploads {n}: {ctx.args.download_duration:g} s")
+    cpu0: dict = {}
+    r = concurrent_uploads(run.port, run.host, n, ctx.args.download_duration,
+                           on_count=lambda: cpu0.update(proc_cpu(run)))
+    cpu1 = proc_cpu(run)
+    gb = r["bytes"] / 1e9
+    for role in run.pids:
+        if cpu0.get(role) is not None and cpu1[role] is not None and gb:
+            r[f"{role}_cpu_s_per_GB"] = (cpu1[role] - cpu0[role]) / gb
+    time.sleep(0.3)  # the cut uploads' buffers drain before the next level
     return r
 
 
