@@ -456,6 +456,23 @@ class KiteTls(Kite):
         return run
 
 
+class KiteTlsBaseline(KiteTls):
+    """kite-tls from ``KITE_BASELINE_SRC`` (as kite-base): a before/after comparison of TLS
+    termination in one interleaved run."""
+
+    name = "kite-tls-base"
+    title = "HTTPS visitors: kite-tls from $KITE_BASELINE_SRC (a baseline checkout)"
+    extra_env = KiteBaseline.extra_env
+
+    def observe(self, ctx, tag, role):
+        return []
+
+    def unavailable(self, ctx):
+        if not os.environ.get("KITE_BASELINE_SRC"):
+            return "KITE_BASELINE_SRC is not set (the src/ folder of a baseline checkout)"
+        return super().unavailable(ctx)
+
+
 class NginxTls(System):
     """nginx terminating TLS and proxying to the origin over keep-alive connections."""
 
@@ -553,14 +570,15 @@ class StunnelTls(Stunnel):
 
 ALL_SYSTEMS = {cls.name: cls for cls in (Direct, Haproxy, Stunnel, Pagekite, PagekiteTuned, Kite, KitePy,
                                           KiteAsyncio, KiteAccounts, KiteObserved, KiteBaseline,
-                                          KiteTls, NginxTls, StunnelTls)}
+                                          KiteTls, KiteTlsBaseline, NginxTls, StunnelTls)}
 SYSTEMS = tuple(ALL_SYSTEMS)
 #: The HTTPS-visitor comparison: ``--systems https`` (a shorthand for these).
 HTTPS_SYSTEMS = (KiteTls.name, NginxTls.name, StunnelTls.name)
 #: What a run compares unless --systems says otherwise (kite-base needs KITE_BASELINE_SRC;
 #: the https systems are their own comparison).
 DEFAULT_SYSTEMS = tuple(n for n in SYSTEMS if n not in (KiteBaseline.name, KiteAccounts.name,
-                                                        KiteObserved.name, *HTTPS_SYSTEMS))
+                                                        KiteObserved.name, KiteTlsBaseline.name,
+                                                        *HTTPS_SYSTEMS))
 
 
 def wait_until_served(run: Running, timeout: float) -> None:
