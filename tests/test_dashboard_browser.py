@@ -2,7 +2,7 @@
 downloaded browser).  A real ``kite relay --admin`` with an account registry, a real ``kite
 expose``, a real curl: the page shows the kite when the backend connects and its byte
 counter grows after a download.  Then a dashboard of 1,000 kites, whose render time is
-reported (not asserted).
+reported (not asserted), and a page whose first request never gets an answer.
 
 Outside CI the tests skip when Playwright or /usr/bin/chromium is missing; in CI (``CI``
 set, or ``KITE_TEST_INSTALLED`` as .ci/run sets it) they must run.
@@ -188,3 +188,48 @@ def test_dashboard_with_1000_kites_render_time(browser, record_property):
     record_property("navigation_to_rendered_ms", round(render["at"]))
     print(f"\ndashboard, 1000 kites: render {render['ms']:.1f} ms, navigation start to "
           f"rendered {render['at']:.0f} ms (seen by the test after {wall * 1000:.0f} ms)")
+
+
+def test_dashboard_polls_on_after_a_request_that_hangs(browser):
+    """The first /api/status request never gets an answer (a relay restarting, a proxy
+    holding it): the page gives it up after 10 s and its next poll renders."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    page_html = (REPO / "src" / "kite" / "relay" / "static" / "dashboard.html").read_bytes()
+    body = json.dumps(_big_status(10)).encode()
+    release = threading.Event()
+    calls = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/api/status"):
+                calls.append(time.monotonic())
+                if len(calls) == 1:
+                    release.wait(120)  # the hung request: no answer while the test runs
+                    return
+                data, kind = body, "application/json"
+            else:
+                data, kind = page_html, "text/html"
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+        page.wait_for_function("() => window.kiteRender && window.kiteRender.kites === 10",
+                               timeout=30_000)
+        page.close()
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert len(calls) >= 2
