@@ -26,6 +26,15 @@ def jain_index(values: list[float]) -> float | None:
     return sum(values) ** 2 / (n * sq)
 
 
+def _figures(per: list[int], elapsed: float) -> dict:
+    """What a level reports from the bytes each connection moved in ``elapsed`` s."""
+    total = sum(per)
+    return {"conns": len(per), "elapsed_s": elapsed, "bytes": total,
+            "MBps": total / 1e6 / elapsed, "jain": jain_index(per),
+            "min_conn_MBps": min(per) / 1e6 / elapsed, "max_conn_MBps": max(per) / 1e6 / elapsed,
+            "per_conn_bytes": per}
+
+
 class _Download:
     """One keep-alive connection that GETs ``path`` again whenever a response ends."""
 
@@ -115,12 +124,8 @@ def concurrent_downloads(port: int, host: str, path: str, conns: int, duration: 
         sel.close()
         for d in downloads:
             d.sock.close()
-    per = [d.bytes for d in downloads]
-    total = sum(per)
-    return {"conns": conns, "elapsed_s": elapsed, "bytes": total, "MBps": total / 1e6 / elapsed,
-            "jain": jain_index(per), "min_conn_MBps": min(per) / 1e6 / elapsed,
-            "max_conn_MBps": max(per) / 1e6 / elapsed,
-            "responses": sum(d.responses for d in downloads), "per_conn_bytes": per}
+    return {**_figures([d.bytes for d in downloads], elapsed),
+            "responses": sum(d.responses for d in downloads)}
 
 
 #: What an upload announces: more than any run sends (the origin drops it: PUT /sink).
@@ -176,8 +181,4 @@ def concurrent_uploads(port: int, host: str, conns: int, duration: float,
         sel.close()
         for s in socks:
             s.close()
-    per = [sent[s] for s in socks]
-    total = sum(per)
-    return {"conns": conns, "elapsed_s": elapsed, "bytes": total, "MBps": total / 1e6 / elapsed,
-            "jain": jain_index(per), "min_conn_MBps": min(per) / 1e6 / elapsed,
-            "max_conn_MBps": max(per) / 1e6 / elapsed, "per_conn_bytes": per}
+    return _figures([sent[s] for s in socks], elapsed)

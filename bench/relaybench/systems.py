@@ -393,14 +393,12 @@ class KiteObserved(Kite):
         return args
 
 
-class KiteBaseline(Kite):
-    """kite from another source tree, for a before/after comparison in one interleaved run:
-    ``KITE_BASELINE_SRC`` names that tree's ``src/`` (its compiled fast path built in place,
-    e.g. a ``git worktree`` of an older commit after ``python setup.py build_ext --inplace``)."""
+class _FromBaseline:
+    """Mixed into a kite system: run it from another source tree, for a before/after
+    comparison in one interleaved run: ``KITE_BASELINE_SRC`` names that tree's ``src/`` (its
+    compiled fast path built in place, e.g. a ``git worktree`` of an older commit after
+    ``python setup.py build_ext --inplace``)."""
 
-    name = "kite-base"
-    title = "kite from $KITE_BASELINE_SRC (a baseline checkout), compiled, uvloop"
-    origin_spread = False  # older trees may read no --config
     extra_env: ClassVar[dict[str, str]] = {
         "KITE_REQUIRE_EXTENSIONS": "1", "PYTHONPATH": os.environ.get("KITE_BASELINE_SRC", "")}
 
@@ -410,7 +408,15 @@ class KiteBaseline(Kite):
     def unavailable(self, ctx):
         if not os.environ.get("KITE_BASELINE_SRC"):
             return "KITE_BASELINE_SRC is not set (the src/ folder of a baseline checkout)"
-        return super().unavailable(ctx)
+        return super().unavailable(ctx)  # type: ignore[misc]
+
+
+class KiteBaseline(_FromBaseline, Kite):
+    """kite from ``KITE_BASELINE_SRC``."""
+
+    name = "kite-base"
+    title = "kite from $KITE_BASELINE_SRC (a baseline checkout), compiled, uvloop"
+    origin_spread = False  # older trees may read no --config
 
 
 # -- HTTPS visitors: TLS terminated in front of the origin (ECDSA P-256 certificate for
@@ -456,21 +462,11 @@ class KiteTls(Kite):
         return run
 
 
-class KiteTlsBaseline(KiteTls):
-    """kite-tls from ``KITE_BASELINE_SRC`` (as kite-base): a before/after comparison of TLS
-    termination in one interleaved run."""
+class KiteTlsBaseline(_FromBaseline, KiteTls):
+    """kite-tls from ``KITE_BASELINE_SRC``: a before/after comparison of TLS termination."""
 
     name = "kite-tls-base"
     title = "HTTPS visitors: kite-tls from $KITE_BASELINE_SRC (a baseline checkout)"
-    extra_env = KiteBaseline.extra_env
-
-    def observe(self, ctx, tag, role):
-        return []
-
-    def unavailable(self, ctx):
-        if not os.environ.get("KITE_BASELINE_SRC"):
-            return "KITE_BASELINE_SRC is not set (the src/ folder of a baseline checkout)"
-        return super().unavailable(ctx)
 
 
 class NginxTls(System):

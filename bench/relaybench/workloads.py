@@ -207,6 +207,15 @@ def w_scale_conns(ctx: Ctx, run: Running, n: int) -> dict:
     return r
 
 
+def _add_cpu_per_gb(r: dict, run: Running, cpu0: dict) -> None:
+    """The CPU seconds per GB of ``r["bytes"]`` of each process since ``cpu0``, into ``r``."""
+    cpu1 = proc_cpu(run)
+    gb = r["bytes"] / 1e9
+    for role in run.pids:
+        if cpu0.get(role) is not None and cpu1[role] is not None and gb:
+            r[f"{role}_cpu_s_per_GB"] = (cpu1[role] - cpu0[role]) / gb
+
+
 def w_scale_downloads(ctx: Ctx, run: Running, n: int) -> dict:
     """``n`` concurrent downloads of the bulk file (again and again, keep-alive) for
     --download-duration s: aggregate MB/s, Jain's index over the bytes per download, and
@@ -215,11 +224,7 @@ def w_scale_downloads(ctx: Ctx, run: Running, n: int) -> dict:
     ctx.progress.tick(f"scale-downloads {n}: {ctx.args.download_duration:g} s")
     cpu0 = proc_cpu(run)
     r = concurrent_downloads(run.port, run.host, "/bulk.bin", n, ctx.args.download_duration)
-    cpu1 = proc_cpu(run)
-    gb = r["bytes"] / 1e9
-    for role in run.pids:
-        if cpu0[role] is not None and cpu1[role] is not None and gb:
-            r[f"{role}_cpu_s_per_GB"] = (cpu1[role] - cpu0[role]) / gb
+    _add_cpu_per_gb(r, run, cpu0)
     time.sleep(0.3)  # the cut downloads' buffers drain before the next level
     return r
 
@@ -233,11 +238,7 @@ def w_scale_uploads(ctx: Ctx, run: Running, n: int) -> dict:
     cpu0: dict = {}
     r = concurrent_uploads(run.port, run.host, n, ctx.args.download_duration,
                            on_count=lambda: cpu0.update(proc_cpu(run)))
-    cpu1 = proc_cpu(run)
-    gb = r["bytes"] / 1e9
-    for role in run.pids:
-        if cpu0.get(role) is not None and cpu1[role] is not None and gb:
-            r[f"{role}_cpu_s_per_GB"] = (cpu1[role] - cpu0[role]) / gb
+    _add_cpu_per_gb(r, run, cpu0)
     time.sleep(0.3)  # the cut uploads' buffers drain before the next level
     return r
 

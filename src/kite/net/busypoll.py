@@ -110,8 +110,7 @@ class BusyPoll:
             # in batches, and polling would only break them up.  Sleep as usual, and look
             # again in BUSY_HOLD (a turn scheduled at every answer would itself keep the
             # loop from blocking).
-            self.polling = False
-            self.held_until = self.clock() + BUSY_HOLD
+            self._hold(self.clock())
             return
         now = self.clock()
         if now < self.until:
@@ -122,8 +121,7 @@ class BusyPoll:
             self.contended += (slow - self.contended) / 8
             if self.contended > 0.5:
                 self.contended = 0.0
-                self.polling = False
-                self.held_until = now + BUSY_HOLD
+                self._hold(now)
                 return
             self.prev_turn = now
             self._yield()
@@ -135,3 +133,8 @@ class BusyPoll:
         self.window /= 2
         if self.window < MIN_WINDOW:
             self.window = 0.0
+
+    def _hold(self, now: float) -> None:
+        """Stop polling; pokes before ``now + BUSY_HOLD`` start none."""
+        self.polling = False
+        self.held_until = now + BUSY_HOLD
