@@ -1,6 +1,8 @@
 """Shared fixtures: both fast-path implementations, and the real pagekite.py module."""
 
+import atexit
 import os
+import signal
 import socket
 import sys
 
@@ -8,6 +10,21 @@ import pytest
 
 from fastpath_impls import FASTPATH_IMPLS, NO_EXT, REQUIRE_EXT, _load_impl  # noqa: E402,F401
 from kiteprocs import expose_process, http_origin, relay_process  # noqa: F401
+from support import kill_live_procs
+
+
+def _stop_on_sigterm(signum, frame):
+    """A test run told to stop kills the processes its tests started, then stops as for
+    Ctrl-C (fixtures' finalizers still run, and find them gone)."""
+    kill_live_procs()
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    # In the main process and in each xdist worker: a SIGTERM (a CI timeout, a killed run)
+    # must not leave a test's relays, backends and servers running.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    atexit.register(kill_live_procs)
 
 # Debian's pagekite package installs the pagekite module for the system Python; its code
 # is pure Python, so the test interpreter can import it.  Appended, so that the packages

@@ -227,6 +227,20 @@ async def http_get(port, host, path="/", *, headers=b"", timeout=20.0):
 
 
 # -- subprocesses ------------------------------------------------------------------------------
+#: Every Proc not yet stopped, by PID (each leads its own process group): killed at once when
+#: the test process itself is told to stop (SIGTERM, SIGINT, exit), so that a run cut short
+#: leaves nothing behind (conftest.py installs the handlers).
+LIVE_PROCS: dict = {}
+
+
+def kill_live_procs() -> None:
+    """SIGKILL the process group of every Proc still running."""
+    for pid in list(LIVE_PROCS):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        LIVE_PROCS.pop(pid, None)
+
+
 class Proc:
     """A background process owned by a test: output to files, killed by PID at the end."""
 
@@ -242,6 +256,7 @@ class Proc:
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=preexec_fn)
         self.pid = self.proc.pid
+        LIVE_PROCS[self.pid] = self
 
     def output(self) -> str:
         return self.out_path.read_text(errors="replace") + self.err_path.read_text(errors="replace")
@@ -270,6 +285,7 @@ class Proc:
             except subprocess.TimeoutExpired:
                 os.killpg(self.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        LIVE_PROCS.pop(self.pid, None)
         self._out.close()
         self._err.close()
         return self.proc.returncode
