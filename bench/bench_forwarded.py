@@ -35,7 +35,7 @@ import httptools
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
-from kite.proto.forwarded import ForwardedRewriter
+from kite.proto.forwarded import ForwardedRewriter  # noqa: E402 - after the path above
 
 HEADS = {
     # What wrk sends in the relay benchmark's c50 workload.

@@ -117,7 +117,7 @@ class Origin:
                      b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n%s\r\n"
                      % (size, b"Connection: close\r\n" if close else b""))
         if method == "GET" and size:
-            with open(full, "rb") as f:  # noqa: ASYNC230 - the benchmark serves from tmpfs (/dev/shm): no disk wait
+            with open(full, "rb") as f:
                 if size <= 65536:
                     writer.write(f.read())
                 else:

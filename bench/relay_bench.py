@@ -13,7 +13,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 
-from relaybench.cli import main
+from relaybench.cli import main  # noqa: E402 - after the path above
 
 if __name__ == "__main__":
     sys.exit(main())

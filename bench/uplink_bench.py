@@ -60,8 +60,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from relaybench.common import HOST, REPO, BenchError
-from relaybench.procs import Procs, free_port, log_has, wait_for
+from relaybench.common import HOST, REPO, BenchError  # noqa: E402 - after the path above
+from relaybench.procs import Procs, free_port, log_has, wait_for  # noqa: E402
 
 KITE = "app.uplink.kite"
 SECRET = "uplink-s3cr3t"
@@ -480,7 +480,7 @@ def run(args, procs, ctx, out):
             continue
         row = [statistics.median(r[c] for r in results[name]) for c in cols]
         print(f"{name:<16}" + "".join(f"{v:>16.2f}" if c == "download_MBps" else f"{v:>16.1f}"
-                                      for c, v in zip(cols, row)))
+                                      for c, v in zip(cols, row, strict=True)))
     print("(ms: a 1 KiB GET's time; idle = with the link idle; the rest during the download)")
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fastpath_impls import FASTPATH_IMPLS, NO_EXT, REQUIRE_EXT, _load_impl  # noqa: E402,F401
+from fastpath_impls import FASTPATH_IMPLS, NO_EXT, REQUIRE_EXT, _load_impl  # noqa: F401
 from kiteprocs import expose_process, http_origin, relay_process  # noqa: F401
 from support import kill_live_procs
 

@@ -187,7 +187,7 @@ def test_harness_idle_level_beyond_one_port_range(tmp_path):
             "--workloads", "idle", "--idle-levels", "50", "--ports-per-address", "20",
             "--idle-probe", "1", "--bulk-size", "4M", "--check-size", "256K",
             "--json", str(jsonl), "--png", "", "--no-progress"]
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+    proc = subprocess.run(argv, capture_output=True, timeout=120,
                           cwd=str(tmp_path))
     out, err = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
@@ -211,7 +211,7 @@ def test_harness_runs_the_curves(tmp_path):
             "--download-levels", "1,3", "--download-duration", "1", "--wrk-duration", "1",
             "--bulk-size", "4M", "--check-size", "256K",
             "--json", str(jsonl), "--png", "", "--no-progress"]
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+    proc = subprocess.run(argv, capture_output=True, timeout=120,
                           cwd=str(tmp_path))
     out, err = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
@@ -248,7 +248,7 @@ def test_harness_runs_direct_and_kite(tmp_path):
             "--wrk-duration", "1", "--seq-duration", "1", "--newconn-duration", "1",
             "--idle-conns", "20", "--idle-probe", "1", "--idle-timeout", "20",
             "--json", str(jsonl), "--png", str(png), "--no-progress"]
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+    proc = subprocess.run(argv, capture_output=True, timeout=120,
                           cwd=str(tmp_path))
     out, err = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
@@ -316,7 +316,7 @@ def test_harness_runs_the_https_systems(tmp_path):
             "--workloads", "bulk,c50,newconn", "--bulk-size", "4M", "--check-size", "256K",
             "--bulk-cap", "20", "--wrk-duration", "1", "--newconn-duration", "1",
             "--json", str(jsonl), "--png", "", "--no-progress"]
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+    proc = subprocess.run(argv, capture_output=True, timeout=120,
                           cwd=str(tmp_path))
     out, err = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"

@@ -81,20 +81,52 @@ def test_bench_passes_help_to_the_benchmark(tmp_path):
     assert "relay_bench.py" in r.stdout and "--systems" in r.stdout
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["relay", "--listen", "127.0.0.1:0"], "--kite"),
-    (["relay", "--kite", "http:app.example.com"], "PROTO:DOMAIN:SECRET"),
-    (["relay", "--kite", "ftp:app.example.com:a-long-enough-secret"], "unknown protocol 'ftp'"),
-    (["relay", "--kite", "*:*.example.com:a-long-enough-secret", "--listen", "127.0.0.1:99999"], "bad port"),
-    (["relay", "--kite", "*:*.example.com:a-long-enough-secret", "--tls-cert", "/nonexistent.pem"], "--tls-key"),
-    (["expose", "8080", "app.example.com", "--relay", "127.0.0.1:1"], "--secret"),
-    (["expose", "8080", "app.example.com", "--secret", "a-long-enough-secret"], "--relay"),
-    (["expose", "ftp://127.0.0.1:21", "app.example.com", "--relay", "r:1", "--secret", "a-long-enough-secret"],
-     "unknown scheme"),
-    (["expose", "8080", "app.example.com", "--relay", "r:1", "--secret", "a-long-enough-secret", "--insecure",
-      "--fingerprint", "ab"], "cannot be combined"),
-    (["expose", "--config", "/nonexistent.toml"], "no such file"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["relay", "--listen", "127.0.0.1:0"], "--kite"),
+        (["relay", "--kite", "http:app.example.com"], "PROTO:DOMAIN:SECRET"),
+        (["relay", "--kite", "ftp:app.example.com:a-long-enough-secret"], "unknown protocol 'ftp'"),
+        (
+            ["relay", "--kite", "*:*.example.com:a-long-enough-secret", "--listen", "127.0.0.1:99999"],
+            "bad port",
+        ),
+        (
+            ["relay", "--kite", "*:*.example.com:a-long-enough-secret", "--tls-cert", "/nonexistent.pem"],
+            "--tls-key",
+        ),
+        (["expose", "8080", "app.example.com", "--relay", "127.0.0.1:1"], "--secret"),
+        (["expose", "8080", "app.example.com", "--secret", "a-long-enough-secret"], "--relay"),
+        (
+            [
+                "expose",
+                "ftp://127.0.0.1:21",
+                "app.example.com",
+                "--relay",
+                "r:1",
+                "--secret",
+                "a-long-enough-secret",
+            ],
+            "unknown scheme",
+        ),
+        (
+            [
+                "expose",
+                "8080",
+                "app.example.com",
+                "--relay",
+                "r:1",
+                "--secret",
+                "a-long-enough-secret",
+                "--insecure",
+                "--fingerprint",
+                "ab",
+            ],
+            "cannot be combined",
+        ),
+        (["expose", "--config", "/nonexistent.toml"], "no such file"),
+    ],
+)
 def test_bad_usage_exits_2_with_one_line(args, needle):
     r = kite(*args, env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"})
     assert r.returncode == 2, (r.stdout, r.stderr)

@@ -18,7 +18,7 @@ import pytest
 
 # Subprocesses import the same kite package as this test process (site-packages in CI,
 # src/ in an editable checkout).
-import kite as _kite_pkg  # noqa: E402
+import kite as _kite_pkg
 from kite.client.connect import (
     RelayTarget,
     bridge_stdio,

@@ -22,7 +22,7 @@ import pytest
 
 # Subprocesses import the same kite package as this test process (site-packages in CI,
 # src/ in an editable checkout).
-import kite as _kite_pkg  # noqa: E402
+import kite as _kite_pkg
 from support import KITE, Proc, free_port
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(_kite_pkg.__file__)))

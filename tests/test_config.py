@@ -256,8 +256,9 @@ def test_backend_response_timeout_keys(tmp_path, fresh_warnings):
 def test_docs_config_shows_every_key_in_a_valid_example():
     """docs/config.md: a TOML example holds every key of each file, and no unknown one."""
     import re
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from kite.relay import config as rconfig
 

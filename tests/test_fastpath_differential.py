@@ -200,7 +200,7 @@ def run_demux(impl, case):
     def call(fn, *args):
         try:
             return fn(*args)
-        except Exception as exc:  # noqa: BLE001 - recorded and compared
+        except Exception as exc:
             events.append(("raise", type(exc).__name__, str(exc)))
             return None
 
@@ -275,7 +275,7 @@ def run_writer(impl, max_payload, ops):
     def call(fn, *args):
         try:
             return fn(*args)
-        except Exception as exc:  # noqa: BLE001 - recorded and compared
+        except Exception as exc:
             events.append(("raise", type(exc).__name__, str(exc)))
             return None
 

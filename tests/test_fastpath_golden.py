@@ -87,7 +87,7 @@ def test_writer_frames_parse_in_pagekite(fastpath, pagekite_mod):
         (2**31 - 1, binary[8000:]),
         (33, b""),
     ]
-    for chunk, (sid, payload) in zip(chunks, payloads):
+    for chunk, (sid, payload) in zip(chunks[: len(payloads)], payloads, strict=True):
         parse, data = pagekite_headers(chunk)
         assert parse.Header("SID") == [str(sid)] and parse.headers == [("sid", str(sid))]
         assert data.encode("latin-1") == payload
@@ -115,7 +115,7 @@ def test_zero_padded_sizes_parse_in_pagekite(fastpath, pagekite_mod, max_payload
     assert out.startswith(b"0") or sizehint == 3  # zero-padded: int(x, 16) reads it
     chunks, corrupt = pagekite_parse(pagekite_mod, out)
     assert corrupt == [] and len(chunks) == len(payloads)
-    for chunk, payload in zip(chunks, sent):
+    for chunk, payload in zip(chunks, sent, strict=True):
         parse, data = pagekite_headers(chunk)
         assert parse.Header("SID") == ["7"]
         assert data.encode("latin-1") == payload
@@ -250,7 +250,7 @@ def test_captured_frames_parse_in_pagekite(pagekite_mod, wire, expected):
     """The captures are self-consistent: pagekite.py's parser splits them the same way."""
     chunks, corrupt = pagekite_parse(pagekite_mod, wire)
     assert corrupt == [] and len(chunks) == len(expected)
-    for chunk, event in zip(chunks, expected):
+    for chunk, event in zip(chunks, expected, strict=True):
         parse, data = pagekite_headers(chunk)
         if event[0] == "data":
             assert parse.Header("SID") == [str(event[1])] and data.encode("latin-1") == event[2]
@@ -276,7 +276,7 @@ def test_pagekite_parser_agrees_with_ours_on_a_mixed_stream(fastpath, pagekite_m
         demux.attach(fastpath.StreamSlot(slot.sid, rec.sink_for(slot.sid)))
     demux.feed_data(stream)
     assert len(chunks) == len(rec.events) == w.chunks_written
-    for chunk, event in zip(chunks, rec.events):
+    for chunk, event in zip(chunks, rec.events, strict=True):
         parse, data = pagekite_headers(chunk)
         if event[0] == "data":
             assert parse.Header("SID") == [str(event[1])]

@@ -10,7 +10,7 @@ import pytest
 
 # Subprocesses import the same kite package as this test process (site-packages in CI,
 # src/ in an editable checkout).
-import kite as _kite_pkg  # noqa: E402
+import kite as _kite_pkg
 import kite.fastpath
 from fastpath_impls import NO_EXT, REQUIRE_EXT, _load_impl
 

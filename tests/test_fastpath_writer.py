@@ -126,10 +126,15 @@ def test_write_chunk_exact_bytes(fastpath):
         (b"NOOP: 1\n", "ChunkWriter.write_chunk(): header block does not end in CRLF: b'NOOP: 1\\n'"),
         (b"\r\n", "ChunkWriter.write_chunk(): blank line in header block: b'\\r\\n'"),
         (b"\r\nNOOP: 1\r\n", "ChunkWriter.write_chunk(): blank line in header block: b'\\r\\nNOOP: 1\\r\\n'"),
-        (b"NOOP: 1\r\n\r\nX: 1\r\n", "ChunkWriter.write_chunk(): blank line in header block: b'NOOP: 1\\r\\n\\r\\nX: 1\\r\\n'"),
+        (
+            b"NOOP: 1\r\n\r\nX: 1\r\n",
+            "ChunkWriter.write_chunk(): blank line in header block: b'NOOP: 1\\r\\n\\r\\nX: 1\\r\\n'",
+        ),
         (b"NOOP: 1\r\n\r\n", "ChunkWriter.write_chunk(): blank line in header block: b'NOOP: 1\\r\\n\\r\\n'"),
-        (b"X: " + b"y" * 70 + b"\r\n\r\n", "ChunkWriter.write_chunk(): blank line in header block: "
-         "b'X: " + "y" * 61 + "'... (77 bytes)"),
+        (
+            b"X: " + b"y" * 70 + b"\r\n\r\n",
+            "ChunkWriter.write_chunk(): blank line in header block: b'X: " + "y" * 61 + "'... (77 bytes)",
+        ),
     ],
 )
 def test_write_chunk_validation(fastpath, block, message):

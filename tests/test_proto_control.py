@@ -192,7 +192,9 @@ def test_parse_builders_round_trip():
         build_stream_open(43, "https", "foo.testkite.local", 443, "::ffff:10.1.2.3", 45920,
                           rtls=True, payload=b"\x16\x03")
     )
-    assert opened == [StreamOpen(43, "https", "foo.testkite.local", 443, "10.1.2.3", 45920, True, b"\x16\x03")]
+    assert opened == [
+        StreamOpen(43, "https", "foo.testkite.local", 443, "10.1.2.3", 45920, True, b"\x16\x03")
+    ]
 
 
 def test_parse_captured_frames_section_15_3():
@@ -217,7 +219,10 @@ def test_parse_order_like_pagekite():
     headers = [("NOOP", "1"), ("ZRST", "1"), ("SID", "3"), ("SKB", "4"), ("PING", "7.0"), ("PONG", "6.0")]
     assert parse_chunk(headers, b"!") == [Pong("6.0"), Ping("7.0")]
     # without PING: ZRST, then SKB
-    assert parse_chunk([("NOOP", "1"), ("SKB", "4"), ("SID", "3"), ("ZRST", "1")], b"") == [ZReset(), Skb(3, 4)]
+    assert parse_chunk([("NOOP", "1"), ("SKB", "4"), ("SID", "3"), ("ZRST", "1")], b"") == [
+        ZReset(),
+        Skb(3, 4),
+    ]
     # a PING is a control chunk even without NOOP
     assert parse_chunk([("PING", "1.0")], b"!") == [Ping("1.0")]
     # SKB without NOOP: acted on, then the chunk goes on as data for its SID
@@ -226,13 +231,17 @@ def test_parse_order_like_pagekite():
     assert parse_chunk([("NOOP", "1"), ("SID", "3"), ("SPD", "100")], b"") == [Noop()]
     assert parse_chunk([("NOOP", "1")], b"!") == [Noop()]
     # EOF wins over Proto/Host, payload ignored
-    assert parse_chunk([("SID", "3"), ("EOF", "1WR"), ("Proto", "http"), ("Host", "a")], b"Bye!") == [Eof(3, True, True)]
+    assert parse_chunk([("SID", "3"), ("EOF", "1WR"), ("Proto", "http"), ("Host", "a")], b"Bye!") == [
+        Eof(3, True, True)
+    ]
 
 
 def test_parse_is_case_insensitive_and_first_value_wins():
     headers = [("sid", "5"), ("PROTO", "HTTP"), ("host", "Foo.Example"), ("port", "80"), ("Sid", "6"),
                ("rip", "2001:DB8::1"), ("rport", "1234"), ("rtls", "")]
-    assert parse_chunk(headers, b"GET") == [StreamOpen(5, "http", "foo.example", 80, "2001:db8::1", 1234, False, b"GET")]
+    assert parse_chunk(headers, b"GET") == [
+        StreamOpen(5, "http", "foo.example", 80, "2001:db8::1", 1234, False, b"GET")
+    ]
 
 
 def test_stream_open_details():
@@ -290,15 +299,21 @@ def test_inband_kite_request_and_reply_events():
     (event,) = events_of(build_inband_request(kites))
     assert isinstance(event, KiteRequest)
     assert event.request.kites == kites and event.request.versions == ["1.5.2.201011"]
-    results = [("X-PageKite-OK", "http:foo.testkite.local:bs"), ("X-PageKite-Duplicate", "raw-22:foo.testkite.local:bs"),
-               ("X-PageKite-SessionID", "1:2"), ("X-PageKite-Misc", "motd=")]
+    results = [
+        ("X-PageKite-OK", "http:foo.testkite.local:bs"),
+        ("X-PageKite-Duplicate", "raw-22:foo.testkite.local:bs"),
+        ("X-PageKite-SessionID", "1:2"),
+        ("X-PageKite-Misc", "motd="),
+    ]
     (event,) = events_of(build_inband_reply(results))
     assert isinstance(event, KiteReply)
     assert event.reply.ok == [KiteRef("http", "foo.testkite.local", "bs")]
     assert event.reply.duplicate == [KiteRef("raw-22", "foo.testkite.local", "bs")]
     assert event.reply.session_id == "1:2"
     # websocket-style first reply: features alongside results belong to the reply
-    (event,) = parse_chunk([("NOOP", "1"), ("X-PageKite-Features", "AddKites"), ("X-PageKite-OK", "a:b:c")], b"!")
+    (event,) = parse_chunk(
+        [("NOOP", "1"), ("X-PageKite-Features", "AddKites"), ("X-PageKite-OK", "a:b:c")], b"!"
+    )
     assert isinstance(event, KiteReply) and event.reply.add_kites
     # features alone are a (feature-only) request
     (event,) = parse_chunk([("NOOP", "1"), ("X-PageKite-Features", "ZChunks")], b"!")

@@ -6,6 +6,7 @@ output must not depend on the cuts.  Expected outputs come from a small independ
 """
 
 import http.client
+import itertools
 import json
 import socket
 import threading
@@ -65,9 +66,9 @@ def run(pieces, **kw):
 
 
 def cuts(data, points):
-    points = sorted(set(p for p in points if 0 < p < len(data)))
+    points = sorted({p for p in points if 0 < p < len(data)})
     bounds = [0] + points + [len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def assert_all_modes(data, expected, **kw):

@@ -113,7 +113,10 @@ def test_request_matches_pagekite(pk, nozchunks, replace, tls):
 
 
 def test_request_round2_matches_pagekite(pk):
-    tokens = {"http:foo.testkite.local": "t876fedc0eff1ae0a99c2fef13367d9f7b18", "raw-22:foo.testkite.local": "tabc"}
+    tokens = {
+        "http:foo.testkite.local": "t876fedc0eff1ae0a99c2fef13367d9f7b18",
+        "raw-22:foo.testkite.local": "tabc",
+    }
     expected = pk.proto.HTTP_PageKiteRequest(FE_ADDR, be_backends(*KITES3), tokens, testtoken="0123abcd")
     assert build_tunnel_request(our_kites(KITES3, tokens)) == expected.encode("latin-1")
     # and the in-band form (Tunnel._BackEnd: 'NOOP: 1\r\n%s\r\n\r\n!')
@@ -142,7 +145,8 @@ CAPTURED_REQUEST = (
     b"X-PageKite-Features: AddKites\r\nX-PageKite-Version: 1.5.2.201011\r\n"
     b"X-PageKite-Features: ZChunks\r\nX-PageKite-Version: 1.5.2.201011\r\n"
     b"X-PageKite-Replace: 6b056485:a677d5b05978cfaddb7887ce3340058359fd149e\r\n"
-    b"X-PageKite: http:foo.testkite.local:43e979f1df24164b5dc95b31f7998f0405c9::3d4b4f0f6f0b594981127cc92842709ef6a9\r\n\r\n"
+    b"X-PageKite: http:foo.testkite.local:43e979f1df24164b5dc95b31f7998f0405c9::"
+    b"3d4b4f0f6f0b594981127cc92842709ef6a9\r\n\r\n"
 )
 
 
@@ -155,7 +159,11 @@ def test_parse_captured_request():
     assert req.replace == ["6b056485:a677d5b05978cfaddb7887ce3340058359fd149e"]
     (kite,) = req.kites
     assert kite == KiteLine(
-        "http", "foo.testkite.local", "43e979f1df24164b5dc95b31f7998f0405c9", "", "3d4b4f0f6f0b594981127cc92842709ef6a9"
+        "http",
+        "foo.testkite.local",
+        "43e979f1df24164b5dc95b31f7998f0405c9",
+        "",
+        "3d4b4f0f6f0b594981127cc92842709ef6a9",
     )
     assert kite.what == "http:foo.testkite.local:43e979f1df24164b5dc95b31f7998f0405c9"
     assert kite.prefix == "X-PageKite"
@@ -235,7 +243,11 @@ def test_kite_line_signed_validation():
 
 def pk_config(pk, *, protos, ports, raw_ports, domains, tls_endpoints=()):
     config = pk.main.PageKite()
-    config.server_protos, config.server_ports, config.server_raw_ports = list(protos), list(ports), list(raw_ports)
+    config.server_protos, config.server_ports, config.server_raw_ports = (
+        list(protos),
+        list(ports),
+        list(raw_ports),
+    )
     for protolist, domain, secret in domains:  # as --domain=PROTOS:DOMAIN:SECRET does
         for proto in (config.server_protos if protolist == "*" else protolist.split(",")):
             config.backends[f"{proto}:{domain}"] = ["", "", domain, None, None, secret, 0]
@@ -315,21 +327,53 @@ def decision_cases():
     yield "unknown domain", signed("http:bar.example", SECRET, f("http:bar.example")), True
     yield "wildcard", signed("http:a.b.wild.example", "wild-secret", f("http:a.b.wild.example")), True
     yield "wildcard proto", signed("https:x.wild.example", "wild-secret", f("https:x.wild.example")), True
-    yield "raw port virtual", signed("raw-22:foo.testkite.local", SECRET, f("raw-22:foo.testkite.local")), True
-    yield "raw port bare secret", signed("raw-2222:bare.example", "bare-secret", f("raw-2222:bare.example")), True
+    yield (
+        "raw port virtual",
+        signed("raw-22:foo.testkite.local", SECRET, f("raw-22:foo.testkite.local")),
+        True,
+    )
+    yield (
+        "raw port bare secret",
+        signed("raw-2222:bare.example", "bare-secret", f("raw-2222:bare.example")),
+        True,
+    )
     yield "exact before bare", signed("raw-22:exact.example", "exact-secret", f("raw-22:exact.example")), True
-    yield "bare not used", signed("raw-22:exact.example", "wrong-bare-secret", f("raw-22:exact.example")), True
-    yield "http port ok", signed("http-20080:foo.testkite.local", SECRET, f("http-20080:foo.testkite.local")), True
-    yield "http port bad", signed("http-8080:foo.testkite.local", SECRET, f("http-8080:foo.testkite.local")), True
+    yield (
+        "bare not used",
+        signed("raw-22:exact.example", "wrong-bare-secret", f("raw-22:exact.example")),
+        True,
+    )
+    yield (
+        "http port ok",
+        signed("http-20080:foo.testkite.local", SECRET, f("http-20080:foo.testkite.local")),
+        True,
+    )
+    yield (
+        "http port bad",
+        signed("http-8080:foo.testkite.local", SECRET, f("http-8080:foo.testkite.local")),
+        True,
+    )
     yield "port junk", signed("http-x:foo.testkite.local", SECRET, f("http-x:foo.testkite.local")), True
     yield "proto bad", signed("xmpp:foo.testkite.local", SECRET, f("xmpp:foo.testkite.local")), True
-    yield "stale fsalt", signed("http:foo.testkite.local", SECRET, f("http:foo.testkite.local", now=T0 - 1300)), True
+    yield (
+        "stale fsalt",
+        signed("http:foo.testkite.local", SECRET, f("http:foo.testkite.local", now=T0 - 1300)),
+        True,
+    )
     yield "forged fsalt", signed("http:foo.testkite.local", SECRET, "t" + "0" * 35), True
-    yield "fsalt other bsalt", signed("http:foo.testkite.local", SECRET, f("http:foo.testkite.local", "zz")), True
+    yield (
+        "fsalt other bsalt",
+        signed("http:foo.testkite.local", SECRET, f("http:foo.testkite.local", "zz")),
+        True,
+    )
     yield "skip fsalt", signed("http:foo.testkite.local", SECRET, "anything"), False
     yield "skip fsalt bad sig", signed("http:foo.testkite.local", "nope", "anything"), False
     ts_sig = KiteLine(
-        "http", "foo.testkite.local", "bs", "fs", make_challenge(SECRET, "http:foo.testkite.local:bs:fs", now=T0)
+        "http",
+        "foo.testkite.local",
+        "bs",
+        "fs",
+        make_challenge(SECRET, "http:foo.testkite.local:bs:fs", now=T0),
     )
     yield "timestamped signature", ts_sig, False
 
@@ -337,7 +381,9 @@ def decision_cases():
 @pytest.mark.parametrize("name,kite,check", list(decision_cases()), ids=[c[0] for c in decision_cases()])
 def test_decision_matches_GetDomainQuota(pk, monkeypatch, name, kite, check):
     monkeypatch.setattr(pk.proto, "gSecret", FE_GLOBAL)
-    config = pk_config(pk, protos=["http", "https", "raw"], ports=[20080], raw_ports=["virtual"], domains=DOMAINS)
+    config = pk_config(
+        pk, protos=["http", "https", "raw"], ports=[20080], raw_ports=["virtual"], domains=DOMAINS
+    )
     if name == "raw port bare secret":
         config.server_raw_ports = [2222]
     quota, _, _, _, _, reason = config.GetDomainQuota(
@@ -351,13 +397,15 @@ def test_decision_matches_GetDomainQuota(pk, monkeypatch, name, kite, check):
 
 def test_round_one_results_match_pagekite(pk, monkeypatch):
     monkeypatch.setattr(pk.proto, "gSecret", FE_GLOBAL)
-    config = pk_config(pk, protos=["http", "https", "raw"], ports=[20080], raw_ports=["virtual"], domains=DOMAINS)
+    config = pk_config(
+        pk, protos=["http", "https", "raw"], ports=[20080], raw_ports=["virtual"], domains=DOMAINS
+    )
     kites = our_kites(KITES3 + [("http:hdr.testkite.local", "x")])
     head = build_tunnel_request(kites)
     theirs = run_pagekite_auth(pk, config, head)
     ours = our_authorizer(config).authorize(parse_tunnel_request(head).kites, now=T0)
     assert [n for n, _ in ours.headers] == [n for n, _ in theirs]
-    for (name, mine), (_, their) in zip(ours.headers, theirs):
+    for (name, mine), (_, their) in zip(ours.headers, theirs, strict=True):
         if name.endswith("SignThis"):
             what, _, token = mine.rpartition(":")
             their_what, _, their_token = their.rpartition(":")
@@ -397,7 +445,7 @@ def test_round_two_results_match_pagekite(pk, monkeypatch):
     names = [n for n, _ in reply.headers]
     assert names == [n for n, _ in theirs]
     assert names[:2] == ["X-Beanstalk-OK", "X-Beanstalk-SSL-OK"]
-    for (name, mine), (_, their) in zip(reply.headers, theirs):
+    for (name, mine), (_, their) in zip(reply.headers, theirs, strict=True):
         if not name.endswith("SignThis"):
             assert mine == their
     assert [d.outcome for d in reply.decisions] == ["ok", "ok", "invalid", "duplicate", "invalid", "signthis"]
@@ -511,10 +559,12 @@ def test_upgrade_info_header():
 CAPTURED_200 = (
     STD_HEAD + "Transfer-Encoding: chunked\r\n"
     "X-PageKite-Features: ZChunks\r\nX-PageKite-Features: WebSockets\r\nX-PageKite-Features: AddKites\r\n"
-    "X-PageKite-Protos: http, https, raw, websocket\r\nX-PageKite-Ports: 20080\r\nX-PageKite-Raw-Ports: virtual\r\n"
+    "X-PageKite-Protos: http, https, raw, websocket\r\nX-PageKite-Ports: 20080\r\n"
+    "X-PageKite-Raw-Ports: virtual\r\n"
     "X-PageKite-SignThis: http:foo.testkite.local:43e979f1df24164b5dc95b31f7998f0405c9:"
     "t9715d7efa9bd4224149622f32ce9b7268b4\r\n"
-    "X-PageKite-SessionID: 6b0564c1:b40729de9b4d8235d221b55a787c9aa55a7e6f6f\r\nX-PageKite-Misc: motd=\r\n\r\n"
+    "X-PageKite-SessionID: 6b0564c1:b40729de9b4d8235d221b55a787c9aa55a7e6f6f\r\n"
+    "X-PageKite-Misc: motd=\r\n\r\n"
 ).encode()
 BSALT_15 = "43e979f1df24164b5dc95b31f7998f0405c9"
 
@@ -526,12 +576,20 @@ def test_parse_captured_200():
     assert reply.features == ["ZChunks", "WebSockets", "AddKites"] and reply.zchunks and reply.add_kites
     assert reply.protos == ["http", "https", "raw", "websocket"]
     assert reply.ports == ["20080"] and reply.raw_ports == ["virtual"]
-    assert reply.sign_this == [Challenge("http", "foo.testkite.local", BSALT_15, "t9715d7efa9bd4224149622f32ce9b7268b4")]
+    assert reply.sign_this == [
+        Challenge("http", "foo.testkite.local", BSALT_15, "t9715d7efa9bd4224149622f32ce9b7268b4")
+    ]
     assert reply.session_id == "6b0564c1:b40729de9b4d8235d221b55a787c9aa55a7e6f6f"
     assert reply.misc == {} and reply.motd == ""
     assert not reply.ok and not reply.invalid and not reply.duplicate
     # the second round the captured backend sent next ([c4] in §15.2)
-    line = KiteLine("http", "foo.testkite.local", BSALT_15, reply.sign_this[0].fsalt, "a49a505bdec21f2663a1be80c802006c48d0")
+    line = KiteLine(
+        "http",
+        "foo.testkite.local",
+        BSALT_15,
+        reply.sign_this[0].fsalt,
+        "a49a505bdec21f2663a1be80c802006c48d0",
+    )
     block, payload = build_inband_request([line])
     assert frame(block, payload) == (
         b"c4\r\nNOOP: 1\r\nX-PageKite-Version: 1.5.2.201011\r\n"
@@ -544,14 +602,19 @@ def test_parse_captured_200():
 def test_parse_captured_inband_replies():
     ok = frame(
         b"NOOP: 1\r\nX-PageKite-OK: http:foo.testkite.local:" + BSALT_15.encode() + b"\r\n"
-        b"X-PageKite-SessionID: 6b0564c1:b40729de9b4d8235d221b55a787c9aa55a7e6f6f\r\nX-PageKite-Misc: motd=\r\n",
+        b"X-PageKite-SessionID: 6b0564c1:b40729de9b4d8235d221b55a787c9aa55a7e6f6f\r\n"
+        b"X-PageKite-Misc: motd=\r\n",
         b"!",
     )
     assert ok.startswith(b"ba\r\n")  # [ba] in §15.2
     reply = parse_inband_reply(demux_headers(ok[4:].split(b"\r\n\r\n")[0] + b"\r\n"))
     assert reply.status is None and reply.ok == [KiteRef("http", "foo.testkite.local", BSALT_15)]
     dup = parse_inband_reply(
-        [("NOOP", "1"), ("X-PageKite-Duplicate", f"http:foo.testkite.local:{BSALT_15}"), ("X-PageKite-SessionID", "1:2")]
+        [
+            ("NOOP", "1"),
+            ("X-PageKite-Duplicate", f"http:foo.testkite.local:{BSALT_15}"),
+            ("X-PageKite-SessionID", "1:2"),
+        ]
     )
     assert dup.duplicate == [KiteRef("http", "foo.testkite.local", BSALT_15)] and not dup.ok
 
@@ -577,7 +640,11 @@ def test_section_2_3_exchange_sizes():
     back = frame(*build_inband_reply(results))
     assert back.startswith(b"20c\r\nNOOP: 1\r\nX-PageKite-OK: http:foo.testkite.local:" + bsalt.encode())
     reply = parse_inband_reply(demux_headers(build_inband_reply(results)[0]))
-    assert [r.kite for r in reply.ok] == ["http:foo.testkite.local", "raw-22:foo.testkite.local", "https:foo.testkite.local"]
+    assert [r.kite for r in reply.ok] == [
+        "http:foo.testkite.local",
+        "raw-22:foo.testkite.local",
+        "https:foo.testkite.local",
+    ]
     assert reply.invalid == [(KiteRef("http", "hdr.testkite.local", bsalt), "unauthorized")]
 
 
@@ -624,7 +691,9 @@ def test_parse_reply_refuses_malformed(head):
 
 
 def test_pagekite_backend_reads_our_reply(pk):
-    challenges = [("X-PageKite-SignThis", "http:a.example:bs:" + make_challenge(FE_GLOBAL, "http:a.example:bs"))]
+    challenges = [
+        ("X-PageKite-SignThis", "http:a.example:bs:" + make_challenge(FE_GLOBAL, "http:a.example:bs"))
+    ]
     head = build_tunnel_response(challenges + [("X-PageKite-SessionID", "1:2")], ports=[443]).decode()
     parse = pk.parsers.HttpLineParser(lines=head.splitlines(), state=pk.parsers.HttpLineParser.IN_RESPONSE)
     count, tokens = pk.conns.Tunnel.CheckForTokens(None, parse)
@@ -668,7 +737,9 @@ def test_pagekite_backend_registers_with_our_relay(pk, monkeypatch):
 def test_our_backend_registers_with_pagekite_relay(pk, monkeypatch):
     """Our request -> pagekite.py's AuthThread -> its 200 -> our answer -> its OK."""
     monkeypatch.setattr(pk.proto, "gSecret", FE_GLOBAL)
-    config = pk_config(pk, protos=["http", "https", "raw"], ports=[20080], raw_ports=["virtual"], domains=DOMAINS)
+    config = pk_config(
+        pk, protos=["http", "https", "raw"], ports=[20080], raw_ports=["virtual"], domains=DOMAINS
+    )
     kites = [
         KiteLine.signed("http", "foo.testkite.local", "bsaltA", SECRET),
         KiteLine.signed("raw-22", "foo.testkite.local", "bsaltB", SECRET),
@@ -688,7 +759,9 @@ def test_our_backend_registers_with_pagekite_relay(pk, monkeypatch):
     answers = [c.answer(secrets[c.kite]) for c in reply.sign_this]
     block, payload = build_inband_request(answers)
     header_text = (block + b"\r\n" + payload).decode().split("\r\n\r\n", 1)[0]  # Tunnel.ProcessChunk
-    parse = pk.parsers.HttpLineParser(lines=header_text.splitlines(), state=pk.parsers.HttpLineParser.IN_HEADERS)
+    parse = pk.parsers.HttpLineParser(
+        lines=header_text.splitlines(), state=pk.parsers.HttpLineParser.IN_HEADERS
+    )
     requests = pk.conns.Tunnel.GetKiteRequests(None, parse)
     final = run_pagekite_auth(pk, config, requests)
     assert [n for n, _ in final][:2] == ["X-PageKite-OK", "X-PageKite-OK"]
@@ -733,7 +806,9 @@ def test_unavailable_page_matches_pagekite(pk, kwargs):
 
 def test_ping_request_and_parsing(pk):
     assert PING_REQUEST == b"HEAD /ping HTTP/1.1\r\nHost: ping.pagekite\r\n\r\n"
-    assert parse_ping_reply(b"HTTP/1.1 503 Unavailable\r\n\r\n") == parse_ping_reply("HTTP/1.1 503 Unavailable")
+    assert parse_ping_reply(b"HTTP/1.1 503 Unavailable\r\n\r\n") == parse_ping_reply(
+        "HTTP/1.1 503 Unavailable"
+    )
     assert parse_ping_reply(b"HTTP/1.1 503 Unavailable\r\n\r\n").uuid is None
     for bad in (b"", b"HTTP/1.1 200 OK\r\n\r\n", b"HTTP/1.0 503 Unavailable\r\n\r\n", b"SSH-2.0"):
         with pytest.raises(HandshakeError):

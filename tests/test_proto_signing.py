@@ -101,7 +101,9 @@ def test_sign_matches_signToken(pk_proto):
 
 def test_latin1_text_matches_signToken(pk_proto):
     secret, payload = "s\xe9cr\xe8t\xff", "http:caf\xe9.example:x:"
-    assert sign(secret, payload, "abcdef01") == pk_proto.signToken(token="abcdef01", secret=secret, payload=payload)
+    assert sign(secret, payload, "abcdef01") == pk_proto.signToken(
+        token="abcdef01", secret=secret, payload=payload
+    )
 
 
 def test_check_signature_rejects_tampering(pk_proto):
@@ -177,7 +179,9 @@ def test_new_salt_and_secret():
 
 def test_bsalt_matches_pagekite_request_headers(pk_proto, monkeypatch):
     monkeypatch.setattr(pk_proto, "gSecret", BE_GLOBAL)
-    backends = {"http:foo.testkite.local": ["http", "", "foo.testkite.local", "127.0.0.1", "80", KITE_SECRET, 0]}
+    backends = {
+        "http:foo.testkite.local": ["http", "", "foo.testkite.local", "127.0.0.1", "80", KITE_SECRET, 0]
+    }
     (line,) = pk_proto.PageKiteRequestHeaders(FE_ADDR, backends, testtoken="0123abcd")[1:]
     assert line == f"X-PageKite: {ROUND1}\r\n"
     assert sha1hex(BE_GLOBAL + FE_ADDR + KITE_SECRET)[:36] == BSALT

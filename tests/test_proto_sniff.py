@@ -23,7 +23,9 @@ from kite.proto.sniff import (
 
 RESULT_TYPES = (NeedMore, PingProbe, TunnelConnect, ProxyConnect, HttpRequest, TlsHello)
 
-CURL_GET = b"GET / HTTP/1.1\r\nHost: foo.testkite.local:20210\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"
+CURL_GET = (
+    b"GET / HTTP/1.1\r\nHost: foo.testkite.local:20210\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"
+)
 WEBSOCKET = (
     b"GET /chat HTTP/1.1\r\nHost: Server.Example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: http://example.com\r\n"
@@ -188,7 +190,15 @@ def test_proxy_connect():
 
 @pytest.mark.parametrize(
     "target",
-    [b"foo.example", b"foo.example:0", b"foo.example:65536", b"foo.example:", b"[::1]", b"[zz::1]:22", b":22"],
+    [
+        b"foo.example",
+        b"foo.example:0",
+        b"foo.example:65536",
+        b"foo.example:",
+        b"[::1]",
+        b"[zz::1]:22",
+        b":22",
+    ],
 )
 def test_bad_proxy_targets(target):
     with pytest.raises(SniffError):
@@ -269,8 +279,15 @@ def _sni_ext(*entries):
 def test_sni_extension_details():
     assert sniff(_hello_with_sni_ext(_sni_ext((0, b"A.Example.")))).sni == "a.example"
     assert sniff(_hello_with_sni_ext(_sni_ext((7, b"other"), (0, b"b.example")))).sni == "b.example"
-    for bad in (_sni_ext((0, b"bad name")), _sni_ext((0, b"\xff.example")), _sni_ext((0, b"")), b"", b"\x00\x00",
-                _sni_ext((0, b"a.example")) + b"x", b"\x00\x09\x00\x00\x05a.ex"):
+    for bad in (
+        _sni_ext((0, b"bad name")),
+        _sni_ext((0, b"\xff.example")),
+        _sni_ext((0, b"")),
+        b"",
+        b"\x00\x00",
+        _sni_ext((0, b"a.example")) + b"x",
+        b"\x00\x09\x00\x00\x05a.ex",
+    ):
         with pytest.raises(SniffError):
             sniff(_hello_with_sni_ext(bad))
 

@@ -68,7 +68,8 @@ def traffic():
     rng = random.Random(7)
     noise = bytes(rng.getrandbits(8) for _ in range(300))
     chunks = [
-        build_stream_open(33, "http", "foo.testkite.local", 20080, "127.0.0.1", 54886, payload=REQUEST) + (33,),
+        build_stream_open(33, "http", "foo.testkite.local", 20080, "127.0.0.1", 54886, payload=REQUEST)
+        + (33,),
         build_skb(33, 0) + (None,),
         build_data(33, TEXT) + (33,),
         build_data(34, noise) + (34,),  # grows when compressed: sid 34 goes plain from now on
@@ -92,7 +93,9 @@ def test_deflater_matches_pagekite_sender(pk_chunks, level):
     for block, payload, sid in traffic():
         body = (block + b"\r\n" + payload).decode("latin-1")
         control = block.startswith(b"NOOP") or b"EOF:" in block
-        theirs.SendChunked(body, compress=not control, zhistory=None if sid is None else zhistory.setdefault(sid, [0, 0]))
+        theirs.SendChunked(
+            body, compress=not control, zhistory=None if sid is None else zhistory.setdefault(sid, [0, 0])
+        )
         wire.append(ours.frame(block, payload, sid=sid))
     assert wire == theirs.wire
     sizes = [s for s, _ in split_frames(b"".join(wire))]
@@ -122,7 +125,7 @@ def test_inflater_reads_pagekite_sender(pk_chunks, level):
     sender, _ = pk_chunks
     theirs = sender(level)
     bodies = []
-    for i, (block, payload, sid) in enumerate(traffic() * 3):
+    for i, (block, payload, _sid) in enumerate(traffic() * 3):
         body = block + b"\r\n" + payload
         bodies.append(body)
         if i == 14:

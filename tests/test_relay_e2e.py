@@ -134,7 +134,7 @@ def test_https_sni_passthrough_with_curl(tmp_path, loop_kind):
             proc = await asyncio.create_subprocess_exec(
                 "curl", "-sS", "--max-time", "20", "--cacert", site_cert.cert,
                 "-x", f"http://127.0.0.1:{env.port}", "--connect-to",
-                f"secure.test.kite:443:secure.test.kite:443",
+                "secure.test.kite:443:secure.test.kite:443",
                 "https://secure.test.kite/", stdout=subprocess.PIPE)
             out, _ = await proc.communicate()
             assert proc.returncode == 0
@@ -145,7 +145,7 @@ def test_https_sni_passthrough_with_curl(tmp_path, loop_kind):
 
 
 def test_websocket_echo_through_tunnel(tmp_path, loop_kind):
-    websockets = pytest.importorskip("websockets")
+    pytest.importorskip("websockets")
     from websockets.asyncio.client import connect
     from websockets.asyncio.server import serve
 

@@ -35,7 +35,9 @@ class Ctx:
         #: needs more connections to it than one port range holds (--idle-levels).
         self.origin_hosts = [HOST]
         self.idle_level: int | None = None  # set while an idle level's instance starts
-        self.work = tempfile.mkdtemp(prefix="kite-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self.work = tempfile.mkdtemp(
+            prefix="kite-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+        )
         self.www = os.path.join(self.work, "www")
         self.logs = os.path.join(self.work, "logs")
         self.upload_tmp = os.path.join(self.www, ".tmp")

@@ -61,7 +61,7 @@ async def _idle_client_main(port: int, hosts: list[str], n: int, timeout: float,
                 if writer is not None:
                     writer.close()  # not connected in time: do not leave it queued
                 raise
-            except Exception as exc:  # noqa: BLE001 - counted and reported
+            except Exception as exc:
                 if writer is not None:
                     writer.close()
                 errors[type(exc).__name__ + ": " + str(exc)[:60]] += 1

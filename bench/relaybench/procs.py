@@ -83,7 +83,7 @@ class Procs:
             # the single-threaded relay_bench.py uses.
             p = subprocess.Popen(argv, stdin=stdin, stdout=logf if stdout is None else stdout,
                                  stderr=logf, env=env, cwd=cwd, start_new_session=True,
-                                 preexec_fn=preexec)  # noqa: PLW1509
+                                 preexec_fn=preexec)
         self.live[p.pid] = (label, p)
         return p
 

@@ -143,5 +143,5 @@ def print_profile(rec: dict, out=sys.stdout) -> None:
         return
     print("  % of busy samples: self (innermost frame)        | total (anywhere on the stack; "
           "frames on every stack left out)", file=out)
-    for (f1, p1), (f2, p2) in zip(rec["self"], rec["total"]):
+    for (f1, p1), (f2, p2) in zip(rec["self"], rec["total"], strict=False):
         print(f"  {p1:5.1f}  {f1[:48]:<48} | {p2:5.1f}  {f2[:60]}", file=out)

@@ -75,7 +75,7 @@ class Results:
         self.f = None
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.f = open(path, "w")  # noqa: SIM115 - open for the whole run, until close()
+            self.f = open(path, "w")
 
     def emit(self, record: dict) -> None:
         if self.f:
@@ -170,11 +170,13 @@ def print_table(res: Results, systems: list[str], args, out=sys.stdout) -> None:
             continue
         widths = [max(len(c[1]), *(len(r[1][i]) for r in rows)) for i, c in enumerate(cols)]
         print(f"\n{title}", file=out)
-        header = f"{'system':<{w_sys}}" + "".join(f"  {c[1]:>{w}}" for c, w in zip(cols, widths))
+        header = f"{'system':<{w_sys}}" + "".join(f"  {c[1]:>{w}}" for c, w in zip(cols, widths, strict=True))
         print(header, file=out)
         print("-" * len(header), file=out)
         for s, cells in rows:
-            print(f"{s:<{w_sys}}" + "".join(f"  {c:>{w}}" for c, w in zip(cells, widths)), file=out)
+            print(
+                f"{s:<{w_sys}}" + "".join(f"  {c:>{w}}" for c, w in zip(cells, widths, strict=True)), file=out
+            )
 
 
 def curve_levels(args) -> list[tuple[str, list[int], str]]:
@@ -224,11 +226,16 @@ def print_curves(res: Results, systems: list[str], args, out=sys.stdout) -> None
             widths = [max(len(h), *(len(r[1][i]) for r in rows)) for i, h in enumerate(heads)]
             w_sys = max(14, max(len(s) for s in systems) + 1)
             print(f"\n{curve}: {title}, by {sizes[curve]}", file=out)
-            header = f"{'system':<{w_sys}}" + "".join(f"  {h:>{w}}" for h, w in zip(heads, widths))
+            header = f"{'system':<{w_sys}}" + "".join(
+                f"  {h:>{w}}" for h, w in zip(heads, widths, strict=True)
+            )
             print(header, file=out)
             print("-" * len(header), file=out)
             for s, cells in rows:
-                print(f"{s:<{w_sys}}" + "".join(f"  {x:>{w}}" for x, w in zip(cells, widths)), file=out)
+                print(
+                    f"{s:<{w_sys}}" + "".join(f"  {x:>{w}}" for x, w in zip(cells, widths, strict=True)),
+                    file=out,
+                )
 
 
 def targets(res: Results, args) -> list[dict]:
@@ -311,7 +318,7 @@ def draw_png(res: Results, systems: list[str], args, path: str, meta: dict) -> s
         return "no bulk/c50/newconn workload: no chart"
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.8), squeeze=False)
     colors = ["#4878d0", "#ee854a", "#6acc64"]
-    for ax, (title, workload, series) in zip(axes[0], panels):
+    for ax, (title, workload, series) in zip(axes[0], panels, strict=True):
         shown = [s for s in systems if any(res.summary(s, workload, k) for k, _ in series)]
         width = 0.8 / len(series)
         for i, (key, label) in enumerate(series):
@@ -326,7 +333,7 @@ def draw_png(res: Results, systems: list[str], args, path: str, meta: dict) -> s
                 hi.append(sm["max"] - sm["median"])
             bars = ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=label,
                           color=colors[i % len(colors)], error_kw={"elinewidth": 1})
-            for b, m, h in zip(bars, meds, hi):
+            for b, m, h in zip(bars, meds, hi, strict=True):
                 ax.annotate(fmt(m), (b.get_x() + b.get_width() / 2, m + h), ha="center",
                             va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
         ax.set_xticks(range(len(shown)))
@@ -369,7 +376,7 @@ def draw_curves_png(res: Results, systems: list[str], args, path: str, meta: dic
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    for ax, (curve, key, title) in zip(axes.flat, panels):
+    for ax, (curve, key, title) in zip(axes.flat, panels, strict=False):
         levels, what = lv[curve]
         for s in systems:
             xs, meds, lo, hi = [], [], [], []

@@ -239,8 +239,13 @@ class Pagekite(System):
         run = Running(self, port, KITE_NAME, {"relay": fe, "backend": be},
                       dialer="backend", tunnel_port=port)
         try:
-            wait_for("pagekite.py backend", log_has(belog, r"FE=[\d.:]+; proto=http; domain=" + re.escape(KITE_NAME)),
-                     30, [fe, be], [felog, belog])
+            wait_for(
+                "pagekite.py backend",
+                log_has(belog, r"FE=[\d.:]+; proto=http; domain=" + re.escape(KITE_NAME)),
+                30,
+                [fe, be],
+                [felog, belog],
+            )
             wait_until_served(run, 30)
         except BaseException:
             ctx.procs.stop(be, fe)
@@ -314,7 +319,7 @@ class Kite(System):
             with open(conf, "w") as f:
                 f.write(f'[defaults]\nsecret = "{secret}"\nca = "{ctx.cert}"\n\n'
                         f'[[relay]]\naddress = "{HOST}:{port}"\n')
-                for name, addr in zip(names, origins):
+                for name, addr in zip(names, origins, strict=True):
                     f.write(f'\n[[kite]]\nname = "{name}"\ntarget = "http://{addr}:{ctx.origin_port}"\n')
             kites = ["--config", conf]
         try:

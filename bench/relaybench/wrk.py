@@ -39,7 +39,7 @@ def parse_wrk(out: str) -> dict:
     if m:
         errors += sum(int(x) for x in m.groups())
         res["socket_errors"] = dict(zip(("connect", "read", "write", "timeout"),
-                                        (int(x) for x in m.groups())))
+                                        (int(x) for x in m.groups()), strict=True))
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
         errors += int(m.group(1))

@@ -29,7 +29,7 @@ class Peer:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "Peer":
+    def __enter__(self) -> Peer:
         return self
 
     def __exit__(self, *exc) -> None:
