@@ -129,3 +129,40 @@ def test_close_right_after_a_change_leaves(redis_server):
         await b.close()
 
     asyncio.run(main())
+
+
+def test_a_change_just_after_the_first_read_is_seen_at_once(redis_server):
+    """A relay that starts subscribes to the channel before it reads the map: a kite that
+    another relay brings up just after that read reaches it on the channel, not at the
+    next full read (an hour away here)."""
+
+    async def main():
+        url = redis_server.url(5)
+        a = FleetPresence(url, "A", ["192.0.2.1"], **FAST)
+        await a.start()
+
+        class ReadThenChange(FleetPresence):
+            changed = False
+
+            async def _read_all(self) -> None:
+                await super()._read_all()
+                if not self.changed:
+                    self.changed = True
+                    a.presence("http", "late.example.com", True)  # right after the read
+                    key, member = a._k("kites:A"), "http late.example.com"
+                    deadline = time.monotonic() + 5
+                    while not await a.r.sismember(key, member):  # A wrote and published it
+                        assert time.monotonic() < deadline, "A never wrote its kite"
+                        await asyncio.sleep(0.01)
+
+        b = ReadThenChange(url, "B", ["192.0.2.2"], ttl=60.0, heartbeat=20.0, resync=3600.0)
+        await b.start()
+        try:
+            assert b.changed
+            await until(lambda: b.holders("http", "late.example.com") == {"A"}, 5,
+                        "B sees the kite A brought up just after B read the map")
+        finally:
+            await b.close()
+            await a.close()
+
+    asyncio.run(main())

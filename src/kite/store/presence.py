@@ -161,16 +161,19 @@ class FleetPresence:
     # -- life -------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Register and read the map once (raises StoreError if Redis does not answer)."""
+        ps = None
         try:
             await self.r.set(self._k("secret"), secrets.token_urlsafe(32), nx=True)
             self.secret = str(await self.r.get(self._k("secret")))
             await self._write_all()
-            await self._read_all()
-        except (redis.RedisError, OSError) as exc:
-            raise StoreError(f"fleet presence in Redis: {exc}") from None
+            ps = await self._subscribe()
+        except (redis.RedisError, OSError, asyncio.TimeoutError) as exc:
+            if ps is not None:
+                await ps.aclose()
+            raise StoreError(f"fleet presence in Redis: {exc or type(exc).__name__}") from None
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._writer()), loop.create_task(self._reader()),
-                       loop.create_task(self._listen())]
+                       loop.create_task(self._listen(ps))]
         log.info("fleet: relay %s, %d other relays, %d of their kites", self.relay_id,
                  len(self.remote), sum(len(k) for k in self.remote.values()))
 
@@ -348,18 +351,42 @@ class FleetPresence:
             except (redis.RedisError, OSError) as exc:
                 self._failed("read", exc)
 
-    async def _listen(self) -> None:
-        """Apply other relays' changes as they are published."""
-        while True:
+    async def _subscribe(self):
+        """Listen to the channel, then read the whole map: subscribed first (Redis confirmed
+        it), so that no change published between the two is missed.  Changes published
+        before the read and delivered after it are applied again, in order: the map ends
+        where the fleet is."""
+        ps = self.r.pubsub()
+        try:
+            await ps.subscribe(self._k("events"))
+            while True:
+                msg = await asyncio.wait_for(ps.get_message(timeout=TIMEOUT), TIMEOUT + 1)
+                if msg is None:
+                    raise asyncio.TimeoutError("no confirmation of the subscription")
+                if msg.get("type") == "subscribe":
+                    break
+            await self._read_all()
+        except BaseException:
+            await ps.aclose()
+            raise
+        return ps
+
+    async def _listen(self, ps) -> None:
+        """Apply other relays' changes as they are published (``ps``: subscribed already;
+        after a failure, subscribed again and the map read again)."""
+        while not self._closing:
             try:
-                async with self.r.pubsub() as ps:
-                    await ps.subscribe(self._k("events"))
+                if ps is None:
+                    ps = await self._subscribe()
+                    self._recovered()
+                async with ps:
                     async for msg in ps.listen():
                         if msg.get("type") == "message":
                             self._event(msg["data"])
-            except (redis.RedisError, OSError) as exc:
+            except (redis.RedisError, OSError, asyncio.TimeoutError) as exc:
                 self._failed("subscribe", exc)
                 await asyncio.sleep(1.0)
+            ps = None
 
     def _event(self, data: str) -> None:
         try:
