@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import http.client
+import re
 import signal
 import socket
 import ssl
@@ -24,6 +25,7 @@ import time
 
 import pytest
 import redis as redis_lib
+from prometheus_client.parser import text_string_to_metric_families
 
 from kite.fastpath import ChunkWriter, Demux
 from kite.net.pipes import transport_pair
@@ -193,7 +195,8 @@ def fleet(tmp_path, relay_process, expose_process):
     grant = (f"http:{KITE}:{SECRET}",)
     a = relay_process("--redis", redis.url(0), "--relay-id", "relay-a", grants=grant,
                       listen="127.0.0.2:0", name="a")
-    b = relay_process("--redis", redis.url(0), "--relay-id", "relay-b", grants=grant,
+    b = relay_process("--redis", redis.url(0), "--relay-id", "relay-b", "--admin",
+                      "127.0.0.3:0", grants=grant,
                       listen="127.0.0.3:0", name="b")
     expose_process(f"http://127.0.0.1:{port}", KITE, a)
     until(lambda: get(b, "/ready")[0] == 200, 10, "relay B hands visitors to relay A")
@@ -255,6 +258,17 @@ def get(relay, path: str, source: str = "127.0.0.9") -> tuple[int, bytes]:
         return resp.status, resp.read()
 
 
+def handovers(relay) -> dict:
+    """``kite_fleet_handovers_total`` of ``relay``'s /metrics, by the other relay."""
+    m = re.search(r"admin listening on http://([\d.]+):(\d+)/", relay.log())
+    assert m, relay.log()
+    conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    return {s.labels["relay"]: s.value for fam in text_string_to_metric_families(text)
+            for s in fam.samples if s.name == "kite_fleet_handovers_total"}
+
+
 def test_many_visitors_share_one_link(fleet):
     _, a, b = fleet
     results: dict = {}
@@ -281,7 +295,12 @@ def test_many_visitors_share_one_link(fleet):
     for i, (source, got) in results.items():
         assert got == [(200, f"xff={source} path=/v{i}/{j}") for j in range(5)], got
     assert a.log().count("fleet link up from") == 1  # all of them on one link
-    assert b.log().count("of its link)") >= 41
+    assert b.log().count("of its link)") >= 41  # each at DEBUG (the fixture's -v) ...
+    # ... and the first at INFO, once for the kite and relay
+    assert b.log().count(f"visitors of http:{KITE} are handed to relay {a.host}:{a.port}, "
+                         "which flies it") == 1, b.log()
+    handed = handovers(b)
+    assert list(handed) == [f"{a.host}:{a.port}"] and handed[f"{a.host}:{a.port}"] >= 41
     # A stream's end leaves the link up: a new visitor after all those ended uses it too.
     assert get(b, "/after")[1] == b"xff=127.0.0.9 path=/after\n"
     assert a.log().count("fleet link up from") == 1

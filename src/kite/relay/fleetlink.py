@@ -62,6 +62,8 @@ __all__ = ["FleetLink", "CONNECT_TIMEOUT", "LINK_RETRY"]
 CONNECT_TIMEOUT = 5.0
 #: Seconds before a relay that refused a link is asked for one again.
 LINK_RETRY = 60.0
+#: (kite, relay) pairs whose first hand-over is logged at INFO; after that many, DEBUG only.
+ANNOUNCED_MAX = 10_000
 
 
 class _Held(PipeEnd):
@@ -261,7 +263,8 @@ class FleetLink:
         self.presence = presence
         self.secret = secret
         self.busy = busy  # the relay's busy poller, for its links' tunnels too
-        self.forwarded = 0  # visitors handed to other relays
+        self.forwarded: dict[str, int] = {}  # visitors handed over, by the other relay's address
+        self._announced: set = set()  # (proto:host, relay) whose hand-over was logged at INFO
         self._context = client_context(insecure=True)  # verified by the pin, not a CA
         self._tasks: set = set()
         self._links: dict = {}  # (forward address, fingerprint) -> _LinkOut
@@ -328,10 +331,23 @@ class FleetLink:
         where = "%s:%s" % visitor[:2]
         stream = link.open_stream(sid, proto, host, port, visitor[0], visitor[1], peer=where,
                                   payload=payload, rtls=rtls)
-        self.forwarded += 1
-        log.info("visitor %s of %s:%s handed to relay %s (stream %d of its link)%s", where,
-                 proto, host, link.forward, sid, ", TLS terminated here" if rtls else "")
+        self._handed(where, f"{proto}:{host}", link.forward,
+                     f" (stream {sid} of its link){', TLS terminated here' if rtls else ''}")
         return StreamProtocol(link, stream)
+
+    def _handed(self, visitor: str, kite: str, relay: str, detail: str = "") -> None:
+        """Count a visitor handed to ``relay``; the first of each kite and relay is logged
+        at INFO (until ANNOUNCED_MAX pairs were), every visitor at DEBUG: a busy relay
+        hands over thousands a second, and the access log of the relay that flies the
+        kite has each of them."""
+        self.forwarded[relay] = self.forwarded.get(relay, 0) + 1
+        key = (kite, relay)
+        if key not in self._announced and len(self._announced) < ANNOUNCED_MAX:
+            self._announced.add(key)
+            log.info("visitors of %s are handed to relay %s, which flies it (the first: %s%s; "
+                     "the rest at DEBUG)", kite, relay, visitor, detail)
+        else:
+            log.debug("visitor %s of %s handed to relay %s%s", visitor, kite, relay, detail)
 
     async def link_to(self, target: dict) -> Optional[_LinkOut]:
         """The link to ``target`` (made if there is none); None if it takes no link.
@@ -408,8 +424,7 @@ class FleetLink:
                 held.send(http_error(502, host))
             held.close()
             return
-        self.forwarded += 1
-        log.info("visitor %s of %s:%s handed to relay %s", peer, proto, host, target["forward"])
+        self._handed(peer, f"{proto}:{host}", target["forward"])
         held.join(relay)
         relay.join(held)
 

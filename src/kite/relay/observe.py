@@ -251,6 +251,14 @@ class RelayCollector:
         for name, when in sorted(view.cert_expiries().items()):
             e.add_metric([name], when)
         yield e
+        fleet = state.fleet_link
+        if fleet is not None:
+            f = CounterMetricFamily("kite_fleet_handovers", "Visitors handed to the relay that "
+                                    "flies their kite, by that relay's address.",
+                                    labels=["relay"])
+            for relay, n in sorted(fleet.forwarded.items()):
+                f.add_metric([relay], n)
+            yield f
         yield GaugeMetricFamily("kite_start_time_seconds", "When the relay started (Unix time).",
                                 value=state.started)
 
