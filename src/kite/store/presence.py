@@ -161,15 +161,12 @@ class FleetPresence:
     # -- life -------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Register and read the map once (raises StoreError if Redis does not answer)."""
-        ps = None
         try:
             await self.r.set(self._k("secret"), secrets.token_urlsafe(32), nx=True)
             self.secret = str(await self.r.get(self._k("secret")))
             await self._write_all()
-            ps = await self._subscribe()
+            ps = await self._subscribe()  # closes what it opened if it fails
         except (redis.RedisError, OSError, asyncio.TimeoutError) as exc:
-            if ps is not None:
-                await ps.aclose()
             raise StoreError(f"fleet presence in Redis: {exc or type(exc).__name__}") from None
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._writer()), loop.create_task(self._reader()),
