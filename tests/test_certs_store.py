@@ -130,3 +130,36 @@ def test_an_encrypted_key_is_an_error_not_a_prompt(tmp_path):
                                       serialization.BestAvailableEncryption(b"passphrase")))
     with pytest.raises(ConfigError, match="cannot load"):
         CertStore([(cert, key)])
+
+
+def test_configure_adds_and_drops_pairs_and_keeps_installed_ones(tmp_path, caplog):
+    """SIGHUP with a changed list of pairs: a new pair serves at once, a dropped one no
+    longer does, ACME's installed pair stays, the relay's own stays first (a new first
+    pair waits for a restart), a pair that does not load is left out."""
+    own = pair(tmp_path, "own", ["relay.zone"])
+    b = pair(tmp_path, "b", ["b.zone"])
+    store = CertStore([own, b], poll_interval=0)
+    acme = pair(tmp_path, "acme", ["*.auto.zone"])
+    store.install(*acme)
+    c = pair(tmp_path, "c", ["c.zone"])
+    added, dropped = store.configure([own, c])
+    assert (added, dropped) == ([c[0]], [b[0]])
+    assert store.covers("c.zone") and not store.covers("b.zone")
+    assert store.pair_for("x.auto.zone").cert_path == acme[0]  # installed: stays
+    assert store.default.cert_path == own[0]
+    # a different first pair: logged, the running one stays first
+    d = pair(tmp_path, "d", ["d.zone"])
+    added, dropped = store.configure([d, c])
+    assert (added, dropped) == ([d[0]], [])
+    assert store.default.cert_path == own[0] and store.covers("d.zone")
+    assert "changes at the next restart" in caplog.text
+    # a pair that does not load is left out; the rest of the change happens
+    bad = pair(tmp_path, "bad", ["bad.zone"])
+    added, dropped = store.configure([own, (bad[0], d[1])])
+    assert added == [] and sorted(dropped) == sorted([c[0], d[0]])
+    assert not store.covers("bad.zone") and not store.covers("c.zone")
+    assert "not added" in caplog.text
+    assert [p.cert_path for p in store.pairs] == [own[0], acme[0]]
+    # no pairs at all (TLS off) waits for a restart, as the relay says
+    assert store.configure([]) == ([], [])
+    assert store.default.cert_path == own[0]

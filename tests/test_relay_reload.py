@@ -107,3 +107,50 @@ def test_sighup_reloads_kites_and_keeps_the_rest(tmp_path, procs):
     assert "Traceback" not in relay.output()
     for secret in (KEEP, GONE, NEW):
         assert secret not in relay.output()
+
+
+def _https(port: int, host: str, ca: str) -> str:
+    """The status of https://HOST/ through the relay, or curl's exit code as "exit N"."""
+    r = subprocess.run(["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w",
+                        "%{http_code}", "--cacert", ca, "--resolve", f"{host}:{port}:127.0.0.1",
+                        f"https://{host}:{port}/"], capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else f"exit {r.returncode}"
+
+
+def test_sighup_adds_and_drops_tls_pairs(tmp_path, procs):
+    """A [[tls]] pair added to the config serves its names after SIGHUP (the relay then
+    terminates TLS for the http kite it covers), and serves them no more once removed."""
+    site = Proc(["python3", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory",
+                 str(tmp_path)], tmp_path, "site")
+    procs.append(site)
+    site_port = int(re.search(r"port (\d+)", site.wait_for("Serving HTTP")).group(1))
+    certs = make_certs(tmp_path)
+    site_certs = make_certs(tmp_path, names=("*.keep.kite",), stem="site")
+    conf = tmp_path / "relay.toml"
+    base = _toml(certs, [("*.keep.kite", KEEP)])
+    conf.write_text(base)
+    relay = Proc([*KITE, "relay", "--config", str(conf)], tmp_path, "relay")
+    procs.append(relay)
+    port = int(re.search(r"relay listening on 127\.0\.0\.1:(\d+)",
+                         relay.wait_for("relay listening on")).group(1))
+    backend = Proc([*KITE, "expose", str(site_port), "a.keep.kite", "--relay",
+                    f"127.0.0.1:{port}", "--fingerprint", certs.fingerprint, "--secret", KEEP],
+                   tmp_path, "backend")
+    procs.append(backend)
+    backend.wait_for("kite flying: http:a.keep.kite")
+    assert _https(port, "a.keep.kite", site_certs.cert).startswith("exit ")  # no certificate
+
+    with_tls = (f'{base}[[tls]]\ncert = "{os.path.basename(site_certs.cert)}"\n'
+                f'key = "{os.path.basename(site_certs.key)}"\n')
+    conf.write_text(with_tls)
+    os.kill(relay.pid, signal.SIGHUP)
+    _poll(lambda: "certificate " + site_certs.cert + " added" in relay.output(), "pair added")
+    assert _https(port, "a.keep.kite", site_certs.cert) == "200"
+
+    conf.write_text(base)
+    os.kill(relay.pid, signal.SIGHUP)
+    _poll(lambda: "certificate " + site_certs.cert + " dropped" in relay.output(),
+          "pair dropped")
+    assert _https(port, "a.keep.kite", site_certs.cert).startswith("exit ")
+    assert _curl(port, "a.keep.kite") == "200"  # plain HTTP as before
+    assert relay.proc.poll() is None and "Traceback" not in relay.output()

@@ -16,8 +16,9 @@ keys both work; a name served with both needs two pairs (the first listed is use
 Reload: every ``poll_interval`` seconds the store compares the files' modification times
 and sizes with those it loaded; a pair whose files changed is loaded again.  A pair that
 fails to load (a half-written file, a key that does not match) is logged once per change
-and the old pair stays in service.  :meth:`CertStore.reload` (SIGHUP) reloads every pair
-at once; :meth:`CertStore.install` adds or replaces a pair at run time (ACME).  A pair
+and the old pair stays in service.  :meth:`CertStore.reload` reloads every pair at once;
+:meth:`CertStore.configure` (SIGHUP) also adds the pairs the config gained and drops those it
+lost; :meth:`CertStore.install` adds or replaces a pair at run time (ACME).  A pair
 installed ``kite_only`` (an on-demand certificate for one kite's name) is chosen by SNI like
 the others but never becomes the relay's own (:attr:`CertStore.default`).
 
@@ -136,6 +137,8 @@ class CertStore:
         """Load ``pairs`` of (cert path, key path or None); a bad one is a ConfigError.
         A store may start empty (no TLS until :meth:`install` adds a pair)."""
         self.pairs: list[CertPair] = [load_pair(c, k) for c, k in pairs]
+        #: cert paths of the configured pairs, in order (the rest were installed)
+        self._configured: list[str] = [p.cert_path for p in self.pairs]
         self.poll_interval = poll_interval
         self._failed: dict[str, tuple] = {}  # cert path -> stamp that failed to load
         self._exact: dict[str, CertPair] = {}
@@ -230,6 +233,50 @@ class CertStore:
             replaced += 1
             log.info("certificate %s reloaded: %s", pair.cert_path, ", ".join(pair.names))
         return replaced
+
+    def configure(self, pairs: Sequence[tuple]) -> tuple[list[str], list[str]]:
+        """The configured pairs are now ``pairs`` (SIGHUP with a changed ``--tls-cert`` list
+        or ``[[tls]]`` tables): pairs added load (one that fails is logged and left out),
+        pairs no longer listed stop serving new handshakes, the others are read again
+        (:meth:`reload`).  Pairs :meth:`install` added (ACME) stay.  The first configured
+        pair is the relay's own: a different first pair needs a restart (logged; the
+        running one stays first).  Returns the cert paths (added, dropped)."""
+        wanted = [(c, k) for c, k in pairs]
+        if not wanted or not self._configured:  # TLS turned on or off: at the next restart
+            self.reload()
+            return [], []
+        if wanted[0][0] != self._configured[0]:
+            log.warning("certificate %s: the relay's own certificate (the first pair) changes "
+                        "at the next restart; %s stays first until then", wanted[0][0],
+                        self._configured[0])
+            wanted = [next(((c, k) for c, k in wanted if c == self._configured[0]),
+                           (self._configured[0], None))] + \
+                [(c, k) for c, k in wanted if c != self._configured[0]]
+        paths = [c for c, _k in wanted]
+        by_path = {p.cert_path: p for p in self.pairs}
+        dropped = [c for c in self._configured if c not in paths]
+        added: list[str] = []
+        for cert, key in wanted:
+            if cert in by_path:
+                continue
+            try:
+                by_path[cert] = load_pair(cert, key)
+            except ConfigError as exc:
+                log.warning("certificate %s: not added: %s", cert, exc.problem)
+                continue
+            added.append(cert)
+            log.info("certificate %s added: %s", cert, ", ".join(by_path[cert].names))
+        for cert in dropped:
+            log.info("certificate %s dropped: no longer in the config", cert)
+        self._configured = [c for c in paths if c in by_path]
+        installed = [p for p in self.pairs if p.cert_path not in self._configured
+                     and p.cert_path not in dropped]
+        self.pairs = [by_path[c] for c in self._configured] + installed
+        for cert in dropped:
+            self._failed.pop(cert, None)
+        self._index()
+        self.reload()
+        return added, dropped
 
     # -- watching the files ---------------------------------------------------------------------
     def start(self) -> None:

@@ -154,7 +154,8 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, redirect_http, hsts,
     """Run the public relay: tunnels and visitors on one port.
 
     SIGHUP re-reads the config: new kites and secrets take effect, removed ones stop
-    flying, nothing else drops; a bad config is logged and the running one kept.
+    flying, certificates are read again and [[tls]] pairs added or removed, nothing else
+    drops; a bad config is logged and the running one kept.
     """
     setup_logging(verbose, quiet)
     from ..relay.main import build_relay_config, serve_relay

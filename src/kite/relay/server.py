@@ -45,6 +45,11 @@ __all__ = ["RelayConfig", "RelayServer"]
 DRAIN_POLL = 0.05
 
 
+def _tls_pairs(config: RelayConfig) -> list:
+    """The configured (cert, key) pairs, the relay's own first; empty: no TLS."""
+    return config.tls_pairs or ([(config.tls_cert, config.tls_key)] if config.tls_cert else [])
+
+
 class RelayServer:
     """``kite relay``: accepts backend tunnels and visitors on the same port(s)."""
 
@@ -54,9 +59,7 @@ class RelayServer:
         self.state = RelayState(config)
         # the relay's certificates, chosen by SNI (kite.certs); empty: no TLS until a pair
         # is installed (CertStore.install)
-        pairs = config.tls_pairs or ([(config.tls_cert, config.tls_key)] if config.tls_cert
-                                     else [])
-        self.certs = CertStore(pairs)
+        self.certs = CertStore(_tls_pairs(config))
         self.state.certs = self.certs  # expiries for metrics; install() for ACME
         self.dispatcher = Dispatcher(self.state, self.certs)
         self.acceptor = Acceptor(self.dispatcher)
@@ -73,7 +76,7 @@ class RelayServer:
         self.certificate_hook: Callable[[str, str], object] = self.certs.install
         self.addresses: list = []
         self.closing = False
-        self.state.on_reload.append(lambda _config: self.certs.reload())
+        self.state.on_reload.append(lambda config: self.certs.configure(_tls_pairs(config)))
         self.trimmer = MemoryTrimmer()  # freed visitor buffers go back to the OS
         self.fleet: Optional[FleetPresence] = None  # when the registry is in Redis
 
