@@ -152,6 +152,8 @@ def test_demo_once():
     assert r.returncode == 0, r.stderr
     assert "through the tunnel: HTTP/1.1 200 OK" in r.stdout
     assert re.search(r"curl http://demo\.kite\.localhost:\d+/", r.stdout)
+    # a clean run and a clean stop: nothing to warn about (its own shutdown is no news)
+    assert "WARNING" not in r.stderr and "ERROR" not in r.stderr, r.stderr
 
 
 def _relay(tmp_path, certs, extra=()):

@@ -462,7 +462,9 @@ class RelayConnector:
 
     def tunnel_closed(self, tunnel: BackendTunnel, reason: str) -> None:
         if tunnel.flying:
-            log.warning("tunnel to %s closed: %s", self.spec.address, reason)
+            # Our own shutdown is no news; a tunnel lost while running is.
+            (log.info if self._stop else log.warning)("tunnel to %s closed: %s",
+                                                      self.spec.address, reason)
             if self.access_log is not None:
                 self.access_log.event("tunnel-down", relay=self.spec.address, reason=reason)
         self._resolve(("closed", reason))
