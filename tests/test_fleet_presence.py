@@ -166,3 +166,40 @@ def test_a_change_just_after_the_first_read_is_seen_at_once(redis_server):
             await a.close()
 
     asyncio.run(main())
+
+
+def test_a_full_read_does_not_undo_a_change_that_came_meanwhile(redis_server):
+    """A full read of the map may return what Redis held before a change that reached this
+    relay on the channel while the read was under way: the change stays applied."""
+
+    async def main():
+        url = redis_server.url(6)
+        a = FleetPresence(url, "A", ["192.0.2.1"], **FAST)
+        await a.start()
+
+        class SlowRead(FleetPresence):
+            during_read = None  # what to do after fetching and before the read returns
+
+            async def _fetch(self):
+                got = await super()._fetch()
+                if self.during_read is not None:
+                    await self.during_read()
+                return got
+
+        b = SlowRead(url, "B", ["192.0.2.2"], ttl=60.0, heartbeat=20.0, resync=3600.0)
+        await b.start()
+
+        async def kite_up_meanwhile():
+            a.presence("http", "meanwhile.example.com", True)
+            await until(lambda: b.holders("http", "meanwhile.example.com") == {"A"}, 5,
+                        "the change reaches B on the channel during the read")
+
+        try:
+            b.during_read = kite_up_meanwhile
+            await b._read_all()  # what B's reader does every RESYNC s
+            assert b.holders("http", "meanwhile.example.com") == {"A"}
+        finally:
+            await b.close()
+            await a.close()
+
+    asyncio.run(main())

@@ -84,6 +84,7 @@ class FleetPresence:
         self._tasks: list = []
         self._closing = False
         self._acks: set = set()
+        self._recorders: list = []  # one list per full read in flight: the events it overlaps
         self.r = aioredis.Redis.from_url(url, socket_timeout=TIMEOUT,
                                          socket_connect_timeout=TIMEOUT, decode_responses=True)
 
@@ -276,7 +277,21 @@ class FleetPresence:
 
     # -- reading ----------------------------------------------------------------------------------
     async def _read_all(self) -> None:
-        """Read every live relay's kites and info; forget the expired ones."""
+        """Read every live relay's kites and info; forget the expired ones.  The events that
+        arrive while it reads are applied again on top of what it read: the read may have
+        seen the map before them, and must not undo them."""
+        during: list = []
+        self._recorders.append(during)
+        try:
+            remote, relays = await self._fetch()
+        finally:
+            self._recorders.remove(during)
+        self._replace(remote, relays)
+        for ev in during:
+            self._apply(ev)
+
+    async def _fetch(self) -> tuple[dict, dict]:
+        """Every live relay's kites and info, as Redis has them now."""
         now = time.time()
         live = [str(r) for r in await self.r.zrangebyscore(self._k("relays"), now, "+inf")
                 if r != self.relay_id]
@@ -293,7 +308,7 @@ class FleetPresence:
             remote[rid] = set(kites)
             relays[rid] = json.loads(info)
         await self.r.zremrangebyscore(self._k("relays"), "-inf", now - self.ttl)
-        self._replace(remote, relays)
+        return remote, relays
 
     def _replace(self, remote: dict, relays: dict) -> None:
         before = self.remote
@@ -397,6 +412,13 @@ class FleetPresence:
         if "txt" in ev:
             self._txt_event(ev)
             return
+        for during in self._recorders:
+            during.append(ev)
+        self._apply(ev)
+
+    def _apply(self, ev: dict) -> None:
+        """Another relay's change (kites up or down, its whole set, or its leaving)."""
+        rid = ev["relay"]
         kites = self.remote.get(rid, set())
         if ev.get("gone"):
             self.remote.pop(rid, None)
