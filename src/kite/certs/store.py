@@ -241,17 +241,15 @@ class CertStore:
         (:meth:`reload`).  Pairs :meth:`install` added (ACME) stay.  The first configured
         pair is the relay's own: a different first pair needs a restart (logged; the
         running one stays first).  Returns the cert paths (added, dropped)."""
-        wanted = [(c, k) for c, k in pairs]
+        self.reload()  # the pairs loaded already, read again
+        wanted = list(pairs)
         if not wanted or not self._configured:  # TLS turned on or off: at the next restart
-            self.reload()
             return [], []
-        if wanted[0][0] != self._configured[0]:
+        first = self._configured[0]
+        if wanted[0][0] != first:
             log.warning("certificate %s: the relay's own certificate (the first pair) changes "
-                        "at the next restart; %s stays first until then", wanted[0][0],
-                        self._configured[0])
-            wanted = [next(((c, k) for c, k in wanted if c == self._configured[0]),
-                           (self._configured[0], None))] + \
-                [(c, k) for c, k in wanted if c != self._configured[0]]
+                        "at the next restart; %s stays first until then", wanted[0][0], first)
+            wanted = [(first, None)] + [(c, k) for c, k in wanted if c != first]
         paths = [c for c, _k in wanted]
         by_path = {p.cert_path: p for p in self.pairs}
         dropped = [c for c in self._configured if c not in paths]
@@ -275,7 +273,6 @@ class CertStore:
         for cert in dropped:
             self._failed.pop(cert, None)
         self._index()
-        self.reload()
         return added, dropped
 
     # -- watching the files ---------------------------------------------------------------------
