@@ -1,4 +1,4 @@
-"""Builds the one compiled module, kite._fastpath; everything else is in pyproject.toml.
+"""Builds the compiled modules, kite._fastpath and kite._tls; everything else is in pyproject.toml.
 
 Build-time switches (environment variables):
 
@@ -67,11 +67,12 @@ class build_ext(_build_ext):
     def _without_extension(self, reason):
         if REQUIRE_EXTENSIONS:
             raise SystemExit(
-                f"KITE_REQUIRE_EXTENSIONS=1 but kite._fastpath could not be built: {reason}")
+                f"KITE_REQUIRE_EXTENSIONS=1 but kite's extensions could not be built: {reason}")
         bar = "*" * 76
-        print(f"\n{bar}\nWARNING: kite._fastpath could not be built: {reason}\n"
-              "kite installs without it and uses its pure-Python twin (kite._fastpath_py),\n"
-              "which is slower. Install a C compiler and reinstall for the compiled fast path;\n"
+        print(f"\n{bar}\nWARNING: kite._fastpath and kite._tls could not be built: {reason}\n"
+              "kite installs without them and uses the pure-Python twin (kite._fastpath_py)\n"
+              "and the event loop's TLS, which are slower. Install a C compiler and reinstall\n"
+              "for the compiled modules; "
               f"KITE_REQUIRE_EXTENSIONS=1 makes this an error.\n{bar}\n", file=sys.stderr)
         self.extensions = []
         self.distribution.ext_modules = []
@@ -93,5 +94,10 @@ ext_modules = []
 if not NO_EXTENSIONS:
     ext_modules.append(
         Extension("kite._fastpath", ["src/kite/_fastpath.pyx"], extra_compile_args=["-O3"]))
+    # OpenSSL is looked up at run time in the library Python's ssl loaded (dlopen, dlsym):
+    # nothing to link but libdl (a stub in glibc >= 2.34, needed by manylinux2014's 2.17).
+    ext_modules.append(
+        Extension("kite._tls", ["src/kite/_tls.pyx"], extra_compile_args=["-O3"],
+                  libraries=["dl"]))
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext, "bdist_wheel": bdist_wheel})

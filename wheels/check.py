@@ -6,7 +6,8 @@
 Every problem is printed, then the script exits 1 (0 when there is none):
 
 - each wheel: named for its CPython and the manylinux tag, holding the compiled
-  ``kite/_fastpath.cpython-3X-*.so``, the ``.pyi`` stub and ``py.typed``, every module of
+  ``kite/_fastpath`` and ``kite/_tls`` (``.cpython-3X-*.so``), their ``.pyi`` stubs and
+  ``py.typed``, every module of
   ``src/kite``, and nothing else (no tests, bench code, Cython sources, generated C, bytecode,
   grafted libraries); the metadata (version from ``kite.__version__``, license, requires-python,
   dependencies, project URLs, classifiers, the README as markdown long description, the
@@ -49,23 +50,27 @@ def version() -> str:
     raise SystemExit("check.py: no __version__ in src/kite/__init__.py")
 
 
+#: The compiled modules (each from its .pyx, with a .pyi stub).
+COMPILED = ("_fastpath", "_tls")
+
+
 def package_modules() -> set[str]:
     """The package's modules and data as the wheel must hold them (``kite/...``)."""
     files = {p.relative_to(SRC).as_posix() for p in (SRC / "kite").rglob("*.py")
              if "__pycache__" not in p.parts}
     pages = {p.relative_to(SRC).as_posix() for p in (SRC / "kite").rglob("static/*.html")}
-    return files | pages | {"kite/_fastpath.pyi", "kite/py.typed"}
+    return files | pages | {f"kite/{m}.pyi" for m in COMPILED} | {"kite/py.typed"}
 
 
 def source_files() -> set[str]:
     """What the sdist must hold under src/: modules, stub, marker and Cython sources."""
-    return {f"src/{f}" for f in package_modules()} | {"src/kite/_fastpath.pyx",
-                                                      "src/kite/_fastpath.pxd"}
+    return ({f"src/{f}" for f in package_modules()} | {f"src/kite/{m}.pyx" for m in COMPILED}
+            | {"src/kite/_fastpath.pxd"})
 
 
 # Never in a wheel or the sdist: build leftovers (Cython's annotation page among them) and
 # code that is not kite.  The pages under static/ are package data.
-FORBIDDEN = re.compile(r"(\.pyc$|__pycache__/|\.c$|_fastpath\.html$|\.o$|(^|/)tests?/|(^|/)bench/"
+FORBIDDEN = re.compile(r"(\.pyc$|__pycache__/|\.c$|_(fastpath|tls)\.html$|\.o$|(^|/)tests?/|(^|/)bench/"
                        r"|(^|/)\.ci/|(^|/)wheels/|(^|/)docs/|\.egg-info/)")
 
 
@@ -106,10 +111,13 @@ def check_wheel(path: Path, plat: str, ver: str, pythons: list[str]) -> str | No
     with zipfile.ZipFile(path) as zf:
         names = {n for n in zf.namelist() if not n.endswith("/")}  # auditwheel adds dirs
         distinfo = f"kite_relay-{ver}.dist-info"
-        so_name = rf"kite/_fastpath\.cpython-{cp[2:]}-x86_64-linux-gnu\.so"
-        so = {n for n in names if re.fullmatch(so_name, n)}
-        if len(so) != 1:
-            problem(where, f"no compiled kite/_fastpath.cpython-{cp[2:]}-*.so")
+        so: set[str] = set()
+        for module in COMPILED:
+            so_name = rf"kite/{module}\.cpython-{cp[2:]}-x86_64-linux-gnu\.so"
+            found = {n for n in names if re.fullmatch(so_name, n)}
+            if len(found) != 1:
+                problem(where, f"no compiled kite/{module}.cpython-{cp[2:]}-*.so")
+            so |= found
         package = {n for n in names if n.startswith("kite/")}
         missing = package_modules() - package
         extra = package - package_modules() - so

@@ -58,6 +58,7 @@ from ..proto.http import (
 from .aio import feed_protocol
 from .sockets import set_nodelay
 from .tls import ClientTLS
+from .tlsconn import connect_tls
 
 __all__ = [
     "TLS_HANDSHAKE_TIMEOUT",
@@ -283,14 +284,13 @@ async def _dial(host, port, protocol_factory, tls, ssl_context, connect_name, tl
     # closes it if create_connection fails or is cancelled.
     if tls is None:
         return await loop.create_connection(protocol_factory, sock=sock)
+    assert ctx is not None
     server_hostname = tls.server_name or connect_name or host
     if not tls.fingerprint:
-        return await loop.create_connection(
-            protocol_factory, sock=sock, ssl=ctx, server_hostname=server_hostname,
-            ssl_handshake_timeout=tls_timeout)
-    transport, holding = await loop.create_connection(
-        _Holding, sock=sock, ssl=ctx, server_hostname=server_hostname,
-        ssl_handshake_timeout=tls_timeout)
+        return await connect_tls(loop, protocol_factory, sock, ctx, server_hostname,
+                                 handshake_timeout=tls_timeout)
+    transport, holding = await connect_tls(loop, _Holding, sock, ctx, server_hostname,
+                                           handshake_timeout=tls_timeout)
     try:
         tls.check_peer(transport.get_extra_info("ssl_object"))
         if holding.lost:

@@ -39,6 +39,7 @@ from ..certs.ondemand import ACME_CHALLENGE_PATH, FIRST_VISITOR_WAIT
 from ..errors import KiteError, RemoteProtocolError, SniffError, TooManyStreams
 from ..net.aio import feed_protocol
 from ..net.sockets import reset_on_close
+from ..net.tlsconn import accept_tls
 from ..net.tunnel import Stream, StreamProtocol
 from ..proto import handshake
 from ..proto.fleet import FLEET_METHOD, LINK_METHOD, ForwardHead, parse_forward_head
@@ -507,9 +508,8 @@ class Dispatcher:
                          context: ssl.SSLContext) -> None:
         """TLS for a visitor of the http kite ``host``, then a stream (TlsVisitor)."""
         try:
-            await self.loop.connect_accepted_socket(
-                lambda: TlsVisitor(self, addr, port, host), sock=sock, ssl=context,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+            await accept_tls(self.loop, lambda: TlsVisitor(self, addr, port, host), sock,
+                             context, handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             log.info("visitor %s:%s of %s: TLS handshake failed: %s", addr[0], addr[1], host,
                      exc or type(exc).__name__)
@@ -662,9 +662,8 @@ class Dispatcher:
             sock.close()
             return
         try:
-            await self.loop.connect_accepted_socket(
-                lambda: FleetTlsVisitor(self, addr, port, host, link), sock=sock, ssl=context,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+            await accept_tls(self.loop, lambda: FleetTlsVisitor(self, addr, port, host, link),
+                             sock, context, handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             log.info("visitor %s of %s: TLS handshake failed: %s", peer, host,
                      exc or type(exc).__name__)
@@ -932,9 +931,8 @@ class Dispatcher:
         peer = f"{addr[0]}:{addr[1]}"
         try:
             if context is not None:
-                await self.loop.connect_accepted_socket(
-                    lambda: TlsEntry(self, peer), sock=sock, ssl=context,
-                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+                await accept_tls(self.loop, lambda: TlsEntry(self, peer), sock, context,
+                                 handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
             else:
                 await self.loop.connect_accepted_socket(
                     lambda: RelayTunnel(self.state, peer, tls=False), sock=sock)

@@ -33,8 +33,10 @@ from typing import Callable, Optional
 from ..errors import KiteError, RemoteProtocolError, TooManyStreams
 from ..net.aio import feed_protocol
 from ..net.busypoll import BusyPoll
+from ..net.dial import open_tcp
 from ..net.pipes import PipeEnd, transport_pair
 from ..net.tls import cert_fingerprint, client_context
+from ..net.tlsconn import connect_tls
 from ..net.tunnel import (
     KITE_MAX_PAYLOAD,
     PAUSE_TUNNEL,
@@ -366,9 +368,8 @@ class FleetLink:
                 lambda _f: self._links.pop(key, None) if self._links.get(key) is link else None)
             fhost, _, fport = target["forward"].rpartition(":")
             try:
-                await asyncio.wait_for(loop.create_connection(
-                    lambda: link, fhost.strip("[]"), int(fport), ssl=self._context,
-                    server_hostname=None), CONNECT_TIMEOUT)
+                await asyncio.wait_for(self._connect(lambda: link, fhost.strip("[]"), int(fport)),
+                                       CONNECT_TIMEOUT)
             except BaseException as exc:
                 link.abort(f"cannot connect: {exc or type(exc).__name__}")
                 raise
@@ -386,6 +387,14 @@ class FleetLink:
         if link.closed:
             raise ConnectionError(link.close_reason or "link closed")
         return link
+
+    async def _connect(self, factory: Callable[[], asyncio.BaseProtocol], host: str,
+                       port: int) -> None:
+        """TLS to the relay at ``host:port`` with ``factory``'s protocol (its pin is checked
+        by the protocol, before it writes anything)."""
+        sock = await open_tcp(host, port)
+        await connect_tls(asyncio.get_running_loop(), factory, sock, self._context, None,
+                          handshake_timeout=CONNECT_TIMEOUT)
 
     async def _forward(self, sock: socket.socket, target: dict, host: str, proto: str,
                        port: int, visitor: tuple) -> None:
@@ -412,9 +421,8 @@ class FleetLink:
         fhost, _, fport = target["forward"].rpartition(":")
         relay = _Pinned(target["fingerprint"], head)
         try:
-            await asyncio.wait_for(loop.create_connection(
-                lambda: relay, fhost.strip("[]"), int(fport), ssl=self._context,
-                server_hostname=None), CONNECT_TIMEOUT)
+            await asyncio.wait_for(self._connect(lambda: relay, fhost.strip("[]"), int(fport)),
+                                   CONNECT_TIMEOUT)
             if not relay.pin_ok:
                 raise ConnectionError("its certificate is not the one it published")
         except (OSError, asyncio.TimeoutError, ValueError) as exc:
