@@ -21,6 +21,7 @@ import pytest
 
 import kite
 import kite.fastpath
+from kite.net import tlsconn
 
 REPO = Path(__file__).resolve().parents[1]
 # Subprocesses import the same kite package as this test process (site-packages in CI,
@@ -73,7 +74,8 @@ def test_version_names_the_fast_path(env, impl):
     r = run([sys.executable, "-m", "kite", "--version"], env=kite_env(**env))
     assert r.returncode == 0, r.stderr
     impl = impl or ("compiled" if kite.fastpath.IMPLEMENTATION == "c" else "pure Python")
-    assert r.stdout == f"kite, version {kite.__version__} (fast path: {impl})\n"
+    tls = "event loop" if env or tlsconn.native_tls() else "compiled"
+    assert r.stdout == f"kite, version {kite.__version__} (fast path: {impl}; TLS: {tls})\n"
     if env:
         assert WARNING not in r.stderr
 
@@ -165,7 +167,8 @@ def test_sdist_without_a_compiler_installs_the_twin(tmp_path):
     kite_cmd = str(tmp_path / "venv" / "bin" / "kite")
     r = run([kite_cmd, "--version"], env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == f"kite, version {kite.__version__} (fast path: pure Python)\n"
+    assert r.stdout == (f"kite, version {kite.__version__} "
+                        "(fast path: pure Python; TLS: event loop)\n")
     assert r.stderr.count(WARNING) == 1, r.stderr
     r = run([kite_cmd, "demo", "--once"], env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr

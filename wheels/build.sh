@@ -7,7 +7,8 @@
 #   4. wheels/check.py on everything: it exits non-zero on any problem, and so does this script;
 #   5. with --smoke: each wheel installed into a fresh venv of its Python with no compiler
 #      (CC=false, binary packages only), `kite --version` showing the compiled fast path and
-#      `kite demo --once` (relay, backend and a page fetched through the tunnel on loopback).
+#      TLS, and `kite demo --once` (relay, backend and a page fetched through the tunnel on
+#      loopback).
 #
 # Usage: bash wheels/build.sh [--python PYTHON]... [--missing-ok] [--smoke]
 #   Without --python: CPython 3.10, 3.11, 3.12 and 3.13, from pyenv (newest patch release of
@@ -118,7 +119,7 @@ if ((smoke)); then
       "$venv/bin/python" -m pip install -q --disable-pip-version-check --only-binary :all: \
         "$wheel" &&
       version=$("$venv/bin/kite" --version) && echo "smoke $tag: $version" &&
-      [[ $version == *"(fast path: compiled)" ]] &&
+      [[ $version == *"(fast path: compiled; TLS: compiled)" ]] &&
       timeout 120 "$venv/bin/kite" demo --once >"smoke-$tag.log" 2>&1 ) \
       || { cat "$WORK/smoke-$tag.log" 2>/dev/null; echo "build.sh: smoke test failed for $tag" >&2
            exit 1; }

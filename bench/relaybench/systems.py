@@ -474,6 +474,15 @@ class KiteTlsBaseline(_FromBaseline, KiteTls):
     title = "HTTPS visitors: kite-tls from $KITE_BASELINE_SRC (a baseline checkout)"
 
 
+class KiteTlsLoop(KiteTls):
+    """kite-tls on the event loop's TLS (``KITE_NATIVE_TLS=0``): kite's own TLS transport
+    (kite._tls) off, for its on/off cost in one run."""
+
+    name = "kite-tls-loop"
+    title = "HTTPS visitors: kite-tls with the event loop's TLS (KITE_NATIVE_TLS=0)"
+    extra_env: ClassVar[dict[str, str]] = {"KITE_REQUIRE_EXTENSIONS": "1", "KITE_NATIVE_TLS": "0"}
+
+
 class NginxTls(System):
     """nginx terminating TLS and proxying to the origin over keep-alive connections."""
 
@@ -571,7 +580,8 @@ class StunnelTls(Stunnel):
 
 ALL_SYSTEMS = {cls.name: cls for cls in (Direct, Haproxy, Stunnel, Pagekite, PagekiteTuned, Kite, KitePy,
                                           KiteAsyncio, KiteAccounts, KiteObserved, KiteBaseline,
-                                          KiteTls, KiteTlsBaseline, NginxTls, StunnelTls)}
+                                          KiteTls, KiteTlsBaseline, KiteTlsLoop, NginxTls,
+                                          StunnelTls)}
 SYSTEMS = tuple(ALL_SYSTEMS)
 #: The HTTPS-visitor comparison: ``--systems https`` (a shorthand for these).
 HTTPS_SYSTEMS = (KiteTls.name, NginxTls.name, StunnelTls.name)
@@ -579,7 +589,7 @@ HTTPS_SYSTEMS = (KiteTls.name, NginxTls.name, StunnelTls.name)
 #: the https systems are their own comparison).
 DEFAULT_SYSTEMS = tuple(n for n in SYSTEMS if n not in (KiteBaseline.name, KiteAccounts.name,
                                                         KiteObserved.name, KiteTlsBaseline.name,
-                                                        *HTTPS_SYSTEMS))
+                                                        KiteTlsLoop.name, *HTTPS_SYSTEMS))
 
 
 def wait_until_served(run: Running, timeout: float) -> None:

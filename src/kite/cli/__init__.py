@@ -35,13 +35,15 @@ __all__ = ["main"]
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
-    """``kite --version``: the version and the fast path this installation runs on."""
+    """``kite --version``: the version, and the fast path and TLS this installation runs on."""
     if not value or ctx.resilient_parsing:
         return
     from .. import fastpath
+    from ..net import tlsconn
 
     impl = "compiled" if fastpath.IMPLEMENTATION == "c" else "pure Python"
-    click.echo(f"kite, version {__version__} (fast path: {impl})")
+    tls = "compiled" if tlsconn.native_tls() is None else "event loop"
+    click.echo(f"kite, version {__version__} (fast path: {impl}; TLS: {tls})")
     ctx.exit()
 
 

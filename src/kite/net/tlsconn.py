@@ -3,8 +3,9 @@
 :mod:`kite._tls` runs TLS with OpenSSL reading and writing the socket itself (no memory
 BIOs, no Python call per record); it needs the compiled module and OpenSSL 3 as Python's
 ``ssl`` loaded it.  Where either is missing, or ``KITE_NATIVE_TLS=0`` is set in the
-environment (for A/B measurements: ``kite bench``), the event loop's TLS is used, with the
-same behaviour.  :func:`native_tls` says which, and why.
+environment (for A/B measurements: ``kite bench``) or ``KITE_NO_EXTENSIONS=1`` (no compiled
+module at all), the event loop's TLS is used, with the same behaviour.  :func:`native_tls`
+says which, and why (``kite --version`` too).
 
 Both functions return ``(transport, protocol)`` once the handshake is done (the protocol's
 ``connection_made`` has run), and own the socket from the call on: it is closed when the
@@ -29,6 +30,8 @@ _tls: Optional[ModuleType] = None
 _why_not: Optional[str]
 if os.environ.get("KITE_NATIVE_TLS", "1") == "0":
     _why_not = "KITE_NATIVE_TLS=0 is set"
+elif os.environ.get("KITE_NO_EXTENSIONS", "") not in ("", "0"):
+    _why_not = "KITE_NO_EXTENSIONS is set"
 else:
     try:
         from .. import _tls as _compiled
