@@ -451,3 +451,54 @@ def test_close_gives_up_after_the_shutdown_timeout(certs, loop_kind, monkeypatch
         assert st.get_extra_info("socket").fileno() == -1
         ct.abort()
     support.run(main, loop_kind)
+
+
+def test_a_closed_transport_is_freed_without_the_cycle_collector(certs, loop_kind):
+    import gc
+
+    def transports():
+        return [o for o in gc.get_objects() if type(o).__name__ == "TLSTransport"]
+
+    async def one_connection():
+        st, sp, ct, cp = await pair(certs, native_server=True, native_client=True)
+        ct.write(b"x")
+        await sp.until(1)
+        ct.close()
+        await support_wait(lambda: sp.lost and cp.lost)
+
+    async def main():
+        gc.collect()
+        before = len(transports())
+        gc.disable()
+        try:
+            await one_connection()
+            await asyncio.sleep(0)
+            assert len(transports()) == before
+        finally:
+            gc.enable()
+    support.run(main, loop_kind)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["compiled", "event-loop"])
+def test_a_client_without_a_name_sends_no_sni(certs, loop_kind, native, monkeypatch):
+    """As the fleet's links dial: no name, the peer checked by its pin instead."""
+    if not native:
+        monkeypatch.setattr(tlsconn, "_why_not", "turned off by the test")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sctx, _ = contexts(certs)
+        insecure = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE
+        a, b = socket.socketpair()
+        (st, _), (ct, _) = await asyncio.gather(
+            tlsconn.accept_tls(loop, Collect, a, sctx, handshake_timeout=10),
+            tlsconn.connect_tls(loop, Collect, b, insecure, None, handshake_timeout=10))
+        assert (type(ct).__name__ == "TLSTransport") == native
+        assert st.get_extra_info("ssl_object").server_hostname is None
+        der = ct.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        assert der == ssl.PEM_cert_to_DER_cert(open(certs.cert).read())
+        ct.close()
+        st.close()
+    support.run(main, loop_kind)

@@ -108,7 +108,7 @@ cdef enum:
     READ_BUFFER_LEN = 65536 + 512    # OpenSSL's receive buffer: 64 KiB of records a recv(2)
     SCRATCH_LEN = 65536              # plaintext for a protocol without get_buffer()
     READ_TURN_MAX = 1048576          # plaintext delivered per readable event at most
-    WBUF_KEEP = 262144               # an emptied write buffer above this is given back
+    WBUF_INITIAL = 65536             # the write buffer's first size (it is freed when empty)
 
 
 #: Seconds from close() until the socket is closed at the latest: for what is buffered to
@@ -144,6 +144,7 @@ cdef struct Api:
     void* (*SSL_get1_peer_certificate)(const void*) noexcept nogil
     int (*i2d_X509)(const void*, unsigned char**) noexcept nogil
     void (*X509_free)(void*) noexcept nogil
+    void (*CRYPTO_free)(void*, const char*, int) noexcept nogil
     const char* (*SSL_get_version)(const void*) noexcept nogil
     const void* (*SSL_get_current_cipher)(const void*) noexcept nogil
     const char* (*SSL_CIPHER_get_name)(const void*) noexcept nogil
@@ -218,6 +219,7 @@ cdef int _load_api() except -1:
     _load(handle, b"SSL_get1_peer_certificate", <void**>&api.SSL_get1_peer_certificate)
     _load(handle, b"i2d_X509", <void**>&api.i2d_X509)
     _load(handle, b"X509_free", <void**>&api.X509_free)
+    _load(handle, b"CRYPTO_free", <void**>&api.CRYPTO_free)
     _load(handle, b"SSL_get_version", <void**>&api.SSL_get_version)
     _load(handle, b"SSL_get_current_cipher", <void**>&api.SSL_get_current_cipher)
     _load(handle, b"SSL_CIPHER_get_name", <void**>&api.SSL_CIPHER_get_name)
@@ -299,7 +301,7 @@ cdef int _out_write(void* bio, const char* data, int n) noexcept nogil:
             out.start = 0
         need = out.end + <size_t>n
         if need > out.cap:
-            cap = out.cap * 2 if out.cap else 65536
+            cap = out.cap * 2 if out.cap else WBUF_INITIAL
             while cap < need:
                 cap *= 2
             grown = <char*>realloc(out.data, cap)
@@ -599,12 +601,13 @@ cdef class TLSTransport:
             der_len = api.i2d_X509(cert, &der)
             if der_len > 0 and der != NULL:
                 peer_der = PyBytes_FromStringAndSize(<char*>der, der_len)
-                free(der)  # OPENSSL_free is free() unless the allocator was swapped
+            if der != NULL:
+                api.CRYPTO_free(der, b"_tls.pyx", 0)  # OPENSSL_free
             api.X509_free(cert)
         hostname = self.server_hostname
         if self.server_side:
             text = api.SSL_get_servername(self.ssl, TLSEXT_NAMETYPE_host_name)
-            hostname = text.decode("idna") if text != NULL else None
+            hostname = text.decode("ascii", "replace") if text != NULL else None
         self.info = TLSInfo(self.server_side, hostname,
                             api.SSL_get_version(self.ssl).decode(), cipher_info, alpn_name,
                             peer_der, self.context)
@@ -626,6 +629,7 @@ cdef class TLSTransport:
         self._stop_io()
         self.state = CLOSED
         self.sock.close()
+        self._on_readable_cb = self._on_writable_cb = self._read_ready_cb = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -676,6 +680,8 @@ cdef class TLSTransport:
                 buf = self.protocol.get_buffer(-1)
                 PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
                 try:
+                    if view.len == 0:
+                        raise RuntimeError("get_buffer() returned an empty buffer")
                     r = api.SSL_read_ex(self.ssl, view.buf, <size_t>view.len, &n)
                 finally:
                     PyBuffer_Release(&view)
@@ -834,11 +840,12 @@ cdef class TLSTransport:
                     self._force_close(exc)
                 return False
             self.out.start += <size_t>sent
+        # Sent: the buffer is given back, so that an idle connection holds no buffer (nor does
+        # OpenSSL's: SSL_MODE_RELEASE_BUFFERS).
         self.out.start = self.out.end = 0
-        if self.out.cap > WBUF_KEEP:
-            free(self.out.data)
-            self.out.data = NULL
-            self.out.cap = 0
+        free(self.out.data)
+        self.out.data = NULL
+        self.out.cap = 0
         if self.writer_on:
             self.writer_on = False
             self.loop.remove_writer(self.fd)
@@ -949,9 +956,18 @@ cdef class TLSTransport:
             self.timer = None
         self.out.start = self.out.end = 0
         self.sock.close()
-        if self.protocol_paused:
-            self.protocol_paused = False
-        self.loop.call_soon(self.protocol.connection_lost, exc)
+        self.protocol_paused = False
+        # The bound methods kept for the loop refer to this object: dropped, so that a
+        # closed transport is freed by its last reference, not by the cycle collector.
+        self._on_readable_cb = self._on_writable_cb = self._read_ready_cb = None
+        self.loop.call_soon(self._connection_lost, exc)
+
+    def _connection_lost(self, exc):
+        protocol, self.protocol = self.protocol, None
+        try:
+            protocol.connection_lost(exc)
+        finally:
+            self.loop = None
 
     # -- the rest of the transport API ------------------------------------------------------------
     def get_extra_info(self, name, default=None):

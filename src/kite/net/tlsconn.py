@@ -73,10 +73,12 @@ async def connect_tls(
     handshake_timeout: float,
 ) -> tuple[asyncio.Transport, _P]:
     """The client side of TLS on the connected ``sock``, checking ``server_hostname`` as
-    ``context`` says (and sending it as SNI unless it is an address)."""
+    ``context`` says (and sending it as SNI unless it is an address); None: no SNI, and
+    ``context`` must not check the name."""
     if _tls is None or _why_not is not None or context.sni_callback is not None:
+        # The event loop's TLS takes "" for no name (None is refused without a host).
         return await loop.create_connection(
-            protocol_factory, sock=sock, ssl=context, server_hostname=server_hostname,
+            protocol_factory, sock=sock, ssl=context, server_hostname=server_hostname or "",
             ssl_handshake_timeout=handshake_timeout)
     return await _start(loop, protocol_factory, sock, context, False, server_hostname,
                         handshake_timeout)
