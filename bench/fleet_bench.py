@@ -379,6 +379,10 @@ if __name__ == "__main__":
     _d = tempfile.mkdtemp(prefix="kite-fleet-cert-")
     CERT, KEY = os.path.join(_d, "relay.crt"), os.path.join(_d, "relay.key")
     generate_self_signed(CERT, KEY, ["localhost", "127.0.0.2", "127.0.0.3"])
+    def _on_term(signum, frame):
+        raise KeyboardInterrupt  # so that main's finally stops every process it started
+
+    signal.signal(signal.SIGTERM, _on_term)
     try:
         sys.exit(main())
     finally:

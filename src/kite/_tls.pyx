@@ -109,6 +109,7 @@ cdef enum:
     SCRATCH_LEN = 65536              # plaintext for a protocol without get_buffer()
     READ_TURN_MAX = 1048576          # plaintext delivered per readable event at most
     WBUF_INITIAL = 65536             # the write buffer's first size (it is freed when empty)
+    STAGE_KEEP = 4194304             # the stage is given back after use above this size
 
 
 #: Seconds from close() until the socket is closed at the latest: for what is buffered to
@@ -283,35 +284,83 @@ cdef struct OutBuf:
     size_t cap
 
 
+# What OpenSSL writes goes first to one buffer shared by all transports, the stage, when
+# the transport's own buffer is empty; the transport sends it right after the OpenSSL call
+# that wrote it, and copies into its own buffer only what the socket did not take.  So a
+# write the socket takes at once costs no allocation and no copy besides OpenSSL's own.
+# Rule: the stage is owned by one transport at a time, only between an OpenSSL call and
+# that transport's next _send() (or its end), which empties and releases it.
+cdef OutBuf stage
+cdef OutBuf* stage_owner = NULL
+
+
 cdef int _out_create(void* bio) noexcept nogil:
     return 1
 
 
-cdef int _out_write(void* bio, const char* data, int n) noexcept nogil:
-    """OpenSSL's output (records, alerts) appended to the transport's buffer; never blocks."""
-    cdef OutBuf* out = <OutBuf*>api.BIO_get_data(bio)
+cdef int _out_reserve(OutBuf* out, size_t n) noexcept nogil:
+    """Room for ``n`` more bytes at the end (0), or -1 when memory is short."""
     cdef size_t need, cap
     cdef char* grown
+    if out.end + n <= out.cap:
+        return 0
+    if out.start > 0:
+        memmove(out.data, out.data + out.start, out.end - out.start)
+        out.end -= out.start
+        out.start = 0
+    need = out.end + n
+    if need <= out.cap:
+        return 0
+    cap = out.cap * 2 if out.cap else WBUF_INITIAL
+    while cap < need:
+        cap *= 2
+    grown = <char*>realloc(out.data, cap)
+    if grown == NULL:
+        return -1
+    out.data = grown
+    out.cap = cap
+    return 0
+
+
+cdef inline size_t _sealed_size(size_t n) noexcept nogil:
+    """At most what ``n`` bytes of plaintext take as records (16 KiB each, a header and a
+    tag: 22 bytes in TLS 1.3, 29 in TLS 1.2 with AES-GCM; 64 leaves room for any AEAD)."""
+    return n + (n // 16384 + 1) * 64
+
+
+cdef int _out_write(void* bio, const char* data, int n) noexcept nogil:
+    """OpenSSL's output (records, alerts) appended to the transport's buffer; never blocks."""
+    global stage_owner
+    cdef OutBuf* out = <OutBuf*>api.BIO_get_data(bio)
     if n <= 0:
         return 0
-    if out.end + <size_t>n > out.cap:
-        if out.start > 0:
-            memmove(out.data, out.data + out.start, out.end - out.start)
-            out.end -= out.start
-            out.start = 0
-        need = out.end + <size_t>n
-        if need > out.cap:
-            cap = out.cap * 2 if out.cap else WBUF_INITIAL
-            while cap < need:
-                cap *= 2
-            grown = <char*>realloc(out.data, cap)
-            if grown == NULL:
-                return -1
-            out.data = grown
-            out.cap = cap
+    if stage_owner == out or (stage_owner == NULL and out.end == out.start):
+        stage_owner = out
+        out = &stage
+    if _out_reserve(out, <size_t>n) < 0:
+        return -1
     memcpy(out.data + out.end, data, n)
     out.end += n
     return n
+
+
+cdef inline OutBuf* _out_target(OutBuf* own) noexcept nogil:
+    """Where the next records of the transport whose buffer is ``own`` will go."""
+    if stage_owner == own or (stage_owner == NULL and own.end == own.start):
+        return &stage
+    return own
+
+
+cdef void _unstage(OutBuf* own) noexcept nogil:
+    """The stage, if ``own``'s transport holds it, emptied and released (its bytes lost)."""
+    global stage_owner
+    if stage_owner == own:
+        stage.start = stage.end = 0
+        stage_owner = NULL
+        if stage.cap > STAGE_KEEP:
+            free(stage.data)
+            stage.data = NULL
+            stage.cap = 0
 
 
 cdef long _out_ctrl(void* bio, int cmd, long num, void* ptr) noexcept nogil:
@@ -533,6 +582,7 @@ cdef class TLSTransport:
                 raise ValueError(f"cannot check the name {server_hostname!r}")
 
     def __dealloc__(self):
+        _unstage(&self.out)
         if self.ssl != NULL:
             api.SSL_free(self.ssl)   # frees both BIOs; the socket BIO leaves the fd alone
             self.ssl = NULL
@@ -558,7 +608,7 @@ cdef class TLSTransport:
         cdef int r, err
         api.ERR_clear_error()
         r = api.SSL_do_handshake(self.ssl)
-        if self.out.end > self.out.start and not self._send():
+        if not self._send():
             return
         if r == 1:
             self._handshake_done()
@@ -626,6 +676,7 @@ cdef class TLSTransport:
     cdef _fail(self, exc):
         """The handshake failed: the socket is closed, the waiter gets ``exc``."""
         waiter, self.waiter = self.waiter, None
+        _unstage(&self.out)
         self._stop_io()
         self.state = CLOSED
         self.sock.close()
@@ -715,8 +766,11 @@ cdef class TLSTransport:
                 break
             self._force_close(_ssl_error(self.ssl, "read"))
             break
-        if self.out.end > self.out.start and not self.writer_on and self.state == OPEN:
-            self._send()  # what reading made OpenSSL send (a key update's answer)
+        if self.state == OPEN:
+            if not self.writer_on:
+                self._send()  # what reading made OpenSSL send (a key update's answer)
+        else:
+            _unstage(&self.out)
 
     cdef _drain(self):
         """Closing: what the peer still sends is read and dropped, until its end."""
@@ -729,6 +783,7 @@ cdef class TLSTransport:
                 continue
             err = api.SSL_get_error(self.ssl, r)
             api.ERR_clear_error()
+            _unstage(&self.out)  # an answer to what came while closing is not needed
             if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
                 return
             self.eof = True  # its end, or an error: nothing more will come
@@ -781,6 +836,8 @@ cdef class TLSTransport:
         try:
             if view.len == 0:
                 return
+            # Room for all the records at once: no copying while the buffer grows.
+            _out_reserve(_out_target(&self.out), _sealed_size(<size_t>view.len))
             if not self._encrypt(<const char*>view.buf, <size_t>view.len):
                 return
         finally:
@@ -792,8 +849,12 @@ cdef class TLSTransport:
 
     def writelines(self, list_of_data):
         cdef Py_buffer view
+        cdef size_t total = 0
         if self.state != OPEN:
             return
+        for data in list_of_data:
+            total += memoryview(data).nbytes
+        _out_reserve(_out_target(&self.out), _sealed_size(total))
         for data in list_of_data:
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
             try:
@@ -817,10 +878,41 @@ cdef class TLSTransport:
         return True
 
     cdef bint _send(self):
-        """Send what the buffer holds, as far as the socket takes it; False if the
-        transport was closed by an error."""
+        """Send what the stage (if this transport holds it) and the buffer hold, as far as
+        the socket takes it; False if the transport was closed by an error."""
         cdef ssize_t sent
         cdef int code
+        cdef size_t left
+        if stage_owner == &self.out:
+            # The own buffer is empty (the stage is used only then): what the socket does
+            # not take moves there.
+            while stage.end > stage.start:
+                sent = send(self.fd, stage.data + stage.start, stage.end - stage.start,
+                            MSG_NOSIGNAL)
+                if sent < 0:
+                    code = errno
+                    if code == EINTR:
+                        continue
+                    if code == EAGAIN or code == EWOULDBLOCK:
+                        break
+                    _unstage(&self.out)
+                    exc = OSError(code, _errno.errorcode.get(code, str(code)))
+                    if self.state == HANDSHAKE:
+                        self._fail(exc)
+                    else:
+                        self._force_close(exc)
+                    return False
+                stage.start += <size_t>sent
+            left = stage.end - stage.start
+            if left:
+                if _out_reserve(&self.out, left) < 0:
+                    _unstage(&self.out)
+                    raise MemoryError("no memory for the TLS write buffer")
+                memcpy(self.out.data + self.out.end, stage.data + stage.start, left)
+                self.out.end += left
+            _unstage(&self.out)
+            if not left:
+                return True
         while self.out.end > self.out.start:
             sent = send(self.fd, self.out.data + self.out.start, self.out.end - self.out.start,
                         MSG_NOSIGNAL)
@@ -950,6 +1042,7 @@ cdef class TLSTransport:
                 _errno.ECONNABORTED, "closed during the TLS handshake"))
             return
         self.state = CLOSED
+        _unstage(&self.out)
         self._stop_io()
         if self.timer is not None:
             self.timer.cancel()
