@@ -70,6 +70,7 @@ cdef extern from "errno.h" nogil:
 
 cdef extern from "sys/socket.h" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
+    ssize_t recv(int fd, void* buf, size_t n, int flags)
     int MSG_NOSIGNAL
 
 
@@ -99,7 +100,9 @@ cdef enum:
     SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER = 0x2
     SSL_MODE_AUTO_RETRY = 0x4
     SSL_MODE_RELEASE_BUFFERS = 0x10
-    BIO_NOCLOSE = 0
+    BIO_FLAGS_READ = 0x01
+    BIO_FLAGS_RWS = 0x07
+    BIO_FLAGS_SHOULD_RETRY = 0x08
     BIO_TYPE_SOURCE_SINK = 0x0400
     BIO_CTRL_FLUSH = 11
     BIO_CTRL_DUP = 12
@@ -119,6 +122,7 @@ SHUTDOWN_TIMEOUT = 10.0
 
 # -- the functions, looked up in the library _ssl uses -------------------------------------------
 ctypedef int (*bio_write_f)(void*, const char*, int) noexcept nogil
+ctypedef int (*bio_read_f)(void*, char*, int) noexcept nogil
 ctypedef long (*bio_ctrl_f)(void*, int, long, void*) noexcept nogil
 ctypedef int (*bio_create_f)(void*) noexcept nogil
 
@@ -161,7 +165,9 @@ cdef struct Api:
     void (*ERR_clear_error)() noexcept nogil
     const char* (*ERR_reason_error_string)(unsigned long) noexcept nogil
     const char* (*ERR_lib_error_string)(unsigned long) noexcept nogil
-    void* (*BIO_new_socket)(int, int) noexcept nogil
+    void (*BIO_set_flags)(void*, int) noexcept nogil
+    void (*BIO_clear_flags)(void*, int) noexcept nogil
+    int (*BIO_meth_set_read)(void*, bio_read_f) noexcept nogil
     void* (*BIO_new)(const void*) noexcept nogil
     void (*BIO_free_all)(void*) noexcept nogil
     int (*BIO_get_new_index)() noexcept nogil
@@ -175,6 +181,7 @@ cdef struct Api:
 
 cdef Api api
 cdef void* out_method = NULL     # the BIO_METHOD of the write buffer
+cdef void* in_method = NULL      # the BIO_METHOD of the socket reader
 cdef char scratch[SCRATCH_LEN]
 cdef object _why_not = "not initialised"
 cdef uint64_t _ignore_unexpected_eof = 0
@@ -236,7 +243,9 @@ cdef int _load_api() except -1:
     _load(handle, b"ERR_clear_error", <void**>&api.ERR_clear_error)
     _load(handle, b"ERR_reason_error_string", <void**>&api.ERR_reason_error_string)
     _load(handle, b"ERR_lib_error_string", <void**>&api.ERR_lib_error_string)
-    _load(handle, b"BIO_new_socket", <void**>&api.BIO_new_socket)
+    _load(handle, b"BIO_set_flags", <void**>&api.BIO_set_flags)
+    _load(handle, b"BIO_clear_flags", <void**>&api.BIO_clear_flags)
+    _load(handle, b"BIO_meth_set_read", <void**>&api.BIO_meth_set_read)
     _load(handle, b"BIO_new", <void**>&api.BIO_new)
     _load(handle, b"BIO_free_all", <void**>&api.BIO_free_all)
     _load(handle, b"BIO_get_new_index", <void**>&api.BIO_get_new_index)
@@ -260,6 +269,13 @@ cdef int _load_api() except -1:
     api.BIO_meth_set_write(out_method, _out_write)
     api.BIO_meth_set_ctrl(out_method, _out_ctrl)
     api.BIO_meth_set_create(out_method, _out_create)
+    global in_method
+    in_method = api.BIO_meth_new(api.BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, b"kite in")
+    if in_method == NULL:
+        raise ImportError("BIO_meth_new failed")
+    api.BIO_meth_set_read(in_method, _in_read)
+    api.BIO_meth_set_ctrl(in_method, _out_ctrl)
+    api.BIO_meth_set_create(in_method, _out_create)
     return 0
 
 
@@ -282,6 +298,32 @@ cdef struct OutBuf:
     size_t start     # first byte not yet sent
     size_t end       # one past the last byte
     size_t cap
+
+
+cdef struct InSock:
+    int fd
+    bint drained     # the last recv(2) returned less than asked: the socket had no more
+
+
+cdef int _in_read(void* bio, char* buf, int n) noexcept nogil:
+    """OpenSSL reads the socket (as much as its buffer takes: read-ahead is on); notes
+    whether the socket gave less than asked, i.e. had nothing more for now."""
+    cdef InSock* sock = <InSock*>api.BIO_get_data(bio)
+    cdef ssize_t got
+    api.BIO_clear_flags(bio, BIO_FLAGS_RWS | BIO_FLAGS_SHOULD_RETRY)
+    if n <= 0:
+        return 0
+    while True:
+        got = recv(sock.fd, buf, <size_t>n, 0)
+        if got >= 0:
+            sock.drained = got < n
+            return <int>got
+        if errno == EINTR:
+            continue
+        if errno == EAGAIN or errno == EWOULDBLOCK:
+            sock.drained = True
+            api.BIO_set_flags(bio, BIO_FLAGS_READ | BIO_FLAGS_SHOULD_RETRY)
+        return -1
 
 
 # What OpenSSL writes goes first to one buffer shared by all transports, the stage, when
@@ -475,6 +517,7 @@ cdef class TLSTransport:
 
     cdef void* ssl
     cdef OutBuf out
+    cdef InSock insock
     cdef int fd
     cdef State state
     cdef bint server_side
@@ -531,7 +574,9 @@ cdef class TLSTransport:
         self.ssl = api.SSL_new(ctx)
         if self.ssl == NULL:
             raise MemoryError("SSL_new failed")
-        rbio = api.BIO_new_socket(self.fd, BIO_NOCLOSE)
+        self.insock.fd = self.fd
+        self.insock.drained = False
+        rbio = api.BIO_new(in_method)
         wbio = api.BIO_new(out_method)
         if rbio == NULL or wbio == NULL:
             if rbio != NULL:
@@ -541,6 +586,8 @@ cdef class TLSTransport:
             raise MemoryError("BIO_new failed")
         api.BIO_set_data(wbio, &self.out)
         api.BIO_set_init(wbio, 1)
+        api.BIO_set_data(rbio, &self.insock)
+        api.BIO_set_init(rbio, 1)
         api.SSL_set_bio(self.ssl, rbio, wbio)
         api.SSL_ctrl(self.ssl, SSL_CTRL_MODE, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
                      | SSL_MODE_AUTO_RETRY | SSL_MODE_RELEASE_BUFFERS, NULL)
@@ -749,6 +796,8 @@ cdef class TLSTransport:
                         self.read_soon = True
                         self.loop.call_soon(self._read_ready_cb)
                     break
+                if self.insock.drained and not api.SSL_has_pending(self.ssl):
+                    break  # the socket had no more: no recv(2) just to hear EAGAIN
                 continue
             err = api.SSL_get_error(self.ssl, r)
             if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
