@@ -94,10 +94,8 @@ ext_modules = []
 if not NO_EXTENSIONS:
     ext_modules.append(
         Extension("kite._fastpath", ["src/kite/_fastpath.pyx"], extra_compile_args=["-O3"]))
-    # OpenSSL is looked up at run time in the library Python's ssl loaded (dlopen, dlsym):
-    # nothing to link but libdl (a stub in glibc >= 2.34, needed by manylinux2014's 2.17).
+    # OpenSSL is looked up at run time in the library Python's ssl loaded: nothing to link.
     ext_modules.append(
-        Extension("kite._tls", ["src/kite/_tls.pyx"], extra_compile_args=["-O3"],
-                  libraries=["dl"]))
+        Extension("kite._tls", ["src/kite/_tls.pyx"], extra_compile_args=["-O3"]))
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext, "bdist_wheel": bdist_wheel})

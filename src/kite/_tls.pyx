@@ -11,14 +11,14 @@ whose write appends) that goes out in one ``send(2)`` per ``write()`` - the batc
 memory BIO, without its copies.
 
 OpenSSL here is the library Python's ``ssl`` module loaded: nothing is linked at build
-time, every function is looked up (``dlsym``) in the libraries of ``_ssl`` at import, and
-the ``SSL_CTX`` is the one inside the ``ssl.SSLContext`` given (its first field, checked
-against the context's options and verify mode before use).  So a context configured in
-Python (certificates, ALPN, versions, verification) is used as it is, and no second copy
-of OpenSSL can ever touch it.  The context object is kept alive as long as a connection
-uses it (its ALPN callback reads the Python object).  A context with an SNI callback is
-refused (that callback expects Python's own socket object); the relay picks the context
-by the SNI it peeked before the handshake.
+time, every function is looked up (``dlsym``, through ctypes) in the libraries of ``_ssl``
+at import, and the ``SSL_CTX`` is the one inside the ``ssl.SSLContext`` given (its first
+field, checked against the context's options and verify mode before use). So a context
+configured in Python (certificates, ALPN, versions, verification) is used as it is, and no
+second copy of OpenSSL can ever touch it. The context object is kept alive as long as a
+connection uses it (its ALPN callback reads the Python object). A context with an SNI
+callback is refused (that callback expects Python's own socket object); the relay picks the
+context by the SNI it peeked before the handshake.
 
 ``available()`` says whether this works here; ``kite.net.tlsconn`` falls back to the
 event loop's TLS when it does not.
@@ -54,14 +54,6 @@ from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
-
-
-cdef extern from "dlfcn.h" nogil:
-    void* dlopen(const char* filename, int flag)
-    void* dlsym(void* handle, const char* symbol)
-    char* dlerror()
-    int RTLD_NOW
-    int RTLD_NOLOAD
 
 
 cdef extern from "errno.h" nogil:
@@ -187,23 +179,27 @@ cdef object _why_not = "not initialised"
 cdef uint64_t _ignore_unexpected_eof = 0
 
 
-cdef int _load(void* handle, const char* name, void** slot) except -1:
-    slot[0] = dlsym(handle, name)
-    if slot[0] == NULL:
+cdef int _load(object handle, const char* name, void** slot) except -1:
+    import ctypes
+    try:
+        function = getattr(handle, name.decode())
+    except AttributeError:
         raise ImportError(f"OpenSSL function {name.decode()} not found in the library of _ssl")
+    slot[0] = <void*><size_t>ctypes.cast(function, ctypes.c_void_p).value
     return 0
 
 
 cdef int _load_api() except -1:
+    # ctypes opens _ssl's own library again (the loader hands back the one loaded), and its
+    # lookups search that library's dependencies: the libssl and libcrypto _ssl uses.  (No
+    # dlopen of our own: it would tie the module to a recent glibc's symbol versions.)
+    import ctypes
     import _ssl as _ssl_module
     path = getattr(_ssl_module, "__file__", None)
-    cdef void* handle
-    if path is None:
-        handle = dlopen(NULL, RTLD_NOW)  # _ssl built into the interpreter
-    else:
-        handle = dlopen(path.encode(), RTLD_NOW | RTLD_NOLOAD)
-    if handle == NULL:
-        raise ImportError(f"cannot reach the library of _ssl: {dlerror().decode()}")
+    try:
+        handle = ctypes.CDLL(path)  # None: _ssl is built into the interpreter
+    except OSError as exc:
+        raise ImportError(f"cannot reach the library of _ssl: {exc}")
     _load(handle, b"OpenSSL_version_num", <void**>&api.OpenSSL_version_num)
     _load(handle, b"SSL_new", <void**>&api.SSL_new)
     _load(handle, b"SSL_free", <void**>&api.SSL_free)
