@@ -98,6 +98,8 @@ def main() -> int:
     ap.add_argument("--changes", type=int, default=30)
     ap.add_argument("--storm", type=int, default=10_000, help="tunnels of the connect storm")
     ap.add_argument("--storm-parallel", type=int, default=200)
+    ap.add_argument("--storm-tls", action="store_true",
+                    help="the storm's tunnels in TLS, as backends connect (default plain)")
     ap.add_argument("--only", choices=("handover",),
                     help="run only this phase (the others are skipped)")
     ap.add_argument("--hold", type=float, default=0.0,
@@ -201,9 +203,11 @@ def main() -> int:
         # -- connect storm ----------------------------------------------------------------
         if args.storm:
             log = os.path.join(work, "relay-s.log")
+            tls = ["--tls-cert", CERT, "--tls-key", KEY] if args.storm_tls else []
             procs.start("relay-s", [*KITE, "relay", "--listen", "127.0.0.5:0", "--kite",
                                     f"http:*.storm.bench:{SECRET}", "--redis", url,
-                                    "--relay-id", "s", "--access-log", "off"], log=log, env=env)
+                                    "--relay-id", "s", "--access-log", "off", *tls],
+                        log=log, env=env)
             wait_for("relay-s", lambda: listening(log, "127.0.0.5") > 0, 30, [])
             s_port = listening(log, "127.0.0.5")
             pid = procs_pid(procs, "relay-s")
@@ -222,13 +226,14 @@ def main() -> int:
 
             t0 = time.monotonic()
             flying, at = asyncio.run(storm(s_port, args.storm, args.storm_parallel, flown,
-                                           in_redis))
+                                           in_redis, args.storm_tls))
             took, seen = marks["flown"] - t0, at - t0
             spent = {k: v - before.get(k, 0) for k, v in redis_commands(rport).items()}
             rss1 = marks["rss"]
             results["storm"] = {"tunnels": flying, "seconds": took, "in_redis_s": seen,
                                 "rss_mib": [rss0, rss1], "redis": spent}
-            print(f"connect storm: {flying:,} tunnels flying in {took:.1f} s "
+            print(f"connect storm: {flying:,} {'TLS' if args.storm_tls else 'plain'} tunnels "
+                  f"flying in {took:.1f} s "
                   f"({flying / took:.0f}/s), all in Redis after {seen:.1f} s; relay RSS "
                   f"{rss0} -> {rss1} MiB ({(rss1 - rss0) * 1024 / max(flying, 1):.1f} KiB a "
                   f"tunnel); Redis commands {sum(spent.values()):,} "
@@ -305,20 +310,29 @@ def rss_mib(pid: int) -> int:
     return 0
 
 
-async def storm(port: int, n: int, parallel: int, flown, in_redis) -> tuple:
-    """``n`` plain tunnels to 127.0.0.5:port, one kite each, ``parallel`` handshakes at a
-    time; ``flown()`` is called when all handshakes are done; the tunnels stay open until
-    ``in_redis(count)`` (or a minute).  Returns (how many flew, when Redis had them)."""
+async def storm(port: int, n: int, parallel: int, flown, in_redis, tls: bool) -> tuple:
+    """``n`` tunnels (plain, or in TLS unchecked) to 127.0.0.5:port, one kite each,
+    ``parallel`` handshakes at a time; ``flown()`` is called when all handshakes are done;
+    the tunnels stay open until ``in_redis(count)`` (or a minute).  Returns (how many flew,
+    when Redis had them)."""
+    import ssl
+
     from kite.fastpath import ChunkWriter, Demux
     from kite.proto import control, handshake, signing
     from kite.proto.http import find_head_end
 
     gate = asyncio.Semaphore(parallel)
     writers: list = []
+    context = None
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
 
     async def one(i: int) -> bool:
         async with gate:
-            reader, writer = await asyncio.open_connection("127.0.0.5", port)
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.5", port, ssl=context, server_hostname="127.0.0.5" if tls else None)
             writers.append(writer)
             domain = f"k{i}.storm.bench"
             bsalt = signing.make_bsalt("bench", f"127.0.0.5:{port}", SECRET)
