@@ -585,6 +585,12 @@ class Demux:
         self._parsing = True
         try:
             self._parse_chunks()
+        except BaseException as exc:
+            if exc is self._error:
+                # Kept for every later call: without the parser's frames, whose locals
+                # (the buffer itself) would count as views and pin it (C has no such frames).
+                exc.__traceback__ = None
+            raise
         finally:
             self._parsing = False
 
