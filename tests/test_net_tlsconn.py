@@ -84,7 +84,10 @@ class Collect(asyncio.BufferedProtocol):
         if not self.ended.done():
             self.ended.set_result("lost")
         if not self._enough.done():
-            self._enough.set_exception(ConnectionError("lost before enough bytes"))
+            if len(self.data) < self._want:
+                self._enough.set_exception(ConnectionError("lost before enough bytes"))
+            else:
+                self._enough.set_result(None)
 
     def pause_writing(self) -> None:
         self.paused += 1
@@ -501,4 +504,104 @@ def test_a_client_without_a_name_sends_no_sni(certs, loop_kind, native, monkeypa
         assert der == ssl.PEM_cert_to_DER_cert(open(certs.cert).read())
         ct.close()
         st.close()
+    support.run(main, loop_kind)
+
+
+def test_writelines_takes_any_iterable_and_checks_every_piece_first(certs, loop_kind):
+    async def main():
+        st, sp, ct, cp = await pair(certs, native_server=True)
+        st.writelines(piece for piece in (b"gen", b"erator"))
+        strided = memoryview(b"abcdef")[::2]  # no contiguous buffer
+        with pytest.raises((TypeError, ValueError, BufferError)):
+            st.writelines([b"never sent", strided])
+        st.write(b"|after")
+        await cp.until(len(b"generator|after"))
+        assert bytes(cp.data) == b"generator|after"
+        ct.close()
+        st.close()
+    support.run(main, loop_kind)
+
+
+def test_a_connection_made_that_raises_fails_the_handshake(certs, loop_kind):
+    class Refuses(Collect):
+        def connection_made(self, transport):
+            raise RuntimeError("not this one")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, _ctx: None)
+        sctx, cctx = contexts(certs)
+        a, b = socket.socketpair()
+        client = loop.create_task(loop.create_connection(
+            Collect, sock=b, ssl=cctx, server_hostname="localhost"))
+        with pytest.raises(RuntimeError, match="not this one"):
+            await asyncio.wait_for(
+                tlsconn.accept_tls(loop, Refuses, a, sctx, handshake_timeout=10), 10)
+        assert a.fileno() == -1
+        ct, cp = await client
+        assert await asyncio.wait_for(cp.ended, 10) in ("eof", "lost")
+        ct.abort()
+    support.run(main, loop_kind)
+
+
+def test_a_context_with_a_key_log_gets_the_event_loops_tls(certs, loop_kind, tmp_path):
+    async def main():
+        sctx, cctx = contexts(certs)
+        sctx.keylog_filename = str(tmp_path / "keys.log")
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        (st, _), (ct, _) = await asyncio.gather(
+            tlsconn.accept_tls(loop, Collect, a, sctx, handshake_timeout=10),
+            tlsconn.connect_tls(loop, Collect, b, cctx, "localhost", handshake_timeout=10))
+        assert type(st).__name__ != "TLSTransport" and type(ct).__name__ == "TLSTransport"
+        assert (tmp_path / "keys.log").read_text().count("CLIENT_TRAFFIC_SECRET_0") == 1
+        ct.close()
+        st.close()
+    support.run(main, loop_kind)
+
+
+def test_a_tls12_server_asking_to_renegotiate_is_declined(certs, loop_kind):
+    """openssl s_server's "r" sends a HelloRequest: the client declines it (kite's own
+    peers never renegotiate; TLS 1.3 has none), s_server then ends the connection, and
+    the client hears why.  (Without OP_NO_RENEGOTIATION a write in the middle of the
+    renegotiation failed with no reason.)"""
+    async def main():
+        loop = asyncio.get_running_loop()
+        port = support.free_port()
+        server = await asyncio.create_subprocess_exec(
+            "openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_2", "-cert",
+            certs.cert, "-key", certs.key, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT)
+        try:
+            for _ in range(200):
+                try:
+                    sock = socket.create_connection(("127.0.0.1", port))
+                    break
+                except OSError:
+                    await asyncio.sleep(0.025)
+            _, cctx = contexts(certs)
+            ct, cp = await tlsconn.connect_tls(loop, Collect, sock, cctx, "localhost",
+                                               handshake_timeout=10)
+            assert ct.get_extra_info("ssl_object").version() == "TLSv1.2"
+            ct.write(b"before\n")
+            while b"before" not in await asyncio.wait_for(server.stdout.readline(), 10):
+                pass
+            server.stdin.write(b"r\n")  # s_server: renegotiate
+            await server.stdin.drain()
+            for i in range(1000):
+                if cp.lost:
+                    break
+                ct.write(b"during %d\n" % i)
+                await asyncio.sleep(0.002)
+            await asyncio.wait_for(cp.ended, 10)
+            await support_wait(lambda: bool(cp.lost))
+            assert isinstance(cp.lost[0], ssl.SSLError), cp.lost
+            assert "HANDSHAKE_FAILURE" in cp.lost[0].reason
+            while b"no renegotiation" not in (
+                    line := await asyncio.wait_for(server.stdout.readline(), 10)):
+                assert line, "s_server ended without saying why"
+        finally:
+            if server.returncode is None:
+                server.kill()
+            await server.wait()
     support.run(main, loop_kind)

@@ -6,6 +6,7 @@ import ssl
 from typing import Any, Optional
 
 def available() -> Optional[str]: ...
+def usable(context: ssl.SSLContext) -> bool: ...
 
 class TLSInfo:
     server_side: bool

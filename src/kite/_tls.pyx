@@ -16,9 +16,15 @@ at import, and the ``SSL_CTX`` is the one inside the ``ssl.SSLContext`` given (i
 field, checked against the context's options and verify mode before use). So a context
 configured in Python (certificates, ALPN, versions, verification) is used as it is, and no
 second copy of OpenSSL can ever touch it. The context object is kept alive as long as a
-connection uses it (its ALPN callback reads the Python object). A context with an SNI
-callback is refused (that callback expects Python's own socket object); the relay picks the
-context by the SNI it peeked before the handshake.
+connection uses it (its ALPN callback reads the Python object).  A context with an SNI
+callback or a key-log file is refused (``usable``): OpenSSL calls those with the
+connection's SSL, where Python's expect its own socket object; neither may be added to a
+context while a connection uses it. The relay picks the context by the SNI it peeked before
+the handshake; the per-connection callbacks (message, PSK) are cleared on each SSL.
+
+The stage buffer and the plaintext scratch are shared by all transports: they must all run
+in one thread (kite runs one event loop), and nothing runs between an OpenSSL call and the
+end of its use of either but this module's own code.
 
 ``available()`` says whether this works here; ``kite.net.tlsconn`` falls back to the
 event loop's TLS when it does not.
@@ -30,6 +36,9 @@ Rules of the transport (those of asyncio's transports, where not said otherwise)
   ``pause_writing``/``resume_writing`` follow the high and low water marks.
 * Reading stops at ``pause_reading()``; records OpenSSL already holds are delivered after
   ``resume_reading()`` without waiting for the socket.
+* A TLS 1.2 renegotiation is declined (``OP_NO_RENEGOTIATION``; kite's peers never ask,
+  TLS 1.3 has none), and a protocol callback that raises is reported to the loop's
+  exception handler and resets the connection (``connection_made``: the handshake fails).
 * TLS has no half-close: ``can_write_eof()`` is False.  The peer's end (``close_notify`` or
   the TCP end without it, as the event loop's TLS takes it) calls ``eof_received()``; if it
   returns false the transport closes.
@@ -99,6 +108,7 @@ cdef enum:
     BIO_CTRL_FLUSH = 11
     BIO_CTRL_DUP = 12
     SSL_R_CERTIFICATE_VERIFY_FAILED = 134
+    ERR_LIB_SSL = 20
     # Sizes.
     READ_BUFFER_LEN = 65536 + 512    # OpenSSL's receive buffer: 64 KiB of records a recv(2)
     SCRATCH_LEN = 65536              # plaintext for a protocol without get_buffer()
@@ -134,6 +144,9 @@ cdef struct Api:
     void (*SSL_set_default_read_buffer_len)(void*, size_t) noexcept nogil
     long (*SSL_ctrl)(void*, int, long, void*) noexcept nogil
     uint64_t (*SSL_set_options)(void*, uint64_t) noexcept nogil
+    void (*SSL_set_msg_callback)(void*, void*) noexcept nogil
+    void (*SSL_set_psk_client_callback)(void*, void*) noexcept nogil
+    void (*SSL_set_psk_server_callback)(void*, void*) noexcept nogil
     int (*SSL_has_pending)(const void*) noexcept nogil
     int (*SSL_set1_host)(void*, const char*) noexcept nogil
     void* (*SSL_get0_param)(void*) noexcept nogil
@@ -176,7 +189,7 @@ cdef void* out_method = NULL     # the BIO_METHOD of the write buffer
 cdef void* in_method = NULL      # the BIO_METHOD of the socket reader
 cdef char scratch[SCRATCH_LEN]
 cdef object _why_not = "not initialised"
-cdef uint64_t _ignore_unexpected_eof = 0
+cdef uint64_t _ssl_options = 0     # set on every SSL: see _load_api's caller
 
 
 cdef int _load(object handle, const char* name, void** slot) except -1:
@@ -216,6 +229,9 @@ cdef int _load_api() except -1:
           <void**>&api.SSL_set_default_read_buffer_len)
     _load(handle, b"SSL_ctrl", <void**>&api.SSL_ctrl)
     _load(handle, b"SSL_set_options", <void**>&api.SSL_set_options)
+    _load(handle, b"SSL_set_msg_callback", <void**>&api.SSL_set_msg_callback)
+    _load(handle, b"SSL_set_psk_client_callback", <void**>&api.SSL_set_psk_client_callback)
+    _load(handle, b"SSL_set_psk_server_callback", <void**>&api.SSL_set_psk_server_callback)
     _load(handle, b"SSL_has_pending", <void**>&api.SSL_has_pending)
     _load(handle, b"SSL_set1_host", <void**>&api.SSL_set1_host)
     _load(handle, b"SSL_get0_param", <void**>&api.SSL_get0_param)
@@ -276,7 +292,9 @@ cdef int _load_api() except -1:
 
 
 try:
-    _ignore_unexpected_eof = _ssl.OP_IGNORE_UNEXPECTED_EOF
+    # The peer's TCP end without close_notify is an end (as the event loop's TLS takes it);
+    # no renegotiation (TLS 1.2: a write in the middle of one would fail).
+    _ssl_options = _ssl.OP_IGNORE_UNEXPECTED_EOF | _ssl.OP_NO_RENEGOTIATION
     _load_api()
     _why_not = None
 except (ImportError, AttributeError, OSError) as _exc:
@@ -286,6 +304,13 @@ except (ImportError, AttributeError, OSError) as _exc:
 def available():
     """None if this transport works here, else why not (a sentence)."""
     return _why_not
+
+
+def usable(context):
+    """Whether ``context`` can serve this transport: it must have no SNI callback and no
+    key-log file (OpenSSL calls those with the SSL of a connection, and Python's expect its
+    own socket object there), now and as long as a connection uses it."""
+    return context.sni_callback is None and not getattr(context, "keylog_filename", None)
 
 
 # -- the write buffer and its BIO -----------------------------------------------------------------
@@ -426,7 +451,8 @@ cdef object _ssl_error(void* ssl, str what):
     if library.endswith(" ROUTINES"):
         library = library[:len(library) - 9]
     mnemonic = reason.upper().replace(" ", "_")
-    if (code & 0x7FFFFF) == SSL_R_CERTIFICATE_VERIFY_FAILED and ssl != NULL:
+    if ((code >> 23) & 0xFF) == ERR_LIB_SSL and (code & 0x7FFFFF) == \
+            SSL_R_CERTIFICATE_VERIFY_FAILED and ssl != NULL:
         verify_code = api.SSL_get_verify_result(ssl)
         text = api.X509_verify_cert_error_string(verify_code)
         verify_message = text.decode("ascii", "replace") if text != NULL else ""
@@ -482,8 +508,9 @@ cdef void* _ctx_of(object context) except NULL:
     """The SSL_CTX inside ``context``, after checking that it is one."""
     if not isinstance(context, _ssl.SSLContext):
         raise TypeError(f"an ssl.SSLContext is needed, not {type(context).__name__}")
-    if context.sni_callback is not None:
-        raise ValueError("a context with an SNI callback needs Python's own TLS objects")
+    if not usable(context):
+        raise ValueError("a context with an SNI or key-log callback needs Python's own TLS "
+                         "objects")
     cdef void* ctx = (<_PySSLContext*><PyObject*>context).ctx
     if ctx == NULL:
         raise ValueError("the context has no SSL_CTX")
@@ -561,7 +588,7 @@ cdef class TLSTransport:
         self.high_water = 65536
         self.low_water = 16384
         self.extra = {"socket": sock, "sslcontext": context}
-        self.buffered = hasattr(protocol, "get_buffer")
+        self.buffered = isinstance(protocol, _asyncio.BufferedProtocol)
         self._on_readable_cb = self._on_readable
         self._on_writable_cb = self._on_writable
         self._read_ready_cb = self._read_ready
@@ -587,7 +614,12 @@ cdef class TLSTransport:
         api.SSL_set_bio(self.ssl, rbio, wbio)
         api.SSL_ctrl(self.ssl, SSL_CTRL_MODE, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
                      | SSL_MODE_AUTO_RETRY | SSL_MODE_RELEASE_BUFFERS, NULL)
-        api.SSL_set_options(self.ssl, _ignore_unexpected_eof)
+        api.SSL_set_options(self.ssl, _ssl_options)
+        # Python's callbacks expect Python's own socket object on the SSL: the per-SSL ones
+        # are cleared here; the SNI and key-log ones live in the context (_ctx_of refuses).
+        api.SSL_set_msg_callback(self.ssl, NULL)
+        api.SSL_set_psk_client_callback(self.ssl, NULL)
+        api.SSL_set_psk_server_callback(self.ssl, NULL)
         api.SSL_set_read_ahead(self.ssl, 1)
         api.SSL_set_default_read_buffer_len(self.ssl, READ_BUFFER_LEN)
         if server_side:
@@ -636,6 +668,8 @@ cdef class TLSTransport:
     # -- start and handshake ----------------------------------------------------------------------
     def start(self, handshake_timeout):
         """Begin the handshake (``handshake_timeout`` seconds at most)."""
+        if self.ssl == NULL or self.state != HANDSHAKE or self.reader_on:
+            raise RuntimeError("start() once, on a transport __init__ made")
         self.loop.add_reader(self.fd, self._on_readable_cb)
         self.reader_on = True
         if handshake_timeout is not None:
@@ -648,19 +682,19 @@ cdef class TLSTransport:
             self._fail(_asyncio.TimeoutError("no TLS handshake within the time allowed"))
 
     cdef _handshake(self):
-        cdef int r, err
+        cdef int r, err, code
         api.ERR_clear_error()
         r = api.SSL_do_handshake(self.ssl)
-        if not self._send():
+        err = api.SSL_get_error(self.ssl, r) if r != 1 else SSL_ERROR_NONE
+        code = errno if err == SSL_ERROR_SYSCALL else 0
+        if not self._send():  # the alert, if it failed
             return
         if r == 1:
             self._handshake_done()
             return
-        err = api.SSL_get_error(self.ssl, r)
         if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
             return
         if err == SSL_ERROR_SYSCALL or err == SSL_ERROR_ZERO_RETURN:
-            code = errno if err == SSL_ERROR_SYSCALL else 0
             api.ERR_clear_error()
             self._fail(OSError(code, _errno.errorcode.get(code, str(code))) if code else
                        ConnectionResetError(_errno.ECONNRESET,
@@ -709,9 +743,14 @@ cdef class TLSTransport:
         self.extra["cipher"] = cipher_info
         self.extra["compression"] = None
         self.state = OPEN
-        self.protocol.connection_made(self)
         waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.cancelled():
+        try:
+            self.protocol.connection_made(self)
+        except BaseException as exc:
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+            raise
+        if waiter is not None and not waiter.done():
             waiter.set_result(None)
         if self.state == OPEN and not self.reading_paused and api.SSL_has_pending(self.ssl):
             self._read_ready()
@@ -732,6 +771,8 @@ cdef class TLSTransport:
 
     # -- reading ----------------------------------------------------------------------------------
     def _on_readable(self):
+        if self.ssl == NULL:
+            return
         try:
             if self.state == HANDSHAKE:
                 self._handshake()
@@ -740,18 +781,39 @@ cdef class TLSTransport:
             elif self.state == CLOSING:
                 self._drain()
         except (SystemExit, KeyboardInterrupt):
+            self._restage()
             raise
         except BaseException as exc:
             self._protocol_failed(exc)
 
     def _read_ready(self):
         self.read_soon = False
+        if self.ssl == NULL:
+            return
         try:
             self._read()
         except (SystemExit, KeyboardInterrupt):
+            self._restage()
             raise
         except BaseException as exc:
             self._protocol_failed(exc)
+
+    cdef _restage(self):
+        """An exception is leaving with records on the stage: they move to this transport's
+        own buffer (sent when the socket is writable), and the stage is free again."""
+        cdef size_t left
+        if stage_owner != &self.out:
+            return
+        left = stage.end - stage.start
+        if left and self.state != CLOSED and _out_reserve(&self.out, left) == 0:
+            memcpy(self.out.data + self.out.end, stage.data + stage.start, left)
+            self.out.end += left
+            _unstage(&self.out)
+            if self.loop is not None and not self.writer_on:
+                self.writer_on = True
+                self.loop.add_writer(self.fd, self._on_writable_cb)
+        else:
+            _unstage(&self.out)
 
     cdef _protocol_failed(self, exc):
         """A protocol callback raised: reported to the loop, the connection reset."""
@@ -820,11 +882,16 @@ cdef class TLSTransport:
     cdef _drain(self):
         """Closing: what the peer still sends is read and dropped, until its end."""
         cdef size_t n = 0
+        cdef size_t total = 0
         cdef int r, err
         while self.state == CLOSING:
             api.ERR_clear_error()
             r = api.SSL_read_ex(self.ssl, scratch, SCRATCH_LEN, &n)
             if r == 1:
+                total += n
+                if total >= READ_TURN_MAX:
+                    _unstage(&self.out)
+                    return  # more in a later turn (the reader is on)
                 continue
             err = api.SSL_get_error(self.ssl, r)
             api.ERR_clear_error()
@@ -897,20 +964,28 @@ cdef class TLSTransport:
         cdef size_t total = 0
         if self.state != OPEN:
             return
-        for data in list_of_data:
-            total += memoryview(data).nbytes
+        # Every piece as bytes first (any iterable; a piece that is no contiguous buffer
+        # fails here, before anything is encrypted).
+        views = [memoryview(data).cast("B") for data in list_of_data]
+        for piece in views:
+            total += len(piece)
         _out_reserve(_out_target(&self.out), _sealed_size(total))
-        for data in list_of_data:
-            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-            try:
-                if view.len and not self._encrypt(<const char*>view.buf, <size_t>view.len):
-                    return
-            finally:
-                PyBuffer_Release(&view)
+        try:
+            for piece in views:
+                PyObject_GetBuffer(piece, &view, PyBUF_SIMPLE)
+                try:
+                    if view.len and not self._encrypt(<const char*>view.buf, <size_t>view.len):
+                        return
+                finally:
+                    PyBuffer_Release(&view)
+        except BaseException:
+            self._restage()  # what was encrypted goes out, in order, when writable
+            raise
         if not self.writer_on:
             if not self._send():
                 return
         self._check_high_water()
+
 
     cdef bint _encrypt(self, const char* data, size_t n):
         cdef size_t written = 0
@@ -951,8 +1026,9 @@ cdef class TLSTransport:
             left = stage.end - stage.start
             if left:
                 if _out_reserve(&self.out, left) < 0:
-                    _unstage(&self.out)
-                    raise MemoryError("no memory for the TLS write buffer")
+                    _unstage(&self.out)  # records lost: the connection cannot go on
+                    self._force_close(MemoryError("no memory for the TLS write buffer"))
+                    return False
                 memcpy(self.out.data + self.out.end, stage.data + stage.start, left)
                 self.out.end += left
             _unstage(&self.out)
@@ -1005,14 +1081,30 @@ cdef class TLSTransport:
             return
         if self.protocol_paused and self.out.end - self.out.start <= self.low_water:
             self.protocol_paused = False
-            self.protocol.resume_writing()
+            try:
+                self.protocol.resume_writing()
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._report(exc, "resume_writing")
         if self.state == CLOSING and self.out.end == self.out.start:
             self._sent_all()
 
     cdef _check_high_water(self):
         if not self.protocol_paused and self.out.end - self.out.start > self.high_water:
             self.protocol_paused = True
-            self.protocol.pause_writing()
+            try:
+                self.protocol.pause_writing()
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._report(exc, "pause_writing")
+
+    cdef _report(self, exc, what):
+        """A flow-control callback raised: reported, as asyncio's transports do."""
+        self.loop.call_exception_handler({
+            "message": f"protocol.{what}() failed", "exception": exc,
+            "transport": self, "protocol": self.protocol})
 
     def get_write_buffer_size(self):
         return self.out.end - self.out.start
@@ -1051,9 +1143,12 @@ cdef class TLSTransport:
             return
         self.state = CLOSING
         self.timer = self.loop.call_later(SHUTDOWN_TIMEOUT, self.abort)
-        if not self.eof and not self.reader_on:
-            self.loop.add_reader(self.fd, self._on_readable_cb)  # for the peer's end
-            self.reader_on = True
+        if not self.eof:
+            if not self.reader_on:
+                self.loop.add_reader(self.fd, self._on_readable_cb)  # for the peer's end
+                self.reader_on = True
+            if api.SSL_has_pending(self.ssl):
+                self.loop.call_soon(self._on_readable_cb)  # it may be there already
         api.ERR_clear_error()
         api.SSL_shutdown(self.ssl)   # queues close_notify
         api.ERR_clear_error()
@@ -1113,7 +1208,7 @@ cdef class TLSTransport:
 
     def set_protocol(self, protocol):
         self.protocol = protocol
-        self.buffered = hasattr(protocol, "get_buffer")
+        self.buffered = isinstance(protocol, _asyncio.BufferedProtocol)
 
     def get_protocol(self):
         return self.protocol

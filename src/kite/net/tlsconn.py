@@ -56,7 +56,7 @@ async def accept_tls(
     handshake_timeout: float,
 ) -> tuple[asyncio.Transport, _P]:
     """The server side of TLS on the accepted ``sock``."""
-    if _tls is None or _why_not is not None or context.sni_callback is not None:
+    if _tls is None or _why_not is not None or not _tls.usable(context):
         return await loop.connect_accepted_socket(
             protocol_factory, sock=sock, ssl=context,
             ssl_handshake_timeout=handshake_timeout)
@@ -75,7 +75,7 @@ async def connect_tls(
     """The client side of TLS on the connected ``sock``, checking ``server_hostname`` as
     ``context`` says (and sending it as SNI unless it is an address); None: no SNI, and
     ``context`` must not check the name."""
-    if _tls is None or _why_not is not None or context.sni_callback is not None:
+    if _tls is None or _why_not is not None or not _tls.usable(context):
         # The event loop's TLS takes "" for no name (None is refused without a host).
         return await loop.create_connection(
             protocol_factory, sock=sock, ssl=context, server_hostname=server_hostname or "",
