@@ -787,16 +787,9 @@ cdef class TLSTransport:
             self._protocol_failed(exc)
 
     def _read_ready(self):
+        """What OpenSSL holds already, read without waiting for the socket (scheduled)."""
         self.read_soon = False
-        if self.ssl == NULL:
-            return
-        try:
-            self._read()
-        except (SystemExit, KeyboardInterrupt):
-            self._restage()
-            raise
-        except BaseException as exc:
-            self._protocol_failed(exc)
+        self._on_readable()
 
     cdef _restage(self):
         """An exception is leaving with records on the stage: they move to this transport's
