@@ -1209,3 +1209,11 @@ cdef class TLSTransport:
     def __repr__(self):
         states = ("handshake", "open", "closing", "closed")
         return f"<TLSTransport fd={self.fd} {states[self.state]}>"
+
+
+# The layout of ssl.SSLContext, checked once here: a mismatch turns this module off.
+if _why_not is None:
+    try:
+        _ctx_of(_ssl.SSLContext(_ssl.PROTOCOL_TLS_SERVER))  # the layout, once, up front
+    except (RuntimeError, ValueError, TypeError) as _exc:
+        _why_not = str(_exc)
