@@ -274,21 +274,22 @@ cdef int _load_api() except -1:
                           f"{_ssl.OPENSSL_VERSION_NUMBER:#x}")
     if version < 0x30000000:
         raise ImportError(f"OpenSSL 3 needed, {_ssl.OPENSSL_VERSION} found")
-    global out_method
-    out_method = api.BIO_meth_new(api.BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, b"kite out")
-    if out_method == NULL:
-        raise ImportError("BIO_meth_new failed")
+    global out_method, in_method
+    out_method = _bio_method(b"kite out")
     api.BIO_meth_set_write(out_method, _out_write)
-    api.BIO_meth_set_ctrl(out_method, _out_ctrl)
-    api.BIO_meth_set_create(out_method, _out_create)
-    global in_method
-    in_method = api.BIO_meth_new(api.BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, b"kite in")
-    if in_method == NULL:
-        raise ImportError("BIO_meth_new failed")
+    in_method = _bio_method(b"kite in")
     api.BIO_meth_set_read(in_method, _in_read)
-    api.BIO_meth_set_ctrl(in_method, _out_ctrl)
-    api.BIO_meth_set_create(in_method, _out_create)
     return 0
+
+
+cdef void* _bio_method(const char* name) except NULL:
+    """A new BIO_METHOD with the control and create functions both of ours share."""
+    cdef void* method = api.BIO_meth_new(api.BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, name)
+    if method == NULL:
+        raise ImportError("BIO_meth_new failed")
+    api.BIO_meth_set_ctrl(method, _bio_ctrl)
+    api.BIO_meth_set_create(method, _bio_create)
+    return method
 
 
 try:
@@ -357,7 +358,7 @@ cdef OutBuf stage
 cdef OutBuf* stage_owner = NULL
 
 
-cdef int _out_create(void* bio) noexcept nogil:
+cdef int _bio_create(void* bio) noexcept nogil:
     return 1
 
 
@@ -426,7 +427,7 @@ cdef void _unstage(OutBuf* own) noexcept nogil:
             stage.cap = 0
 
 
-cdef long _out_ctrl(void* bio, int cmd, long num, void* ptr) noexcept nogil:
+cdef long _bio_ctrl(void* bio, int cmd, long num, void* ptr) noexcept nogil:
     if cmd == BIO_CTRL_FLUSH or cmd == BIO_CTRL_DUP:
         return 1
     return 0
