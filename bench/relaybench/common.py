@@ -18,6 +18,10 @@ SECRET = "bench-s3cr3t"
 #: The name HTTPS visitors ask for (SNI and Host) in the https systems: it must resolve to
 #: HOST for wrk, which takes SNI from its URL, and it is not among the kite relay's own names.
 TLS_NAME = "localhost"
+#: The TLS 1.3 cipher suites every TLS peer in the comparison prefers: kite's own order
+#: (kite.net.tls.TLS13_CIPHERSUITES; a test keeps the two equal), so nginx and stunnel
+#: encrypt with the same AES-128-GCM as kite rather than OpenSSL's default AES-256-GCM.
+TLS13_SUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384"
 
 KiB = 1024
 MiB = 1024 * KiB

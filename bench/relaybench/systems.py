@@ -13,7 +13,16 @@ import time
 from typing import ClassVar
 
 from .client import connect, http_get
-from .common import HOST, KITE_DOMAIN, KITE_NAME, PK_FE_NAME, SECRET, TLS_NAME, BenchError
+from .common import (
+    HOST,
+    KITE_DOMAIN,
+    KITE_NAME,
+    PK_FE_NAME,
+    SECRET,
+    TLS13_SUITES,
+    TLS_NAME,
+    BenchError,
+)
 from .context import Ctx
 from .measure import tool_version
 from .procs import free_port, log_count, log_has, port_open, wait_for
@@ -95,6 +104,10 @@ class Direct(System):
         return Running(self, ctx.origin_port, "origin.bench", {})
 
 
+#: A stunnel server follows its own cipher order, as kite's and nginx's do.
+STUNNEL_SERVER_ORDER = "options = CIPHER_SERVER_PREFERENCE\noptions = PRIORITIZE_CHACHA\n"
+
+
 class Stunnel(System):
     name = "stunnel"
     title = "stunnel client -> TLS -> stunnel server (C reference)"
@@ -120,10 +133,10 @@ class Stunnel(System):
         s_port, c_port = free_port(), free_port()
         server_conf = os.path.join(ctx.work, f"stunnel-server-{tag}.conf")
         client_conf = os.path.join(ctx.work, f"stunnel-client-{tag}.conf")
-        common = "foreground = yes\npid =\nsyslog = no\ndebug = 3\n"
+        common = f"foreground = yes\npid =\nsyslog = no\ndebug = 3\nciphersuites = {TLS13_SUITES}\n"
         with open(server_conf, "w") as f:
             f.write(common + f"[tunnel]\naccept = {HOST}:{s_port}\nconnect = {HOST}:{ctx.origin_port}\n"
-                    f"cert = {ctx.cert}\nkey = {ctx.key}\n")
+                    f"cert = {ctx.cert}\nkey = {ctx.key}\n{STUNNEL_SERVER_ORDER}")
         with open(client_conf, "w") as f:
             f.write(common + f"[tunnel]\nclient = yes\naccept = {HOST}:{c_port}\n"
                     f"connect = {HOST}:{s_port}\nverifyChain = yes\nCAfile = {ctx.cert}\n"
@@ -527,6 +540,9 @@ http {{
         ssl_certificate_key {ctx.site_key};
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_session_tickets on;
+        ssl_prefer_server_ciphers on;
+        ssl_conf_command Ciphersuites {TLS13_SUITES};
+        ssl_conf_command Options PrioritizeChaCha;
         location / {{
             proxy_pass http://origin;
             proxy_http_version 1.1;
@@ -565,7 +581,8 @@ class StunnelTls(Stunnel):
         with open(conf, "w") as f:
             f.write("foreground = yes\npid =\nsyslog = no\ndebug = 3\n"
                     f"[https]\naccept = {HOST}:{port}\nconnect = {HOST}:{ctx.origin_port}\n"
-                    f"cert = {ctx.site_cert}\nkey = {ctx.site_key}\nsslVersionMin = TLSv1.2\n")
+                    f"cert = {ctx.site_cert}\nkey = {ctx.site_key}\nsslVersionMin = TLSv1.2\n"
+                    f"ciphersuites = {TLS13_SUITES}\n{STUNNEL_SERVER_ORDER}")
         log = ctx.logfile(f"stunnel-tls-{tag}")
         proc = ctx.procs.start("stunnel-tls", [self._exe(), conf], log=log, cpus=ctx.system_cpus)
         run = Running(self, port, TLS_NAME, {"relay": proc}, tls_name=TLS_NAME, fds_per_conn=2)

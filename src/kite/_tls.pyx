@@ -166,6 +166,7 @@ cdef struct Api:
     const char* (*X509_verify_cert_error_string)(long) noexcept nogil
     uint64_t (*SSL_CTX_get_options)(const void*) noexcept nogil
     int (*SSL_CTX_get_verify_mode)(const void*) noexcept nogil
+    int (*SSL_CTX_set_ciphersuites)(void*, const char*) noexcept nogil
     unsigned long (*ERR_get_error)() noexcept nogil
     void (*ERR_clear_error)() noexcept nogil
     const char* (*ERR_reason_error_string)(unsigned long) noexcept nogil
@@ -251,6 +252,7 @@ cdef int _load_api() except -1:
     _load(handle, b"X509_verify_cert_error_string", <void**>&api.X509_verify_cert_error_string)
     _load(handle, b"SSL_CTX_get_options", <void**>&api.SSL_CTX_get_options)
     _load(handle, b"SSL_CTX_get_verify_mode", <void**>&api.SSL_CTX_get_verify_mode)
+    _load(handle, b"SSL_CTX_set_ciphersuites", <void**>&api.SSL_CTX_set_ciphersuites)
     _load(handle, b"ERR_get_error", <void**>&api.ERR_get_error)
     _load(handle, b"ERR_clear_error", <void**>&api.ERR_clear_error)
     _load(handle, b"ERR_reason_error_string", <void**>&api.ERR_reason_error_string)
@@ -506,12 +508,31 @@ class TLSInfo:
 
 
 cdef void* _ctx_of(object context) except NULL:
+    """The SSL_CTX inside ``context``, for a connection of this transport."""
+    if isinstance(context, _ssl.SSLContext) and not usable(context):
+        raise ValueError("a context with an SNI or key-log callback needs Python's own TLS "
+                         "objects")
+    return _ssl_ctx(context)
+
+
+def set_ciphersuites(context, str suites):
+    """Set the TLS 1.3 cipher suites of ``context``, in order of preference (OpenSSL's
+    ``SSL_CTX_set_ciphersuites``; ``ssl.SSLContext.set_ciphers`` covers TLS 1.2 only).
+    Raises ``ValueError`` for a list OpenSSL refuses, ``RuntimeError`` when this module is
+    off (``available()``)."""
+    if _why_not is not None:
+        raise RuntimeError(f"kite._tls is off: {_why_not}")
+    cdef void* ctx = _ssl_ctx(context)
+    cdef bytes raw = suites.encode("ascii")
+    if api.SSL_CTX_set_ciphersuites(ctx, raw) != 1:
+        api.ERR_clear_error()
+        raise ValueError(f"OpenSSL takes none of the TLS 1.3 cipher suites {suites!r}")
+
+
+cdef void* _ssl_ctx(object context) except NULL:
     """The SSL_CTX inside ``context``, after checking that it is one."""
     if not isinstance(context, _ssl.SSLContext):
         raise TypeError(f"an ssl.SSLContext is needed, not {type(context).__name__}")
-    if not usable(context):
-        raise ValueError("a context with an SNI or key-log callback needs Python's own TLS "
-                         "objects")
     cdef void* ctx = (<_PySSLContext*><PyObject*>context).ctx
     if ctx == NULL:
         raise ValueError("the context has no SSL_CTX")

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ..errors import ConfigError
+from ..net.tls import prefer_ciphers
 
 log = logging.getLogger("kite.certs")
 
@@ -54,7 +55,8 @@ def tls_server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
     ``ssl.SSLError`` or ``OSError`` when the files do not load)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    prefer_ciphers(ctx)  # and the server's order (OP_CIPHER_SERVER_PREFERENCE)
     # Clients that offer no ALPN, or only protocols other than http/1.1 (a tunnel), get
     # none: CPython's selection callback answers "no acknowledgement", not a failure.
     ctx.set_alpn_protocols(ALPN)
