@@ -15,7 +15,8 @@ time, every function is looked up (``dlsym``, through ctypes) in the libraries o
 at import, and the ``SSL_CTX`` is the one inside the ``ssl.SSLContext`` given (its first
 field, checked against the context's options and verify mode before use). So a context
 configured in Python (certificates, ALPN, versions, verification) is used as it is, and no
-second copy of OpenSSL can ever touch it. The context object is kept alive as long as a
+second copy of OpenSSL can ever touch it; ``set_ciphersuites`` is the one setting this
+module adds to a context (its TLS 1.3 order, which ``ssl`` cannot set). The context object is kept alive as long as a
 connection uses it (its ALPN callback reads the Python object).  A context with an SNI
 callback or a key-log file is refused (``usable``): OpenSSL calls those with the
 connection's SSL, where Python's expect its own socket object; neither may be added to a
@@ -515,18 +516,30 @@ cdef void* _ctx_of(object context) except NULL:
     return _ssl_ctx(context)
 
 
-def set_ciphersuites(context, str suites):
+def set_ciphersuites(context, str suites not None):
     """Set the TLS 1.3 cipher suites of ``context``, in order of preference (OpenSSL's
     ``SSL_CTX_set_ciphersuites``; ``ssl.SSLContext.set_ciphers`` covers TLS 1.2 only).
-    Raises ``ValueError`` for a list OpenSSL refuses, ``RuntimeError`` when this module is
-    off (``available()``)."""
+    Every name must be one OpenSSL knows, else ``ValueError`` and the context is as it was
+    (OpenSSL itself would drop unknown names, and take "" as TLS 1.3 off).
+    ``RuntimeError`` when this module is off (``available()``)."""
     if _why_not is not None:
         raise RuntimeError(f"kite._tls is off: {_why_not}")
     cdef void* ctx = _ssl_ctx(context)
+    names = suites.split(":")
+    if not suites or "\0" in suites or not all(names):
+        raise ValueError(f"not a list of TLS 1.3 cipher suites: {suites!r}")
+    before = ":".join(c["name"] for c in context.get_ciphers() if c.get("protocol") == "TLSv1.3")
     cdef bytes raw = suites.encode("ascii")
     if api.SSL_CTX_set_ciphersuites(ctx, raw) != 1:
         api.ERR_clear_error()
         raise ValueError(f"OpenSSL takes none of the TLS 1.3 cipher suites {suites!r}")
+    now = {c["name"] for c in context.get_ciphers() if c.get("protocol") == "TLSv1.3"}
+    unknown = [name for name in names if name not in now]
+    if unknown:
+        if before:
+            api.SSL_CTX_set_ciphersuites(ctx, before.encode("ascii"))
+        api.ERR_clear_error()
+        raise ValueError(f"OpenSSL does not know the TLS 1.3 cipher suites {unknown}")
 
 
 cdef void* _ssl_ctx(object context) except NULL:

@@ -8,12 +8,15 @@ unless the user explicitly says ``--insecure``.
 Cipher suites (TLS 1.3): every context kite makes prefers ``TLS_AES_128_GCM_SHA256`` (the
 suite RFC 8446 makes mandatory), then ChaCha20-Poly1305, then AES-256-GCM; OpenSSL's own
 order puts AES-256-GCM first.  With AES instructions AES-128-GCM is a third cheaper per
-byte (``openssl speed -evp``: 4.2 against 2.9 GB/s here), and every byte kite carries is
-encrypted and decrypted once per TLS hop - the visitor's, the tunnel, a fleet link.  A
+byte (``openssl speed -evp`` on the 2-core development VM: 4.2 against 2.9 GB/s), and
+every byte kite carries is encrypted and decrypted once per TLS hop - the visitor's, the
+tunnel, a fleet link.  A
 server follows its own order, except for a client that lists ChaCha20 first (a device
-without AES instructions says so): it gets ChaCha20 (``SSL_OP_PRIORITIZE_CHACHA``).  The
-order is set through :mod:`kite._tls` (``ssl`` has no call for it); without the compiled
-module OpenSSL's order stays.  TLS 1.2 keeps Python's default list.
+without AES instructions says so): it gets ChaCha20 (``SSL_OP_PRIORITIZE_CHACHA``).  Only
+the order changes: the suites are those OpenSSL's configuration enabled (a system policy
+that turns one off is obeyed).  The order is set through :mod:`kite._tls` (``ssl`` has no
+call for it); without the compiled module OpenSSL's order stays.  TLS 1.2 keeps Python's
+default list.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import ipaddress
 import os
 import ssl
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ..errors import ConfigError
 
 __all__ = [
     "TLS13_CIPHERSUITES",
+    "prefer_ciphers",
+    "tls13_order",
     "generate_self_signed",
     "server_context",
     "client_context",
@@ -130,26 +135,47 @@ TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AE
 OP_PRIORITIZE_CHACHA = 1 << 21
 
 
-def _ciphersuite_setter():
-    if os.environ.get("KITE_NO_EXTENSIONS", "") not in ("", "0"):
-        return None
-    try:
-        from .. import _tls
-    except ImportError:
-        return None
-    return _tls.set_ciphersuites if _tls.available() is None else None
+_UNSET: Any = object()
+_setter: Any = _UNSET  # kite._tls.set_ciphersuites, or None; looked up at the first use
 
 
-_set_ciphersuites = _ciphersuite_setter()
+def _ciphersuite_setter() -> Optional[Callable[[ssl.SSLContext, str], None]]:
+    global _setter
+    if _setter is _UNSET:
+        _setter = None
+        if os.environ.get("KITE_NO_EXTENSIONS", "") in ("", "0"):
+            try:
+                from .. import _tls
+            except ImportError:
+                pass
+            else:
+                if _tls.available() is None:  # a module built before it had no setter:
+                    _setter = getattr(_tls, "set_ciphersuites", None)
+    return _setter
+
+
+def tls13_order(enabled: Sequence[str]) -> list[str]:
+    """``enabled`` (the TLS 1.3 suites a context has) in kite's order: the suites kite
+    ranks first, then any others as they were.  Nothing is added: a suite the system's
+    OpenSSL configuration turned off stays off."""
+    ranked = TLS13_CIPHERSUITES.split(":")
+    return ([name for name in ranked if name in enabled]
+            + [name for name in enabled if name not in ranked])
 
 
 def prefer_ciphers(ctx: ssl.SSLContext) -> None:
-    """Give ``ctx`` kite's TLS 1.3 order (a server: its own, ChaCha20 for the clients that
-    ask for it first)."""
+    """Put the TLS 1.3 suites of ``ctx`` in kite's order (see the module doc); a server
+    follows its own order, except for a client that lists ChaCha20 first."""
     if ctx.protocol == ssl.PROTOCOL_TLS_SERVER:
+        # Python sets the first already; said here because the order depends on it.
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | OP_PRIORITIZE_CHACHA
-    if _set_ciphersuites is not None:
-        _set_ciphersuites(ctx, TLS13_CIPHERSUITES)
+    setter = _ciphersuite_setter()
+    if setter is None:
+        return
+    enabled = [c["name"] for c in ctx.get_ciphers() if c.get("protocol") == "TLSv1.3"]
+    ordered = tls13_order(enabled)
+    if ordered != enabled:  # (none enabled: TLS 1.3 is off here, and stays so)
+        setter(ctx, ":".join(ordered))
 
 
 def server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
