@@ -31,7 +31,7 @@ import pytest
 from kite.certs.acme import RETRY_FIRST, AcmeManager, load_certificate
 from kite.names import NameService
 from kite.names.config import NamesConfig
-from support import KITE, SECRET, Proc, free_port, make_certs, run
+from support import KITE, SECRET, Proc, free_port, make_certs, run, wait_until
 
 ZONE = "acme.test"
 NAMES = [ZONE, "*." + ZONE]
@@ -90,12 +90,23 @@ def pebble(tmp_path, monkeypatch):
                          "PEBBLE_AUTHZREUSE": "0"})  # every order validates both names
         started.append(proc)
         proc.wait_for("ACME directory available at", timeout=30)
+        # Pebble logs its management address before a goroutine binds it: wait for it.
+        management = int(cfg["managementListenAddress"].rsplit(":", 1)[1])
+        wait_until(lambda: _accepts(management), 30, f"pebble's management port {management}")
         return Pebble(proc, config, f"https://{cfg['listenAddress']}/dir",
                       int(cfg["managementListenAddress"].rsplit(":", 1)[1]), tls.cert)
 
     yield start
     for proc in started:
         proc.stop(signal.SIGKILL)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except OSError:
+        return False
+    return True
 
 
 # -- checks ----------------------------------------------------------------------------------
