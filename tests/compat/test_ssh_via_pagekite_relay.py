@@ -79,7 +79,9 @@ def test_ssh_and_scp_through_pagekite_relay_with_kite_connect(tmp_path, pagekite
     sshd_port, key = sshd
     name = f"box.{ZONE}"
     fe = pagekite.frontend(tls=False)
-    be = pagekite.backend(fe.port, [("raw-22", name, sshd_port)])
+    # zchunks=False: the re-connect registration, which pagekite.py's own frontend does not
+    # drop at a PING from its backend (an in-band one it does, even mid-transfer: §13.2).
+    be = pagekite.backend(fe.port, [("raw-22", name, sshd_port)], zchunks=False)
     be.wait(be_flying_marker(fe.port, "raw-22", name), timeout=60)
     fe.wait(fe_live_marker("raw-22", name), timeout=60)
     env = _ssh_env(tmp_path)
@@ -106,7 +108,9 @@ def test_ssh_through_pagekite_relay_with_kite_forward(tmp_path, pagekite, sshd):
     sshd_port, key = sshd
     name = f"fwd.{ZONE}"
     fe = pagekite.frontend(tls=False)
-    be = pagekite.backend(fe.port, [("raw-22", name, sshd_port)])
+    # zchunks=False: the re-connect registration, which pagekite.py's own frontend does not
+    # drop at a PING from its backend (an in-band one it does, even mid-transfer: §13.2).
+    be = pagekite.backend(fe.port, [("raw-22", name, sshd_port)], zchunks=False)
     be.wait(be_flying_marker(fe.port, "raw-22", name), timeout=60)
     fe.wait(fe_live_marker("raw-22", name), timeout=60)
     log = open(tmp_path / "forward.log", "wb")
