@@ -10,13 +10,12 @@ suite RFC 8446 makes mandatory), then ChaCha20-Poly1305, then AES-256-GCM; OpenS
 order puts AES-256-GCM first.  With AES instructions AES-128-GCM is a third cheaper per
 byte (``openssl speed -evp`` on the 2-core development VM: 4.2 against 2.9 GB/s), and
 every byte kite carries is encrypted and decrypted once per TLS hop - the visitor's, the
-tunnel, a fleet link.  A
-server follows its own order, except for a client that lists ChaCha20 first (a device
-without AES instructions says so): it gets ChaCha20 (``SSL_OP_PRIORITIZE_CHACHA``).  Only
-the order changes: the suites are those OpenSSL's configuration enabled (a system policy
-that turns one off is obeyed).  The order is set through :mod:`kite._tls` (``ssl`` has no
-call for it); without the compiled module OpenSSL's order stays.  TLS 1.2 keeps Python's
-default list.
+tunnel, a fleet link.  A server follows its own order, except for a client that lists
+ChaCha20 first (a device without AES instructions says so): it gets ChaCha20
+(``SSL_OP_PRIORITIZE_CHACHA``).  Only the order changes: the suites are those OpenSSL's
+configuration enabled (a system policy that turns one off is obeyed).  The order is set
+through :mod:`kite._tls` (``ssl`` has no call for it); without the compiled module
+OpenSSL's order stays.  TLS 1.2 keeps Python's default list.
 """
 
 from __future__ import annotations
@@ -149,7 +148,7 @@ def _ciphersuite_setter() -> Optional[Callable[[ssl.SSLContext, str], None]]:
             except ImportError:
                 pass
             else:
-                if _tls.available() is None:  # a module built before it had no setter:
+                if _tls.available() is None:  # (a module built before the setter: none)
                     _setter = getattr(_tls, "set_ciphersuites", None)
     return _setter
 
