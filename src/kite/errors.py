@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "KiteRefused",
     "TooManyStreams",
+    "RelayFull",
     "ConnectFailed",
     "RelayUnreachable",
     "RelayTLSError",
@@ -101,6 +102,11 @@ class KiteRefused(KiteError):
 class TooManyStreams(KiteError):
     """A tunnel carries as many streams as it may (``--max-streams``): no new stream id is
     given out, and the visitor is refused."""
+
+
+class RelayFull(TooManyStreams):
+    """The relay's connections left for visitors are taken (``--max-connections`` less
+    ``--tunnel-reserve``): the visitor is refused, the rest are kept for tunnels."""
 
 
 # -- reaching a relay (kite connect, kite forward, the dialer) ------------------------------------

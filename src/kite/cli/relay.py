@@ -109,6 +109,9 @@ def acme_options(f):
 @click.option("--max-pending", type=click.IntRange(min=1), default=None,
               help="Connections that have not yet said what they are; more are closed at "
                    "once. Default: max-connections / 4, at most 4096.")
+@click.option("--tunnel-reserve", type=click.IntRange(min=0), default=None,
+              help="Connections visitors may not take, kept for backends to (re)connect "
+                   "(0: none). Default: max-connections / 16, 16 to 1024.")
 @click.option("--max-streams", type=click.IntRange(min=1), default=None,
               help="Visitors one tunnel may carry at once; more are refused.  [default: 16384]")
 @click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
@@ -147,8 +150,8 @@ def acme_options(f):
 @common_options
 def relay(config_file, listen, tls_cert, tls_key, tls_name, redirect_http, hsts, kites,
           secret_file, single, db, redis_url, relay_id, signup, signup_quota, keepalive, busy_poll,
-          zchunks, drain_timeout, max_connections,
-          max_pending, max_streams, idle_timeout, buffer_budget, slow_reader_timeout,
+          zchunks, drain_timeout, max_connections, max_pending, tunnel_reserve, max_streams,
+          idle_timeout, buffer_budget, slow_reader_timeout,
           access_log, log_format, admin, admin_token, admin_token_file,
           allow_plain, error_pages, check_file, verbose, quiet, loop_kind, **dns):
     """Run the public relay: tunnels and visitors on one port.
@@ -172,6 +175,7 @@ def relay(config_file, listen, tls_cert, tls_key, tls_name, redirect_http, hsts,
             keepalive=keepalive, busy_poll=busy_poll, zchunks=zchunks,
             drain_timeout=drain_timeout, secret_file=secret_file,
             limits={"max_connections": max_connections, "max_pending": max_pending,
+                    "tunnel_reserve": tunnel_reserve,
                     "max_streams": max_streams, "idle_timeout": idle_timeout,
                     "buffer_budget": buffer_budget, "slow_reader_timeout": slow_reader_timeout},
             dns_options=dict(dns), db=db, signup=signup, signup_quota=signup_quota,

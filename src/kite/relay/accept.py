@@ -9,7 +9,10 @@ TLS visitors passed through untouched, plain tunnels, CONNECT and HTTP visitors.
 
 Overload (docs in the constants below): the relay caps the connections it holds open
 (``max_connections``: pending, being set up, tunnels, visitors); a connection beyond it is
-accepted and reset at once, so the listen queue keeps moving and nothing spins.  Connections
+accepted and reset at once, so the listen queue keeps moving and nothing spins.  Visitors
+may not take the last ``tunnel_reserve`` of them (:meth:`Acceptor.admit_visitor`, asked
+before each new visitor stream): a flood of visitors that stay connected leaves room for
+backends to (re)connect, and their kites keep flying.  Connections
 not yet classified are capped too (``max_pending``), but reaching that cap pauses accepting
 instead: a burst of visitors (a browser's six connections times many, a benchmark's
 thousands at once) waits in the kernel's listen queue for the few milliseconds the relay
@@ -31,7 +34,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Optional
 
-from ..errors import KiteError, SniffError
+from ..errors import KiteError, RelayFull, SniffError
 from ..net.sockets import reset_on_close
 from ..proto.http import MAX_HEAD
 from ..proto.sniff import sniff as sniff_first_bytes
@@ -42,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("kite.relay")
 
 __all__ = ["Acceptor", "PendingVisitor", "FIRST_BYTES_TIMEOUT", "MAX_PEEK",
-           "default_max_connections", "default_max_pending"]
+           "default_max_connections", "default_max_pending", "default_tunnel_reserve"]
 
 #: How long a new connection may take to say what it is.
 FIRST_BYTES_TIMEOUT = 10.0
@@ -57,6 +60,10 @@ FD_RESERVE_MIN = 16
 FD_RESERVE_MAX = 256
 #: Pending connections allowed by default: a quarter of max_connections, at most this.
 MAX_PENDING_DEFAULT_CAP = 4096
+#: Connections kept for tunnels by default (visitors may not take them): a sixteenth of
+#: max_connections, between these bounds, and never more than a quarter of it.
+TUNNEL_RESERVE_MIN = 16
+TUNNEL_RESERVE_MAX = 1024
 #: Pause before accepting again after accept failed for lack of resources: doubles from
 #: the first to the second while the failures last.
 ACCEPT_PAUSE_MIN = 0.05
@@ -70,6 +77,14 @@ def default_max_connections(nofile: int) -> int:
     but a reserve (an eighth, FD_RESERVE_MIN..FD_RESERVE_MAX)."""
     reserve = min(max(nofile // 8, FD_RESERVE_MIN), FD_RESERVE_MAX)
     return max(1, nofile - reserve)
+
+
+def default_tunnel_reserve(max_connections: int) -> int:
+    """The default ``tunnel_reserve``: a sixteenth of ``max_connections``, within
+    TUNNEL_RESERVE_MIN..TUNNEL_RESERVE_MAX, at most a quarter of it (a small relay keeps
+    most of its connections for visitors)."""
+    return min(max(max_connections // 16, TUNNEL_RESERVE_MIN), TUNNEL_RESERVE_MAX,
+               max_connections // 4)
 
 
 def default_max_pending(max_connections: int) -> int:
@@ -174,21 +189,23 @@ class Acceptor:
     """Listening sockets and the connections whose first bytes are awaited."""
 
     def __init__(self, dispatcher: Dispatcher, *, max_connections: int = 1 << 20,
-                 max_pending: int = MAX_PENDING_DEFAULT_CAP) -> None:
+                 max_pending: int = MAX_PENDING_DEFAULT_CAP, tunnel_reserve: int = 0) -> None:
         self.loop = asyncio.get_running_loop()
         self.dispatcher = dispatcher
         self.pending: set[PendingVisitor] = set()
         self._listeners: list[tuple[socket.socket, int]] = []
         self.max_connections = max_connections
         self.max_pending = max_pending
+        self.tunnel_reserve = tunnel_reserve  # the last connections, kept for tunnels
         self.accepting = True  # False while paused (a resource error, or pending_full)
         self.pending_full = False  # paused: max_pending connections await their first bytes
         self._pause = ACCEPT_PAUSE_MIN
         self._retry: Optional[asyncio.TimerHandle] = None
         # what was dropped since the last overload line (and in total, for tests)
         self.over_connections = self.over_pending = self.accept_errors = 0
+        self.over_visitors = 0  # visitors refused for the tunnel reserve, since the last line
         self.silent = self.silent_total = 0  # closed for saying nothing in time
-        self.dropped_total = 0
+        self.dropped_total = self.full_total = 0
         self._last_error = ""
         self._last_log = -OVERLOAD_LOG_INTERVAL
         self._log_handle: Optional[asyncio.TimerHandle] = None
@@ -198,6 +215,18 @@ class Acceptor:
         d = self.dispatcher
         state = d.state
         return len(self.pending) + d.setting_up() + len(state.tunnels) + state.limits.connections
+
+    def admit_visitor(self) -> None:
+        """Raise :class:`RelayFull` when a new visitor would take one of the last
+        ``tunnel_reserve`` connections (counted, summarised in the overload line).  The
+        visitor asking is among :meth:`connections` already (pending, or being set up)."""
+        if self.connections() > self.max_connections - self.tunnel_reserve:
+            self.over_visitors += 1
+            self.full_total += 1
+            self._report()
+            raise RelayFull(f"{self.connections()} connections open: the last "
+                            f"{self.tunnel_reserve} of --max-connections "
+                            f"({self.max_connections}) are kept for tunnels")
 
     def listen(self, host: str, port: int) -> tuple:
         """Listen on ``host:port``; returns the bound ``(host, port)``."""
@@ -317,6 +346,10 @@ class Acceptor:
         if self.over_connections:
             parts.append(f"{self.over_connections} connection(s) reset over --max-connections "
                          f"({self.max_connections})")
+        if self.over_visitors:
+            parts.append(f"{self.over_visitors} visitor(s) refused: the last "
+                         f"{self.tunnel_reserve} of --max-connections ({self.max_connections}) "
+                         f"are kept for tunnels (--tunnel-reserve)")
         if self.over_pending:
             parts.append(f"accepting paused {self.over_pending} time(s) while --max-pending "
                          f"({self.max_pending}) connections had not said what they are")
@@ -330,6 +363,7 @@ class Acceptor:
         if not parts:
             return
         self.over_connections = self.over_pending = self.accept_errors = self.silent = 0
+        self.over_visitors = 0
         self._last_log = time.monotonic()
         log.log(logging.WARNING if overloaded else logging.INFO, "%s (%d connections open): %s",
                 "relay overloaded" if overloaded else "idle connections",

@@ -64,6 +64,7 @@ class RelayConfig:
     # -- connection and stream limits (docs in kite.relay.accept and kite.net.limits) --
     max_connections: Optional[int] = None  # visitors + tunnels + pending; None: from the fd limit
     max_pending: Optional[int] = None  # connections not yet classified; None: derived
+    tunnel_reserve: Optional[int] = None  # connections visitors may not take; None: derived
     max_streams: int = DEFAULT_MAX_STREAMS  # streams per tunnel
     idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT  # s without a byte; None: never
     buffer_budget: Optional[int] = DEFAULT_BUFFER_BUDGET  # bytes in visitor buffers; None: no cap
@@ -109,9 +110,9 @@ _RELAY_KEYS = {"listen", "tls_cert", "tls_key", "tls", "redirect_http", "hsts", 
                "kite", "keepalive", "busy_poll", "zchunks",
                "secret_file", "db", "redis", "signup", "signup_quota", "signup_per_hour",
                "relay_id",
-               "max_connections", "max_pending", "max_streams", "idle_timeout", "buffer_budget",
-               "slow_reader_timeout", "access_log", "log_format", "admin", "admin_token_file",
-               "allow_plain", "error_pages"}
+               "max_connections", "max_pending", "tunnel_reserve", "max_streams", "idle_timeout",
+               "buffer_budget", "slow_reader_timeout", "access_log", "log_format", "admin",
+               "admin_token_file", "allow_plain", "error_pages"}
 #: Keys holding file names: relative to the config file's folder.
 _PATH_KEYS = ("tls_cert", "tls_key", "secret_file", "db", "tsig_file", "error_pages",
               "admin_token_file")
@@ -436,6 +437,7 @@ def _apply_observe(cfg: RelayConfig, data: dict, options: dict) -> None:
 LIMIT_KEYS = {
     "max_connections": (int, 1),
     "max_pending": (int, 1),
+    "tunnel_reserve": (int, 0),
     "max_streams": (int, 1),
     "idle_timeout": (float, 0),
     "buffer_budget": (int, 0),  # MiB
@@ -460,6 +462,11 @@ def _apply_limits(cfg: RelayConfig, data: dict, options: dict) -> None:
             cfg.idle_timeout = float(value) or None
         else:
             setattr(cfg, key, kind(value))
+    if cfg.tunnel_reserve is not None and cfg.max_connections is not None \
+            and cfg.tunnel_reserve >= cfg.max_connections:
+        raise ConfigError("tunnel_reserve", f"{cfg.tunnel_reserve} leaves visitors none of "
+                          f"max_connections ({cfg.max_connections})",
+                          "a number below max_connections")
 
 
 def _registry(db: Optional[str], redis: Optional[str]) -> Optional[str]:

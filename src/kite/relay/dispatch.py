@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from ..certs import CertStore
 from ..certs.ondemand import ACME_CHALLENGE_PATH, FIRST_VISITOR_WAIT
-from ..errors import KiteError, RemoteProtocolError, SniffError, TooManyStreams
+from ..errors import KiteError, RelayFull, RemoteProtocolError, SniffError, TooManyStreams
 from ..net.aio import feed_protocol
 from ..net.sockets import reset_on_close
 from ..net.tlsconn import accept_tls
@@ -313,13 +313,15 @@ class Dispatcher:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- first bytes ----------------------------------------------------------------------------
-    def refuse(self, pv: PendingVisitor, reason: str, answer: bytes, consume: bool = True, *,
-               kite: str = "", proto: str = "", result: str = "refused", head: bytes = b"") -> None:
+    def refuse(self, pv: PendingVisitor, reason: str | TooManyStreams, answer: bytes,
+               consume: bool = True, *, kite: str = "", proto: str = "", result: str = "refused",
+               head: bytes = b"") -> None:
         """Answer ``answer`` and close; the access log says ``result`` (``refused``,
         ``offline``, ``quota``) with ``reason``."""
-        log.info("visitor %s refused: %s", pv.peer(), reason)
+        log.log(_refusal_level(reason), "visitor %s refused: %s", pv.peer(), reason)
         if self.state.access_log is not None:
-            self.state.access_log.refused(pv.peer(), kite, proto, reason, result, head=head)
+            self.state.access_log.refused(pv.peer(), kite, proto, str(reason), result,
+                                          head=head)
         sock = pv.detach()
         _send_and_close(sock, answer, _peek_length(sock, MAX_PEEK) if consume else 0)
 
@@ -406,7 +408,7 @@ class Dispatcher:
         try:
             sid = tunnel.new_sid()
         except TooManyStreams as exc:
-            self.refuse(pv, str(exc), self.page(503, host, json_wanted=result.wants_json),
+            self.refuse(pv, exc, self.page(503, host, json_wanted=result.wants_json),
                         kite=host, proto="http", head=data)
             return
         self._open_stream(pv, tunnel, sid, bare_proto(proto), host, pv.port, payload=data,
@@ -460,7 +462,7 @@ class Dispatcher:
                 try:
                     sid = tunnel.new_sid()
                 except TooManyStreams as exc:
-                    self.refuse(pv, str(exc), b"", kite=sni, proto="https")
+                    self.refuse(pv, exc, b"", kite=sni, proto="https")
                     return
                 self._open_stream(pv, tunnel, sid, "https", sni, pv.port, payload=data,
                                   skip=len(data))
@@ -569,7 +571,8 @@ class Dispatcher:
                 try:
                     sid = tunnel.new_sid()
                 except TooManyStreams as exc:
-                    reason, refusal = str(exc), http_error(503, host)
+                    _refuse_terminated(transport, peer, exc, http_error(503, host))
+                    return None
         if refusal is not None or tunnel is None or proto is None:
             _refuse_terminated(transport, peer, reason, refusal)
             return None
@@ -603,7 +606,7 @@ class Dispatcher:
         try:
             sid = tunnel.new_sid()
         except TooManyStreams as exc:
-            self.refuse(pv, str(exc), connect_refused(503, f"kite {host}:{port} is busy"),
+            self.refuse(pv, exc, connect_refused(503, f"kite {host}:{port} is busy"),
                         kite=host, proto=proto)
             return
         sock = _answer_connect(pv, result.head_length, VISITOR_CONNECT_OK)
@@ -682,7 +685,8 @@ class Dispatcher:
             try:
                 return fleet.open_stream(link, host, proto, port, addr, data, rtls=True)
             except TooManyStreams as exc:
-                reason, refusal = str(exc), http_error(503, host)
+                _refuse_terminated(transport, f"{addr[0]}:{addr[1]}", exc, http_error(503, host))
+                return None
         _refuse_terminated(transport, f"{addr[0]}:{addr[1]}", reason, refusal)
         return None
 
@@ -755,7 +759,8 @@ class Dispatcher:
         try:
             sid = tunnel.new_sid()
         except TooManyStreams as exc:
-            log.info("visitor %s (from relay %s) refused: %s", visitor, peer, exc)
+            log.log(_refusal_level(exc), "visitor %s (from relay %s) refused: %s", visitor,
+                    peer, exc)
             transport.close()
             return
         self._stream_on_transport(transport, tunnel, sid, bare_proto(proto), head.host,
@@ -842,7 +847,7 @@ class Dispatcher:
         try:
             sid = tunnel.new_sid()
         except TooManyStreams as exc:
-            log.info("visitor %s refused: %s", peer, exc)
+            log.log(_refusal_level(exc), "visitor %s refused: %s", peer, exc)
             transport.write(connect_refused(503, f"kite {host}:{port} is busy"))
             transport.close()
             return
@@ -954,9 +959,15 @@ def _first_request(data: bytes, end: int) -> tuple[Optional[HttpRequest], str, O
     return result, "", None
 
 
-def _refuse_terminated(transport: asyncio.Transport, peer: str, reason: str,
+def _refusal_level(reason: object) -> int:
+    """The log level of a refusal: RelayFull is summarised by the acceptor's overload line
+    (one per OVERLOAD_LOG_INTERVAL), so each visitor is logged at DEBUG only."""
+    return logging.DEBUG if isinstance(reason, RelayFull) else logging.INFO
+
+
+def _refuse_terminated(transport: asyncio.Transport, peer: str, reason: str | TooManyStreams,
                        refusal: Optional[bytes]) -> None:
     """Answer a TLS visitor the relay will not serve (``refusal``, if any) and close."""
-    log.info("TLS visitor %s refused: %s", peer, reason)
+    log.log(_refusal_level(reason), "TLS visitor %s refused: %s", peer, reason)
     transport.write(refusal or b"")
     transport.close()

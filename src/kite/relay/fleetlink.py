@@ -30,7 +30,7 @@ import random
 import socket
 from typing import Callable, Optional
 
-from ..errors import KiteError, RemoteProtocolError, TooManyStreams
+from ..errors import KiteError, RelayFull, RemoteProtocolError, TooManyStreams
 from ..net.aio import feed_protocol
 from ..net.busypoll import BusyPoll
 from ..net.dial import open_tcp
@@ -272,6 +272,8 @@ class FleetLink:
         self._links: dict = {}  # (forward address, fingerprint) -> _LinkOut
         self._no_link: dict = {}  # (forward address, fingerprint) -> loop time to ask again
         self._incoming: set = set()  # _LinkIn
+        #: Asked before a visitor is handed over (the relay's RelayState.admit_visitor).
+        self.admit_visitor: Callable[[], None] = lambda: None
 
     def accepts(self, secret: str) -> bool:
         return hmac.compare_digest(secret.encode(), self.secret.encode())
@@ -328,7 +330,8 @@ class FleetLink:
         """A new stream of ``link`` for the visitor ``visitor`` (ip, port) of
         ``proto:host`` on ``port``, whose first bytes are ``payload``: the protocol for the
         visitor's transport (the caller attaches it).  ``rtls``: this relay terminated the
-        visitor's TLS.  Raises TooManyStreams."""
+        visitor's TLS.  Raises TooManyStreams (RelayFull: see ``admit_visitor``)."""
+        self.admit_visitor()
         sid = link.new_sid()
         where = "%s:%s" % visitor[:2]
         stream = link.open_stream(sid, proto, host, port, visitor[0], visitor[1], peer=where,
@@ -465,7 +468,9 @@ class FleetLink:
         try:
             protocol = self.open_stream(link, host, proto, port, visitor)
         except TooManyStreams as exc:
-            log.warning("visitor %s:%s of %s: %s", visitor[0], visitor[1], host, exc)
+            # RelayFull is summarised by the acceptor's overload line, not logged per visitor
+            log.log(logging.DEBUG if isinstance(exc, RelayFull) else logging.WARNING,
+                    "visitor %s:%s of %s: %s", visitor[0], visitor[1], host, exc)
             await self._refuse(sock, proto, host)
             return
         try:

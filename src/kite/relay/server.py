@@ -25,7 +25,12 @@ from ..net.memory import MemoryTrimmer
 from ..net.sockets import raise_nofile_limit
 from ..net.tls import cert_fingerprint
 from ..store.opener import is_redis_url
-from .accept import Acceptor, default_max_connections, default_max_pending
+from .accept import (
+    Acceptor,
+    default_max_connections,
+    default_max_pending,
+    default_tunnel_reserve,
+)
 from .config import RelayConfig
 from .dispatch import Dispatcher
 from .fleetlink import FleetLink
@@ -64,6 +69,7 @@ class RelayServer:
         self.dispatcher = Dispatcher(self.state, self.certs)
         self.acceptor = Acceptor(self.dispatcher)
         self.dispatcher.note_silent = self.acceptor.note_silent
+        self.state.admit_visitor = self.acceptor.admit_visitor
         self.names: Optional[NameService] = None  # DNS for the kites (kite.names), if configured
         if config.names is not None:
             self.names = NameService(config.names, self.state.tls_names)
@@ -86,10 +92,22 @@ class RelayServer:
         acceptor = self.acceptor
         acceptor.max_connections = cfg.max_connections or default_max_connections(nofile)
         acceptor.max_pending = cfg.max_pending or default_max_pending(acceptor.max_connections)
+        reserve = cfg.tunnel_reserve
+        if reserve is None:
+            reserve = default_tunnel_reserve(acceptor.max_connections)
+        elif reserve >= acceptor.max_connections:
+            # only a derived max_connections gets here: an explicit one is checked with the
+            # configuration (kite.relay.config)
+            reserve = acceptor.max_connections // 2
+            log.warning("tunnel_reserve %d is not below max_connections %d (from the "
+                        "descriptor limit %d): %d kept for tunnels", cfg.tunnel_reserve,
+                        acceptor.max_connections, nofile, reserve)
+        acceptor.tunnel_reserve = reserve
         limits = self.state.limits
-        log.info("descriptor limit %d: at most %d connections, %d pending; %d streams per "
-                 "tunnel; idle streams closed after %s; visitor buffers %s", nofile,
-                 acceptor.max_connections, acceptor.max_pending, limits.max_streams,
+        log.info("descriptor limit %d: at most %d connections (the last %d for tunnels), %d "
+                 "pending; %d streams per tunnel; idle streams closed after %s; visitor "
+                 "buffers %s", nofile, acceptor.max_connections, acceptor.tunnel_reserve,
+                 acceptor.max_pending, limits.max_streams,
                  f"{limits.idle_timeout:g} s" if limits.idle_timeout else "never",
                  f"up to {limits.buffer_budget // (1 << 20)} MiB" if limits.buffer_budget
                  else "unlimited")
@@ -177,6 +195,7 @@ class RelayServer:
         await fleet.start()
         self.state.subscribe(fleet.on_presence)
         self.state.fleet_link = FleetLink(self.fleet, self.fleet.secret, self.state.busy)
+        self.state.fleet_link.admit_visitor = self.acceptor.admit_visitor
 
     @property
     def relay_id(self) -> str:
@@ -192,7 +211,7 @@ class RelayServer:
         the certificate (:meth:`RelayState.reload`); other keys need a restart."""
         old = self.config
         for key in ("listen", "db", "names", "signup_zone", "max_connections", "max_pending",
-                    "max_streams", "idle_timeout", "buffer_budget", "slow_reader_timeout",
+                    "tunnel_reserve", "max_streams", "idle_timeout", "buffer_budget", "slow_reader_timeout",
                     "keepalive", "zchunks", "busy_poll"):
             if getattr(old, key) != getattr(config, key):
                 log.warning("reload: %s changed; it takes effect at the next restart", key)

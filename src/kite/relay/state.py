@@ -56,6 +56,10 @@ log = logging.getLogger("kite.relay")
 __all__ = ["RelayState", "PresenceEvent"]
 
 
+def _admit_any() -> None:
+    """No connection cap: every visitor is admitted (a state without a server)."""
+
+
 @dataclass(frozen=True)
 class PresenceEvent:
     """A kite started (``online``) or stopped flying on this relay."""
@@ -109,6 +113,9 @@ class RelayState:
         if self.access_log is None and config.admin is not None:
             self.access_log = AccessLog(None, inbound="sent")
         self.handshakes: dict[str, int] = {}
+        #: Asked before every new visitor stream; raises RelayFull when visitors may take no
+        #: more connections (the server sets kite.relay.accept.Acceptor.admit_visitor).
+        self.admit_visitor: Callable[[], None] = _admit_any
         # every visitor stream shares these (kite.net.limits)
         self.limits = StreamLimits(
             max_streams=config.max_streams, idle_timeout=config.idle_timeout,

@@ -169,7 +169,9 @@ class RelayTunnel(TunnelProtocol):
 
     # -- streams ------------------------------------------------------------------------------
     def new_sid(self) -> int:
-        """A free stream id; TooManyStreams once ``limits.max_streams`` streams are open."""
+        """A free stream id; TooManyStreams once ``limits.max_streams`` streams are open,
+        RelayFull (one of them) when the relay keeps its last connections for tunnels."""
+        self.state.admit_visitor()
         cap = min(self.limits.max_streams if self.limits else SID_LIMIT, SID_LIMIT - 1)
         if len(self.streams) >= cap:
             raise TooManyStreams(f"{self.name}: {len(self.streams)} streams open, the most "
