@@ -5,7 +5,9 @@ The relay accepts connections itself and *peeks* at their first bytes (``MSG_PEE
 any protocol owns the socket: peeking, not reading, is what lets one port carry TLS tunnels,
 TLS visitors passed through untouched, plain tunnels, CONNECT and HTTP visitors.  Once
 :func:`kite.proto.sniff.sniff` has classified the bytes, the connection goes to the
-:class:`~kite.relay.dispatch.Dispatcher`.
+:class:`~kite.relay.dispatch.Dispatcher`.  The listeners defer accepting until a connection
+has sent something (``DEFER_ACCEPT``), so the first peek, right after ``accept``, usually
+classifies it: no readiness to wait for, no timer.
 
 Overload (docs in the constants below): the relay caps the connections it holds open
 (``max_connections``: pending, being set up, tunnels, visitors); a connection beyond it is
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import select
 import socket
 import time
 from typing import TYPE_CHECKING, Optional
@@ -49,6 +52,12 @@ __all__ = ["Acceptor", "PendingVisitor", "FIRST_BYTES_TIMEOUT", "MAX_PEEK",
 
 #: How long a new connection may take to say what it is.
 FIRST_BYTES_TIMEOUT = 10.0
+#: Seconds the kernel holds a new connection that has sent nothing before handing it to
+#: accept() (Linux ``TCP_DEFER_ACCEPT``; elsewhere accept() takes it at once).  Every
+#: connection the relay takes speaks first, so a connection reaches the relay with its
+#: first bytes, classified without waiting for readiness; one that says nothing holds no
+#: descriptor and no pending slot meanwhile, then gets FIRST_BYTES_TIMEOUT more.
+DEFER_ACCEPT = 10
 #: The most the relay peeks at before it must decide (a TLS hello or HTTP head fits).
 MAX_PEEK = MAX_HEAD + 5  # a TLS record header and a 16 KiB head
 #: Connections taken per listener readiness, so one busy port cannot starve the loop.
@@ -93,10 +102,21 @@ def default_max_pending(max_connections: int) -> int:
     return max(1, min(max_connections // 4, MAX_PENDING_DEFAULT_CAP))
 
 
+def _peer_done(fd: int) -> bool:
+    """The peer has shut down its sending side (Linux ``POLLRDHUP``; elsewhere False)."""
+    rdhup = getattr(select, "POLLRDHUP", 0)
+    if not rdhup:
+        return False
+    poller = select.poll()
+    poller.register(fd, rdhup)
+    return bool(poller.poll(0))
+
+
 class PendingVisitor:
     """A new connection whose first bytes are not yet known."""
 
-    __slots__ = ("acceptor", "sock", "addr", "port", "handle", "deadline", "delay", "fd")
+    __slots__ = ("acceptor", "sock", "addr", "port", "handle", "deadline", "delay", "fd",
+                 "watching")
 
     def __init__(self, acceptor: Acceptor, sock: socket.socket, addr, port: int) -> None:
         self.acceptor = acceptor
@@ -107,18 +127,32 @@ class PendingVisitor:
         self.deadline = time.monotonic() + FIRST_BYTES_TIMEOUT
         self.delay = 0.001
         self.handle: Optional[asyncio.TimerHandle] = None
+        self.watching = False  # registered with the loop for readability
 
     def peer(self) -> str:
         return f"{self.addr[0]}:{self.addr[1]}"
 
     def start(self) -> None:
-        loop = self.acceptor.loop
-        loop.add_reader(self.fd, self.on_readable)
-        self.handle = loop.call_later(FIRST_BYTES_TIMEOUT, self.on_timeout)
+        """Classify the connection by the bytes it sent (usually there already: the
+        listeners defer accepting until they come, ``DEFER_ACCEPT``); else wait for them,
+        FIRST_BYTES_TIMEOUT at most."""
+        if not self.on_readable():
+            self._watch()
+        if self.handle is None and self in self.acceptor.pending:
+            self.handle = self.acceptor.loop.call_later(FIRST_BYTES_TIMEOUT, self.on_timeout)
+
+    def _watch(self) -> None:
+        self.acceptor.loop.add_reader(self.fd, self.on_readable)
+        self.watching = True
+
+    def _unwatch(self) -> None:
+        if self.watching:
+            self.watching = False
+            self.acceptor.loop.remove_reader(self.fd)
 
     def detach(self) -> socket.socket:
         """Stop watching the socket; the caller now owns it."""
-        self.acceptor.loop.remove_reader(self.fd)
+        self._unwatch()
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None
@@ -140,49 +174,54 @@ class PendingVisitor:
             self.close()
             self.acceptor.note_silent()
 
-    def on_readable(self) -> None:
+    def on_readable(self) -> bool:
+        """Peek at what the connection sent and act on it; False when nothing came yet."""
         dispatcher = self.acceptor.dispatcher
         try:
             data = self.sock.recv(MAX_PEEK, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             log.info("visitor %s: %s", self.peer(), exc)
             self.close()
-            return
+            return True
         if not data:
             self.close()
-            return
+            return True
         try:
             result = sniff_first_bytes(data)
         except SniffError as exc:
             dispatcher.unrecognised(self, exc, data)
-            return
+            return True
         except Exception:  # a bug must cost this visitor, never the relay
             log.exception("visitor %s: sniffing failed", self.peer())
             self.close()
-            return
+            return True
         if result.kind == "need_more":
             if len(data) >= MAX_PEEK:
                 dispatcher.refuse(self, "first bytes too long to classify", b"")
-                return
+                return True
+            if _peer_done(self.fd):  # a peek shows the bytes, not the EOF behind them
+                dispatcher.refuse(self, f"the connection ended after {len(data)} bytes, "
+                                  "too few to classify", b"")
+                return True
             # Level-triggered readiness would fire again at once for the same bytes: wait
             # for more with a short, growing delay instead (rare: heads come in one piece).
-            loop = self.acceptor.loop
-            loop.remove_reader(self.fd)
-            loop.call_later(self.delay, self._rearm)
+            self._unwatch()
+            self.acceptor.loop.call_later(self.delay, self._rearm)
             self.delay = min(self.delay * 2, 0.05)
-            return
+            return True
         try:
             dispatcher.dispatch(self, result, data)
         except Exception:
             log.exception("visitor %s: dispatch failed", self.peer())
             if self in self.acceptor.pending:
                 self.close()
+        return True
 
     def _rearm(self) -> None:
         if self in self.acceptor.pending:
-            self.acceptor.loop.add_reader(self.fd, self.on_readable)
+            self._watch()
 
 
 class Acceptor:
@@ -233,6 +272,9 @@ class Acceptor:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         lsock = socket.socket(family, socket.SOCK_STREAM)
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        defer = getattr(socket, "TCP_DEFER_ACCEPT", None)
+        if defer is not None:
+            lsock.setsockopt(socket.IPPROTO_TCP, defer, DEFER_ACCEPT)
         try:
             lsock.bind((host, port))
         except OSError as exc:
