@@ -542,8 +542,10 @@ def set_ciphersuites(context, str suites not None):
         raise ValueError(f"OpenSSL does not know the TLS 1.3 cipher suites {unknown}")
 
 
-cdef void* _ssl_ctx(object context) except NULL:
-    """The SSL_CTX inside ``context``, after checking that it is one."""
+cdef void* _ssl_ctx(object context, bint check_layout=False) except NULL:
+    """The SSL_CTX inside ``context``, after checking that it is one.  ``check_layout``
+    compares what OpenSSL and Python say of it, to prove the struct's layout: done once, at
+    import (every context has the same layout; the comparison costs two enums a call)."""
     if not isinstance(context, _ssl.SSLContext):
         raise TypeError(f"an ssl.SSLContext is needed, not {type(context).__name__}")
     cdef void* ctx = (<_PySSLContext*><PyObject*>context).ctx
@@ -551,7 +553,8 @@ cdef void* _ssl_ctx(object context) except NULL:
         raise ValueError("the context has no SSL_CTX")
     # Python's CERT_NONE / CERT_OPTIONAL / CERT_REQUIRED are SSL_VERIFY_NONE, _PEER and
     # _PEER | _FAIL_IF_NO_PEER_CERT.
-    if (api.SSL_CTX_get_options(ctx) != <uint64_t>context.options
+    if check_layout and (
+            api.SSL_CTX_get_options(ctx) != <uint64_t>context.options
             or api.SSL_CTX_get_verify_mode(ctx) != (0, 1, 3)[int(context.verify_mode)]):
         raise RuntimeError("ssl.SSLContext's layout is not the one this module knows")
     return ctx
@@ -628,7 +631,8 @@ cdef class TLSTransport:
         self._on_writable_cb = self._on_writable
         self._read_ready_cb = self._read_ready
         self.fd = sock.fileno()
-        sock.setblocking(False)
+        if sock.gettimeout() != 0.0:  # Python knows; setblocking would ask the kernel again
+            sock.setblocking(False)
         self.ssl = api.SSL_new(ctx)
         if self.ssl == NULL:
             raise MemoryError("SSL_new failed")
@@ -1249,6 +1253,6 @@ cdef class TLSTransport:
 # The layout of ssl.SSLContext, checked once here: a mismatch turns this module off.
 if _why_not is None:
     try:
-        _ctx_of(_ssl.SSLContext(_ssl.PROTOCOL_TLS_SERVER))  # the layout, once, up front
+        _ssl_ctx(_ssl.SSLContext(_ssl.PROTOCOL_TLS_SERVER), True)  # the layout, once
     except (RuntimeError, ValueError, TypeError) as _exc:
         _why_not = str(_exc)
