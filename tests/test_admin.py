@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kite.errors import ConfigError
 from kite.names.config import NamesConfig
+from kite.relay.accept import default_tunnel_reserve
 from kite.relay.admin import start_admin
 from kite.relay.config import build_relay_config
 from support import SECRET, Proc, free_port, http_kite, kite_env, make_certs, run, start_http_server
@@ -86,6 +87,11 @@ def test_metrics_and_status(tmp_path, loop_kind):
     assert m[("kite_visitor_bytes_total", (("direction", "out"), ("kite", "app.test.kite")))] > 20000
     assert m[("kite_visitor_bytes_total", (("direction", "in"), ("kite", "app.test.kite")))] > 0
     assert m[("kite_handshakes_total", (("result", "ok"),))] == 1
+    assert m[("kite_connections", (("state", "tunnel"),))] == 1
+    limits = {name: m[("kite_connection_limit", (("limit", name),))]
+              for name in ("max_connections", "max_pending", "tunnel_reserve")}
+    assert limits["tunnel_reserve"] == default_tunnel_reserve(int(limits["max_connections"]))
+    assert m[("kite_connections_turned_away_total", (("reason", "tunnel_reserve"),))] == 0
     assert ("kite_certificate_expiry_timestamp_seconds", (("name", "localhost"),)) in m
     assert "_created" not in text
     assert st == 200

@@ -259,8 +259,42 @@ class RelayCollector:
             for relay, n in sorted(fleet.forwarded.items()):
                 f.add_metric([relay], n)
             yield f
+        yield from self._connections()
         yield GaugeMetricFamily("kite_start_time_seconds", "When the relay started (Unix time).",
                                 value=state.started)
+
+    def _connections(self) -> Iterable:
+        """Connections held by state, the limits on them, and what the limits turned away
+        (kite.relay.accept; docs/security.md)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        acceptor = getattr(self.view.server, "acceptor", None)
+        if acceptor is None:
+            return
+        state = self.view.state
+        g = GaugeMetricFamily("kite_connections", "Connections the relay holds, by state "
+                              "(pending: first bytes awaited; setting_up: TLS handshakes and "
+                              "hand-overs).", labels=["state"])
+        g.add_metric(["pending"], len(acceptor.pending))
+        g.add_metric(["setting_up"], acceptor.dispatcher.setting_up())
+        g.add_metric(["tunnel"], len(state.tunnels))
+        g.add_metric(["visitor"], state.limits.connections)
+        yield g
+        lim = GaugeMetricFamily("kite_connection_limit", "The connection limits in force "
+                                "(--max-connections, --max-pending, --tunnel-reserve).",
+                                labels=["limit"])
+        lim.add_metric(["max_connections"], acceptor.max_connections)
+        lim.add_metric(["max_pending"], acceptor.max_pending)
+        lim.add_metric(["tunnel_reserve"], acceptor.tunnel_reserve)
+        yield lim
+        c = CounterMetricFamily("kite_connections_turned_away", "Connections closed by a "
+                                "limit: reset over max_connections, visitors refused for the "
+                                "tunnel reserve, silent past the first-bytes timeout.",
+                                labels=["reason"])
+        c.add_metric(["max_connections"], acceptor.dropped_total)
+        c.add_metric(["tunnel_reserve"], acceptor.full_total)
+        c.add_metric(["silent"], acceptor.silent_total)
+        yield c
 
     def _accounts(self, traffic: dict) -> Iterable:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
