@@ -1253,6 +1253,9 @@ cdef class TLSTransport:
 # The layout of ssl.SSLContext, checked once here: a mismatch turns this module off.
 if _why_not is None:
     try:
-        _ssl_ctx(_ssl.SSLContext(_ssl.PROTOCOL_TLS_SERVER), True)  # the layout, once
+        _probe = _ssl.SSLContext(_ssl.PROTOCOL_TLS_SERVER)
+        _probe.verify_mode = _ssl.CERT_REQUIRED  # 3 in OpenSSL: zeroed memory would not pass
+        _ssl_ctx(_probe, True)  # the layout, once
+        del _probe
     except (RuntimeError, ValueError, TypeError) as _exc:
         _why_not = str(_exc)

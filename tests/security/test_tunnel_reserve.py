@@ -5,10 +5,11 @@ that stay connected holds everything else (kite.relay.accept.Acceptor.admit_visi
 from __future__ import annotations
 
 import socket
+import ssl
 
 import pytest
 
-from support import wait_until
+from support import make_certs, wait_until
 
 HOST = "site.test.kite"
 OTHER = "other.test.kite"
@@ -68,6 +69,56 @@ def test_a_visitor_flood_leaves_room_for_tunnels(relay_process, expose_process, 
             sock.close()
     wait_until(lambda: _serves(relay.port, OTHER), 15, "the second kite serves")
     assert _serves(relay.port, HOST)
+
+
+def _https_status(port: int, host: str) -> bytes:
+    """The status line of ``GET /`` over TLS with SNI ``host`` (certificate not checked);
+    raises OSError (ssl.SSLError) when the relay closes instead."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+                     % host.encode())
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_a_full_relay_refuses_tls_before_the_handshake(tmp_path, relay_process,
+                                                       expose_process, http_origin):
+    """A visitor whose TLS the relay would terminate is refused before the handshake
+    costs anything, and served again once the flood is gone."""
+    site = make_certs(tmp_path, names=("*.test.kite",), stem="site")
+    relay = relay_process("--max-connections", str(MAX_CONNECTIONS),
+                          "--tunnel-reserve", str(RESERVE),
+                          "--tls-cert", site.cert, "--tls-key", site.key)
+    expose_process(f"http://127.0.0.1:{http_origin.port}", HOST, relay)
+    assert _https_status(relay.port, HOST) == b"HTTP/1.1 200 OK"
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(MAX_CONNECTIONS - RESERVE - 1):
+            sock, status = _visit(relay.port, HOST)
+            flood.append(sock)
+            assert status.startswith(b"HTTP/1.1 200"), status
+        with pytest.raises(OSError):
+            _https_status(relay.port, HOST)
+    finally:
+        for sock in flood:
+            sock.close()
+    wait_until(lambda: _https_ok(relay.port, HOST), 15, "TLS visitors are served again")
+
+
+def _https_ok(port: int, host: str) -> bool:
+    try:
+        return _https_status(port, host) == b"HTTP/1.1 200 OK"
+    except OSError:
+        return False
 
 
 def test_the_reserve_is_a_checked_setting(tmp_path):

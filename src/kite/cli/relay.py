@@ -111,7 +111,8 @@ def acme_options(f):
                    "once. Default: max-connections / 4, at most 4096.")
 @click.option("--tunnel-reserve", type=click.IntRange(min=0), default=None,
               help="Connections visitors may not take, kept for backends to (re)connect "
-                   "(0: none). Default: max-connections / 16, 16 to 1024.")
+                   "(0: none; below --max-connections). Default: max-connections / 16, 16 "
+                   "to 1024, at most a quarter.")
 @click.option("--max-streams", type=click.IntRange(min=1), default=None,
               help="Visitors one tunnel may carry at once; more are refused.  [default: 16384]")
 @click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,

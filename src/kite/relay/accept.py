@@ -136,7 +136,14 @@ class PendingVisitor:
         """Classify the connection by the bytes it sent (usually there already: the
         listeners defer accepting until they come, ``DEFER_ACCEPT``); else wait for them,
         FIRST_BYTES_TIMEOUT at most."""
-        if not self.on_readable():
+        try:
+            ready = self.on_readable()
+        except Exception:  # a bug must cost this visitor, never the accept loop
+            log.exception("visitor %s: classifying failed", self.peer())
+            if self in self.acceptor.pending:
+                self.close()
+            return
+        if not ready:
             self._watch()
         if self.handle is None and self in self.acceptor.pending:
             self.handle = self.acceptor.loop.call_later(FIRST_BYTES_TIMEOUT, self.on_timeout)
@@ -202,8 +209,11 @@ class PendingVisitor:
                 dispatcher.refuse(self, "first bytes too long to classify", b"")
                 return True
             if _peer_done(self.fd):  # a peek shows the bytes, not the EOF behind them
-                dispatcher.refuse(self, f"the connection ended after {len(data)} bytes, "
-                                  "too few to classify", b"")
+                # counted with the silent ones (a summary line), not logged one by one
+                log.debug("visitor %s: ended after %d bytes, too few to classify; closed",
+                          self.peer(), len(data))
+                self.close()
+                self.acceptor.note_silent()
                 return True
             # Level-triggered readiness would fire again at once for the same bytes: wait
             # for more with a short, growing delay instead (rare: heads come in one piece).
@@ -253,7 +263,9 @@ class Acceptor:
         """Connections the relay holds open now: pending, being set up, tunnels, visitors."""
         d = self.dispatcher
         state = d.state
-        return len(self.pending) + d.setting_up() + len(state.tunnels) + state.limits.connections
+        fleet = state.fleet_link
+        return (len(self.pending) + d.setting_up() + len(state.tunnels) + state.limits.connections
+                + (fleet.visitors() if fleet is not None else 0))
 
     def admit_visitor(self) -> None:
         """Raise :class:`RelayFull` when a new visitor would take one of the last
@@ -274,7 +286,10 @@ class Acceptor:
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         defer = getattr(socket, "TCP_DEFER_ACCEPT", None)
         if defer is not None:
-            lsock.setsockopt(socket.IPPROTO_TCP, defer, DEFER_ACCEPT)
+            try:
+                lsock.setsockopt(socket.IPPROTO_TCP, defer, DEFER_ACCEPT)
+            except OSError as exc:  # defined, not supported (an emulated kernel): no matter
+                log.debug("listener %s:%d: TCP_DEFER_ACCEPT: %s", host, port, exc)
         try:
             lsock.bind((host, port))
         except OSError as exc:
@@ -400,8 +415,8 @@ class Acceptor:
                          f"paused accepting, up to {ACCEPT_PAUSE_MAX:g} s at a time")
         overloaded = bool(parts)
         if self.silent:
-            parts.append(f"{self.silent} connection(s) closed for saying nothing within "
-                         f"{FIRST_BYTES_TIMEOUT:g} s")
+            parts.append(f"{self.silent} connection(s) closed before saying what they are "
+                         f"(silent for {FIRST_BYTES_TIMEOUT:g} s, or ended too soon)")
         if not parts:
             return
         self.over_connections = self.over_pending = self.accept_errors = self.silent = 0

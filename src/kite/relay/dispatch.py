@@ -223,8 +223,10 @@ class TlsEntry(asyncio.Protocol):
                 transport.close()
             return
         data_, self.buf = bytes(self.buf), bytearray()
-        self._done()
-        self.head_received(transport, data_, end)
+        try:  # still counted as being set up while its stream opens (admit_visitor)
+            self.head_received(transport, data_, end)
+        finally:
+            self._done()
 
     def head_received(self, transport: asyncio.Transport, data: bytes, end: int) -> None:
         """The first head is ``data[:end]`` (the rest follows it)."""
@@ -324,6 +326,17 @@ class Dispatcher:
                                           head=head)
         sock = pv.detach()
         _send_and_close(sock, answer, _peek_length(sock, MAX_PEEK) if consume else 0)
+
+    def refuse_if_full(self, pv: PendingVisitor, answer: bytes, *, kite: str, proto: str) -> bool:
+        """Refuse ``pv`` with ``answer`` when visitors may take no more connections (the
+        tunnel reserve: RelayState.admit_visitor); asked before work is spent on a visitor
+        whose stream opens later (a TLS handshake, a hand-over)."""
+        try:
+            self.state.admit_visitor()
+        except RelayFull as exc:
+            self.refuse(pv, exc, answer, kite=kite, proto=proto)
+            return True
+        return False
 
     def page(self, status: int, name: str, *, json_wanted: bool = False,
              variant: str = "") -> bytes:
@@ -472,6 +485,8 @@ class Dispatcher:
                 if result.max_version < TLS_1_2:
                     self._refuse_old_tls(pv, result)
                     return
+                if self.refuse_if_full(pv, b"", kite=sni, proto="https"):
+                    return
                 self._spawn(self._terminate(pv.detach(), pv.addr, pv.port, sni, terminate))
                 return
             if terminate is None and self.on_demand is not None and \
@@ -480,6 +495,8 @@ class Dispatcher:
                 if waiter is not None:
                     if result.max_version < TLS_1_2:
                         self._refuse_old_tls(pv, result)
+                        return
+                    if self.refuse_if_full(pv, b"", kite=sni, proto="https"):
                         return
                     self._spawn(self._terminate_when_certified(pv.detach(), pv.addr, pv.port,
                                                                sni, waiter))
@@ -626,7 +643,9 @@ class Dispatcher:
         target = link.holder(protos, host)
         if target is None:
             return False
-        link.forward(pv.detach(), target, host, proto, port, pv.addr)
+        answer = self.page(503, host) if proto in ("http", "websocket") else b""
+        if not self.refuse_if_full(pv, answer, kite=host, proto=proto):
+            link.forward(pv.detach(), target, host, proto, port, pv.addr)
         return True
 
     def _hand_over_terminated(self, pv: PendingVisitor, host: str,
@@ -640,8 +659,9 @@ class Dispatcher:
         target = link.holder((f"websocket-{port}", f"http-{port}", "websocket", "http"), host)
         if target is None:
             return False
-        self._spawn(self._terminate_for_fleet(pv.detach(), pv.addr, port, host, context,
-                                              target))
+        if not self.refuse_if_full(pv, b"", kite=host, proto="https"):
+            self._spawn(self._terminate_for_fleet(pv.detach(), pv.addr, port, host, context,
+                                                  target))
         return True
 
     async def _terminate_for_fleet(self, sock: socket.socket, addr, port: int, host: str,
@@ -699,6 +719,9 @@ class Dispatcher:
         target = link.holder(protos, host)
         if target is None:
             return False
+        busy = connect_refused(503, f"kite {host}:{port} is busy")
+        if self.refuse_if_full(pv, busy, kite=host, proto="raw"):
+            return True
         sock = _answer_connect(pv, result.head_length, VISITOR_CONNECT_OK)
         if sock is not None:
             proto = "https" if port == 443 and link.holder(protos[:2], host) else "raw"

@@ -275,6 +275,12 @@ class FleetLink:
         #: Asked before a visitor is handed over (the relay's RelayState.admit_visitor).
         self.admit_visitor: Callable[[], None] = lambda: None
 
+    def visitors(self) -> int:
+        """Visitors this relay hands over (being handed, and carried on its links to other
+        relays): each holds its connection here, counted with the relay's connections.
+        Visitors carried one connection each (an older relay, no link) are not counted."""
+        return len(self._tasks) + sum(len(link.streams) for link in list(self._links.values()))
+
     def accepts(self, secret: str) -> bool:
         return hmac.compare_digest(secret.encode(), self.secret.encode())
 
@@ -326,12 +332,15 @@ class FleetLink:
         link.start_chunks(bytes(data[end:]), kite_peer=True)
 
     def open_stream(self, link: _LinkOut, host: str, proto: str, port: int, visitor: tuple,
-                    payload: bytes = b"", *, rtls: bool = False) -> StreamProtocol:
+                    payload: bytes = b"", *, rtls: bool = False,
+                    admit: bool = True) -> StreamProtocol:
         """A new stream of ``link`` for the visitor ``visitor`` (ip, port) of
         ``proto:host`` on ``port``, whose first bytes are ``payload``: the protocol for the
         visitor's transport (the caller attaches it).  ``rtls``: this relay terminated the
-        visitor's TLS.  Raises TooManyStreams (RelayFull: see ``admit_visitor``)."""
-        self.admit_visitor()
+        visitor's TLS.  Raises TooManyStreams (RelayFull: see ``admit_visitor``, unless
+        ``admit`` is False: the dispatcher admitted the visitor before handing it here)."""
+        if admit:
+            self.admit_visitor()
         sid = link.new_sid()
         where = "%s:%s" % visitor[:2]
         stream = link.open_stream(sid, proto, host, port, visitor[0], visitor[1], peer=where,
@@ -466,7 +475,7 @@ class FleetLink:
         """The visitor on ``sock`` (from ``visitor``, ip and port) becomes a new stream of
         ``link`` (no payload: its bytes are still in its socket)."""
         try:
-            protocol = self.open_stream(link, host, proto, port, visitor)
+            protocol = self.open_stream(link, host, proto, port, visitor, admit=False)
         except TooManyStreams as exc:
             # RelayFull is summarised by the acceptor's overload line, not logged per visitor
             log.log(logging.DEBUG if isinstance(exc, RelayFull) else logging.WARNING,
