@@ -21,13 +21,18 @@ def _visit(port: int, host: str) -> tuple[socket.socket, bytes]:
     """A keep-alive GET; returns the connection (left open) and the status line."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(b"GET /hold HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+    return sock, _status_line(sock)
+
+
+def _status_line(sock) -> bytes:
+    """The first line the server sends (b"" if it closes first)."""
     data = b""
     while b"\r\n" not in data:
         chunk = sock.recv(4096)
         if not chunk:
             break
         data += chunk
-    return sock, data.split(b"\r\n", 1)[0]
+    return data.split(b"\r\n", 1)[0]
 
 
 def _serves(port: int, host: str) -> bool:
@@ -81,13 +86,7 @@ def _https_status(port: int, host: str) -> bytes:
             ctx.wrap_socket(raw, server_hostname=host) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
                      % host.encode())
-        data = b""
-        while b"\r\n" not in data:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    return data.split(b"\r\n", 1)[0]
+        return _status_line(sock)
 
 
 def test_a_full_relay_refuses_tls_before_the_handshake(tmp_path, relay_process,
