@@ -149,3 +149,45 @@ def test_silent_connections_stay_in_the_kernel(relay_process, expose_process):
         for sock in silent:
             sock.close()
     srv.close()
+
+
+def test_pending_connections_are_bounded_per_address(relay_process, expose_process):
+    """One address may keep PENDING_PER_ADDRESS connections that have not said what they
+    are (a head begun, never finished); its next ones are reset at accept, one summary line
+    says so, and another address is served meanwhile."""
+    from kite.relay.accept import PENDING_PER_ADDRESS
+
+    srv = LocalServer(mode="http", size=100).start()
+    relay = relay_process()
+    expose_process(f"http://127.0.0.1:{srv.port}", HOST, relay)
+    held = []
+    try:
+        for _ in range(PENDING_PER_ADDRESS):
+            sock = socket.create_connection(("127.0.0.1", relay.port), timeout=5)
+            sock.sendall(b"G")
+            held.append(sock)
+        # the relay accepts in arrival order: this one comes after the others are counted
+        extra = socket.create_connection(("127.0.0.1", relay.port), timeout=5)
+        extra.sendall(b"G")
+        try:
+            assert extra.recv(1) == b""  # closed at once, not held
+        except ConnectionResetError:
+            pass  # reset: the usual way
+        extra.close()
+        wait_until(lambda: "that had not said what they are" in relay.log(), 10,
+                   "the summary line")
+        other = socket.create_connection(("127.0.0.1", relay.port), timeout=5,
+                                         source_address=("127.0.0.2", 0))
+        with other:
+            other.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+                          % HOST.encode())
+            assert other.recv(64).startswith(b"HTTP/1.1 200")
+        held[0].setblocking(False)
+        with pytest.raises(BlockingIOError):  # the first ones are still held, not reset
+            held[0].recv(1)
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: _serves(relay.port), 15, "the address is served again")
+    srv.close()
+

@@ -58,6 +58,11 @@ FIRST_BYTES_TIMEOUT = 10.0
 #: first bytes, classified without waiting for readiness; one that says nothing holds no
 #: descriptor and no pending slot meanwhile, then gets FIRST_BYTES_TIMEOUT more.
 DEFER_ACCEPT = 10
+#: Connections one source address may have pending at once (accepted, but their bytes do
+#: not yet say what they are); IPv6 addresses count by /64.  With DEFER_ACCEPT a client
+#: that sends its head is pending for no time at all: only slow or partial senders add up,
+#: and beyond this the address's next connections are reset at accept.
+PENDING_PER_ADDRESS = 64
 #: The most the relay peeks at before it must decide (a TLS hello or HTTP head fits).
 MAX_PEEK = MAX_HEAD + 5  # a TLS record header and a 16 KiB head
 #: Connections taken per listener readiness, so one busy port cannot starve the loop.
@@ -102,6 +107,20 @@ def default_max_pending(max_connections: int) -> int:
     return max(1, min(max_connections // 4, MAX_PENDING_DEFAULT_CAP))
 
 
+def address_key(ip: str):
+    """What PENDING_PER_ADDRESS counts by: an IPv4 address (also IPv4-mapped IPv6), or the
+    /64 of an IPv6 address (one subscriber's usual allocation)."""
+    if ":" not in ip:
+        return ip
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])
+    except OSError:
+        return ip
+    if packed[:12] == b"\0" * 10 + b"\xff\xff":
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return packed[:8]
+
+
 def _peer_done(fd: int) -> bool:
     """The peer has shut down its sending side (Linux ``POLLRDHUP``; elsewhere False)."""
     rdhup = getattr(select, "POLLRDHUP", 0)
@@ -116,7 +135,7 @@ class PendingVisitor:
     """A new connection whose first bytes are not yet known."""
 
     __slots__ = ("acceptor", "sock", "addr", "port", "handle", "deadline", "delay", "fd",
-                 "watching")
+                 "watching", "key")
 
     def __init__(self, acceptor: Acceptor, sock: socket.socket, addr, port: int) -> None:
         self.acceptor = acceptor
@@ -128,6 +147,7 @@ class PendingVisitor:
         self.delay = 0.001
         self.handle: Optional[asyncio.TimerHandle] = None
         self.watching = False  # registered with the loop for readability
+        self.key = None  # its address_key, while it counts against PENDING_PER_ADDRESS
 
     def peer(self) -> str:
         return f"{self.addr[0]}:{self.addr[1]}"
@@ -165,6 +185,9 @@ class PendingVisitor:
             self.handle = None
         acceptor = self.acceptor
         acceptor.pending.discard(self)
+        if self.key is not None:
+            acceptor.address_left(self.key)
+            self.key = None
         if acceptor.pending_full:
             acceptor.pending_left()
         return self.sock
@@ -253,6 +276,9 @@ class Acceptor:
         # what was dropped since the last overload line (and in total, for tests)
         self.over_connections = self.over_pending = self.accept_errors = 0
         self.over_visitors = 0  # visitors refused for the tunnel reserve, since the last line
+        self.over_address = 0  # reset for PENDING_PER_ADDRESS, since the last line
+        self.address_total = 0
+        self.pending_by_address: dict = {}  # address_key -> pending connections
         self.silent = self.silent_total = 0  # closed for saying nothing in time
         self.dropped_total = self.full_total = 0
         self._last_error = ""
@@ -323,10 +349,20 @@ class Acceptor:
                 self.over_connections += 1
                 self._drop(conn)
                 continue
-            conn.setblocking(False)
+            key = None
             if conn.family in (socket.AF_INET, socket.AF_INET6):
+                key = address_key(addr[0])
+                waiting = self.pending_by_address.get(key, 0)
+                if waiting >= PENDING_PER_ADDRESS:
+                    self.over_address += 1
+                    self._drop(conn, counted=False)
+                    self.address_total += 1
+                    continue
+                self.pending_by_address[key] = waiting + 1
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setblocking(False)
             pv = PendingVisitor(self, conn, addr, port)
+            pv.key = key
             self.pending.add(pv)
             pv.start()
 
@@ -338,12 +374,22 @@ class Acceptor:
         self.silent_total += 1
         self._report()
 
-    def _drop(self, conn: socket.socket) -> None:
-        """Over a cap: reset the connection at once (no FIN handshake, no TIME_WAIT)."""
+    def _drop(self, conn: socket.socket, counted: bool = True) -> None:
+        """Over a cap: reset the connection at once (no FIN handshake, no TIME_WAIT);
+        ``counted``: as one over max_connections."""
         reset_on_close(conn)
         conn.close()
-        self.dropped_total += 1
+        if counted:
+            self.dropped_total += 1
         self._report()
+
+    def address_left(self, key) -> None:
+        """A pending connection from ``key`` (address_key) was classified or closed."""
+        n = self.pending_by_address.get(key, 0) - 1
+        if n > 0:
+            self.pending_by_address[key] = n
+        else:
+            self.pending_by_address.pop(key, None)
 
     def _pause_while_pending(self) -> None:
         """max_pending connections await their first bytes: accept nothing more (the rest
@@ -403,6 +449,9 @@ class Acceptor:
         if self.over_connections:
             parts.append(f"{self.over_connections} connection(s) reset over --max-connections "
                          f"({self.max_connections})")
+        if self.over_address:
+            parts.append(f"{self.over_address} connection(s) reset: their address already "
+                         f"had {PENDING_PER_ADDRESS} that had not said what they are")
         if self.over_visitors:
             parts.append(f"{self.over_visitors} visitor(s) refused: the last "
                          f"{self.tunnel_reserve} of --max-connections ({self.max_connections}) "
@@ -420,7 +469,7 @@ class Acceptor:
         if not parts:
             return
         self.over_connections = self.over_pending = self.accept_errors = self.silent = 0
-        self.over_visitors = 0
+        self.over_visitors = self.over_address = 0
         self._last_log = time.monotonic()
         log.log(logging.WARNING if overloaded else logging.INFO, "%s (%d connections open): %s",
                 "relay overloaded" if overloaded else "idle connections",

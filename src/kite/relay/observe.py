@@ -288,10 +288,12 @@ class RelayCollector:
         lim.add_metric(["tunnel_reserve"], acceptor.tunnel_reserve)
         yield lim
         c = CounterMetricFamily("kite_connections_turned_away", "Connections closed by a "
-                                "limit: reset over max_connections, visitors refused for the "
+                                "limit: reset over max_connections or over the pending "
+                                "connections one address may have, visitors refused for the "
                                 "tunnel reserve, silent past the first-bytes timeout.",
                                 labels=["reason"])
         c.add_metric(["max_connections"], acceptor.dropped_total)
+        c.add_metric(["pending_per_address"], acceptor.address_total)
         c.add_metric(["tunnel_reserve"], acceptor.full_total)
         c.add_metric(["silent"], acceptor.silent_total)
         yield c
