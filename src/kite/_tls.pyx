@@ -13,12 +13,13 @@ memory BIO, without its copies.
 OpenSSL here is the library Python's ``ssl`` module loaded: nothing is linked at build
 time, every function is looked up (``dlsym``, through ctypes) in the libraries of ``_ssl``
 at import, and the ``SSL_CTX`` is the one inside the ``ssl.SSLContext`` given (its first
-field, checked against the context's options and verify mode before use). So a context
-configured in Python (certificates, ALPN, versions, verification) is used as it is, and no
-second copy of OpenSSL can ever touch it; ``set_ciphersuites`` is the one setting this
-module adds to a context (its TLS 1.3 order, which ``ssl`` cannot set). The context object
-is kept alive as long as a connection uses it (its ALPN callback reads the Python object).  A context with an SNI
-callback or a key-log file is refused (``usable``): OpenSSL calls those with the
+field; at import, that field of a probe context is checked against the probe's options and
+verify mode, and a mismatch turns this module off). So a context configured in Python
+(certificates, ALPN, versions, verification) is used as it is, and no second copy of
+OpenSSL can ever touch it; ``set_ciphersuites`` is the one setting this module adds to a
+context (its TLS 1.3 order, which ``ssl`` cannot set). The context object is kept alive as
+long as a connection uses it (its ALPN callback reads the Python object).  A context with
+an SNI callback or a key-log file is refused (``usable``): OpenSSL calls those with the
 connection's SSL, where Python's expect its own socket object; neither may be added to a
 context while a connection uses it. The relay picks the context by the SNI it peeked before
 the handshake; the per-connection callbacks (message, PSK) are cleared on each SSL.

@@ -347,6 +347,7 @@ class Acceptor:
             self._pause = ACCEPT_PAUSE_MIN
             if self.connections() >= self.max_connections:
                 self.over_connections += 1
+                self.dropped_total += 1
                 self._drop(conn)
                 continue
             key = None
@@ -355,8 +356,8 @@ class Acceptor:
                 waiting = self.pending_by_address.get(key, 0)
                 if waiting >= PENDING_PER_ADDRESS:
                     self.over_address += 1
-                    self._drop(conn, counted=False)
                     self.address_total += 1
+                    self._drop(conn)
                     continue
                 self.pending_by_address[key] = waiting + 1
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -374,13 +375,11 @@ class Acceptor:
         self.silent_total += 1
         self._report()
 
-    def _drop(self, conn: socket.socket, counted: bool = True) -> None:
-        """Over a cap: reset the connection at once (no FIN handshake, no TIME_WAIT);
-        ``counted``: as one over max_connections."""
+    def _drop(self, conn: socket.socket) -> None:
+        """Over a cap (counted by the caller): reset the connection at once (no FIN
+        handshake, no TIME_WAIT)."""
         reset_on_close(conn)
         conn.close()
-        if counted:
-            self.dropped_total += 1
         self._report()
 
     def address_left(self, key) -> None:

@@ -703,6 +703,7 @@ class Dispatcher:
         elif result is not None and fleet is not None:
             proto = "websocket" if result.websocket else "http"
             try:
+                self.state.admit_visitor()  # again: the handshake took time
                 return fleet.open_stream(link, host, proto, port, addr, data, rtls=True)
             except TooManyStreams as exc:
                 _refuse_terminated(transport, f"{addr[0]}:{addr[1]}", exc, http_error(503, host))

@@ -30,7 +30,7 @@ import random
 import socket
 from typing import Callable, Optional
 
-from ..errors import KiteError, RelayFull, RemoteProtocolError, TooManyStreams
+from ..errors import KiteError, RemoteProtocolError, TooManyStreams
 from ..net.aio import feed_protocol
 from ..net.busypoll import BusyPoll
 from ..net.dial import open_tcp
@@ -272,8 +272,6 @@ class FleetLink:
         self._links: dict = {}  # (forward address, fingerprint) -> _LinkOut
         self._no_link: dict = {}  # (forward address, fingerprint) -> loop time to ask again
         self._incoming: set = set()  # _LinkIn
-        #: Asked before a visitor is handed over (the relay's RelayState.admit_visitor).
-        self.admit_visitor: Callable[[], None] = lambda: None
 
     def visitors(self) -> int:
         """Visitors this relay hands over (being handed, and carried on its links to other
@@ -332,15 +330,12 @@ class FleetLink:
         link.start_chunks(bytes(data[end:]), kite_peer=True)
 
     def open_stream(self, link: _LinkOut, host: str, proto: str, port: int, visitor: tuple,
-                    payload: bytes = b"", *, rtls: bool = False,
-                    admit: bool = True) -> StreamProtocol:
+                    payload: bytes = b"", *, rtls: bool = False) -> StreamProtocol:
         """A new stream of ``link`` for the visitor ``visitor`` (ip, port) of
         ``proto:host`` on ``port``, whose first bytes are ``payload``: the protocol for the
         visitor's transport (the caller attaches it).  ``rtls``: this relay terminated the
-        visitor's TLS.  Raises TooManyStreams (RelayFull: see ``admit_visitor``, unless
-        ``admit`` is False: the dispatcher admitted the visitor before handing it here)."""
-        if admit:
-            self.admit_visitor()
+        visitor's TLS.  Raises TooManyStreams.  (The dispatcher asks the tunnel reserve
+        before it hands a visitor over.)"""
         sid = link.new_sid()
         where = "%s:%s" % visitor[:2]
         stream = link.open_stream(sid, proto, host, port, visitor[0], visitor[1], peer=where,
@@ -475,11 +470,9 @@ class FleetLink:
         """The visitor on ``sock`` (from ``visitor``, ip and port) becomes a new stream of
         ``link`` (no payload: its bytes are still in its socket)."""
         try:
-            protocol = self.open_stream(link, host, proto, port, visitor, admit=False)
+            protocol = self.open_stream(link, host, proto, port, visitor)
         except TooManyStreams as exc:
-            # RelayFull is summarised by the acceptor's overload line, not logged per visitor
-            log.log(logging.DEBUG if isinstance(exc, RelayFull) else logging.WARNING,
-                    "visitor %s:%s of %s: %s", visitor[0], visitor[1], host, exc)
+            log.warning("visitor %s:%s of %s: %s", visitor[0], visitor[1], host, exc)
             await self._refuse(sock, proto, host)
             return
         try:

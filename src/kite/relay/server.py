@@ -195,7 +195,6 @@ class RelayServer:
         await fleet.start()
         self.state.subscribe(fleet.on_presence)
         self.state.fleet_link = FleetLink(self.fleet, self.fleet.secret, self.state.busy)
-        self.state.fleet_link.admit_visitor = self.acceptor.admit_visitor
 
     @property
     def relay_id(self) -> str:
@@ -211,8 +210,8 @@ class RelayServer:
         the certificate (:meth:`RelayState.reload`); other keys need a restart."""
         old = self.config
         for key in ("listen", "db", "names", "signup_zone", "max_connections", "max_pending",
-                    "tunnel_reserve", "max_streams", "idle_timeout", "buffer_budget", "slow_reader_timeout",
-                    "keepalive", "zchunks", "busy_poll"):
+                    "tunnel_reserve", "max_streams", "idle_timeout", "buffer_budget",
+                    "slow_reader_timeout", "keepalive", "zchunks", "busy_poll"):
             if getattr(old, key) != getattr(config, key):
                 log.warning("reload: %s changed; it takes effect at the next restart", key)
         if bool(old.tls_cert) != bool(config.tls_cert):
