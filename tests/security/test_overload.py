@@ -96,6 +96,41 @@ def test_a_burst_beyond_max_pending_waits_and_is_served(relay_process, expose_pr
     srv.close()
 
 
+def test_pending_connections_give_way_after_a_while(relay_process, expose_process):
+    """--max-pending connections from as many addresses each sent part of a head and no
+    more: the relay pauses accepting, and once the oldest has been pending
+    PENDING_EVICT_AGE, a visitor waiting in the listen queue is accepted and served in its
+    place.  The oldest is reset, the others are still held, the summary line says so."""
+    srv = LocalServer(mode="http", size=100).start()
+    relay = relay_process("--max-pending", "4")
+    expose_process(f"http://127.0.0.1:{srv.port}", HOST, relay)
+    wait_until(lambda: _serves(relay.port), 15, "the kite flies")
+    held = []
+    try:
+        for i in range(4):  # four addresses: PENDING_PER_ADDRESS is not what holds them
+            sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10,
+                                            source_address=(f"127.0.0.{i + 2}", 0))
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+            held.append(sock)
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as visitor:
+            visitor.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+                            % HOST.encode())
+            assert visitor.recv(64).startswith(b"HTTP/1.1 200")
+        with pytest.raises(ConnectionResetError):  # the oldest gave way: reset, not closed
+            held[0].recv(1)
+        for sock in held[1:]:  # one new connection, one eviction
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)
+        wait_until(lambda: "reset for a new one after" in relay.log(), 10,
+                   "the summary line")
+        assert "accepting paused" in relay.log()
+    finally:
+        for sock in held:
+            sock.close()
+    srv.close()
+
+
 def test_tls_connection_that_says_nothing_is_closed(tmp_path, loop_kind, monkeypatch):
     """After the relay's own TLS handshake, the first head is awaited like first bytes are:
     counted as being set up, and closed after FIRST_BYTES_TIMEOUT (here shortened)."""

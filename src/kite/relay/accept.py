@@ -20,6 +20,10 @@ instead: a burst of visitors (a browser's six connections times many, a benchmar
 thousands at once) waits in the kernel's listen queue for the few milliseconds the relay
 needs to read their first bytes, and accepting resumes as soon as the pending ones drop
 below the cap (they say what they are, or close, or time out after FIRST_BYTES_TIMEOUT).
+A pending connection that has taken PENDING_EVICT_AGE already gives way: the next
+connection in the queue is accepted and the oldest pending one reset, so heads begun and
+never finished, from however many addresses, hold the cap for that long and no longer, and
+a backend reconnecting behind them waits no more than that.
 When ``accept`` itself fails for lack of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM) the
 listeners are unregistered and tried again after a pause growing from ``ACCEPT_PAUSE_MIN``
 to ``ACCEPT_PAUSE_MAX``: a level-triggered listener left registered would fire again at
@@ -63,6 +67,10 @@ DEFER_ACCEPT = 10
 #: that sends its head is pending for no time at all: only slow or partial senders add up,
 #: and beyond this the address's next connections are reset at accept.
 PENDING_PER_ADDRESS = 64
+#: Seconds after which a pending connection gives way to a new one when ``max_pending``
+#: connections are pending: the oldest is reset and the next in the listen queue accepted.
+#: Below this age the cap pauses accepting instead (a burst whose heads are on their way).
+PENDING_EVICT_AGE = 2.0
 #: The most the relay peeks at before it must decide (a TLS hello or HTTP head fits).
 MAX_PEEK = MAX_HEAD + 5  # a TLS record header and a 16 KiB head
 #: Connections taken per listener readiness, so one busy port cannot starve the loop.
@@ -134,7 +142,7 @@ def _peer_done(fd: int) -> bool:
 class PendingVisitor:
     """A new connection whose first bytes are not yet known."""
 
-    __slots__ = ("acceptor", "sock", "addr", "port", "handle", "deadline", "delay", "fd",
+    __slots__ = ("acceptor", "sock", "addr", "port", "handle", "since", "delay", "fd",
                  "watching", "key")
 
     def __init__(self, acceptor: Acceptor, sock: socket.socket, addr, port: int) -> None:
@@ -143,7 +151,7 @@ class PendingVisitor:
         self.addr = addr
         self.port = port  # the public port the visitor connected to
         self.fd = sock.fileno()
-        self.deadline = time.monotonic() + FIRST_BYTES_TIMEOUT
+        self.since = acceptor.loop.time()  # when it was accepted
         self.delay = 0.001
         self.handle: Optional[asyncio.TimerHandle] = None
         self.watching = False  # registered with the loop for readability
@@ -184,7 +192,7 @@ class PendingVisitor:
             self.handle.cancel()
             self.handle = None
         acceptor = self.acceptor
-        acceptor.pending.discard(self)
+        acceptor.pending.pop(self, None)
         if self.key is not None:
             acceptor.address_left(self.key)
             self.key = None
@@ -264,7 +272,8 @@ class Acceptor:
                  max_pending: int = MAX_PENDING_DEFAULT_CAP, tunnel_reserve: int = 0) -> None:
         self.loop = asyncio.get_running_loop()
         self.dispatcher = dispatcher
-        self.pending: set[PendingVisitor] = set()
+        #: connections whose first bytes are awaited, oldest first (a dict keeps the order)
+        self.pending: dict[PendingVisitor, None] = {}
         self._listeners: list[tuple[socket.socket, int]] = []
         self.max_connections = max_connections
         self.max_pending = max_pending
@@ -278,12 +287,14 @@ class Acceptor:
         self.over_visitors = 0  # visitors refused for the tunnel reserve, since the last line
         self.over_address = 0  # reset for PENDING_PER_ADDRESS, since the last line
         self.address_total = 0
+        self.evicted = self.evicted_total = 0  # pending ones reset for PENDING_EVICT_AGE
         self.pending_by_address: dict = {}  # address_key -> pending connections
         self.silent = self.silent_total = 0  # closed for saying nothing in time
         self.dropped_total = self.full_total = 0
         self._last_error = ""
         self._last_log = -OVERLOAD_LOG_INTERVAL
         self._log_handle: Optional[asyncio.TimerHandle] = None
+        self._evict_handle: Optional[asyncio.TimerHandle] = None
 
     def connections(self) -> int:
         """Connections the relay holds open now: pending, being set up, tunnels, visitors."""
@@ -332,9 +343,12 @@ class Acceptor:
 
     def _on_accept(self, lsock: socket.socket, port: int) -> None:
         for _ in range(ACCEPT_BATCH):
+            oldest = None
             if len(self.pending) >= self.max_pending:
-                self._pause_while_pending()
-                return
+                oldest = next(iter(self.pending))
+                if self.loop.time() - oldest.since < PENDING_EVICT_AGE:
+                    self._pause_while_pending(oldest)
+                    return
             try:
                 conn, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
@@ -345,6 +359,8 @@ class Acceptor:
                 self._stop_accepting(exc)
                 return
             self._pause = ACCEPT_PAUSE_MIN
+            if oldest is not None:
+                self._evict(oldest)
             if self.connections() >= self.max_connections:
                 self.over_connections += 1
                 self.dropped_total += 1
@@ -364,7 +380,7 @@ class Acceptor:
             conn.setblocking(False)
             pv = PendingVisitor(self, conn, addr, port)
             pv.key = key
-            self.pending.add(pv)
+            self.pending[pv] = None
             pv.start()
 
     # -- overload -----------------------------------------------------------------------------
@@ -382,6 +398,15 @@ class Acceptor:
         conn.close()
         self._report()
 
+    def _evict(self, pv: PendingVisitor) -> None:
+        """The oldest pending connection, older than PENDING_EVICT_AGE, gives its place to
+        the one just accepted: reset (counted, summarised in the overload line, not logged
+        one by one: a flood of them is one line per OVERLOAD_LOG_INTERVAL)."""
+        sock = pv.detach()
+        self.evicted += 1
+        self.evicted_total += 1
+        self._drop(sock)
+
     def address_left(self, key) -> None:
         """A pending connection from ``key`` (address_key) was classified or closed."""
         n = self.pending_by_address.get(key, 0) - 1
@@ -390,21 +415,38 @@ class Acceptor:
         else:
             self.pending_by_address.pop(key, None)
 
-    def _pause_while_pending(self) -> None:
+    def _pause_while_pending(self, oldest: PendingVisitor) -> None:
         """max_pending connections await their first bytes: accept nothing more (the rest
-        wait in the listen queue) until one of them leaves (:meth:`pending_left`)."""
+        wait in the listen queue) until one of them leaves (:meth:`pending_left`) or the
+        oldest of them is PENDING_EVICT_AGE old and may give way (:meth:`_evict`)."""
         self.over_pending += 1
         self.pending_full = True
         if self.accepting:
             self.accepting = False
             for lsock, _ in self._listeners:
                 self.loop.remove_reader(lsock.fileno())
+        if self._evict_handle is not None:
+            self._evict_handle.cancel()
+        self._evict_handle = self.loop.call_at(oldest.since + PENDING_EVICT_AGE,
+                                               self._evictable)
         self._report()
+
+    def _evictable(self) -> None:
+        """The oldest pending connection may give way: accept again (a new connection in
+        the listen queue evicts it; none, and nothing changes)."""
+        self._evict_handle = None
+        if self.pending_full:
+            self.pending_full = False
+            if self._retry is None:
+                self._resume_accepting()
 
     def pending_left(self) -> None:
         """A pending connection was classified or closed: accept again if paused for it."""
         if len(self.pending) < self.max_pending:
             self.pending_full = False
+            if self._evict_handle is not None:
+                self._evict_handle.cancel()
+                self._evict_handle = None
             if self._retry is None:  # else the resource pause resumes when it is over
                 self._resume_accepting()
 
@@ -458,6 +500,10 @@ class Acceptor:
         if self.over_pending:
             parts.append(f"accepting paused {self.over_pending} time(s) while --max-pending "
                          f"({self.max_pending}) connections had not said what they are")
+        if self.evicted:
+            parts.append(f"{self.evicted} connection(s) reset for a new one after "
+                         f"{PENDING_EVICT_AGE:g} s without saying what they are, while "
+                         f"--max-pending ({self.max_pending}) were pending")
         if self.accept_errors:
             parts.append(f"accept failed {self.accept_errors} time(s) ({self._last_error}): "
                          f"paused accepting, up to {ACCEPT_PAUSE_MAX:g} s at a time")
@@ -468,7 +514,7 @@ class Acceptor:
         if not parts:
             return
         self.over_connections = self.over_pending = self.accept_errors = self.silent = 0
-        self.over_visitors = self.over_address = 0
+        self.over_visitors = self.over_address = self.evicted = 0
         self._last_log = time.monotonic()
         log.log(logging.WARNING if overloaded else logging.INFO, "%s (%d connections open): %s",
                 "relay overloaded" if overloaded else "idle connections",
@@ -483,9 +529,9 @@ class Acceptor:
         for lsock, _ in self._listeners:
             lsock.close()
         self._listeners.clear()
-        for handle in (self._retry, self._log_handle):
+        for handle in (self._retry, self._log_handle, self._evict_handle):
             if handle is not None:
                 handle.cancel()
-        self._retry = self._log_handle = None
+        self._retry = self._log_handle = self._evict_handle = None
         for pv in list(self.pending):
             pv.close()

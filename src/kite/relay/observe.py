@@ -290,12 +290,14 @@ class RelayCollector:
         c = CounterMetricFamily("kite_connections_turned_away", "Connections closed by a "
                                 "limit: reset over max_connections or over the pending "
                                 "connections one address may have, visitors refused for the "
-                                "tunnel reserve, silent past the first-bytes timeout.",
+                                "tunnel reserve, silent past the first-bytes timeout, pending "
+                                "ones reset for a new one while max_pending were pending.",
                                 labels=["reason"])
         c.add_metric(["max_connections"], acceptor.dropped_total)
         c.add_metric(["pending_per_address"], acceptor.address_total)
         c.add_metric(["tunnel_reserve"], acceptor.full_total)
         c.add_metric(["silent"], acceptor.silent_total)
+        c.add_metric(["evicted"], acceptor.evicted_total)
         yield c
 
     def _accounts(self, traffic: dict) -> Iterable:
