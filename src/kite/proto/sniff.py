@@ -320,38 +320,6 @@ def parse_host(value: Union[str, bytes]) -> str:
 # TLS
 
 
-class _Reader:
-    """Bounds-checked big-endian reader over one ClientHello body."""
-
-    __slots__ = ("data", "pos", "end")
-
-    def __init__(self, data: bytes, pos: int = 0, end: Optional[int] = None) -> None:
-        self.data, self.pos = data, pos
-        self.end = len(data) if end is None else end
-
-    @property
-    def remaining(self) -> int:
-        return self.end - self.pos
-
-    def take(self, n: int, what: str) -> bytes:
-        if n > self.remaining:
-            raise SniffError(f"truncated TLS ClientHello ({what}): {_first(self.data)}")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def u8(self, what: str) -> int:
-        return self.take(1, what)[0]
-
-    def u16(self, what: str) -> int:
-        return int.from_bytes(self.take(2, what), "big")
-
-    def sub(self, n: int, what: str) -> _Reader:
-        start = self.pos
-        self.take(n, what)
-        return _Reader(self.data, start, start + n)
-
-
 def _sniff_tls(data: bytes, max_hello: int) -> SniffResult:
     handshake = bytearray()
     pos = 0
@@ -391,53 +359,90 @@ def _sniff_tls(data: bytes, max_hello: int) -> SniffResult:
                 return TlsHello(sni=sni, length=pos, max_version=version)
 
 
+def _truncated(body: bytes, what: str) -> SniffError:
+    return SniffError(f"truncated TLS ClientHello ({what}): {_first(body)}")
+
+
 def _client_hello_fields(body: bytes) -> tuple[Optional[str], int]:
-    """The SNI host name and the newest version a ClientHello body offers."""
-    r = _Reader(body)
-    version = int.from_bytes(r.take(2, "version"), "big")
-    r.take(32, "random")
-    session_id_len = r.u8("session id length")
+    """The SNI host name and the newest version a ClientHello body offers.
+
+    Plain indexing with a bounds check before each field (every new connection of the
+    relay passes here: no reader object, no slice per field)."""
+    end = len(body)
+    if end < 35:
+        raise _truncated(body, "version and random")
+    version = (body[0] << 8) | body[1]
+    session_id_len = body[34]
     if session_id_len > 32:
         raise SniffError(f"TLS ClientHello session id of {session_id_len} bytes")
-    r.take(session_id_len, "session id")
-    suites_len = r.u16("cipher suites length")
+    pos = 35 + session_id_len
+    if pos + 2 > end:
+        raise _truncated(body, "cipher suites length")
+    suites_len = (body[pos] << 8) | body[pos + 1]
     if suites_len < 2 or suites_len % 2:
         raise SniffError(f"TLS ClientHello cipher suites length {suites_len}")
-    r.take(suites_len, "cipher suites")
-    compression_len = r.u8("compression methods length")
+    pos += 2 + suites_len
+    if pos + 1 > end:
+        raise _truncated(body, "compression methods length")
+    compression_len = body[pos]
     if compression_len < 1:
         raise SniffError("TLS ClientHello without compression methods")
-    r.take(compression_len, "compression methods")
-    if r.remaining == 0:
+    pos += 1 + compression_len
+    if pos > end:
+        raise _truncated(body, "compression methods")
+    if pos == end:
         return None, version  # no extensions at all (old clients)
-    extensions_len = r.u16("extensions length")
-    if extensions_len != r.remaining:
-        raise SniffError(f"TLS ClientHello extensions length {extensions_len} != {r.remaining}")
-    extensions = r.sub(extensions_len, "extensions")
+    if pos + 2 > end:
+        raise _truncated(body, "extensions length")
+    extensions_len = (body[pos] << 8) | body[pos + 1]
+    pos += 2
+    if extensions_len != end - pos:
+        raise SniffError(f"TLS ClientHello extensions length {extensions_len} != {end - pos}")
     sni: Optional[str] = None
     seen: set[int] = set()
-    while extensions.remaining:
-        ext_type = extensions.u16("extension type")
-        ext = extensions.sub(extensions.u16("extension length"), "extension")
+    while pos < end:
+        if pos + 4 > end:
+            raise _truncated(body, "extension header")
+        ext_type = (body[pos] << 8) | body[pos + 1]
+        ext = pos + 4
+        ext_end = ext + ((body[pos + 2] << 8) | body[pos + 3])
+        if ext_end > end:
+            raise _truncated(body, "extension")
+        pos = ext_end
         if ext_type in seen:
             raise SniffError(f"TLS ClientHello repeats extension {ext_type}")
         seen.add(ext_type)
         if ext_type == 0:  # server_name, RFC 6066 §3
-            names = ext.sub(ext.u16("server name list length"), "server name list")
-            if ext.remaining or not names.remaining:
+            if ext + 2 > ext_end:
+                raise _truncated(body, "server name list length")
+            names = ext + 2
+            names_end = names + ((body[ext] << 8) | body[ext + 1])
+            if names_end > ext_end:
+                raise _truncated(body, "server name list")
+            if names_end != ext_end or names == names_end:
                 raise SniffError("malformed TLS server_name extension")
-            while names.remaining:
-                name_type = names.u8("server name type")
-                name = names.take(names.u16("server name length"), "server name")
+            while names < names_end:
+                if names + 3 > names_end:
+                    raise _truncated(body, "server name")
+                name_type = body[names]
+                name_end = names + 3 + ((body[names + 1] << 8) | body[names + 2])
+                if name_end > names_end:
+                    raise _truncated(body, "server name")
                 if name_type == 0 and sni is None:
-                    sni = _sni_host(name)
+                    sni = _sni_host(body[names + 3 : name_end])
+                names = name_end
         elif ext_type == 43:  # supported_versions, RFC 8446 §4.2.1
-            versions = ext.sub(ext.u8("supported versions length"), "supported versions")
-            if ext.remaining or not versions.remaining or versions.remaining % 2:
+            if ext + 1 > ext_end:
+                raise _truncated(body, "supported versions length")
+            versions_end = ext + 1 + body[ext]
+            if versions_end > ext_end:
+                raise _truncated(body, "supported versions")
+            if versions_end != ext_end or body[ext] == 0 or body[ext] % 2:
                 raise SniffError("malformed TLS supported_versions extension")
-            offered = [versions.u16("version") for _ in range(versions.remaining // 2)]
             # GREASE values (RFC 8701) are 0x?a?a: never a real version
-            real = [v for v in offered if v & 0x0F0F != 0x0A0A]
+            real = [v for v in ((body[i] << 8) | body[i + 1]
+                                for i in range(ext + 1, versions_end, 2))
+                    if v & 0x0F0F != 0x0A0A]
             version = max(real, default=version)
     return sni, version
 
