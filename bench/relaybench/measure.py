@@ -36,12 +36,14 @@ def cpu_times(pid: int) -> tuple | None:
 
 
 def machine_cpu() -> dict[str, float]:
-    """Machine-wide CPU seconds from /proc/stat: busy (user, nice, system, irq, softirq) and
-    steal.  Interrupt time is included because the kernel charges part of the loopback TCP
-    work done in a process's context to softirq here and to the process's stime there."""
+    """Machine-wide CPU seconds from /proc/stat: busy (user, nice, system, irq, softirq),
+    idle (idle, iowait) and steal.  Interrupt time is included because the kernel charges
+    part of the loopback TCP work done in a process's context to softirq here and to the
+    process's stime there."""
     with open("/proc/stat") as f:
         v = [int(x) / CLK_TCK for x in f.readline().split()[1:9]]
-    return {"busy": v[0] + v[1] + v[2] + v[5] + v[6], "steal": v[7] if len(v) > 7 else 0.0}
+    return {"busy": v[0] + v[1] + v[2] + v[5] + v[6], "idle": v[3] + v[4],
+            "steal": v[7] if len(v) > 7 else 0.0}
 
 
 def own_cpu() -> float:
@@ -55,7 +57,10 @@ def own_cpu() -> float:
 
 class Interference:
     """CPU used during a workload by processes this script did not start (other users of a
-    shared machine), and the hypervisor's steal time: so that a noisy round can be seen."""
+    shared machine), and the hypervisor's steal time: so that a noisy round can be seen.
+    Also the share of the machine's CPU time left idle: a system that keeps the CPUs busy
+    is limited by its CPU per request, one that leaves them idle by how its processes
+    hand work to each other (and where the scheduler puts them)."""
 
     def __init__(self, pids):
         self.pids = [p for p in pids if p]
@@ -67,9 +72,12 @@ class Interference:
     def result(self) -> dict:
         m1 = machine_cpu()
         ours = sum(cpu_seconds(p) or 0.0 for p in self.pids) - self.p0 + own_cpu() - self.o0
-        return {"wall_s": time.monotonic() - self.t0,
+        wall = time.monotonic() - self.t0
+        return {"wall_s": wall,
                 "foreign_cpu_s": max(0.0, m1["busy"] - self.m0["busy"] - ours),
-                "steal_s": m1["steal"] - self.m0["steal"]}
+                "steal_s": m1["steal"] - self.m0["steal"],
+                "idle_pct": 100.0 * (m1["idle"] - self.m0["idle"])
+                / max(wall * (os.cpu_count() or 1), 1e-9)}
 
 
 def rss_kib(pid: int) -> int | None:
