@@ -296,6 +296,23 @@ def test_connection_made_on_closed_stream_resets_transport(tunnel):
     assert local.calls == ["abort"]
 
 
+def test_http_stream_cut_before_its_visitor_came_gets_a_502_page(loop):
+    """On the relay (error pages on), an HTTP stream cut before its visitor's transport is
+    up has sent nothing of a response: the visitor gets the 502 page a cut stream gets,
+    then FIN - not a reset.  Other streams cut that early are reset (above)."""
+    tunnel = RecordingTunnel(loop)
+    tunnel.error_pages = True
+    stream = Stream(tunnel, 1, proto="http", host="site.test.kite", port=80,
+                    peer="127.0.0.1:9")
+    tunnel.add_stream(stream)
+    protocol = StreamProtocol(tunnel, stream)
+    stream.cut()
+    local = FakeTransport()
+    protocol.connection_made(local)
+    assert b"".join(local.written).startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert local.calls == ["close"]
+
+
 # -- the scheduler: bulk streams are held once the queue below it is full ---------------------
 def read_local(protocol, data: bytes) -> int:
     """One read of the local socket: ``data`` lands in the buffer the protocol lends."""

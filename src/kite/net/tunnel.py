@@ -577,17 +577,25 @@ class StreamProtocol(asyncio.BufferedProtocol):
         if stream.state is _CLOSED:
             if stream.pending:
                 self._deliver_late(transport)  # it ended well before its local side came
+            elif (stream.pending is None and self.tunnel.error_pages
+                  and stream.proto in HTTP_PROTOS):
+                # Cut before its local side came, so nothing of a response was sent: an HTTP
+                # visitor gets the 502 page a cut stream gets (TunnelProtocol.cut_local).
+                self._deliver_late(transport, [http_error(502, stream.host)])
             else:
                 reset(transport)  # the stream was cut before its local side came
             return
         self.stream.attach_transport(transport)  # type: ignore[arg-type]
 
-    def _deliver_late(self, transport: asyncio.BaseTransport) -> None:
-        """A stream that ended well before its local socket came (the peer answered and sent
-        its EOFs first: a quick error page): write what it left, then end with FIN.  The
-        ``skip`` bytes, already in the socket, are read first: closing a socket with unread
-        input would reset it and lose the answer."""
-        pending, self.stream.pending = self.stream.pending, None
+    def _deliver_late(self, transport: asyncio.BaseTransport,
+                      pending: Optional[list] = None) -> None:
+        """A stream that ended before its local socket came (the peer answered and sent its
+        EOFs first: a quick error page; or ``pending``, the page of a cut): write what it
+        left, then end with FIN.  The ``skip`` bytes, already in the socket, are read first:
+        closing a socket with unread input would reset it and lose the answer."""
+        if pending is None:
+            pending = self.stream.pending
+        self.stream.pending = None
         sock = transport.get_extra_info("socket")
         if self.skip and sock is not None:
             try:
