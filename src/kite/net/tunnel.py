@@ -577,13 +577,14 @@ class StreamProtocol(asyncio.BufferedProtocol):
         if stream.state is _CLOSED:
             if stream.pending:
                 self._deliver_late(transport)  # it ended well before its local side came
-            elif (stream.pending is None and self.tunnel.error_pages
-                  and stream.proto in HTTP_PROTOS):
-                # Cut before its local side came, so nothing of a response was sent: an HTTP
-                # visitor gets the 502 page a cut stream gets (TunnelProtocol.cut_local).
-                self._deliver_late(transport, [http_error(502, stream.host)])
+                return
+            # Cut before its local side came (discard dropped what was pending: None), or
+            # ended well with nothing for it.
+            page = self.tunnel.cut_page(stream) if stream.pending is None else None
+            if page is not None:
+                self._deliver_late(transport, [page])
             else:
-                reset(transport)  # the stream was cut before its local side came
+                reset(transport)
             return
         self.stream.attach_transport(transport)  # type: ignore[arg-type]
 
@@ -1141,11 +1142,18 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         if not stream.lingering:
             self.on_stream_ended(stream)
 
-    def cut_local(self, stream: Stream, transport: asyncio.Transport) -> None:
-        """Reset the local socket of a cut stream - or, on the relay, answer an HTTP
-        visitor whose response has not started with a 502 page."""
+    def cut_page(self, stream: Stream) -> Optional[bytes]:
+        """What the local side of a cut stream gets instead of a reset: on the relay, an
+        HTTP visitor whose response has not started gets a 502 page; None: a reset."""
         if self.error_pages and not stream.delivered and stream.proto in HTTP_PROTOS:
-            transport.write(http_error(502, stream.host))
+            return http_error(502, stream.host)
+        return None
+
+    def cut_local(self, stream: Stream, transport: asyncio.Transport) -> None:
+        """Reset the local socket of a cut stream, or answer it with :meth:`cut_page`."""
+        page = self.cut_page(stream)
+        if page is not None:
+            transport.write(page)
             close_gracefully(transport)
         else:
             reset(transport)

@@ -115,6 +115,9 @@ def default_max_pending(max_connections: int) -> int:
     return max(1, min(max_connections // 4, MAX_PENDING_DEFAULT_CAP))
 
 
+_V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96, IPv4 addresses in IPv6
+
+
 def address_key(ip: str):
     """What PENDING_PER_ADDRESS counts by: an IPv4 address (also IPv4-mapped IPv6), or the
     /64 of an IPv6 address (one subscriber's usual allocation)."""
@@ -124,7 +127,7 @@ def address_key(ip: str):
         packed = socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])
     except OSError:
         return ip
-    if packed[:12] == b"\0" * 10 + b"\xff\xff":
+    if packed[:12] == _V4_MAPPED:
         return socket.inet_ntop(socket.AF_INET, packed[12:])
     return packed[:8]
 
