@@ -1,4 +1,4 @@
-"""Builds the compiled modules, kite._fastpath and kite._tls; everything else is in pyproject.toml.
+"""Builds the compiled modules (kite._fastpath, _tls, _forwarded); the rest is in pyproject.toml.
 
 Build-time switches (environment variables):
 
@@ -69,10 +69,10 @@ class build_ext(_build_ext):
             raise SystemExit(
                 f"KITE_REQUIRE_EXTENSIONS=1 but kite's extensions could not be built: {reason}")
         bar = "*" * 76
-        print(f"\n{bar}\nWARNING: kite._fastpath and kite._tls could not be built: {reason}\n"
-              "kite installs without them and uses the pure-Python twin (kite._fastpath_py)\n"
-              "and the event loop's TLS, which are slower. Install a C compiler and reinstall\n"
-              "for the compiled modules; "
+        print(f"\n{bar}\nWARNING: kite's compiled modules could not be built: {reason}\n"
+              "kite installs without them and uses the pure-Python twin (kite._fastpath_py),\n"
+              "the event loop's TLS and the X-Forwarded rewriter's Python path, which are\n"
+              "slower. Install a C compiler and reinstall for the compiled modules; "
               f"KITE_REQUIRE_EXTENSIONS=1 makes this an error.\n{bar}\n", file=sys.stderr)
         self.extensions = []
         self.distribution.ext_modules = []
@@ -94,6 +94,8 @@ ext_modules = []
 if not NO_EXTENSIONS:
     ext_modules.append(
         Extension("kite._fastpath", ["src/kite/_fastpath.pyx"], extra_compile_args=["-O3"]))
+    ext_modules.append(
+        Extension("kite._forwarded", ["src/kite/_forwarded.pyx"], extra_compile_args=["-O3"]))
     # OpenSSL is looked up at run time in the library Python's ssl loaded: nothing to link.
     ext_modules.append(
         Extension("kite._tls", ["src/kite/_tls.pyx"], extra_compile_args=["-O3"]))

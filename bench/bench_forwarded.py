@@ -4,6 +4,8 @@
 (validate with llhttp, add X-Forwarded-For/-Proto/-Host, rename client-supplied forwarding
 headers).  This measures the time per request for three request shapes, fed the way a
 keep-alive stream arrives (one whole head per feed, one rewriter for the stream), beside
+the rewriter's Python path alone (``python path``: without the compiled rewrite of a head
+that has no body, ``kite._forwarded``; what runs where kite has no compiled modules) and
 two baselines on the same heads:
 
 * ``llhttp+on_header``: only parsing the head with a reused ``httptools.HttpRequestParser``
@@ -58,6 +60,13 @@ HEADS = {
 }
 
 
+class PythonPath(ForwardedRewriter):
+    """The rewriter without its compiled one-head path (kite._forwarded)."""
+
+    __slots__ = ()
+    _one_head = None
+
+
 class _Fields:
     def __init__(self) -> None:
         self.n = 0
@@ -90,6 +99,8 @@ def main(argv=None) -> int:
                     help="another version of kite/proto/forwarded.py to measure beside this one")
     args = ap.parse_args(argv)
     versions = {"rewriter": ForwardedRewriter}
+    if ForwardedRewriter._one_head is not None:
+        versions["python path"] = PythonPath  # the compiled path off: what the twin runs
     if args.baseline:
         spec = importlib.util.spec_from_file_location("forwarded_baseline", args.baseline)
         mod = importlib.util.module_from_spec(spec)

@@ -6,12 +6,12 @@
 Every problem is printed, then the script exits 1 (0 when there is none):
 
 - each wheel: named for its CPython and the manylinux tag, holding the compiled
-  ``kite/_fastpath`` and ``kite/_tls`` (``.cpython-3X-*.so``), their ``.pyi`` stubs and
-  ``py.typed``, every module of
-  ``src/kite``, and nothing else (no tests, bench code, Cython sources, generated C, bytecode,
-  grafted libraries); the metadata (version from ``kite.__version__``, license, requires-python,
-  dependencies, project URLs, classifiers, the README as markdown long description, the
-  ``kite`` console script); ``auditwheel show`` finds it consistent with the tag;
+  ``kite/_fastpath``, ``kite/_tls`` and ``kite/_forwarded`` (``.cpython-3X-*.so``), their
+  ``.pyi`` stubs and ``py.typed``, every module of ``src/kite``, and nothing else (no tests,
+  bench code, Cython sources, generated C, bytecode, grafted libraries); the metadata
+  (version from ``kite.__version__``, license, requires-python, dependencies, project URLs,
+  classifiers, the README as markdown long description, the ``kite`` console script);
+  ``auditwheel show`` finds it consistent with the tag;
 - the sdist: every source file of ``src/kite`` including the ``.pyx``/``.pxd``, the build
   files, README and CHANGELOG, and nothing generated or out of scope;
 - ``--raw``/``--checkout``: the wheel built from the sdist has the same files and metadata
@@ -51,7 +51,7 @@ def version() -> str:
 
 
 #: The compiled modules (each from its .pyx, with a .pyi stub).
-COMPILED = ("_fastpath", "_tls")
+COMPILED = ("_fastpath", "_tls", "_forwarded")
 
 
 def package_modules() -> set[str]:
@@ -70,7 +70,8 @@ def source_files() -> set[str]:
 
 # Never in a wheel or the sdist: build leftovers (Cython's annotation page among them) and
 # code that is not kite.  The pages under static/ are package data.
-FORBIDDEN = re.compile(r"(\.pyc$|__pycache__/|\.c$|_(fastpath|tls)\.html$|\.o$|(^|/)tests?/|(^|/)bench/"
+FORBIDDEN = re.compile(r"(\.pyc$|__pycache__/|\.c$|_(fastpath|tls|forwarded)\.html$|\.o$"
+                       r"|(^|/)tests?/|(^|/)bench/"
                        r"|(^|/)\.ci/|(^|/)wheels/|(^|/)docs/|\.egg-info/)")
 
 

@@ -1,5 +1,10 @@
 """Selects the fast path: the compiled ``kite._fastpath`` or its pure-Python twin.
 
+The compiled side has a second part, ``kite._forwarded`` (the X-Forwarded rewriter's
+common case, :data:`rewrite_one_head`); its twin is the rewriter's own Python path
+(``kite.proto.forwarded``), which runs where :data:`rewrite_one_head` is ``None``.  The two
+compiled modules are built together and selected together.
+
 ``KITE_NO_EXTENSIONS=1`` selects the twin (``kite._fastpath_py``) quietly;
 ``KITE_REQUIRE_EXTENSIONS=1`` turns a missing or broken extension into an ImportError (CI and
 wheel builds set it).  Otherwise a missing extension (an install from the sdist where no C
@@ -9,6 +14,7 @@ compiler worked) means the twin with one :class:`FastPathFallbackWarning` at imp
 
 import os
 import warnings
+from typing import Callable, Optional
 
 from . import _fastpath_py
 
@@ -25,9 +31,12 @@ class FastPathFallbackWarning(RuntimeWarning):
 
 _impl = _fastpath_py
 IMPLEMENTATION = "py"
+#: ``kite._forwarded.rewrite_one_head``, or None on the twin.
+rewrite_one_head: Optional[Callable[[bytes, bytes, bool], Optional[tuple[bytes, bool]]]] = None
 if not _NO_EXT:
     try:
         from . import _fastpath as _impl  # type: ignore[no-redef]
+        from ._forwarded import rewrite_one_head
 
         IMPLEMENTATION = "c"
     except ImportError as exc:
@@ -44,6 +53,7 @@ if not _NO_EXT:
             stacklevel=1,  # points at this module: it is imported once, so warns once
         )
         _impl = _fastpath_py
+        rewrite_one_head = None
 
 Demux = _impl.Demux
 ChunkWriter = _impl.ChunkWriter
@@ -60,4 +70,5 @@ __all__ = [
     "MAX_CHUNK_SIZE",
     "MAX_DATA_PAYLOAD",
     "MAX_SIZE_DIGITS",
+    "rewrite_one_head",
 ]

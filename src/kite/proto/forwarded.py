@@ -71,6 +71,7 @@ from typing import Union
 import httptools
 
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ..fastpath import rewrite_one_head
 from .http import MAX_HEAD
 
 __all__ = ["ForwardedRewriter", "UNTRUSTED_PREFIX"]
@@ -241,6 +242,11 @@ class ForwardedRewriter:
     closes the stream.  Bytes returned by earlier feeds were valid and may be flushed.
     """
 
+    #: The compiled rewrite of one whole head without a body (kite._forwarded), tried
+    #: before this class's own path; None on the pure-Python twin, and in subclasses that
+    #: change how a head is finished (they run this class's Python path).
+    _one_head = None if rewrite_one_head is None else staticmethod(rewrite_one_head)
+
     __slots__ = (
         "_state",  # one of the _STATE constants above
         "_held",  # bytearray: bytes of an incomplete head / size line / CRLF / trailers
@@ -345,7 +351,17 @@ class ForwardedRewriter:
         if (state == _HEAD and not self._held and 4 < n <= self._max_head
                 and buf[0] not in b"\r\n" and buf.find(b"\r\n\r\n") == n - 4):
             # Exactly one whole head (the usual GET on a keep-alive connection): the same
-            # parser, checks and result as below, without holding and slicing.
+            # parser, checks and result as below, without holding and slicing.  The
+            # compiled rewrite does it all in one call when the head has no body, and
+            # answers None, having changed nothing, for anything else.
+            one_head = self._one_head
+            if one_head is not None:
+                done = one_head(buf, self._fixed_lines, self._copy_host)
+                if done is not None:
+                    self._requests += 1
+                    if not done[1]:
+                        self._state = _DISCARD  # as _end_message does
+                    return done[0]
             try:
                 self._start_message()
                 self._validate(buf)
