@@ -145,6 +145,21 @@ def test_a_keep_alive_stream_of_many_heads():
     assert assert_same(heads, host=None) == 300
 
 
+def test_a_subclass_that_changes_a_step_runs_the_python_path():
+    from kite.backend.basicauth import AuthGate
+
+    class Shouting(ForwardedRewriter):
+        __slots__ = ()
+
+        def _rewrite_head(self, head, line_end, ev):
+            return super()._rewrite_head(head, line_end, ev).upper()
+
+    assert AuthGate._one_head is None and Shouting._one_head is None
+    assert CountedPath._one_head is not None and ForwardedRewriter._one_head is not None
+    rw = Shouting(client_ip=CLIENT_IP, proto="https", host="app.example")
+    assert rw.feed(PLAIN[0]).startswith(b"GET /1K.BIN HTTP/1.1\r\nX-FORWARDED-FOR: ")
+
+
 def test_input_type_is_checked():
     with pytest.raises(TypeError):
         fastpath.rewrite_one_head(bytearray(b"GET / HTTP/1.1\r\n\r\n"), b"", False)

@@ -89,6 +89,21 @@ def test_missing_extension_warns_once():
     assert "pure-Python twin" in r.stderr and "KITE_NO_EXTENSIONS=1" in r.stderr
 
 
+def test_missing_rewrite_module_warns_naming_it():
+    """A checkout built before kite._forwarded existed: the chunk fast path stays compiled,
+    request heads take the rewriter's Python path, and the warning says which is missing."""
+    if kite.fastpath.IMPLEMENTATION != "c":
+        pytest.skip("the compiled fast path is not in use here")
+    code = ("import sys; sys.modules['kite._forwarded'] = None; import kite.fastpath as f; "
+            "print(f.IMPLEMENTATION, f.rewrite_one_head)")
+    r = run([sys.executable, "-c", code], env=kite_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "c None\n"
+    assert r.stderr.count(WARNING) == 1 and "kite._forwarded" in r.stderr, r.stderr
+    r = run([sys.executable, "-c", code], env=kite_env(KITE_REQUIRE_EXTENSIONS="1"))
+    assert "ImportError: KITE_REQUIRE_EXTENSIONS=1 but kite._forwarded did not load" in r.stderr
+
+
 def test_twin_on_request_does_not_warn():
     r = run([sys.executable, "-W", "error", "-c", BLOCK + "import kite.fastpath as f; "
              "print(f.IMPLEMENTATION)"], env=kite_env(KITE_NO_EXTENSIONS="1"))

@@ -6,17 +6,19 @@
 module docstring for what is added, what is renamed and why.  Its ``feed`` hands over
 bytes that are exactly one complete request head (they end with their only CRLFCRLF, as
 a GET on a keep-alive connection arrives) to :func:`rewrite_one_head`, which does the
-same work in one call: llhttp validates the head (the same strict
-``httptools.HttpRequestParser``, reused from message to message), then one pass over the
-validated field lines finds Host, Content-Length, Transfer-Encoding and the forwarding
-fields a visitor must not set, and the result is written into one new ``bytes``.
+same work in one call: one pass over the field lines finds Host, Content-Length,
+Transfer-Encoding, Upgrade and the forwarding fields a visitor must not set and writes
+the rewritten head into one new ``bytes``; then llhttp validates the head (the same
+strict ``httptools.HttpRequestParser``, reused from message to message), and only a head
+it accepts gets that result.  The pass reads within the bytes whatever they hold, so it
+may run first; that way a head that is not the plain case costs no llhttp parse here.
 
 Only the plain case is done here: llhttp accepted the head and ended the message with it
-(no body), HTTP/1.0 or 1.1, no Upgrade or CONNECT, at most one Host, no
+(no body), HTTP/1.0 or 1.1, no Upgrade field, no CONNECT, at most one Host, no
 Transfer-Encoding.  For anything else - and for every error - the answer is ``None``,
 with nothing of the caller's state touched, and the caller runs its own path from the
 start, which decides, words the error and handles bodies, upgrades and chunked framing.
-So this module adds speed and no behaviour; tests/test_forwarded_fastpath.py holds both
+So this module adds speed and no behaviour; tests/test_fastpath_forwarded.py holds both
 paths to the same output for the same input.
 
 One thread: the parsers kept for the next head are in a module-level list (kite runs one
@@ -121,7 +123,9 @@ cdef object _rewrite(bytes head, bytes fixed, bint copy_host):
     cdef Py_ssize_t rename_at[_MAX_RENAMES]
     cdef unsigned char version
 
-    # The request line: llhttp accepted it, so it ends "<proto>/<digit>.<digit>" CRLF.
+    # The request line: once llhttp accepts it, it ends "<proto>/<digit>.<digit>" CRLF.
+    if n >= 8 and memcmp(p, b"CONNECT ", 8) == 0:
+        return None  # a tunnel: the specification makes the stream opaque
     hit = <const char*>memchr(p, b'\n', n)
     if hit == NULL:
         return None
@@ -132,7 +136,8 @@ cdef object _rewrite(bytes head, bytes fixed, bint copy_host):
     if version != b'1' and version != b'0':
         return None  # RTSP/1.0, ICE/1.0, HTTP/1.2...: the specification refuses them
 
-    # Field lines up to the blank line: each "name:value" CRLF (llhttp allows nothing else).
+    # Field lines up to the blank line: each "name:value" CRLF (llhttp allows nothing else;
+    # a line that is not is left to the specification).
     pos = line_end
     while pos < n and p[pos] != b'\r':
         hit = <const char*>memchr(p + pos, b'\n', n - pos)
@@ -159,7 +164,9 @@ cdef object _rewrite(bytes head, bytes fixed, bint copy_host):
                 if b'1' <= p[vstart] <= b'9':
                     return None  # a body: the specification slices it
         elif k == 17 and _is(p + pos, 17, b"transfer-encoding", False):
-            return None
+            return None  # a chunked body
+        elif k == 7 and _is(p + pos, 7, b"upgrade", False):
+            return None  # perhaps a protocol switch: the specification decides
         elif _untrusted(p + pos, k):
             if renames == _MAX_RENAMES:
                 return None
@@ -211,6 +218,9 @@ def rewrite_one_head(bytes head not None, bytes fixed not None, bint copy_host):
     right after the request line; ``copy_host`` adds ``X-Forwarded-Host`` with the
     request's own Host value (when it has one).
     """
+    out = _rewrite(head, fixed, copy_host)
+    if out is None:
+        return None
     cdef _Events ev
     if _idle:
         ev = <_Events>_idle.pop()
@@ -227,11 +237,8 @@ def rewrite_one_head(bytes head not None, bytes fixed not None, bint copy_host):
     if ev.begun != 1 or not ev.headers_complete or not ev.message_complete or ev.upgrade:
         ev.parser = None
         return None
-    out = _rewrite(head, fixed, copy_host)
-    if out is None or not ev.keep_alive or len(_idle) >= _IDLE_MAX:
-        ev.parser = None
-    else:
+    if ev.keep_alive and len(_idle) < _IDLE_MAX:
         _idle.append(ev)  # llhttp waits for the next message: any stream's next head
-    if out is None:
-        return None
+    else:
+        ev.parser = None
     return out, ev.keep_alive

@@ -3,7 +3,8 @@
 The compiled side has a second part, ``kite._forwarded`` (the X-Forwarded rewriter's
 common case, :data:`rewrite_one_head`); its twin is the rewriter's own Python path
 (``kite.proto.forwarded``), which runs where :data:`rewrite_one_head` is ``None``.  The two
-compiled modules are built together and selected together.
+are built together; each is loaded on its own (a checkout built before one of them
+existed keeps the other), with the same rules and a warning that names the one missing.
 
 ``KITE_NO_EXTENSIONS=1`` selects the twin (``kite._fastpath_py``) quietly;
 ``KITE_REQUIRE_EXTENSIONS=1`` turns a missing or broken extension into an ImportError (CI and
@@ -36,7 +37,6 @@ rewrite_one_head: Optional[Callable[[bytes, bytes, bool], Optional[tuple[bytes, 
 if not _NO_EXT:
     try:
         from . import _fastpath as _impl  # type: ignore[no-redef]
-        from ._forwarded import rewrite_one_head
 
         IMPLEMENTATION = "c"
     except ImportError as exc:
@@ -53,7 +53,22 @@ if not _NO_EXT:
             stacklevel=1,  # points at this module: it is imported once, so warns once
         )
         _impl = _fastpath_py
-        rewrite_one_head = None
+if IMPLEMENTATION == "c":
+    try:
+        from ._forwarded import rewrite_one_head
+    except ImportError as exc:
+        if _REQUIRE_EXT:
+            raise ImportError(
+                f"KITE_REQUIRE_EXTENSIONS=1 but kite._forwarded did not load ({exc}); "
+                "reinstall with `pip install .` so the extension compiles"
+            ) from exc
+        warnings.warn(
+            f"kite: the compiled X-Forwarded rewrite (kite._forwarded) is not available "
+            f"({exc}); request heads take the rewriter's Python path, which is slower. "
+            "Reinstall kite-relay, or rebuild a checkout (python setup.py build_ext --inplace).",
+            FastPathFallbackWarning,
+            stacklevel=1,
+        )
 
 Demux = _impl.Demux
 ChunkWriter = _impl.ChunkWriter

@@ -100,7 +100,6 @@ class AuthGate(ForwardedRewriter):
     """
 
     __slots__ = ("_auth", "_add_headers", "_on_refused", "refused", "passed")
-    _one_head = None  # every head goes through _finish_head below
 
     def __init__(self, auth: BasicAuth, *, on_refused: Callable[[], None],
                  add_headers: bool = True, **kwargs) -> None:

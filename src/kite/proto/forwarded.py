@@ -115,6 +115,11 @@ _SAFE_VALUE = re.compile(rb"[!-~]+")
 
 BytesLike = Union[bytes, bytearray, memoryview]
 
+# The methods of a head's path that the compiled rewrite of a whole head does in one call:
+# a subclass that overrides one of them does not get the compiled call.
+_HEAD_STEPS = ("feed", "_start_message", "_validate", "_finish_head", "_rewrite_head",
+               "_end_message")
+
 # States of the client->server stream.
 _HEAD = 0  # between messages or inside a head (bytes held in _held)
 _BODY = 1  # inside a Content-Length body; _remaining bytes to go
@@ -243,8 +248,9 @@ class ForwardedRewriter:
     """
 
     #: The compiled rewrite of one whole head without a body (kite._forwarded), tried
-    #: before this class's own path; None on the pure-Python twin, and in subclasses that
-    #: change how a head is finished (they run this class's Python path).
+    #: before this class's own path; None on the pure-Python twin, and in a subclass that
+    #: overrides a step of the head path (``_HEAD_STEPS``): it runs this class's Python
+    #: path, its overrides included (see ``__init_subclass__``).
     _one_head = None if rewrite_one_head is None else staticmethod(rewrite_one_head)
 
     __slots__ = (
@@ -289,6 +295,11 @@ class ForwardedRewriter:
         self._events: _MessageEvents | None = None
         self._parser: httptools.HttpRequestParser | None = None
         self._requests = 0
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_one_head" not in cls.__dict__ and any(step in cls.__dict__ for step in _HEAD_STEPS):
+            cls._one_head = None  # the compiled path would skip the override
 
     # -- public API ---------------------------------------------------------------------
 
