@@ -40,6 +40,10 @@ past an Upgrade, and it only ever edits heads:
    anyway, and nothing unrewritten can reach a sloppy one).
 6. OPAQUE after a CONNECT or an Upgrade request (see the comment in ``_finish_head``).
 
+Where kite's compiled modules are built, a feed that is exactly one whole head without a
+body (a keep-alive GET) takes steps 1, 2 and 5 in one call to ``kite._forwarded``; this
+class is its specification, and runs whatever that call leaves (``_one_head``).
+
 Nothing is ever rewritten in a body, in chunk extensions or in trailers: those bytes leave
 exactly as they came.  The output of a stream does not depend on how it was cut into feeds
 (tested with Hypothesis).
