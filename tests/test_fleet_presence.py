@@ -131,6 +131,33 @@ def test_close_right_after_a_change_leaves(redis_server):
     asyncio.run(main())
 
 
+def test_close_is_bounded_when_a_task_ignores_its_cancel(redis_server, caplog):
+    """A presence task that swallows its cancel (as a Python 3.11 wait_for can) holds
+    close() for a bounded time only; the relay still leaves the fleet."""
+    async def main():
+        a, b = await _two_relays(redis_server.url(5))
+        released = False
+
+        async def deaf() -> None:
+            while not released:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    pass
+
+        stuck = asyncio.get_running_loop().create_task(deaf())
+        a._tasks.append(stuck)
+        await asyncio.wait_for(a.close(), 20)  # a bound on a hang, not a measurement
+        assert "did not stop" in caplog.text
+        await until(lambda: "A" not in b.relays, 5, "B sees A leave")
+        await b.close()
+        released = True
+        stuck.cancel()
+        await stuck
+
+    asyncio.run(main())
+
+
 def test_a_change_just_after_the_first_read_is_seen_at_once(redis_server):
     """A relay that starts subscribes to the channel before it reads the map: a kite that
     another relay brings up just after that read reaches it on the channel, not at the

@@ -50,6 +50,8 @@ HEARTBEAT = 5.0
 RESYNC = 10.0
 #: Seconds a Redis command may take.
 TIMEOUT = 3.0
+#: Seconds close() waits for the presence tasks to stop after cancelling them.
+CLOSE_WAIT = TIMEOUT + 1.0
 #: Seconds to wait for every relay to confirm TXT values (ACME DNS-01) before answering.
 TXT_ACK_TIMEOUT = 5.0
 
@@ -183,7 +185,14 @@ class FleetPresence:
         self._wake.set()
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Each task ends on the cancel, or on the flag at its next turn where a wait_for
+        # swallowed the cancel; close() waits for them a bounded time, never for ever.
+        stuck: set = set()
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=CLOSE_WAIT)
+        if stuck:
+            log.warning("fleet: %d presence task(s) did not stop within %g s; left to the "
+                        "event loop", len(stuck), CLOSE_WAIT)
         try:
             pipe = self.r.pipeline(transaction=True)
             pipe.zrem(self._k("relays"), self.relay_id)
@@ -193,7 +202,10 @@ class FleetPresence:
         except (redis.RedisError, OSError, asyncio.TimeoutError) as exc:
             log.warning("fleet: could not leave cleanly (%s); the entry expires in %g s",
                         exc, self.ttl)
-        await self.r.aclose()
+        try:
+            await asyncio.wait_for(self.r.aclose(), TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("fleet: closing the Redis connections took over %g s; left", TIMEOUT)
 
     def _k(self, name: str) -> str:
         return self.p + name
@@ -355,7 +367,7 @@ class FleetPresence:
                     log.exception("fleet: presence listener failed")
 
     async def _reader(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.resync)
             try:
                 await self._read_all()
