@@ -346,13 +346,26 @@ class PauseOnData(Collect):
         self.transport.pause_reading()
 
 
-def test_an_end_read_with_the_last_bytes_waits_for_resume_reading(certs, loop_kind):
+class PauseOnDataKeepOpen(PauseOnData):
+    def __init__(self) -> None:
+        super().__init__(keep_open=True)
+        self.eofs = 0
+
+    def eof_received(self):
+        self.eofs += 1
+        return super().eof_received()
+
+
+@pytest.mark.parametrize("keep_open", [False, True])
+def test_an_end_read_with_the_last_bytes_waits_for_resume_reading(certs, loop_kind,
+                                                                  keep_open):
     """Bytes and the peer's close_notify arrive together, and several records are read into
     one loan: the protocol that paused reading on the bytes hears of the end only once it
-    reads again, as from any transport."""
+    reads again, as from any transport, and once."""
     async def main():
+        factory = PauseOnDataKeepOpen if keep_open else PauseOnData
         st, sp, ct, cp = await pair(certs, native_server=True, native_client=True,
-                                    server_factory=PauseOnData)
+                                    server_factory=factory)
         ct.write(b"x" * 3000)
         ct.write(b"last words")  # two records, then close_notify, in one flight
         ct.close()
@@ -361,6 +374,10 @@ def test_an_end_read_with_the_last_bytes_waits_for_resume_reading(certs, loop_ki
         assert bytes(sp.data) == b"x" * 3000 + b"last words" and not sp.eof
         st.resume_reading()
         assert await asyncio.wait_for(sp.ended, 10) == "eof"
+        if keep_open:  # half-closed: still open, the end heard once
+            await asyncio.sleep(0.1)
+            assert sp.eofs == 1 and not st.is_closing()
+            st.close()
         await support_wait(lambda: sp.lost == [None])
     support.run(main, loop_kind)
 

@@ -867,12 +867,14 @@ cdef class TLSTransport:
         cdef size_t got
         cdef size_t total = 0
         cdef int r, err, code
+        cdef bint reading = True
         if self.held_err and self.state == OPEN and not self.reading_paused:
             err, code, failure = self.held_err, self.held_code, self.held_failure
             self.held_err = 0
             self.held_failure = None
             self._read_ended(err, code, failure)
-        while self.state == OPEN and not self.reading_paused:
+            reading = False  # the end is all there was (eof_received may keep it open)
+        while reading and self.state == OPEN and not self.reading_paused:
             api.ERR_clear_error()
             got = 0
             r = 1
