@@ -338,50 +338,6 @@ def test_the_peers_end_is_eof_received(certs, loop_kind, keep_open):
     support.run(main, loop_kind)
 
 
-class PauseOnData(Collect):
-    """Pauses reading as soon as bytes arrive (a protocol whose consumer is slow)."""
-
-    def buffer_updated(self, n: int) -> None:
-        super().buffer_updated(n)
-        self.transport.pause_reading()
-
-
-class PauseOnDataKeepOpen(PauseOnData):
-    def __init__(self) -> None:
-        super().__init__(keep_open=True)
-        self.eofs = 0
-
-    def eof_received(self):
-        self.eofs += 1
-        return super().eof_received()
-
-
-@pytest.mark.parametrize("keep_open", [False, True])
-def test_an_end_read_with_the_last_bytes_waits_for_resume_reading(certs, loop_kind,
-                                                                  keep_open):
-    """Bytes and the peer's close_notify arrive together, and several records are read into
-    one loan: the protocol that paused reading on the bytes hears of the end only once it
-    reads again, as from any transport, and once."""
-    async def main():
-        factory = PauseOnDataKeepOpen if keep_open else PauseOnData
-        st, sp, ct, cp = await pair(certs, native_server=True, native_client=True,
-                                    server_factory=factory)
-        ct.write(b"x" * 3000)
-        ct.write(b"last words")  # two records, then close_notify, in one flight
-        ct.close()
-        await sp.until(3010)
-        await asyncio.sleep(0.1)  # nothing may come while paused
-        assert bytes(sp.data) == b"x" * 3000 + b"last words" and not sp.eof
-        st.resume_reading()
-        assert await asyncio.wait_for(sp.ended, 10) == "eof"
-        if keep_open:  # half-closed: still open, the end heard once
-            await asyncio.sleep(0.1)
-            assert sp.eofs == 1 and not st.is_closing()
-            st.close()
-        await support_wait(lambda: sp.lost == [None])
-    support.run(main, loop_kind)
-
-
 def test_a_tcp_end_without_close_notify_is_eof_too(certs, loop_kind):
     async def main():
         st, sp, ct, cp = await pair(certs, native_server=True, native_client=True)
