@@ -323,6 +323,24 @@ def read_local(protocol, data: bytes) -> int:
     return n
 
 
+def test_a_read_that_filled_its_buffer_gets_a_whole_quantum_next(tunnel):
+    """The event loop's size hint (libuv's 64 KiB) is lent while the stream's reads fit;
+    once one filled its buffer, the next loan is a whole quantum (up to a kite peer's
+    chunk on a fast uplink), and a short read goes back to the hint."""
+    _, protocol, _ = open_stream(tunnel, 1)
+    sq = tunnel.send_queue
+    sq.quantum = quantum = sq.quantum_max  # a fast uplink: the largest quantum
+    assert quantum > 65536
+    buf = protocol.get_buffer(65536)
+    assert len(buf) == 65536
+    protocol.buffer_updated(100)  # a short read: it fit
+    assert len(protocol.get_buffer(65536)) == 65536
+    protocol.buffer_updated(65536)  # filled: more is waiting in the socket
+    assert len(protocol.get_buffer(65536)) == quantum
+    protocol.buffer_updated(quantum - 1)
+    assert len(protocol.get_buffer(65536)) == 65536
+
+
 def data_chunks(wire: bytes) -> list[tuple[int, bytes]]:
     """(sid, payload) of each data chunk in ``wire`` (the writer's output), in order."""
     out = []

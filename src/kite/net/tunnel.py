@@ -613,8 +613,12 @@ class StreamProtocol(asyncio.BufferedProtocol):
                 self._scratch = bytearray(min(self.skip, _SCRATCH))
             return memoryview(self._scratch)[: self.skip]
         writer = self._writer
+        # The event loop's hint (libuv: 64 KiB) while the stream's reads fit; a whole
+        # quantum (on a fast uplink a kite peer's chunk, 128 KiB) once a read filled its
+        # buffer: a bulk stream's reads, chunks and TLS writes are half as many, while a
+        # small answer does not reserve room past glibc's mmap threshold in the writer.
         quantum = self.tunnel.send_queue.quantum
-        if sizehint <= 0 or sizehint > quantum:
+        if sizehint <= 0 or sizehint > quantum or self.stream.in_burst:
             sizehint = quantum
         if writer.pending >= self.tunnel.flush_at:
             # libuv reads a busy socket up to 32 times per loop iteration: without this the
