@@ -338,6 +338,87 @@ def test_the_peers_end_is_eof_received(certs, loop_kind, keep_open):
     support.run(main, loop_kind)
 
 
+class PauseOnData(Collect):
+    """Pauses reading as soon as bytes arrive (a protocol whose consumer is slow); takes
+    several records a call (read_batch, as kite's tunnels to kite peers)."""
+
+    read_batch = True
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.calls: list = []
+
+    def buffer_updated(self, n: int) -> None:
+        self.calls.append(n)
+        super().buffer_updated(n)
+        self.transport.pause_reading()
+
+
+class PauseOnRecord(PauseOnData):
+    """The same, a record a call (as kite's tunnels to pagekite.py, whose brake this is)."""
+
+    read_batch = False
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_records_come_one_a_call_unless_the_protocol_takes_batches(certs, loop_kind, batch):
+    """Two records in one flight: a protocol that pauses reading on the first call gets one
+    record without read_batch (nothing passes the brake but the record it acts on), both
+    with it."""
+    async def main():
+        st, sp, ct, cp = await pair(certs, native_server=True, native_client=True,
+                                    server_factory=PauseOnData if batch else PauseOnRecord)
+        ct.write(b"a" * 3000)
+        ct.write(b"b" * 3000)  # two records, sent before the server reads
+        await sp.until(3000)
+        await asyncio.sleep(0.1)  # nothing may come while paused
+        assert sp.calls == ([6000] if batch else [3000])
+        st.resume_reading()
+        await sp.until(6000)
+        assert bytes(sp.data) == b"a" * 3000 + b"b" * 3000
+        assert sp.calls == ([6000] if batch else [3000, 3000])
+        st.resume_reading()
+        ct.close()
+        await asyncio.wait_for(sp.ended, 10)
+    support.run(main, loop_kind)
+
+
+class PauseOnDataKeepOpen(PauseOnData):
+    def __init__(self) -> None:
+        super().__init__(keep_open=True)
+        self.eofs = 0
+
+    def eof_received(self):
+        self.eofs += 1
+        return super().eof_received()
+
+
+@pytest.mark.parametrize("keep_open", [False, True])
+def test_an_end_read_with_the_last_bytes_waits_for_resume_reading(certs, loop_kind,
+                                                                  keep_open):
+    """Bytes and the peer's close_notify arrive together, and several records are read into
+    one loan: the protocol that paused reading on the bytes hears of the end only once it
+    reads again, as from any transport, and once."""
+    async def main():
+        factory = PauseOnDataKeepOpen if keep_open else PauseOnData
+        st, sp, ct, cp = await pair(certs, native_server=True, native_client=True,
+                                    server_factory=factory)
+        ct.write(b"x" * 3000)
+        ct.write(b"last words")  # two records, then close_notify, in one flight
+        ct.close()
+        await sp.until(3010)
+        await asyncio.sleep(0.1)  # nothing may come while paused
+        assert bytes(sp.data) == b"x" * 3000 + b"last words" and not sp.eof
+        st.resume_reading()
+        assert await asyncio.wait_for(sp.ended, 10) == "eof"
+        if keep_open:  # half-closed: still open, the end heard once
+            await asyncio.sleep(0.1)
+            assert sp.eofs == 1 and not st.is_closing()
+            st.close()
+        await support_wait(lambda: sp.lost == [None])
+    support.run(main, loop_kind)
+
+
 def test_a_tcp_end_without_close_notify_is_eof_too(certs, loop_kind):
     async def main():
         st, sp, ct, cp = await pair(certs, native_server=True, native_client=True)

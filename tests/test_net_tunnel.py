@@ -341,6 +341,18 @@ def test_a_read_that_filled_its_buffer_gets_a_whole_quantum_next(tunnel):
     assert len(protocol.get_buffer(65536)) == 65536
 
 
+def test_only_a_kite_peers_tunnel_takes_batched_tls_reads(loop):
+    """kite._tls fills a loan with several records only for a protocol that asks
+    (read_batch): a kite peer's tunnel and a stream's local side, whose brakes are windows.
+    A pagekite.py peer's tunnel is braked by pausing the tunnel between two reads, so it
+    takes a record a call."""
+    assert RecordingTunnel(loop, kite_peer=True).read_batch is True
+    pagekite = RecordingTunnel(loop, kite_peer=False)
+    assert pagekite.read_batch is False
+    _, protocol, _ = open_stream(pagekite, 1)
+    assert protocol.read_batch is True  # its loan is one pagekite chunk, below a record
+
+
 def data_chunks(wire: bytes) -> list[tuple[int, bytes]]:
     """(sid, payload) of each data chunk in ``wire`` (the writer's output), in order."""
     out = []

@@ -590,6 +590,9 @@ cdef class TLSTransport:
     cdef bint protocol_paused   # pause_writing() called, resume_writing() not yet
     cdef bint eof               # the peer's end was seen
     cdef bint read_soon         # a _read_ready is scheduled
+    cdef int held_err           # why reading ended, held while the protocol pauses reading
+    cdef int held_code          # ... its errno (SSL_ERROR_SYSCALL)
+    cdef object held_failure    # ... its exception (an OpenSSL error)
     cdef size_t high_water
     cdef size_t low_water
     cdef object loop
@@ -861,27 +864,71 @@ cdef class TLSTransport:
     cdef _read(self):
         cdef Py_buffer view
         cdef size_t n = 0
+        cdef size_t got
         cdef size_t total = 0
-        cdef int r, err
-        while self.state == OPEN and not self.reading_paused:
+        cdef int r, err, code
+        cdef bint reading = True
+        # A protocol whose brake allows a whole loan per call asks for batches (read_batch):
+        # a kite tunnel (its peer keeps kite's per-stream window), a visitor's stream (its
+        # window).  Without it, a record a call: a tunnel to pagekite.py, whose brake is to
+        # stop reading the tunnel when a local socket is full, between two calls.
+        cdef bint batch = self.buffered and getattr(self.protocol, "read_batch", False)
+        if self.held_err and self.state == OPEN and not self.reading_paused:
+            err, code, failure = self.held_err, self.held_code, self.held_failure
+            self.held_err = 0
+            self.held_failure = None
+            self._read_ended(err, code, failure)
+            reading = False  # the end is all there was (eof_received may keep it open)
+        while reading and self.state == OPEN and not self.reading_paused:
             api.ERR_clear_error()
+            got = 0
+            r = 1
             if self.buffered:
                 buf = self.protocol.get_buffer(-1)
                 PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
                 try:
                     if view.len == 0:
                         raise RuntimeError("get_buffer() returned an empty buffer")
-                    r = api.SSL_read_ex(self.ssl, view.buf, <size_t>view.len, &n)
+                    # Batched: records while the loan has room and OpenSSL or the socket
+                    # has more.  A record holds 16 KiB at most, and one buffer_updated() for
+                    # all of them is one protocol call where a bulk stream made one a record.
+                    while True:
+                        r = api.SSL_read_ex(self.ssl, <char*>view.buf + got,
+                                            <size_t>view.len - got, &n)
+                        if r != 1:
+                            break
+                        got += n
+                        if not batch or got == <size_t>view.len or (
+                                self.insock.drained and not api.SSL_has_pending(self.ssl)):
+                            break
                 finally:
                     PyBuffer_Release(&view)
             else:
                 r = api.SSL_read_ex(self.ssl, scratch, SCRATCH_LEN, &n)
-            if r == 1:
-                total += n
+                if r == 1:
+                    got = n
+            # Why a read stopped is taken from OpenSSL now: the protocol's callback below
+            # may use OpenSSL (another transport's write clears the error queue).
+            err = SSL_ERROR_NONE
+            code = 0
+            failure = None
+            if r != 1:
+                err = api.SSL_get_error(self.ssl, r)
+                if err == SSL_ERROR_SYSCALL:
+                    code = errno
+                    api.ERR_clear_error()
+                elif err != SSL_ERROR_WANT_READ and err != SSL_ERROR_WANT_WRITE and \
+                        err != SSL_ERROR_ZERO_RETURN:
+                    failure = _ssl_error(self.ssl, "read")
+            if got:
+                total += got
                 if self.buffered:
-                    self.protocol.buffer_updated(n)
+                    self.protocol.buffer_updated(got)
                 else:
-                    self.protocol.data_received(PyBytes_FromStringAndSize(scratch, n))
+                    self.protocol.data_received(PyBytes_FromStringAndSize(scratch, got))
+                if self.state != OPEN:
+                    break  # the protocol closed the transport
+            if r == 1:
                 if total >= READ_TURN_MAX:
                     if not self.read_soon:
                         self.read_soon = True
@@ -890,27 +937,32 @@ cdef class TLSTransport:
                 if self.insock.drained and not api.SSL_has_pending(self.ssl):
                     break  # the socket had no more: no recv(2) just to hear EAGAIN
                 continue
-            err = api.SSL_get_error(self.ssl, r)
             if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
                 break
-            if err == SSL_ERROR_ZERO_RETURN:
-                self._on_eof()
+            if self.reading_paused:
+                # The end came with the last records, and the protocol paused reading on
+                # them: it hears of the end once it reads again (resume_reading).
+                self.held_err, self.held_code, self.held_failure = err, code, failure
                 break
-            if err == SSL_ERROR_SYSCALL:
-                code = errno
-                api.ERR_clear_error()
-                if code == 0:
-                    self._on_eof()
-                else:
-                    self._force_close(OSError(code, _errno.errorcode.get(code, str(code))))
-                break
-            self._force_close(_ssl_error(self.ssl, "read"))
+            self._read_ended(err, code, failure)
             break
         if self.state == OPEN:
             if not self.writer_on:
                 self._send()  # what reading made OpenSSL send (a key update's answer)
         else:
             _unstage(&self.out)
+
+    cdef _read_ended(self, int err, int code, failure):
+        """Reading ended for good: the peer's close_notify or end of stream, or an error."""
+        if err == SSL_ERROR_ZERO_RETURN:
+            self._on_eof()
+        elif err == SSL_ERROR_SYSCALL:
+            if code == 0:
+                self._on_eof()
+            else:
+                self._force_close(OSError(code, _errno.errorcode.get(code, str(code))))
+        else:
+            self._force_close(failure)
 
     cdef _drain(self):
         """Closing: what the peer still sends is read and dropped, until its end."""
@@ -965,7 +1017,7 @@ cdef class TLSTransport:
             return
         self.loop.add_reader(self.fd, self._on_readable_cb)
         self.reader_on = True
-        if api.SSL_has_pending(self.ssl) and not self.read_soon:
+        if (self.held_err or api.SSL_has_pending(self.ssl)) and not self.read_soon:
             self.read_soon = True
             self.loop.call_soon(self._read_ready_cb)
 

@@ -560,6 +560,10 @@ class StreamProtocol(asyncio.BufferedProtocol):
 
     __slots__ = ("tunnel", "stream", "skip", "_writer", "_slot", "_scratch", "_lent")
 
+    #: A TLS transport (kite._tls) may fill one loan with several records: the stream's
+    #: window brakes after the call, as after a plain socket's read of a whole loan.
+    read_batch = True
+
     def __init__(self, tunnel: TunnelProtocol, stream: Stream, skip: int = 0) -> None:
         self.tunnel = tunnel
         self.stream = stream
@@ -952,6 +956,14 @@ class TunnelProtocol(asyncio.BufferedProtocol):
                        "bytes queued")
 
     # -- chunk mode -------------------------------------------------------------------------
+    @property
+    def read_batch(self) -> bool:
+        """A TLS transport (kite._tls) may fill one loan with several records for a kite
+        peer, whose streams keep kite's window.  A pagekite.py peer keeps none: the brake
+        for it stops reading the tunnel when a local socket is full, and acts between two
+        calls, so each call brings one record."""
+        return self.kite_peer
+
     def start_chunks(self, leftover: bytes = b"", *, kite_peer: bool = False,
                      inflate: bool = True) -> None:
         """Switch to chunk mode; ``leftover`` are bytes that followed the handshake."""
