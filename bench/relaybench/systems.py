@@ -665,13 +665,12 @@ ALL_SYSTEMS = {cls.name: cls for cls in (Direct, Haproxy, Stunnel, Pagekite, Pag
                                           StunnelTls)}
 SYSTEMS = tuple(ALL_SYSTEMS)
 #: The HTTPS-visitor comparison: ``--systems https`` (a shorthand for these).
-HTTPS_SYSTEMS = (KiteTls.name, NginxTls.name, StunnelTls.name)
+HTTPS_SYSTEMS = (KiteTls.name, NginxTls.name, NginxTlsTunnel.name, StunnelTls.name)
 #: What a run compares unless --systems says otherwise (kite-base needs KITE_BASELINE_SRC;
 #: the https systems are their own comparison).
 DEFAULT_SYSTEMS = tuple(n for n in SYSTEMS if n not in (KiteBaseline.name, KiteAccounts.name,
                                                         KiteObserved.name, KiteTlsBaseline.name,
-                                                        KiteTlsLoop.name, NginxTlsTunnel.name,
-                                                        *HTTPS_SYSTEMS))
+                                                        KiteTlsLoop.name, *HTTPS_SYSTEMS))
 
 
 def wait_until_served(run: Running, timeout: float) -> None:
