@@ -708,6 +708,11 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self.write_paused = False
         self.closed = False
         self.kite_peer = False  # the peer is kite (KiteFlow): big windows, sparse acks
+        # A TLS transport (kite._tls) may fill one loan with several records for a kite
+        # peer, whose streams keep kite's window.  A pagekite.py peer keeps none: the brake
+        # for it stops reading the tunnel when a local socket is full, and acts between two
+        # calls, so each call brings one record.  (An attribute: read at every TLS read.)
+        self.read_batch = False
         self.policy = WindowPolicy.fixed(PAGEKITE_WINDOW)
         self.ack_step = PAGEKITE_ACK_STEP
         self.buffer_limit = 2 * PAGEKITE_WINDOW + 256 * 1024
@@ -956,18 +961,10 @@ class TunnelProtocol(asyncio.BufferedProtocol):
                        "bytes queued")
 
     # -- chunk mode -------------------------------------------------------------------------
-    @property
-    def read_batch(self) -> bool:
-        """A TLS transport (kite._tls) may fill one loan with several records for a kite
-        peer, whose streams keep kite's window.  A pagekite.py peer keeps none: the brake
-        for it stops reading the tunnel when a local socket is full, and acts between two
-        calls, so each call brings one record."""
-        return self.kite_peer
-
     def start_chunks(self, leftover: bytes = b"", *, kite_peer: bool = False,
                      inflate: bool = True) -> None:
         """Switch to chunk mode; ``leftover`` are bytes that followed the handshake."""
-        self.kite_peer = kite_peer
+        self.kite_peer = self.read_batch = kite_peer
         self.send_queue = SendQueue(KITE_MAX_PAYLOAD if kite_peer else PAGEKITE_MAX_PAYLOAD)
         if kite_peer:
             self.writer = ChunkWriter(max_payload=KITE_MAX_PAYLOAD)
