@@ -6,7 +6,10 @@ presence writes to Redis.  One run, loopback only, a redis-server of its own.
   to A over its fleet link.  Keep-alive requests per second (wrk, ``--conns`` connections),
   the same with a new connection for every request, and a bulk download (MB/s) through B
   against the same through A, in interleaved rounds; medians and the ratio B/A (the target
-  is >= 0.7 for keep-alive and bulk).
+  is >= 0.7 for keep-alive and bulk).  With ``--nginx``, nginx in the same shape in the same
+  rounds, the C reference for what the shape costs: a backend nginx (TLS in, to the origin),
+  an A nginx (plain visitors, and TLS from B, both over TLS to the backend), a B nginx
+  (plain visitors over TLS to A).
 * **change**: a registry of ``--kites`` kites in Redis; a new kite added with ``kite
   accounts``' store is looked for at the relay until it is known (503, offline, instead of
   404); p50/p99 of ``--changes`` changes, and the relay's start time and RSS.
@@ -81,6 +84,52 @@ def bulk(url: str, host: str) -> float:
     return float(out.stdout or 0) / 1e6
 
 
+def start_nginx_shape(procs: Procs, work: str, oport: int) -> dict:
+    """nginx in the hand-over's shape over the origin on ``oport``: {"na": A's plain
+    listener, "nb": B's}, as (host, port).  One worker each, tuned proxy buffers and
+    keep-alive upstreams (bench/README.md, "A fair nginx"), AES-128-GCM first."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    suites = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384"
+    proxy = ("proxy_http_version 1.1; proxy_set_header Connection \"\"; "
+             "proxy_set_header Host $host; proxy_buffering off; proxy_request_buffering off; "
+             "proxy_buffer_size 256k; proxy_buffers 8 256k; proxy_busy_buffers_size 512k; "
+             "client_body_buffer_size 256k; proxy_ssl_protocols TLSv1.3; "
+             f"proxy_ssl_session_reuse on; proxy_ssl_conf_command Ciphersuites {suites};")
+    tls = (f"ssl_certificate {CERT}; ssl_certificate_key {KEY}; ssl_protocols TLSv1.3; "
+           f"ssl_conf_command Ciphersuites {suites};")
+    be, a_tls = free_port(), free_port("127.0.0.2")
+    a, b = free_port("127.0.0.2"), free_port("127.0.0.3")
+    layout = {  # name: (upstream, scheme, [(listen, tls)])
+        "backend": (f"127.0.0.1:{oport}", "http", [(f"127.0.0.1:{be}", True)]),
+        "a": (f"127.0.0.1:{be}", "https", [(f"127.0.0.2:{a}", False),
+                                           (f"127.0.0.2:{a_tls}", True)]),
+        "b": (f"127.0.0.2:{a_tls}", "https", [(f"127.0.0.3:{b}", False)]),
+    }
+    for name, (upstream, scheme, listens) in layout.items():
+        prefix = os.path.join(work, f"nginx-{name}")
+        os.makedirs(prefix)
+        servers = "".join(
+            f"server {{ listen {addr}{' ssl' if on else ''}; {tls if on else ''} "
+            f"location / {{ proxy_pass {scheme}://up; {proxy} }} }}\n" for addr, on in listens)
+        conf = os.path.join(prefix, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(f"daemon off; master_process off; pid {prefix}/nginx.pid;\n"
+                    f"error_log {prefix}/error.log warn;\n"
+                    "events { worker_connections 4096; multi_accept on; }\n"
+                    f"http {{ access_log off; client_body_temp_path {prefix}; "
+                    f"proxy_temp_path {prefix}; keepalive_timeout 3600s; "
+                    "keepalive_requests 100000000; client_max_body_size 0;\n"
+                    f"upstream up {{ server {upstream}; keepalive 256; }}\n{servers}}}\n")
+        procs.start(f"nginx-{name}", [nginx, "-p", prefix, "-c", conf],
+                    log=os.path.join(prefix, "out.log"))
+    for host, port in (("127.0.0.2", a), ("127.0.0.3", b)):
+        wait_for("nginx", lambda host=host, port=port: subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", f"Host: {KITE_NAME}",
+             f"http://{host}:{port}/small"], capture_output=True, text=True).stdout == "200",
+            15, [])
+    return {"na": ("127.0.0.2", a), "nb": ("127.0.0.3", b)}
+
+
 def redis_commands(port: int) -> dict:
     out = subprocess.run(["redis-cli", "-p", str(port), "info", "commandstats"],
                          capture_output=True, text=True, timeout=10).stdout
@@ -100,6 +149,8 @@ def main() -> int:
     ap.add_argument("--storm-parallel", type=int, default=200)
     ap.add_argument("--storm-tls", action="store_true",
                     help="the storm's tunnels in TLS, as backends connect (default plain)")
+    ap.add_argument("--nginx", action="store_true",
+                    help="also nginx in the hand-over's shape, in the same rounds")
     ap.add_argument("--only", choices=("handover",),
                     help="run only this phase (the others are skipped)")
     ap.add_argument("--hold", type=float, default=0.0,
@@ -111,6 +162,10 @@ def main() -> int:
         if not shutil.which(tool):
             print(f"fleet_bench: {tool} is missing", file=sys.stderr)
             return 2
+    if args.nginx and not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")):
+        print("fleet_bench: --nginx: nginx is missing (apt-get install nginx-light)",
+              file=sys.stderr)
+        return 2
     raise_nofile()
     work = tempfile.mkdtemp(prefix="kite-fleet-bench-")
     procs = Procs()
@@ -161,8 +216,12 @@ def main() -> int:
         rps: dict = {"a": [], "b": []}
         cps: dict = {"a": [], "b": []}
         mbs: dict = {"a": [], "b": []}
+        if args.nginx:
+            relays.update(start_nginx_shape(procs, work, oport))
+            for rid in ("na", "nb"):
+                rps[rid], cps[rid], mbs[rid] = [], [], []
         for _ in range(args.rounds):
-            for rid in ("a", "b"):
+            for rid in rps:
                 host, port = relays[rid]
                 rps[rid].append(wrk(f"http://{host}:{port}/small", KITE_NAME, args.conns,
                                     args.seconds))
@@ -181,6 +240,15 @@ def main() -> int:
               f"{medc['a']:.0f}, via B {medc['b']:.0f} ({medc['b'] / medc['a']:.2f}x); bulk "
               f"MB/s direct {medb['a']:.0f}, via B {medb['b']:.0f} "
               f"({medb['b'] / medb['a']:.2f}x)")
+        if args.nginx:
+            results["handover_nginx"] = {"rps_ratio": med["nb"] / med["na"],
+                                         "cps_ratio": medc["nb"] / medc["na"],
+                                         "mbs_ratio": medb["nb"] / medb["na"]}
+            print(f"nginx in that shape: c{args.conns} req/s direct {med['na']:.0f}, via B "
+                  f"{med['nb']:.0f} ({med['nb'] / med['na']:.2f}x); a connection a request: "
+                  f"direct {medc['na']:.0f}, via B {medc['nb']:.0f} "
+                  f"({medc['nb'] / medc['na']:.2f}x); bulk MB/s direct {medb['na']:.0f}, via "
+                  f"B {medb['nb']:.0f} ({medb['nb'] / medb['na']:.2f}x)")
         if args.hold:
             print(f"holding {args.hold:.0f} s: A http://{a_host}:{a_port} (pid "
                   f"{procs_pid(procs, 'relay-a')}), B http://{b_host}:{b_port} (pid "

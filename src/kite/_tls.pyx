@@ -868,11 +868,7 @@ cdef class TLSTransport:
         cdef size_t total = 0
         cdef int r, err, code
         cdef bint reading = True
-        # A protocol whose brake allows a whole loan per call asks for batches (read_batch):
-        # a kite tunnel (its peer keeps kite's per-stream window), a visitor's stream (its
-        # window).  Without it, a record a call: a tunnel to pagekite.py, whose brake is to
-        # stop reading the tunnel when a local socket is full, between two calls.
-        cdef bint batch = self.buffered and getattr(self.protocol, "read_batch", False)
+        cdef bint batch
         if self.held_err and self.state == OPEN and not self.reading_paused:
             err, code, failure = self.held_err, self.held_code, self.held_failure
             self.held_err = 0
@@ -884,6 +880,13 @@ cdef class TLSTransport:
             got = 0
             r = 1
             if self.buffered:
+                # A protocol whose brake allows a whole loan per call asks for batches
+                # (read_batch): a kite tunnel (its peer keeps kite's per-stream window), a
+                # stream's local side (its window).  Without it, a record a call: a tunnel
+                # to pagekite.py, whose brake stops reading the tunnel between two calls
+                # when a local socket is full.  Asked at each loan: a protocol may hand the
+                # transport to another in buffer_updated.
+                batch = getattr(self.protocol, "read_batch", False)
                 buf = self.protocol.get_buffer(-1)
                 PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
                 try:
