@@ -231,24 +231,19 @@ def main() -> int:
         med = {k: statistics.median(v) for k, v in rps.items()}
         medc = {k: statistics.median(v) for k, v in cps.items()}
         medb = {k: statistics.median(v) for k, v in mbs.items()}
-        results["handover"] = {"rps": rps, "cps": cps, "mbs": mbs,
-                               "rps_ratio": med["b"] / med["a"],
-                               "cps_ratio": medc["b"] / medc["a"],
-                               "mbs_ratio": medb["b"] / medb["a"]}
-        print(f"hand-over: c{args.conns} req/s direct {med['a']:.0f}, via B {med['b']:.0f} "
-              f"({med['b'] / med['a']:.2f}x); a connection a request: direct "
-              f"{medc['a']:.0f}, via B {medc['b']:.0f} ({medc['b'] / medc['a']:.2f}x); bulk "
-              f"MB/s direct {medb['a']:.0f}, via B {medb['b']:.0f} "
-              f"({medb['b'] / medb['a']:.2f}x)")
-        if args.nginx:
-            results["handover_nginx"] = {"rps_ratio": med["nb"] / med["na"],
-                                         "cps_ratio": medc["nb"] / medc["na"],
-                                         "mbs_ratio": medb["nb"] / medb["na"]}
-            print(f"nginx in that shape: c{args.conns} req/s direct {med['na']:.0f}, via B "
-                  f"{med['nb']:.0f} ({med['nb'] / med['na']:.2f}x); a connection a request: "
-                  f"direct {medc['na']:.0f}, via B {medc['nb']:.0f} "
-                  f"({medc['nb'] / medc['na']:.2f}x); bulk MB/s direct {medb['na']:.0f}, via "
-                  f"B {medb['nb']:.0f} ({medb['nb'] / medb['na']:.2f}x)")
+        results["handover"] = {"rps": rps, "cps": cps, "mbs": mbs}
+        for label, a, b, key in (("hand-over", "a", "b", "handover"),
+                                 ("nginx in that shape", "na", "nb", "handover_nginx")):
+            if a not in med:
+                continue
+            ratios = {"rps_ratio": med[b] / med[a], "cps_ratio": medc[b] / medc[a],
+                      "mbs_ratio": medb[b] / medb[a]}
+            results.setdefault(key, {}).update(ratios)
+            print(f"{label}: c{args.conns} req/s direct {med[a]:.0f}, via B {med[b]:.0f} "
+                  f"({ratios['rps_ratio']:.2f}x); a connection a request: direct "
+                  f"{medc[a]:.0f}, via B {medc[b]:.0f} ({ratios['cps_ratio']:.2f}x); bulk "
+                  f"MB/s direct {medb[a]:.0f}, via B {medb[b]:.0f} "
+                  f"({ratios['mbs_ratio']:.2f}x)")
         if args.hold:
             print(f"holding {args.hold:.0f} s: A http://{a_host}:{a_port} (pid "
                   f"{procs_pid(procs, 'relay-a')}), B http://{b_host}:{b_port} (pid "
