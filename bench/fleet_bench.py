@@ -48,6 +48,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from relaybench.common import REPO  # noqa: E402
+from relaybench.context import choose_kite  # noqa: E402
 from relaybench.procs import Procs, raise_nofile, wait_for  # noqa: E402
 
 KITE_NAME = "app.fleet.bench"
@@ -168,9 +169,12 @@ def main() -> int:
         return 2
     raise_nofile()
     work = tempfile.mkdtemp(prefix="kite-fleet-bench-")
+    env, kite_at, _ = choose_kite()  # this checkout's kite if built, else the installed one
+    if env is None:
+        print(f"fleet_bench: {kite_at}", file=sys.stderr)
+        return 2
     procs = Procs()
-    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
-    results: dict = {"args": vars(args)}
+    results: dict = {"args": vars(args), "kite": kite_at}
     try:
         rport = free_port()
         procs.start("redis", ["redis-server", "--port", str(rport), "--bind", "127.0.0.1",
@@ -193,20 +197,21 @@ def main() -> int:
         relays = {}
         for rid, host in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
             log = os.path.join(work, f"relay-{rid}.log")
-            procs.start(f"relay-{rid}", [*KITE, "relay", "--listen", f"{host}:0", "--kite",
-                                         f"http:{KITE_NAME}:{SECRET}", "--redis", url,
-                                         "--relay-id", rid, "--access-log", "off",
-                                         "--tls-cert", CERT, "--tls-key", KEY],
-                        log=log, env=env)
-            wait_for(f"relay-{rid}", lambda log=log, host=host: listening(log, host) > 0, 30, [])
+            relay = procs.start(f"relay-{rid}", [*KITE, "relay", "--listen", f"{host}:0",
+                                                 "--kite", f"http:{KITE_NAME}:{SECRET}",
+                                                 "--redis", url, "--relay-id", rid,
+                                                 "--access-log", "off", "--tls-cert", CERT,
+                                                 "--tls-key", KEY], log=log, env=env)
+            wait_for(f"relay-{rid}", lambda log=log, host=host: listening(log, host) > 0, 30,
+                     [relay], [log])
             relays[rid] = (host, listening(log, host))
         a_host, a_port = relays["a"]
-        procs.start("backend", [*KITE, "expose", f"http://127.0.0.1:{oport}", KITE_NAME,
-                                "--relay", f"{a_host}:{a_port}", "--insecure", "--secret",
-                                SECRET, "--access-log", "off"],
-                    log=os.path.join(work, "backend.log"), env=env)
-        wait_for("backend", lambda: "flying" in open(os.path.join(work, "backend.log")).read(),
-                 30, [])
+        blog = os.path.join(work, "backend.log")
+        backend = procs.start("backend", [*KITE, "expose", f"http://127.0.0.1:{oport}",
+                                          KITE_NAME, "--relay", f"{a_host}:{a_port}",
+                                          "--insecure", "--secret", SECRET, "--access-log",
+                                          "off"], log=blog, env=env)
+        wait_for("backend", lambda: "flying" in open(blog).read(), 30, [backend], [blog])
         b_host, b_port = relays["b"]
         wait_for("hand-over", lambda: subprocess.run(
             ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", f"Host: {KITE_NAME}",

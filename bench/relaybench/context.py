@@ -18,6 +18,40 @@ from .procs import Procs, free_port, log_has, port_open, raise_nofile, wait_for
 from .progress import Progress
 
 
+def choose_kite(where: str = "auto") -> tuple[dict | None, str, str]:
+    """Which kite a benchmark's kite processes run: this checkout's src/ ("checkout") or
+    the installed package ("installed"), and the environment that runs it.
+
+    auto: the checkout when its compiled fast path is built in place (the code being worked
+    on), else the installed kite if there is one (a fresh clone: CI, a wheel install), else
+    the checkout's pure-Python code.  Returns (environment, kite's __file__, where), or
+    (None, why kite cannot be imported, where).  The environment drops the caller's
+    PYTHONPATH and KITE_NO_EXTENSIONS / KITE_REQUIRE_EXTENSIONS / KITE_LOOP: each system
+    sets what it runs with.
+    """
+    env = dict(os.environ)
+    for k in ("KITE_NO_EXTENSIONS", "KITE_REQUIRE_EXTENSIONS", "KITE_LOOP"):
+        env.pop(k, None)
+    env.pop("PYTHONPATH", None)
+    src = os.path.join(REPO, "src")
+    env_src = dict(env, PYTHONPATH=src)
+    probe = [sys.executable, "-c", "import kite, sys; sys.stdout.write(kite.__file__)"]
+
+    def try_env(e):
+        r = subprocess.run(probe, env=e, capture_output=True, cwd="/", check=False)
+        return (r.stdout.decode(), None) if r.returncode == 0 else (None, r.stderr.decode()[-300:])
+
+    if where == "auto":
+        where = "checkout" if glob.glob(os.path.join(src, "kite", "_fastpath*.so")) else "installed"
+        if where == "installed" and try_env(env)[0] is None:
+            where = "checkout"
+    chosen = env_src if where == "checkout" else env
+    path, err = try_env(chosen)
+    if path is None:
+        return None, f"cannot import kite ({where}): {err}", where
+    return chosen, path, where
+
+
 class Ctx:
     """What every system and workload of one run shares: the options, the processes, the
     work directory with the served files and certificates, the origin, and kite's location."""
@@ -219,35 +253,15 @@ http {{
 
     # kite ----------------------------------------------------------------------------------
     def locate_kite(self) -> str | None:
-        """Which kite the kite systems run: this checkout's src/ or the installed package.
-
-        auto: the checkout when its compiled fast path is built in place (the code being
-        worked on), else the installed kite if there is one (a fresh clone: CI, a wheel
-        install), else the checkout's pure-Python code.  Returns why kite cannot run, or None.
-        """
-        env = dict(os.environ)
-        for k in ("KITE_NO_EXTENSIONS", "KITE_REQUIRE_EXTENSIONS", "KITE_LOOP"):
-            env.pop(k, None)
-        env.pop("PYTHONPATH", None)
+        """Which kite the kite systems run (``choose_kite``); returns why kite cannot run,
+        or None."""
         src = os.path.join(REPO, "src")
-        env_src = dict(env, PYTHONPATH=src)
-        probe = [sys.executable, "-c", "import kite, sys; sys.stdout.write(kite.__file__)"]
-
-        def try_env(e):
-            r = subprocess.run(probe, env=e, capture_output=True, cwd="/", check=False)
-            return (r.stdout.decode(), None) if r.returncode == 0 else (None, r.stderr.decode()[-300:])
-
         where = self.args.kite_from
-        built = glob.glob(os.path.join(src, "kite", "_fastpath*.so"))
         auto = where == "auto"
-        if auto:
-            where = "checkout" if built else "installed"
-            if where == "installed" and try_env(env)[0] is None:
-                where = "checkout"
-        chosen = env_src if where == "checkout" else env
-        path, err = try_env(chosen)
-        if path is None:
-            return f"cannot import kite ({where}): {err}"
+        built = glob.glob(os.path.join(src, "kite", "_fastpath*.so"))
+        chosen, path, where = choose_kite(where)
+        if chosen is None:
+            return path
         self.kite_env, self.kite_where = chosen, path
         self.kite_from = where
         if where == "installed" and auto and os.path.isdir(os.path.join(src, "kite")):
