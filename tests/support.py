@@ -38,6 +38,22 @@ def wait_until(cond, timeout: float, what: str, step: float = 0.02):
         time.sleep(step)
 
 
+def processes_mentioning(needle: str) -> set:
+    """PIDs of live processes whose command line contains ``needle`` (a work directory)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if needle.encode() in cmdline:
+            found.add(int(entry))
+    return found
+
+
 def free_port() -> int:
     """A loopback port that was free a moment ago, for programs that need an explicit port
     (pagekite.py, ssh, socat); kite's own servers bind port 0 instead."""

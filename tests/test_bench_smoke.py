@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+import support
+
 REPO = Path(__file__).resolve().parents[1]
 HARNESS = REPO / "bench" / "relay_bench.py"
 
@@ -42,18 +44,7 @@ def _kite_system() -> str:
 
 def _harness_processes(work_dir: str) -> list:
     """PIDs of live processes whose command line mentions the harness's work directory."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if work_dir.encode() in cmdline:
-            found.append(int(entry))
-    return found
+    return sorted(support.processes_mentioning(work_dir))
 
 
 def test_help_lists_systems_and_workloads():

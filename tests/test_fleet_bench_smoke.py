@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+import support
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "fleet_bench.py"
 NEEDED = ("redis-server", "redis-cli", "wrk", "curl")
@@ -28,26 +30,10 @@ pytestmark = [
 ]
 
 
-def _bench_processes() -> set:
-    """PIDs of live processes started in a fleet benchmark's work directory."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if b"kite-fleet-bench-" in cmdline and b"fleet_bench.py" not in cmdline:
-            found.add(int(entry))
-    return found
-
-
 @pytest.mark.skipif(not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")),
                     reason="needs nginx (apt-get install nginx-light)")
 def test_handover_phase_beside_nginx_in_the_same_shape(tmp_path):
-    before = _bench_processes()
+    before = support.processes_mentioning("kite-fleet-bench-")  # its work directory
     jsonl = tmp_path / "fleet.jsonl"
     argv = [sys.executable, str(BENCH), "--only", "handover", "--rounds", "1",
             "--seconds", "1", "--conns", "4", "--bulk-mb", "4", "--nginx",
@@ -63,4 +49,4 @@ def test_handover_phase_beside_nginx_in_the_same_shape(tmp_path):
         assert handover["mbs"][path][0] > 0, path
     for key in ("handover", "handover_nginx"):
         assert {"rps_ratio", "cps_ratio", "mbs_ratio"} <= set(record[key]), key
-    assert _bench_processes() - before == set()
+    assert support.processes_mentioning("kite-fleet-bench-") - before == set()
