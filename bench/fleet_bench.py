@@ -47,9 +47,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from relaybench.common import REPO  # noqa: E402
+from relaybench.common import REPO, TLS13_SUITES  # noqa: E402
 from relaybench.context import choose_kite  # noqa: E402
 from relaybench.procs import Procs, raise_nofile, wait_for  # noqa: E402
+from relaybench.systems import NGINX_STREAMING  # noqa: E402
 
 KITE_NAME = "app.fleet.bench"
 SECRET = "fleet-bench-secret-0123456789"
@@ -90,14 +91,11 @@ def start_nginx_shape(procs: Procs, work: str, oport: int) -> dict:
     listener, "nb": B's}, as (host, port).  One worker each, tuned proxy buffers and
     keep-alive upstreams (bench/README.md, "A fair nginx"), AES-128-GCM first."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    suites = "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384"
     proxy = ("proxy_http_version 1.1; proxy_set_header Connection \"\"; "
-             "proxy_set_header Host $host; proxy_buffering off; proxy_request_buffering off; "
-             "proxy_buffer_size 256k; proxy_buffers 8 256k; proxy_busy_buffers_size 512k; "
-             "client_body_buffer_size 256k; proxy_ssl_protocols TLSv1.3; "
-             f"proxy_ssl_session_reuse on; proxy_ssl_conf_command Ciphersuites {suites};")
+             f"proxy_set_header Host $host; {NGINX_STREAMING} proxy_ssl_protocols TLSv1.3; "
+             f"proxy_ssl_session_reuse on; proxy_ssl_conf_command Ciphersuites {TLS13_SUITES};")
     tls = (f"ssl_certificate {CERT}; ssl_certificate_key {KEY}; ssl_protocols TLSv1.3; "
-           f"ssl_conf_command Ciphersuites {suites};")
+           f"ssl_conf_command Ciphersuites {TLS13_SUITES};")
     be, a_tls = free_port(), free_port("127.0.0.2")
     a, b = free_port("127.0.0.2"), free_port("127.0.0.3")
     layout = {  # name: (upstream, scheme, [(listen, tls)])

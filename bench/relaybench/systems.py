@@ -496,6 +496,16 @@ class KiteTlsLoop(KiteTls):
     extra_env: ClassVar[dict[str, str]] = {"KITE_REQUIRE_EXTENSIONS": "1", "KITE_NATIVE_TLS": "0"}
 
 
+#: How every nginx of the benchmarks proxies: streamed both ways, as kite streams (no temp
+#: files, no whole-body buffering), with the buffers a throughput tuning gives.  With
+#: buffering off nginx moves a response proxy_buffer_size at a time (default one page: 8 KiB
+#: reads and TLS records, 4.4-5.4 s of CPU a GB down instead of 1.8-2.2) and a request body
+#: client_body_buffer_size at a time (bench/README.md, "A fair nginx").
+NGINX_STREAMING = ("proxy_buffering off; proxy_request_buffering off; proxy_buffer_size 256k; "
+                   "proxy_buffers 8 256k; proxy_busy_buffers_size 512k; "
+                   "client_body_buffer_size 256k;")
+
+
 class NginxTls(System):
     """nginx terminating TLS and proxying to the origin over keep-alive connections."""
 
@@ -546,17 +556,7 @@ http {{
             proxy_set_header Connection "";
             proxy_set_header Host $host;
             proxy_set_header X-Forwarded-Proto https;
-            # Streamed both ways, as kite streams: no temp files, no whole-body buffering.
-            # The buffers a throughput tuning gives: with buffering off nginx moves a
-            # response proxy_buffer_size at a time (default one page: 8 KiB reads and TLS
-            # records, 4.4-5.4 s of CPU a GB down instead of 1.8-2.2) and a request body
-            # client_body_buffer_size at a time (bench/README.md, "A fair nginx").
-            proxy_buffering off;
-            proxy_request_buffering off;
-            proxy_buffer_size 256k;
-            proxy_buffers 8 256k;
-            proxy_busy_buffers_size 512k;
-            client_body_buffer_size 256k;{proxy_ssl}
+            {NGINX_STREAMING}{proxy_ssl}
         }}
     }}
 }}
